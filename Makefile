@@ -1,0 +1,18 @@
+# The two commands of the README: `make run` and `make test`.
+.PHONY: run test env-up env-down env-status
+
+## Runs the dispatcher on its embedded defaults.
+run:
+	cargo run --release -p dispatcher -- serve
+
+## Brings the real test environment up, runs fmt, clippy and every test, takes it down.
+test:
+	tests/run
+
+## The test environment on its own: `eval "$$(tests/env/up)"` exports its variables.
+env-up:
+	tests/env/up
+env-down:
+	tests/env/down
+env-status:
+	tests/env/status

@@ -1,0 +1,97 @@
+//! Test support for agent-bus integration tests against the real test environment that
+//! `tests/env/up` starts: a Kubernetes control plane with kwok nodes, PostgreSQL and Redis.
+//!
+//! What it owns, and its invariants:
+//! - [`TestNamespace`]: one fresh namespace per test, deleted afterwards; when the test
+//!   fails, the pods' states and the namespace's events are printed first.
+//! - [`TestDatabase`]: one fresh PostgreSQL database per test, dropped afterwards.
+//! - [`RedisKeySpace`]: one key prefix per test; its keys are deleted afterwards.
+//! - [`poll_until`]: waiting on the cluster is always polling against a deadline, never a
+//!   sleep that hopes the work is done.
+//!
+//! The environment is found through `KUBECONFIG`, `DATABASE_URL` and `REDIS_URL`, as printed
+//! by `tests/env/up`. A missing variable is an error that says how to start the
+//! environment: these tests never skip silently.
+//!
+//! Test helpers may panic (that is how a test fails), so the workspace's panic lints are
+//! relaxed here, and only here.
+#![allow(
+    clippy::panic,
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::missing_panics_doc
+)]
+
+mod cluster;
+mod postgres;
+mod redis_space;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use cluster::{TestNamespace, kube_client, pod_report, with_namespace};
+pub use postgres::{TestDatabase, with_database};
+pub use redis_space::{RedisKeySpace, with_redis_keyspace};
+
+/// Errors from reaching the test environment.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    #[error(
+        "environment variable {name} is not set: start the test environment with \
+         `eval \"$(tests/env/up)\"` (or run `make test`)"
+    )]
+    MissingVariable { name: &'static str },
+    #[error("kubernetes client for {kubeconfig}: {source}")]
+    Kube {
+        kubeconfig: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("postgres at {url}: {source}")]
+    Postgres { url: String, source: sqlx::Error },
+    #[error("redis at {url}: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+}
+
+/// Reads a variable that `tests/env/up` exports.
+pub fn env_var(name: &'static str) -> Result<String, EnvError> {
+    std::env::var(name).map_err(|_| EnvError::MissingVariable { name })
+}
+
+/// A short random suffix for names of throwaway objects (lowercase hex, RFC 1123 safe).
+#[must_use]
+pub fn unique_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
+}
+
+/// Polls `probe` every `interval` until it returns `Some`, or panics naming `what` once
+/// `timeout` has passed. The last observation is kept for the panic message by letting the
+/// probe return `Err(observation)`.
+pub async fn poll_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut interval = Duration::from_millis(100);
+    loop {
+        match probe().await {
+            Ok(value) => return value,
+            Err(last) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out after {timeout:?} waiting for {what}; last observation: {last}"
+                );
+            }
+        }
+        tokio::time::sleep(interval).await;
+        interval = (interval * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// How long cluster tests wait for a state the control plane should reach. Generous,
+/// because a loaded 2-core machine is slow, and harmless, because polling returns as soon
+/// as the state is reached.
+pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(90);

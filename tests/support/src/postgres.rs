@@ -1,0 +1,128 @@
+//! A fresh PostgreSQL database per test, on the server in `DATABASE_URL`.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt as _;
+use sqlx::{Connection as _, PgConnection};
+
+use crate::{EnvError, env_var, unique_suffix};
+
+/// A database that exists for one test.
+#[derive(Debug, Clone)]
+pub struct TestDatabase {
+    /// The database's name (`test_<random>`).
+    pub name: String,
+    /// A connection URL for it.
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDatabase {
+    /// Creates an empty database on the server of `DATABASE_URL`.
+    pub async fn create() -> Result<Self, EnvError> {
+        let admin_url = env_var("DATABASE_URL")?;
+        let name = format!("test_{}", unique_suffix());
+        let mut admin = connect(&admin_url).await?;
+        // The name is ours (`test_` and hex), never user input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .map_err(|source| EnvError::Postgres {
+                url: admin_url.clone(),
+                source,
+            })?;
+        let _ = admin.close().await;
+        let url = with_database_name(&admin_url, &name);
+        Ok(Self {
+            name,
+            url,
+            admin_url,
+        })
+    }
+
+    /// Drops the database, ending any connection still open to it.
+    pub async fn drop_database(&self) -> Result<(), EnvError> {
+        let mut admin = connect(&self.admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut admin)
+        .await
+        .map_err(|source| EnvError::Postgres {
+            url: self.admin_url.clone(),
+            source,
+        })?;
+        let _ = admin.close().await;
+        Ok(())
+    }
+}
+
+async fn connect(url: &str) -> Result<PgConnection, EnvError> {
+    PgConnection::connect(url)
+        .await
+        .map_err(|source| EnvError::Postgres {
+            url: url.to_owned(),
+            source,
+        })
+}
+
+/// `postgres://u@h:p/old?x=y` with the database `name` instead of `old`.
+fn with_database_name(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_end = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[authority_end..].find('/') {
+        Some(slash) => &base[..authority_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+/// Runs `body` with a fresh database and drops it afterwards, whatever the outcome.
+pub async fn with_database<F, Fut, T>(body: F) -> T
+where
+    F: FnOnce(TestDatabase) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let database = TestDatabase::create()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let outcome = AssertUnwindSafe(body(database.clone()))
+        .catch_unwind()
+        .await;
+    if let Err(e) = database.drop_database().await {
+        eprintln!("warning: dropping test database {}: {e}", database.name);
+    }
+    match outcome {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database_name;
+
+    #[test]
+    fn replaces_the_database_and_keeps_the_rest() {
+        assert_eq!(
+            with_database_name("postgres://postgres@127.0.0.1:5432/postgres", "t1"),
+            "postgres://postgres@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database_name("postgres://u:p@h:1/db?sslmode=disable", "t2"),
+            "postgres://u:p@h:1/t2?sslmode=disable"
+        );
+        assert_eq!(
+            with_database_name("postgres://h:1", "t3"),
+            "postgres://h:1/t3"
+        );
+    }
+}
