@@ -1,0 +1,13 @@
+//! agent-bus dispatcher: takes tasks over REST, keeps their state in PostgreSQL (or an
+//! SQLite file), orders them through Redis (or an in-process queue), and launches each as
+//! exactly one Kubernetes Job (or a local process), watching it to the end.
+//!
+//! Modules are domain concepts around a pure core: [`task`] (what a task is and how its
+//! state may move) and [`placement`] know nothing of Kubernetes, SQL, Redis or HTTP;
+//! [`launcher::job_spec`] is a pure function from a task to its Job.
+
+pub mod launcher;
+pub mod placement;
+pub mod queue;
+pub mod store;
+pub mod task;

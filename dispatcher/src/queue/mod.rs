@@ -1,0 +1,1 @@
+//! The queue (being written; see the queue section of the dispatcher-core issue).

@@ -1,0 +1,82 @@
+//! Fluent task fixtures for tests: `TaskFixture::new().gpus(2, "a100").obj()`.
+//! Ids and times are fixed, so snapshots are stable.
+
+use std::collections::BTreeMap;
+
+use super::{GpuRequest, Resources, Task, TaskId, TaskSpec, TaskState};
+
+#[derive(Debug, Clone)]
+pub struct TaskFixture(Task);
+
+impl TaskFixture {
+    pub fn new() -> Self {
+        let time = jiff::Timestamp::from_second(1_764_000_000).unwrap();
+        Self(Task {
+            id: TaskId("0190a5d6-7b8c-7d00-8e4f-1a2b3c4d5e6f".parse().unwrap()),
+            tenant: "acme".into(),
+            spec: TaskSpec {
+                name: "train-resnet".into(),
+                image: "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime".into(),
+                command: vec!["python".into(), "train.py".into()],
+                args: vec!["--epochs".into(), "3".into()],
+                env: BTreeMap::new(),
+                resources: Resources::default(),
+                timeout_seconds: 3600,
+                max_retries: 0,
+                priority: 0,
+                queue: "default".into(),
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+            },
+            state: TaskState::Queued,
+            reason: None,
+            message: None,
+            attempt: 1,
+            exit_code: None,
+            created_at: time,
+            updated_at: time,
+        })
+    }
+
+    pub fn cpu(mut self, amount: &str) -> Self {
+        self.0.spec.resources.cpu = Some(amount.parse().unwrap());
+        self
+    }
+
+    pub fn memory(mut self, amount: &str) -> Self {
+        self.0.spec.resources.memory = Some(amount.parse().unwrap());
+        self
+    }
+
+    pub fn gpus(mut self, count: u32, class: &str) -> Self {
+        self.0.spec.resources.gpu = Some(GpuRequest {
+            count,
+            class: class.into(),
+        });
+        self
+    }
+
+    pub fn attempt(mut self, attempt: u32) -> Self {
+        self.0.attempt = attempt;
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.0.spec.env.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.0.spec.labels.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn annotation(mut self, key: &str, value: &str) -> Self {
+        self.0.spec.annotations.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn obj(self) -> Task {
+        self.0
+    }
+}

@@ -1,0 +1,368 @@
+//! The task domain: what a task is, the states it moves through, and which moves are
+//! allowed. Pure: nothing here knows about Kubernetes, SQL, Redis or HTTP.
+//!
+//! Invariants:
+//! - a task's state only changes along [`TaskState::can_move_to`]; terminal states never
+//!   change again;
+//! - a [`TaskSpec`] only exists validated (see [`submission`]), so every later stage can
+//!   trust its names, quantities and limits.
+
+#[cfg(test)]
+pub mod fixtures;
+pub mod quantity;
+pub mod submission;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use quantity::{Cpu, Memory};
+
+/// A task's identity: a UUIDv7, so ids sort by creation time (newest-first listing and
+/// cursors need no separate sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub Uuid);
+
+impl TaskId {
+    /// A new, time-ordered id.
+    #[must_use]
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// The 32 lowercase hex digits, the form used in Kubernetes names and labels.
+    #[must_use]
+    pub fn simple(&self) -> String {
+        self.0.simple().to_string()
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// Where a task is in its life.
+///
+/// `queued → launching → launched → running → succeeded | failed | cancelled | timed_out`,
+/// and `expired` for a task that never got launched in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Stored and waiting in its queue.
+    Queued,
+    /// Claimed by a launcher, which is creating its Job (or process).
+    Launching,
+    /// Its Job exists; no pod runs it yet.
+    Launched,
+    /// A pod (or process) runs it.
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    /// It waited longer than allowed and was never launched.
+    Expired,
+}
+
+impl TaskState {
+    pub const ALL: [Self; 9] = [
+        Self::Queued,
+        Self::Launching,
+        Self::Launched,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Cancelled,
+        Self::TimedOut,
+        Self::Expired,
+    ];
+
+    /// The name used in the API, the store and metrics.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Launching => "launching",
+            Self::Launched => "launched",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// No state follows a terminal one.
+    #[must_use]
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut | Self::Expired
+        )
+    }
+
+    /// Whether a task in `self` may move to `next`.
+    ///
+    /// Moves may skip intermediate states (a watcher that was down can see a Job that
+    /// already finished), but never go back, except `launching → queued`, which returns a
+    /// task whose launch failed transiently to its queue.
+    #[must_use]
+    pub fn can_move_to(self, next: Self) -> bool {
+        use TaskState::{
+            Cancelled, Expired, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+        };
+        if self.is_terminal() || self == next {
+            return false;
+        }
+        match next {
+            Queued => self == Launching,
+            Launching => self == Queued,
+            Launched => self == Launching,
+            Running => matches!(self, Launching | Launched),
+            Succeeded | TimedOut => matches!(self, Launching | Launched | Running),
+            Failed | Cancelled => true,
+            Expired => self == Queued,
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Not one of the state names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown task state '{0}'")]
+pub struct UnknownState(pub String);
+
+impl FromStr for TaskState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// A GPU request: how many, of which class (`v100`, `a100`, `h100`, a MIG profile class…).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuRequest {
+    pub count: u32,
+    pub class: String,
+}
+
+/// What a task asks of a node. `None` means the cluster's LimitRange default applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Cpu>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuRequest>,
+}
+
+/// A validated submission: everything needed to run the task, nothing about its progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// RFC 1123 label, at most 63 characters.
+    pub name: String,
+    pub image: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub resources: Resources,
+    pub timeout_seconds: u32,
+    pub max_retries: u32,
+    /// Higher runs first within a queue.
+    pub priority: i32,
+    pub queue: String,
+    pub labels: BTreeMap<String, String>,
+    /// Pod annotations.
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Why a task is in its state; travels with the state into the API, events and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The command exited non-zero.
+    ExitCode,
+    /// The Job's backoff limit was reached.
+    BackoffLimit,
+    /// The task ran past its timeout (`activeDeadlineSeconds`).
+    DeadlineExceeded,
+    /// The container was killed for using more memory than it asked for.
+    OomKilled,
+    /// The image could not be pulled.
+    ImagePull,
+    /// No node can hold the pod (yet); visible while the task waits.
+    Unschedulable,
+    /// The pod was evicted or preempted.
+    Evicted,
+    /// The tenant cancelled it.
+    CancelledByUser,
+    /// Kubernetes refused the Job (forbidden, invalid, namespace missing).
+    LaunchRejected,
+    /// The Job disappeared without reporting an outcome.
+    JobLost,
+    /// The runner stopped sending heartbeats.
+    HeartbeatLost,
+    /// The GPU failed (Xid error, CUDA error).
+    GpuError,
+    /// The command failed in a way that retrying cannot fix.
+    UserError,
+}
+
+impl Reason {
+    pub const ALL: [Self; 13] = [
+        Self::ExitCode,
+        Self::BackoffLimit,
+        Self::DeadlineExceeded,
+        Self::OomKilled,
+        Self::ImagePull,
+        Self::Unschedulable,
+        Self::Evicted,
+        Self::CancelledByUser,
+        Self::LaunchRejected,
+        Self::JobLost,
+        Self::HeartbeatLost,
+        Self::GpuError,
+        Self::UserError,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExitCode => "exit_code",
+            Self::BackoffLimit => "backoff_limit",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::OomKilled => "oom_killed",
+            Self::ImagePull => "image_pull",
+            Self::Unschedulable => "unschedulable",
+            Self::Evicted => "evicted",
+            Self::CancelledByUser => "cancelled_by_user",
+            Self::LaunchRejected => "launch_rejected",
+            Self::JobLost => "job_lost",
+            Self::HeartbeatLost => "heartbeat_lost",
+            Self::GpuError => "gpu_error",
+            Self::UserError => "user_error",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Reason {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// A task as the dispatcher knows it: its spec and where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    /// The tenant that owns it; an RFC 1123 label.
+    pub tenant: String,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    pub reason: Option<Reason>,
+    /// Human-readable detail for the state (the last lines of a failure, a Kubernetes
+    /// error message).
+    pub message: Option<String>,
+    /// 1 for the first run; each retry is a new attempt with its own Job.
+    pub attempt: u32,
+    pub exit_code: Option<i32>,
+    pub created_at: jiff::Timestamp,
+    pub updated_at: jiff::Timestamp,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TaskState::{
+        self, Cancelled, Expired, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+    };
+
+    #[test]
+    fn names_round_trip() {
+        for state in TaskState::ALL {
+            assert_eq!(state.as_str().parse::<TaskState>(), Ok(state));
+        }
+        assert!("done".parse::<TaskState>().is_err());
+    }
+
+    #[test]
+    fn terminal_states_never_move() {
+        for from in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            for to in TaskState::ALL {
+                assert!(!from.can_move_to(to), "{from} -> {to}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_lifecycle_moves_forward_and_may_skip() {
+        let allowed = [
+            (Queued, Launching),
+            (Launching, Launched),
+            (Launched, Running),
+            (Running, Succeeded),
+            (Running, Failed),
+            (Running, TimedOut),
+            (Launched, Succeeded),
+            (Launching, Running),
+            (Queued, Cancelled),
+            (Queued, Expired),
+            (Queued, Failed),
+            (Launching, Queued),
+        ];
+        for (from, to) in allowed {
+            assert!(from.can_move_to(to), "{from} -> {to} should be allowed");
+        }
+        let refused = [
+            (Running, Launched),
+            (Launched, Launching),
+            (Running, Queued),
+            (Launched, Queued),
+            (Queued, Running),
+            (Queued, Succeeded),
+            (Running, Expired),
+            (Queued, Queued),
+        ];
+        for (from, to) in refused {
+            assert!(!from.can_move_to(to), "{from} -> {to} should be refused");
+        }
+    }
+}
