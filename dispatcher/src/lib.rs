@@ -6,8 +6,11 @@
 //! state may move) and [`placement`] know nothing of Kubernetes, SQL, Redis or HTTP;
 //! [`launcher::job_spec`] is a pure function from a task to its Job.
 
+pub mod api;
+pub mod config;
 pub mod launcher;
 pub mod placement;
 pub mod queue;
 pub mod store;
 pub mod task;
+pub mod watcher;

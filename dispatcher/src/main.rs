@@ -1,33 +1,355 @@
-//! agent-bus dispatcher: takes tasks over REST, keeps their state in PostgreSQL (or an
-//! SQLite file), orders them through Redis (or an in-process queue), and launches each as
-//! exactly one Kubernetes Job (or a local process), watching it to the end.
-//!
-//! Only the command-line frame exists so far; the roles arrive with the dispatcher-core
-//! issue, and until then every command says so instead of pretending to work.
+//! The `dispatcher` binary: parses the configuration and wires the roles together.
+//! Everything it starts lives in the library; this file only connects the pieces.
 
-use std::process::ExitCode;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use anyhow::{Context as _, bail};
+use clap::Parser as _;
+use dispatcher::api::{self, AppState};
+use dispatcher::config::{
+    Cli, Command, ExecutorChoice, LogArgs, LogFormat, Role, ServeArgs, TenantCommand,
+};
+use dispatcher::launcher::job_spec::LaunchConfig;
+use dispatcher::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
+use dispatcher::placement::GpuClasses;
+use dispatcher::queue::{MemoryQueue, Queue, RedisQueue};
+use dispatcher::store::{Store, Transition};
+use dispatcher::task::submission::{Limits, is_dns_label};
+use dispatcher::task::{Reason, TaskState};
+use dispatcher::watcher::{Watcher, lease::LeaseConfig};
+use tokio::sync::watch;
 
-/// The agent-bus dispatcher.
-#[derive(Debug, Parser)]
-#[command(name = "dispatcher", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Runs the api, launcher and watcher roles (not implemented yet).
-    Serve,
-}
-
-fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Serve => {
-            eprintln!("dispatcher: `serve` is not implemented yet (see the dispatcher-core issue)");
-            ExitCode::from(2)
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("dispatcher: starting the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
         }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "dispatcher failed");
+            eprintln!("dispatcher: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Migrate(database) => {
+            let store =
+                Store::connect(&database.database_url, database.database_max_connections).await?;
+            store.migrate().await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::Create {
+            name,
+            max_queued_tasks,
+            database,
+        }) => {
+            if !is_dns_label(&name) {
+                bail!(
+                    "tenant name '{name}' must be an RFC 1123 label: 1 to 63 lowercase letters, digits or '-'"
+                );
+            }
+            let store =
+                Store::connect(&database.database_url, database.database_max_connections).await?;
+            store.migrate().await?;
+            let key = api::new_api_key();
+            store
+                .create_tenant(&name, &api::hash_api_key(&key), max_queued_tasks)
+                .await?;
+            tracing::info!(tenant = %name, "tenant created");
+            println!("{key}");
+            Ok(())
+        }
+    }
+}
+
+/// Which executor `auto` picks, and the words for the first log line.
+fn choose_executor(args: &ServeArgs) -> (ExecutorChoice, String) {
+    match args.executor {
+        ExecutorChoice::Kubernetes => (
+            ExecutorChoice::Kubernetes,
+            "--executor kubernetes".to_owned(),
+        ),
+        ExecutorChoice::Local => (ExecutorChoice::Local, "--executor local".to_owned()),
+        ExecutorChoice::Auto => {
+            if let Some(path) = args.kubeconfig.as_ref().filter(|p| p.exists()) {
+                (
+                    ExecutorChoice::Kubernetes,
+                    format!("auto: kubeconfig {} exists", path.display()),
+                )
+            } else if args.in_cluster_token.exists() {
+                (
+                    ExecutorChoice::Kubernetes,
+                    format!(
+                        "auto: in-cluster service account ({})",
+                        args.in_cluster_token.display()
+                    ),
+                )
+            } else {
+                (ExecutorChoice::Local, "auto: no kubeconfig (--kubeconfig/KUBECONFIG) and no in-cluster service account".to_owned())
+            }
+        }
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig.filter(|p| p.exists()) {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?
+        }
+        None => kube::Config::incluster().context("in-cluster kubernetes configuration")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (executor_choice, why) = choose_executor(&args);
+    let executor_name = if executor_choice == ExecutorChoice::Kubernetes {
+        "kubernetes"
+    } else {
+        "local"
+    };
+    tracing::info!(executor = executor_name, why = %why, roles = ?args.roles, "dispatcher starting");
+
+    let store = Store::connect(
+        &args.database.database_url,
+        args.database.database_max_connections,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "connecting to the database {}",
+            redact(&args.database.database_url)
+        )
+    })?;
+    store.migrate().await.context("applying migrations")?;
+    let instance = args.instance.clone().unwrap_or_else(|| {
+        format!(
+            "dispatcher-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    });
+    let queue = if let Some(url) = &args.redis_url {
+        Queue::Redis(
+            RedisQueue::connect(url, &args.redis_prefix, "launchers")
+                .await
+                .with_context(|| format!("connecting to redis {}", redact(url)))?,
+        )
+    } else {
+        if args.roles.len() < 3 {
+            tracing::warn!(
+                "the in-process queue only works when api and launcher run in the same process"
+            );
+        }
+        Queue::Memory(MemoryQueue::new())
+    };
+
+    let gpu_classes = GpuClasses::default();
+    let limits = Arc::new(Limits {
+        gpu_classes: gpu_classes.capacities(),
+        allowed_annotation_prefixes: args.allow_annotation_prefix.clone(),
+        ..Limits::default()
+    });
+    let launch = Arc::new(LaunchConfig {
+        namespace: args.namespace.clone(),
+        gpu_classes,
+        ttl_seconds_after_finished: args.job_ttl_seconds,
+        run_as_user: args.run_as_user,
+        kueue_queue_name: args.kueue_queue_name.clone(),
+    });
+
+    let (executor, canceller, cluster) = if executor_choice == ExecutorChoice::Kubernetes {
+        let client = kube_client(args.kubeconfig.as_ref()).await?;
+        let kubernetes = KubernetesExecutor::new(client.clone(), launch.clone());
+        (
+            Executor::Kubernetes(kubernetes.clone()),
+            Canceller::Kubernetes(kubernetes),
+            Some(client),
+        )
+    } else {
+        let local = LocalExecutor::new(store.clone(), args.local_workdir.clone());
+        if args.roles.contains(&Role::Launcher) {
+            fail_orphaned_local_tasks(&store).await;
+        }
+        (
+            Executor::Local(local.clone()),
+            Canceller::Local(local),
+            None,
+        )
+    };
+
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let mut roles = tokio::task::JoinSet::new();
+
+    if args.roles.contains(&Role::Launcher) {
+        let launcher = Launcher {
+            store: store.clone(),
+            queue: queue.clone(),
+            executor: executor.clone(),
+            consumer: instance.clone(),
+            concurrency: args.launch_concurrency,
+            reconcile_interval: args.reconcile_interval,
+            stale_after: args.launching_stale_after,
+        };
+        roles.spawn(launcher.run(shutdown.clone()));
+    }
+    if args.roles.contains(&Role::Watcher) {
+        if let (Executor::Kubernetes(kubernetes), Some(client)) = (&executor, &cluster) {
+            {
+                let watcher = Watcher {
+                    store: store.clone(),
+                    client: client.clone(),
+                    namespace: args.namespace.clone(),
+                    executor: kubernetes.clone(),
+                    unschedulable_after: args.unschedulable_after,
+                    sweep_interval: args.reconcile_interval,
+                    lease: LeaseConfig {
+                        name: args.lease_name.clone(),
+                        namespace: args
+                            .lease_namespace
+                            .clone()
+                            .unwrap_or_else(|| args.namespace.clone()),
+                        identity: instance.clone(),
+                        duration: Duration::from_secs(15),
+                        renew_every: Duration::from_secs(5),
+                    },
+                };
+                roles.spawn(watcher.run(shutdown.clone()));
+            }
+        } else {
+            tracing::info!("watcher role idle: the local executor records outcomes itself");
+        }
+    }
+
+    let shutdown_sender = Arc::new(shutdown_sender);
+    let signal_sender = shutdown_sender.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = signal_sender.send(true);
+    });
+
+    if args.roles.contains(&Role::Api) {
+        let state = AppState {
+            store: store.clone(),
+            queue: queue.clone(),
+            limits,
+            launch,
+            canceller,
+            cluster,
+            max_body_bytes: args.max_body_bytes,
+            follow_poll: Duration::from_millis(250),
+        };
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        tracing::info!(listen = %args.listen, "api listening");
+        let mut api_shutdown = shutdown.clone();
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move {
+                let _ = api_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+            .context("serving the api")?;
+    } else {
+        let mut waiting = shutdown.clone();
+        let _ = waiting.wait_for(|stop| *stop).await;
+    }
+    let _ = shutdown_sender.send(true);
+    while roles.join_next().await.is_some() {}
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut terminate) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = interrupt.await;
+}
+
+/// With the local executor, tasks are child processes: any task still launching or
+/// running when the dispatcher starts lost its process with the previous one.
+async fn fail_orphaned_local_tasks(store: &Store) {
+    let now = jiff::Timestamp::now();
+    for state in [
+        TaskState::Launching,
+        TaskState::Launched,
+        TaskState::Running,
+    ] {
+        let Ok(tasks) = store.tasks_in_state(state, now, 100_000).await else {
+            continue;
+        };
+        for task in tasks {
+            let change = Transition {
+                to: TaskState::Failed,
+                reason: Some(Reason::JobLost),
+                message: Some(
+                    "the dispatcher that ran this task as a local process stopped".to_owned(),
+                ),
+                exit_code: None,
+                attempt: None,
+            };
+            if let Ok(Some(_)) = store.transition(task.id, state, &change).await {
+                tracing::warn!(task_id = %task.id, "failed a local task orphaned by a restart");
+            }
+        }
+    }
+}
+
+/// A URL without its password, for logs and errors.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
     }
 }

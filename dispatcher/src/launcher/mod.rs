@@ -1,3 +1,308 @@
-//! The launcher: claims queued tasks and gives each attempt exactly one Job.
+//! The launcher: takes queue deliveries, claims each task with a compare-and-set
+//! (`queued → launching`) and hands it to the executor, which gives the attempt exactly one
+//! Kubernetes Job (or one local process). Its reconciler repairs what crashes leave behind:
+//! stored tasks the queue lost, tasks claimed but never launched, deliveries of dead
+//! launchers.
+//!
+//! Invariants:
+//! - a task is launched only by the launcher whose CAS moved it to `launching`, or by the
+//!   reconciler once that claim is stale; both create the same Job name, so the cluster
+//!   sees at most one Job per attempt;
+//! - a delivery is acknowledged only after the store records the claim's outcome, so a
+//!   launcher that dies mid-launch leaves the entry for another to claim.
 
 pub mod job_spec;
+pub mod kubernetes;
+pub mod local;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+
+use crate::queue::{Delivery, Queue, QueueEntry};
+use crate::store::{Store, Transition};
+use crate::task::{Reason, Task, TaskState};
+
+pub use kubernetes::KubernetesExecutor;
+pub use local::LocalExecutor;
+
+/// What an executor made of a claimed task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchOutcome {
+    /// The Job exists: record `launched`.
+    Launched,
+    /// The executor recorded the state itself (the local executor records `running`).
+    AlreadyHandled,
+    /// It can never work (forbidden, invalid, no namespace): fail the task with this message.
+    Rejected(String),
+    /// Worth trying again later; the task stays `launching` for the reconciler.
+    Transient(String),
+}
+
+/// Where tasks run.
+#[derive(Debug, Clone)]
+// One per process: the size of the Kubernetes variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Executor {
+    Kubernetes(KubernetesExecutor),
+    Local(LocalExecutor),
+}
+
+impl Executor {
+    async fn launch(&self, task: &Task) -> LaunchOutcome {
+        match self {
+            Self::Kubernetes(executor) => executor.launch(task).await,
+            Self::Local(executor) => executor.launch(task).await,
+        }
+    }
+}
+
+/// Stops what runs for a task, on cancel.
+#[derive(Debug, Clone)]
+// One per process: the size of the Kubernetes variant costs nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Canceller {
+    Kubernetes(KubernetesExecutor),
+    Local(LocalExecutor),
+}
+
+impl Canceller {
+    pub async fn cancel(&self, task: &Task) -> Result<(), kube::Error> {
+        match self {
+            Self::Kubernetes(executor) => executor.delete(task).await,
+            Self::Local(executor) => {
+                executor.stop(task.id);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The launcher role.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    pub store: Store,
+    pub queue: Queue,
+    pub executor: Executor,
+    /// This launcher's name in the queue's consumer group.
+    pub consumer: String,
+    pub concurrency: usize,
+    pub reconcile_interval: Duration,
+    pub stale_after: Duration,
+}
+
+/// The queue every task lands in when it names none; always consumed.
+const DEFAULT_QUEUE: &str = crate::task::submission::DEFAULT_QUEUE;
+/// A delivery unacknowledged this long belongs to a dead launcher.
+const ABANDONED_AFTER: Duration = Duration::from_secs(30);
+
+impl Launcher {
+    /// Runs until `shutdown` turns true: receives and launches, and reconciles every
+    /// `reconcile_interval`.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let mut queues: BTreeSet<String> = BTreeSet::from([DEFAULT_QUEUE.to_owned()]);
+        let mut next_reconcile = tokio::time::Instant::now();
+        tracing::info!(consumer = %self.consumer, "launcher started");
+        while !*shutdown.borrow() {
+            if tokio::time::Instant::now() >= next_reconcile {
+                self.reconcile(&mut queues, &permits).await;
+                next_reconcile = tokio::time::Instant::now() + self.reconcile_interval;
+            }
+            let names: Vec<String> = queues.iter().cloned().collect();
+            let batch = permits.available_permits().clamp(1, 64);
+            let received = tokio::select! {
+                received = self.queue.receive(&names, &self.consumer, batch, Duration::from_secs(1)) => received,
+                _ = shutdown.changed() => break,
+            };
+            match received {
+                Ok(deliveries) => {
+                    for delivery in deliveries {
+                        self.spawn_launch(delivery, &permits).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "queue receive failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+        }
+        // Let launches in flight finish, so no claim is left half-done.
+        let _ = permits.acquire_many(self.concurrency.max(1) as u32).await;
+        tracing::info!("launcher stopped");
+    }
+
+    async fn spawn_launch(&self, delivery: Delivery, permits: &Arc<Semaphore>) {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let launcher = self.clone();
+        tokio::spawn(async move {
+            launcher.claim_and_launch(&delivery).await;
+            if let Err(error) = launcher.queue.ack(&delivery).await {
+                tracing::warn!(task_id = %delivery.entry.task_id, error = %error, "ack failed; the entry may be delivered again (harmless)");
+            }
+            drop(permit);
+        });
+    }
+
+    /// Claims the delivered task (CAS `queued → launching`) and launches it.
+    async fn claim_and_launch(&self, delivery: &Delivery) {
+        let id = delivery.entry.task_id;
+        let claim = Transition {
+            to: TaskState::Launching,
+            reason: None,
+            message: None,
+            exit_code: None,
+            attempt: None,
+        };
+        match self.store.transition(id, TaskState::Queued, &claim).await {
+            Ok(Some(task)) => self.launch_claimed(task).await,
+            // Cancelled, already claimed by another launcher, or gone: nothing to do.
+            Ok(None) => {
+                tracing::debug!(task_id = %id, "delivery for a task that is no longer queued");
+            }
+            Err(error) => {
+                tracing::warn!(task_id = %id, error = %error, "claim failed; the reconciler will enqueue it again");
+            }
+        }
+    }
+
+    /// Launches a task this launcher holds in `launching`, and records the outcome.
+    async fn launch_claimed(&self, task: Task) {
+        let outcome = self.executor.launch(&task).await;
+        let change = match &outcome {
+            LaunchOutcome::Launched => Transition {
+                to: TaskState::Launched,
+                reason: None,
+                message: None,
+                exit_code: None,
+                attempt: None,
+            },
+            LaunchOutcome::Rejected(message) => Transition {
+                to: TaskState::Failed,
+                reason: Some(Reason::LaunchRejected),
+                message: Some(message.clone()),
+                exit_code: None,
+                attempt: None,
+            },
+            LaunchOutcome::AlreadyHandled => return,
+            LaunchOutcome::Transient(message) => {
+                tracing::warn!(task_id = %task.id, message = %message, "launch failed transiently; the reconciler retries it");
+                return;
+            }
+        };
+        match self
+            .store
+            .transition(task.id, TaskState::Launching, &change)
+            .await
+        {
+            Ok(Some(_)) => {}
+            // The watcher (or a cancel) got there first: the recorded state is newer.
+            Ok(None) => tracing::debug!(task_id = %task.id, "task moved on while launching"),
+            Err(error) => {
+                tracing::warn!(task_id = %task.id, error = %error, "recording the launch failed; the reconciler retries it");
+            }
+        }
+    }
+
+    /// Repairs what crashes and lost messages leave behind.
+    async fn reconcile(&self, queues: &mut BTreeSet<String>, permits: &Arc<Semaphore>) {
+        let now = jiff::Timestamp::now();
+        // 1. Stored tasks the queue does not hold (a crash between commit and enqueue, a
+        //    flushed Redis). Tasks younger than one interval are left to the API's enqueue.
+        let settled =
+            now - jiff::SignedDuration::try_from(self.reconcile_interval).unwrap_or_default();
+        match self
+            .store
+            .tasks_in_state(TaskState::Queued, settled, 10_000)
+            .await
+        {
+            Ok(waiting) => {
+                queues.extend(waiting.iter().map(|t| t.spec.queue.clone()));
+                self.enqueue_missing(&waiting).await;
+            }
+            Err(error) => tracing::warn!(error = %error, "reconcile: listing queued tasks failed"),
+        }
+        // 2. Claims whose launcher died before recording an outcome.
+        let stale = now - jiff::SignedDuration::try_from(self.stale_after).unwrap_or_default();
+        match self
+            .store
+            .tasks_in_state(TaskState::Launching, stale, 1000)
+            .await
+        {
+            Ok(stuck) => {
+                for task in stuck {
+                    tracing::info!(task_id = %task.id, "relaunching a stale claim");
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let launcher = self.clone();
+                    tokio::spawn(async move {
+                        launcher.launch_claimed(task).await;
+                        drop(permit);
+                    });
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "reconcile: listing launching tasks failed");
+            }
+        }
+        // 3. Deliveries a dead launcher took and never acknowledged.
+        let names: Vec<String> = queues.iter().cloned().collect();
+        match self
+            .queue
+            .claim_abandoned(&names, &self.consumer, ABANDONED_AFTER, 100)
+            .await
+        {
+            Ok(deliveries) => {
+                for delivery in deliveries {
+                    self.spawn_launch(delivery, permits).await;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "reconcile: claiming abandoned deliveries failed");
+            }
+        }
+    }
+
+    async fn enqueue_missing(&self, queued: &[Task]) {
+        let mut by_queue: std::collections::BTreeMap<&str, Vec<&Task>> =
+            std::collections::BTreeMap::new();
+        for task in queued {
+            by_queue
+                .entry(task.spec.queue.as_str())
+                .or_default()
+                .push(task);
+        }
+        for (queue, tasks) in by_queue {
+            let present = match self.queue.pending_task_ids(queue).await {
+                Ok(present) => present,
+                Err(error) => {
+                    tracing::warn!(queue, error = %error, "reconcile: reading the queue failed");
+                    continue;
+                }
+            };
+            for task in tasks.into_iter().filter(|t| !present.contains(&t.id)) {
+                let entry = QueueEntry {
+                    task_id: task.id,
+                    queue: queue.to_owned(),
+                    priority: task.spec.priority,
+                };
+                match self.queue.enqueue(&entry).await {
+                    Ok(()) => {
+                        tracing::info!(task_id = %task.id, queue, "re-enqueued a stored task the queue had lost");
+                    }
+                    Err(error) => {
+                        tracing::warn!(task_id = %task.id, error = %error, "re-enqueue failed");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,260 @@
-//! The queue (being written; see the queue section of the dispatcher-core issue).
+//! The queue: orders queued tasks and wakes the launchers that take them. It owns only
+//! *references* to tasks ([`QueueEntry`]: task id, queue name, priority); PostgreSQL (or
+//! the SQLite file) stays the source of truth for everything else.
+//!
+//! Two backends behind one [`Queue`] (enum dispatch, cheap to clone):
+//! - [`RedisQueue`]: Redis Streams with one consumer group per stream, for the scaled-out
+//!   deployment where several launchers share the work;
+//! - [`MemoryQueue`]: in-process, for the embedded single-process mode.
+//!
+//! Invariants:
+//! - **At least once.** An entry stays in the queue from [`Queue::enqueue`] until a
+//!   [`Queue::ack`] of one of its deliveries. It may be delivered more than once (handed
+//!   to another consumer by [`Queue::claim_abandoned`], or redelivered after Redis lost a
+//!   consumer group), so a launcher always claims the task with a compare-and-set in the
+//!   store (`queued → launching`) and simply acks and skips the entry when that fails.
+//! - **Losing entries is recoverable, not prevented.** Redis may lose entries (a flush, a
+//!   failover without persistence, a crash between the store's commit and the enqueue);
+//!   the reconciler compares the store's queued tasks with [`Queue::pending_task_ids`] and
+//!   re-enqueues what is missing. The queue itself recovers from vanished streams and
+//!   groups on the next call and never fails permanently.
+//! - **Order.** Within the queues asked for, higher priority is delivered first and equal
+//!   priority first in, first out. Redis orders by band (priority `> 0` high, `== 0`
+//!   normal, `< 0` low; FIFO inside a band, so priorities 1 and 9 are equal there); the
+//!   in-memory queue orders by exact priority, then FIFO.
+//! - **Isolation.** Every Redis key starts with the configured key prefix.
+//! - **Cancellation.** Dropping a [`Queue::receive`] future while it waits may leave an
+//!   entry delivered to that consumer but never returned; [`Queue::claim_abandoned`]
+//!   hands it to a live consumer once it has been idle long enough.
+//!
+//! Errors: [`QueueError::Unavailable`] when Redis cannot be reached, the connection broke
+//! or a reply timed out (retry later; the next call reconnects);
+//! [`QueueError::Command`] when Redis refused a command; [`QueueError::InvalidUrl`] for a
+//! Redis URL that does not parse; [`QueueError::InvalidReceipt`] for an ack whose receipt
+//! this backend never issued. The in-memory queue only ever returns the last.
+
+mod memory;
+mod redis_streams;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+pub use memory::MemoryQueue;
+pub use redis_streams::RedisQueue;
+
+use crate::task::TaskId;
+
+/// A reference to a queued task: which task, in which queue, at which priority.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub task_id: TaskId,
+    pub queue: String,
+    /// Higher runs first.
+    pub priority: i32,
+}
+
+/// A delivery: the entry plus what the queue needs to acknowledge it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub entry: QueueEntry,
+    /// The Redis stream entry id, or an in-process token. It stays the same when the entry
+    /// is claimed by another consumer, so acking any delivery of an entry removes it.
+    pub receipt: String,
+}
+
+/// How full a queue is, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Entries not yet acknowledged: waiting for a launcher, or delivered and not acked.
+    pub waiting: u64,
+    /// Age of the oldest of them; `None` when the queue is empty.
+    pub oldest_age: Option<Duration>,
+}
+
+/// What can go wrong talking to the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Redis could not be reached, the connection broke, or a reply timed out.
+    #[error("redis unavailable during {operation}: {source}")]
+    Unavailable {
+        operation: &'static str,
+        source: redis::RedisError,
+    },
+    /// Redis answered a command with an error.
+    #[error("redis {operation} on '{key}' failed: {source}")]
+    Command {
+        operation: &'static str,
+        key: String,
+        source: redis::RedisError,
+    },
+    /// The Redis URL does not parse (the URL itself is left out: it may hold a password).
+    #[error("invalid redis url: {source}")]
+    InvalidUrl { source: redis::RedisError },
+    /// An ack with a receipt that this backend never issued.
+    #[error("invalid receipt '{receipt}' for queue '{queue}': {expected}")]
+    InvalidReceipt {
+        receipt: String,
+        queue: String,
+        expected: &'static str,
+    },
+}
+
+impl QueueError {
+    /// Whether retrying later may succeed (the backend was unreachable or slow).
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+pub type Result<T, E = QueueError> = std::result::Result<T, E>;
+
+/// The queue, whichever backend holds it. Clones share the same connections and state.
+#[derive(Debug, Clone)]
+pub enum Queue {
+    Redis(RedisQueue),
+    Memory(MemoryQueue),
+}
+
+impl From<RedisQueue> for Queue {
+    fn from(queue: RedisQueue) -> Self {
+        Self::Redis(queue)
+    }
+}
+
+impl From<MemoryQueue> for Queue {
+    fn from(queue: MemoryQueue) -> Self {
+        Self::Memory(queue)
+    }
+}
+
+impl Queue {
+    /// Adds `entry` to the end of its queue (and priority band).
+    pub async fn enqueue(&self, entry: &QueueEntry) -> Result<()> {
+        match self {
+            Self::Redis(queue) => queue.enqueue(entry).await,
+            Self::Memory(queue) => {
+                queue.enqueue(entry);
+                Ok(())
+            }
+        }
+    }
+
+    /// Up to `max` deliveries for consumer `consumer` from the named queues, highest
+    /// priority band first; waits up to `block` when nothing is ready, then returns an
+    /// empty Vec. `max == 0` returns at once.
+    pub async fn receive(
+        &self,
+        queues: &[String],
+        consumer: &str,
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>> {
+        match self {
+            Self::Redis(queue) => queue.receive(queues, consumer, max, block).await,
+            Self::Memory(queue) => queue.receive(queues, consumer, max, block).await,
+        }
+    }
+
+    /// Removes the delivered entry from the queue. Acking twice, or acking an entry that
+    /// another consumer already acked, is harmless.
+    pub async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        match self {
+            Self::Redis(queue) => queue.ack(delivery).await,
+            Self::Memory(queue) => queue.ack(delivery),
+        }
+    }
+
+    /// Entries delivered to a consumer that has not acked them for `idle` are handed to
+    /// `consumer` (Redis: XAUTOCLAIM), up to `max`, highest priority band first.
+    pub async fn claim_abandoned(
+        &self,
+        queues: &[String],
+        consumer: &str,
+        idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>> {
+        match self {
+            Self::Redis(queue) => queue.claim_abandoned(queues, consumer, idle, max).await,
+            Self::Memory(queue) => Ok(queue.claim_abandoned(queues, consumer, idle, max)),
+        }
+    }
+
+    /// Task ids currently waiting or delivered-but-unacked in `queue` (for the reconciler).
+    pub async fn pending_task_ids(&self, queue: &str) -> Result<HashSet<TaskId>> {
+        match self {
+            Self::Redis(q) => q.pending_task_ids(queue).await,
+            Self::Memory(q) => Ok(q.pending_task_ids(queue)),
+        }
+    }
+
+    /// Entries not yet acked and the age of the oldest, for metrics.
+    pub async fn depth(&self, queue: &str) -> Result<QueueDepth> {
+        match self {
+            Self::Redis(q) => q.depth(queue).await,
+            Self::Memory(q) => Ok(q.depth(queue)),
+        }
+    }
+
+    /// Checks that the backend answers (readiness probes).
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Self::Redis(queue) => queue.ping().await,
+            Self::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// `queues` without repetitions, first occurrence kept.
+fn distinct(queues: &[String]) -> Vec<&str> {
+    let mut seen = HashSet::new();
+    queues
+        .iter()
+        .map(String::as_str)
+        .filter(|queue| seen.insert(*queue))
+        .collect()
+}
+
+/// The instant `block` from now; a block too long to represent waits a year instead.
+fn deadline(block: Duration) -> tokio::time::Instant {
+    const YEAR: Duration = Duration::from_hours(365 * 24);
+    let now = tokio::time::Instant::now();
+    now.checked_add(block)
+        .or_else(|| now.checked_add(YEAR))
+        .unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Delivery, MemoryQueue, Queue, QueueEntry};
+    use crate::task::TaskId;
+
+    fn send<T: Send>(_: T) {}
+
+    /// Launchers spawn queue calls onto the runtime, so every future must be `Send`.
+    /// Enum dispatch gives one future type per operation, whichever backend runs it.
+    #[test]
+    fn every_operation_can_move_between_threads() {
+        let queue = Queue::from(MemoryQueue::new());
+        let entry = QueueEntry {
+            task_id: TaskId::new(),
+            queue: "default".to_owned(),
+            priority: 0,
+        };
+        let delivery = Delivery {
+            entry: entry.clone(),
+            receipt: "memory:0".to_owned(),
+        };
+        let queues = vec!["default".to_owned()];
+        send(queue.clone());
+        send(queue.enqueue(&entry));
+        send(queue.receive(&queues, "c", 1, Duration::ZERO));
+        send(queue.ack(&delivery));
+        send(queue.claim_abandoned(&queues, "c", Duration::ZERO, 1));
+        send(queue.pending_task_ids("default"));
+        send(queue.depth("default"));
+        send(queue.ping());
+    }
+}

@@ -1,5 +1,7 @@
 //! Fluent task fixtures for tests: `TaskFixture::new().gpus(2, "a100").obj()`.
-//! Ids and times are fixed, so snapshots are stable.
+//! Ids and times are fixed, so snapshots are stable. Test-only: a bad fixture argument
+//! panics, which fails the test that wrote it.
+#![allow(clippy::missing_panics_doc)]
 
 use std::collections::BTreeMap;
 
@@ -8,7 +10,14 @@ use super::{GpuRequest, Resources, Task, TaskId, TaskSpec, TaskState};
 #[derive(Debug, Clone)]
 pub struct TaskFixture(Task);
 
+impl Default for TaskFixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl TaskFixture {
+    #[must_use]
     pub fn new() -> Self {
         let time = jiff::Timestamp::from_second(1_764_000_000).unwrap();
         Self(Task {
@@ -38,16 +47,19 @@ impl TaskFixture {
         })
     }
 
+    #[must_use]
     pub fn cpu(mut self, amount: &str) -> Self {
         self.0.spec.resources.cpu = Some(amount.parse().unwrap());
         self
     }
 
+    #[must_use]
     pub fn memory(mut self, amount: &str) -> Self {
         self.0.spec.resources.memory = Some(amount.parse().unwrap());
         self
     }
 
+    #[must_use]
     pub fn gpus(mut self, count: u32, class: &str) -> Self {
         self.0.spec.resources.gpu = Some(GpuRequest {
             count,
@@ -56,26 +68,31 @@ impl TaskFixture {
         self
     }
 
+    #[must_use]
     pub fn attempt(mut self, attempt: u32) -> Self {
         self.0.attempt = attempt;
         self
     }
 
+    #[must_use]
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.0.spec.env.insert(name.into(), value.into());
         self
     }
 
+    #[must_use]
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.0.spec.labels.insert(key.into(), value.into());
         self
     }
 
+    #[must_use]
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
         self.0.spec.annotations.insert(key.into(), value.into());
         self
     }
 
+    #[must_use]
     pub fn obj(self) -> Task {
         self.0
     }

@@ -64,7 +64,7 @@ impl FromStr for TaskId {
 ///
 /// `queued → launching → launched → running → succeeded | failed | cancelled | timed_out`,
 /// and `expired` for a task that never got launched in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Stored and waiting in its queue.
@@ -135,13 +135,11 @@ impl TaskState {
             return false;
         }
         match next {
-            Queued => self == Launching,
-            Launching => self == Queued,
-            Launched => self == Launching,
+            Queued | Launched => self == Launching,
+            Launching | Expired => self == Queued,
             Running => matches!(self, Launching | Launched),
             Succeeded | TimedOut => matches!(self, Launching | Launched | Running),
             Failed | Cancelled => true,
-            Expired => self == Queued,
         }
     }
 }
@@ -168,25 +166,29 @@ impl FromStr for TaskState {
 }
 
 /// A GPU request: how many, of which class (`v100`, `a100`, `h100`, a MIG profile class…).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GpuRequest {
     pub count: u32,
     pub class: String,
 }
 
 /// What a task asks of a node. `None` means the cluster's LimitRange default applies.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Resources {
+    /// CPU in Kubernetes notation, canonical (`500m`, `2`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub cpu: Option<Cpu>,
+    /// Memory in Kubernetes notation, canonical (`512Mi`, `2Gi`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub memory: Option<Memory>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuRequest>,
 }
 
 /// A validated submission: everything needed to run the task, nothing about its progress.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskSpec {
     /// RFC 1123 label, at most 63 characters.
     pub name: String,
@@ -206,7 +208,7 @@ pub struct TaskSpec {
 }
 
 /// Why a task is in its state; travels with the state into the API, events and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// The command exited non-zero.
@@ -307,6 +309,26 @@ pub struct Task {
     pub exit_code: Option<i32>,
     pub created_at: jiff::Timestamp,
     pub updated_at: jiff::Timestamp,
+}
+
+impl Task {
+    /// A new task of `tenant`: queued, first attempt, created now.
+    #[must_use]
+    pub fn new(tenant: impl Into<String>, spec: TaskSpec) -> Self {
+        let now = jiff::Timestamp::now();
+        Self {
+            id: TaskId::new(),
+            tenant: tenant.into(),
+            spec,
+            state: TaskState::Queued,
+            reason: None,
+            message: None,
+            attempt: 1,
+            exit_code: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -194,7 +194,7 @@ impl FromStr for Memory {
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.millicores % 1000 == 0 {
+        if self.millicores.is_multiple_of(1000) {
             write!(f, "{}", self.millicores / 1000)
         } else {
             write!(f, "{}m", self.millicores)
@@ -211,7 +211,7 @@ impl fmt::Display for Memory {
             ("Ki", 1 << 10),
         ];
         for (suffix, size) in UNITS {
-            if self.bytes % size == 0 {
+            if self.bytes.is_multiple_of(size) {
                 return write!(f, "{}{suffix}", self.bytes / size);
             }
         }

@@ -14,7 +14,7 @@ use super::{GpuRequest, Resources, TaskSpec};
 
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
 /// error instead of being silently ignored.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Submission {
     pub name: String,
@@ -38,7 +38,7 @@ pub struct Submission {
 }
 
 /// Resources as written by the tenant: quantities are strings until validated.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesInput {
     pub cpu: Option<String>,
@@ -46,7 +46,7 @@ pub struct ResourcesInput {
     pub gpu: Option<GpuInput>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuInput {
     pub count: u32,
@@ -85,6 +85,9 @@ pub struct Limits {
     pub max_priority: i32,
     /// GPU classes the cluster offers, with the most GPUs one node of the class holds.
     pub gpu_classes: BTreeMap<String, u32>,
+    /// Annotation key prefixes tenants may use even inside a reserved domain (the test
+    /// environment's `agent-bus.io/test-`); empty in production.
+    pub allowed_annotation_prefixes: Vec<String>,
 }
 
 impl Default for Limits {
@@ -109,6 +112,7 @@ impl Default for Limits {
             .into_iter()
             .map(|(name, per_node)| (name.to_owned(), per_node))
             .collect(),
+            allowed_annotation_prefixes: Vec::new(),
         }
     }
 }
@@ -365,6 +369,13 @@ fn check_annotations(
         ));
     }
     for key in annotations.keys() {
+        if limits
+            .allowed_annotation_prefixes
+            .iter()
+            .any(|prefix| key.starts_with(prefix.as_str()))
+        {
+            continue;
+        }
         check_qualified_key(&format!("annotations.{key}"), key)?;
     }
     Ok(())
@@ -443,7 +454,7 @@ mod tests {
                 s.resources.gpu = Some(GpuInput {
                     count,
                     class: class.into(),
-                })
+                });
             })
         }
         fn env(self, name: &str, value: &str) -> Self {
@@ -559,6 +570,27 @@ mod tests {
             assert_eq!(error.field, field, "{error}");
             assert!(!error.message.is_empty());
         }
+    }
+
+    #[test]
+    fn allowed_annotation_prefixes_open_only_what_they_name() {
+        let limits = Limits {
+            allowed_annotation_prefixes: vec!["agent-bus.io/test-".into()],
+            ..Limits::default()
+        };
+        let with = |key: &str| {
+            submission().with(|s| {
+                s.annotations.insert(key.into(), "3".into());
+            })
+        };
+        assert!(validate(with("agent-bus.io/test-exit-code").0, &limits).is_ok());
+        assert_eq!(
+            validate(with("agent-bus.io/task-id").0, &limits)
+                .unwrap_err()
+                .field,
+            "annotations.agent-bus.io/task-id"
+        );
+        assert!(validate(with("agent-bus.io/test-exit-code").0, &Limits::default()).is_err());
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! Bearer API keys: a key is shown once, at `dispatcher tenant create`; only its SHA-256
+//! is stored, and every request's key is hashed and looked up.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState};
+use crate::store::Tenant;
+
+/// Prefix of every key, so leaked keys are recognisable by secret scanners.
+const KEY_PREFIX: &str = "ab_";
+
+/// A new random API key: the prefix and 64 hex digits (256 bits from the OS generator).
+#[must_use]
+pub fn new_api_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{KEY_PREFIX}{}", hex(&bytes))
+}
+
+/// The stored form of a key.
+#[must_use]
+pub fn hash_api_key(key: &str) -> String {
+    hex(&Sha256::digest(key.as_bytes()))
+}
+
+/// Lowercase hex digits of `bytes`.
+#[must_use]
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
+/// The tenant whose key the request carries.
+#[derive(Debug, Clone)]
+pub struct Authenticated(pub Tenant);
+
+impl FromRequestParts<AppState> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let key = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        let tenant = state
+            .store
+            .tenant_by_key_hash(&hash_api_key(key))
+            .await?
+            .ok_or(ApiError::Unauthorized)?;
+        Ok(Self(tenant))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{hash_api_key, new_api_key};
+
+    #[test]
+    fn keys_are_random_and_hashes_stable() {
+        let (a, b) = (new_api_key(), new_api_key());
+        assert_ne!(a, b);
+        assert!(a.starts_with("ab_") && a.len() == 67);
+        assert_eq!(hash_api_key(&a), hash_api_key(&a));
+        assert_ne!(hash_api_key(&a), hash_api_key(&b));
+        assert_eq!(hash_api_key("x").len(), 64);
+    }
+}

@@ -1,0 +1,128 @@
+//! The one error shape of the API: `{"error": {"code", "message", "field"}}`.
+//! 4xx responses say what was wrong; 5xx responses say nothing internal (the detail goes
+//! to the log, with the request id the client also sees).
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::queue::QueueError;
+use crate::store::StoreError;
+use crate::task::submission::FieldError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("task not found")]
+    NotFound,
+    #[error("the Idempotency-Key '{key}' was already used with a different request body")]
+    IdempotencyConflict { key: String },
+    #[error("the tenant already has {limit} queued tasks, its quota; wait for some to start")]
+    QuotaExceeded { limit: u32 },
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{what} is unavailable; try again shortly")]
+    Unavailable { what: &'static str },
+    #[error("internal error")]
+    Internal(String),
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable code, e.g. `invalid_field`.
+    pub code: &'static str,
+    /// What was wrong, for a person.
+    pub message: String,
+    /// The JSON path of the offending field, when one is to blame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::IdempotencyConflict { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+            }
+            Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(error: FieldError) -> Self {
+        Self::Invalid(error)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::IdempotencyConflict { key } => Self::IdempotencyConflict { key },
+            StoreError::QuotaExceeded { limit, .. } => Self::QuotaExceeded { limit },
+            error @ StoreError::Unavailable { .. } => {
+                tracing::warn!(error = %error, "store unavailable");
+                Self::Unavailable {
+                    what: "the database",
+                }
+            }
+            error => Self::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(error: QueueError) -> Self {
+        tracing::warn!(error = %error, "queue unavailable");
+        Self::Unavailable { what: "the queue" }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let (message, field) = match &self {
+            Self::Invalid(error) => (error.message.clone(), Some(error.field.clone())),
+            Self::Internal(detail) => {
+                tracing::error!(detail = %detail, "internal error");
+                (self.to_string(), None)
+            }
+            _ => (self.to_string(), None),
+        };
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                error: ErrorDetail {
+                    code,
+                    message,
+                    field,
+                },
+            }),
+        )
+            .into_response();
+        if matches!(self, Self::Unavailable { .. }) {
+            response
+                .headers_mut()
+                .insert("retry-after", HeaderValue::from_static("5"));
+        }
+        response
+    }
+}

@@ -1,0 +1,135 @@
+//! The REST API (v1): submit, read, list, cancel and follow tasks; health probes; the
+//! OpenAPI document. `router(state)` is the whole API, testable without a socket.
+//!
+//! Invariants:
+//! - every `/v1` query is scoped to the tenant of the bearer key; another tenant's task is
+//!   a 404, indistinguishable from a missing one;
+//! - a task is stored before it is enqueued, and a 201 means it is stored: if the enqueue
+//!   fails, the queue reconciler enqueues it later;
+//! - nothing a client sends yields a 500.
+
+pub mod auth;
+pub mod error;
+pub mod openapi;
+pub mod tasks;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::launcher::Canceller;
+use crate::launcher::job_spec::LaunchConfig;
+use crate::queue::Queue;
+use crate::store::Store;
+use crate::task::submission::Limits;
+
+pub use auth::{hash_api_key, new_api_key};
+pub use error::ApiError;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub queue: Queue,
+    pub limits: Arc<Limits>,
+    pub launch: Arc<LaunchConfig>,
+    /// Stops a task's Job or process on cancel.
+    pub canceller: Canceller,
+    /// Checked by `/readyz` besides the store and the queue.
+    pub cluster: Option<kube::Client>,
+    pub max_body_bytes: usize,
+    /// How often a followed event stream polls the store.
+    pub follow_poll: Duration,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The whole HTTP API.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.max_body_bytes;
+    Router::new()
+        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks/{id}", get(tasks::get_one))
+        .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
+        .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi::document))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+            let request_id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .with_state(state)
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failing: Vec<String>,
+}
+
+/// Alive: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        failing: Vec::new(),
+    })
+}
+
+/// Ready: the store, the queue and (with the Kubernetes executor) the API server answer.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let mut failing = Vec::new();
+    if let Err(e) = state.store.ping().await {
+        failing.push(format!("store: {e}"));
+    }
+    if let Err(e) = state.queue.ping().await {
+        failing.push(format!("queue: {e}"));
+    }
+    if let Some(client) = &state.cluster
+        && let Err(e) = client.apiserver_version().await
+    {
+        failing.push(format!("kubernetes: {e}"));
+    }
+    if failing.is_empty() {
+        (
+            StatusCode::OK,
+            Json(Health {
+                status: "ok",
+                failing,
+            }),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "unavailable",
+                failing,
+            }),
+        )
+    }
+}

@@ -1,0 +1,40 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations and the types they
+//! exchange, so it cannot drift from the code.
+
+use axum::Json;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "agent-bus", description = "Submit tasks and follow them to their end; each runs as one Kubernetes Job."),
+    paths(
+        super::tasks::submit,
+        super::tasks::get_one,
+        super::tasks::list,
+        super::tasks::cancel,
+        super::tasks::events,
+        super::healthz,
+        super::readyz,
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "tasks", description = "Task submission and tracking"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// `GET /openapi.json`.
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

@@ -1,0 +1,541 @@
+//! `/v1/tasks` handlers: submit (with idempotency and dry run), read, list, cancel, and
+//! the event history, plain or followed as Server-Sent Events.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::auth::Authenticated;
+use super::{ApiError, AppState};
+use crate::launcher::job_spec::{build_job, job_name};
+use crate::queue::QueueEntry;
+use crate::store::{Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Transition};
+use crate::task::submission::{FieldError, Submission, validate};
+use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
+
+/// Longest accepted `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+/// A task as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TaskView {
+    pub id: String,
+    pub tenant: String,
+    pub state: TaskState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub attempt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// The Kubernetes Job of the current attempt, once the task was handed to the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRef>,
+    /// RFC 3339.
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(flatten)]
+    pub spec: TaskSpec,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl TaskView {
+    fn new(task: Task, state: &AppState) -> Self {
+        let launched = !matches!(task.state, TaskState::Queued | TaskState::Launching);
+        let job = (state.cluster.is_some() && launched).then(|| JobRef {
+            namespace: state.launch.namespace.clone(),
+            name: job_name(&task.id, task.attempt),
+        });
+        Self {
+            id: task.id.to_string(),
+            tenant: task.tenant,
+            state: task.state,
+            reason: task.reason,
+            message: task.message,
+            attempt: task.attempt,
+            exit_code: task.exit_code,
+            job,
+            created_at: task.created_at.to_string(),
+            updated_at: task.updated_at.to_string(),
+            spec: task.spec,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct SubmitQuery {
+    /// Validate and return the Job that would be created, creating nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DryRun {
+    pub task: TaskView,
+    /// The Job manifest the launcher would create (Kubernetes executor).
+    #[schema(value_type = Object)]
+    pub job: serde_json::Value,
+}
+
+/// Parses a JSON body; syntax errors are 400, a wrong type or unknown field is 422 with
+/// the field's path.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::MalformedJson(rejection.body_text())
+        }
+    })?;
+    let deserializer = &mut serde_json::Deserializer::from_slice(&body);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        if inner.is_data() {
+            let field = if path == "." {
+                unknown_field_name(&inner.to_string()).unwrap_or_default()
+            } else {
+                path
+            };
+            ApiError::Invalid(FieldError::new(field, strip_position(&inner.to_string())))
+        } else {
+            ApiError::MalformedJson(inner.to_string())
+        }
+    })
+}
+
+/// serde names an unknown top-level field only in its message: "unknown field `x`, …".
+fn unknown_field_name(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    Some(rest.split('`').next()?.to_owned())
+}
+
+/// serde_json appends " at line L column C", which means nothing to a client that sent
+/// compact JSON.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(index) => message[..index].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().map(str::trim).unwrap_or_default();
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.chars().all(|c| c.is_ascii_graphic())
+    {
+        return Err(FieldError::new(
+            "Idempotency-Key",
+            format!("header must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"),
+        )
+        .into());
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Submits a task.
+#[utoipa::path(
+    post, path = "/v1/tasks", tag = "tasks",
+    params(SubmitQuery, ("Idempotency-Key" = Option<String>, Header, description = "Same key and body return the original task")),
+    request_body = Submission,
+    responses(
+        (status = 201, description = "Stored and queued", body = TaskView),
+        (status = 200, description = "Replay of an earlier request with the same Idempotency-Key, or a dry run", body = TaskView),
+        (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
+        (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
+        (status = 429, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn submit(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Query(query): Query<SubmitQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let submission: Submission = parse_body(body, state.max_body_bytes)?;
+    let key = idempotency_key(&headers)?;
+    // Hash the parsed submission, not the bytes: the same request with other whitespace
+    // or key order is the same request.
+    let canonical =
+        serde_json::to_vec(&submission).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let request_hash = super::auth::hex(&Sha256::digest(&canonical));
+    let spec = validate(submission, &state.limits)?;
+    let task = Task::new(tenant.name.clone(), spec);
+
+    if query.dry_run {
+        let job = build_job(&task, &state.launch).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let job = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
+        return Ok((
+            StatusCode::OK,
+            Json(DryRun {
+                task: TaskView::new(task, &state),
+                job,
+            }),
+        )
+            .into_response());
+    }
+
+    let idempotency = key.map(|key| Idempotency { key, request_hash });
+    match state
+        .store
+        .insert_task(NewTask { task, idempotency })
+        .await?
+    {
+        Inserted::Created(task) => {
+            let entry = QueueEntry {
+                task_id: task.id,
+                queue: task.spec.queue.clone(),
+                priority: task.spec.priority,
+            };
+            if let Err(error) = state.queue.enqueue(&entry).await {
+                // Stored is what counts: the reconciler enqueues stored tasks the queue lacks.
+                tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");
+            }
+            tracing::info!(task_id = %task.id, tenant = %task.tenant, queue = %task.spec.queue, "task submitted");
+            let location = format!("/v1/tasks/{}", task.id);
+            let mut response =
+                (StatusCode::CREATED, Json(TaskView::new(task, &state))).into_response();
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert("location", value);
+            }
+            Ok(response)
+        }
+        Inserted::Replayed(task) => {
+            let mut response = (StatusCode::OK, Json(TaskView::new(task, &state))).into_response();
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            Ok(response)
+        }
+    }
+}
+
+async fn owned_task(state: &AppState, tenant: &str, id: &str) -> Result<Task, ApiError> {
+    let id: TaskId = id.parse().map_err(|_| ApiError::NotFound)?;
+    state
+        .store
+        .get_task(tenant, id)
+        .await?
+        .ok_or(ApiError::NotFound)
+}
+
+/// Reads one task.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses((status = 200, body = TaskView), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get_one(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let task = owned_task(&state, &tenant.name, &id).await?;
+    Ok(Json(TaskView::new(task, &state)))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Only tasks in this state.
+    pub state: Option<String>,
+    /// Only tasks of this queue.
+    pub queue: Option<String>,
+    /// Only tasks with this label, as `key=value`.
+    pub label: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TaskPage {
+    pub items: Vec<TaskView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Lists the tenant's tasks, newest first.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
+    responses((status = 200, body = TaskPage), (status = 422, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<TaskPage>, ApiError> {
+    let Query(query) = query.map_err(|e| FieldError::new("query", e.body_text()))?;
+    let task_state = query
+        .state
+        .map(|s| s.parse::<TaskState>())
+        .transpose()
+        .map_err(|e| FieldError::new("state", e.to_string()))?;
+    let label = query
+        .label
+        .map(|label| {
+            label
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| FieldError::new("label", "must be key=value"))
+        })
+        .transpose()?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(FieldError::new("limit", format!("must be between 1 and {MAX_PAGE}")).into());
+    }
+    let before = query
+        .cursor
+        .map(|c| c.parse::<TaskId>())
+        .transpose()
+        .map_err(|_| {
+            FieldError::new("cursor", "must be a next_cursor returned by this endpoint")
+        })?;
+    let filter = ListFilter {
+        state: task_state,
+        queue: query.queue,
+        label,
+        limit: limit + 1,
+        before,
+    };
+    let mut tasks = state.store.list_tasks(&tenant.name, &filter).await?;
+    let next_cursor = if tasks.len() > limit as usize {
+        tasks.truncate(limit as usize);
+        tasks.last().map(|t| t.id.to_string())
+    } else {
+        None
+    };
+    let items = tasks
+        .into_iter()
+        .map(|t| TaskView::new(t, &state))
+        .collect();
+    Ok(Json(TaskPage { items, next_cursor }))
+}
+
+/// Cancels a task: idempotent; a finished task is returned as it is.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = String, Path, description = "Task id")),
+    responses((status = 200, body = TaskView), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+) -> Result<Json<TaskView>, ApiError> {
+    let mut task = owned_task(&state, &tenant.name, &id).await?;
+    // The task may move between our read and our write (the watcher records progress);
+    // every move ends in a terminal state after finitely many steps, so retry the CAS.
+    for _ in 0..10 {
+        if task.state.is_terminal() {
+            return Ok(Json(TaskView::new(task, &state)));
+        }
+        let change = Transition {
+            to: TaskState::Cancelled,
+            reason: Some(Reason::CancelledByUser),
+            message: Some("cancelled through the API".to_owned()),
+            exit_code: None,
+            attempt: None,
+        };
+        if let Some(cancelled) = state.store.transition(task.id, task.state, &change).await? {
+            if let Err(error) = state.canceller.cancel(&cancelled).await {
+                // The watcher deletes any Job still running for a cancelled task.
+                tracing::warn!(task_id = %cancelled.id, error = %error, "stopping the task failed; the watcher will retry");
+            }
+            tracing::info!(task_id = %cancelled.id, "task cancelled");
+            return Ok(Json(TaskView::new(cancelled, &state)));
+        }
+        task = state
+            .store
+            .get_task(&tenant.name, task.id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+    }
+    Err(ApiError::Unavailable {
+        what: "cancellation (the task keeps changing state)",
+    })
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct EventsQuery {
+    /// Stream new events as Server-Sent Events until the task finishes.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct EventView {
+    pub id: i64,
+    pub attempt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<TaskState>,
+    pub to: TaskState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// RFC 3339.
+    pub at: String,
+}
+
+impl From<TaskEvent> for EventView {
+    fn from(event: TaskEvent) -> Self {
+        Self {
+            id: event.id,
+            attempt: event.attempt,
+            from: event.from,
+            to: event.to,
+            reason: event.reason,
+            message: event.message,
+            exit_code: event.exit_code,
+            at: event.at.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventList {
+    pub items: Vec<EventView>,
+}
+
+/// The task's state history; with `follow=true`, a Server-Sent Events stream (`event:
+/// state`, data: one event as JSON) that ends when the task is finished.
+#[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
+    params(("id" = String, Path, description = "Task id"), EventsQuery),
+    responses((status = 200, description = "The history; with follow=true a text/event-stream of the same items", body = EventList), (status = 404, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Path(id): Path<String>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let task = owned_task(&state, &tenant.name, &id).await?;
+    if !query.follow {
+        let items = state
+            .store
+            .events(task.id, None)
+            .await?
+            .into_iter()
+            .map(EventView::from)
+            .collect();
+        return Ok(Json(EventList { items }).into_response());
+    }
+    let stream = follow_stream(state, tenant.name, task.id);
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+struct Follow {
+    state: AppState,
+    tenant: String,
+    id: TaskId,
+    after: Option<i64>,
+    pending: VecDeque<EventView>,
+    done: bool,
+}
+
+/// Events as they are written, polling the store (any process may write them), until the
+/// task is terminal and every event up to that point was sent.
+fn follow_stream(
+    state: AppState,
+    tenant: String,
+    id: TaskId,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let start = Follow {
+        state,
+        tenant,
+        id,
+        after: None,
+        pending: VecDeque::default(),
+        done: false,
+    };
+    futures::stream::unfold(start, |mut follow| async move {
+        loop {
+            if let Some(event) = follow.pending.pop_front() {
+                let data = serde_json::to_string(&event).unwrap_or_default();
+                let sse = SseEvent::default()
+                    .event("state")
+                    .id(event.id.to_string())
+                    .data(data);
+                return Some((Ok(sse), follow));
+            }
+            if follow.done {
+                return None;
+            }
+            // Read the state first: events written before a terminal state is seen are
+            // then certainly in the next read.
+            let terminal = match follow.state.store.get_task(&follow.tenant, follow.id).await {
+                Ok(Some(task)) => task.state.is_terminal(),
+                Ok(None) => true,
+                Err(error) => {
+                    tracing::warn!(task_id = %follow.id, error = %error, "follow: reading the task failed");
+                    false
+                }
+            };
+            match follow.state.store.events(follow.id, follow.after).await {
+                Ok(events) => {
+                    if let Some(last) = events.last() {
+                        follow.after = Some(last.id);
+                    }
+                    follow
+                        .pending
+                        .extend(events.into_iter().map(EventView::from));
+                    follow.done = terminal;
+                }
+                Err(error) => {
+                    tracing::warn!(task_id = %follow.id, error = %error, "follow: reading events failed");
+                }
+            }
+            if follow.pending.is_empty() && !follow.done {
+                tokio::time::sleep(follow.state.follow_poll).await;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{strip_position, unknown_field_name};
+
+    #[test]
+    fn serde_messages_become_client_messages() {
+        assert_eq!(
+            unknown_field_name("unknown field `gpus`, expected one of `name`"),
+            Some("gpus".to_owned())
+        );
+        assert_eq!(
+            strip_position("invalid type: string \"x\", expected u32 at line 1 column 9"),
+            "invalid type: string \"x\", expected u32"
+        );
+    }
+}

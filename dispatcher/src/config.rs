@@ -1,0 +1,204 @@
+//! All configuration: one clap structure, every flag with an environment fallback and a
+//! `///` doc that becomes `--help`. Nothing else in the dispatcher reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// agent-bus dispatcher: REST task submission, durable state, queue, and one Kubernetes
+/// Job (or local process) per task.
+#[derive(Debug, Parser)]
+#[command(name = "dispatcher", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the dispatcher: the api, launcher and watcher roles (all by default).
+    Serve(Box<ServeArgs>),
+    /// Applies the database migrations and exits.
+    Migrate(DatabaseArgs),
+    /// Manages tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Creates a tenant and prints its new API key, alone, on stdout (only a hash of the
+    /// key is stored: keep it, it cannot be shown again).
+    Create {
+        /// The tenant's name: an RFC 1123 label (lowercase letters, digits, '-').
+        name: String,
+        /// How many of its tasks may wait in state `queued` at once; more get 429.
+        #[arg(long, default_value_t = 1000)]
+        max_queued_tasks: u32,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Where state lives: `postgres://user@host:port/db` or `sqlite://PATH` (the file is
+    /// created if missing).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://agent-bus.db")]
+    pub database_url: String,
+    /// Connections in the database pool.
+    #[arg(long, env = "AGENT_BUS_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorChoice {
+    /// Kubernetes when a kubeconfig or in-cluster service account is found, else local.
+    Auto,
+    /// Every task is a Kubernetes Job.
+    Kubernetes,
+    /// Every task is a child process of the dispatcher (no image, no cluster).
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Role {
+    /// The REST API.
+    Api,
+    /// Claims queued tasks and creates their Jobs (or processes).
+    Launcher,
+    /// Watches Jobs and Pods and records every state change (leader-elected).
+    Watcher,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log output: human-readable text or one JSON object per line.
+    #[arg(long, env = "AGENT_BUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info,dispatcher=debug`.
+    #[arg(long, env = "AGENT_BUS_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "AGENT_BUS_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Redis for the queue (`redis://host:port`); without it, an in-process queue is used
+    /// (single dispatcher process only).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key the dispatcher writes.
+    #[arg(long, env = "AGENT_BUS_REDIS_PREFIX", default_value = "agent-bus:")]
+    pub redis_prefix: String,
+    /// Where tasks run.
+    #[arg(long, env = "AGENT_BUS_EXECUTOR", value_enum, default_value_t = ExecutorChoice::Auto)]
+    pub executor: ExecutorChoice,
+    /// Kubeconfig for the Kubernetes executor; without it, the in-cluster service account.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Path of the in-cluster service-account token, whose presence makes `auto` choose
+    /// Kubernetes.
+    #[arg(
+        long,
+        env = "AGENT_BUS_IN_CLUSTER_TOKEN",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token",
+        hide = true
+    )]
+    pub in_cluster_token: PathBuf,
+    /// Namespace the task Jobs are created in.
+    #[arg(long, env = "AGENT_BUS_NAMESPACE", default_value = "agent-bus-tasks")]
+    pub namespace: String,
+    /// Roles this process runs, comma-separated.
+    #[arg(long, env = "AGENT_BUS_ROLES", value_enum, value_delimiter = ',', default_values_t = [Role::Api, Role::Launcher, Role::Watcher])]
+    pub roles: Vec<Role>,
+    /// Largest accepted request body, in bytes; larger ones get 413.
+    #[arg(long, env = "AGENT_BUS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Job creations in flight at once, per launcher.
+    #[arg(long, env = "AGENT_BUS_LAUNCH_CONCURRENCY", default_value_t = 32)]
+    pub launch_concurrency: usize,
+    /// A pod unschedulable this long gives its task the visible reason `unschedulable`.
+    #[arg(long, env = "AGENT_BUS_UNSCHEDULABLE_AFTER", value_parser = parse_seconds, default_value = "120")]
+    pub unschedulable_after: Duration,
+    /// How often reconcilers compare the store with the queue and the cluster.
+    #[arg(long, env = "AGENT_BUS_RECONCILE_INTERVAL", value_parser = parse_seconds, default_value = "5")]
+    pub reconcile_interval: Duration,
+    /// A task still `launching` after this long is launched again (idempotently: its Job
+    /// name is fixed, so a Job created before a crash is found, not duplicated).
+    #[arg(long, env = "AGENT_BUS_LAUNCHING_STALE_AFTER", value_parser = parse_seconds, default_value = "15")]
+    pub launching_stale_after: Duration,
+    /// Kubernetes deletes a finished Job this many seconds later (a backstop).
+    #[arg(long, env = "AGENT_BUS_JOB_TTL_SECONDS", default_value_t = 86_400)]
+    pub job_ttl_seconds: i32,
+    /// User and group id tasks run as (the `restricted` Pod Security profile forbids root).
+    #[arg(long, env = "AGENT_BUS_RUN_AS_USER", default_value_t = 65_532)]
+    pub run_as_user: i64,
+    /// Kueue LocalQueue name to put on every Job (`kueue.x-k8s.io/queue-name`).
+    #[arg(long, env = "AGENT_BUS_KUEUE_QUEUE")]
+    pub kueue_queue_name: Option<String>,
+    /// Identity of this process in queue consumer groups and the watcher lease (default:
+    /// a random one).
+    #[arg(long, env = "AGENT_BUS_INSTANCE")]
+    pub instance: Option<String>,
+    /// Name of the Lease the watchers elect their leader through.
+    #[arg(
+        long,
+        env = "AGENT_BUS_LEASE_NAME",
+        default_value = "agent-bus-watcher"
+    )]
+    pub lease_name: String,
+    /// Namespace of that Lease (default: the tasks namespace).
+    #[arg(long, env = "AGENT_BUS_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Annotation key prefixes tenants may set although they are in a reserved domain.
+    /// Only for the test environment, whose kwok reads `agent-bus.io/test-*` pod
+    /// annotations; never set it in production.
+    #[arg(
+        long,
+        env = "AGENT_BUS_ALLOW_ANNOTATION_PREFIXES",
+        value_delimiter = ','
+    )]
+    pub allow_annotation_prefix: Vec<String>,
+    /// Work folder of the local executor (one sub-folder per task attempt).
+    #[arg(
+        long,
+        env = "AGENT_BUS_LOCAL_WORKDIR",
+        default_value = "agent-bus-work"
+    )]
+    pub local_workdir: PathBuf,
+}
+
+/// Whole seconds, as written in flags (`120`).
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    text.trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("'{text}' is not a whole number of seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,120 @@
+//! The Kubernetes executor: creates the Job of a claimed task, and deletes it on cancel.
+//!
+//! Invariant: exactly one Job per attempt. The name is a function of task id and attempt,
+//! so a create after a crash collides (409); a collision with a Job carrying the same
+//! task and attempt labels is success, anything else is a rejection.
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+
+use super::LaunchOutcome;
+use super::job_spec::{LABEL_ATTEMPT, LABEL_TASK_ID, LaunchConfig, build_job, job_name};
+use crate::task::Task;
+
+/// Creates and deletes task Jobs in one namespace.
+#[derive(Clone)]
+pub struct KubernetesExecutor {
+    jobs: Api<Job>,
+    config: std::sync::Arc<LaunchConfig>,
+}
+
+impl std::fmt::Debug for KubernetesExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesExecutor")
+            .field("namespace", &self.config.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many times one launch retries a transient API error before leaving the task to
+/// the stale-launch reconciler.
+const TRANSIENT_ATTEMPTS: u32 = 5;
+
+impl KubernetesExecutor {
+    #[must_use]
+    pub fn new(client: kube::Client, config: std::sync::Arc<LaunchConfig>) -> Self {
+        Self {
+            jobs: Api::namespaced(client, &config.namespace),
+            config,
+        }
+    }
+
+    /// Creates the Job of `task`'s current attempt.
+    #[tracing::instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
+    pub async fn launch(&self, task: &Task) -> LaunchOutcome {
+        let job = match build_job(task, &self.config) {
+            Ok(job) => job,
+            Err(error) => return LaunchOutcome::Rejected(error.to_string()),
+        };
+        let name = job_name(&task.id, task.attempt);
+        let mut delay = Duration::from_millis(200);
+        for attempt in 1..=TRANSIENT_ATTEMPTS {
+            match self.jobs.create(&PostParams::default(), &job).await {
+                Ok(_) => {
+                    tracing::info!(job = %name, "job created");
+                    return LaunchOutcome::Launched;
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    return self.adopt_existing(task, &name).await;
+                }
+                Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 404 | 422) => {
+                    tracing::warn!(job = %name, code = status.code, message = %status.message, "job rejected");
+                    return LaunchOutcome::Rejected(format!(
+                        "kubernetes refused the job ({}): {}",
+                        status.code, status.message
+                    ));
+                }
+                Err(error) => {
+                    // 429 (the API server's own back-pressure), 5xx and transport errors
+                    // pass; back off exponentially.
+                    tracing::warn!(job = %name, attempt, error = %error, "job create failed, retrying");
+                    if attempt < TRANSIENT_ATTEMPTS {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    } else {
+                        return LaunchOutcome::Transient(error.to_string());
+                    }
+                }
+            }
+        }
+        LaunchOutcome::Transient("retries exhausted".to_owned())
+    }
+
+    /// A Job of that name exists: ours from before a crash, or someone else's.
+    async fn adopt_existing(&self, task: &Task, name: &str) -> LaunchOutcome {
+        match self.jobs.get_opt(name).await {
+            Ok(Some(existing)) => {
+                let labels = existing.metadata.labels.unwrap_or_default();
+                let ours = labels.get(LABEL_TASK_ID) == Some(&task.id.simple())
+                    && labels.get(LABEL_ATTEMPT) == Some(&task.attempt.to_string());
+                if ours {
+                    tracing::info!(job = %name, "job already existed (launched before a restart)");
+                    LaunchOutcome::Launched
+                } else {
+                    LaunchOutcome::Rejected(format!(
+                        "a job named {name} exists and belongs to another task"
+                    ))
+                }
+            }
+            // Deleted between our create and get: create again next time.
+            Ok(None) => LaunchOutcome::Transient(format!("job {name} vanished after a conflict")),
+            Err(error) => LaunchOutcome::Transient(error.to_string()),
+        }
+    }
+
+    /// Deletes the Job of `task`'s current attempt (its pods go with it, in the background).
+    pub async fn delete(&self, task: &Task) -> Result<(), kube::Error> {
+        let name = job_name(&task.id, task.attempt);
+        match self.jobs.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {
+                tracing::info!(task_id = %task.id, job = %name, "job deleted");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+}

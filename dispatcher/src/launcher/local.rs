@@ -1,0 +1,239 @@
+//! The local executor: runs a task's command as a child process of the dispatcher, for
+//! the embedded single-machine mode (no image, no cluster). It records the exit code and
+//! the last lines of output, enforces the timeout and stops the process on cancel.
+//!
+//! Invariants: the child gets a clean environment (the task's variables, PATH and HOME,
+//! never the dispatcher's own secrets); one process per task attempt; the recorded outcome
+//! is a compare-and-set from `running`, so a cancel that won the race is never overwritten.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _};
+use tokio::process::Command;
+use tokio::sync::oneshot;
+
+use super::LaunchOutcome;
+use crate::store::{Store, Transition};
+use crate::task::{Reason, Task, TaskId, TaskState};
+
+/// How much of the output's end is kept for the task's message.
+const OUTPUT_TAIL_BYTES: usize = 2048;
+
+#[derive(Clone)]
+pub struct LocalExecutor {
+    store: Store,
+    workdir: PathBuf,
+    running: Arc<Mutex<HashMap<TaskId, oneshot::Sender<()>>>>,
+}
+
+impl std::fmt::Debug for LocalExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalExecutor")
+            .field("workdir", &self.workdir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalExecutor {
+    #[must_use]
+    pub fn new(store: Store, workdir: PathBuf) -> Self {
+        Self {
+            store,
+            workdir,
+            running: Arc::default(),
+        }
+    }
+
+    /// Starts the process of a claimed (`launching`) task and records it `running`.
+    #[tracing::instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
+    pub async fn launch(&self, task: &Task) -> LaunchOutcome {
+        let mut argv = task.spec.command.iter().chain(task.spec.args.iter());
+        let Some(program) = argv.next() else {
+            return LaunchOutcome::Rejected(
+                "the local executor needs a command (it runs no image entrypoint)".to_owned(),
+            );
+        };
+        let dir = self.workdir.join(format!("{}-{}", task.id, task.attempt));
+        if let Err(error) = tokio::fs::create_dir_all(&dir).await {
+            return LaunchOutcome::Transient(format!("creating {}: {error}", dir.display()));
+        }
+        let mut command = Command::new(program);
+        command
+            .args(argv)
+            .current_dir(&dir)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", &dir)
+            .envs(&task.spec.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                return LaunchOutcome::Rejected(format!("starting '{program}': {error}"));
+            }
+        };
+        let started = Transition {
+            to: TaskState::Running,
+            reason: None,
+            message: None,
+            exit_code: None,
+            attempt: None,
+        };
+        match self
+            .store
+            .transition(task.id, TaskState::Launching, &started)
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                // Cancelled while we were starting it.
+                let _ = child.kill().await;
+                return LaunchOutcome::AlreadyHandled;
+            }
+            Err(error) => {
+                let _ = child.kill().await;
+                return LaunchOutcome::Transient(error.to_string());
+            }
+        }
+        let (stop_sender, stop) = oneshot::channel();
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(task.id, stop_sender);
+        }
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_TAIL_BYTES)));
+        let readers = [
+            child
+                .stdout
+                .take()
+                .map(|out| tokio::spawn(keep_tail(out, tail.clone()))),
+            child
+                .stderr
+                .take()
+                .map(|err| tokio::spawn(keep_tail(err, tail.clone()))),
+        ];
+        let executor = self.clone();
+        let id = task.id;
+        let timeout = Duration::from_secs(u64::from(task.spec.timeout_seconds));
+        tokio::spawn(async move {
+            let outcome = tokio::select! {
+                status = child.wait() => Some(status),
+                () = tokio::time::sleep(timeout) => None,
+                _ = stop => {
+                    let _ = child.kill().await;
+                    if let Ok(mut running) = executor.running.lock() {
+                        running.remove(&id);
+                    }
+                    return;
+                }
+            };
+            if outcome.is_none() {
+                let _ = child.kill().await;
+            }
+            for reader in readers.into_iter().flatten() {
+                let _ = reader.await;
+            }
+            let output = tail
+                .lock()
+                .map(|t| {
+                    String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>()).into_owned()
+                })
+                .unwrap_or_default();
+            let change = match outcome {
+                None => Transition {
+                    to: TaskState::TimedOut,
+                    reason: Some(Reason::DeadlineExceeded),
+                    message: Some(format!(
+                        "killed after the timeout of {}s",
+                        timeout.as_secs()
+                    )),
+                    exit_code: None,
+                    attempt: None,
+                },
+                Some(Ok(status)) if status.success() => Transition {
+                    to: TaskState::Succeeded,
+                    reason: None,
+                    message: (!output.is_empty()).then_some(output),
+                    exit_code: Some(0),
+                    attempt: None,
+                },
+                Some(Ok(status)) => Transition {
+                    to: TaskState::Failed,
+                    reason: Some(Reason::ExitCode),
+                    message: Some(output),
+                    exit_code: Some(exit_code_of(status)),
+                    attempt: None,
+                },
+                Some(Err(error)) => Transition {
+                    to: TaskState::Failed,
+                    reason: Some(Reason::JobLost),
+                    message: Some(format!("waiting for the process failed: {error}")),
+                    exit_code: None,
+                    attempt: None,
+                },
+            };
+            if let Ok(mut running) = executor.running.lock() {
+                running.remove(&id);
+            }
+            match executor
+                .store
+                .transition(id, TaskState::Running, &change)
+                .await
+            {
+                Ok(Some(task)) => {
+                    tracing::info!(task_id = %id, state = %task.state, exit_code = ?task.exit_code, "task finished");
+                }
+                Ok(None) => {
+                    tracing::info!(task_id = %id, "task finished after it was already ended (cancelled)");
+                }
+                Err(error) => {
+                    tracing::error!(task_id = %id, error = %error, "recording the outcome failed");
+                }
+            }
+        });
+        LaunchOutcome::AlreadyHandled
+    }
+
+    /// Stops the process of `task`, if this dispatcher runs it.
+    pub fn stop(&self, id: TaskId) {
+        let sender = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|mut running| running.remove(&id));
+        if let Some(sender) = sender {
+            let _ = sender.send(());
+        }
+    }
+}
+
+/// 128 + signal for a process killed by a signal, as shells report it.
+fn exit_code_of(status: std::process::ExitStatus) -> i32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        if let Some(signal) = status.signal() {
+            return 128 + signal;
+        }
+    }
+    status.code().unwrap_or(-1)
+}
+
+async fn keep_tail(mut stream: impl AsyncRead + Unpin, tail: Arc<Mutex<VecDeque<u8>>>) {
+    let mut buffer = [0u8; 4096];
+    while let Ok(read) = stream.read(&mut buffer).await {
+        if read == 0 {
+            break;
+        }
+        if let Ok(mut tail) = tail.lock() {
+            tail.extend(&buffer[..read]);
+            let excess = tail.len().saturating_sub(OUTPUT_TAIL_BYTES);
+            tail.drain(..excess);
+        }
+    }
+}

@@ -1,0 +1,813 @@
+//! The Redis Streams backend. Each queue is three streams, one per priority band,
+//! `<prefix>q:<queue>:high|normal|low`, each read through one consumer group. An entry's
+//! fields are the task id, its priority and the enqueue time in Unix milliseconds.
+//!
+//! - `receive` reads the bands in order (high, normal, low) without blocking, one stream
+//!   at a time with an exact COUNT, starting with a different queue on each call so that
+//!   queues of the same band share the launchers; only when every stream is empty does it
+//!   block (XREADGROUP BLOCK on all of them) on a connection of its own, so a blocked
+//!   read never stalls the commands of other callers.
+//! - `ack` is XACK and XDEL in one transaction, so the streams hold only entries not yet
+//!   acked, and XLEN and XRANGE describe exactly what is pending.
+//! - A missing stream or group (a first use, a flush, deleted keys) is created on demand
+//!   (XGROUP CREATE … 0 MKSTREAM, BUSYGROUP ignored) and the read retried; a group
+//!   created at `0` delivers whatever the stream already holds.
+//! - A connection that breaks is dropped and re-opened by the next call.
+//! - An entry that cannot be decoded is acked and deleted with a warning: it can never be
+//!   launched, and the reconciler re-enqueues its task if the store still has it queued.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
+    RedisResult, ServerErrorKind,
+};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{Delivery, QueueDepth, QueueEntry, QueueError, Result, distinct};
+use crate::task::TaskId;
+
+const FIELD_TASK: &str = "task";
+const FIELD_PRIORITY: &str = "priority";
+const FIELD_ENQUEUED_AT: &str = "enqueued_at";
+
+/// How long to wait for a connection to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the reply to a non-blocking command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much longer than its BLOCK to wait for the reply to a blocking read.
+const BLOCK_GRACE: Duration = Duration::from_secs(5);
+/// Idle blocking-read connections kept for reuse.
+const IDLE_BLOCKING_CONNECTIONS: usize = 8;
+/// Entries per XRANGE page when listing a stream.
+const RANGE_PAGE: usize = 500;
+/// The cursor that starts and ends an XAUTOCLAIM scan.
+const SCAN_START: &str = "0-0";
+
+/// A priority band: one stream per band and queue. Declared in read order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Band {
+    High,
+    Normal,
+    Low,
+}
+
+impl Band {
+    const ALL: [Self; 3] = [Self::High, Self::Normal, Self::Low];
+
+    fn of(priority: i32) -> Self {
+        match priority.cmp(&0) {
+            std::cmp::Ordering::Greater => Self::High,
+            std::cmp::Ordering::Equal => Self::Normal,
+            std::cmp::Ordering::Less => Self::Low,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+}
+
+/// One stream: a queue's band.
+#[derive(Debug, Clone)]
+struct Stream {
+    key: String,
+    queue: String,
+    band: Band,
+}
+
+/// The Redis Streams queue. Clones share connections.
+#[derive(Clone)]
+pub struct RedisQueue {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    prefix: String,
+    group: String,
+    /// The shared multiplexed connection for every non-blocking command; `None` after it
+    /// broke, until the next call opens a new one.
+    commands: Mutex<Option<MultiplexedConnection>>,
+    /// Idle connections for blocking reads, one per concurrent blocked receive.
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    /// Deliveries a blocking read returned beyond the `max` asked for, per consumer. They
+    /// are already delivered to that consumer in Redis, so its next receive returns them.
+    overflow: Mutex<HashMap<String, Vec<Delivery>>>,
+    /// Which queue the next receive reads first within a band.
+    rotation: AtomicUsize,
+}
+
+impl fmt::Debug for RedisQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("prefix", &self.inner.prefix)
+            .field("group", &self.inner.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks `mutex`; every critical section here is a single move in or out of a collection,
+/// so a poisoned lock still guards consistent data.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl RedisQueue {
+    /// Connects to the server at `url`; every key the queue touches starts with
+    /// `key_prefix`, and launchers read through the consumer group `group`.
+    pub async fn connect(url: &str, key_prefix: &str, group: &str) -> Result<Self> {
+        let client = Client::open(url).map_err(|source| QueueError::InvalidUrl { source })?;
+        let queue = Self {
+            inner: Arc::new(Inner {
+                client,
+                prefix: key_prefix.to_owned(),
+                group: group.to_owned(),
+                commands: Mutex::new(None),
+                blocking: Mutex::new(Vec::new()),
+                overflow: Mutex::new(HashMap::new()),
+                rotation: AtomicUsize::new(0),
+            }),
+        };
+        queue.ping().await?;
+        Ok(queue)
+    }
+
+    pub(super) async fn ping(&self) -> Result<()> {
+        let _: String = self.query("ping", "", &redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    pub(super) async fn enqueue(&self, entry: &QueueEntry) -> Result<()> {
+        let key = self.key(&entry.queue, Band::of(entry.priority));
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&key)
+            .arg("*")
+            .arg(FIELD_TASK)
+            .arg(entry.task_id.to_string())
+            .arg(FIELD_PRIORITY)
+            .arg(entry.priority)
+            .arg(FIELD_ENQUEUED_AT)
+            .arg(jiff::Timestamp::now().as_millisecond());
+        let _id: String = self.query("enqueue", &key, &xadd).await?;
+        Ok(())
+    }
+
+    pub(super) async fn receive(
+        &self,
+        queues: &[String],
+        consumer: &str,
+        max: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let queues = self.rotated(&distinct(queues));
+        let overflow = self.take_overflow(consumer, &queues, max);
+        if !overflow.is_empty() {
+            return Ok(overflow);
+        }
+        let deadline = super::deadline(block);
+        loop {
+            let mut taken = Vec::new();
+            'bands: for band in Band::ALL {
+                for queue in &queues {
+                    let wanted = max - taken.len();
+                    if wanted == 0 {
+                        break 'bands;
+                    }
+                    let stream = self.stream(queue, band);
+                    taken.extend(self.read(&[stream], consumer, wanted).await?);
+                }
+            }
+            if !taken.is_empty() {
+                return Ok(taken);
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining < Duration::from_millis(1) {
+                return Ok(Vec::new());
+            }
+            if queues.is_empty() {
+                tokio::time::sleep(remaining).await;
+                return Ok(Vec::new());
+            }
+            let streams: Vec<Stream> = Band::ALL
+                .into_iter()
+                .flat_map(|band| queues.iter().map(move |queue| (queue, band)))
+                .map(|(queue, band)| self.stream(queue, band))
+                .collect();
+            let woken = self
+                .read_blocking(&streams, consumer, max, remaining)
+                .await?;
+            if !woken.is_empty() {
+                return Ok(self.hand_out(consumer, woken, max));
+            }
+            // The block ran out, or a stream vanished while we waited and its group was
+            // re-created: look again (non-blocking) and wait for what is left.
+        }
+    }
+
+    pub(super) async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        let receipt = &delivery.receipt;
+        if parse_id(receipt).is_none() {
+            return Err(QueueError::InvalidReceipt {
+                receipt: receipt.clone(),
+                queue: delivery.entry.queue.clone(),
+                expected: "a redis stream entry id (<millis>-<sequence>)",
+            });
+        }
+        let key = self.key(&delivery.entry.queue, Band::of(delivery.entry.priority));
+        let mut transaction = redis::pipe();
+        transaction
+            .atomic()
+            .cmd("XACK")
+            .arg(&key)
+            .arg(&self.inner.group)
+            .arg(receipt)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&key)
+            .arg(receipt)
+            .ignore();
+        self.pipe_raw::<()>(&transaction)
+            .await?
+            .map_err(|source| self.failure("ack", &key, source))
+    }
+
+    pub(super) async fn claim_abandoned(
+        &self,
+        queues: &[String],
+        consumer: &str,
+        idle: Duration,
+        max: usize,
+    ) -> Result<Vec<Delivery>> {
+        let queues = distinct(queues);
+        let min_idle = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let mut claimed = Vec::new();
+        for band in Band::ALL {
+            for queue in &queues {
+                let stream = self.stream(queue, band);
+                let mut cursor = SCAN_START.to_owned();
+                loop {
+                    let wanted = max - claimed.len();
+                    if wanted == 0 {
+                        return Ok(claimed);
+                    }
+                    let mut xautoclaim = redis::cmd("XAUTOCLAIM");
+                    xautoclaim
+                        .arg(&stream.key)
+                        .arg(&self.inner.group)
+                        .arg(consumer)
+                        .arg(min_idle)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(wanted);
+                    let reply: StreamAutoClaimReply = match self.query_raw(&xautoclaim).await? {
+                        Ok(reply) => reply,
+                        // No group, nothing was ever delivered from this stream.
+                        Err(e) if group_missing(&e) => break,
+                        Err(e) => return Err(self.failure("claim", &stream.key, e)),
+                    };
+                    for entry in &reply.claimed {
+                        if let Some(delivery) = self.decode(&stream, entry).await {
+                            debug!(
+                                task_id = %delivery.entry.task_id,
+                                queue = %stream.queue,
+                                consumer,
+                                "claimed abandoned entry"
+                            );
+                            claimed.push(delivery);
+                        }
+                    }
+                    if reply.next_stream_id == SCAN_START {
+                        break;
+                    }
+                    cursor = reply.next_stream_id;
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
+    pub(super) async fn pending_task_ids(&self, queue: &str) -> Result<HashSet<TaskId>> {
+        let mut ids = HashSet::new();
+        for band in Band::ALL {
+            let stream = self.stream(queue, band);
+            let mut start = "-".to_owned();
+            loop {
+                let mut xrange = redis::cmd("XRANGE");
+                xrange
+                    .arg(&stream.key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(RANGE_PAGE);
+                let page: StreamRangeReply =
+                    self.query("list pending", &stream.key, &xrange).await?;
+                for entry in &page.ids {
+                    if let Some((task_id, _)) = decode_fields(entry) {
+                        ids.insert(task_id);
+                    } else {
+                        warn!(key = %stream.key, id = %entry.id, "skipping an undecodable queue entry");
+                    }
+                }
+                match page.ids.last() {
+                    Some(last) if page.ids.len() == RANGE_PAGE => start = format!("({}", last.id),
+                    _ => break,
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub(super) async fn depth(&self, queue: &str) -> Result<QueueDepth> {
+        let mut waiting = 0;
+        let mut oldest: Option<u64> = None;
+        for band in Band::ALL {
+            let key = self.key(queue, band);
+            let mut probe = redis::pipe();
+            probe
+                .cmd("XLEN")
+                .arg(&key)
+                .cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+            let (length, first) = self
+                .pipe_raw::<(u64, StreamRangeReply)>(&probe)
+                .await?
+                .map_err(|source| self.failure("depth", &key, source))?;
+            waiting += length;
+            if let Some((millis, _)) = first.ids.first().and_then(|entry| parse_id(&entry.id)) {
+                oldest = Some(oldest.map_or(millis, |oldest| oldest.min(millis)));
+            }
+        }
+        let now = u64::try_from(jiff::Timestamp::now().as_millisecond()).unwrap_or(0);
+        Ok(QueueDepth {
+            waiting,
+            oldest_age: oldest.map(|millis| Duration::from_millis(now.saturating_sub(millis))),
+        })
+    }
+
+    // --- keys and streams ---
+
+    fn key(&self, queue: &str, band: Band) -> String {
+        format!("{}q:{queue}:{}", self.inner.prefix, band.as_str())
+    }
+
+    fn stream(&self, queue: &str, band: Band) -> Stream {
+        Stream {
+            key: self.key(queue, band),
+            queue: queue.to_owned(),
+            band,
+        }
+    }
+
+    /// `queues`, starting at a different one on each call.
+    fn rotated<'q>(&self, queues: &[&'q str]) -> Vec<&'q str> {
+        let start = self.inner.rotation.fetch_add(1, Ordering::Relaxed);
+        let len = queues.len().max(1);
+        queues
+            .iter()
+            .cycle()
+            .skip(start % len)
+            .take(queues.len())
+            .copied()
+            .collect()
+    }
+
+    // --- reading ---
+
+    /// XREADGROUP of new entries from one stream, without blocking; creates the group
+    /// if it is missing and reads again.
+    async fn read(
+        &self,
+        streams: &[Stream],
+        consumer: &str,
+        count: usize,
+    ) -> Result<Vec<Delivery>> {
+        let xreadgroup = self.xreadgroup(streams, consumer, count, None);
+        let mut group_created = false;
+        loop {
+            match self
+                .query_raw::<Option<StreamReadReply>>(&xreadgroup)
+                .await?
+            {
+                Ok(reply) => return Ok(self.deliveries(streams, reply).await),
+                Err(e) if group_missing(&e) && !group_created => {
+                    self.create_groups(streams).await?;
+                    group_created = true;
+                }
+                Err(e) => return Err(self.failure("receive", &keys(streams), e)),
+            }
+        }
+    }
+
+    /// XREADGROUP BLOCK on `streams`, on a connection of its own. Returns nothing when the
+    /// block ran out, or when a stream or group vanished (after re-creating it).
+    async fn read_blocking(
+        &self,
+        streams: &[Stream],
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let xreadgroup = self.xreadgroup(streams, consumer, count, Some(block));
+        let mut connection = self.blocking_connection().await?;
+        connection.set_response_timeout(block.saturating_add(BLOCK_GRACE));
+        let reply: RedisResult<Option<StreamReadReply>> =
+            xreadgroup.query_async(&mut connection).await;
+        match reply {
+            Ok(reply) => {
+                self.return_blocking_connection(connection);
+                Ok(self.deliveries(streams, reply).await)
+            }
+            Err(e) if is_unavailable(&e) => {
+                // The server went away: the idle ones are most likely broken too.
+                lock(&self.inner.blocking).clear();
+                Err(QueueError::Unavailable {
+                    operation: "receive",
+                    source: e,
+                })
+            }
+            Err(e) if group_missing(&e) => {
+                self.return_blocking_connection(connection);
+                debug!(error = %e, "a stream or consumer group vanished during a blocking read");
+                self.create_groups(streams).await?;
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                self.return_blocking_connection(connection);
+                Err(self.failure("receive", &keys(streams), e))
+            }
+        }
+    }
+
+    fn xreadgroup(
+        &self,
+        streams: &[Stream],
+        consumer: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Cmd {
+        let mut xreadgroup = redis::cmd("XREADGROUP");
+        xreadgroup
+            .arg("GROUP")
+            .arg(&self.inner.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(block) = block {
+            // Never 0, which would block forever.
+            let millis = u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1);
+            xreadgroup.arg("BLOCK").arg(millis);
+        }
+        xreadgroup.arg("STREAMS");
+        for stream in streams {
+            xreadgroup.arg(&stream.key);
+        }
+        for _ in streams {
+            xreadgroup.arg(">");
+        }
+        xreadgroup
+    }
+
+    /// XGROUP CREATE … 0 MKSTREAM for each stream; an existing group is fine.
+    async fn create_groups(&self, streams: &[Stream]) -> Result<()> {
+        for stream in streams {
+            let mut create = redis::cmd("XGROUP");
+            create
+                .arg("CREATE")
+                .arg(&stream.key)
+                .arg(&self.inner.group)
+                .arg("0")
+                .arg("MKSTREAM");
+            match self.query_raw::<()>(&create).await? {
+                Ok(()) => {
+                    debug!(key = %stream.key, group = %self.inner.group, "created consumer group");
+                }
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(self.failure("create consumer group", &stream.key, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The deliveries in an XREADGROUP reply, in band then entry order.
+    async fn deliveries(
+        &self,
+        streams: &[Stream],
+        reply: Option<StreamReadReply>,
+    ) -> Vec<Delivery> {
+        let mut deliveries = Vec::new();
+        for stream_entries in reply.map(|reply| reply.keys).unwrap_or_default() {
+            let Some(stream) = streams
+                .iter()
+                .find(|stream| stream.key == stream_entries.key)
+            else {
+                warn!(key = %stream_entries.key, "redis replied with a stream that was not asked for");
+                continue;
+            };
+            for entry in &stream_entries.ids {
+                if let Some(delivery) = self.decode(stream, entry).await {
+                    deliveries.push((stream.band, delivery));
+                }
+            }
+        }
+        deliveries.sort_by_key(|(band, delivery)| (*band, parse_id(&delivery.receipt)));
+        deliveries
+            .into_iter()
+            .map(|(_, delivery)| delivery)
+            .collect()
+    }
+
+    /// The delivery of a stream entry; an entry that cannot be decoded is acked and
+    /// deleted (see the module docs) and gives nothing.
+    async fn decode(&self, stream: &Stream, entry: &StreamId) -> Option<Delivery> {
+        if let Some((task_id, priority)) = decode_fields(entry) {
+            return Some(Delivery {
+                entry: QueueEntry {
+                    task_id,
+                    queue: stream.queue.clone(),
+                    priority,
+                },
+                receipt: entry.id.clone(),
+            });
+        }
+        warn!(key = %stream.key, id = %entry.id, "dropping an undecodable queue entry");
+        let mut transaction = redis::pipe();
+        transaction
+            .atomic()
+            .cmd("XACK")
+            .arg(&stream.key)
+            .arg(&self.inner.group)
+            .arg(&entry.id)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&stream.key)
+            .arg(&entry.id)
+            .ignore();
+        if let Err(e) = self.pipe_raw::<()>(&transaction).await {
+            warn!(key = %stream.key, id = %entry.id, error = %e, "could not drop an undecodable queue entry");
+        }
+        None
+    }
+
+    /// Returns up to `max` of `deliveries` and keeps the rest for the consumer's next
+    /// receive (they are already delivered to it in Redis).
+    fn hand_out(&self, consumer: &str, mut deliveries: Vec<Delivery>, max: usize) -> Vec<Delivery> {
+        if deliveries.len() > max {
+            let rest = deliveries.split_off(max);
+            lock(&self.inner.overflow)
+                .entry(consumer.to_owned())
+                .or_default()
+                .extend(rest);
+        }
+        deliveries
+    }
+
+    /// Up to `max` kept deliveries of `consumer` from `queues`.
+    fn take_overflow(&self, consumer: &str, queues: &[&str], max: usize) -> Vec<Delivery> {
+        let mut overflow = lock(&self.inner.overflow);
+        let Some(kept) = overflow.get_mut(consumer) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        kept.retain(|delivery| {
+            if taken.len() < max && queues.contains(&delivery.entry.queue.as_str()) {
+                taken.push(delivery.clone());
+                false
+            } else {
+                true
+            }
+        });
+        if kept.is_empty() {
+            overflow.remove(consumer);
+        }
+        taken
+    }
+
+    // --- connections ---
+
+    async fn command_connection(&self) -> Result<MultiplexedConnection> {
+        if let Some(connection) = lock(&self.inner.commands).clone() {
+            return Ok(connection);
+        }
+        let connection = self.open(COMMAND_TIMEOUT).await?;
+        *lock(&self.inner.commands) = Some(connection.clone());
+        Ok(connection)
+    }
+
+    async fn blocking_connection(&self) -> Result<MultiplexedConnection> {
+        let idle = lock(&self.inner.blocking).pop();
+        match idle {
+            Some(connection) => Ok(connection),
+            None => self.open(COMMAND_TIMEOUT).await,
+        }
+    }
+
+    /// Keeps a blocking-read connection for reuse. A connection whose read was cancelled
+    /// is never returned (its pending reply would delay the next read), only dropped.
+    fn return_blocking_connection(&self, connection: MultiplexedConnection) {
+        let mut idle = lock(&self.inner.blocking);
+        if idle.len() < IDLE_BLOCKING_CONNECTIONS {
+            idle.push(connection);
+        }
+    }
+
+    async fn open(&self, response_timeout: Duration) -> Result<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout));
+        self.inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|source| QueueError::Unavailable {
+                operation: "connect",
+                source,
+            })
+    }
+
+    /// Runs `cmd` on the command connection; `Err` only when no connection could be had,
+    /// the inner result is Redis's answer.
+    async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<RedisResult<T>> {
+        let mut connection = self.command_connection().await?;
+        Ok(cmd.query_async(&mut connection).await)
+    }
+
+    async fn pipe_raw<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<RedisResult<T>> {
+        let mut connection = self.command_connection().await?;
+        Ok(pipe.query_async(&mut connection).await)
+    }
+
+    async fn query<T: FromRedisValue>(
+        &self,
+        operation: &'static str,
+        key: &str,
+        cmd: &Cmd,
+    ) -> Result<T> {
+        self.query_raw(cmd)
+            .await?
+            .map_err(|source| self.failure(operation, key, source))
+    }
+
+    /// The error for a failed command; forgets the command connection when it broke.
+    fn failure(&self, operation: &'static str, key: &str, source: RedisError) -> QueueError {
+        if is_unavailable(&source) {
+            *lock(&self.inner.commands) = None;
+            QueueError::Unavailable { operation, source }
+        } else {
+            QueueError::Command {
+                operation,
+                key: key.to_owned(),
+                source,
+            }
+        }
+    }
+}
+
+/// The task id and priority of a stream entry.
+fn decode_fields(entry: &StreamId) -> Option<(TaskId, i32)> {
+    let task_id = entry.get::<String>(FIELD_TASK)?.parse().ok()?;
+    let priority = entry.get::<i32>(FIELD_PRIORITY)?;
+    Some((task_id, priority))
+}
+
+/// The (milliseconds, sequence) of a stream entry id.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (millis, sequence) = id.split_once('-')?;
+    Some((millis.parse().ok()?, sequence.parse().ok()?))
+}
+
+fn keys(streams: &[Stream]) -> String {
+    streams
+        .iter()
+        .map(|stream| stream.key.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A stream or its group is gone: NOGROUP on a read, UNBLOCKED for a blocked read whose
+/// stream was deleted.
+fn group_missing(error: &RedisError) -> bool {
+    matches!(error.code(), Some("NOGROUP" | "UNBLOCKED"))
+}
+
+/// The server could not be reached or did not answer in time; retrying later may work.
+fn is_unavailable(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                )
+        )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic; that is how they fail
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+
+    use super::{Band, Inner, RedisQueue, parse_id};
+    use crate::queue::{Delivery, QueueEntry};
+    use crate::task::TaskId;
+
+    /// A queue that never connects (`Client::open` only parses the URL).
+    fn unconnected() -> RedisQueue {
+        RedisQueue {
+            inner: Arc::new(Inner {
+                client: redis::Client::open("redis://127.0.0.1:1").unwrap(),
+                prefix: "unit:".to_owned(),
+                group: "launchers".to_owned(),
+                commands: Mutex::new(None),
+                blocking: Mutex::new(Vec::new()),
+                overflow: Mutex::new(HashMap::new()),
+                rotation: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    fn delivery(queue: &str, receipt: &str) -> Delivery {
+        Delivery {
+            entry: QueueEntry {
+                task_id: TaskId::new(),
+                queue: queue.to_owned(),
+                priority: 0,
+            },
+            receipt: receipt.to_owned(),
+        }
+    }
+
+    #[test]
+    fn deliveries_beyond_max_wait_for_the_same_consumer() {
+        let queue = unconnected();
+        let read = vec![
+            delivery("a", "1-0"),
+            delivery("b", "2-0"),
+            delivery("a", "3-0"),
+        ];
+
+        let handed = queue.hand_out("c1", read.clone(), 1);
+
+        assert_eq!(handed.len(), 1);
+        assert_eq!(handed[0].receipt, "1-0");
+        assert!(queue.take_overflow("c2", &["a", "b"], 10).is_empty());
+        let only_a = queue.take_overflow("c1", &["a"], 10);
+        assert_eq!(only_a.len(), 1);
+        assert_eq!(only_a[0].receipt, "3-0");
+        let rest = queue.take_overflow("c1", &["a", "b"], 10);
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].receipt, "2-0");
+        assert!(queue.take_overflow("c1", &["a", "b"], 10).is_empty());
+    }
+
+    #[test]
+    fn keys_are_prefixed_per_queue_and_band() {
+        let queue = unconnected();
+        assert_eq!(queue.key("gpu", Band::High), "unit:q:gpu:high");
+        assert_eq!(queue.key("default", Band::Low), "unit:q:default:low");
+    }
+
+    #[test]
+    fn bands_split_at_zero_and_read_high_first() {
+        assert_eq!(Band::of(7), Band::High);
+        assert_eq!(Band::of(1), Band::High);
+        assert_eq!(Band::of(0), Band::Normal);
+        assert_eq!(Band::of(-1), Band::Low);
+        assert_eq!(Band::of(i32::MIN), Band::Low);
+        assert!(Band::High < Band::Normal && Band::Normal < Band::Low);
+    }
+
+    #[test]
+    fn stream_ids_parse_and_order_numerically() {
+        assert_eq!(parse_id("1700000000000-3"), Some((1_700_000_000_000, 3)));
+        assert!(parse_id("9-10") > parse_id("9-9"));
+        assert_eq!(parse_id("memory:3"), None);
+        assert_eq!(parse_id("1-x"), None);
+    }
+}

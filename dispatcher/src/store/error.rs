@@ -1,0 +1,117 @@
+//! The store's errors: refusals a caller can act on (quota, idempotency, illegal moves),
+//! an unreachable database (retry later), and everything else (a bug or a broken database).
+
+use sqlx::error::DatabaseError;
+use sqlx::migrate::MigrateError;
+use sqlx::sqlite::SqliteError;
+
+use super::Backend;
+use crate::task::{TaskId, TaskState};
+
+/// What went wrong in the store. Messages are lowercase and name the record involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached, refused more connections, or stayed busy past
+    /// the timeout: nothing was decided; try again later (the API answers 503).
+    #[error("database unavailable while {during}: {source}")]
+    Unavailable { during: String, source: sqlx::Error },
+    /// Any other database failure: a bug or a broken database.
+    #[error("database error while {during}: {source}")]
+    Database { during: String, source: sqlx::Error },
+    #[error("migrating the {backend} schema: {source}")]
+    Migrate {
+        backend: Backend,
+        source: MigrateError,
+    },
+    #[error("unsupported database url scheme '{scheme}': expected postgres:// or sqlite://")]
+    UnsupportedUrl { scheme: String },
+    #[error("tenant '{tenant}' already exists")]
+    TenantExists { tenant: String },
+    #[error("the api key of new tenant '{tenant}' is already another tenant's")]
+    ApiKeyInUse { tenant: String },
+    #[error("tenant '{tenant}' does not exist")]
+    UnknownTenant { tenant: String },
+    #[error("tenant '{tenant}' already has {limit} queued tasks, its limit")]
+    QuotaExceeded { tenant: String, limit: u32 },
+    #[error("idempotency key '{key}' was already used for a different request")]
+    IdempotencyConflict { key: String },
+    #[error("task {task_id} already exists")]
+    TaskExists { task_id: TaskId },
+    #[error("new task {task_id} is {state}; a new task must be queued")]
+    NotQueued { task_id: TaskId, state: TaskState },
+    #[error("task {task_id} may not move from {from} to {to}")]
+    IllegalTransition {
+        task_id: TaskId,
+        from: TaskState,
+        to: TaskState,
+    },
+    #[error("encoding the spec of task {task_id}: {source}")]
+    EncodeSpec {
+        task_id: TaskId,
+        source: serde_json::Error,
+    },
+    /// A stored row that does not decode: written by something else, or a schema drift.
+    #[error("stored {record} is unreadable: {detail}")]
+    Corrupt { record: String, detail: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+impl StoreError {
+    /// Classifies a database error met while doing `during`.
+    pub(super) fn sqlx(during: String, source: sqlx::Error) -> Self {
+        if is_unavailable(&source) {
+            Self::Unavailable { during, source }
+        } else {
+            Self::Database { during, source }
+        }
+    }
+
+    pub(super) fn migrate(backend: Backend, source: MigrateError) -> Self {
+        match source {
+            MigrateError::Execute(source) if is_unavailable(&source) => Self::Unavailable {
+                during: format!("migrating the {backend} schema"),
+                source,
+            },
+            source => Self::Migrate { backend, source },
+        }
+    }
+
+    pub(super) fn corrupt(record: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self::Corrupt {
+            record: record.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Whether `error` means "the database is not reachable or not answering now", as opposed
+/// to "the database answered and refused".
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(database) => is_unavailable_code(database.as_ref()),
+        _ => false,
+    }
+}
+
+/// PostgreSQL: connection exceptions (class 08), shutdown and crash recovery (57P01..03),
+/// too many connections and other resource shortages (class 53). SQLite: busy or locked
+/// past the busy timeout (primary codes 5 and 6, whatever the extended code).
+fn is_unavailable_code(error: &dyn DatabaseError) -> bool {
+    let Some(code) = error.code() else {
+        return false;
+    };
+    if error.try_downcast_ref::<SqliteError>().is_some() {
+        return code
+            .parse::<i32>()
+            .is_ok_and(|extended| matches!(extended & 0xff, 5 | 6));
+    }
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(&*code, "57P01" | "57P02" | "57P03")
+}

@@ -1,0 +1,132 @@
+//! Decoding stored rows into domain values. A row that does not decode is
+//! [`StoreError::Corrupt`], naming the record, never a panic.
+
+use std::str::FromStr;
+
+use sqlx::Row as _;
+use sqlx::any::AnyRow;
+
+use super::{Result, StoreError, TaskEvent, Tenant};
+use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
+
+/// The columns [`task`] reads, in `SELECT` order; a macro so queries stay `&'static str`.
+macro_rules! task_columns {
+    () => {
+        "id, tenant, spec, state, reason, message, attempt, exit_code, created_at, updated_at"
+    };
+}
+pub(super) use task_columns;
+
+/// The columns [`event`] reads.
+macro_rules! event_columns {
+    () => {
+        "id, task_id, attempt, from_state, to_state, reason, message, exit_code, at"
+    };
+}
+pub(super) use event_columns;
+
+/// The columns [`tenant`] reads.
+macro_rules! tenant_columns {
+    () => {
+        "name, max_queued_tasks, created_at"
+    };
+}
+pub(super) use tenant_columns;
+
+/// Unix milliseconds, the stored form of every time.
+pub(super) fn millis(time: jiff::Timestamp) -> i64 {
+    time.as_millisecond()
+}
+
+pub(super) fn timestamp(millis: i64, record: &dyn Fn() -> String) -> Result<jiff::Timestamp> {
+    jiff::Timestamp::from_millisecond(millis)
+        .map_err(|e| StoreError::corrupt(record(), e.to_string()))
+}
+
+fn get<'r, T>(row: &'r AnyRow, column: &str, record: &dyn Fn() -> String) -> Result<T>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get(column)
+        .map_err(|e| StoreError::corrupt(record(), format!("column {column}: {e}")))
+}
+
+fn parse<T>(text: &str, column: &str, record: &dyn Fn() -> String) -> Result<T>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    text.parse()
+        .map_err(|e| StoreError::corrupt(record(), format!("column {column}: {e}")))
+}
+
+fn parse_optional<T>(
+    text: Option<String>,
+    column: &str,
+    record: &dyn Fn() -> String,
+) -> Result<Option<T>>
+where
+    T: FromStr,
+    T::Err: std::fmt::Display,
+{
+    text.map(|text| parse(&text, column, record)).transpose()
+}
+
+fn attempt(value: i32, record: &dyn Fn() -> String) -> Result<u32> {
+    u32::try_from(value).map_err(|e| StoreError::corrupt(record(), format!("column attempt: {e}")))
+}
+
+/// A row of [`task_columns!`].
+pub(super) fn task(row: &AnyRow) -> Result<Task> {
+    let id_text: String = get(row, "id", &|| "task".to_owned())?;
+    let record = || format!("task {id_text}");
+    let spec: String = get(row, "spec", &record)?;
+    let spec: TaskSpec = serde_json::from_str(&spec)
+        .map_err(|e| StoreError::corrupt(record(), format!("column spec: {e}")))?;
+    Ok(Task {
+        id: parse::<TaskId>(&id_text, "id", &record)?,
+        tenant: get(row, "tenant", &record)?,
+        spec,
+        state: parse(&get::<String>(row, "state", &record)?, "state", &record)?,
+        reason: parse_optional::<Reason>(get(row, "reason", &record)?, "reason", &record)?,
+        message: get(row, "message", &record)?,
+        attempt: attempt(get(row, "attempt", &record)?, &record)?,
+        exit_code: get(row, "exit_code", &record)?,
+        created_at: timestamp(get(row, "created_at", &record)?, &record)?,
+        updated_at: timestamp(get(row, "updated_at", &record)?, &record)?,
+    })
+}
+
+/// A row of [`event_columns!`].
+pub(super) fn event(row: &AnyRow) -> Result<TaskEvent> {
+    let id: i64 = get(row, "id", &|| "task event".to_owned())?;
+    let record = || format!("task event {id}");
+    Ok(TaskEvent {
+        id,
+        task_id: parse(&get::<String>(row, "task_id", &record)?, "task_id", &record)?,
+        attempt: attempt(get(row, "attempt", &record)?, &record)?,
+        from: parse_optional::<TaskState>(get(row, "from_state", &record)?, "from_state", &record)?,
+        to: parse(
+            &get::<String>(row, "to_state", &record)?,
+            "to_state",
+            &record,
+        )?,
+        reason: parse_optional::<Reason>(get(row, "reason", &record)?, "reason", &record)?,
+        message: get(row, "message", &record)?,
+        exit_code: get(row, "exit_code", &record)?,
+        at: timestamp(get(row, "at", &record)?, &record)?,
+    })
+}
+
+/// A row of [`tenant_columns!`].
+pub(super) fn tenant(row: &AnyRow) -> Result<Tenant> {
+    let name: String = get(row, "name", &|| "tenant".to_owned())?;
+    let record = || format!("tenant '{name}'");
+    let limit: i64 = get(row, "max_queued_tasks", &record)?;
+    Ok(Tenant {
+        max_queued_tasks: u32::try_from(limit)
+            .map_err(|e| StoreError::corrupt(record(), format!("column max_queued_tasks: {e}")))?,
+        created_at: timestamp(get(row, "created_at", &record)?, &record)?,
+        name,
+    })
+}

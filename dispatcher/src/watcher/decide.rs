@@ -1,0 +1,392 @@
+//! The pure heart of the watcher: from what the cluster shows about a task's Job and
+//! pods, what should happen to the task. No I/O; table-tested.
+//!
+//! Invariants: a decision only moves a task along [`TaskState::can_move_to`]; Job
+//! conditions (`Complete`, `Failed`) are final and win over pod phases; the exit code and
+//! reason come from the task container's terminated state.
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+
+use crate::launcher::job_spec::TASK_CONTAINER;
+use crate::store::Transition;
+use crate::task::{Reason, Task, TaskState};
+
+/// What the watcher should do for one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Nothing,
+    /// Move the task (CAS from its current state).
+    Move(Transition),
+    /// The task is over but its Job still runs (a cancel whose delete failed): delete it.
+    DeleteJob,
+    /// No state change, but a reason worth showing (a pod that cannot be scheduled).
+    Note {
+        reason: Reason,
+        message: String,
+    },
+}
+
+fn moved(
+    to: TaskState,
+    reason: Option<Reason>,
+    message: Option<String>,
+    exit_code: Option<i32>,
+) -> Decision {
+    Decision::Move(Transition {
+        to,
+        reason,
+        message,
+        exit_code,
+        attempt: None,
+    })
+}
+
+fn job_condition<'a>(
+    job: &'a Job,
+    type_: &str,
+) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+}
+
+fn job_is_finished(job: &Job) -> bool {
+    job_condition(job, "Complete").is_some() || job_condition(job, "Failed").is_some()
+}
+
+/// The terminated state of the task container in the most recently started pod.
+fn terminated(pods: &[&Pod]) -> Option<ContainerStateTerminated> {
+    pods.iter()
+        .filter_map(|pod| {
+            let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+            let status = statuses.iter().find(|s| s.name == TASK_CONTAINER)?;
+            status.state.as_ref()?.terminated.clone()
+        })
+        .max_by_key(|t| t.started_at.as_ref().map(|time| time.0))
+}
+
+fn failure_from_pods(pods: &[&Pod], job_message: Option<String>) -> Decision {
+    let evicted = pods
+        .iter()
+        .any(|pod| pod.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("Evicted"));
+    match terminated(pods) {
+        Some(t) if t.reason.as_deref() == Some("OOMKilled") => moved(
+            TaskState::Failed,
+            Some(Reason::OomKilled),
+            Some("the container used more memory than it requested and was killed".to_owned()),
+            Some(t.exit_code),
+        ),
+        Some(t) => {
+            let detail = t.message.filter(|m| !m.trim().is_empty());
+            let message = match detail {
+                Some(detail) => format!("exit code {}: {}", t.exit_code, detail.trim()),
+                None => format!("exit code {}", t.exit_code),
+            };
+            moved(
+                TaskState::Failed,
+                Some(Reason::ExitCode),
+                Some(message),
+                Some(t.exit_code),
+            )
+        }
+        None if evicted => moved(TaskState::Failed, Some(Reason::Evicted), job_message, None),
+        None => moved(
+            TaskState::Failed,
+            Some(Reason::BackoffLimit),
+            job_message,
+            None,
+        ),
+    }
+}
+
+/// Pod waiting reasons that mean the image will not come.
+const IMAGE_PULL_FAILURES: [&str; 3] =
+    ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"];
+
+/// Decides for `task`, given its current attempt's Job (if it exists) and that Job's pods.
+#[must_use]
+pub fn decide(
+    task: &Task,
+    job: Option<&Job>,
+    pods: &[&Pod],
+    now: jiff::Timestamp,
+    unschedulable_after: Duration,
+) -> Decision {
+    let Some(job) = job else {
+        return Decision::Nothing;
+    };
+    if task.state.is_terminal() {
+        return if job_is_finished(job) || job.metadata.deletion_timestamp.is_some() {
+            Decision::Nothing
+        } else {
+            Decision::DeleteJob
+        };
+    }
+
+    if job_condition(job, "Complete").is_some() {
+        return moved(
+            TaskState::Succeeded,
+            None,
+            None,
+            terminated(pods).map_or(Some(0), |t| Some(t.exit_code)),
+        );
+    }
+    if let Some(failed) = job_condition(job, "Failed") {
+        let message = failed.message.clone();
+        return match failed.reason.as_deref() {
+            Some("DeadlineExceeded") => moved(
+                TaskState::TimedOut,
+                Some(Reason::DeadlineExceeded),
+                Some(format!(
+                    "ran longer than its timeout of {}s",
+                    task.spec.timeout_seconds
+                )),
+                None,
+            ),
+            _ => failure_from_pods(pods, message),
+        };
+    }
+
+    for pod in pods {
+        let Some(status) = pod.status.as_ref() else {
+            continue;
+        };
+        let waiting_reason = status
+            .container_statuses
+            .iter()
+            .flatten()
+            .filter(|s| s.name == TASK_CONTAINER)
+            .find_map(|s| s.state.as_ref()?.waiting.as_ref()?.reason.clone());
+        if let Some(reason) = waiting_reason.filter(|r| IMAGE_PULL_FAILURES.contains(&r.as_str())) {
+            return moved(
+                TaskState::Failed,
+                Some(Reason::ImagePull),
+                Some(format!("image {}: {reason}", task.spec.image)),
+                None,
+            );
+        }
+    }
+
+    let running = pods
+        .iter()
+        .any(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
+    if running && task.state.can_move_to(TaskState::Running) {
+        return moved(TaskState::Running, None, None, None);
+    }
+    if task.state == TaskState::Launching {
+        // The Job exists: the launcher died after creating it, or has not recorded it yet.
+        return moved(TaskState::Launched, None, None, None);
+    }
+
+    let unschedulable = pods.iter().find_map(|pod| {
+        let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+        conditions
+            .iter()
+            .find(|c| {
+                c.type_ == "PodScheduled"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("Unschedulable")
+            })
+            .map(|c| {
+                (
+                    c.last_transition_time.as_ref().map(|t| t.0),
+                    c.message.clone().unwrap_or_default(),
+                )
+            })
+    });
+    if let Some((since, message)) = unschedulable {
+        let waited = since
+            .map(|since| now.duration_since(since))
+            .unwrap_or_default();
+        let threshold = jiff::SignedDuration::try_from(unschedulable_after).unwrap_or_default();
+        if waited >= threshold && task.reason != Some(Reason::Unschedulable) {
+            return Decision::Note {
+                reason: Reason::Unschedulable,
+                message,
+            };
+        }
+    }
+    Decision::Nothing
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::json;
+
+    use super::{Decision, decide};
+    use crate::task::fixtures::TaskFixture;
+    use crate::task::{Reason, TaskState};
+
+    fn job(conditions: &serde_json::Value) -> Job {
+        serde_json::from_value(
+            json!({"metadata": {"name": "j"}, "status": {"conditions": conditions}}),
+        )
+        .unwrap()
+    }
+
+    fn pod(status: &serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p"}, "status": status})).unwrap()
+    }
+
+    fn now() -> jiff::Timestamp {
+        "2026-11-29T12:00:00Z".parse().unwrap()
+    }
+
+    fn decided(state: TaskState, job: Option<&Job>, pods: &[&Pod]) -> Decision {
+        let mut task = TaskFixture::new().obj();
+        task.state = state;
+        decide(&task, job, pods, now(), Duration::from_mins(1))
+    }
+
+    fn moved_to(decision: &Decision) -> (TaskState, Option<Reason>, Option<i32>) {
+        match decision {
+            Decision::Move(t) => (t.to, t.reason, t.exit_code),
+            other => panic!("expected a move, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn table() {
+        use TaskState::{Failed, Launched, Launching, Running, Succeeded, TimedOut};
+        type Case<'a> = (
+            TaskState,
+            Option<&'a Job>,
+            Vec<&'a Pod>,
+            (TaskState, Option<Reason>, Option<i32>),
+        );
+        let complete = job(&json!([{"type": "Complete", "status": "True"}]));
+        let deadline =
+            job(&json!([{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]));
+        let backoff = job(
+            &json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]),
+        );
+        let active = job(&json!([]));
+        let exit3 = pod(
+            &json!({"phase": "Failed", "containerStatuses": [{"name": "task", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]}),
+        );
+        let oom = pod(
+            &json!({"phase": "Failed", "containerStatuses": [{"name": "task", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]}),
+        );
+        let running = pod(&json!({"phase": "Running"}));
+        let pull = pod(
+            &json!({"phase": "Pending", "containerStatuses": [{"name": "task", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}),
+        );
+
+        let cases: Vec<Case<'_>> = vec![
+            (Running, Some(&complete), vec![], (Succeeded, None, Some(0))),
+            (
+                Launched,
+                Some(&complete),
+                vec![],
+                (Succeeded, None, Some(0)),
+            ),
+            (
+                Running,
+                Some(&deadline),
+                vec![],
+                (TimedOut, Some(Reason::DeadlineExceeded), None),
+            ),
+            (
+                Running,
+                Some(&backoff),
+                vec![&exit3],
+                (Failed, Some(Reason::ExitCode), Some(3)),
+            ),
+            (
+                Running,
+                Some(&backoff),
+                vec![&oom],
+                (Failed, Some(Reason::OomKilled), Some(137)),
+            ),
+            (
+                Running,
+                Some(&backoff),
+                vec![],
+                (Failed, Some(Reason::BackoffLimit), None),
+            ),
+            (
+                Launched,
+                Some(&active),
+                vec![&running],
+                (Running, None, None),
+            ),
+            (Launching, Some(&active), vec![], (Launched, None, None)),
+            (
+                Launched,
+                Some(&active),
+                vec![&pull],
+                (Failed, Some(Reason::ImagePull), None),
+            ),
+        ];
+        for (state, job, pods, expected) in cases {
+            assert_eq!(
+                moved_to(&decided(state, job, &pods)),
+                expected,
+                "from {state} with {job:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_without_a_job_or_news() {
+        assert_eq!(decided(TaskState::Launched, None, &[]), Decision::Nothing);
+        let active = job(&json!([]));
+        let running = pod(&json!({"phase": "Running"}));
+        assert_eq!(
+            decided(TaskState::Running, Some(&active), &[&running]),
+            Decision::Nothing
+        );
+    }
+
+    #[test]
+    fn a_cancelled_task_with_a_live_job_gets_its_job_deleted() {
+        let active = job(&json!([]));
+        assert_eq!(
+            decided(TaskState::Cancelled, Some(&active), &[]),
+            Decision::DeleteJob
+        );
+        let complete = job(&json!([{"type": "Complete", "status": "True"}]));
+        assert_eq!(
+            decided(TaskState::Cancelled, Some(&complete), &[]),
+            Decision::Nothing
+        );
+    }
+
+    #[test]
+    fn unschedulable_is_noted_only_after_the_threshold() {
+        let active = job(&json!([]));
+        let since = |seconds_ago: i64| {
+            let at = now() - jiff::SignedDuration::from_secs(seconds_ago);
+            pod(
+                &json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                "message": "0/9 nodes are available", "lastTransitionTime": at.to_string()}]}),
+            )
+        };
+        let recent = since(10);
+        assert_eq!(
+            decided(TaskState::Launched, Some(&active), &[&recent]),
+            Decision::Nothing
+        );
+        let old = since(120);
+        assert!(matches!(
+            decided(TaskState::Launched, Some(&active), &[&old]),
+            Decision::Note {
+                reason: Reason::Unschedulable,
+                ..
+            }
+        ));
+    }
+}

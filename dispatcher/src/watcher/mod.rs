@@ -1,0 +1,254 @@
+//! The watcher: follows the Jobs and Pods of agent-bus (by label) and records every
+//! change of a task's state. The stream plumbing stays thin; [`decide`] says what a
+//! task's Job and pods mean, and the store applies it as a compare-and-set.
+//!
+//! Invariants:
+//! - only the leader (a `coordination.k8s.io` Lease) writes, so replicas never race;
+//! - after a start or a lost watch, the initial list replays every Job and pod, and a
+//!   periodic sweep compares every launched or running task with the cluster, so nothing
+//!   that happened while the watcher was away is missed (a Job deleted in the meantime
+//!   fails its task with `job_lost`).
+
+pub mod decide;
+pub mod lease;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, Store as Cache};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client, ResourceExt as _};
+use tokio::sync::{mpsc, watch};
+
+use crate::launcher::KubernetesExecutor;
+use crate::launcher::job_spec::{
+    LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TASK_ID, MANAGED_BY, job_name,
+};
+use crate::store::{Store, Transition};
+use crate::task::{Reason, TaskId, TaskState};
+
+pub use decide::{Decision, decide};
+
+/// The watcher role.
+#[derive(Clone)]
+pub struct Watcher {
+    pub store: Store,
+    pub client: Client,
+    pub namespace: String,
+    pub executor: KubernetesExecutor,
+    pub unschedulable_after: Duration,
+    pub sweep_interval: Duration,
+    pub lease: lease::LeaseConfig,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A Job missing this long after its task was launched is lost, not merely not yet seen.
+const LOST_AFTER: Duration = Duration::from_secs(30);
+
+impl Watcher {
+    /// Runs until `shutdown` turns true, watching only while it holds the lease.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let elector = lease::Elector::new(self.client.clone(), self.lease.clone());
+        while !*shutdown.borrow() {
+            let leading = tokio::select! {
+                leading = elector.acquire() => leading,
+                _ = shutdown.changed() => break,
+            };
+            let Ok(mut lost) = leading else {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                    _ = shutdown.changed() => break,
+                }
+            };
+            tracing::info!(identity = %self.lease.identity, "watcher is the leader");
+            tokio::select! {
+                () = self.watch() => {}
+                _ = lost.changed() => tracing::warn!("lost the watcher lease; standing by"),
+                _ = shutdown.changed() => {}
+            }
+        }
+        elector.release().await;
+        tracing::info!("watcher stopped");
+    }
+
+    /// Watches Jobs and Pods, decides for every task they touch, and sweeps periodically.
+    async fn watch(&self) {
+        let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
+        let config = watcher::Config::default().labels(&selector);
+        let (jobs, job_writer) = reflector::store::<Job>();
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let (touched_sender, mut touched) = mpsc::channel::<TaskId>(4096);
+
+        let job_stream = watcher(
+            Api::<Job>::namespaced(self.client.clone(), &self.namespace),
+            config.clone(),
+        )
+        .default_backoff()
+        .reflect(job_writer)
+        .touched_objects()
+        .map_ok(|job| task_id_of(&job))
+        .boxed();
+        let pod_stream = watcher(
+            Api::<Pod>::namespaced(self.client.clone(), &self.namespace),
+            config,
+        )
+        .default_backoff()
+        .reflect(pod_writer)
+        .touched_objects()
+        .map_ok(|pod| task_id_of(&pod))
+        .boxed();
+        let sender = touched_sender.clone();
+        let pump = async move {
+            let mut merged = futures::stream::select(job_stream, pod_stream);
+            while let Some(item) = merged.next().await {
+                match item {
+                    Ok(Some(id)) => {
+                        if sender.send(id).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(error = %error, "watch stream error (it retries with backoff)");
+                    }
+                }
+            }
+        };
+        let decide_loop = async {
+            let _ = jobs.wait_until_ready().await;
+            let _ = pods.wait_until_ready().await;
+            tracing::info!("watch caches synced");
+            let mut sweep = tokio::time::interval(self.sweep_interval);
+            loop {
+                tokio::select! {
+                    id = touched.recv() => match id {
+                        Some(id) => self.reconcile_task(id, &jobs, &pods).await,
+                        None => return,
+                    },
+                    _ = sweep.tick() => self.sweep(&jobs, &pods).await,
+                }
+            }
+        };
+        tokio::select! {
+            () = pump => tracing::warn!("watch streams ended"),
+            () = decide_loop => {}
+        }
+    }
+
+    /// Compares every task the cluster should be running with what the caches show.
+    async fn sweep(&self, jobs: &Cache<Job>, pods: &Cache<Pod>) {
+        let now = jiff::Timestamp::now();
+        for state in [
+            TaskState::Launching,
+            TaskState::Launched,
+            TaskState::Running,
+        ] {
+            match self.store.tasks_in_state(state, now, 10_000).await {
+                Ok(tasks) => {
+                    for task in tasks {
+                        self.reconcile_task(task.id, jobs, pods).await;
+                    }
+                }
+                Err(error) => tracing::warn!(error = %error, "sweep: listing tasks failed"),
+            }
+        }
+    }
+
+    /// Decides for one task and applies the decision.
+    async fn reconcile_task(&self, id: TaskId, jobs: &Cache<Job>, pods: &Cache<Pod>) {
+        let task = match self.store.task(id).await {
+            Ok(Some(task)) => task,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(task_id = %id, error = %error, "reading the task failed");
+                return;
+            }
+        };
+        let name = job_name(&task.id, task.attempt);
+        let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace));
+        let attempt = task.attempt.to_string();
+        let task_pods: Vec<std::sync::Arc<Pod>> = pods
+            .state()
+            .into_iter()
+            .filter(|pod| {
+                let labels = pod.labels();
+                labels.get(LABEL_TASK_ID) == Some(&task.id.simple())
+                    && labels.get(LABEL_ATTEMPT) == Some(&attempt)
+            })
+            .collect();
+        let pod_refs: Vec<&Pod> = task_pods.iter().map(AsRef::as_ref).collect();
+        let now = jiff::Timestamp::now();
+
+        let decision =
+            if job.is_none() && matches!(task.state, TaskState::Launched | TaskState::Running) {
+                let since = now.duration_since(task.updated_at);
+                if since >= jiff::SignedDuration::try_from(LOST_AFTER).unwrap_or_default() {
+                    Decision::Move(Transition {
+                        to: TaskState::Failed,
+                        reason: Some(Reason::JobLost),
+                        message: Some(format!(
+                            "job {name} disappeared before reporting an outcome"
+                        )),
+                        exit_code: None,
+                        attempt: None,
+                    })
+                } else {
+                    Decision::Nothing
+                }
+            } else {
+                decide(
+                    &task,
+                    job.as_deref(),
+                    &pod_refs,
+                    now,
+                    self.unschedulable_after,
+                )
+            };
+
+        match decision {
+            Decision::Nothing => {}
+            Decision::Move(change) => {
+                match self.store.transition(task.id, task.state, &change).await {
+                    Ok(Some(updated)) => {
+                        tracing::info!(task_id = %task.id, job = %name, from = %task.state, to = %updated.state, reason = ?updated.reason, "task state changed");
+                    }
+                    Ok(None) => {
+                        tracing::debug!(task_id = %task.id, "task moved concurrently; will decide again on the next event");
+                    }
+                    Err(error) => {
+                        tracing::warn!(task_id = %task.id, error = %error, "recording a transition failed");
+                    }
+                }
+            }
+            Decision::DeleteJob => {
+                if let Err(error) = self.executor.delete(&task).await {
+                    tracing::warn!(task_id = %task.id, job = %name, error = %error, "deleting the job of a finished task failed");
+                }
+            }
+            Decision::Note { reason, message } => {
+                if let Err(error) = self.store.note(task.id, task.state, reason, &message).await {
+                    tracing::warn!(task_id = %task.id, error = %error, "recording a note failed");
+                } else {
+                    tracing::info!(task_id = %task.id, job = %name, reason = %reason, "task is stuck");
+                }
+            }
+        }
+    }
+}
+
+/// The task a Job or pod belongs to, from its label.
+fn task_id_of<K: kube::Resource>(object: &K) -> Option<TaskId> {
+    let labels: &BTreeMap<String, String> = object.meta().labels.as_ref()?;
+    let simple = labels.get(LABEL_TASK_ID)?;
+    uuid::Uuid::try_parse(simple).ok().map(TaskId)
+}

@@ -1,0 +1,433 @@
+//! End to end on the real test environment: the `dispatcher` binary against PostgreSQL,
+//! Redis and the Kubernetes control plane with kwok nodes. Each test gets its own
+//! namespace, database and Redis key space, and its own dispatcher process(es).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashSet;
+use std::process::Stdio;
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{ListParams, PostParams};
+use serde_json::{Value, json};
+use testsupport::{
+    CLUSTER_TIMEOUT, RedisKeySpace, TestDatabase, TestNamespace, poll_until, with_database,
+    with_namespace, with_redis_keyspace,
+};
+
+/// A dispatcher process under test.
+struct Dispatcher {
+    child: tokio::process::Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+struct Setup<'a> {
+    ns: &'a TestNamespace,
+    db: &'a TestDatabase,
+    redis: &'a RedisKeySpace,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Setup<'_> {
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.db.url)
+            .env("REDIS_URL", &self.redis.url)
+            .env("AGENT_BUS_REDIS_PREFIX", &self.redis.prefix)
+            .env("AGENT_BUS_NAMESPACE", &self.ns.name)
+            .env("AGENT_BUS_LOG", "info,dispatcher=debug")
+            .env("AGENT_BUS_ALLOW_ANNOTATION_PREFIXES", "agent-bus.io/test-")
+            .kill_on_drop(true);
+        command
+    }
+
+    async fn tenant(&self, name: &str) -> String {
+        let output = self
+            .command(&["tenant", "create", name])
+            .stderr(Stdio::inherit())
+            .output()
+            .await
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    async fn start(&self) -> Dispatcher {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = self
+            .command(&[
+                "serve",
+                "--executor",
+                "kubernetes",
+                "--listen",
+                &listen,
+                "--reconcile-interval",
+                "1",
+                "--launching-stale-after",
+                "2",
+            ])
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let dispatcher = Dispatcher {
+            child,
+            base: format!("http://{listen}"),
+            http: reqwest::Client::new(),
+        };
+        poll_until("the dispatcher to be ready", CLUSTER_TIMEOUT, || async {
+            match dispatcher
+                .http
+                .get(format!("{}/readyz", dispatcher.base))
+                .send()
+                .await
+            {
+                Ok(response) if response.status().is_success() => Ok(()),
+                Ok(response) => Err(format!("{}", response.status())),
+                Err(error) => Err(error.to_string()),
+            }
+        })
+        .await;
+        dispatcher
+    }
+}
+
+impl Dispatcher {
+    async fn post(
+        &self,
+        key: &str,
+        path: &str,
+        body: &Value,
+        idempotency: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .json(body);
+        if let Some(idempotency) = idempotency {
+            request = request.header("idempotency-key", idempotency);
+        }
+        let response = request.send().await.unwrap();
+        (
+            response.status().as_u16(),
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn get(&self, key: &str, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn wait_for_state(&self, key: &str, id: &str, states: &[&str]) -> Value {
+        poll_until(
+            &format!("task {id} to reach {states:?}"),
+            CLUSTER_TIMEOUT,
+            || async {
+                let task = self.get(key, &format!("/v1/tasks/{id}")).await;
+                if states.contains(&task["state"].as_str().unwrap_or_default()) {
+                    Ok(task)
+                } else {
+                    Err(task.to_string())
+                }
+            },
+        )
+        .await
+    }
+
+    fn kill(&mut self) {
+        // SIGKILL: no shutdown code runs, as in a crash.
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Runs `body` with a namespace, a database and a Redis key space.
+async fn with_environment<F, Fut>(prefix: &str, body: F)
+where
+    F: FnOnce(TestNamespace, TestDatabase, RedisKeySpace) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    with_namespace(prefix, |ns| async move {
+        with_database(|db| async move {
+            with_redis_keyspace(|redis| async move { body(ns, db, redis).await }).await;
+        })
+        .await;
+    })
+    .await;
+}
+
+async fn jobs_of(ns: &TestNamespace, task_id: &str) -> Vec<Job> {
+    let simple = task_id.replace('-', "");
+    ns.api::<Job>()
+        .list(&ListParams::default().labels(&format!("agent-bus.io/task-id={simple}")))
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test]
+async fn a_task_becomes_one_labelled_job_and_succeeds() {
+    with_environment("e2e-success", |ns, db, redis| async move {
+        let setup = Setup { ns: &ns, db: &db, redis: &redis };
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        let body = json!({"name": "train", "image": "registry.invalid/train:1", "command": ["python", "train.py"],
+            "resources": {"cpu": "1", "memory": "2Gi", "gpu": {"count": 1, "class": "a100"}}, "queue": "gpu", "labels": {"team": "vision"}});
+        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(done["exit_code"], 0);
+
+        let jobs = jobs_of(&ns, &id).await;
+        assert_eq!(jobs.len(), 1);
+        let job = &jobs[0];
+        let labels = job.metadata.labels.clone().unwrap();
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "agent-bus");
+        assert_eq!(labels["agent-bus.io/tenant"], "acme");
+        assert_eq!(labels["agent-bus.io/queue"], "gpu");
+        assert_eq!(labels["agent-bus.io/attempt"], "1");
+        assert_eq!(labels["team"], "vision");
+        assert_eq!(done["job"]["name"], job.metadata.name.clone().unwrap());
+        let pod_spec = job.spec.clone().unwrap().template.spec.unwrap();
+        assert_eq!(pod_spec.node_selector.unwrap()["accelerator"], "nvidia-tesla-a100");
+        assert_eq!(pod_spec.restart_policy.as_deref(), Some("Never"));
+
+        let events = dispatcher.get(&key, &format!("/v1/tasks/{id}/events")).await;
+        let history: Vec<&str> = events["items"].as_array().unwrap().iter().map(|e| e["to"].as_str().unwrap()).collect();
+        assert_eq!(history.first(), Some(&"queued"));
+        assert_eq!(history.last(), Some(&"succeeded"));
+        assert!(history.contains(&"launched"), "{history:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_pod_fails_the_task_with_its_exit_code() {
+    with_environment("e2e-exit", |ns, db, redis| async move {
+        let setup = Setup {
+            ns: &ns,
+            db: &db,
+            redis: &redis,
+        };
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        // kwok fails the pod with this exit code (tests/env/kwok/pod-stages.yaml).
+        let body = json!({"name": "crash", "image": "registry.invalid/x:1", "command": ["false"],
+            "annotations": {"agent-bus.io/test-exit-code": "3"}});
+        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = dispatcher
+            .wait_for_state(&key, &id, &["succeeded", "failed", "timed_out"])
+            .await;
+        assert_eq!(done["state"], "failed", "{done}");
+        assert_eq!(done["reason"], "exit_code");
+        assert_eq!(done["exit_code"], 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_task_deletes_its_job() {
+    with_environment("e2e-cancel", |ns, db, redis| async move {
+        let setup = Setup { ns: &ns, db: &db, redis: &redis };
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        let body = json!({"name": "long", "image": "registry.invalid/x:1", "command": ["sleep", "600"],
+            "annotations": {"agent-bus.io/test-run-seconds": "600"}});
+        let (_, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        let id = task["id"].as_str().unwrap().to_owned();
+        let _ = dispatcher.wait_for_state(&key, &id, &["launched", "running", "succeeded"]).await;
+        let (status, cancelled) = dispatcher.post(&key, &format!("/v1/tasks/{id}/cancel"), &json!({}), None).await;
+        assert_eq!(status, 200, "{cancelled}");
+        assert_eq!(cancelled["state"], "cancelled");
+        poll_until("the job to be deleted", CLUSTER_TIMEOUT, || async {
+            let jobs = jobs_of(&ns, &id).await;
+            if jobs.is_empty() { Ok(()) } else { Err(format!("{} jobs", jobs.len())) }
+        })
+        .await;
+        let still = dispatcher.get(&key, &format!("/v1/tasks/{id}")).await;
+        assert_eq!(still["state"], "cancelled", "the watcher does not resurrect a cancelled task");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_submits_with_one_key_make_one_task_and_one_job() {
+    with_environment("e2e-idem", |ns, db, redis| async move {
+        let setup = Setup {
+            ns: &ns,
+            db: &db,
+            redis: &redis,
+        };
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        let body = json!({"name": "once", "image": "registry.invalid/x:1", "command": ["true"]});
+        let responses = futures::future::join_all(
+            (0..50).map(|_| dispatcher.post(&key, "/v1/tasks", &body, Some("same-key"))),
+        )
+        .await;
+        let ids: HashSet<String> = responses
+            .iter()
+            .map(|(status, task)| {
+                assert!(*status == 201 || *status == 200, "{status}: {task}");
+                task["id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(ids.len(), 1);
+        let id = ids.into_iter().next().unwrap();
+        dispatcher.wait_for_state(&key, &id, &["succeeded"]).await;
+        assert_eq!(jobs_of(&ns, &id).await.len(), 1);
+        let all = ns
+            .api::<Job>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(all.len(), 1, "exactly one Job in the namespace");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_task() {
+    with_environment("e2e-crash", |ns, db, redis| async move {
+        let setup = Setup {
+            ns: &ns,
+            db: &db,
+            redis: &redis,
+        };
+        let key = setup.tenant("acme").await;
+        let mut first = setup.start().await;
+        let body = json!({"name": "crashy", "image": "registry.invalid/x:1", "command": ["true"]});
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            let (status, task) = first.post(&key, "/v1/tasks", &body, None).await;
+            assert_eq!(status, 201);
+            ids.push(task["id"].as_str().unwrap().to_owned());
+        }
+        // kill -9 while launches are in flight: some tasks are claimed, some created.
+        first.kill();
+        let _ = first.child.wait().await;
+
+        // A claim whose launcher died before creating anything, and one that died right
+        // after creating its Job, made explicitly so both cases are always exercised.
+        let store = dispatcher::store::Store::connect(&db.url, 2).await.unwrap();
+        let claim = |id: &str| {
+            let store = store.clone();
+            let id: dispatcher::task::TaskId = id.parse().unwrap();
+            async move {
+                use dispatcher::store::Transition;
+                use dispatcher::task::TaskState;
+                store
+                    .transition(id, TaskState::Queued, &Transition::to(TaskState::Launching))
+                    .await
+                    .unwrap()
+            }
+        };
+        let before_create = stored_queued_task(&store, &body).await;
+        claim(&before_create).await.unwrap();
+        let after_create = stored_queued_task(&store, &body).await;
+        let created = claim(&after_create).await.unwrap();
+        let job = dispatcher::launcher::job_spec::build_job(
+            &created,
+            &dispatcher::launcher::job_spec::LaunchConfig {
+                namespace: ns.name.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        ns.api::<Job>()
+            .create(&PostParams::default(), &job)
+            .await
+            .unwrap();
+        ids.push(before_create);
+        ids.push(after_create);
+
+        let second = setup.start().await;
+        for id in &ids {
+            let task = second
+                .wait_for_state(&key, id, &["succeeded", "failed"])
+                .await;
+            assert_eq!(task["state"], "succeeded", "{task}");
+            assert_eq!(jobs_of(&ns, id).await.len(), 1, "task {id}");
+        }
+        let all = ns
+            .api::<Job>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(all.len(), ids.len(), "one Job per task, no more");
+    })
+    .await;
+}
+
+/// Stores a queued task of tenant `acme` directly, as the API would, while no
+/// dispatcher runs (so nothing enqueues it: the reconciler must find it).
+async fn stored_queued_task(store: &dispatcher::store::Store, body: &Value) -> String {
+    use dispatcher::task::{Task, submission};
+    let spec = submission::validate(
+        serde_json::from_value(body.clone()).unwrap(),
+        &submission::Limits::default(),
+    )
+    .unwrap();
+    let task = Task::new("acme", spec);
+    let inserted = store
+        .insert_task(dispatcher::store::NewTask::new(task))
+        .await
+        .unwrap();
+    inserted.into_task().id.to_string()
+}
+
+#[tokio::test]
+async fn losing_every_queue_entry_mid_run_still_launches_each_task_once() {
+    with_environment("e2e-flush", |ns, db, redis| async move {
+        let setup = Setup {
+            ns: &ns,
+            db: &db,
+            redis: &redis,
+        };
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        let body = json!({"name": "flushed", "image": "registry.invalid/x:1", "command": ["true"]});
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            let (_, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+            ids.push(task["id"].as_str().unwrap().to_owned());
+            if i == 10 {
+                // What FLUSHALL does to us, limited to this test's keys (the server is shared).
+                redis.clear().await.unwrap();
+            }
+        }
+        redis.clear().await.unwrap();
+        for id in &ids {
+            let task = dispatcher
+                .wait_for_state(&key, id, &["succeeded", "failed"])
+                .await;
+            assert_eq!(task["state"], "succeeded", "{task}");
+            assert_eq!(jobs_of(&ns, id).await.len(), 1, "task {id}");
+        }
+    })
+    .await;
+}

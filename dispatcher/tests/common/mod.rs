@@ -1,0 +1,139 @@
+//! Shared set-up of the dispatcher's integration tests: an API over a fresh database
+//! (PostgreSQL from the test environment, or an SQLite file) and tenants with keys.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use dispatcher::api::{self, AppState};
+use dispatcher::launcher::job_spec::LaunchConfig;
+use dispatcher::launcher::{Canceller, LocalExecutor};
+use dispatcher::placement::GpuClasses;
+use dispatcher::queue::{MemoryQueue, Queue};
+use dispatcher::store::Store;
+use dispatcher::task::submission::Limits;
+use serde_json::Value;
+use tower::ServiceExt as _;
+
+/// An API under test and what it stands on.
+#[derive(Clone)]
+pub(crate) struct TestApi {
+    pub router: Router,
+    pub store: Store,
+    pub queue: Queue,
+    pub state: AppState,
+}
+
+/// Builds the API on `store`, with an in-process queue and the local canceller.
+pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) -> TestApi {
+    store.migrate().await.unwrap();
+    let queue = Queue::Memory(MemoryQueue::new());
+    let workdir =
+        std::env::temp_dir().join(format!("agent-bus-test-{}", uuid::Uuid::new_v4().simple()));
+    let mut state = AppState {
+        store: store.clone(),
+        queue: queue.clone(),
+        limits: Arc::new(Limits {
+            gpu_classes: GpuClasses::default().capacities(),
+            ..Limits::default()
+        }),
+        launch: Arc::new(LaunchConfig::default()),
+        canceller: Canceller::Local(LocalExecutor::new(store.clone(), workdir)),
+        cluster: None,
+        max_body_bytes: 64 * 1024,
+        follow_poll: Duration::from_millis(50),
+    };
+    configure(&mut state);
+    TestApi {
+        router: api::router(state.clone()),
+        store,
+        queue,
+        state,
+    }
+}
+
+/// A fresh SQLite store in a temporary file.
+pub(crate) async fn sqlite_store() -> Store {
+    let path = std::env::temp_dir().join(format!(
+        "agent-bus-test-{}.db",
+        uuid::Uuid::new_v4().simple()
+    ));
+    Store::connect(&format!("sqlite://{}", path.display()), 4)
+        .await
+        .unwrap()
+}
+
+impl TestApi {
+    /// Creates a tenant and returns its API key.
+    pub(crate) async fn tenant(&self, name: &str, max_queued: u32) -> String {
+        let key = api::new_api_key();
+        self.store
+            .create_tenant(name, &api::hash_api_key(&key), max_queued)
+            .await
+            .unwrap();
+        key
+    }
+
+    pub(crate) async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        key: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = match body {
+            Some(body) => request
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_owned())),
+            None => request.body(Body::empty()),
+        }
+        .unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+            .await
+            .unwrap();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        (status, headers, value)
+    }
+
+    pub(crate) async fn submit(&self, key: &str, body: &Value) -> (StatusCode, Value) {
+        let (status, _, value) = self
+            .call(
+                Method::POST,
+                "/v1/tasks",
+                Some(key),
+                Some(&body.to_string()),
+                &[],
+            )
+            .await;
+        (status, value)
+    }
+
+    pub(crate) async fn get(&self, key: &str, uri: &str) -> (StatusCode, Value) {
+        let (status, _, value) = self.call(Method::GET, uri, Some(key), None, &[]).await;
+        (status, value)
+    }
+}
+
+/// A minimal valid submission.
+pub(crate) fn task_body(name: &str) -> Value {
+    serde_json::json!({"name": name, "image": "busybox:1.36", "command": ["true"]})
+}
