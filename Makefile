@@ -1,5 +1,5 @@
 # The two commands of the README: `make run` and `make test`.
-.PHONY: run test env-up env-down env-status
+.PHONY: run test bench env-up env-down env-status
 
 ## Runs the dispatcher on its embedded defaults.
 run:
@@ -16,3 +16,7 @@ env-down:
 	tests/env/down
 env-status:
 	tests/env/status
+
+## Submit-to-Job benchmark against kube-rs direct; writes docs/BENCHMARKS.md.
+bench:
+	tests/bench

@@ -44,8 +44,9 @@ impl Setup<'_> {
             .env("REDIS_URL", &self.redis.url)
             .env("AGENT_BUS_REDIS_PREFIX", &self.redis.prefix)
             .env("AGENT_BUS_NAMESPACE", &self.ns.name)
-            .env("AGENT_BUS_LOG", "info,dispatcher=debug")
+            .env("AGENT_BUS_LOG", "warn")
             .env("AGENT_BUS_ALLOW_ANNOTATION_PREFIXES", "agent-bus.io/test-")
+            .env("AGENT_BUS_UNSCHEDULABLE_AFTER", "1")
             .kill_on_drop(true);
         command
     }
@@ -428,6 +429,29 @@ async fn losing_every_queue_entry_mid_run_still_launches_each_task_once() {
             assert_eq!(task["state"], "succeeded", "{task}");
             assert_eq!(jobs_of(&ns, id).await.len(), 1, "task {id}");
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pod_no_node_can_hold_shows_the_reason_unschedulable() {
+    with_environment("e2e-stuck", |ns, db, redis| async move {
+        let setup = Setup { ns: &ns, db: &db, redis: &redis };
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        // Every node has 64 CPUs.
+        let body = json!({"name": "too-big", "image": "registry.invalid/x:1", "command": ["true"], "resources": {"cpu": "100"}});
+        let (_, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        let id = task["id"].as_str().unwrap().to_owned();
+        let stuck = poll_until("the unschedulable reason", CLUSTER_TIMEOUT, || async {
+            let task = dispatcher.get(&key, &format!("/v1/tasks/{id}")).await;
+            if task["reason"] == "unschedulable" { Ok(task) } else { Err(task.to_string()) }
+        })
+        .await;
+        assert_eq!(stuck["state"], "launched", "waiting is not failing");
+        assert!(stuck["message"].as_str().unwrap().contains("Insufficient cpu"), "{stuck}");
+        let events = dispatcher.get(&key, &format!("/v1/tasks/{id}/events")).await;
+        assert!(events["items"].as_array().unwrap().iter().any(|e| e["reason"] == "unschedulable"), "{events}");
     })
     .await;
 }

@@ -30,7 +30,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use cluster::{TestNamespace, kube_client, pod_report, with_namespace};
-pub use postgres::{TestDatabase, with_database};
+pub use postgres::{PrivatePostgres, TestDatabase, with_database};
 pub use redis_space::{RedisKeySpace, with_redis_keyspace};
 
 /// Errors from reaching the test environment.
