@@ -101,7 +101,7 @@ async fn a_database_outage_is_a_clear_503_and_service_resumes_after_it() {
     postgres.start_again();
     let created = poll_until(
         "submissions to succeed again",
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || async {
             match submit("after").await {
                 Ok((201, task)) => Ok(task),
