@@ -21,10 +21,11 @@ struct Dispatcher {
     http: reqwest::Client,
 }
 
-struct Setup<'a> {
-    ns: &'a TestNamespace,
-    db: &'a TestDatabase,
-    redis: &'a RedisKeySpace,
+/// What one test runs on: its namespace, database and Redis key space.
+struct Setup {
+    ns: TestNamespace,
+    db: TestDatabase,
+    redis: RedisKeySpace,
 }
 
 fn free_port() -> u16 {
@@ -35,7 +36,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-impl Setup<'_> {
+impl Setup {
     fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
         command
@@ -163,12 +164,12 @@ impl Dispatcher {
 /// Runs `body` with a namespace, a database and a Redis key space.
 async fn with_environment<F, Fut>(prefix: &str, body: F)
 where
-    F: FnOnce(TestNamespace, TestDatabase, RedisKeySpace) -> Fut,
+    F: FnOnce(Setup) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     with_namespace(prefix, |ns| async move {
         with_database(|db| async move {
-            with_redis_keyspace(|redis| async move { body(ns, db, redis).await }).await;
+            with_redis_keyspace(|redis| async move { body(Setup { ns, db, redis }).await }).await;
         })
         .await;
     })
@@ -186,8 +187,7 @@ async fn jobs_of(ns: &TestNamespace, task_id: &str) -> Vec<Job> {
 
 #[tokio::test]
 async fn a_task_becomes_one_labelled_job_and_succeeds() {
-    with_environment("e2e-success", |ns, db, redis| async move {
-        let setup = Setup { ns: &ns, db: &db, redis: &redis };
+    with_environment("e2e-success", |setup| async move {
         let key = setup.tenant("acme").await;
         let dispatcher = setup.start().await;
         let body = json!({"name": "train", "image": "registry.invalid/train:1", "command": ["python", "train.py"],
@@ -199,7 +199,7 @@ async fn a_task_becomes_one_labelled_job_and_succeeds() {
         assert_eq!(done["state"], "succeeded", "{done}");
         assert_eq!(done["exit_code"], 0);
 
-        let jobs = jobs_of(&ns, &id).await;
+        let jobs = jobs_of(&setup.ns, &id).await;
         assert_eq!(jobs.len(), 1);
         let job = &jobs[0];
         let labels = job.metadata.labels.clone().unwrap();
@@ -224,12 +224,7 @@ async fn a_task_becomes_one_labelled_job_and_succeeds() {
 
 #[tokio::test]
 async fn a_failing_pod_fails_the_task_with_its_exit_code() {
-    with_environment("e2e-exit", |ns, db, redis| async move {
-        let setup = Setup {
-            ns: &ns,
-            db: &db,
-            redis: &redis,
-        };
+    with_environment("e2e-exit", |setup| async move {
         let key = setup.tenant("acme").await;
         let dispatcher = setup.start().await;
         // kwok fails the pod with this exit code (tests/env/kwok/pod-stages.yaml).
@@ -250,8 +245,7 @@ async fn a_failing_pod_fails_the_task_with_its_exit_code() {
 
 #[tokio::test]
 async fn cancelling_a_running_task_deletes_its_job() {
-    with_environment("e2e-cancel", |ns, db, redis| async move {
-        let setup = Setup { ns: &ns, db: &db, redis: &redis };
+    with_environment("e2e-cancel", |setup| async move {
         let key = setup.tenant("acme").await;
         let dispatcher = setup.start().await;
         let body = json!({"name": "long", "image": "registry.invalid/x:1", "command": ["sleep", "600"],
@@ -263,7 +257,7 @@ async fn cancelling_a_running_task_deletes_its_job() {
         assert_eq!(status, 200, "{cancelled}");
         assert_eq!(cancelled["state"], "cancelled");
         poll_until("the job to be deleted", CLUSTER_TIMEOUT, || async {
-            let jobs = jobs_of(&ns, &id).await;
+            let jobs = jobs_of(&setup.ns, &id).await;
             if jobs.is_empty() { Ok(()) } else { Err(format!("{} jobs", jobs.len())) }
         })
         .await;
@@ -275,12 +269,7 @@ async fn cancelling_a_running_task_deletes_its_job() {
 
 #[tokio::test]
 async fn fifty_concurrent_submits_with_one_key_make_one_task_and_one_job() {
-    with_environment("e2e-idem", |ns, db, redis| async move {
-        let setup = Setup {
-            ns: &ns,
-            db: &db,
-            redis: &redis,
-        };
+    with_environment("e2e-idem", |setup| async move {
         let key = setup.tenant("acme").await;
         let dispatcher = setup.start().await;
         let body = json!({"name": "once", "image": "registry.invalid/x:1", "command": ["true"]});
@@ -298,8 +287,9 @@ async fn fifty_concurrent_submits_with_one_key_make_one_task_and_one_job() {
         assert_eq!(ids.len(), 1);
         let id = ids.into_iter().next().unwrap();
         dispatcher.wait_for_state(&key, &id, &["succeeded"]).await;
-        assert_eq!(jobs_of(&ns, &id).await.len(), 1);
-        let all = ns
+        assert_eq!(jobs_of(&setup.ns, &id).await.len(), 1);
+        let all = setup
+            .ns
             .api::<Job>()
             .list(&ListParams::default())
             .await
@@ -312,12 +302,7 @@ async fn fifty_concurrent_submits_with_one_key_make_one_task_and_one_job() {
 
 #[tokio::test]
 async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_task() {
-    with_environment("e2e-crash", |ns, db, redis| async move {
-        let setup = Setup {
-            ns: &ns,
-            db: &db,
-            redis: &redis,
-        };
+    with_environment("e2e-crash", |setup| async move {
         let key = setup.tenant("acme").await;
         let mut first = setup.start().await;
         let body = json!({"name": "crashy", "image": "registry.invalid/x:1", "command": ["true"]});
@@ -333,7 +318,9 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
 
         // A claim whose launcher died before creating anything, and one that died right
         // after creating its Job, made explicitly so both cases are always exercised.
-        let store = dispatcher::store::Store::connect(&db.url, 2).await.unwrap();
+        let store = dispatcher::store::Store::connect(&setup.db.url, 2)
+            .await
+            .unwrap();
         let claim = |id: &str| {
             let store = store.clone();
             let id: dispatcher::task::TaskId = id.parse().unwrap();
@@ -353,12 +340,14 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
         let job = dispatcher::launcher::job_spec::build_job(
             &created,
             &dispatcher::launcher::job_spec::LaunchConfig {
-                namespace: ns.name.clone(),
+                namespace: setup.ns.name.clone(),
                 ..Default::default()
             },
         )
         .unwrap();
-        ns.api::<Job>()
+        setup
+            .ns
+            .api::<Job>()
             .create(&PostParams::default(), &job)
             .await
             .unwrap();
@@ -371,9 +360,10 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
                 .wait_for_state(&key, id, &["succeeded", "failed"])
                 .await;
             assert_eq!(task["state"], "succeeded", "{task}");
-            assert_eq!(jobs_of(&ns, id).await.len(), 1, "task {id}");
+            assert_eq!(jobs_of(&setup.ns, id).await.len(), 1, "task {id}");
         }
-        let all = ns
+        let all = setup
+            .ns
             .api::<Job>()
             .list(&ListParams::default())
             .await
@@ -403,12 +393,7 @@ async fn stored_queued_task(store: &dispatcher::store::Store, body: &Value) -> S
 
 #[tokio::test]
 async fn losing_every_queue_entry_mid_run_still_launches_each_task_once() {
-    with_environment("e2e-flush", |ns, db, redis| async move {
-        let setup = Setup {
-            ns: &ns,
-            db: &db,
-            redis: &redis,
-        };
+    with_environment("e2e-flush", |setup| async move {
         let key = setup.tenant("acme").await;
         let dispatcher = setup.start().await;
         let body = json!({"name": "flushed", "image": "registry.invalid/x:1", "command": ["true"]});
@@ -418,16 +403,16 @@ async fn losing_every_queue_entry_mid_run_still_launches_each_task_once() {
             ids.push(task["id"].as_str().unwrap().to_owned());
             if i == 10 {
                 // What FLUSHALL does to us, limited to this test's keys (the server is shared).
-                redis.clear().await.unwrap();
+                setup.redis.clear().await.unwrap();
             }
         }
-        redis.clear().await.unwrap();
+        setup.redis.clear().await.unwrap();
         for id in &ids {
             let task = dispatcher
                 .wait_for_state(&key, id, &["succeeded", "failed"])
                 .await;
             assert_eq!(task["state"], "succeeded", "{task}");
-            assert_eq!(jobs_of(&ns, id).await.len(), 1, "task {id}");
+            assert_eq!(jobs_of(&setup.ns, id).await.len(), 1, "task {id}");
         }
     })
     .await;
@@ -435,8 +420,7 @@ async fn losing_every_queue_entry_mid_run_still_launches_each_task_once() {
 
 #[tokio::test]
 async fn a_pod_no_node_can_hold_shows_the_reason_unschedulable() {
-    with_environment("e2e-stuck", |ns, db, redis| async move {
-        let setup = Setup { ns: &ns, db: &db, redis: &redis };
+    with_environment("e2e-stuck", |setup| async move {
         let key = setup.tenant("acme").await;
         let dispatcher = setup.start().await;
         // Every node has 64 CPUs.
