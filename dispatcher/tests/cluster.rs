@@ -64,6 +64,11 @@ impl Setup {
     }
 
     async fn start(&self) -> Dispatcher {
+        self.start_as("dispatcher-under-test").await
+    }
+
+    /// Starts a dispatcher whose queue consumer and lease identity is `instance`.
+    async fn start_as(&self, instance: &str) -> Dispatcher {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let child = self
@@ -78,6 +83,7 @@ impl Setup {
                 "--launching-stale-after",
                 "2",
             ])
+            .env("AGENT_BUS_INSTANCE", instance)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
             .spawn()
@@ -436,6 +442,46 @@ async fn a_pod_no_node_can_hold_shows_the_reason_unschedulable() {
         assert!(stuck["message"].as_str().unwrap().contains("Insufficient cpu"), "{stuck}");
         let events = dispatcher.get(&key, &format!("/v1/tasks/{id}/events")).await;
         assert!(events["items"].as_array().unwrap().iter().any(|e| e["reason"] == "unschedulable"), "{events}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_standby_watcher_takes_over_when_the_leader_dies() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    with_environment("e2e-leader", |setup| async move {
+        let key = setup.tenant("acme").await;
+        let leases = setup.ns.api::<Lease>();
+        let holder = || async {
+            let lease = leases
+                .get_opt("agent-bus-watcher")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(lease.and_then(|l| l.spec?.holder_identity))
+        };
+        let mut first = setup.start_as("replica-a").await;
+        poll_until("replica-a to lead", CLUSTER_TIMEOUT, || async {
+            match holder().await? {
+                Some(h) if h == "replica-a" => Ok(()),
+                other => Err(format!("holder {other:?}")),
+            }
+        })
+        .await;
+        let second = setup.start_as("replica-b").await;
+        first.kill();
+        let _ = first.child.wait().await;
+        // The task is launched by replica-b; its outcome is recorded only once replica-b's
+        // watcher holds the lease the dead replica can no longer renew.
+        let body =
+            json!({"name": "after-failover", "image": "registry.invalid/x:1", "command": ["true"]});
+        let (status, task) = second.post(&key, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = second
+            .wait_for_state(&key, &id, &["succeeded", "failed"])
+            .await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(holder().await.unwrap().as_deref(), Some("replica-b"));
     })
     .await;
 }
