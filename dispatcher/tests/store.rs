@@ -132,33 +132,22 @@ struct TaskFixture {
 }
 
 fn task(tenant: &str) -> TaskFixture {
-    let now = jiff::Timestamp::now();
+    let spec = TaskSpec {
+        name: "train".into(),
+        image: "python:3.12".into(),
+        command: vec!["python".into(), "train.py".into()],
+        args: vec![],
+        env: BTreeMap::new(),
+        resources: Resources::default(),
+        timeout_seconds: 3600,
+        max_retries: 0,
+        priority: 0,
+        queue: "default".into(),
+        labels: BTreeMap::new(),
+        annotations: BTreeMap::new(),
+    };
     TaskFixture {
-        task: Task {
-            id: TaskId::new(),
-            tenant: tenant.to_owned(),
-            spec: TaskSpec {
-                name: "train".into(),
-                image: "python:3.12".into(),
-                command: vec!["python".into(), "train.py".into()],
-                args: vec![],
-                env: BTreeMap::new(),
-                resources: Resources::default(),
-                timeout_seconds: 3600,
-                max_retries: 0,
-                priority: 0,
-                queue: "default".into(),
-                labels: BTreeMap::new(),
-                annotations: BTreeMap::new(),
-            },
-            state: TaskState::Queued,
-            reason: None,
-            message: None,
-            attempt: 1,
-            exit_code: None,
-            created_at: now,
-            updated_at: now,
-        },
+        task: Task::new(tenant, spec),
         idempotency: None,
     }
 }
