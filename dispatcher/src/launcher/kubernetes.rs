@@ -32,6 +32,22 @@ impl std::fmt::Debug for KubernetesExecutor {
 /// How many times one launch retries a transient API error before leaving the task to
 /// the stale-launch reconciler.
 const TRANSIENT_ATTEMPTS: u32 = 5;
+/// The longest wait a server's `retryAfterSeconds` may impose on one launch.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// How long to wait before retrying after `error`: the API server's own `retryAfterSeconds`
+/// (sent with 429 Too Many Requests and some 5xx), capped, or else `backoff`.
+fn retry_delay(error: &kube::Error, backoff: Duration) -> Duration {
+    let asked = match error {
+        kube::Error::Api(status) => status.details.as_ref().map_or(0, |d| d.retry_after_seconds),
+        _ => 0,
+    };
+    if asked > 0 {
+        Duration::from_secs(u64::from(asked)).min(MAX_RETRY_AFTER)
+    } else {
+        backoff
+    }
+}
 
 impl KubernetesExecutor {
     #[must_use]
@@ -69,10 +85,10 @@ impl KubernetesExecutor {
                 }
                 Err(error) => {
                     // 429 (the API server's own back-pressure), 5xx and transport errors
-                    // pass; back off exponentially.
+                    // pass: wait as long as the server asks, or back off exponentially.
                     tracing::warn!(job = %name, attempt, error = %error, "job create failed, retrying");
                     if attempt < TRANSIENT_ATTEMPTS {
-                        tokio::time::sleep(delay).await;
+                        tokio::time::sleep(retry_delay(&error, delay)).await;
                         delay = (delay * 2).min(Duration::from_secs(5));
                     } else {
                         return LaunchOutcome::Transient(error.to_string());
@@ -116,5 +132,50 @@ impl KubernetesExecutor {
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
             Err(error) => Err(error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kube::core::Status;
+    use kube::core::response::StatusDetails;
+
+    use super::retry_delay;
+
+    fn too_many_requests(retry_after_seconds: u32) -> kube::Error {
+        let details = StatusDetails {
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+            uid: String::new(),
+            causes: Vec::new(),
+            retry_after_seconds,
+        };
+        kube::Error::Api(Box::new(Status {
+            code: 429,
+            details: Some(details),
+            ..Status::failure("slow down", "TooManyRequests")
+        }))
+    }
+
+    #[test]
+    fn the_servers_retry_after_wins_over_backoff_up_to_a_cap() {
+        let backoff = Duration::from_millis(200);
+        assert_eq!(
+            retry_delay(&too_many_requests(3), backoff),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            retry_delay(&too_many_requests(600), backoff),
+            Duration::from_secs(30)
+        );
+        assert_eq!(retry_delay(&too_many_requests(0), backoff), backoff);
+        let unavailable = kube::Error::Api(Box::new(Status {
+            code: 503,
+            ..Status::failure("down", "ServiceUnavailable")
+        }));
+        assert_eq!(retry_delay(&unavailable, backoff), backoff);
     }
 }
