@@ -2,81 +2,28 @@
 //! in-process queue and the local executor, driven over HTTP as a user would.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use testsupport::poll_until;
 
-struct Local {
-    _child: tokio::process::Child,
-    dir: std::path::PathBuf,
-    base: String,
-    key: String,
-    http: reqwest::Client,
+mod common;
+use common::{LocalDispatcher, start_local_dispatcher};
+
+struct Local(LocalDispatcher);
+
+impl std::ops::Deref for Local {
+    type Target = LocalDispatcher;
+    fn deref(&self) -> &LocalDispatcher {
+        &self.0
+    }
 }
 
 impl Local {
+    /// The embedded default: an SQLite file in the working folder. The dispatcher's own
+    /// environment holds `DATABASE_URL`, which the tasks must not see.
     async fn start() -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("agent-bus-local-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let command = |args: &[&str]| {
-            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
-            command
-                .args(args)
-                .current_dir(&dir)
-                .env("AGENT_BUS_LOG", "warn")
-                .env_remove("DATABASE_URL")
-                .env_remove("REDIS_URL")
-                .env_remove("KUBECONFIG");
-            command
-        };
-        let output = command(&["tenant", "create", "acme"])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // The dispatcher's own environment holds a secret the tasks must not see.
-        let child = command(&["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .env("DATABASE_URL", "sqlite://agent-bus.db")
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let local = Self {
-            _child: child,
-            dir,
-            base: format!("http://127.0.0.1:{port}"),
-            key,
-            http: reqwest::Client::new(),
-        };
-        poll_until(
-            "the dispatcher to answer",
-            Duration::from_secs(30),
-            || async {
-                local
-                    .http
-                    .get(format!("{}/readyz", local.base))
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            },
-        )
-        .await;
-        local
+        Self(start_local_dispatcher("sqlite://agent-bus.db").await)
     }
 
     async fn submit(&self, body: Value) -> String {

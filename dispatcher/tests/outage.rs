@@ -3,60 +3,23 @@
 //! PostgreSQL server of its own, so the outage touches no other test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use testsupport::{PrivatePostgres, poll_until};
 
+mod common;
+use common::start_local_dispatcher;
+
 #[tokio::test]
 async fn a_database_outage_is_a_clear_503_and_service_resumes_after_it() {
     let postgres = PrivatePostgres::start();
-    let dir = std::env::temp_dir().join(format!(
-        "agent-bus-outage-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let command = |args: &[&str]| {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
-        command
-            .args(args)
-            .current_dir(&dir)
-            .env("AGENT_BUS_LOG", "warn")
-            .env("DATABASE_URL", postgres.url())
-            .env_remove("REDIS_URL")
-            .env_remove("KUBECONFIG");
-        command
-    };
-    let output = command(&["tenant", "create", "acme"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let dispatcher = start_local_dispatcher(&postgres.url()).await;
+    let (http, base, key) = (
+        dispatcher.http.clone(),
+        dispatcher.base.clone(),
+        dispatcher.key.clone(),
     );
-    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _dispatcher = command(&[
-        "serve",
-        "--executor",
-        "local",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ])
-    .stdout(Stdio::inherit())
-    .stderr(Stdio::inherit())
-    .kill_on_drop(true)
-    .spawn()
-    .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
     let submit = |name: &'static str| {
         let (http, base, key) = (http.clone(), base.clone(), key.clone());
         async move {
@@ -74,17 +37,6 @@ async fn a_database_outage_is_a_clear_503_and_service_resumes_after_it() {
             ))
         }
     };
-    poll_until(
-        "the dispatcher to be ready",
-        Duration::from_secs(30),
-        || async {
-            match http.get(format!("{base}/readyz")).send().await {
-                Ok(r) if r.status().is_success() => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
     assert_eq!(submit("before").await.unwrap().0, 201);
 
     postgres.stop();

@@ -137,3 +137,83 @@ impl TestApi {
 pub(crate) fn task_body(name: &str) -> Value {
     serde_json::json!({"name": name, "image": "busybox:1.36", "command": ["true"]})
 }
+
+/// A `dispatcher serve --executor local` process in a fresh working folder, with tenant
+/// `acme` created first.
+pub(crate) struct LocalDispatcher {
+    pub child: tokio::process::Child,
+    pub dir: std::path::PathBuf,
+    pub base: String,
+    pub key: String,
+    pub http: reqwest::Client,
+}
+
+/// Starts a local-executor dispatcher on `database_url`, with none of the test
+/// environment's Redis or cluster variables, and waits until `/readyz` answers 200.
+pub(crate) async fn start_local_dispatcher(database_url: &str) -> LocalDispatcher {
+    let dir =
+        std::env::temp_dir().join(format!("agent-bus-local-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let command = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
+        command
+            .args(args)
+            .current_dir(&dir)
+            .env("AGENT_BUS_LOG", "warn")
+            .env("DATABASE_URL", database_url)
+            .env_remove("REDIS_URL")
+            .env_remove("KUBECONFIG");
+        command
+    };
+    let output = command(&["tenant", "create", "acme"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = command(&[
+        "serve",
+        "--executor",
+        "local",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .stdout(std::process::Stdio::inherit())
+    .stderr(std::process::Stdio::inherit())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    let dispatcher = LocalDispatcher {
+        child,
+        dir,
+        base: format!("http://127.0.0.1:{port}"),
+        key,
+        http: reqwest::Client::new(),
+    };
+    testsupport::poll_until(
+        "the dispatcher to be ready",
+        Duration::from_secs(30),
+        || async {
+            match dispatcher
+                .http
+                .get(format!("{}/readyz", dispatcher.base))
+                .send()
+                .await
+            {
+                Ok(response) if response.status().is_success() => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    dispatcher
+}
