@@ -175,6 +175,14 @@ async fn invalid_fields_are_422_naming_the_field(store: Store) {
         ),
         (with(&|b| b["gpus"] = json!(1)), "gpus"),
         (
+            with(&|b| b.as_object_mut().unwrap().remove("image").map_or((), drop)),
+            "image",
+        ),
+        (
+            with(&|b| b["resources"] = json!({"gpu": {"count": 1}})),
+            "resources.gpu.class",
+        ),
+        (
             with(&|b| b["resources"] = json!({"gpu": {"count": 1, "class": "a100", "mig": true}})),
             "resources.gpu.mig",
         ),

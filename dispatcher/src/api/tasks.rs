@@ -114,22 +114,27 @@ fn parse_body<T: serde::de::DeserializeOwned>(
         let path = error.path().to_string();
         let inner = error.into_inner();
         if inner.is_data() {
-            let field = if path == "." {
-                unknown_field_name(&inner.to_string()).unwrap_or_default()
-            } else {
-                path
-            };
-            ApiError::Invalid(FieldError::new(field, strip_position(&inner.to_string())))
+            let message = inner.to_string();
+            let field = field_path(&path, &message);
+            ApiError::Invalid(FieldError::new(field, strip_position(&message)))
         } else {
             ApiError::MalformedJson(inner.to_string())
         }
     })
 }
 
-/// serde names an unknown top-level field only in its message: "unknown field `x`, …".
-fn unknown_field_name(message: &str) -> Option<String> {
-    let rest = message.strip_prefix("unknown field `")?;
-    Some(rest.split('`').next()?.to_owned())
+/// The JSON path of the field to blame. The path serde reports ends at the offending
+/// value, except for a missing field, where it ends at the object that lacks it (`.` at
+/// the top) and only the message names the field: "missing field `x` …".
+fn field_path(path: &str, message: &str) -> String {
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next());
+    match (missing, path) {
+        (Some(name), ".") => name.to_owned(),
+        (Some(name), parent) => format!("{parent}.{name}"),
+        (None, path) => path.to_owned(),
+    }
 }
 
 /// serde_json appends " at line L column C", which means nothing to a client that sent
@@ -525,13 +530,21 @@ fn follow_stream(
 
 #[cfg(test)]
 mod tests {
-    use super::{strip_position, unknown_field_name};
+    use super::{field_path, strip_position};
 
     #[test]
     fn serde_messages_become_client_messages() {
         assert_eq!(
-            unknown_field_name("unknown field `gpus`, expected one of `name`"),
-            Some("gpus".to_owned())
+            field_path("gpus", "unknown field `gpus`, expected one of `name`"),
+            "gpus"
+        );
+        assert_eq!(
+            field_path(".", "missing field `image` at line 1 column 12"),
+            "image"
+        );
+        assert_eq!(
+            field_path("resources.gpu", "missing field `class` at line 1 column 54"),
+            "resources.gpu.class"
         );
         assert_eq!(
             strip_position("invalid type: string \"x\", expected u32 at line 1 column 9"),
