@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::quantity::{Cpu, Memory};
 use super::{GpuRequest, Resources, TaskSpec};
+use crate::placement::GpuClasses;
 
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
 /// error instead of being silently ignored.
@@ -83,7 +84,8 @@ pub struct Limits {
     pub max_labels: usize,
     pub max_annotations_bytes: usize,
     pub max_priority: i32,
-    /// GPU classes the cluster offers, with the most GPUs one node of the class holds.
+    /// GPU classes the cluster offers, with the most GPUs one node of the class holds
+    /// (by default those of [`GpuClasses::default`]).
     pub gpu_classes: BTreeMap<String, u32>,
     /// Annotation key prefixes tenants may use even inside a reserved domain (the test
     /// environment's `agent-bus.io/test-`); empty in production.
@@ -103,15 +105,7 @@ impl Default for Limits {
             max_labels: 32,
             max_annotations_bytes: 64 * 1024,
             max_priority: 1000,
-            gpu_classes: [
-                ("v100", 8),
-                ("a100", 8),
-                ("a100-mig-1g.10gb", 7),
-                ("h100", 8),
-            ]
-            .into_iter()
-            .map(|(name, per_node)| (name.to_owned(), per_node))
-            .collect(),
+            gpu_classes: GpuClasses::default().capacities(),
             allowed_annotation_prefixes: Vec::new(),
         }
     }

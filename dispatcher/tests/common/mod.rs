@@ -11,7 +11,6 @@ use axum::http::{Method, Request, StatusCode};
 use dispatcher::api::{self, AppState};
 use dispatcher::launcher::job_spec::LaunchConfig;
 use dispatcher::launcher::{Canceller, LocalExecutor};
-use dispatcher::placement::GpuClasses;
 use dispatcher::queue::{MemoryQueue, Queue};
 use dispatcher::store::Store;
 use dispatcher::task::submission::Limits;
@@ -36,10 +35,7 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
     let mut state = AppState {
         store: store.clone(),
         queue: queue.clone(),
-        limits: Arc::new(Limits {
-            gpu_classes: GpuClasses::default().capacities(),
-            ..Limits::default()
-        }),
+        limits: Arc::new(Limits::default()),
         launch: Arc::new(LaunchConfig::default()),
         canceller: Canceller::Local(LocalExecutor::new(store.clone(), workdir)),
         cluster: None,
