@@ -28,7 +28,7 @@ use crate::launcher::job_spec::{
     LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TASK_ID, MANAGED_BY, job_name,
 };
 use crate::store::{Store, Transition};
-use crate::task::{Reason, TaskId, TaskState};
+use crate::task::{Reason, Task, TaskId, TaskState};
 
 pub use decide::{Decision, decide};
 
@@ -156,7 +156,7 @@ impl Watcher {
             match self.store.tasks_in_state(state, now, 10_000).await {
                 Ok(tasks) => {
                     for task in tasks {
-                        self.reconcile_task(task.id, jobs, pods).await;
+                        self.reconcile(task, jobs, pods).await;
                     }
                 }
                 Err(error) => tracing::warn!(error = %error, "sweep: listing tasks failed"),
@@ -164,16 +164,17 @@ impl Watcher {
         }
     }
 
-    /// Decides for one task and applies the decision.
+    /// Reads one task a watch event touched, then decides for it.
     async fn reconcile_task(&self, id: TaskId, jobs: &Cache<Job>, pods: &Cache<Pod>) {
-        let task = match self.store.task(id).await {
-            Ok(Some(task)) => task,
-            Ok(None) => return,
-            Err(error) => {
-                tracing::warn!(task_id = %id, error = %error, "reading the task failed");
-                return;
-            }
-        };
+        match self.store.task(id).await {
+            Ok(Some(task)) => self.reconcile(task, jobs, pods).await,
+            Ok(None) => {}
+            Err(error) => tracing::warn!(task_id = %id, error = %error, "reading the task failed"),
+        }
+    }
+
+    /// Decides for one task, as just read from the store, and applies the decision.
+    async fn reconcile(&self, task: Task, jobs: &Cache<Job>, pods: &Cache<Pod>) {
         let name = job_name(&task.id, task.attempt);
         let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace));
         let attempt = task.attempt.to_string();
