@@ -1,0 +1,382 @@
+//! The wire contract between the runner (inside each task's pod) and the dispatcher.
+//!
+//! The runner POSTs a [`ReportBatch`] as JSON to the URL in `AGENT_BUS_REPORT_URL`
+//! (`{dispatcher}/internal/v1/tasks/{task_id}/attempts/{attempt}/reports`) with
+//! `Authorization: Bearer {AGENT_BUS_REPORT_TOKEN}`. At exit it also writes a
+//! [`TerminationSummary`] to the container's termination-message path, so the dispatcher
+//! learns the outcome from the pod status even when every report was lost.
+//!
+//! Invariants:
+//! - `sequence` starts at 1 and grows by one per report of an attempt; the dispatcher
+//!   stores each (task, attempt, sequence) once, so resending a batch is always safe;
+//! - every field added later is optional, so old runners and new dispatchers (and the
+//!   reverse) keep understanding each other; unknown fields are ignored;
+//! - the termination summary fits Kubernetes' 4096-byte termination-message limit
+//!   ([`TerminationSummary::to_message`] trims it until it does).
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables the dispatcher sets for the runner (and the runner passes on to
+/// the task's command, except the token).
+pub mod env {
+    pub const TASK_ID: &str = "AGENT_BUS_TASK_ID";
+    pub const ATTEMPT: &str = "AGENT_BUS_ATTEMPT";
+    /// The full URL reports are POSTed to.
+    pub const REPORT_URL: &str = "AGENT_BUS_REPORT_URL";
+    /// A bearer token scoped to one task attempt, with an expiry.
+    pub const REPORT_TOKEN: &str = "AGENT_BUS_REPORT_TOKEN";
+    /// Seconds; 0 means no timeout.
+    pub const TIMEOUT_SECONDS: &str = "AGENT_BUS_TIMEOUT_SECONDS";
+    pub const HEARTBEAT_SECONDS: &str = "AGENT_BUS_HEARTBEAT_SECONDS";
+    /// The file the workload appends progress and usage lines to (see the runner docs).
+    pub const REPORT_FILE: &str = "AGENT_BUS_REPORT_FILE";
+}
+
+/// Kubernetes truncates termination messages longer than this.
+pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+/// What one POST carries: reports in sequence order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReportBatch {
+    pub reports: Vec<Report>,
+}
+
+/// One report of the runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Report {
+    /// 1, 2, 3… per attempt; the idempotency key together with task and attempt.
+    pub sequence: u64,
+    /// When the runner made the report, RFC 3339.
+    pub sent_at: String,
+    #[serde(flatten)]
+    pub body: ReportBody,
+}
+
+/// What a report says.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReportBody {
+    /// The command was spawned.
+    Started(Started),
+    /// The runner is alive; carries the latest GPU sample, if there are GPUs.
+    Heartbeat(Heartbeat),
+    /// The workload said how far it got.
+    Progress(Progress),
+    /// The workload used a model (LLM calls, tokens, dollars). Counts add up.
+    Usage(Usage),
+    /// The command ended.
+    Finished(Finished),
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Started {
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub runner_version: Option<String>,
+    /// The GPUs NVML sees; empty without NVML or GPUs.
+    #[serde(default)]
+    pub gpus: Vec<GpuDevice>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct GpuDevice {
+    pub index: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub memory_total_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Heartbeat {
+    /// Seconds since the command was spawned.
+    #[serde(default)]
+    pub uptime_seconds: f64,
+    /// One sample per GPU, the latest.
+    #[serde(default)]
+    pub gpus: Vec<GpuSample>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct GpuSample {
+    pub index: u32,
+    #[serde(default)]
+    pub utilization_percent: Option<f64>,
+    #[serde(default)]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(default)]
+    pub memory_total_bytes: Option<u64>,
+    #[serde(default)]
+    pub power_watts: Option<f64>,
+    #[serde(default)]
+    pub temperature_celsius: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Progress {
+    /// 0 to 100.
+    pub percent: f64,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Usage {
+    /// The model used, as the workload names it (`gpt-4o`, `claude-sonnet-4`).
+    pub model: String,
+    #[serde(default)]
+    pub calls: u64,
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Dollars, as the workload computed them.
+    #[serde(default)]
+    pub cost_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Finished {
+    /// The command's exit code, or 128 + signal when a signal ended it.
+    pub exit_code: i32,
+    /// The signal that ended the command, if one did.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// `None` when the command succeeded.
+    #[serde(default)]
+    pub failure_class: Option<FailureClass>,
+    #[serde(default)]
+    pub duration_seconds: f64,
+    /// Peak resident memory of the command's process tree, from `wait4`.
+    #[serde(default)]
+    pub max_rss_bytes: Option<u64>,
+    /// User plus system CPU time of the command.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    #[serde(default)]
+    pub gpu: Option<GpuSummary>,
+    /// The last lines of the command's standard error (at most 2 KiB).
+    #[serde(default)]
+    pub stderr_tail: Option<String>,
+}
+
+/// Why a command failed, as the runner sees it from inside the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FailureClass {
+    /// The command exited non-zero on its own.
+    UserError,
+    /// The kernel's OOM killer ended the command (the container's memory limit).
+    HostOom,
+    /// The output says CUDA ran out of GPU memory.
+    CudaOom,
+    /// The GPU reported an Xid error while the command ran.
+    GpuXid,
+    /// The runner ended the command at the task's timeout.
+    Timeout,
+    /// A signal from outside (eviction, cancel, node shutdown) ended the command.
+    Signal,
+}
+
+impl FailureClass {
+    pub const ALL: [Self; 6] = [
+        Self::UserError,
+        Self::HostOom,
+        Self::CudaOom,
+        Self::GpuXid,
+        Self::Timeout,
+        Self::Signal,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UserError => "user_error",
+            Self::HostOom => "host_oom",
+            Self::CudaOom => "cuda_oom",
+            Self::GpuXid => "gpu_xid",
+            Self::Timeout => "timeout",
+            Self::Signal => "signal",
+        }
+    }
+
+    /// The class of this name.
+    #[must_use]
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+/// GPU figures over the whole run: means and maxima of the samples, per run not per GPU.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct GpuSummary {
+    pub gpus: u32,
+    pub samples: u64,
+    #[serde(default)]
+    pub utilization_mean_percent: Option<f64>,
+    #[serde(default)]
+    pub utilization_max_percent: Option<f64>,
+    #[serde(default)]
+    pub memory_used_max_bytes: Option<u64>,
+    #[serde(default)]
+    pub memory_total_bytes: Option<u64>,
+    #[serde(default)]
+    pub power_mean_watts: Option<f64>,
+    #[serde(default)]
+    pub power_max_watts: Option<f64>,
+    #[serde(default)]
+    pub temperature_max_celsius: Option<f64>,
+    /// Xid error codes seen, in order (at most 16).
+    #[serde(default)]
+    pub xid_errors: Vec<u64>,
+}
+
+/// The runner's last word, written to the termination-message path.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TerminationSummary {
+    /// Format version, 1.
+    pub v: u32,
+    pub exit_code: i32,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub failure_class: Option<FailureClass>,
+    #[serde(default)]
+    pub duration_seconds: f64,
+    #[serde(default)]
+    pub gpu: Option<GpuSummary>,
+    /// LLM usage summed per model.
+    #[serde(default)]
+    pub usage: Vec<Usage>,
+    /// Reports still undelivered when the runner gave up at exit.
+    #[serde(default)]
+    pub undelivered_reports: u64,
+    #[serde(default)]
+    pub stderr_tail: Option<String>,
+}
+
+impl TerminationSummary {
+    /// The summary as compact JSON within [`TERMINATION_MESSAGE_LIMIT`] bytes: the
+    /// stderr tail shrinks first, then the usage list, then the GPU summary.
+    #[must_use]
+    pub fn to_message(&self) -> String {
+        let mut summary = self.clone();
+        loop {
+            let text = serde_json::to_string(&summary).unwrap_or_default();
+            if text.len() <= TERMINATION_MESSAGE_LIMIT {
+                return text;
+            }
+            if let Some(tail) = summary.stderr_tail.as_mut().filter(|t| t.len() > 64) {
+                let mut cut = tail.len() / 2;
+                while !tail.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                tail.drain(..cut);
+            } else if summary.stderr_tail.take().is_some() {
+            } else if summary.usage.pop().is_some() {
+            } else if summary.gpu.take().is_some() {
+            } else {
+                return text;
+            }
+        }
+    }
+
+    /// Reads a termination message; `None` when it is not a runner summary (a user
+    /// image that writes its own message, or an old runner).
+    #[must_use]
+    pub fn from_message(message: &str) -> Option<Self> {
+        serde_json::from_str::<Self>(message.trim())
+            .ok()
+            .filter(|s| s.v == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_have_a_flat_tagged_shape() {
+        let report = Report {
+            sequence: 3,
+            sent_at: "2026-11-29T23:00:00Z".into(),
+            body: ReportBody::Progress(Progress {
+                percent: 40.0,
+                message: Some("epoch 2/5".into()),
+            }),
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"sequence": 3, "sent_at": "2026-11-29T23:00:00Z",
+                "kind": "progress", "percent": 40.0, "message": "epoch 2/5"})
+        );
+        let back: Report = serde_json::from_value(json).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let report: Report = serde_json::from_str(
+            r#"{"sequence":1,"sent_at":"x","kind":"heartbeat","uptime_seconds":2.5,"future":true}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(report.body, ReportBody::Heartbeat(h) if (h.uptime_seconds - 2.5).abs() < 1e-9)
+        );
+    }
+
+    #[test]
+    fn termination_message_fits_the_limit() {
+        let summary = TerminationSummary {
+            v: 1,
+            exit_code: 1,
+            failure_class: Some(FailureClass::CudaOom),
+            stderr_tail: Some("é".repeat(5000)),
+            usage: vec![
+                Usage {
+                    model: "m".repeat(3000),
+                    ..Usage::default()
+                };
+                3
+            ],
+            ..TerminationSummary::default()
+        };
+        let message = summary.to_message();
+        assert!(
+            message.len() <= TERMINATION_MESSAGE_LIMIT,
+            "{}",
+            message.len()
+        );
+        let back = TerminationSummary::from_message(&message).unwrap();
+        assert_eq!(back.failure_class, Some(FailureClass::CudaOom));
+        assert_eq!(back.exit_code, 1);
+        assert!(TerminationSummary::from_message("killed by user script").is_none());
+    }
+
+    #[test]
+    fn failure_class_names_round_trip() {
+        for class in FailureClass::ALL {
+            assert_eq!(FailureClass::parse(class.as_str()), Some(class));
+            assert_eq!(
+                serde_json::to_value(class).unwrap(),
+                serde_json::Value::String(class.as_str().into())
+            );
+        }
+    }
+}
