@@ -287,10 +287,12 @@ impl TerminationSummary {
                     cut += 1;
                 }
                 tail.drain(..cut);
-            } else if summary.stderr_tail.take().is_some() {
-            } else if summary.usage.pop().is_some() {
-            } else if summary.gpu.take().is_some() {
-            } else {
+                continue;
+            }
+            let shrunk = summary.stderr_tail.take().is_some()
+                || summary.usage.pop().is_some()
+                || summary.gpu.take().is_some();
+            if !shrunk {
                 return text;
             }
         }
