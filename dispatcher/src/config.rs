@@ -181,6 +181,79 @@ pub struct ServeArgs {
         default_value = "agent-bus-work"
     )]
     pub local_workdir: PathBuf,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+    #[command(flatten)]
+    pub runner: RunnerArgs,
+}
+
+/// Where tasks may run and what their pods get (see docs/GPU_WORKERS.md).
+#[derive(Debug, Clone, Args)]
+pub struct PlacementArgs {
+    /// YAML file of GPU classes and shared volume claims (default: the built-in classes
+    /// v100, a100, a100-mig-1g.10gb, h100 and no shared claims; see
+    /// dispatcher/config/placement.yaml).
+    #[arg(long, env = "AGENT_BUS_PLACEMENT_FILE")]
+    pub placement_file: Option<PathBuf>,
+    /// An ML/CV task without an explicit `shm` gets this share of its memory request as
+    /// /dev/shm…
+    #[arg(long, env = "AGENT_BUS_SHM_FRACTION", default_value_t = 0.25, value_parser = parse_fraction)]
+    pub shm_fraction: f64,
+    /// …at most this much (a Kubernetes quantity)…
+    #[arg(long, env = "AGENT_BUS_SHM_CAP", default_value = "16Gi")]
+    pub shm_cap: String,
+    /// …and this much when it requests no memory.
+    #[arg(long, env = "AGENT_BUS_SHM_WITHOUT_MEMORY", default_value = "1Gi")]
+    pub shm_without_memory: String,
+    /// StorageClass of per-task scratch volumes (default: the cluster's default class).
+    #[arg(long, env = "AGENT_BUS_SCRATCH_STORAGE_CLASS")]
+    pub scratch_storage_class: Option<String>,
+    /// A pod no node of its GPU class took for this long moves to the class's next
+    /// fallback, as a new attempt.
+    #[arg(long, env = "AGENT_BUS_FALLBACK_AFTER", value_parser = parse_seconds, default_value = "300")]
+    pub fallback_after: Duration,
+}
+
+/// The runner in every pod, and what the dispatcher expects of it.
+#[derive(Debug, Clone, Args)]
+pub struct RunnerArgs {
+    /// URL at which task pods reach this dispatcher's API, e.g.
+    /// http://agent-bus-api.agent-bus.svc:8080 (default with the local executor: the
+    /// --listen address). Without it, Kubernetes tasks run but report nothing.
+    #[arg(long, env = "AGENT_BUS_REPORT_URL")]
+    pub report_url: Option<String>,
+    /// Key that signs report tokens, at least 32 characters, the same on every replica
+    /// (default: one generated once and kept in the database).
+    #[arg(long, env = "AGENT_BUS_REPORT_SECRET", hide_env_values = true)]
+    pub report_secret: Option<String>,
+    /// Image of the init container that copies the runner into each pod.
+    #[arg(long, env = "AGENT_BUS_RUNNER_IMAGE", default_value = concat!("ghcr.io/agent-bus/agent-bus:", env!("CARGO_PKG_VERSION")))]
+    pub runner_image: String,
+    /// Pull policy of that image (Always, IfNotPresent, Never; default: Kubernetes').
+    #[arg(long, env = "AGENT_BUS_RUNNER_IMAGE_PULL_POLICY")]
+    pub runner_image_pull_policy: Option<String>,
+    /// The runner binary the local executor runs tasks through (default: `runner` next
+    /// to the dispatcher's own executable, else on PATH).
+    #[arg(long, env = "AGENT_BUS_RUNNER_PATH")]
+    pub runner_path: Option<PathBuf>,
+    /// Seconds between runner heartbeats.
+    #[arg(long, env = "AGENT_BUS_HEARTBEAT_SECONDS", default_value_t = 15)]
+    pub heartbeat_seconds: u32,
+    /// A running task whose runner was silent this long gets reason `heartbeat_lost`.
+    #[arg(long, env = "AGENT_BUS_HEARTBEAT_TIMEOUT", value_parser = parse_seconds, default_value = "90")]
+    pub heartbeat_timeout: Duration,
+    /// Also fail such a task (and delete its Job) instead of only showing the reason.
+    #[arg(long, env = "AGENT_BUS_FAIL_ON_HEARTBEAT_LOST")]
+    pub fail_on_heartbeat_lost: bool,
+}
+
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value > 0.0 && value <= 1.0 => Ok(value),
+        _ => Err(format!(
+            "'{text}' is not a fraction between 0 (excluded) and 1"
+        )),
+    }
 }
 
 /// Whole seconds, as written in flags (`120`).

@@ -11,6 +11,7 @@ pub mod config;
 pub mod launcher;
 pub mod placement;
 pub mod queue;
+pub mod report;
 pub mod store;
 pub mod task;
 pub mod watcher;

@@ -11,13 +11,14 @@ use dispatcher::api::{self, AppState};
 use dispatcher::config::{
     Cli, Command, ExecutorChoice, LogArgs, LogFormat, Role, ServeArgs, TenantCommand,
 };
-use dispatcher::launcher::job_spec::LaunchConfig;
+use dispatcher::launcher::job_spec::{LaunchConfig, RunnerInjection};
 use dispatcher::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
-use dispatcher::placement::GpuClasses;
+use dispatcher::placement::PlacementCatalog;
 use dispatcher::queue::{MemoryQueue, Queue, RedisQueue};
+use dispatcher::report::{ReportEndpoint, ReportIssuer, ReportTokens};
 use dispatcher::store::{Store, Transition};
-use dispatcher::task::submission::{Limits, is_dns_label};
-use dispatcher::task::{Reason, TaskState};
+use dispatcher::task::submission::{Limits, ShmRule, is_dns_label};
+use dispatcher::task::{Memory, Reason, TaskState};
 use dispatcher::watcher::{Watcher, lease::LeaseConfig};
 use tokio::sync::watch;
 
@@ -178,30 +179,73 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Queue::Memory(MemoryQueue::new())
     };
 
-    let gpu_classes = GpuClasses::default();
+    let catalog = match &args.placement.placement_file {
+        Some(path) => PlacementCatalog::load(path)?,
+        None => PlacementCatalog::default(),
+    };
+    let quantity = |flag: &str, text: &str| {
+        text.parse::<Memory>()
+            .map_err(|e| anyhow::anyhow!("--{flag} {text}: {e}"))
+    };
     let limits = Arc::new(Limits {
-        gpu_classes: gpu_classes.capacities(),
+        gpu_classes: catalog.gpu_classes.capacities(),
         allowed_annotation_prefixes: args.allow_annotation_prefix.clone(),
+        volume_claims: catalog.volume_claims.clone(),
+        shm_rule: ShmRule {
+            fraction: args.placement.shm_fraction,
+            cap: quantity("shm-cap", &args.placement.shm_cap)?,
+            without_memory_request: quantity(
+                "shm-without-memory",
+                &args.placement.shm_without_memory,
+            )?,
+        },
         ..Limits::default()
     });
     let launch = Arc::new(LaunchConfig {
         namespace: args.namespace.clone(),
-        gpu_classes,
+        gpu_classes: catalog.gpu_classes.clone(),
         ttl_seconds_after_finished: args.job_ttl_seconds,
         run_as_user: args.run_as_user,
         kueue_queue_name: args.kueue_queue_name.clone(),
+        runner: RunnerInjection {
+            image: args.runner.runner_image.clone(),
+            image_pull_policy: args.runner.runner_image_pull_policy.clone(),
+            heartbeat_seconds: args.runner.heartbeat_seconds,
+        },
+        scratch_storage_class: args.placement.scratch_storage_class.clone(),
+    });
+
+    let report_tokens = report_tokens(&store, args.runner.report_secret.as_deref()).await?;
+    let report_base = match &args.runner.report_url {
+        Some(url) => Some(url.clone()),
+        None if executor_choice == ExecutorChoice::Local => Some(format!("http://{}", args.listen)),
+        None => {
+            tracing::warn!(
+                "no --report-url: task runners will run commands but report nothing (no heartbeats, usage or GPU figures)"
+            );
+            None
+        }
+    };
+    let kubernetes_reports = report_base.is_some();
+    let report_issuer = report_base.map(|base| ReportIssuer {
+        endpoint: ReportEndpoint::new(&base),
+        tokens: report_tokens.clone(),
     });
 
     let (executor, canceller, cluster) = if executor_choice == ExecutorChoice::Kubernetes {
         let client = kube_client(args.kubeconfig.as_ref()).await?;
-        let kubernetes = KubernetesExecutor::new(client.clone(), launch.clone());
+        let kubernetes =
+            KubernetesExecutor::new(client.clone(), launch.clone(), report_issuer.clone());
         (
             Executor::Kubernetes(kubernetes.clone()),
             Canceller::Kubernetes(kubernetes),
             Some(client),
         )
     } else {
-        let local = LocalExecutor::new(store.clone(), args.local_workdir.clone());
+        let runner = find_runner(args.runner.runner_path.as_deref())?;
+        tracing::info!(runner = %runner.display(), "local tasks run through this runner");
+        let local = LocalExecutor::new(store.clone(), args.local_workdir.clone())
+            .with_runner(runner, report_issuer.clone());
         if args.roles.contains(&Role::Launcher) {
             fail_orphaned_local_tasks(&store).await;
         }
@@ -235,7 +279,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     client: client.clone(),
                     namespace: args.namespace.clone(),
                     executor: kubernetes.clone(),
+                    queue: queue.clone(),
+                    gpu_classes: catalog.gpu_classes.clone(),
                     unschedulable_after: args.unschedulable_after,
+                    fallback_after: args.placement.fallback_after,
+                    heartbeat_timeout: kubernetes_reports.then_some(args.runner.heartbeat_timeout),
+                    fail_on_heartbeat_lost: args.runner.fail_on_heartbeat_lost,
                     sweep_interval: args.reconcile_interval,
                     lease: LeaseConfig {
                         name: args.lease_name.clone(),
@@ -273,6 +322,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             cluster,
             max_body_bytes: args.max_body_bytes,
             follow_poll: Duration::from_millis(250),
+            report_tokens,
         };
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -333,12 +383,61 @@ async fn fail_orphaned_local_tasks(store: &Store) {
                 ),
                 exit_code: None,
                 attempt: None,
+                gpu_class: None,
             };
             if let Ok(Some(_)) = store.transition(task.id, state, &change).await {
                 tracing::warn!(task_id = %task.id, "failed a local task orphaned by a restart");
             }
         }
     }
+}
+
+/// The report-token signer: the configured secret, or the one every replica shares
+/// through the database (generated by whichever started first).
+async fn report_tokens(store: &Store, secret: Option<&str>) -> anyhow::Result<ReportTokens> {
+    if let Some(secret) = secret {
+        anyhow::ensure!(
+            secret.len() >= 32,
+            "--report-secret must be at least 32 characters"
+        );
+        return Ok(ReportTokens::new(secret.as_bytes()));
+    }
+    let generated = store
+        .setting_or_create("report_token_key", || {
+            dispatcher::api::auth::hex(&rand::random::<[u8; 32]>())
+        })
+        .await
+        .context("reading the report-token key")?;
+    Ok(ReportTokens::new(generated.as_bytes()))
+}
+
+/// The runner the local executor uses: the configured path, else `runner` beside this
+/// executable, else on PATH.
+fn find_runner(configured: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = configured {
+        anyhow::ensure!(
+            path.is_file(),
+            "--runner-path {}: no such file",
+            path.display()
+        );
+        return Ok(path.to_owned());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("runner")))
+        .filter(|path| path.is_file());
+    let on_path = || {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("runner"))
+                .find(|path| path.is_file())
+        })
+    };
+    beside.or_else(on_path).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the local executor runs every task through the runner, and none was found next to the dispatcher or on PATH: build it (cargo build --release -p runner) or pass --runner-path"
+        )
+    })
 }
 
 /// A URL without its password, for logs and errors.

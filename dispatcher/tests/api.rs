@@ -53,6 +53,8 @@ on_both_stores!(
     cancel_is_idempotent,
     events_and_their_stream_follow_the_task_to_its_end,
     health_and_openapi,
+    runner_reports_are_idempotent_scoped_and_shown,
+    placement_fields_are_resolved_and_checked_per_tenant,
 );
 
 async fn unauthenticated_requests_get_401(store: Store) {
@@ -556,4 +558,212 @@ async fn health_and_openapi(store: Store) {
         );
     }
     assert!(doc["components"]["schemas"].get("Submission").is_some());
+}
+
+/// Moves a queued task to `launched`, as the launcher would.
+async fn launch(store: &Store, id: &str) {
+    let id: TaskId = id.parse().unwrap();
+    store
+        .transition(id, TaskState::Queued, &Transition::to(TaskState::Launching))
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .transition(
+            id,
+            TaskState::Launching,
+            &Transition::to(TaskState::Launched),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn token_for(id: &str, attempt: u32, valid_for_seconds: i64) -> String {
+    let tokens = dispatcher::report::ReportTokens::new(common::TEST_REPORT_KEY);
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(valid_for_seconds);
+    tokens.mint(id.parse().unwrap(), attempt, expires)
+}
+
+async fn runner_reports_are_idempotent_scoped_and_shown(store: Store) {
+    let api = api_on(store, |_| {}).await;
+    let key = api.tenant("acme", 10).await;
+    let (_, task) = api.submit(&key, &task_body("reported")).await;
+    let (_, other) = api.submit(&key, &task_body("other")).await;
+    let id = task["id"].as_str().unwrap();
+    let other_id = other["id"].as_str().unwrap();
+    launch(&api.store, id).await;
+    let url = format!("/internal/v1/tasks/{id}/attempts/1/reports");
+    let token = token_for(id, 1, 3600);
+    let batch = json!({"reports": [
+        {"sequence": 1, "sent_at": "2026-11-29T23:00:00Z", "kind": "started", "hostname": "gpu-a100-0", "runner_version": "0.1.0",
+         "gpus": [{"index": 0, "name": "NVIDIA A100-SXM4-80GB", "memory_total_bytes": 85_899_345_920_u64}]},
+        {"sequence": 2, "sent_at": "2026-11-29T23:00:15Z", "kind": "heartbeat", "uptime_seconds": 15.0,
+         "gpus": [{"index": 0, "utilization_percent": 97.0, "memory_used_bytes": 1000}]},
+        {"sequence": 3, "sent_at": "2026-11-29T23:00:16Z", "kind": "progress", "percent": 40.0, "message": "epoch 2/5"},
+        {"sequence": 4, "sent_at": "2026-11-29T23:00:17Z", "kind": "usage", "model": "gpt-4o", "calls": 1,
+         "input_tokens": 1200, "output_tokens": 300, "cost_usd": 0.0123},
+    ]})
+    .to_string();
+    let (status, _, receipt) = api
+        .call(Method::POST, &url, Some(&token), Some(&batch), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{receipt}");
+    assert_eq!(receipt, json!({"accepted": 4, "duplicates": 0}));
+    let (_, read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
+    assert_eq!(
+        read["state"], "running",
+        "started moves the task to running: {read}"
+    );
+
+    // The runner resends after a lost response: nothing is counted twice.
+    let (status, _, receipt) = api
+        .call(Method::POST, &url, Some(&token), Some(&batch), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        receipt,
+        json!({"accepted": 1, "duplicates": 3}),
+        "only the heartbeat is new"
+    );
+    let finished = json!({"reports": [
+        {"sequence": 5, "sent_at": "2026-11-29T23:01:00Z", "kind": "finished", "exit_code": 1, "failure_class": "cuda_oom",
+         "duration_seconds": 60.5, "stderr_tail": "torch.OutOfMemoryError: CUDA out of memory",
+         "gpu": {"gpus": 1, "samples": 12, "utilization_mean_percent": 88.0, "utilization_max_percent": 100.0}}
+    ]})
+    .to_string();
+    let (status, _, _) = api
+        .call(Method::POST, &url, Some(&token), Some(&finished), &[])
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (_, read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
+    let runner = &read["runner"];
+    assert_eq!(runner["hostname"], "gpu-a100-0", "{read}");
+    assert_eq!(runner["progress"]["percent"], 40.0);
+    assert_eq!(runner["progress"]["message"], "epoch 2/5");
+    assert_eq!(runner["usage"][0]["model"], "gpt-4o");
+    assert_eq!(
+        runner["usage"][0]["calls"], 1,
+        "usage counted once despite the resend"
+    );
+    assert_eq!(runner["usage_cost_usd"], 0.0123);
+    assert_eq!(runner["gpu_now"][0]["utilization_percent"], 97.0);
+    assert!(runner["last_heartbeat_at"].is_string());
+    assert_eq!(runner["outcome"]["failure_class"], "cuda_oom");
+    assert_eq!(runner["outcome"]["source"], "runner");
+    assert_eq!(runner["outcome"]["gpu"]["utilization_mean_percent"], 88.0);
+
+    // Scoping: a token speaks for its own task attempt only.
+    let other_url = format!("/internal/v1/tasks/{other_id}/attempts/1/reports");
+    let (status, _, body) = api
+        .call(Method::POST, &other_url, Some(&token), Some(&batch), &[])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["error"]["code"], "forbidden");
+    let attempt_two = format!("/internal/v1/tasks/{id}/attempts/2/reports");
+    let (status, _, _) = api
+        .call(Method::POST, &attempt_two, Some(&token), Some(&batch), &[])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // No, expired, forged tokens, or a tenant key: 401.
+    let expired = token_for(id, 1, -10);
+    let forged = dispatcher::report::ReportTokens::new(b"someone else's key, 32 bytes long").mint(
+        id.parse().unwrap(),
+        1,
+        jiff::Timestamp::now() + jiff::SignedDuration::from_hours(1),
+    );
+    for bad in [
+        None,
+        Some(expired.as_str()),
+        Some(forged.as_str()),
+        Some(key.as_str()),
+    ] {
+        let (status, _, body) = api.call(Method::POST, &url, bad, Some(&batch), &[]).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{bad:?}: {body}");
+    }
+    // A well-signed token of a task that does not exist: 404.
+    let ghost = TaskId::new().to_string();
+    let ghost_url = format!("/internal/v1/tasks/{ghost}/attempts/1/reports");
+    let (status, _, _) = api
+        .call(
+            Method::POST,
+            &ghost_url,
+            Some(&token_for(&ghost, 1, 60)),
+            Some(&batch),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A report that breaks a rule names its field.
+    let bad =
+        json!({"reports": [{"sequence": 9, "sent_at": "x", "kind": "progress", "percent": 140.0}]})
+            .to_string();
+    let (status, _, body) = api
+        .call(Method::POST, &url, Some(&token), Some(&bad), &[])
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["field"], "reports[0].percent");
+}
+
+async fn placement_fields_are_resolved_and_checked_per_tenant(store: Store) {
+    use dispatcher::placement::SharedClaim;
+    let api = api_on(store, |state| {
+        let claims = [
+            ("models", vec!["*"], false),
+            ("datasets", vec!["globex"], true),
+        ]
+        .into_iter()
+        .map(|(name, tenants, writable)| {
+            (
+                name.to_owned(),
+                SharedClaim {
+                    name: name.to_owned(),
+                    tenants: tenants.into_iter().map(str::to_owned).collect(),
+                    writable,
+                },
+            )
+        })
+        .collect();
+        let limits = std::sync::Arc::make_mut(&mut state.limits);
+        limits.volume_claims = claims;
+    })
+    .await;
+    let acme = api.tenant("acme", 10).await;
+    let globex = api.tenant("globex", 10).await;
+    let body = json!({
+        "name": "train", "image": "nvcr.io/nvidia/pytorch:24.08-py3", "command": ["torchrun", "train.py"],
+        "resources": {"memory": "64Gi", "gpu": {"count": 8, "class": "a100"}},
+        "volumes": [{"claim": "models", "mount_path": "/models"}, {"claim": "datasets"}],
+        "scratch": {"size": "200Gi"}
+    });
+    let (status, refused) = api.submit(&acme, &body).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(refused["error"]["field"], "volumes[1].claim");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not shared with tenant 'acme'")
+    );
+
+    let (status, created) = api.submit(&globex, &body).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["workload"], "ml");
+    assert_eq!(created["shm"], "16Gi", "a quarter of 64Gi");
+    assert_eq!(created["gpu_class"], "a100");
+    assert_eq!(created["volumes"][1]["mount_path"], "/mnt/datasets");
+    assert_eq!(created["volumes"][1]["read_only"], true);
+    assert_eq!(created["scratch"]["size"], "200Gi");
+
+    let too_many = json!({"name": "big", "image": "busybox", "command": ["true"],
+        "resources": {"gpu": {"count": 9, "class": "h100"}}});
+    let (status, refused) = api.submit(&globex, &too_many).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(refused["error"]["field"], "resources.gpu.count");
+    let unknown = json!({"name": "tpu", "image": "busybox", "command": ["true"],
+        "resources": {"gpu": {"count": 1, "class": "tpu-v5"}}});
+    let (status, refused) = api.submit(&globex, &unknown).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(refused["error"]["field"], "resources.gpu.class");
 }

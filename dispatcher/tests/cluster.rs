@@ -349,6 +349,7 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
                 namespace: setup.ns.name.clone(),
                 ..Default::default()
             },
+            None,
         )
         .unwrap();
         setup
@@ -387,6 +388,7 @@ async fn stored_queued_task(store: &dispatcher::store::Store, body: &Value) -> S
     let spec = submission::validate(
         serde_json::from_value(body.clone()).unwrap(),
         &submission::Limits::default(),
+        "acme",
     )
     .unwrap();
     let task = Task::new("acme", spec);

@@ -145,6 +145,10 @@ fn task(tenant: &str) -> TaskFixture {
         queue: "default".into(),
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
+        workload: dispatcher::task::WorkloadKind::Cpu,
+        shm: None,
+        volumes: Vec::new(),
+        scratch: None,
     };
     TaskFixture {
         task: Task::new(tenant, spec),

@@ -19,6 +19,10 @@ pub enum ApiError {
     Invalid(FieldError),
     #[error("missing or invalid API key")]
     Unauthorized,
+    #[error("{0}")]
+    BadReportToken(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("task not found")]
     NotFound,
     #[error("the Idempotency-Key '{key}' was already used with a different request body")]
@@ -54,7 +58,10 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Unauthorized | Self::BadReportToken(_) => {
+                (StatusCode::UNAUTHORIZED, "unauthorized")
+            }
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::IdempotencyConflict { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")

@@ -6,11 +6,14 @@
 //!   a 404, indistinguishable from a missing one;
 //! - a task is stored before it is enqueued, and a 201 means it is stored: if the enqueue
 //!   fails, the queue reconciler enqueues it later;
-//! - nothing a client sends yields a 500.
+//! - nothing a client sends yields a 500;
+//! - `/internal/v1` is for runners: it takes only per-attempt report tokens, never tenant
+//!   keys, and a token speaks for its own task attempt only (403 otherwise).
 
 pub mod auth;
 pub mod error;
 pub mod openapi;
+pub mod reports;
 pub mod tasks;
 
 use std::sync::Arc;
@@ -28,6 +31,7 @@ use tower_http::trace::TraceLayer;
 use crate::launcher::Canceller;
 use crate::launcher::job_spec::LaunchConfig;
 use crate::queue::Queue;
+use crate::report::ReportTokens;
 use crate::store::Store;
 use crate::task::submission::Limits;
 
@@ -48,6 +52,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// How often a followed event stream polls the store.
     pub follow_poll: Duration,
+    /// Checks the tokens of runner reports.
+    pub report_tokens: ReportTokens,
 }
 
 impl std::fmt::Debug for AppState {
@@ -66,6 +72,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route(
+            "/internal/v1/tasks/{id}/attempts/{attempt}/reports",
+            post(reports::receive),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/openapi.json", get(openapi::document))

@@ -14,11 +14,15 @@ use utoipa::{Modify, OpenApi};
         super::tasks::list,
         super::tasks::cancel,
         super::tasks::events,
+        super::reports::receive,
         super::healthz,
         super::readyz,
     ),
     modifiers(&BearerAuth),
-    tags((name = "tasks", description = "Task submission and tracking"))
+    tags(
+        (name = "tasks", description = "Task submission and tracking"),
+        (name = "internal", description = "Reports of the runner inside each task's pod"),
+    )
 )]
 pub struct ApiDoc;
 
@@ -29,6 +33,10 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "report_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
     }

@@ -20,6 +20,7 @@ use super::auth::Authenticated;
 use super::{ApiError, AppState};
 use crate::launcher::job_spec::{build_job, job_name};
 use crate::queue::QueueEntry;
+use crate::report::{RunnerView, runner_view};
 use crate::store::{Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Transition};
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
@@ -45,6 +46,12 @@ pub struct TaskView {
     /// The Kubernetes Job of the current attempt, once the task was handed to the cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<JobRef>,
+    /// The GPU class of the current attempt (a fallback may differ from the request).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_class: Option<String>,
+    /// What the runner in the pod reported (shown by `GET /v1/tasks/{id}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerView>,
     /// RFC 3339.
     pub created_at: String,
     pub updated_at: String,
@@ -59,7 +66,7 @@ pub struct JobRef {
 }
 
 impl TaskView {
-    fn new(task: Task, state: &AppState) -> Self {
+    fn new(task: Task, state: &AppState, runner: Option<RunnerView>) -> Self {
         let launched = !matches!(task.state, TaskState::Queued | TaskState::Launching);
         let job = (state.cluster.is_some() && launched).then(|| JobRef {
             namespace: state.launch.namespace.clone(),
@@ -74,6 +81,8 @@ impl TaskView {
             attempt: task.attempt,
             exit_code: task.exit_code,
             job,
+            gpu_class: task.gpu_class,
+            runner,
             created_at: task.created_at.to_string(),
             updated_at: task.updated_at.to_string(),
             spec: task.spec,
@@ -98,7 +107,7 @@ pub struct DryRun {
 
 /// Parses a JSON body; syntax errors are 400, a wrong type or unknown field is 422 with
 /// the field's path.
-fn parse_body<T: serde::de::DeserializeOwned>(
+pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     limit: usize,
 ) -> Result<T, ApiError> {
@@ -192,16 +201,17 @@ pub async fn submit(
     let canonical =
         serde_json::to_vec(&submission).map_err(|e| ApiError::Internal(e.to_string()))?;
     let request_hash = super::auth::hex(&Sha256::digest(&canonical));
-    let spec = validate(submission, &state.limits)?;
+    let spec = validate(submission, &state.limits, &tenant.name)?;
     let task = Task::new(tenant.name.clone(), spec);
 
     if query.dry_run {
-        let job = build_job(&task, &state.launch).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let job =
+            build_job(&task, &state.launch, None).map_err(|e| ApiError::Internal(e.to_string()))?;
         let job = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
         return Ok((
             StatusCode::OK,
             Json(DryRun {
-                task: TaskView::new(task, &state),
+                task: TaskView::new(task, &state, None),
                 job,
             }),
         )
@@ -227,14 +237,15 @@ pub async fn submit(
             tracing::info!(task_id = %task.id, tenant = %task.tenant, queue = %task.spec.queue, "task submitted");
             let location = format!("/v1/tasks/{}", task.id);
             let mut response =
-                (StatusCode::CREATED, Json(TaskView::new(task, &state))).into_response();
+                (StatusCode::CREATED, Json(TaskView::new(task, &state, None))).into_response();
             if let Ok(value) = HeaderValue::from_str(&location) {
                 response.headers_mut().insert("location", value);
             }
             Ok(response)
         }
         Inserted::Replayed(task) => {
-            let mut response = (StatusCode::OK, Json(TaskView::new(task, &state))).into_response();
+            let mut response =
+                (StatusCode::OK, Json(TaskView::new(task, &state, None))).into_response();
             response
                 .headers_mut()
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -263,7 +274,10 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     let task = owned_task(&state, &tenant.name, &id).await?;
-    Ok(Json(TaskView::new(task, &state)))
+    let reports = state.store.reports(task.id).await?;
+    let last = state.store.last_heartbeat(task.id).await?;
+    let runner = runner_view(task.attempt, &reports, last.as_ref());
+    Ok(Json(TaskView::new(task, &state, runner)))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -339,7 +353,7 @@ pub async fn list(
     };
     let items = tasks
         .into_iter()
-        .map(|t| TaskView::new(t, &state))
+        .map(|t| TaskView::new(t, &state, None))
         .collect();
     Ok(Json(TaskPage { items, next_cursor }))
 }
@@ -359,7 +373,7 @@ pub async fn cancel(
     // every move ends in a terminal state after finitely many steps, so retry the CAS.
     for _ in 0..10 {
         if task.state.is_terminal() {
-            return Ok(Json(TaskView::new(task, &state)));
+            return Ok(Json(TaskView::new(task, &state, None)));
         }
         let change = Transition {
             to: TaskState::Cancelled,
@@ -367,6 +381,7 @@ pub async fn cancel(
             message: Some("cancelled through the API".to_owned()),
             exit_code: None,
             attempt: None,
+            gpu_class: None,
         };
         if let Some(cancelled) = state.store.transition(task.id, task.state, &change).await? {
             if let Err(error) = state.canceller.cancel(&cancelled).await {
@@ -374,7 +389,7 @@ pub async fn cancel(
                 tracing::warn!(task_id = %cancelled.id, error = %error, "stopping the task failed; the watcher will retry");
             }
             tracing::info!(task_id = %cancelled.id, "task cancelled");
-            return Ok(Json(TaskView::new(cancelled, &state)));
+            return Ok(Json(TaskView::new(cancelled, &state, None)));
         }
         task = state
             .store

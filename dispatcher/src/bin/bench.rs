@@ -59,7 +59,7 @@ fn bench_spec() -> anyhow::Result<TaskSpec> {
         },
         ..Submission::default()
     };
-    Ok(validate(submission, &Limits::default())?)
+    Ok(validate(submission, &Limits::default(), "bench")?)
 }
 
 /// Runs one statement on the server of `url` (creating and dropping the bench database).
@@ -190,7 +190,7 @@ async fn baseline(client: &Client, args: &Args, suffix: &str, round: u32) -> any
                 (jobs.clone(), config.clone(), started.clone(), spec.clone());
             async move {
                 let task = Task::new("bench", spec);
-                let Ok(job) = build_job(&task, &config) else {
+                let Ok(job) = build_job(&task, &config, None) else {
                     return;
                 };
                 if let Ok(mut started) = started.lock() {

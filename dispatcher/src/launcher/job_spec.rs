@@ -7,7 +7,12 @@
 //! - the pod always meets the Pod Security Standard `restricted` profile, whatever the
 //!   task asks for; tenants cannot set host paths, privileges, service accounts or the
 //!   namespace;
-//! - maps are ordered (`BTreeMap`), so the same input gives byte-identical output.
+//! - maps are ordered (`BTreeMap`), so the same input gives byte-identical output;
+//! - the task's command always runs under the runner (`runner -- <command> <args>`),
+//!   copied into the pod by an init container from the agent-bus image, so any glibc
+//!   image reports heartbeats, usage and its real failure class;
+//! - shared memory counts against the memory the pod asks for: `/dev/shm` is a
+//!   memory-backed volume, so the request is the task's memory plus its shm size.
 
 use std::collections::BTreeMap;
 
@@ -15,11 +20,14 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SeccompProfile, SecurityContext, Toleration,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
+    SecurityContext, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
+use protocol::env as runner_env;
 
 use crate::placement::GpuClasses;
 use crate::task::{Task, TaskId};
@@ -31,9 +39,49 @@ pub const LABEL_TASK_ID: &str = "agent-bus.io/task-id";
 pub const LABEL_TENANT: &str = "agent-bus.io/tenant";
 pub const LABEL_QUEUE: &str = "agent-bus.io/queue";
 pub const LABEL_ATTEMPT: &str = "agent-bus.io/attempt";
+pub const LABEL_WORKLOAD: &str = "agent-bus.io/workload";
+pub const LABEL_GPU_CLASS: &str = "agent-bus.io/gpu-class";
 pub const LABEL_KUEUE_QUEUE: &str = "kueue.x-k8s.io/queue-name";
 /// The name of the container that runs the task's command.
 pub const TASK_CONTAINER: &str = "task";
+/// The init container that copies the runner into the pod.
+pub const RUNNER_INIT_CONTAINER: &str = "agent-bus-runner";
+/// Where the runner lives inside the pod (an `emptyDir`, read-only for the task).
+pub const RUNNER_DIR: &str = "/agent-bus/bin";
+/// Where the runner is inside the agent-bus image.
+pub const RUNNER_IN_IMAGE: &str = "/usr/local/bin/runner";
+/// Seconds the Job's deadline leaves past the task's timeout, so the runner (which
+/// enforces the timeout itself, with a grace period) can report why it stopped.
+pub const DEADLINE_MARGIN_SECONDS: u32 = 30;
+
+/// How the pod reaches the dispatcher's report endpoint for this attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportAccess {
+    /// The full URL reports are POSTed to.
+    pub url: String,
+    /// A bearer token scoped to the task and attempt, with an expiry.
+    pub token: String,
+}
+
+/// The init container that brings the runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerInjection {
+    /// The agent-bus image (it holds the runner at [`RUNNER_IN_IMAGE`]).
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    /// Seconds between heartbeats.
+    pub heartbeat_seconds: u32,
+}
+
+impl Default for RunnerInjection {
+    fn default() -> Self {
+        Self {
+            image: format!("ghcr.io/agent-bus/agent-bus:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: None,
+            heartbeat_seconds: 15,
+        }
+    }
+}
 
 /// What the launcher needs besides the task to build its Job.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +95,9 @@ pub struct LaunchConfig {
     pub run_as_user: i64,
     /// When set, Jobs carry `kueue.x-k8s.io/queue-name` so a cluster's Kueue admits them.
     pub kueue_queue_name: Option<String>,
+    pub runner: RunnerInjection,
+    /// The StorageClass of scratch volumes; `None` uses the cluster's default class.
+    pub scratch_storage_class: Option<String>,
 }
 
 impl Default for LaunchConfig {
@@ -57,6 +108,8 @@ impl Default for LaunchConfig {
             ttl_seconds_after_finished: 24 * 3600,
             run_as_user: 65532,
             kueue_queue_name: None,
+            runner: RunnerInjection::default(),
+            scratch_storage_class: None,
         }
     }
 }
@@ -96,37 +149,70 @@ pub fn identity_labels(task: &Task) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// Builds the Job for the current attempt of `task`.
-pub fn build_job(task: &Task, config: &LaunchConfig) -> Result<Job, SpecError> {
+fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn empty_dir(name: &str, medium: Option<&str>, size: Option<String>) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: medium.map(str::to_owned),
+            size_limit: size.map(Quantity),
+        }),
+        ..Volume::default()
+    }
+}
+
+/// Builds the Job for the current attempt of `task`; `report` is how its runner reaches
+/// the dispatcher (`None`: the runner runs the command and reports nowhere).
+pub fn build_job(
+    task: &Task,
+    config: &LaunchConfig,
+    report: Option<&ReportAccess>,
+) -> Result<Job, SpecError> {
     let spec = &task.spec;
     let name = job_name(&task.id, task.attempt);
 
     // Tenant labels first, so ours always win (validation already refuses our prefix).
     let mut labels = spec.labels.clone();
     labels.extend(identity_labels(task));
-    let mut job_labels = labels.clone();
-    if let Some(queue) = &config.kueue_queue_name {
-        job_labels.insert(LABEL_KUEUE_QUEUE.to_owned(), queue.clone());
-    }
+    labels.insert(LABEL_WORKLOAD.to_owned(), spec.workload.as_str().to_owned());
 
     let mut requests = BTreeMap::new();
     if let Some(cpu) = spec.resources.cpu {
         requests.insert("cpu".to_owned(), Quantity(cpu.to_string()));
     }
     if let Some(memory) = spec.resources.memory {
-        requests.insert("memory".to_owned(), Quantity(memory.to_string()));
+        let with_shm = spec.shm.map_or(memory, |shm| memory.saturating_add(shm));
+        requests.insert("memory".to_owned(), Quantity(with_shm.to_string()));
     }
     let mut node_selector = BTreeMap::new();
     let mut tolerations = Vec::new();
     if let Some(gpu) = &spec.resources.gpu {
+        let class_name = task.gpu_class.as_deref().unwrap_or(&gpu.class);
         let class =
             config
                 .gpu_classes
-                .get(&gpu.class)
+                .get(class_name)
                 .ok_or_else(|| SpecError::UnknownGpuClass {
                     task_id: task.id,
-                    class: gpu.class.clone(),
+                    class: class_name.to_owned(),
                 })?;
+        labels.insert(LABEL_GPU_CLASS.to_owned(), class.name.clone());
         requests.insert(class.resource_name.clone(), Quantity(gpu.count.to_string()));
         node_selector.extend(class.node_selector.clone());
         tolerations.extend(class.tolerations.iter().map(|t| Toleration {
@@ -139,36 +225,129 @@ pub fn build_job(task: &Task, config: &LaunchConfig) -> Result<Job, SpecError> {
     }
     // Limits equal requests: the task gets exactly what it pays for (Guaranteed QoS when
     // both CPU and memory are set), and extended resources require it anyway.
+    let mut job_labels = labels.clone();
+    if let Some(queue) = &config.kueue_queue_name {
+        job_labels.insert(LABEL_KUEUE_QUEUE.to_owned(), queue.clone());
+    }
     let resources = (!requests.is_empty()).then(|| ResourceRequirements {
         limits: Some(requests.clone()),
         requests: Some(requests),
         ..ResourceRequirements::default()
     });
 
-    let env: Vec<EnvVar> = spec
+    let mut env: Vec<EnvVar> = spec
         .env
         .iter()
-        .map(|(name, value)| EnvVar {
-            name: name.clone(),
-            value: Some(value.clone()),
-            value_from: None,
-        })
+        .map(|(name, value)| env_var(name, value.clone()))
         .collect();
+    // Validation refuses tenant variables starting with AGENT_BUS_, so these cannot clash.
+    env.extend([
+        env_var(runner_env::TASK_ID, task.id.to_string()),
+        env_var(runner_env::ATTEMPT, task.attempt.to_string()),
+        env_var(
+            runner_env::TIMEOUT_SECONDS,
+            spec.timeout_seconds.to_string(),
+        ),
+        env_var(
+            runner_env::HEARTBEAT_SECONDS,
+            config.runner.heartbeat_seconds.to_string(),
+        ),
+    ]);
+    if let Some(report) = report {
+        env.push(env_var(runner_env::REPORT_URL, report.url.clone()));
+        env.push(env_var(runner_env::REPORT_TOKEN, report.token.clone()));
+    }
+
+    let mut volumes = vec![empty_dir(
+        RUNNER_INIT_CONTAINER,
+        None,
+        Some("64Mi".to_owned()),
+    )];
+    let mut mounts = vec![mount(RUNNER_INIT_CONTAINER, RUNNER_DIR, true)];
+    if let Some(shm) = spec.shm {
+        volumes.push(empty_dir("dshm", Some("Memory"), Some(shm.to_string())));
+        mounts.push(mount("dshm", "/dev/shm", false));
+    }
+    for (index, volume) in spec.volumes.iter().enumerate() {
+        let volume_name = format!("shared-{index}");
+        volumes.push(Volume {
+            name: volume_name.clone(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: volume.claim.clone(),
+                read_only: volume.read_only.then_some(true),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount(&volume_name, &volume.mount_path, volume.read_only));
+    }
+    if let Some(scratch) = &spec.scratch {
+        volumes.push(Volume {
+            name: "scratch".to_owned(),
+            ephemeral: Some(EphemeralVolumeSource {
+                volume_claim_template: Some(PersistentVolumeClaimTemplate {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(identity_labels(task)),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: PersistentVolumeClaimSpec {
+                        access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+                        storage_class_name: config.scratch_storage_class.clone(),
+                        resources: Some(VolumeResourceRequirements {
+                            requests: Some(
+                                [("storage".to_owned(), Quantity(scratch.size.to_string()))].into(),
+                            ),
+                            limits: None,
+                        }),
+                        ..PersistentVolumeClaimSpec::default()
+                    },
+                }),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("scratch", &scratch.mount_path, false));
+    }
+
+    let mut command = vec![format!("{RUNNER_DIR}/runner"), "--".to_owned()];
+    command.extend(spec.command.iter().cloned());
+    command.extend(spec.args.iter().cloned());
 
     let container = Container {
         name: TASK_CONTAINER.to_owned(),
         image: Some(spec.image.clone()),
-        command: (!spec.command.is_empty()).then(|| spec.command.clone()),
-        args: (!spec.args.is_empty()).then(|| spec.args.clone()),
-        env: (!env.is_empty()).then_some(env),
+        command: Some(command),
+        env: Some(env),
         resources,
+        volume_mounts: Some(mounts),
         security_context: Some(restricted_container_context()),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
     };
+    let runner_resources: BTreeMap<String, Quantity> = [
+        ("cpu".to_owned(), Quantity("50m".to_owned())),
+        ("memory".to_owned(), Quantity("32Mi".to_owned())),
+    ]
+    .into();
+    let init_container = Container {
+        name: RUNNER_INIT_CONTAINER.to_owned(),
+        image: Some(config.runner.image.clone()),
+        image_pull_policy: config.runner.image_pull_policy.clone(),
+        command: Some(vec![
+            RUNNER_IN_IMAGE.to_owned(),
+            "install".to_owned(),
+            RUNNER_DIR.to_owned(),
+        ]),
+        resources: Some(ResourceRequirements {
+            limits: Some(runner_resources.clone()),
+            requests: Some(runner_resources),
+            ..ResourceRequirements::default()
+        }),
+        volume_mounts: Some(vec![mount(RUNNER_INIT_CONTAINER, RUNNER_DIR, false)]),
+        security_context: Some(restricted_container_context()),
+        ..Container::default()
+    };
 
-    let active_deadline = i64::from(spec.timeout_seconds);
-    if active_deadline <= 0 {
+    let active_deadline = i64::from(spec.timeout_seconds) + i64::from(DEADLINE_MARGIN_SECONDS);
+    if spec.timeout_seconds == 0 {
         return Err(SpecError::Timeout {
             task_id: task.id,
             timeout_seconds: spec.timeout_seconds,
@@ -220,7 +399,9 @@ pub fn build_job(task: &Task, config: &LaunchConfig) -> Result<Job, SpecError> {
                         seccomp_profile: Some(runtime_default_seccomp()),
                         ..PodSecurityContext::default()
                     }),
+                    init_containers: Some(vec![init_container]),
                     containers: vec![container],
+                    volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -253,12 +434,20 @@ fn restricted_container_context() -> SecurityContext {
 
 #[cfg(test)]
 mod tests {
-    use super::{LaunchConfig, build_job, job_name};
+    use super::{LaunchConfig, ReportAccess, build_job, job_name};
+    use crate::task::WorkloadKind;
     use crate::task::fixtures::TaskFixture;
     use crate::task::submission::is_dns_label;
 
-    fn rendered(task: &crate::task::Task) -> String {
-        serde_json::to_string(&build_job(task, &LaunchConfig::default()).unwrap()).unwrap()
+    fn report() -> ReportAccess {
+        ReportAccess {
+            url: "http://agent-bus.agent-bus.svc:8080/internal/v1/tasks/0190a5d6-7b8c-7d00-8e4f-1a2b3c4d5e6f/attempts/1/reports".into(),
+            token: "abr1.test-token".into(),
+        }
+    }
+
+    fn job(task: &crate::task::Task) -> k8s_openapi::api::batch::v1::Job {
+        build_job(task, &LaunchConfig::default(), Some(&report())).unwrap()
     }
 
     #[test]
@@ -273,6 +462,7 @@ mod tests {
     #[test]
     fn the_same_task_builds_the_same_job() {
         let task = TaskFixture::new().gpus(2, "a100").obj();
+        let rendered = |t| serde_json::to_string(&job(t)).unwrap();
         assert_eq!(rendered(&task), rendered(&task));
     }
 
@@ -284,7 +474,7 @@ mod tests {
             .env("MODE", "fast")
             .label("team", "vision")
             .obj();
-        insta::assert_yaml_snapshot!(build_job(&task, &LaunchConfig::default()).unwrap());
+        insta::assert_yaml_snapshot!(job(&task));
     }
 
     #[test]
@@ -293,37 +483,79 @@ mod tests {
             .cpu("4")
             .memory("16Gi")
             .gpus(1, "v100")
+            .workload(WorkloadKind::Ml)
+            .shm("4Gi")
             .obj();
-        insta::assert_yaml_snapshot!(build_job(&task, &LaunchConfig::default()).unwrap());
+        insta::assert_yaml_snapshot!(job(&task));
     }
 
     #[test]
-    fn eight_a100_in_a_kueue_cluster() {
+    fn eight_a100_with_shm_and_claims_in_a_kueue_cluster() {
         let task = TaskFixture::new()
             .cpu("32")
             .memory("256Gi")
             .gpus(8, "a100")
+            .workload(WorkloadKind::Ml)
+            .shm("16Gi")
+            .volume("models", "/models", true)
+            .volume("datasets", "/data", false)
+            .scratch("500Gi")
             .attempt(2)
             .obj();
         let config = LaunchConfig {
             kueue_queue_name: Some("gpu-training".into()),
+            scratch_storage_class: Some("fast-nvme".into()),
             ..LaunchConfig::default()
         };
-        insta::assert_yaml_snapshot!(build_job(&task, &config).unwrap());
+        insta::assert_yaml_snapshot!(build_job(&task, &config, Some(&report())).unwrap());
     }
 
     #[test]
     fn mig_slice() {
         let task = TaskFixture::new()
             .gpus(1, "a100-mig-1g.10gb")
+            .workload(WorkloadKind::Cv)
+            .shm("1Gi")
             .annotation("example.com/owner", "ml-team")
             .obj();
-        insta::assert_yaml_snapshot!(build_job(&task, &LaunchConfig::default()).unwrap());
+        insta::assert_yaml_snapshot!(job(&task));
+    }
+
+    #[test]
+    fn h100_fallen_back_to_a100() {
+        let task = TaskFixture::new()
+            .cpu("16")
+            .memory("128Gi")
+            .gpus(8, "h100")
+            .placed_on("a100")
+            .workload(WorkloadKind::Ml)
+            .shm("16Gi")
+            .attempt(2)
+            .obj();
+        insta::assert_yaml_snapshot!(job(&task));
+    }
+
+    #[test]
+    fn without_a_report_endpoint_the_runner_still_wraps_the_command() {
+        let task = TaskFixture::new().obj();
+        let job = build_job(&task, &LaunchConfig::default(), None).unwrap();
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.command.as_deref().unwrap()[..3],
+            [
+                "/agent-bus/bin/runner".to_owned(),
+                "--".into(),
+                "python".into()
+            ]
+        );
+        let env = container.env.as_deref().unwrap();
+        assert!(env.iter().all(|e| !e.name.starts_with("AGENT_BUS_REPORT")));
     }
 
     #[test]
     fn an_unconfigured_class_is_an_error_not_a_panic() {
         let task = TaskFixture::new().gpus(1, "tpu").obj();
-        assert!(build_job(&task, &LaunchConfig::default()).is_err());
+        assert!(build_job(&task, &LaunchConfig::default(), None).is_err());
     }
 }

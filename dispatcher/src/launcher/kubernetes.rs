@@ -12,6 +12,7 @@ use kube::api::{DeleteParams, PostParams};
 
 use super::LaunchOutcome;
 use super::job_spec::{LABEL_ATTEMPT, LABEL_TASK_ID, LaunchConfig, build_job, job_name};
+use crate::report::ReportIssuer;
 use crate::task::Task;
 
 /// Creates and deletes task Jobs in one namespace.
@@ -19,6 +20,8 @@ use crate::task::Task;
 pub struct KubernetesExecutor {
     jobs: Api<Job>,
     config: std::sync::Arc<LaunchConfig>,
+    /// `None`: no report URL is configured; runners run commands but report nowhere.
+    reports: Option<ReportIssuer>,
 }
 
 impl std::fmt::Debug for KubernetesExecutor {
@@ -51,17 +54,26 @@ fn retry_delay(error: &kube::Error, backoff: Duration) -> Duration {
 
 impl KubernetesExecutor {
     #[must_use]
-    pub fn new(client: kube::Client, config: std::sync::Arc<LaunchConfig>) -> Self {
+    pub fn new(
+        client: kube::Client,
+        config: std::sync::Arc<LaunchConfig>,
+        reports: Option<ReportIssuer>,
+    ) -> Self {
         Self {
             jobs: Api::namespaced(client, &config.namespace),
             config,
+            reports,
         }
     }
 
     /// Creates the Job of `task`'s current attempt.
     #[tracing::instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
     pub async fn launch(&self, task: &Task) -> LaunchOutcome {
-        let job = match build_job(task, &self.config) {
+        let access = self
+            .reports
+            .as_ref()
+            .map(|issuer| issuer.access(task, jiff::Timestamp::now()));
+        let job = match build_job(task, &self.config, access.as_ref()) {
             Ok(job) => job,
             Err(error) => return LaunchOutcome::Rejected(error.to_string()),
         };
@@ -123,7 +135,12 @@ impl KubernetesExecutor {
 
     /// Deletes the Job of `task`'s current attempt (its pods go with it, in the background).
     pub async fn delete(&self, task: &Task) -> Result<(), kube::Error> {
-        let name = job_name(&task.id, task.attempt);
+        self.delete_attempt(task, task.attempt).await
+    }
+
+    /// Deletes the Job of `attempt` of `task`; a Job already gone is fine.
+    pub async fn delete_attempt(&self, task: &Task, attempt: u32) -> Result<(), kube::Error> {
+        let name = job_name(&task.id, attempt);
         match self.jobs.delete(&name, &DeleteParams::background()).await {
             Ok(_) => {
                 tracing::info!(task_id = %task.id, job = %name, "job deleted");

@@ -1,10 +1,15 @@
 //! The local executor: runs a task's command as a child process of the dispatcher, for
-//! the embedded single-machine mode (no image, no cluster). It records the exit code and
-//! the last lines of output, enforces the timeout and stops the process on cancel.
+//! the embedded single-machine mode (no image, no cluster), through the same runner that
+//! wraps commands in pods: `runner -- <command> <args>`. The runner enforces the timeout,
+//! reports to this dispatcher's `/internal/v1` endpoint and leaves its summary in a
+//! termination-log file; the executor records the outcome (with the runner's failure
+//! class) and the last lines of output, and stops the process on cancel.
 //!
-//! Invariants: the child gets a clean environment (the task's variables, PATH and HOME,
-//! never the dispatcher's own secrets); one process per task attempt; the recorded outcome
-//! is a compare-and-set from `running`, so a cancel that won the race is never overwritten.
+//! Invariants: the child gets a clean environment (the task's variables, PATH, HOME and
+//! the runner's AGENT_BUS_* variables, never the dispatcher's own secrets); one process
+//! per task attempt; the recorded outcome is a compare-and-set from `running`, so a
+//! cancel that won the race is never overwritten; a runner that does not stop within its
+//! own timeout and grace is killed.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -16,18 +21,32 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
 use tokio::sync::oneshot;
 
+use protocol::{TerminationSummary, env as runner_env};
+
 use super::LaunchOutcome;
+use super::job_spec::DEADLINE_MARGIN_SECONDS;
+use crate::report::{ReportIssuer, outcome_of};
 use crate::store::{Store, Transition};
 use crate::task::{Reason, Task, TaskId, TaskState};
 
 /// How much of the output's end is kept for the task's message.
 const OUTPUT_TAIL_BYTES: usize = 2048;
+/// After a cancel, how long the runner has to stop its command before it is killed.
+const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct LocalExecutor {
     store: Store,
     workdir: PathBuf,
+    runner: Option<LocalRunner>,
     running: Arc<Mutex<HashMap<TaskId, oneshot::Sender<()>>>>,
+}
+
+/// The runner binary and where it reports.
+#[derive(Debug, Clone)]
+struct LocalRunner {
+    path: PathBuf,
+    reports: Option<ReportIssuer>,
 }
 
 impl std::fmt::Debug for LocalExecutor {
@@ -44,8 +63,17 @@ impl LocalExecutor {
         Self {
             store,
             workdir,
+            runner: None,
             running: Arc::default(),
         }
+    }
+
+    /// Runs tasks through the runner at `path`, reporting through `reports`. Without it
+    /// (unit tests of the executor alone) commands run bare.
+    #[must_use]
+    pub fn with_runner(mut self, path: PathBuf, reports: Option<ReportIssuer>) -> Self {
+        self.runner = Some(LocalRunner { path, reports });
+        self
     }
 
     /// Starts the process of a claimed (`launching`) task and records it `running`.
@@ -61,9 +89,37 @@ impl LocalExecutor {
         if let Err(error) = tokio::fs::create_dir_all(&dir).await {
             return LaunchOutcome::Transient(format!("creating {}: {error}", dir.display()));
         }
-        let mut command = Command::new(program);
+        let termination_log = dir.join("termination-log");
+        let _ = tokio::fs::remove_file(&termination_log).await;
+        let mut command = if let Some(runner) = &self.runner {
+            {
+                let mut command = Command::new(&runner.path);
+                command
+                    .arg("--termination-log")
+                    .arg(&termination_log)
+                    .arg("--")
+                    .arg(program)
+                    .args(argv)
+                    .env(runner_env::TASK_ID, task.id.to_string())
+                    .env(runner_env::ATTEMPT, task.attempt.to_string())
+                    .env(
+                        runner_env::TIMEOUT_SECONDS,
+                        task.spec.timeout_seconds.to_string(),
+                    );
+                if let Some(reports) = &runner.reports {
+                    let access = reports.access(task, jiff::Timestamp::now());
+                    command
+                        .env(runner_env::REPORT_URL, access.url)
+                        .env(runner_env::REPORT_TOKEN, access.token);
+                }
+                command
+            }
+        } else {
+            let mut command = Command::new(program);
+            command.args(argv);
+            command
+        };
         command
-            .args(argv)
             .current_dir(&dir)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
@@ -79,13 +135,7 @@ impl LocalExecutor {
                 return LaunchOutcome::Rejected(format!("starting '{program}': {error}"));
             }
         };
-        let started = Transition {
-            to: TaskState::Running,
-            reason: None,
-            message: None,
-            exit_code: None,
-            attempt: None,
-        };
+        let started = Transition::to(TaskState::Running);
         match self
             .store
             .transition(task.id, TaskState::Launching, &started)
@@ -119,13 +169,23 @@ impl LocalExecutor {
         ];
         let executor = self.clone();
         let id = task.id;
+        let attempt = task.attempt;
         let timeout = Duration::from_secs(u64::from(task.spec.timeout_seconds));
+        let backstop = match &self.runner {
+            Some(_) => timeout + Duration::from_secs(u64::from(DEADLINE_MARGIN_SECONDS)),
+            None => timeout,
+        };
         tokio::spawn(async move {
             let outcome = tokio::select! {
                 status = child.wait() => Some(status),
-                () = tokio::time::sleep(timeout) => None,
+                () = tokio::time::sleep(backstop) => None,
                 _ = stop => {
-                    let _ = child.kill().await;
+                    // The runner forwards SIGTERM to the command and stops it after its
+                    // grace period; kill it only if it does not.
+                    terminate(&child);
+                    if tokio::time::timeout(CANCEL_GRACE, child.wait()).await.is_err() {
+                        let _ = child.kill().await;
+                    }
                     if let Ok(mut running) = executor.running.lock() {
                         running.remove(&id);
                     }
@@ -144,6 +204,22 @@ impl LocalExecutor {
                     String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>()).into_owned()
                 })
                 .unwrap_or_default();
+            let summary = tokio::fs::read_to_string(&termination_log)
+                .await
+                .ok()
+                .and_then(|text| TerminationSummary::from_message(&text));
+            if let Some(summary) = &summary
+                && let Err(error) = executor
+                    .store
+                    .record_termination(id, attempt, summary)
+                    .await
+            {
+                tracing::warn!(task_id = %id, error = %error, "keeping the runner's summary failed");
+            }
+            let classified = summary
+                .as_ref()
+                .and_then(|s| s.failure_class)
+                .map(outcome_of);
             let change = match outcome {
                 None => Transition {
                     to: TaskState::TimedOut,
@@ -154,6 +230,7 @@ impl LocalExecutor {
                     )),
                     exit_code: None,
                     attempt: None,
+                    gpu_class: None,
                 },
                 Some(Ok(status)) if status.success() => Transition {
                     to: TaskState::Succeeded,
@@ -161,20 +238,26 @@ impl LocalExecutor {
                     message: (!output.is_empty()).then_some(output),
                     exit_code: Some(0),
                     attempt: None,
+                    gpu_class: None,
                 },
-                Some(Ok(status)) => Transition {
-                    to: TaskState::Failed,
-                    reason: Some(Reason::ExitCode),
-                    message: Some(output),
-                    exit_code: Some(exit_code_of(status)),
-                    attempt: None,
-                },
+                Some(Ok(status)) => {
+                    let (to, reason) = classified.unwrap_or((TaskState::Failed, Reason::ExitCode));
+                    Transition {
+                        to,
+                        reason: Some(reason),
+                        message: Some(output),
+                        exit_code: Some(exit_code_of(status)),
+                        attempt: None,
+                        gpu_class: None,
+                    }
+                }
                 Some(Err(error)) => Transition {
                     to: TaskState::Failed,
                     reason: Some(Reason::JobLost),
                     message: Some(format!("waiting for the process failed: {error}")),
                     exit_code: None,
                     attempt: None,
+                    gpu_class: None,
                 },
             };
             if let Ok(mut running) = executor.running.lock() {
@@ -209,6 +292,16 @@ impl LocalExecutor {
         if let Some(sender) = sender {
             let _ = sender.send(());
         }
+    }
+}
+
+/// Asks the process to stop (SIGTERM), which the runner forwards to the command.
+fn terminate(child: &tokio::process::Child) {
+    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
 }
 

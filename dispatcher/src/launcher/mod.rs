@@ -160,6 +160,7 @@ impl Launcher {
             message: None,
             exit_code: None,
             attempt: None,
+            gpu_class: None,
         };
         match self.store.transition(id, TaskState::Queued, &claim).await {
             Ok(Some(task)) => self.launch_claimed(task).await,
@@ -183,6 +184,7 @@ impl Launcher {
                 message: None,
                 exit_code: None,
                 attempt: None,
+                gpu_class: None,
             },
             LaunchOutcome::Rejected(message) => Transition {
                 to: TaskState::Failed,
@@ -190,6 +192,7 @@ impl Launcher {
                 message: Some(message.clone()),
                 exit_code: None,
                 attempt: None,
+                gpu_class: None,
             },
             LaunchOutcome::AlreadyHandled => return,
             LaunchOutcome::Transient(message) => {

@@ -37,6 +37,7 @@
 //! database.
 
 mod error;
+mod reports;
 mod row;
 
 use std::fmt;
@@ -48,6 +49,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Transaction};
 use tracing::instrument;
 
 pub use error::{Result, StoreError};
+pub use reports::{LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION_SEQUENCE};
 
 use crate::task::{Reason, Task, TaskId, TaskState};
 use row::{event_columns, millis, task_columns, tenant_columns};
@@ -240,8 +242,10 @@ pub struct Transition {
     pub reason: Option<Reason>,
     pub message: Option<String>,
     pub exit_code: Option<i32>,
-    /// Set a new attempt number.
+    /// Set a new attempt number (which also forgets the last attempt's heartbeat).
     pub attempt: Option<u32>,
+    /// Set the GPU class of the (new) attempt.
+    pub gpu_class: Option<String>,
 }
 
 impl Transition {
@@ -254,6 +258,7 @@ impl Transition {
             message: None,
             exit_code: None,
             attempt: None,
+            gpu_class: None,
         }
     }
 
@@ -278,6 +283,12 @@ impl Transition {
     #[must_use]
     pub fn attempt(mut self, attempt: u32) -> Self {
         self.attempt = Some(attempt);
+        self
+    }
+
+    #[must_use]
+    pub fn gpu_class(mut self, class: impl Into<String>) -> Self {
+        self.gpu_class = Some(class.into());
         self
     }
 }
@@ -306,7 +317,7 @@ pub struct Store {
 }
 
 /// Maps a database error to a [`StoreError`] naming what the store was doing.
-trait During<T> {
+pub(crate) trait During<T> {
     fn during(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
@@ -517,8 +528,9 @@ impl Store {
 
         let inserted = sqlx::query(
             "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, reason, \
-             message, attempt, exit_code, idempotency_key, request_hash, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             message, attempt, exit_code, idempotency_key, request_hash, created_at, updated_at, \
+             gpu_class) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
              ON CONFLICT (tenant, idempotency_key) DO NOTHING",
         )
         .bind(id.to_string())
@@ -536,6 +548,7 @@ impl Store {
         .bind(idempotency.as_ref().map(|i| i.request_hash.as_str()))
         .bind(millis(task.created_at))
         .bind(millis(task.updated_at))
+        .bind(task.gpu_class.as_deref())
         .execute(&mut *tx)
         .await;
         let inserted = match inserted {
@@ -712,7 +725,10 @@ impl Store {
         let mut tx = self.begin_write().await.during(during)?;
         let updated = sqlx::query(concat!(
             "UPDATE tasks SET state = $3, reason = $4, message = $5, exit_code = $6, \
-             attempt = COALESCE($7, attempt), updated_at = $8 \
+             attempt = COALESCE($7, attempt), updated_at = $8, \
+             gpu_class = COALESCE($9, gpu_class), \
+             last_heartbeat_at = CASE WHEN $7 IS NULL THEN last_heartbeat_at ELSE NULL END, \
+             last_heartbeat = CASE WHEN $7 IS NULL THEN last_heartbeat ELSE NULL END \
              WHERE id = $1 AND state = $2 RETURNING ",
             task_columns!()
         ))
@@ -724,6 +740,7 @@ impl Store {
         .bind(change.exit_code)
         .bind(change.attempt.map(|attempt| attempt as i32))
         .bind(now)
+        .bind(change.gpu_class.as_deref())
         .fetch_optional(&mut *tx)
         .await
         .during(during)?;

@@ -12,7 +12,7 @@ use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 /// The columns [`task`] reads, in `SELECT` order; a macro so queries stay `&'static str`.
 macro_rules! task_columns {
     () => {
-        "id, tenant, spec, state, reason, message, attempt, exit_code, created_at, updated_at"
+        "id, tenant, spec, state, reason, message, attempt, gpu_class, exit_code, created_at, updated_at"
     };
 }
 pub(super) use task_columns;
@@ -91,6 +91,7 @@ pub(super) fn task(row: &AnyRow) -> Result<Task> {
         reason: parse_optional::<Reason>(get(row, "reason", &record)?, "reason", &record)?,
         message: get(row, "message", &record)?,
         attempt: attempt(get(row, "attempt", &record)?, &record)?,
+        gpu_class: get(row, "gpu_class", &record)?,
         exit_code: get(row, "exit_code", &record)?,
         created_at: timestamp(get(row, "created_at", &record)?, &record)?,
         updated_at: timestamp(get(row, "updated_at", &record)?, &record)?,

@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{GpuRequest, Resources, Task, TaskId, TaskSpec, TaskState};
+use super::{
+    GpuRequest, Resources, Scratch, Task, TaskId, TaskSpec, TaskState, VolumeMount, WorkloadKind,
+};
 
 #[derive(Debug, Clone)]
 pub struct TaskFixture(Task);
@@ -36,11 +38,16 @@ impl TaskFixture {
                 queue: "default".into(),
                 labels: BTreeMap::new(),
                 annotations: BTreeMap::new(),
+                workload: WorkloadKind::Cpu,
+                shm: None,
+                volumes: Vec::new(),
+                scratch: None,
             },
             state: TaskState::Queued,
             reason: None,
             message: None,
             attempt: 1,
+            gpu_class: None,
             exit_code: None,
             created_at: time,
             updated_at: time,
@@ -64,6 +71,46 @@ impl TaskFixture {
         self.0.spec.resources.gpu = Some(GpuRequest {
             count,
             class: class.into(),
+            allow_fallback: true,
+        });
+        self.0.gpu_class = Some(class.into());
+        self
+    }
+
+    /// The current attempt runs on `class` (a fallback of the requested one).
+    #[must_use]
+    pub fn placed_on(mut self, class: &str) -> Self {
+        self.0.gpu_class = Some(class.into());
+        self
+    }
+
+    #[must_use]
+    pub fn workload(mut self, kind: WorkloadKind) -> Self {
+        self.0.spec.workload = kind;
+        self
+    }
+
+    #[must_use]
+    pub fn shm(mut self, size: &str) -> Self {
+        self.0.spec.shm = Some(size.parse().unwrap());
+        self
+    }
+
+    #[must_use]
+    pub fn volume(mut self, claim: &str, path: &str, read_only: bool) -> Self {
+        self.0.spec.volumes.push(VolumeMount {
+            claim: claim.into(),
+            mount_path: path.into(),
+            read_only,
+        });
+        self
+    }
+
+    #[must_use]
+    pub fn scratch(mut self, size: &str) -> Self {
+        self.0.spec.scratch = Some(Scratch {
+            size: size.parse().unwrap(),
+            mount_path: "/scratch".into(),
         });
         self
     }

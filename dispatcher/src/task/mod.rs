@@ -125,7 +125,8 @@ impl TaskState {
     ///
     /// Moves may skip intermediate states (a watcher that was down can see a Job that
     /// already finished), but never go back, except `launching → queued`, which returns a
-    /// task whose launch failed transiently to its queue.
+    /// task whose launch failed transiently to its queue, and `launched → queued`, which
+    /// starts a new attempt on a fallback GPU class.
     #[must_use]
     pub fn can_move_to(self, next: Self) -> bool {
         use TaskState::{
@@ -135,7 +136,10 @@ impl TaskState {
             return false;
         }
         match next {
-            Queued | Launched => self == Launching,
+            // launched → queued: a pod no node of its GPU class could take moves to the
+            // next fallback class as a new attempt.
+            Queued => matches!(self, Launching | Launched),
+            Launched => self == Launching,
             Launching | Expired => self == Queued,
             Running => matches!(self, Launching | Launched),
             Succeeded | TimedOut => matches!(self, Launching | Launched | Running),
@@ -170,6 +174,77 @@ impl FromStr for TaskState {
 pub struct GpuRequest {
     pub count: u32,
     pub class: String,
+    /// Whether a task that cannot be placed on `class` may move to the class's configured
+    /// fallbacks (as a new attempt).
+    #[serde(default = "yes")]
+    pub allow_fallback: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What kind of work a task is, which decides its shared memory (see
+/// [`crate::placement::workload`]).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadKind {
+    /// Machine learning: training, fine-tuning, inference.
+    Ml,
+    /// Computer vision pipelines.
+    Cv,
+    /// Anything else.
+    #[default]
+    Cpu,
+}
+
+impl WorkloadKind {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ml => "ml",
+            Self::Cv => "cv",
+            Self::Cpu => "cpu",
+        }
+    }
+
+    /// ML and CV data loaders pass batches through `/dev/shm`.
+    #[must_use]
+    pub fn wants_shared_memory(self) -> bool {
+        matches!(self, Self::Ml | Self::Cv)
+    }
+}
+
+/// The kind a submission declares; `auto` lets agent-bus decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadRequest {
+    #[default]
+    Auto,
+    Ml,
+    Cv,
+    Cpu,
+}
+
+/// A shared PersistentVolumeClaim mounted into the task's container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VolumeMount {
+    /// The claim's name (one the operator shares with this tenant).
+    pub claim: String,
+    /// Absolute path in the container.
+    pub mount_path: String,
+    pub read_only: bool,
+}
+
+/// A per-task scratch volume: a generic ephemeral volume, created with the pod and
+/// deleted with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Scratch {
+    #[schema(value_type = String)]
+    pub size: Memory,
+    pub mount_path: String,
 }
 
 /// What a task asks of a node. `None` means the cluster's LimitRange default applies.
@@ -205,6 +280,18 @@ pub struct TaskSpec {
     pub labels: BTreeMap<String, String>,
     /// Pod annotations.
     pub annotations: BTreeMap<String, String>,
+    /// The kind of work, as declared or detected (never `auto` once stored).
+    #[serde(default)]
+    pub workload: WorkloadKind,
+    /// The size of `/dev/shm` (a memory-backed volume), explicit or by the shm rule;
+    /// `None` keeps the container runtime's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub shm: Option<Memory>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scratch: Option<Scratch>,
 }
 
 /// Why a task is in its state; travels with the state into the API, events and metrics.
@@ -235,12 +322,17 @@ pub enum Reason {
     HeartbeatLost,
     /// The GPU failed (Xid error, CUDA error).
     GpuError,
+    /// CUDA ran out of GPU memory.
+    GpuOutOfMemory,
     /// The command failed in a way that retrying cannot fix.
     UserError,
+    /// No node of the GPU class could take the pod in time: the task moved to the next
+    /// fallback class as a new attempt.
+    FellBack,
 }
 
 impl Reason {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::ExitCode,
         Self::BackoffLimit,
         Self::DeadlineExceeded,
@@ -253,7 +345,9 @@ impl Reason {
         Self::JobLost,
         Self::HeartbeatLost,
         Self::GpuError,
+        Self::GpuOutOfMemory,
         Self::UserError,
+        Self::FellBack,
     ];
 
     #[must_use]
@@ -271,7 +365,9 @@ impl Reason {
             Self::JobLost => "job_lost",
             Self::HeartbeatLost => "heartbeat_lost",
             Self::GpuError => "gpu_error",
+            Self::GpuOutOfMemory => "gpu_out_of_memory",
             Self::UserError => "user_error",
+            Self::FellBack => "fell_back",
         }
     }
 }
@@ -306,6 +402,9 @@ pub struct Task {
     pub message: Option<String>,
     /// 1 for the first run; each retry is a new attempt with its own Job.
     pub attempt: u32,
+    /// The GPU class the current attempt runs on: the requested class, or a fallback the
+    /// task moved to. `None` for tasks without GPUs.
+    pub gpu_class: Option<String>,
     pub exit_code: Option<i32>,
     pub created_at: jiff::Timestamp,
     pub updated_at: jiff::Timestamp,
@@ -316,6 +415,7 @@ impl Task {
     #[must_use]
     pub fn new(tenant: impl Into<String>, spec: TaskSpec) -> Self {
         let now = jiff::Timestamp::now();
+        let gpu_class = spec.resources.gpu.as_ref().map(|gpu| gpu.class.clone());
         Self {
             id: TaskId::new(),
             tenant: tenant.into(),
@@ -324,6 +424,7 @@ impl Task {
             reason: None,
             message: None,
             attempt: 1,
+            gpu_class,
             exit_code: None,
             created_at: now,
             updated_at: now,
@@ -369,6 +470,7 @@ mod tests {
             (Queued, Expired),
             (Queued, Failed),
             (Launching, Queued),
+            (Launched, Queued),
         ];
         for (from, to) in allowed {
             assert!(from.can_move_to(to), "{from} -> {to} should be allowed");
@@ -377,7 +479,6 @@ mod tests {
             (Running, Launched),
             (Launched, Launching),
             (Running, Queued),
-            (Launched, Queued),
             (Queued, Running),
             (Queued, Succeeded),
             (Running, Expired),

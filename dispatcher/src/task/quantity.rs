@@ -66,6 +66,23 @@ impl Memory {
         (bytes > 0).then_some(Self { bytes })
     }
 
+    /// `n` GiB; `n` must be at least 1 (a constant in configuration defaults).
+    #[must_use]
+    pub const fn from_gib(n: u64) -> Self {
+        let n = if n == 0 { 1 } else { n };
+        Self {
+            bytes: n * 1024 * 1024 * 1024,
+        }
+    }
+
+    /// The sum, saturating (a pod's memory plus its shared memory).
+    #[must_use]
+    pub fn saturating_add(self, other: Self) -> Self {
+        Self {
+            bytes: self.bytes.saturating_add(other.bytes),
+        }
+    }
+
     #[must_use]
     pub fn bytes(self) -> u64 {
         self.bytes

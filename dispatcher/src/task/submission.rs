@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::quantity::{Cpu, Memory};
-use super::{GpuRequest, Resources, TaskSpec};
-use crate::placement::GpuClasses;
+use super::{GpuRequest, Resources, Scratch, TaskSpec, VolumeMount, WorkloadRequest};
+use crate::placement::{GpuClasses, SharedClaim, workload};
 
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
 /// error instead of being silently ignored.
@@ -36,6 +36,38 @@ pub struct Submission {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// `ml`, `cv`, `cpu` or `auto` (the default: decided from the GPU request, the image
+    /// and the command).
+    pub workload: Option<WorkloadRequest>,
+    /// Size of `/dev/shm`, e.g. `8Gi`. By default ML and CV tasks get a share of their
+    /// memory request (see the shm rule in the configuration), others the runtime default.
+    pub shm: Option<String>,
+    /// Shared PersistentVolumeClaims to mount.
+    #[serde(default)]
+    pub volumes: Vec<VolumeInput>,
+    /// A per-task scratch volume, created with the pod and deleted with it.
+    pub scratch: Option<ScratchInput>,
+}
+
+/// A shared claim to mount, as written by the tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeInput {
+    pub claim: String,
+    /// Absolute path; by default `/mnt/<claim>`.
+    pub mount_path: Option<String>,
+    /// Default `true`; `false` only for claims the operator shares writable.
+    pub read_only: Option<bool>,
+}
+
+/// A scratch volume, as written by the tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScratchInput {
+    /// e.g. `100Gi`.
+    pub size: String,
+    /// Absolute path; by default `/scratch`.
+    pub mount_path: Option<String>,
 }
 
 /// Resources as written by the tenant: quantities are strings until validated.
@@ -52,6 +84,9 @@ pub struct ResourcesInput {
 pub struct GpuInput {
     pub count: u32,
     pub class: String,
+    /// Default `true`: a task no node of `class` can take in time moves to the class's
+    /// fallbacks.
+    pub allow_fallback: Option<bool>,
 }
 
 /// A submission broke a rule: which field, and what the rule is.
@@ -90,6 +125,52 @@ pub struct Limits {
     /// Annotation key prefixes tenants may use even inside a reserved domain (the test
     /// environment's `agent-bus.io/test-`); empty in production.
     pub allowed_annotation_prefixes: Vec<String>,
+    /// Shared claims by name, with the tenants allowed to mount them.
+    pub volume_claims: BTreeMap<String, SharedClaim>,
+    pub max_volumes: usize,
+    pub max_scratch: Memory,
+    pub max_shm: Memory,
+    pub shm_rule: ShmRule,
+}
+
+/// How big `/dev/shm` is for an ML or CV task that does not say.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShmRule {
+    /// This share of the memory request…
+    pub fraction: f64,
+    /// …but at most this much…
+    pub cap: Memory,
+    /// …and this much when the task requests no memory.
+    pub without_memory_request: Memory,
+}
+
+impl Default for ShmRule {
+    fn default() -> Self {
+        Self {
+            fraction: 0.25,
+            cap: gib(16),
+            without_memory_request: gib(1),
+        }
+    }
+}
+
+const fn gib(n: u64) -> Memory {
+    Memory::from_gib(n)
+}
+
+impl ShmRule {
+    /// The shm size of a task of this kind with this memory request (`None`: keep the
+    /// runtime default). Rounded down to whole MiB.
+    #[must_use]
+    pub fn size(&self, memory: Option<Memory>) -> Memory {
+        const MIB: u64 = 1024 * 1024;
+        let wanted = match memory {
+            Some(memory) => (memory.bytes() as f64 * self.fraction) as u64,
+            None => self.without_memory_request.bytes(),
+        };
+        let bytes = (wanted.min(self.cap.bytes()) / MIB).max(1) * MIB;
+        Memory::from_bytes(bytes).unwrap_or(self.without_memory_request)
+    }
 }
 
 impl Default for Limits {
@@ -107,6 +188,11 @@ impl Default for Limits {
             max_priority: 1000,
             gpu_classes: GpuClasses::default().capacities(),
             allowed_annotation_prefixes: Vec::new(),
+            volume_claims: BTreeMap::new(),
+            max_volumes: 8,
+            max_scratch: gib(1024),
+            max_shm: gib(256),
+            shm_rule: ShmRule::default(),
         }
     }
 }
@@ -122,11 +208,25 @@ const RESERVED_DOMAINS: [&str; 3] = ["agent-bus.io", "kubernetes.io", "k8s.io"];
 /// Environment variables the runner sets; a tenant may not override them.
 const RESERVED_ENV_PREFIX: &str = "AGENT_BUS_";
 
-/// Checks `submission` against `limits` and returns the task's spec, or the first rule
-/// it broke.
-pub fn validate(submission: Submission, limits: &Limits) -> Result<TaskSpec, FieldError> {
+/// Paths a volume may not be mounted at or under: the runner's folder, and the kernel's.
+const RESERVED_MOUNT_PATHS: [&str; 4] = ["/agent-bus", "/dev", "/proc", "/sys"];
+
+/// Checks `submission` of `tenant` against `limits` and returns the task's spec, or the
+/// first rule it broke.
+pub fn validate(
+    submission: Submission,
+    limits: &Limits,
+    tenant: &str,
+) -> Result<TaskSpec, FieldError> {
     check_dns_label("name", &submission.name)?;
     check_image(&submission.image)?;
+    if submission.command.is_empty() {
+        return Err(FieldError::new(
+            "command",
+            "is required: the runner wraps the command, and an image's entrypoint is not \
+             known before the pod starts (give the entrypoint here, arguments in args)",
+        ));
+    }
     check_strings("command", &submission.command, limits)?;
     check_strings("args", &submission.args, limits)?;
     check_env(&submission.env, limits)?;
@@ -163,6 +263,37 @@ pub fn validate(submission: Submission, limits: &Limits) -> Result<TaskSpec, Fie
     check_labels(&submission.labels, limits)?;
     check_annotations(&submission.annotations, limits)?;
 
+    let argv: Vec<String> = submission
+        .command
+        .iter()
+        .chain(&submission.args)
+        .cloned()
+        .collect();
+    let workload = workload::detect(
+        submission.workload.unwrap_or_default(),
+        &submission.image,
+        &argv,
+        resources.gpu.is_some(),
+    );
+    let shm = match submission.shm {
+        Some(text) => {
+            let size = text
+                .parse::<Memory>()
+                .map_err(|e| FieldError::new("shm", e.to_string()))?;
+            if size > limits.max_shm {
+                return Err(FieldError::new(
+                    "shm",
+                    format!("must be at most {}", limits.max_shm),
+                ));
+            }
+            Some(size)
+        }
+        None => workload
+            .wants_shared_memory()
+            .then(|| limits.shm_rule.size(resources.memory)),
+    };
+    let (volumes, scratch) = check_volumes(submission.volumes, submission.scratch, limits, tenant)?;
+
     Ok(TaskSpec {
         name: submission.name,
         image: submission.image,
@@ -176,7 +307,140 @@ pub fn validate(submission: Submission, limits: &Limits) -> Result<TaskSpec, Fie
         queue,
         labels: submission.labels,
         annotations: submission.annotations,
+        workload,
+        shm,
+        volumes,
+        scratch,
     })
+}
+
+/// Names of GPU classes and claims: lowercase letters, digits, '-' and '.', 1 to 63
+/// characters, starting and ending with a letter or digit.
+pub fn is_class_name(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+fn check_mount_path(field: &str, path: &str) -> Result<(), FieldError> {
+    let normal = path.starts_with('/')
+        && path.len() > 1
+        && path.len() <= 256
+        && !path.ends_with('/')
+        && path
+            .split('/')
+            .skip(1)
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+        && path
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'));
+    if !normal {
+        return Err(FieldError::new(
+            field,
+            "must be an absolute path of at most 256 letters, digits, '-', '_', '.' and '/', \
+             without '.', '..', empty parts or a trailing '/'",
+        ));
+    }
+    let reserved = RESERVED_MOUNT_PATHS.iter().find(|reserved| {
+        path == **reserved
+            || path
+                .strip_prefix(**reserved)
+                .is_some_and(|rest| rest.starts_with('/'))
+    });
+    if let Some(reserved) = reserved {
+        return Err(FieldError::new(
+            field,
+            format!("must not be {reserved} or under it (reserved)"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_volumes(
+    volumes: Vec<VolumeInput>,
+    scratch: Option<ScratchInput>,
+    limits: &Limits,
+    tenant: &str,
+) -> Result<(Vec<VolumeMount>, Option<Scratch>), FieldError> {
+    if volumes.len() > limits.max_volumes {
+        return Err(FieldError::new(
+            "volumes",
+            format!("must have at most {} entries", limits.max_volumes),
+        ));
+    }
+    let mut paths: BTreeMap<String, String> = BTreeMap::new();
+    let mut mounts = Vec::with_capacity(volumes.len());
+    for (index, volume) in volumes.into_iter().enumerate() {
+        let field = |name: &str| format!("volumes[{index}].{name}");
+        let shared = limits
+            .volume_claims
+            .get(&volume.claim)
+            .filter(|claim| claim.allows(tenant));
+        let Some(shared) = shared else {
+            return Err(FieldError::new(
+                field("claim"),
+                format!(
+                    "claim '{}' is not shared with tenant '{tenant}' (ask the operator to add it to the placement file's volume_claims)",
+                    volume.claim
+                ),
+            ));
+        };
+        if mounts.iter().any(|m: &VolumeMount| m.claim == volume.claim) {
+            return Err(FieldError::new(field("claim"), "is mounted twice"));
+        }
+        let read_only = volume.read_only.unwrap_or(true);
+        if !read_only && !shared.writable {
+            return Err(FieldError::new(
+                field("read_only"),
+                format!("claim '{}' is shared read-only", volume.claim),
+            ));
+        }
+        let mount_path = volume
+            .mount_path
+            .unwrap_or_else(|| format!("/mnt/{}", volume.claim));
+        check_mount_path(&field("mount_path"), &mount_path)?;
+        if let Some(other) = paths.insert(mount_path.clone(), field("mount_path")) {
+            return Err(FieldError::new(
+                field("mount_path"),
+                format!("is already used by {other}"),
+            ));
+        }
+        mounts.push(VolumeMount {
+            claim: volume.claim,
+            mount_path,
+            read_only,
+        });
+    }
+    let scratch = match scratch {
+        None => None,
+        Some(scratch) => {
+            let size = scratch
+                .size
+                .parse::<Memory>()
+                .map_err(|e| FieldError::new("scratch.size", e.to_string()))?;
+            if size > limits.max_scratch {
+                return Err(FieldError::new(
+                    "scratch.size",
+                    format!("must be at most {}", limits.max_scratch),
+                ));
+            }
+            let mount_path = scratch.mount_path.unwrap_or_else(|| "/scratch".to_owned());
+            check_mount_path("scratch.mount_path", &mount_path)?;
+            if let Some(other) = paths.get(&mount_path) {
+                return Err(FieldError::new(
+                    "scratch.mount_path",
+                    format!("is already used by {other}"),
+                ));
+            }
+            Some(Scratch { size, mount_path })
+        }
+    };
+    Ok((mounts, scratch))
 }
 
 /// RFC 1123 label: lowercase alphanumerics and '-', starting and ending alphanumeric,
@@ -323,6 +587,7 @@ fn check_resources(input: ResourcesInput, limits: &Limits) -> Result<Resources, 
             Some(GpuRequest {
                 count: gpu.count,
                 class: gpu.class,
+                allow_fallback: gpu.allow_fallback.unwrap_or(true),
             })
         }
     };
@@ -424,7 +689,103 @@ fn is_label_name(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{FieldError, GpuInput, Limits, Submission, validate};
+    use super::{FieldError, GpuInput, Limits, ScratchInput, Submission, VolumeInput, validate};
+    use crate::placement::SharedClaim;
+    use crate::task::{WorkloadKind, WorkloadRequest};
+
+    fn shared(name: &str, tenants: &[&str], writable: bool) -> (String, SharedClaim) {
+        (
+            name.to_owned(),
+            SharedClaim {
+                name: name.to_owned(),
+                tenants: tenants.iter().map(|&t| t.to_owned()).collect(),
+                writable,
+            },
+        )
+    }
+
+    /// Limits with three shared claims: models (everyone, read-only), datasets (globex
+    /// only), scratch-a (acme, writable).
+    fn limits_with_claims() -> Limits {
+        Limits {
+            volume_claims: [
+                shared("models", &["*"], false),
+                shared("datasets", &["globex"], true),
+                shared("scratch-a", &["acme"], true),
+            ]
+            .into(),
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn volumes_shm_and_workload_are_resolved() {
+        let spec = validate(
+            submission()
+                .volume("models", None, None)
+                .volume("scratch-a", Some("/work/out"), Some(false))
+                .with(|s| {
+                    s.resources.memory = Some("32Gi".into());
+                    s.scratch = Some(ScratchInput {
+                        size: "100Gi".into(),
+                        mount_path: None,
+                    });
+                })
+                .0,
+            &limits_with_claims(),
+            "acme",
+        )
+        .unwrap();
+        assert_eq!(spec.workload, WorkloadKind::Ml);
+        // A quarter of 32Gi.
+        assert_eq!(spec.shm.unwrap().to_string(), "8Gi");
+        assert_eq!(spec.volumes[0].mount_path, "/mnt/models");
+        assert!(spec.volumes[0].read_only);
+        assert!(!spec.volumes[1].read_only);
+        let scratch = spec.scratch.unwrap();
+        assert_eq!(
+            (scratch.size.to_string(), scratch.mount_path.as_str()),
+            ("100Gi".into(), "/scratch")
+        );
+
+        let explicit = validate(
+            submission().with(|s| s.shm = Some("2Gi".into())).0,
+            &Limits::default(),
+            "acme",
+        )
+        .unwrap();
+        assert_eq!(explicit.shm.unwrap().to_string(), "2Gi");
+        let capped = validate(
+            submission()
+                .with(|s| s.resources.memory = Some("512Gi".into()))
+                .0,
+            &Limits::default(),
+            "acme",
+        )
+        .unwrap();
+        assert_eq!(capped.shm.unwrap().to_string(), "16Gi");
+        let cpu = validate(
+            submission()
+                .with(|s| {
+                    s.image = "busybox".into();
+                    s.command = vec!["sh".into()];
+                })
+                .0,
+            &Limits::default(),
+            "acme",
+        )
+        .unwrap();
+        assert_eq!((cpu.workload, cpu.shm), (WorkloadKind::Cpu, None));
+        let declared = validate(
+            submission()
+                .with(|s| s.workload = Some(WorkloadRequest::Cpu))
+                .0,
+            &Limits::default(),
+            "acme",
+        )
+        .unwrap();
+        assert_eq!((declared.workload, declared.shm), (WorkloadKind::Cpu, None));
+    }
 
     /// A fluent fixture: `submission().gpu(2, "a100").obj()`.
     struct Fixture(Submission);
@@ -448,6 +809,7 @@ mod tests {
                 s.resources.gpu = Some(GpuInput {
                     count,
                     class: class.into(),
+                    allow_fallback: None,
                 });
             })
         }
@@ -461,14 +823,23 @@ mod tests {
                 s.labels.insert(key.into(), value.into());
             })
         }
+        fn volume(self, claim: &str, path: Option<&str>, read_only: Option<bool>) -> Self {
+            self.with(|s| {
+                s.volumes.push(VolumeInput {
+                    claim: claim.into(),
+                    mount_path: path.map(Into::into),
+                    read_only,
+                });
+            })
+        }
         fn field_error(self) -> FieldError {
-            validate(self.0, &Limits::default()).expect_err("should be refused")
+            validate(self.0, &limits_with_claims(), "acme").expect_err("should be refused")
         }
     }
 
     #[test]
     fn a_plain_submission_gets_the_defaults() {
-        let spec = validate(submission().0, &Limits::default()).unwrap();
+        let spec = validate(submission().0, &Limits::default(), "acme").unwrap();
         assert_eq!(spec.queue, "default");
         assert_eq!(spec.timeout_seconds, 3600);
         assert_eq!(spec.max_retries, 0);
@@ -487,6 +858,7 @@ mod tests {
                 .gpu(2, "a100")
                 .0,
             &Limits::default(),
+            "acme",
         )
         .unwrap();
         assert_eq!(spec.resources.cpu.unwrap().millicores(), 500);
@@ -558,6 +930,71 @@ mod tests {
                 submission().with(|s| s.command = vec!["a\0b".into()]),
                 "command[0]",
             ),
+            (submission().with(|s| s.command = vec![]), "command"),
+            (submission().with(|s| s.shm = Some("lots".into())), "shm"),
+            (submission().with(|s| s.shm = Some("300Gi".into())), "shm"),
+            (
+                submission().volume("secret-stash", None, None),
+                "volumes[0].claim",
+            ),
+            (
+                submission().volume("datasets", None, None),
+                "volumes[0].claim",
+            ),
+            (
+                submission().volume("models", None, Some(false)),
+                "volumes[0].read_only",
+            ),
+            (
+                submission().volume("models", Some("/agent-bus/bin"), None),
+                "volumes[0].mount_path",
+            ),
+            (
+                submission().volume("models", Some("/data/../etc"), None),
+                "volumes[0].mount_path",
+            ),
+            (
+                submission().volume("models", Some("relative"), None),
+                "volumes[0].mount_path",
+            ),
+            (
+                submission().volume("models", Some("/dev/shm"), None),
+                "volumes[0].mount_path",
+            ),
+            (
+                submission().volume("models", Some("/data"), None).volume(
+                    "scratch-a",
+                    Some("/data"),
+                    None,
+                ),
+                "volumes[1].mount_path",
+            ),
+            (
+                submission()
+                    .volume("models", None, None)
+                    .volume("models", None, None),
+                "volumes[1].claim",
+            ),
+            (
+                submission().with(|s| {
+                    s.scratch = Some(ScratchInput {
+                        size: "2Ti".into(),
+                        mount_path: None,
+                    });
+                }),
+                "scratch.size",
+            ),
+            (
+                submission()
+                    .volume("models", Some("/scratch"), None)
+                    .with(|s| {
+                        s.scratch = Some(ScratchInput {
+                            size: "10Gi".into(),
+                            mount_path: None,
+                        });
+                    }),
+                "scratch.mount_path",
+            ),
         ];
         for (fixture, field) in cases {
             let error = fixture.field_error();
@@ -577,14 +1014,21 @@ mod tests {
                 s.annotations.insert(key.into(), "3".into());
             })
         };
-        assert!(validate(with("agent-bus.io/test-exit-code").0, &limits).is_ok());
+        assert!(validate(with("agent-bus.io/test-exit-code").0, &limits, "acme").is_ok());
         assert_eq!(
-            validate(with("agent-bus.io/task-id").0, &limits)
+            validate(with("agent-bus.io/task-id").0, &limits, "acme")
                 .unwrap_err()
                 .field,
             "annotations.agent-bus.io/task-id"
         );
-        assert!(validate(with("agent-bus.io/test-exit-code").0, &Limits::default()).is_err());
+        assert!(
+            validate(
+                with("agent-bus.io/test-exit-code").0,
+                &Limits::default(),
+                "acme"
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -592,6 +1036,7 @@ mod tests {
         let spec = validate(
             submission().label("mykubernetes.io/team", "ml").0,
             &Limits::default(),
+            "acme",
         );
         assert!(spec.is_ok(), "{spec:?}");
     }

@@ -10,7 +10,10 @@ use std::time::Duration;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
 
+use protocol::TerminationSummary;
+
 use crate::launcher::job_spec::TASK_CONTAINER;
+use crate::report::outcome_of;
 use crate::store::Transition;
 use crate::task::{Reason, Task, TaskState};
 
@@ -27,6 +30,19 @@ pub enum Decision {
         reason: Reason,
         message: String,
     },
+    /// No node of the task's GPU class took its pod in time: start a new attempt on
+    /// `class`, the next fallback.
+    FallBack {
+        class: String,
+        message: String,
+    },
+}
+
+/// Where a task whose pod cannot be scheduled may go next, and after how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    pub class: String,
+    pub after: Duration,
 }
 
 fn moved(
@@ -41,7 +57,17 @@ fn moved(
         message,
         exit_code,
         attempt: None,
+        gpu_class: None,
     })
+}
+
+/// The runner's summary in the task container's termination message, if it left one.
+#[must_use]
+pub fn termination_summary(pods: &[&Pod]) -> Option<TerminationSummary> {
+    terminated(pods)?
+        .message
+        .as_deref()
+        .and_then(TerminationSummary::from_message)
 }
 
 fn job_condition<'a>(
@@ -83,6 +109,24 @@ fn failure_from_pods(pods: &[&Pod], job_message: Option<String>) -> Decision {
             Some(t.exit_code),
         ),
         Some(t) => {
+            if let Some(summary) = t
+                .message
+                .as_deref()
+                .and_then(TerminationSummary::from_message)
+                && let Some(class) = summary.failure_class
+            {
+                let (to, reason) = outcome_of(class);
+                let tail = summary
+                    .stderr_tail
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|tail| !tail.is_empty());
+                let message = match tail {
+                    Some(tail) => format!("exit code {} ({}): {tail}", t.exit_code, class.as_str()),
+                    None => format!("exit code {} ({})", t.exit_code, class.as_str()),
+                };
+                return moved(to, Some(reason), Some(message), Some(t.exit_code));
+            }
             let detail = t.message.filter(|m| !m.trim().is_empty());
             let message = match detail {
                 Some(detail) => format!("exit code {}: {}", t.exit_code, detail.trim()),
@@ -117,6 +161,7 @@ pub fn decide(
     pods: &[&Pod],
     now: jiff::Timestamp,
     unschedulable_after: Duration,
+    fallback: Option<&Fallback>,
 ) -> Decision {
     let Some(job) = job else {
         return Decision::Nothing;
@@ -204,6 +249,21 @@ pub fn decide(
         let waited = since
             .map(|since| now.duration_since(since))
             .unwrap_or_default();
+        if let Some(fallback) = fallback
+            && task.state == TaskState::Launched
+            && waited >= jiff::SignedDuration::try_from(fallback.after).unwrap_or_default()
+        {
+            let current = task.gpu_class.as_deref().unwrap_or("its class");
+            return Decision::FallBack {
+                class: fallback.class.clone(),
+                message: format!(
+                    "no {current} node took the pod for {}s ({message}); trying {} as attempt {}",
+                    fallback.after.as_secs(),
+                    fallback.class,
+                    task.attempt + 1
+                ),
+            };
+        }
         let threshold = jiff::SignedDuration::try_from(unschedulable_after).unwrap_or_default();
         if waited >= threshold && task.reason != Some(Reason::Unschedulable) {
             return Decision::Note {
@@ -245,7 +305,7 @@ mod tests {
     fn decided(state: TaskState, job: Option<&Job>, pods: &[&Pod]) -> Decision {
         let mut task = TaskFixture::new().obj();
         task.state = state;
-        decide(&task, job, pods, now(), Duration::from_mins(1))
+        decide(&task, job, pods, now(), Duration::from_mins(1), None)
     }
 
     fn moved_to(decision: &Decision) -> (TaskState, Option<Reason>, Option<i32>) {
@@ -388,5 +448,92 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_runner_summary_names_the_real_failure() {
+        let backoff =
+            job(&json!([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]));
+        let summary = |class: &str| {
+            let message = json!({"v": 1, "exit_code": 1, "failure_class": class,
+                "stderr_tail": "torch.OutOfMemoryError: CUDA out of memory"})
+            .to_string();
+            pod(
+                &json!({"phase": "Failed", "containerStatuses": [{"name": "task", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}}}]}),
+            )
+        };
+        let cuda = summary("cuda_oom");
+        let decision = decided(TaskState::Running, Some(&backoff), &[&cuda]);
+        assert_eq!(
+            moved_to(&decision),
+            (TaskState::Failed, Some(Reason::GpuOutOfMemory), Some(1))
+        );
+        let Decision::Move(change) = decision else {
+            unreachable!()
+        };
+        assert!(
+            change
+                .message
+                .unwrap()
+                .contains("(cuda_oom): torch.OutOfMemoryError")
+        );
+        let timeout = summary("timeout");
+        assert_eq!(
+            moved_to(&decided(TaskState::Running, Some(&backoff), &[&timeout])).0,
+            TaskState::TimedOut
+        );
+        assert!(super::termination_summary(&[&timeout]).is_some());
+    }
+
+    #[test]
+    fn an_unschedulable_pod_falls_back_after_its_threshold() {
+        let active = job(&json!([]));
+        let at = now() - jiff::SignedDuration::from_secs(45);
+        let pending = pod(
+            &json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+            "reason": "Unschedulable", "message": "0/9 nodes are available: 1 Insufficient nvidia.com/gpu",
+            "lastTransitionTime": at.to_string()}]}),
+        );
+        let mut task = TaskFixture::new().gpus(8, "h100").obj();
+        task.state = TaskState::Launched;
+        let fallback = super::Fallback {
+            class: "a100".into(),
+            after: Duration::from_secs(30),
+        };
+        let decision = decide(
+            &task,
+            Some(&active),
+            &[&pending],
+            now(),
+            Duration::from_mins(1),
+            Some(&fallback),
+        );
+        match decision {
+            Decision::FallBack { class, message } => {
+                assert_eq!(class, "a100");
+                assert!(
+                    message.contains("no h100 node took the pod for 30s"),
+                    "{message}"
+                );
+                assert!(message.contains("attempt 2"), "{message}");
+            }
+            other => panic!("expected a fallback, got {other:?}"),
+        }
+        let later = super::Fallback {
+            class: "a100".into(),
+            after: Duration::from_mins(5),
+        };
+        assert_eq!(
+            decide(
+                &task,
+                Some(&active),
+                &[&pending],
+                now(),
+                Duration::from_mins(1),
+                Some(&later)
+            ),
+            Decision::Nothing
+        );
     }
 }

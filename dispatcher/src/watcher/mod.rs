@@ -7,7 +7,13 @@
 //! - after a start or a lost watch, the initial list replays every Job and pod, and a
 //!   periodic sweep compares every launched or running task with the cluster, so nothing
 //!   that happened while the watcher was away is missed (a Job deleted in the meantime
-//!   fails its task with `job_lost`).
+//!   fails its task with `job_lost`);
+//! - a task moves to a fallback GPU class by a compare-and-set to `queued` with the next
+//!   attempt number first; the old attempt's Job is deleted afterwards, and the sweep
+//!   deletes any Job of an attempt that is no longer its task's current one, so a crash
+//!   in between leaves no second pod running;
+//! - the sweep flags running tasks whose runner fell silent (`heartbeat_lost`), and fails
+//!   them when configured to.
 
 pub mod decide;
 pub mod lease;
@@ -27,10 +33,12 @@ use crate::launcher::KubernetesExecutor;
 use crate::launcher::job_spec::{
     LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TASK_ID, MANAGED_BY, job_name,
 };
+use crate::placement::GpuClasses;
+use crate::queue::{Queue, QueueEntry};
 use crate::store::{Store, Transition};
 use crate::task::{Reason, Task, TaskId, TaskState};
 
-pub use decide::{Decision, decide};
+pub use decide::{Decision, Fallback, decide};
 
 /// The watcher role.
 #[derive(Clone)]
@@ -39,7 +47,16 @@ pub struct Watcher {
     pub client: Client,
     pub namespace: String,
     pub executor: KubernetesExecutor,
+    /// Where a task that fell back to another GPU class is queued again.
+    pub queue: Queue,
+    pub gpu_classes: GpuClasses,
     pub unschedulable_after: Duration,
+    /// A pod unschedulable this long moves to the next fallback class.
+    pub fallback_after: Duration,
+    /// A running task whose runner was silent this long is `heartbeat_lost`; `None` when
+    /// runners have nowhere to report (no report URL).
+    pub heartbeat_timeout: Option<Duration>,
+    pub fail_on_heartbeat_lost: bool,
     pub sweep_interval: Duration,
     pub lease: lease::LeaseConfig,
 }
@@ -162,6 +179,141 @@ impl Watcher {
                 Err(error) => tracing::warn!(error = %error, "sweep: listing tasks failed"),
             }
         }
+        self.delete_superseded_jobs(jobs).await;
+        if let Some(timeout) = self.heartbeat_timeout {
+            self.flag_silent_runners(now, timeout).await;
+        }
+    }
+
+    /// Deletes the Jobs of attempts that are no longer their task's current one (a
+    /// fallback whose delete did not happen, or happened before a crash).
+    async fn delete_superseded_jobs(&self, jobs: &Cache<Job>) {
+        for job in jobs.state() {
+            if job.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let Some(id) = task_id_of(job.as_ref()) else {
+                continue;
+            };
+            let Some(attempt) = job
+                .labels()
+                .get(LABEL_ATTEMPT)
+                .and_then(|a| a.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            match self.store.task(id).await {
+                Ok(Some(task)) if task.attempt > attempt => {
+                    if let Err(error) = self.executor.delete_attempt(&task, attempt).await {
+                        tracing::warn!(task_id = %id, attempt, error = %error, "deleting a superseded job failed");
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(task_id = %id, error = %error, "reading the task failed")
+                }
+            }
+        }
+    }
+
+    /// Running tasks whose runner has not reported for `timeout`: noted (or failed).
+    async fn flag_silent_runners(&self, now: jiff::Timestamp, timeout: Duration) {
+        let since = now
+            .checked_sub(jiff::SignedDuration::try_from(timeout).unwrap_or_default())
+            .unwrap_or(now);
+        let silent = match self.store.silent_running_tasks(since, 1000).await {
+            Ok(silent) => silent,
+            Err(error) => {
+                tracing::warn!(error = %error, "sweep: listing silent tasks failed");
+                return;
+            }
+        };
+        let message = format!(
+            "the runner has not reported for more than {}s",
+            timeout.as_secs()
+        );
+        for task in silent {
+            if self.fail_on_heartbeat_lost {
+                let change = Transition::to(TaskState::Failed)
+                    .reason(Reason::HeartbeatLost)
+                    .message(message.clone());
+                match self
+                    .store
+                    .transition(task.id, TaskState::Running, &change)
+                    .await
+                {
+                    Ok(Some(_)) => {
+                        tracing::warn!(task_id = %task.id, "heartbeat lost; task failed");
+                        if let Err(error) = self.executor.delete(&task).await {
+                            tracing::warn!(task_id = %task.id, error = %error, "deleting the job of a silent task failed");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(task_id = %task.id, error = %error, "failing a silent task failed")
+                    }
+                }
+            } else if task.reason != Some(Reason::HeartbeatLost) {
+                match self
+                    .store
+                    .note(task.id, TaskState::Running, Reason::HeartbeatLost, &message)
+                    .await
+                {
+                    Ok(Some(_)) => tracing::warn!(task_id = %task.id, "heartbeat lost"),
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(task_id = %task.id, error = %error, "noting a lost heartbeat failed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Where `task` may go if its pod cannot be scheduled: the next fallback class.
+    fn fallback_for(&self, task: &Task) -> Option<Fallback> {
+        let gpu = task
+            .spec
+            .resources
+            .gpu
+            .as_ref()
+            .filter(|gpu| gpu.allow_fallback)?;
+        let current = task.gpu_class.as_deref().unwrap_or(&gpu.class);
+        let next = self
+            .gpu_classes
+            .next_fallback(&gpu.class, current, gpu.count)?;
+        Some(Fallback {
+            class: next.name.clone(),
+            after: self.fallback_after,
+        })
+    }
+
+    /// Moves `task` to a new attempt on `class`, queues it, and deletes the old Job.
+    async fn fall_back(&self, task: &Task, class: String, message: String) {
+        let change = Transition::to(TaskState::Queued)
+            .reason(Reason::FellBack)
+            .message(message)
+            .attempt(task.attempt + 1)
+            .gpu_class(class);
+        match self.store.transition(task.id, task.state, &change).await {
+            Ok(Some(moved)) => {
+                tracing::info!(task_id = %task.id, attempt = moved.attempt, class = ?moved.gpu_class, "task falls back to another GPU class");
+                let entry = QueueEntry {
+                    task_id: moved.id,
+                    queue: moved.spec.queue.clone(),
+                    priority: moved.spec.priority,
+                };
+                if let Err(error) = self.queue.enqueue(&entry).await {
+                    tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");
+                }
+                if let Err(error) = self.executor.delete_attempt(task, task.attempt).await {
+                    tracing::warn!(task_id = %task.id, error = %error, "deleting the old attempt's job failed; the sweep retries");
+                }
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(task_id = %task.id, error = %error, "recording a fallback failed")
+            }
+        }
     }
 
     /// Reads one task a watch event touched, then decides for it.
@@ -194,15 +346,13 @@ impl Watcher {
             if job.is_none() && matches!(task.state, TaskState::Launched | TaskState::Running) {
                 let since = now.duration_since(task.updated_at);
                 if since >= jiff::SignedDuration::try_from(LOST_AFTER).unwrap_or_default() {
-                    Decision::Move(Transition {
-                        to: TaskState::Failed,
-                        reason: Some(Reason::JobLost),
-                        message: Some(format!(
-                            "job {name} disappeared before reporting an outcome"
-                        )),
-                        exit_code: None,
-                        attempt: None,
-                    })
+                    Decision::Move(
+                        Transition::to(TaskState::Failed)
+                            .reason(Reason::JobLost)
+                            .message(format!(
+                                "job {name} disappeared before reporting an outcome"
+                            )),
+                    )
                 } else {
                     Decision::Nothing
                 }
@@ -213,12 +363,22 @@ impl Watcher {
                     &pod_refs,
                     now,
                     self.unschedulable_after,
+                    self.fallback_for(&task).as_ref(),
                 )
             };
 
         match decision {
             Decision::Nothing => {}
             Decision::Move(change) => {
+                if change.to.is_terminal()
+                    && let Some(summary) = decide::termination_summary(&pod_refs)
+                    && let Err(error) = self
+                        .store
+                        .record_termination(task.id, task.attempt, &summary)
+                        .await
+                {
+                    tracing::warn!(task_id = %task.id, error = %error, "keeping the runner's summary failed");
+                }
                 match self.store.transition(task.id, task.state, &change).await {
                     Ok(Some(updated)) => {
                         tracing::info!(task_id = %task.id, job = %name, from = %task.state, to = %updated.state, reason = ?updated.reason, "task state changed");
@@ -236,6 +396,7 @@ impl Watcher {
                     tracing::warn!(task_id = %task.id, job = %name, error = %error, "deleting the job of a finished task failed");
                 }
             }
+            Decision::FallBack { class, message } => self.fall_back(&task, class, message).await,
             Decision::Note { reason, message } => {
                 if let Err(error) = self.store.note(task.id, task.state, reason, &message).await {
                     tracing::warn!(task_id = %task.id, error = %error, "recording a note failed");

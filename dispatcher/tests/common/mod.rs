@@ -12,6 +12,7 @@ use dispatcher::api::{self, AppState};
 use dispatcher::launcher::job_spec::LaunchConfig;
 use dispatcher::launcher::{Canceller, LocalExecutor};
 use dispatcher::queue::{MemoryQueue, Queue};
+use dispatcher::report::ReportTokens;
 use dispatcher::store::Store;
 use dispatcher::task::submission::Limits;
 use serde_json::Value;
@@ -25,6 +26,9 @@ pub(crate) struct TestApi {
     pub queue: Queue,
     pub state: AppState,
 }
+
+/// The report-token key of test APIs, so tests can mint tokens the API accepts.
+pub(crate) const TEST_REPORT_KEY: &[u8] = b"agent-bus test report key, 32+ bytes long";
 
 /// Builds the API on `store`, with an in-process queue and the local canceller.
 pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) -> TestApi {
@@ -41,6 +45,7 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
         cluster: None,
         max_body_bytes: 64 * 1024,
         follow_poll: Duration::from_millis(50),
+        report_tokens: ReportTokens::new(TEST_REPORT_KEY),
     };
     configure(&mut state);
     TestApi {

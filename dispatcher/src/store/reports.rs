@@ -1,0 +1,284 @@
+//! The runner's reports: stored once per (task, attempt, sequence), heartbeats folded into
+//! the task row (they only say "alive" and carry the latest GPU sample), and the settings
+//! every replica shares.
+//!
+//! Invariants: resending a report changes nothing; a report of an attempt that is no
+//! longer the task's current one is kept for history but never counts as the current
+//! attempt's heartbeat.
+
+use protocol::{Heartbeat, Report, ReportBody, TerminationSummary};
+use tracing::instrument;
+
+use super::row::{self, millis, task_columns};
+use super::{During as _, Result, Store, StoreError, now_millis};
+use crate::task::{Task, TaskId};
+
+/// The sequence number the termination summary (read from the pod status) is stored
+/// under; the runner's own reports start at 1.
+pub const TERMINATION_SEQUENCE: u64 = 0;
+const TERMINATION_KIND: &str = "termination";
+
+/// What a stored report says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoredBody {
+    Runner(ReportBody),
+    /// The runner's summary from the container's termination message.
+    Termination(TerminationSummary),
+}
+
+/// One stored report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReport {
+    pub attempt: u32,
+    pub sequence: u64,
+    pub received_at: jiff::Timestamp,
+    pub body: StoredBody,
+}
+
+/// What recording a batch did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    /// Reports new to the store (heartbeats always count as new).
+    pub accepted: u64,
+    /// Reports it already had.
+    pub duplicates: u64,
+    /// A `started` of the task's current attempt was among the new reports.
+    pub started: bool,
+    /// The task as it was when the batch was recorded.
+    pub task: Task,
+}
+
+/// The runner's latest sign of life for a task's current attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastHeartbeat {
+    pub at: jiff::Timestamp,
+    pub heartbeat: Option<Heartbeat>,
+}
+
+fn kind_of(body: &ReportBody) -> &'static str {
+    match body {
+        ReportBody::Started(_) => "started",
+        ReportBody::Heartbeat(_) => "heartbeat",
+        ReportBody::Progress(_) => "progress",
+        ReportBody::Usage(_) => "usage",
+        ReportBody::Finished(_) => "finished",
+    }
+}
+
+impl Store {
+    /// Records a batch of reports of `attempt` of task `id`. `Ok(None)` when the task does
+    /// not exist. Non-heartbeat reports are inserted once per sequence number; every batch
+    /// of the current attempt refreshes the task's last sign of life.
+    #[instrument(level = "debug", skip_all, fields(task_id = %id, attempt, reports = reports.len()))]
+    pub async fn record_reports(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        reports: &[Report],
+    ) -> Result<Option<Recorded>> {
+        let during = || format!("recording reports of task {id} attempt {attempt}");
+        let now = now_millis();
+        let mut tx = self.begin_write().await.during(during)?;
+        let found = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE id = $1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .during(during)?;
+        let Some(found) = found else {
+            tx.rollback().await.during(during)?;
+            return Ok(None);
+        };
+        let task = row::task(&found)?;
+        let current = task.attempt == attempt;
+        let (mut accepted, mut duplicates, mut started) = (0, 0, false);
+        let mut latest_heartbeat: Option<&Heartbeat> = None;
+        for report in reports {
+            if let ReportBody::Heartbeat(heartbeat) = &report.body {
+                accepted += 1;
+                latest_heartbeat = Some(heartbeat);
+                continue;
+            }
+            let body = serde_json::to_string(report)
+                .map_err(|e| StoreError::corrupt(format!("report of task {id}"), e.to_string()))?;
+            let inserted = sqlx::query(
+                "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(attempt as i32)
+            .bind(report.sequence as i64)
+            .bind(kind_of(&report.body))
+            .bind(body)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .during(during)?
+            .rows_affected();
+            if inserted == 0 {
+                duplicates += 1;
+            } else {
+                accepted += 1;
+                started |= current && matches!(report.body, ReportBody::Started(_));
+            }
+        }
+        if current && !reports.is_empty() {
+            let heartbeat = latest_heartbeat
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| {
+                    StoreError::corrupt(format!("heartbeat of task {id}"), e.to_string())
+                })?;
+            sqlx::query(
+                "UPDATE tasks SET last_heartbeat_at = $2, \
+                 last_heartbeat = COALESCE($3, last_heartbeat) WHERE id = $1 AND attempt = $4",
+            )
+            .bind(id.to_string())
+            .bind(now)
+            .bind(heartbeat)
+            .bind(attempt as i32)
+            .execute(&mut *tx)
+            .await
+            .during(during)?;
+        }
+        tx.commit().await.during(during)?;
+        Ok(Some(Recorded {
+            accepted,
+            duplicates,
+            started,
+            task,
+        }))
+    }
+
+    /// Keeps the runner's termination summary of `attempt` (read from the pod status), once.
+    pub async fn record_termination(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        summary: &TerminationSummary,
+    ) -> Result<()> {
+        let during = || format!("recording the termination summary of task {id}");
+        let body = serde_json::to_string(summary)
+            .map_err(|e| StoreError::corrupt(format!("summary of task {id}"), e.to_string()))?;
+        sqlx::query(
+            "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(attempt as i32)
+        .bind(TERMINATION_SEQUENCE as i64)
+        .bind(TERMINATION_KIND)
+        .bind(body)
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await
+        .during(during)?;
+        Ok(())
+    }
+
+    /// Every stored report of task `id` (heartbeats excluded), by attempt and sequence.
+    pub async fn reports(&self, id: TaskId) -> Result<Vec<StoredReport>> {
+        let during = || format!("reading the reports of task {id}");
+        let rows: Vec<(i32, i64, String, String, i64)> = sqlx::query_as(
+            "SELECT attempt, sequence, kind, body, received_at FROM task_reports \
+             WHERE task_id = $1 ORDER BY attempt, sequence",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .during(during)?;
+        rows.into_iter()
+            .map(|(attempt, sequence, kind, body, received_at)| {
+                let record = || format!("report {sequence} of task {id}");
+                let body = if kind == TERMINATION_KIND {
+                    StoredBody::Termination(
+                        serde_json::from_str(&body)
+                            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+                    )
+                } else {
+                    let report: Report = serde_json::from_str(&body)
+                        .map_err(|e| StoreError::corrupt(record(), e.to_string()))?;
+                    StoredBody::Runner(report.body)
+                };
+                Ok(StoredReport {
+                    attempt: u32::try_from(attempt)
+                        .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+                    sequence: u64::try_from(sequence)
+                        .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+                    received_at: row::timestamp(received_at, &record)?,
+                    body,
+                })
+            })
+            .collect()
+    }
+
+    /// The latest sign of life of the current attempt of task `id`, if there was one.
+    pub async fn last_heartbeat(&self, id: TaskId) -> Result<Option<LastHeartbeat>> {
+        let during = || format!("reading the last heartbeat of task {id}");
+        let found: Option<(Option<i64>, Option<String>)> =
+            sqlx::query_as("SELECT last_heartbeat_at, last_heartbeat FROM tasks WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&self.pool)
+                .await
+                .during(during)?;
+        let Some((Some(at), heartbeat)) = found else {
+            return Ok(None);
+        };
+        let record = || format!("heartbeat of task {id}");
+        Ok(Some(LastHeartbeat {
+            at: row::timestamp(at, &record)?,
+            heartbeat: heartbeat
+                .map(|text| serde_json::from_str(&text))
+                .transpose()
+                .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+        }))
+    }
+
+    /// Running tasks whose runner has been silent since `silent_since`: no report of the
+    /// current attempt after it (or, without any report, running since before it).
+    pub async fn silent_running_tasks(
+        &self,
+        silent_since: jiff::Timestamp,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            task_columns!(),
+            " FROM tasks WHERE state = 'running' \
+             AND COALESCE(last_heartbeat_at, updated_at) < $1 ORDER BY id LIMIT $2"
+        ))
+        .bind(millis(silent_since))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .during(|| "listing silent running tasks".to_owned())?;
+        rows.iter().map(row::task).collect()
+    }
+
+    /// The shared setting `name`, created with `make()` by whichever replica asks first.
+    pub async fn setting_or_create(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> String,
+    ) -> Result<String> {
+        let during = || format!("reading setting {name}");
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(make())
+        .execute(&self.pool)
+        .await
+        .during(during)?;
+        sqlx::query_scalar("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await
+            .during(during)
+    }
+}
