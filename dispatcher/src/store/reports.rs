@@ -135,7 +135,12 @@ impl Store {
                 })?;
             sqlx::query(
                 "UPDATE tasks SET last_heartbeat_at = $2, \
-                 last_heartbeat = COALESCE($3, last_heartbeat) WHERE id = $1 AND attempt = $4",
+                 last_heartbeat = COALESCE($3, last_heartbeat), \
+                 message = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
+                     THEN NULL ELSE message END, \
+                 reason = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
+                     THEN NULL ELSE reason END \
+                 WHERE id = $1 AND attempt = $4",
             )
             .bind(id.to_string())
             .bind(now)
