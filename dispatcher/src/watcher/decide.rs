@@ -149,6 +149,18 @@ fn failure_from_pods(pods: &[&Pod], job_message: Option<String>) -> Decision {
     }
 }
 
+/// Whether the scheduler's "why not" is about GPU capacity or the class's nodes (another
+/// class may have room), not about volumes (which no other class would fix).
+fn another_class_could_help(message: &str) -> bool {
+    let about_volumes = message.contains("persistentvolumeclaim")
+        || message.contains("volume node affinity")
+        || message.contains("unbound immediate PersistentVolumeClaims");
+    let about_capacity = message.contains("Insufficient")
+        || message.contains("didn't match Pod's node affinity/selector")
+        || message.contains("untolerated taint");
+    about_capacity && !about_volumes
+}
+
 /// Pod waiting reasons that mean the image will not come.
 const IMAGE_PULL_FAILURES: [&str; 3] =
     ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"];
@@ -251,6 +263,7 @@ pub fn decide(
             .unwrap_or_default();
         if let Some(fallback) = fallback
             && task.state == TaskState::Launched
+            && another_class_could_help(&message)
             && waited >= jiff::SignedDuration::try_from(fallback.after).unwrap_or_default()
         {
             let current = task.gpu_class.as_deref().unwrap_or("its class");
