@@ -148,3 +148,67 @@ async fn the_embedded_default_runs_tasks_as_processes() {
         "tasks never see the dispatcher's environment"
     );
 }
+
+#[tokio::test]
+async fn a_task_runs_through_the_runner_and_its_reports_reach_the_api() {
+    let local = Local::start().await;
+    // The workload speaks the runner's line protocol through $AGENT_BUS_REPORT_FILE.
+    let script = r#"echo "progress 50 halfway there" >> "$AGENT_BUS_REPORT_FILE"
+echo "usage model=gpt-4o calls=2 input_tokens=1000 output_tokens=200 cost_usd=0.02" >> "$AGENT_BUS_REPORT_FILE"
+echo "usage model=gpt-4o calls=1 input_tokens=500 output_tokens=100 cost_usd=0.01" >> "$AGENT_BUS_REPORT_FILE"
+echo "task $AGENT_BUS_TASK_ID attempt $AGENT_BUS_ATTEMPT token=${AGENT_BUS_REPORT_TOKEN:-hidden}"
+"#;
+    let reported = local
+        .submit(json!({"name": "reported", "image": "unused", "command": ["sh", "-c", script]}))
+        .await;
+    let oom = local
+        .submit(json!({"name": "cuda-oom", "image": "unused", "command": ["sh", "-c",
+            "echo 'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB' >&2; exit 1"]}))
+        .await;
+
+    let task = local.wait_until_over(&reported).await;
+    assert_eq!(task["state"], "succeeded", "{task}");
+    let output = task["message"].as_str().unwrap();
+    assert!(
+        output.contains(&format!("task {reported} attempt 1 token=hidden")),
+        "the command sees its task, never the report token: {output}"
+    );
+    let runner = poll_until("the runner's reports", Duration::from_secs(30), || async {
+        let task: Value = local
+            .http
+            .get(format!("{}/v1/tasks/{reported}", local.base))
+            .bearer_auth(&local.key)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let runner = task["runner"].clone();
+        if runner["outcome"].is_object() && runner["usage"].is_array() {
+            Ok(runner)
+        } else {
+            Err(task.to_string())
+        }
+    })
+    .await;
+    assert!(runner["started_at"].is_string(), "{runner}");
+    assert_eq!(runner["progress"]["percent"], 50.0, "{runner}");
+    assert_eq!(runner["progress"]["message"], "halfway there");
+    assert_eq!(runner["usage"][0]["model"], "gpt-4o");
+    assert_eq!(runner["usage"][0]["calls"], 3);
+    assert_eq!(runner["usage"][0]["input_tokens"], 1500);
+    assert!((runner["usage_cost_usd"].as_f64().unwrap() - 0.03).abs() < 1e-9, "{runner}");
+    assert_eq!(runner["outcome"]["exit_code"], 0);
+    assert_eq!(runner["outcome"]["source"], "runner");
+    assert!(runner["outcome"]["failure_class"].is_null(), "{runner}");
+    assert!(runner["gpus"].is_null(), "no GPU here, so no GPU figures: {runner}");
+
+    let task = local.wait_until_over(&oom).await;
+    assert_eq!(
+        (task["state"].as_str(), task["reason"].as_str(), task["exit_code"].as_i64()),
+        (Some("failed"), Some("gpu_out_of_memory"), Some(1)),
+        "{task}"
+    );
+    assert_eq!(task["runner"]["outcome"]["failure_class"], "cuda_oom", "{task}");
+}
