@@ -10,7 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -483,4 +483,36 @@ pub fn unique_by_sequence(reports: &[Report]) -> Vec<Report> {
 /// A shell script snippet that waits until `path` exists (the test's go-ahead).
 pub fn wait_for_file(path: &Path) -> String {
     format!("while [ ! -e '{}' ]; do sleep 0.05; done", path.display())
+}
+
+/// The fake library, built once per test binary; `None` (skip) without a C compiler
+/// outside CI.
+pub fn fake_nvml() -> Option<PathBuf> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // Under the target folder (not the temp dir): nothing to clean up by hand.
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("fake-nvml-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let lib = dir.join("libnvidia-ml.so.1");
+            let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_nvml/fake_nvml.c");
+            let built = std::process::Command::new("cc")
+                .args(["-shared", "-fPIC", "-O1", "-o"])
+                .arg(&lib)
+                .arg(source)
+                .status();
+            match built {
+                Ok(status) if status.success() => Some(lib),
+                other => {
+                    assert!(
+                        std::env::var_os("CI").is_none(),
+                        "cannot build the fake NVML with cc: {other:?}"
+                    );
+                    eprintln!("skipped: no C compiler to build the fake NVML ({other:?})");
+                    None
+                }
+            }
+        })
+        .clone()
 }
