@@ -136,6 +136,17 @@ pub enum Found {
     None(String),
 }
 
+impl Found {
+    /// The devices found; none when NVML is missing.
+    #[must_use]
+    pub fn into_devices(self) -> Vec<GpuDevice> {
+        match self {
+            Self::Devices(devices) => devices,
+            Self::None(_) => Vec::new(),
+        }
+    }
+}
+
 /// The sampling thread's handle: the shared [`Stats`] and a way to stop it.
 #[derive(Debug)]
 pub struct Monitor {

@@ -201,13 +201,6 @@ pub fn run(args: &RunArgs) -> u8 {
         crate::log!("signals are not forwarded: {e}");
     }
     let mut report_file = ReportFile::prepare(args.report_file.clone());
-    let gpu = (!args.gpu_sample_seconds.is_zero()).then(|| {
-        gpu::Monitor::start(
-            args.nvml_library.clone(),
-            args.gpu_sample_seconds,
-            child::to_channel(events.clone(), Event::Gpu),
-        )
-    });
     let oom_kills_before = classify::current_oom_kill_count();
 
     let mut env_changes = EnvChanges {
@@ -245,6 +238,14 @@ pub fn run(args: &RunArgs) -> u8 {
         }
     };
     let pid = spawned.pid;
+    // NVML starts after the command, in parallel: it never delays the command.
+    let gpu = (!args.gpu_sample_seconds.is_zero()).then(|| {
+        gpu::Monitor::start(
+            args.nvml_library.clone(),
+            args.gpu_sample_seconds,
+            child::to_channel(events.clone(), Event::Gpu),
+        )
+    });
 
     let shared = Arc::new(output::Shared::default());
     let copies: Vec<_> = [
@@ -351,12 +352,7 @@ pub fn run(args: &RunArgs) -> u8 {
                     kill_at.get_or_insert(Instant::now() + args.grace_seconds);
                 }
             }
-            Ok(Event::Gpu(found)) => {
-                devices = Some(match found {
-                    Found::Devices(d) => d,
-                    Found::None(_) => Vec::new(),
-                });
-            }
+            Ok(Event::Gpu(found)) => devices = Some(found.into_devices()),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 // No waiter thread: nothing can tell us the command ended.
@@ -373,6 +369,16 @@ pub fn run(args: &RunArgs) -> u8 {
     };
 
     if !started {
+        // The command was quick: give GPU discovery the rest of its time, so the started
+        // report lists the GPUs and a missing NVML is logged, every time.
+        while devices.is_none() {
+            let left = started_by.saturating_duration_since(Instant::now());
+            match received.recv_timeout(left) {
+                Ok(Event::Gpu(found)) => devices = Some(found.into_devices()),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         send_started(&mut reports, devices.unwrap_or_default());
     }
     // The command's output up to its end, unless a background process holds the pipes.
