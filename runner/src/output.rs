@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 /// Messages that mean the GPU ran out of memory (PyTorch, CUDA runtime and driver,
@@ -37,6 +37,10 @@ pub struct OomScanner {
     found: bool,
 }
 
+/// All patterns in one automaton: a single pass over each chunk.
+static MATCHER: LazyLock<Option<aho_corasick::AhoCorasick>> =
+    LazyLock::new(|| aho_corasick::AhoCorasick::new(CUDA_OOM_PATTERNS).ok());
+
 impl OomScanner {
     fn longest() -> usize {
         CUDA_OOM_PATTERNS.iter().map(|p| p.len()).max().unwrap_or(0)
@@ -50,18 +54,12 @@ impl OomScanner {
         let keep = Self::longest().saturating_sub(1);
         let mut window = std::mem::take(&mut self.carry);
         window.extend_from_slice(chunk);
-        self.found = CUDA_OOM_PATTERNS
-            .iter()
-            .any(|p| contains(&window, p.as_bytes()));
+        self.found = MATCHER.as_ref().is_some_and(|m| m.is_match(&window));
         let start = window.len().saturating_sub(keep);
         window.drain(..start);
         self.carry = window;
         self.found
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// The last [`TAIL_BYTES`] bytes of a stream.
