@@ -1,28 +1,59 @@
-//! agent-bus runner: the entrypoint wrapper around a task's command inside its pod
-//! (`runner -- <command>`). It forwards signals, enforces the timeout and reports to the
-//! dispatcher.
-//!
-//! Only the command-line frame exists so far; the runner arrives with its own issue, and
-//! until then it refuses to run anything instead of pretending to.
+//! The `runner` binary: parses the command line and either runs the command or appends
+//! a report line. Everything lives in the library; this file only wires.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// The agent-bus runner.
-#[derive(Debug, Parser)]
-#[command(name = "runner", version, about)]
-struct Cli {
-    /// The command to run, after `--`.
-    #[arg(last = true, required = true)]
-    command: Vec<String>,
-}
+use runner::config::{Cli, ReportLine, Sub};
+use runner::{lines, run};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "runner: running {:?} is not implemented yet (see the runner issue)",
-        cli.command
-    );
-    ExitCode::from(2)
+    match cli.subcommand {
+        Some(Sub::Report(line)) => report(line),
+        None => ExitCode::from(run::run(&cli.run)),
+    }
+}
+
+/// `runner report …`: appends one line to $AGENT_BUS_REPORT_FILE; exit 2 when it cannot.
+fn report(line: ReportLine) -> ExitCode {
+    let line = match line {
+        ReportLine::Progress { percent, message } => {
+            let message = lines::clean_message(&message.join(" "));
+            lines::Line::Progress(protocol::Progress {
+                percent,
+                message: (!message.is_empty()).then_some(message),
+            })
+        }
+        ReportLine::Usage {
+            model,
+            calls,
+            input_tokens,
+            output_tokens,
+            cost_usd,
+        } => lines::Line::Usage(protocol::Usage {
+            model,
+            calls,
+            input_tokens,
+            output_tokens,
+            cost_usd,
+        }),
+    };
+    let Some(path) = std::env::var_os(protocol::env::REPORT_FILE).filter(|p| !p.is_empty()) else {
+        eprintln!(
+            "runner report: {} is not set (run this inside `runner -- <command>`)",
+            protocol::env::REPORT_FILE
+        );
+        return ExitCode::from(2);
+    };
+    match lines::append_line(path.as_ref(), &line) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "runner report: cannot append to {}: {e}",
+                std::path::Path::new(&path).display()
+            );
+            ExitCode::from(2)
+        }
+    }
 }

@@ -1,0 +1,27 @@
+//! agent-bus runner: the entrypoint wrapper around a task's command inside its pod
+//! (`runner [options] -- <command>`). It passes the command's output through, forwards
+//! signals, enforces the timeout, reports to the dispatcher (started, heartbeats with GPU
+//! samples, progress, usage, finished) and writes a termination summary; `runner report`
+//! is the workload's side of the line protocol.
+//!
+//! Modules: [`run`] (one run, start to finish), [`child`] (process, signals, waiting),
+//! [`output`] (pass-through, CUDA OOM scan, stderr tail), [`lines`] (the line protocol),
+//! [`sender`] (buffered delivery), [`gpu`] (NVML), [`classify`] (failure classes),
+//! [`config`] (the command line).
+
+/// The runner's own log lines: few, on stderr, prefixed `runner:`.
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("runner: {}", format_args!($($arg)*))
+    };
+}
+pub(crate) use log;
+
+pub mod child;
+pub mod classify;
+pub mod config;
+pub mod gpu;
+pub mod lines;
+pub mod output;
+pub mod run;
+pub mod sender;
