@@ -198,17 +198,30 @@ echo "task $AGENT_BUS_TASK_ID attempt $AGENT_BUS_ATTEMPT token=${AGENT_BUS_REPOR
     assert_eq!(runner["usage"][0]["model"], "gpt-4o");
     assert_eq!(runner["usage"][0]["calls"], 3);
     assert_eq!(runner["usage"][0]["input_tokens"], 1500);
-    assert!((runner["usage_cost_usd"].as_f64().unwrap() - 0.03).abs() < 1e-9, "{runner}");
+    assert!(
+        (runner["usage_cost_usd"].as_f64().unwrap() - 0.03).abs() < 1e-9,
+        "{runner}"
+    );
     assert_eq!(runner["outcome"]["exit_code"], 0);
     assert_eq!(runner["outcome"]["source"], "runner");
     assert!(runner["outcome"]["failure_class"].is_null(), "{runner}");
-    assert!(runner["gpus"].is_null(), "no GPU here, so no GPU figures: {runner}");
+    assert!(
+        runner["gpus"].is_null(),
+        "no GPU here, so no GPU figures: {runner}"
+    );
 
     let task = local.wait_until_over(&oom).await;
     assert_eq!(
-        (task["state"].as_str(), task["reason"].as_str(), task["exit_code"].as_i64()),
+        (
+            task["state"].as_str(),
+            task["reason"].as_str(),
+            task["exit_code"].as_i64()
+        ),
         (Some("failed"), Some("gpu_out_of_memory"), Some(1)),
         "{task}"
     );
-    assert_eq!(task["runner"]["outcome"]["failure_class"], "cuda_oom", "{task}");
+    assert_eq!(
+        task["runner"]["outcome"]["failure_class"], "cuda_oom",
+        "{task}"
+    );
 }

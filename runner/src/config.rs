@@ -28,7 +28,7 @@ pub mod runner_env {
     version,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    override_usage = "runner [OPTIONS] -- <COMMAND>...\n       runner report <progress|usage> ..."
+    override_usage = "runner [OPTIONS] -- <COMMAND>...\n       runner report <progress|usage> ...\n       runner install <DIR>"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -42,6 +42,12 @@ pub enum Sub {
     /// Append a progress or usage line to $AGENT_BUS_REPORT_FILE (for use inside the task).
     #[command(subcommand)]
     Report(ReportLine),
+    /// Copy this runner into DIR as DIR/runner (what the init container of every task
+    /// pod runs, so the runner reaches any image without a shell or `cp`).
+    Install {
+        /// The folder to put the runner in (an emptyDir shared with the task container).
+        dir: PathBuf,
+    },
 }
 
 /// Options of a run.

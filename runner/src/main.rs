@@ -11,7 +11,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.subcommand {
         Some(Sub::Report(line)) => report(line),
+        Some(Sub::Install { dir }) => install(&dir),
         None => ExitCode::from(run::run(&cli.run)),
+    }
+}
+
+/// `runner install DIR`: copies this executable to DIR/runner, executable by everyone,
+/// through a temporary file and a rename so a reader never sees half a binary.
+fn install(dir: &std::path::Path) -> ExitCode {
+    use std::os::unix::fs::PermissionsExt as _;
+    let result = (|| -> std::io::Result<std::path::PathBuf> {
+        let me = std::env::current_exe()?;
+        std::fs::create_dir_all(dir)?;
+        let target = dir.join("runner");
+        let partial = dir.join(".runner.partial");
+        std::fs::copy(&me, &partial)?;
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&partial, &target)?;
+        Ok(target)
+    })();
+    match result {
+        Ok(target) => {
+            eprintln!("runner: installed {}", target.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("runner install: cannot install into {}: {e}", dir.display());
+            ExitCode::from(2)
+        }
     }
 }
 

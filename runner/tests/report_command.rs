@@ -109,3 +109,41 @@ fn fails_when_the_report_file_variable_is_unset() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENT_BUS_REPORT_FILE is not set"));
 }
+
+#[test]
+fn install_copies_the_runner_into_a_folder_that_then_runs_it() {
+    let dir = std::env::temp_dir().join(format!("runner-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["install"])
+        .arg(dir.join("bin"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let installed = dir.join("bin/runner");
+    let run = Command::new(&installed)
+        .args(["--", "sh", "-c", "exit 4"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        run.status.code(),
+        Some(4),
+        "the installed copy runs commands"
+    );
+    assert!(!dir.join("bin/.runner.partial").exists());
+    // A folder that cannot be created: exit 2 with the reason, no panic.
+    let refused = Command::new(env!("CARGO_BIN_EXE_runner"))
+        .args(["install", "/proc/no-such-place"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("cannot install into /proc/no-such-place")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

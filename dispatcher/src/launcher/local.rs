@@ -89,12 +89,15 @@ impl LocalExecutor {
         if let Err(error) = tokio::fs::create_dir_all(&dir).await {
             return LaunchOutcome::Transient(format!("creating {}: {error}", dir.display()));
         }
-        let termination_log = dir.join("termination-log");
+        // Absolute: the runner runs in the task's folder, not the dispatcher's.
+        let termination_log = std::path::absolute(dir.join("termination-log"))
+            .unwrap_or_else(|_| dir.join("termination-log"));
         let _ = tokio::fs::remove_file(&termination_log).await;
         let mut command = if let Some(runner) = &self.runner {
             {
                 let mut command = Command::new(&runner.path);
                 command
+                    .env_clear()
                     .arg("--termination-log")
                     .arg(&termination_log)
                     .arg("--")
@@ -116,12 +119,11 @@ impl LocalExecutor {
             }
         } else {
             let mut command = Command::new(program);
-            command.args(argv);
+            command.env_clear().args(argv);
             command
         };
         command
             .current_dir(&dir)
-            .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", &dir)
             .envs(&task.spec.env)
@@ -201,7 +203,9 @@ impl LocalExecutor {
             let output = tail
                 .lock()
                 .map(|t| {
-                    String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>()).into_owned()
+                    without_runner_lines(&String::from_utf8_lossy(
+                        &t.iter().copied().collect::<Vec<u8>>(),
+                    ))
                 })
                 .unwrap_or_default();
             let summary = tokio::fs::read_to_string(&termination_log)
@@ -293,6 +297,15 @@ impl LocalExecutor {
             let _ = sender.send(());
         }
     }
+}
+
+/// The command's output without the runner's own `runner:` log lines (which pods keep in
+/// their container log, but which say nothing about the task's outcome).
+fn without_runner_lines(output: &str) -> String {
+    output
+        .split_inclusive('\n')
+        .filter(|line| !line.starts_with("runner: "))
+        .collect()
 }
 
 /// Asks the process to stop (SIGTERM), which the runner forwards to the command.
