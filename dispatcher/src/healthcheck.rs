@@ -46,7 +46,8 @@ pub async fn check(args: &HealthcheckArgs) -> Result<String, Error> {
         .get(&args.url)
         .send()
         .await
-        .map_err(|e| request_error(&e))?;
+        // The line names the URL already.
+        .map_err(|e| request_error(&e.without_url()))?;
     let status = response.status();
     if status == reqwest::StatusCode::OK {
         return Ok(format!("{url} answered {status}"));

@@ -1103,15 +1103,15 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_promtool() {
     );
     assert!(out.stdout.contains("SUCCESS"), "{}", out.stdout);
     // The plain file, read through kubectl as the spec of a PrometheusRule.
-    let plain = std::fs::read_to_string(&rules)
-        .unwrap()
-        .lines()
-        .fold(String::new(), |mut indented, line| {
+    let plain = std::fs::read_to_string(&rules).unwrap().lines().fold(
+        String::new(),
+        |mut indented, line| {
             indented.push_str("  ");
             indented.push_str(line);
             indented.push('\n');
             indented
-        });
+        },
+    );
     let wrapped = format!(
         "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: plain\nspec:\n{plain}"
     );
