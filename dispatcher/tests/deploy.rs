@@ -459,6 +459,69 @@ fn the_chart_lints_with_each_values_file_and_refuses_unknown_keys() {
     );
 }
 
+/// The dotted paths of the keys that values.yaml documents (a `# --` comment above them).
+fn documented_values(text: &str) -> Vec<String> {
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut documented = false;
+    let mut block: Option<usize> = None;
+    let mut paths = Vec::new();
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let trimmed = line.trim();
+        if let Some(block_indent) = block {
+            if trimmed.is_empty() || indent > block_indent {
+                continue;
+            }
+            block = None;
+        }
+        if trimmed.starts_with("# --") {
+            documented = true;
+            continue;
+        }
+        if trimmed.starts_with('#') || trimmed.starts_with('-') || trimmed.is_empty() {
+            continue;
+        }
+        let Some((key, rest)) = trimmed.split_once(':') else {
+            continue;
+        };
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_owned()));
+        if rest.trim().starts_with('|') || rest.trim().starts_with('>') {
+            block = Some(indent);
+        }
+        if documented {
+            paths.push(
+                stack
+                    .iter()
+                    .map(|(_, k)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join("."),
+            );
+            documented = false;
+        }
+    }
+    paths
+}
+
+#[test]
+fn every_value_is_documented_in_the_chart_readme() {
+    let chart = repo_root().join("helm/agent-bus");
+    let values = std::fs::read_to_string(chart.join("values.yaml")).unwrap();
+    let readme = std::fs::read_to_string(chart.join("README.md")).unwrap();
+    let documented = documented_values(&values);
+    assert!(documented.len() > 100, "{documented:?}");
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|path| !readme.contains(&format!("| `{path}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "values missing from the README's table: {missing:?}"
+    );
+}
+
 #[test]
 fn the_chart_passes_a_server_side_dry_run_with_each_values_file() {
     ensure_crds();
