@@ -27,6 +27,23 @@ pub enum Command {
     /// Manages tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Asks a running dispatcher's probe endpoint and exits 0 when it answers 200, 1
+    /// otherwise, with one line saying why: a container health check with no shell tools.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The endpoint to ask (`/readyz` for readiness, `/healthz` for liveness).
+    #[arg(
+        long,
+        env = "AGENT_BUS_HEALTHCHECK_URL",
+        default_value = "http://127.0.0.1:8080/readyz"
+    )]
+    pub url: String,
+    /// Seconds to wait for the answer before counting the check as failed.
+    #[arg(long, env = "AGENT_BUS_HEALTHCHECK_TIMEOUT", value_parser = parse_seconds, default_value = "5")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod healthcheck;
 pub mod launcher;
 pub mod placement;
 pub mod queue;

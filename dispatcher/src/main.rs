@@ -35,6 +35,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let Command::Healthcheck(args) = &cli.command {
+        return runtime.block_on(dispatcher::healthcheck::run(args));
+    }
     match runtime.block_on(run(cli.command)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -61,6 +64,7 @@ fn init_logging(args: &LogArgs) {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(*args).await,
+        Command::Healthcheck(_) => Ok(()), // answered in `main`, before logging matters
         Command::Migrate(database) => {
             let store =
                 Store::connect(&database.database_url, database.database_max_connections).await?;
@@ -312,33 +316,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = signal_sender.send(true);
     });
 
-    if args.roles.contains(&Role::Api) {
-        let state = AppState {
-            store: store.clone(),
-            queue: queue.clone(),
-            limits,
-            launch,
-            canceller,
-            cluster,
-            max_body_bytes: args.max_body_bytes,
-            follow_poll: Duration::from_millis(250),
-            report_tokens,
-        };
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("listening on {}", args.listen))?;
-        tracing::info!(listen = %args.listen, "api listening");
-        let mut api_shutdown = shutdown.clone();
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(async move {
-                let _ = api_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-            .context("serving the api")?;
+    // Every role answers /healthz and /readyz (its Kubernetes probes); only the api role
+    // serves the REST API.
+    let state = AppState {
+        store: store.clone(),
+        queue: queue.clone(),
+        limits,
+        launch,
+        canceller,
+        cluster,
+        max_body_bytes: args.max_body_bytes,
+        follow_poll: Duration::from_millis(250),
+        report_tokens,
+    };
+    let router = if args.roles.contains(&Role::Api) {
+        api::router(state)
     } else {
-        let mut waiting = shutdown.clone();
-        let _ = waiting.wait_for(|stop| *stop).await;
-    }
+        dispatcher::healthcheck::probe_router(state)
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, roles = ?args.roles, "api listening");
+    let mut api_shutdown = shutdown.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = api_shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+        .context("serving the api")?;
     let _ = shutdown_sender.send(true);
     while roles.join_next().await.is_some() {}
     tracing::info!("dispatcher stopped");

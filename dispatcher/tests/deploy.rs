@@ -1,0 +1,1326 @@
+//! The deployment files, proven on the real test environment: the Helm chart
+//! (`helm/agent-bus`), the Kustomize tree (`manifests/`), the Dockerfile and
+//! docker-compose.yml.
+//!
+//! - the chart lints with each values file and its schema refuses unknown keys;
+//! - the chart's and each overlay's rendered objects pass a server-side dry-run (the
+//!   Prometheus Operator and External Secrets CRDs they use are installed from
+//!   `tests/fixtures/crds.yaml` first), with no Pod Security warning;
+//! - `helm install` with values-dev.yaml creates every object and its pods are admitted
+//!   in a `restricted` namespace;
+//! - the dispatcher's ServiceAccount may do what the dispatcher does and nothing more
+//!   (`kubectl auth can-i`), and the real dispatcher binary, running with that
+//!   ServiceAccount's token, launches a task whose Job is admitted in the `restricted`
+//!   tasks namespace, under its ResourceQuota and LimitRange;
+//! - the chart and the overlays agree on RBAC rules, probes, security contexts and
+//!   resources, and the alert rules agree in their three copies;
+//! - the Dockerfile passes BuildKit's checks and docker-compose.yml the Compose loader
+//!   (both through `deploylint`, built by `tests/env/build`).
+//!
+//! Every test uses its own namespaces (unique suffix), so parallel runs never collide, and
+//! deletes them afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use futures::FutureExt as _;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use serde_json::{Value, json};
+use testsupport::{
+    CLUSTER_TIMEOUT, TestNamespace, kube_client, poll_until, unique_suffix, with_database,
+    with_namespace, with_redis_keyspace,
+};
+
+// --- running tools ------------------------------------------------------------------------
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A program on the PATH that `tests/env/up` exports (helm, kubectl, promtool, amtool).
+fn tool(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not on PATH: start the test environment with `eval \"$(tests/env/up)\"` \
+                 (or run `make test`)"
+            )
+        })
+}
+
+/// `deploylint`: on the PATH when `tests/env/up` put it there, else built (or found in
+/// the cache) by `tests/env/build deploylint`.
+fn deploylint() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(found) = std::env::split_paths(&path)
+        .map(|dir| dir.join("deploylint"))
+        .find(|candidate| candidate.is_file())
+    {
+        return found;
+    }
+    let built = run(repo_root().join("tests/env/build"), &["deploylint"], None);
+    PathBuf::from(built.stdout.trim()).join("deploylint")
+}
+
+struct Output {
+    success: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a program to the end; `stdin` is written to it when given.
+fn run_status(program: impl AsRef<Path>, args: &[&str], stdin: Option<&str>) -> Output {
+    let program = program.as_ref();
+    let mut child = Command::new(program)
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().unwrap();
+        let input = input.to_owned();
+        // A separate thread, so a large input cannot deadlock against a full stdout pipe.
+        std::thread::spawn(move || pipe.write_all(input.as_bytes()));
+    }
+    let output = child.wait_with_output().unwrap();
+    Output {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs a program that must succeed.
+fn run(program: impl AsRef<Path>, args: &[&str], stdin: Option<&str>) -> Output {
+    let shown = format!("{} {}", program.as_ref().display(), args.join(" "));
+    let output = run_status(program, args, stdin);
+    assert!(
+        output.success,
+        "`{shown}` failed\n--- stdout\n{}\n--- stderr\n{}",
+        output.stdout, output.stderr
+    );
+    output
+}
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    run(tool("kubectl"), args, stdin)
+}
+
+fn helm(args: &[&str]) -> Output {
+    run(tool("helm"), args, None)
+}
+
+// --- YAML documents -------------------------------------------------------------------------
+
+/// The documents of a multi-document YAML stream (split on `---` lines), without empty ones.
+fn yaml_docs(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            docs.push(String::new());
+        } else {
+            let doc = docs.last_mut().unwrap();
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    docs.into_iter()
+        .filter(|doc| doc.lines().any(|l| l.starts_with("kind:")))
+        .collect()
+}
+
+fn kind_of(doc: &str) -> &str {
+    doc.lines()
+        .find_map(|l| l.strip_prefix("kind: "))
+        .unwrap_or_default()
+        .trim()
+}
+
+/// Rendered YAML as JSON objects, through `kubectl create --dry-run=client` (no YAML
+/// parser needed, and the same decoding kubectl applies).
+fn objects(yaml: &str) -> Vec<Value> {
+    let out = kubectl(
+        &["create", "--dry-run=client", "-o", "json", "-f", "-"],
+        Some(yaml),
+    );
+    serde_json::Deserializer::from_str(&out.stdout)
+        .into_iter::<Value>()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| {
+            let present: Vec<String> = objects
+                .iter()
+                .map(|o| format!("{}/{}", o["kind"], o["metadata"]["name"]))
+                .collect();
+            panic!("no {kind} {name} among {present:?}")
+        })
+}
+
+// --- namespaces, CRDs, rendering --------------------------------------------------------------
+
+/// The two namespaces of one installation, unique per test run.
+#[derive(Debug, Clone)]
+struct Names {
+    dispatcher: String,
+    tasks: String,
+}
+
+impl Names {
+    fn unique(prefix: &str) -> Self {
+        let dispatcher = format!("{prefix}-{}", unique_suffix());
+        let tasks = format!("{dispatcher}-tasks");
+        Self { dispatcher, tasks }
+    }
+
+    fn service_account(&self) -> String {
+        format!("system:serviceaccount:{}:agent-bus", self.dispatcher)
+    }
+}
+
+/// `kubectl kustomize` of an overlay, with the namespace names of `base/namespaces.yaml`
+/// replaced by `names` in a copy of the tree: the one place an installation names them.
+fn kustomize(overlay: &str, names: &Names) -> String {
+    let copy = std::env::temp_dir().join(format!("agent-bus-manifests-{}", unique_suffix()));
+    copy_tree(&repo_root().join("manifests"), &copy);
+    let file = copy.join("base/namespaces.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let renamed = text
+        .replace(
+            "\n  dispatcher: agent-bus\n",
+            &format!("\n  dispatcher: {}\n", names.dispatcher),
+        )
+        .replace(
+            "\n  tasks: agent-bus-tasks\n",
+            &format!("\n  tasks: {}\n", names.tasks),
+        );
+    assert!(
+        names.dispatcher == "agent-bus" || text != renamed,
+        "base/namespaces.yaml no longer names the namespaces as expected"
+    );
+    std::fs::write(&file, renamed).unwrap();
+    let out = kubectl(
+        &[
+            "kustomize",
+            copy.join("overlays").join(overlay).to_str().unwrap(),
+        ],
+        None,
+    );
+    std::fs::remove_dir_all(&copy).unwrap();
+    out.stdout
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// `helm template` of the chart into `names`, with a values file (or the defaults).
+fn helm_template(names: &Names, values: Option<&str>) -> String {
+    let chart = repo_root().join("helm/agent-bus");
+    let tasks = format!("tasks.namespace={}", names.tasks);
+    let mut args = vec![
+        "template",
+        "agent-bus",
+        chart.to_str().unwrap(),
+        "--namespace",
+        &names.dispatcher,
+        "--kube-version",
+        "v1.34.4",
+        "--set",
+        &tasks,
+    ];
+    let values_path;
+    if let Some(values) = values {
+        values_path = chart.join(values);
+        args.extend(["-f", values_path.to_str().unwrap()]);
+    }
+    helm(&args).stdout
+}
+
+/// Creates the namespaces for real (as `restricted` as the installation asks, labelled as
+/// test namespaces): the rendered Namespace objects, and for the chart, whose release
+/// namespace is not one of its objects, a `restricted` release namespace.
+fn create_namespaces(rendered: &str, names: &Names) {
+    let mut namespaces: Vec<String> = yaml_docs(rendered)
+        .into_iter()
+        .filter(|doc| kind_of(doc) == "Namespace")
+        .collect();
+    for name in [&names.dispatcher, &names.tasks] {
+        if !namespaces
+            .iter()
+            .any(|doc| doc.contains(&format!("name: {name}\n")))
+        {
+            namespaces.push(format!(
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels:\n    \
+                 pod-security.kubernetes.io/enforce: restricted\n    \
+                 pod-security.kubernetes.io/warn: restricted\n"
+            ));
+        }
+    }
+    kubectl(&["apply", "-f", "-"], Some(&namespaces.join("---\n")));
+    for name in [&names.dispatcher, &names.tasks] {
+        kubectl(
+            &["label", "namespace", name, "agent-bus.io/test=true"],
+            None,
+        );
+    }
+}
+
+fn delete_namespaces(names: &Names) {
+    for name in [&names.dispatcher, &names.tasks] {
+        let out = run_status(
+            tool("kubectl"),
+            &[
+                "delete",
+                "namespace",
+                name,
+                "--wait=false",
+                "--ignore-not-found",
+            ],
+            None,
+        );
+        if !out.success {
+            eprintln!("warning: deleting namespace {name}: {}", out.stderr);
+        }
+    }
+}
+
+/// Runs `body`; whatever happens, deletes the two namespaces (and runs `cleanup` first).
+/// When `body` panics, the pods and events of both namespaces are printed.
+async fn with_installation<F, Fut>(names: &Names, cleanup: impl FnOnce(), body: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let outcome = AssertUnwindSafe(body()).catch_unwind().await;
+    if outcome.is_err() {
+        let client = kube_client().await.unwrap();
+        for name in [&names.dispatcher, &names.tasks] {
+            let ns = TestNamespace {
+                client: client.clone(),
+                name: name.clone(),
+            };
+            eprintln!("{}", ns.report().await);
+        }
+    }
+    cleanup();
+    delete_namespaces(names);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Installs the partial Prometheus Operator and External Secrets CRDs
+/// (`tests/fixtures/crds.yaml`) and waits until the API server serves them.
+fn ensure_crds() {
+    let crds = repo_root().join("dispatcher/tests/fixtures/crds.yaml");
+    kubectl(
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager",
+            "agent-bus-tests",
+            "-f",
+            crds.to_str().unwrap(),
+        ],
+        None,
+    );
+    kubectl(
+        &[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout",
+            "90s",
+            "crd/servicemonitors.monitoring.coreos.com",
+            "crd/prometheusrules.monitoring.coreos.com",
+            "crd/externalsecrets.external-secrets.io",
+        ],
+        None,
+    );
+}
+
+/// A server-side dry-run of everything rendered (the namespaces exist for real first):
+/// every object is admitted, and no Pod Security warning is printed.
+fn server_side_dry_run(rendered: &str, names: &Names) -> Vec<Value> {
+    create_namespaces(rendered, names);
+    let out = kubectl(
+        &["apply", "--dry-run=server", "-o", "json", "-f", "-"],
+        Some(rendered),
+    );
+    assert!(
+        !out.stderr.contains("Warning"),
+        "the dry-run warned:\n{}",
+        out.stderr
+    );
+    let list: Value = serde_json::from_str(&out.stdout).unwrap();
+    let items = list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| vec![list]);
+    assert_eq!(
+        items.len(),
+        yaml_docs(rendered).len(),
+        "every rendered object is in the dry-run's answer"
+    );
+    items
+}
+
+// --- the chart --------------------------------------------------------------------------------
+
+#[test]
+fn the_chart_lints_with_each_values_file_and_refuses_unknown_keys() {
+    let chart = repo_root().join("helm/agent-bus");
+    let chart = chart.to_str().unwrap();
+    for values in [None, Some("values-dev.yaml"), Some("values-prod.yaml")] {
+        let mut args = vec!["lint", "--strict", chart];
+        let path;
+        if let Some(values) = values {
+            path = format!("{chart}/{values}");
+            args.extend(["-f", &path]);
+        }
+        let out = helm(&args);
+        assert!(
+            out.stdout.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "{}",
+            out.stdout
+        );
+    }
+    // values.schema.json: a misspelt key is an error, at the top and deep down.
+    for bad in [
+        "replicaz=3",
+        "api.replicaz=3",
+        "tasks.limitRange.maxx.cpu=1",
+        "probes.liveness.periodSecond=1",
+    ] {
+        let out = run_status(tool("helm"), &["lint", chart, "--set", bad], None);
+        assert!(!out.success, "helm lint accepted --set {bad}");
+        let said = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            said.contains("additional properties"),
+            "--set {bad}: {said}"
+        );
+    }
+    // Contradicting secret sources are refused with a message that says what to do.
+    let out = run_status(
+        tool("helm"),
+        &[
+            "template",
+            "x",
+            chart,
+            "--kube-version",
+            "v1.34.4",
+            "--set",
+            "externalSecret.enabled=true",
+        ],
+        None,
+    );
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("choose exactly one of secrets.create"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// The dotted paths of the keys that values.yaml documents (a `# --` comment above them).
+fn documented_values(text: &str) -> Vec<String> {
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut documented = false;
+    let mut block: Option<usize> = None;
+    let mut paths = Vec::new();
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let trimmed = line.trim();
+        if let Some(block_indent) = block {
+            if trimmed.is_empty() || indent > block_indent {
+                continue;
+            }
+            block = None;
+        }
+        if trimmed.starts_with("# --") {
+            documented = true;
+            continue;
+        }
+        if trimmed.starts_with('#') || trimmed.starts_with('-') || trimmed.is_empty() {
+            continue;
+        }
+        let Some((key, rest)) = trimmed.split_once(':') else {
+            continue;
+        };
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_owned()));
+        if rest.trim().starts_with('|') || rest.trim().starts_with('>') {
+            block = Some(indent);
+        }
+        if documented {
+            paths.push(
+                stack
+                    .iter()
+                    .map(|(_, k)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join("."),
+            );
+            documented = false;
+        }
+    }
+    paths
+}
+
+#[test]
+fn every_value_is_documented_in_the_chart_readme() {
+    let chart = repo_root().join("helm/agent-bus");
+    let values = std::fs::read_to_string(chart.join("values.yaml")).unwrap();
+    let readme = std::fs::read_to_string(chart.join("README.md")).unwrap();
+    let documented = documented_values(&values);
+    assert!(documented.len() > 100, "{documented:?}");
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|path| !readme.contains(&format!("| `{path}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "values missing from the README's table: {missing:?}"
+    );
+}
+
+#[test]
+fn the_chart_passes_a_server_side_dry_run_with_each_values_file() {
+    ensure_crds();
+    for values in [None, Some("values-dev.yaml"), Some("values-prod.yaml")] {
+        let names = Names::unique("deploy-chart-dry");
+        let rendered = helm_template(&names, values);
+        let outcome = std::panic::catch_unwind(|| server_side_dry_run(&rendered, &names));
+        delete_namespaces(&names);
+        let items = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let kinds: Vec<&str> = items.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+        for kind in [
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount",
+            "Service",
+            "ConfigMap",
+            "NetworkPolicy",
+            "ResourceQuota",
+            "LimitRange",
+            "Pod",
+        ] {
+            assert!(kinds.contains(&kind), "{values:?}: no {kind} in {kinds:?}");
+        }
+        if values == Some("values-prod.yaml") {
+            for kind in [
+                "ExternalSecret",
+                "ServiceMonitor",
+                "PrometheusRule",
+                "Ingress",
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "PersistentVolumeClaim",
+            ] {
+                assert!(kinds.contains(&kind), "prod: no {kind} in {kinds:?}");
+            }
+            assert!(
+                !kinds.contains(&"Secret"),
+                "prod takes its Secret from the ExternalSecret"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn helm_install_with_the_dev_values_creates_every_object() {
+    let names = Names::unique("deploy-helm");
+    let uninstall = {
+        let names = names.clone();
+        move || {
+            let _ = run_status(
+                tool("helm"),
+                &[
+                    "uninstall",
+                    "agent-bus",
+                    "--namespace",
+                    &names.dispatcher,
+                    "--wait",
+                    "--timeout",
+                    "60s",
+                ],
+                None,
+            );
+        }
+    };
+    with_installation(&names, uninstall, || async {
+        // The release namespace is restricted too: the dispatcher's pods must be admitted.
+        create_namespaces(
+            "",
+            &Names {
+                dispatcher: names.dispatcher.clone(),
+                tasks: names.dispatcher.clone(),
+            },
+        );
+        let chart = repo_root().join("helm/agent-bus");
+        let values = chart.join("values-dev.yaml");
+        let tasks = format!("tasks.namespace={}", names.tasks);
+        let started = std::time::Instant::now();
+        let install = helm(&[
+            "install",
+            "agent-bus",
+            chart.to_str().unwrap(),
+            "-f",
+            values.to_str().unwrap(),
+            "--namespace",
+            &names.dispatcher,
+            "--set",
+            &tasks,
+        ]);
+        eprintln!("helm install took {:?}", started.elapsed());
+        assert!(
+            install.stdout.contains("STATUS: deployed"),
+            "{}",
+            install.stdout
+        );
+        assert!(
+            install
+                .stdout
+                .contains(&format!("Task Jobs run in namespace {}", names.tasks)),
+            "NOTES: {}",
+            install.stdout
+        );
+
+        // Every object of the release exists.
+        let manifest = helm(&[
+            "get",
+            "manifest",
+            "agent-bus",
+            "--namespace",
+            &names.dispatcher,
+        ])
+        .stdout;
+        let expected = yaml_docs(&manifest).len();
+        let found = kubectl(&["get", "-f", "-", "-o", "name"], Some(&manifest)).stdout;
+        let found: Vec<&str> = found.lines().collect();
+        assert_eq!(found.len(), expected, "{found:#?}");
+        for object in [
+            "namespace/",
+            "serviceaccount/agent-bus",
+            "role.rbac.authorization.k8s.io/agent-bus-dispatcher",
+            "role.rbac.authorization.k8s.io/agent-bus-leader-election",
+            "rolebinding.rbac.authorization.k8s.io/agent-bus-dispatcher",
+            "configmap/agent-bus-config",
+            "secret/agent-bus",
+            "service/agent-bus-api",
+            "deployment.apps/agent-bus-api",
+            "deployment.apps/agent-bus-launcher",
+            "deployment.apps/agent-bus-watcher",
+            "statefulset.apps/agent-bus-postgres",
+            "deployment.apps/agent-bus-redis",
+            "networkpolicy.networking.k8s.io/agent-bus-dispatcher",
+            "networkpolicy.networking.k8s.io/agent-bus-default-deny",
+            "resourcequota/agent-bus-tasks",
+            "limitrange/agent-bus-tasks",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(object)),
+                "{object} missing from {found:#?}"
+            );
+        }
+        // Their pods are admitted in the restricted namespace and (kwok plays the kubelet)
+        // become ready.
+        for workload in [
+            "deployment/agent-bus-api",
+            "deployment/agent-bus-launcher",
+            "deployment/agent-bus-watcher",
+            "deployment/agent-bus-redis",
+            "statefulset/agent-bus-postgres",
+        ] {
+            poll_until(&format!("{workload} ready"), CLUSTER_TIMEOUT, || async {
+                let out = run_status(
+                    tool("kubectl"),
+                    &[
+                        "get",
+                        workload,
+                        "-n",
+                        &names.dispatcher,
+                        "-o",
+                        "jsonpath={.status.readyReplicas}/{.spec.replicas}",
+                    ],
+                    None,
+                );
+                if out.success && out.stdout == "1/1" {
+                    Ok(())
+                } else {
+                    Err(format!("{} {}", out.stdout, out.stderr))
+                }
+            })
+            .await;
+        }
+        assert_rbac(&names);
+    })
+    .await;
+}
+
+// --- RBAC and admission, on the dev overlay ------------------------------------------------------
+
+/// What the dispatcher's ServiceAccount may and may not do (`kubectl auth can-i`).
+fn assert_rbac(names: &Names) {
+    let sa = names.service_account();
+    let can = |args: &[&str]| -> String {
+        let mut all = vec!["auth", "can-i"];
+        all.extend(args);
+        all.extend(["--as", &sa]);
+        run_status(tool("kubectl"), &all, None)
+            .stdout
+            .trim()
+            .to_owned()
+    };
+    let (d, t) = (names.dispatcher.as_str(), names.tasks.as_str());
+    let expectations: &[(&[&str], &str)] = &[
+        (&["create", "jobs.batch", "-n", t], "yes"),
+        (&["get", "jobs.batch", "-n", t], "yes"),
+        (&["list", "jobs.batch", "-n", t], "yes"),
+        (&["watch", "jobs.batch", "-n", t], "yes"),
+        (&["delete", "jobs.batch", "-n", t], "yes"),
+        (&["watch", "pods", "-n", t], "yes"),
+        (&["get", "pods", "--subresource=log", "-n", t], "yes"),
+        (&["list", "events", "-n", t], "yes"),
+        (&["get", "leases.coordination.k8s.io", "-n", d], "yes"),
+        (&["create", "leases.coordination.k8s.io", "-n", d], "yes"),
+        (&["update", "leases.coordination.k8s.io", "-n", d], "yes"),
+        // Nothing else.
+        (&["get", "secrets", "-n", t], "no"),
+        (&["get", "secrets", "-n", d], "no"),
+        (&["list", "secrets", "-n", d], "no"),
+        (&["create", "pods", "--subresource=exec", "-n", t], "no"),
+        (&["get", "pods", "--subresource=exec", "-n", t], "no"),
+        (&["create", "pods", "-n", t], "no"),
+        (&["update", "jobs.batch", "-n", t], "no"),
+        (&["patch", "jobs.batch", "-n", t], "no"),
+        (&["create", "jobs.batch", "-n", d], "no"),
+        (&["create", "jobs.batch", "-n", "default"], "no"),
+        (&["list", "jobs.batch", "--all-namespaces"], "no"),
+        (&["delete", "leases.coordination.k8s.io", "-n", d], "no"),
+        (&["create", "leases.coordination.k8s.io", "-n", t], "no"),
+        (
+            &["create", "rolebindings.rbac.authorization.k8s.io", "-n", t],
+            "no",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (args, expected) in expectations {
+        let answer = can(args);
+        if answer != *expected {
+            wrong.push(format!(
+                "can-i {}: {answer}, expected {expected}",
+                args.join(" ")
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{sa}:\n{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn the_overlays_pass_a_server_side_dry_run() {
+    ensure_crds();
+    for overlay in ["dev", "prod"] {
+        let names = Names::unique(&format!("deploy-kust-{overlay}"));
+        let rendered = kustomize(overlay, &names);
+        // The default names are gone from every place a namespace is named.
+        for default in ["agent-bus", "agent-bus-tasks"] {
+            for place in ["namespace: ", "kubernetes.io/metadata.name: "] {
+                let left = format!("{place}{default}\n");
+                assert!(
+                    !rendered.contains(&left),
+                    "{overlay}: `{}` escaped the replacement",
+                    left.trim()
+                );
+            }
+        }
+        let outcome = std::panic::catch_unwind(|| server_side_dry_run(&rendered, &names));
+        delete_namespaces(&names);
+        let items = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        for name in ["agent-bus-api", "agent-bus-launcher", "agent-bus-watcher"] {
+            let env = &find(&items, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+                [0]["env"];
+            let value = |var: &str| {
+                env.as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["name"] == var)
+                    .unwrap()["value"]
+                    .clone()
+            };
+            assert_eq!(
+                value("AGENT_BUS_NAMESPACE"),
+                names.tasks.as_str(),
+                "{overlay} {name}"
+            );
+            assert_eq!(
+                value("AGENT_BUS_LEASE_NAMESPACE"),
+                names.dispatcher.as_str(),
+                "{overlay} {name}"
+            );
+        }
+        let kinds: Vec<&str> = items.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+        let expected: &[&str] = if overlay == "dev" {
+            &["StatefulSet", "Secret"]
+        } else {
+            &[
+                "ExternalSecret",
+                "ServiceMonitor",
+                "PrometheusRule",
+                "Ingress",
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "PersistentVolumeClaim",
+            ]
+        };
+        for kind in expected.iter().chain(&[
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "NetworkPolicy",
+            "ResourceQuota",
+            "LimitRange",
+        ]) {
+            assert!(kinds.contains(kind), "{overlay}: no {kind} in {kinds:?}");
+        }
+    }
+}
+
+/// Applies the dev overlay for real into `names`.
+fn apply_dev_overlay(names: &Names) -> String {
+    let rendered = kustomize("dev", names);
+    create_namespaces(&rendered, names);
+    let out = kubectl(&["apply", "-f", "-"], Some(&rendered));
+    assert!(!out.stderr.contains("Warning"), "{}", out.stderr);
+    rendered
+}
+
+#[tokio::test]
+async fn the_dispatchers_service_account_may_do_what_it_needs_and_nothing_more() {
+    let names = Names::unique("deploy-rbac");
+    with_installation(
+        &names,
+        || {},
+        || async {
+            apply_dev_overlay(&names);
+            assert_rbac(&names);
+        },
+    )
+    .await;
+}
+
+/// A kubeconfig that authenticates as the dispatcher's ServiceAccount, with a token from
+/// the TokenRequest API, so the dispatcher below runs with exactly the Role's permissions.
+fn service_account_kubeconfig(names: &Names, dir: &Path) -> PathBuf {
+    let token = kubectl(
+        &[
+            "create",
+            "token",
+            "agent-bus",
+            "-n",
+            &names.dispatcher,
+            "--duration",
+            "1h",
+        ],
+        None,
+    )
+    .stdout
+    .trim()
+    .to_owned();
+    let server = kubectl(
+        &[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ],
+        None,
+    )
+    .stdout;
+    let ca = kubectl(
+        &[
+            "config",
+            "view",
+            "--minify",
+            "--raw",
+            "-o",
+            "jsonpath={.clusters[0].cluster.certificate-authority}",
+        ],
+        None,
+    )
+    .stdout;
+    let kubeconfig = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": {"server": server, "certificate-authority": ca}}],
+        "users": [{"name": "dispatcher", "user": {"token": token}}],
+        "contexts": [{"name": "dispatcher", "context": {"cluster": "test", "user": "dispatcher", "namespace": names.tasks}}],
+        "current-context": "dispatcher",
+    });
+    let path = dir.join("kubeconfig");
+    std::fs::write(&path, serde_json::to_string(&kubeconfig).unwrap()).unwrap();
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_dispatchers_jobs() {
+    let names = Names::unique("deploy-admit");
+    with_installation(&names, || {}, || async {
+        let names = &names;
+        apply_dev_overlay(names);
+        let client = kube_client().await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &names.tasks);
+
+        // A pod the baseline profile admits but restricted refuses: PodSecurity says no here...
+        let unhardened: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "unhardened"},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/x:1"}]}
+        }))
+        .unwrap();
+        let refused = pods.create(&PostParams::default(), &unhardened).await.unwrap_err().to_string();
+        assert!(refused.contains("violates PodSecurity \"restricted:latest\""), "{refused}");
+        // ...and the same pod is admitted in a namespace without the label, so the label is
+        // what refuses it.
+        with_namespace("deploy-unlabelled", |ns| async move {
+            let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+            ns.api::<Pod>().create(&dry_run, &unhardened).await.unwrap();
+        })
+        .await;
+        // A privileged pod is refused too. (This test API server also runs with
+        // --allow-privileged=false, which refuses it before PodSecurity is asked.)
+        let privileged: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "privileged"},
+            "spec": {"containers": [{"name": "c", "image": "registry.invalid/x:1", "securityContext": {"privileged": true}}]}
+        }))
+        .unwrap();
+        let refused = pods.create(&PostParams::default(), &privileged).await.unwrap_err().to_string();
+        assert!(refused.contains("privileged"), "{refused}");
+
+        // The real dispatcher, as its ServiceAccount, launches a task into the namespace.
+        with_database(|db| async move {
+            with_redis_keyspace(|redis| async move {
+                let dir = std::env::temp_dir().join(format!("agent-bus-deploy-{}", unique_suffix()));
+                std::fs::create_dir_all(&dir).unwrap();
+                let kubeconfig = service_account_kubeconfig(names, &dir);
+                let command = |args: &[&str]| {
+                    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
+                    command
+                        .args(args)
+                        .env("KUBECONFIG", &kubeconfig)
+                        .env("DATABASE_URL", &db.url)
+                        .env("REDIS_URL", &redis.url)
+                        .env("AGENT_BUS_REDIS_PREFIX", &redis.prefix)
+                        .env("AGENT_BUS_NAMESPACE", &names.tasks)
+                        .env("AGENT_BUS_LEASE_NAMESPACE", &names.dispatcher)
+                        .env("AGENT_BUS_INSTANCE", "deploy-test")
+                        .env("AGENT_BUS_LOG", "warn")
+                        .kill_on_drop(true);
+                    command
+                };
+                let key = command(&["tenant", "create", "acme"]).stderr(Stdio::inherit()).output().await.unwrap();
+                assert!(key.status.success());
+                let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
+                let listen = format!("127.0.0.1:{}", free_port());
+                let _dispatcher = command(&["serve", "--executor", "kubernetes", "--listen", &listen, "--reconcile-interval", "1", "--launching-stale-after", "2"])
+                    .stdout(Stdio::inherit())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap();
+                let base = format!("http://{listen}");
+
+                // `dispatcher healthcheck` (the image's HEALTHCHECK and the chart's helm test)
+                // says ready once the dispatcher is.
+                let readyz = format!("{base}/readyz");
+                poll_until("dispatcher healthcheck to pass", CLUSTER_TIMEOUT, || async {
+                    let out = command(&["healthcheck", "--url", &readyz]).output().await.unwrap();
+                    if out.status.success() { Ok(String::from_utf8_lossy(&out.stdout).into_owned()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+                })
+                .await;
+
+                let http = reqwest::Client::new();
+                let body = json!({"name": "deploy-check", "image": "registry.invalid/x:1", "command": ["true"]});
+                let response = http.post(format!("{base}/v1/tasks")).bearer_auth(&key).json(&body).send().await.unwrap();
+                assert_eq!(response.status().as_u16(), 201);
+                let task: Value = response.json().await.unwrap();
+                let id = task["id"].as_str().unwrap().to_owned();
+                let done = poll_until("the task to finish", CLUSTER_TIMEOUT, || async {
+                    let task: Value = http.get(format!("{base}/v1/tasks/{id}")).bearer_auth(&key).send().await.unwrap().json().await.unwrap();
+                    match task["state"].as_str() {
+                        Some("succeeded" | "failed" | "cancelled" | "timed_out") => Ok(task),
+                        _ => Err(task.to_string()),
+                    }
+                })
+                .await;
+                assert_eq!(done["state"], "succeeded", "{done}");
+
+                // Its Job and pod exist in the restricted namespace; the pod got the
+                // LimitRange's defaults (the task asked for nothing); nothing failed to create.
+                let simple = id.replace('-', "");
+                let jobs = Api::<Job>::namespaced(client.clone(), &names.tasks)
+                    .list(&ListParams::default().labels(&format!("agent-bus.io/task-id={simple}")))
+                    .await
+                    .unwrap();
+                assert_eq!(jobs.items.len(), 1);
+                let task_pods = pods.list(&ListParams::default().labels(&format!("agent-bus.io/task-id={simple}"))).await.unwrap();
+                assert_eq!(task_pods.items.len(), 1);
+                let container = &task_pods.items[0].spec.as_ref().unwrap().containers[0];
+                let requests = container.resources.as_ref().unwrap().requests.as_ref().unwrap();
+                assert_eq!(requests["cpu"].0, "100m");
+                let events = Api::<Event>::namespaced(client.clone(), &names.tasks).list(&ListParams::default()).await.unwrap();
+                let failed: Vec<String> = events
+                    .items
+                    .iter()
+                    .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
+                    .map(|e| e.message.clone().unwrap_or_default())
+                    .collect();
+                assert!(failed.is_empty(), "{failed:?}");
+                // The watcher took the Lease in the dispatcher's namespace.
+                let lease = Api::<Lease>::namespaced(client.clone(), &names.dispatcher).get("agent-bus-watcher").await.unwrap();
+                assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("deploy-test"));
+
+                // And `dispatcher healthcheck` fails, with one line, when nothing answers.
+                let dead = format!("http://127.0.0.1:{}/readyz", free_port());
+                let out = command(&["healthcheck", "--url", &dead]).output().await.unwrap();
+                assert_eq!(out.status.code(), Some(1));
+                let said = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(said.trim().lines().count(), 1, "{said}");
+                assert!(said.starts_with(&format!("unhealthy: {dead}: ")), "{said}");
+                std::fs::remove_dir_all(&dir).unwrap();
+            })
+            .await;
+        })
+        .await;
+    })
+    .await;
+}
+
+// --- the chart and the overlays agree ------------------------------------------------------------
+
+/// What must be the same in the chart and the Kustomize tree, for one installation.
+fn contract(objects: &[Value]) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for role in ["agent-bus-dispatcher", "agent-bus-leader-election"] {
+        out.insert(
+            format!("Role {role} rules"),
+            find(objects, "Role", role)["rules"].clone(),
+        );
+    }
+    for name in ["agent-bus-api", "agent-bus-launcher", "agent-bus-watcher"] {
+        let deployment = find(objects, "Deployment", name);
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "dispatcher")
+            .unwrap();
+        for field in [
+            "startupProbe",
+            "livenessProbe",
+            "readinessProbe",
+            "securityContext",
+            "resources",
+            "ports",
+            "volumeMounts",
+            "args",
+        ] {
+            out.insert(
+                format!("{name} container {field}"),
+                container[field].clone(),
+            );
+        }
+        out.insert(
+            format!("{name} pod securityContext"),
+            pod["securityContext"].clone(),
+        );
+        out.insert(
+            format!("{name} serviceAccountName"),
+            pod["serviceAccountName"].clone(),
+        );
+        let env: BTreeMap<String, Value> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                let name = e["name"].as_str().unwrap();
+                // Values that only the chart sets (from its config block) are not compared.
+                [
+                    "AGENT_BUS_ROLES",
+                    "AGENT_BUS_LISTEN",
+                    "AGENT_BUS_EXECUTOR",
+                    "AGENT_BUS_NAMESPACE",
+                    "AGENT_BUS_LEASE_NAMESPACE",
+                    "AGENT_BUS_LEASE_NAME",
+                    "AGENT_BUS_LOG_FORMAT",
+                    "AGENT_BUS_GPU_CLASSES_FILE",
+                    "AGENT_BUS_PRICES_FILE",
+                    "AGENT_BUS_INSTANCE",
+                    "DATABASE_URL",
+                    "REDIS_URL",
+                ]
+                .contains(&name)
+            })
+            .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
+            .collect();
+        out.insert(format!("{name} env"), json!(env));
+        let replicas = objects
+            .iter()
+            .find(|o| o["kind"] == "HorizontalPodAutoscaler" && o["metadata"]["name"] == name)
+            .map_or_else(
+                || deployment["spec"]["replicas"].clone(),
+                |hpa| json!([hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]]),
+            );
+        out.insert(format!("{name} replicas (or HPA range)"), replicas);
+    }
+    let config = find(objects, "ConfigMap", "agent-bus-config");
+    out.insert("ConfigMap data".to_owned(), config["data"].clone());
+    let tasks: Vec<&Value> = objects
+        .iter()
+        .filter(|o| ["ResourceQuota", "LimitRange"].contains(&o["kind"].as_str().unwrap()))
+        .collect();
+    for object in tasks {
+        out.insert(format!("{} spec", object["kind"]), object["spec"].clone());
+    }
+    out
+}
+
+#[test]
+fn the_chart_and_the_overlays_agree_on_rbac_probes_security_and_resources() {
+    ensure_crds();
+    let names = Names {
+        dispatcher: "agent-bus".to_owned(),
+        tasks: "agent-bus-tasks".to_owned(),
+    };
+    for (overlay, values) in [("dev", "values-dev.yaml"), ("prod", "values-prod.yaml")] {
+        let kustomized = contract(&objects(&kustomize(overlay, &names)));
+        let charted = contract(&objects(&helm_template(&names, Some(values))));
+        let mut differences = Vec::new();
+        for (key, value) in &kustomized {
+            let other = charted.get(key).unwrap_or(&Value::Null);
+            if other != value {
+                differences.push(format!(
+                    "{key}:\n  manifests/overlays/{overlay}: {value}\n  helm {values}: {other}"
+                ));
+            }
+        }
+        assert!(differences.is_empty(), "{}", differences.join("\n"));
+        assert!(kustomized.len() > 30, "{kustomized:#?}");
+    }
+}
+
+#[test]
+fn the_alert_rules_agree_in_their_three_copies_and_pass_promtool() {
+    let rules = repo_root().join("deploy/prometheus/agent-bus.rules.yml");
+    let out = run(
+        tool("promtool"),
+        &["check", "rules", rules.to_str().unwrap()],
+        None,
+    );
+    assert!(out.stdout.contains("SUCCESS"), "{}", out.stdout);
+    // The plain file, read through kubectl as the spec of a PrometheusRule.
+    let plain = std::fs::read_to_string(&rules).unwrap().lines().fold(
+        String::new(),
+        |mut indented, line| {
+            indented.push_str("  ");
+            indented.push_str(line);
+            indented.push('\n');
+            indented
+        },
+    );
+    let wrapped = format!(
+        "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: plain\nspec:\n{plain}"
+    );
+    ensure_crds();
+    let plain = objects(&wrapped)[0]["spec"]["groups"].clone();
+    let names = Names {
+        dispatcher: "agent-bus".to_owned(),
+        tasks: "agent-bus-tasks".to_owned(),
+    };
+    let kustomized = objects(&kustomize("prod", &names));
+    let charted = objects(&helm_template(&names, Some("values-prod.yaml")));
+    assert_eq!(
+        find(&kustomized, "PrometheusRule", "agent-bus")["spec"]["groups"],
+        plain
+    );
+    assert_eq!(
+        find(&charted, "PrometheusRule", "agent-bus")["spec"]["groups"],
+        plain
+    );
+    assert_eq!(plain[0]["rules"][0]["alert"], "DispatcherDown");
+}
+
+// --- the image and docker-compose ------------------------------------------------------------
+
+#[test]
+fn the_dockerfile_passes_buildkits_checks_and_runs_non_root_with_a_shell_free_healthcheck() {
+    let out = run(deploylint(), &["dockerfile", "Dockerfile"], None);
+    let summary: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(summary["problems"], json!([]), "{}", out.stderr);
+    let stages = summary["stages"].as_array().unwrap();
+    assert!(stages.len() >= 2, "multi-stage: {stages:?}");
+    let runtime = stages.last().unwrap();
+    assert_eq!(runtime["user"], "65532:65532");
+    assert_eq!(
+        runtime["healthcheck"],
+        json!([
+            "CMD",
+            "/usr/local/bin/dispatcher",
+            "healthcheck",
+            "--url",
+            "http://127.0.0.1:8080/readyz"
+        ])
+    );
+    assert_eq!(
+        runtime["entrypoint"],
+        json!(["exec-form", "/usr/local/bin/dispatcher"])
+    );
+    let copies = runtime["copies_from"].to_string();
+    for binary in ["/usr/local/bin/dispatcher", "/usr/local/bin/runner"] {
+        assert!(
+            copies.contains(binary),
+            "{binary} not copied from the build stage: {copies}"
+        );
+    }
+    // The build context leaves out the target folder and local state.
+    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore")).unwrap();
+    for line in ["*", "**/target/", "**/*.db"] {
+        assert!(
+            ignore.lines().any(|l| l == line),
+            ".dockerignore lacks {line}"
+        );
+    }
+    // What the HEALTHCHECK runs exists in the binary.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(["healthcheck", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--url"));
+}
+
+#[test]
+fn docker_compose_passes_the_compose_loader_with_limits_and_health_checks() {
+    let out = run(deploylint(), &["compose", "docker-compose.yml"], None);
+    let project: Value = serde_json::from_str(&out.stdout).unwrap();
+    let services = project["services"].as_object().unwrap();
+    let names: Vec<&str> = services.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "alertmanager",
+            "dispatcher",
+            "grafana",
+            "postgres",
+            "prometheus",
+            "redis"
+        ]
+    );
+    for (name, service) in services {
+        let limits = &service["deploy"]["resources"]["limits"];
+        assert!(
+            limits["cpus"].as_f64().unwrap() > 0.0,
+            "{name}: no CPU limit"
+        );
+        assert!(
+            limits["memory"].as_str().unwrap().parse::<u64>().unwrap() > 0,
+            "{name}: no memory limit"
+        );
+        let test = service["healthcheck"]["test"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: no health check"));
+        assert_eq!(test[0], "CMD", "{name}: health check in exec form");
+    }
+    assert_eq!(
+        services["dispatcher"]["depends_on"]["postgres"]["condition"],
+        "service_healthy"
+    );
+    assert_eq!(
+        services["dispatcher"]["depends_on"]["redis"]["condition"],
+        "service_healthy"
+    );
+    // The configuration files it mounts are valid for their programs.
+    let prometheus = run(
+        tool("promtool"),
+        &["check", "config", "deploy/compose/prometheus.yml"],
+        None,
+    );
+    assert!(
+        prometheus.stdout.contains("SUCCESS"),
+        "{}",
+        prometheus.stdout
+    );
+    let alertmanager = run(
+        tool("amtool"),
+        &["check-config", "deploy/compose/alertmanager.yml"],
+        None,
+    );
+    assert!(
+        alertmanager.stdout.contains("SUCCESS"),
+        "{}",
+        alertmanager.stdout
+    );
+    // A misspelt key is refused (the loader validates against the Compose schema).
+    let bad = std::env::temp_dir().join(format!("agent-bus-compose-{}.yml", unique_suffix()));
+    let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replacen(
+            "    restart: unless-stopped",
+            "    restart: unless-stopped\n    restrat: always",
+            1,
+        ),
+    )
+    .unwrap();
+    let refused = run_status(deploylint(), &["compose", bad.to_str().unwrap()], None);
+    std::fs::remove_file(&bad).unwrap();
+    assert!(!refused.success);
+    assert!(refused.stderr.contains("restrat"), "{}", refused.stderr);
+}
