@@ -162,7 +162,8 @@ pub fn runner_view(
         });
     }
     view.usage = usage.into_values().collect();
-    view.usage_cost_usd = view.usage.iter().map(|u| u.cost_usd).sum();
+    // A fold from +0.0: `sum()` of no floats is -0.0, which would show as "-0.0".
+    view.usage_cost_usd = view.usage.iter().fold(0.0, |total, u| total + u.cost_usd);
     Some(view)
 }
 
@@ -242,6 +243,11 @@ mod tests {
         assert!((view.usage_cost_usd - 1.75).abs() < 1e-9);
         assert!(view.outcome.is_none());
         assert!(runner_view(1, &[], None).is_none());
+        let no_usage = runner_view(1, &reports[..1], None).unwrap();
+        assert!(
+            no_usage.usage_cost_usd.is_sign_positive(),
+            "0.0, never -0.0"
+        );
     }
 
     #[test]
