@@ -42,21 +42,24 @@ impl Local {
             .to_owned()
     }
 
+    async fn read(&self, id: &str) -> Result<Value, String> {
+        self.http
+            .get(format!("{}/v1/tasks/{id}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn wait_until_over(&self, id: &str) -> Value {
         poll_until(
             &format!("task {id} to finish"),
             Duration::from_secs(30),
             || async {
-                let task: Value = self
-                    .http
-                    .get(format!("{}/v1/tasks/{id}", self.base))
-                    .bearer_auth(&self.key)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .json()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let task = self.read(id).await?;
                 if ["succeeded", "failed", "cancelled", "timed_out"]
                     .contains(&task["state"].as_str().unwrap_or_default())
                 {
@@ -174,16 +177,7 @@ echo "task $AGENT_BUS_TASK_ID attempt $AGENT_BUS_ATTEMPT token=${AGENT_BUS_REPOR
         "the command sees its task, never the report token: {output}"
     );
     let runner = poll_until("the runner's reports", Duration::from_secs(30), || async {
-        let task: Value = local
-            .http
-            .get(format!("{}/v1/tasks/{reported}", local.base))
-            .bearer_auth(&local.key)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+        let task = local.read(&reported).await?;
         let runner = task["runner"].clone();
         if runner["outcome"].is_object() && runner["usage"].is_array() {
             Ok(runner)

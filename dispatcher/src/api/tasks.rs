@@ -225,11 +225,7 @@ pub async fn submit(
         .await?
     {
         Inserted::Created(task) => {
-            let entry = QueueEntry {
-                task_id: task.id,
-                queue: task.spec.queue.clone(),
-                priority: task.spec.priority,
-            };
+            let entry = QueueEntry::of(&task);
             if let Err(error) = state.queue.enqueue(&entry).await {
                 // Stored is what counts: the reconciler enqueues stored tasks the queue lacks.
                 tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");

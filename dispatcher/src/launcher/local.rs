@@ -9,7 +9,8 @@
 //! the runner's AGENT_BUS_* variables, never the dispatcher's own secrets); one process
 //! per task attempt; the recorded outcome is a compare-and-set from `running`, so a
 //! cancel that won the race is never overwritten; a runner that does not stop within its
-//! own timeout and grace is killed.
+//! own timeout and grace is killed; the runner's own `started` report may move the task
+//! to `running` before the executor does, which is the same outcome, not a cancel.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -145,9 +146,15 @@ impl LocalExecutor {
         {
             Ok(Some(_)) => {}
             Ok(None) => {
-                // Cancelled while we were starting it.
-                let _ = child.kill().await;
-                return LaunchOutcome::AlreadyHandled;
+                // Either the runner's `started` report moved the task to `running` first
+                // (it can be that quick), or the task was cancelled while we started it.
+                let current = self.store.task(task.id).await;
+                let ours = matches!(&current, Ok(Some(now))
+                    if now.state == TaskState::Running && now.attempt == task.attempt);
+                if !ours {
+                    let _ = child.kill().await;
+                    return LaunchOutcome::AlreadyHandled;
+                }
             }
             Err(error) => {
                 let _ = child.kill().await;

@@ -53,6 +53,18 @@ pub struct QueueEntry {
     pub priority: i32,
 }
 
+impl QueueEntry {
+    /// The entry of a stored task: its queue and priority.
+    #[must_use]
+    pub fn of(task: &crate::task::Task) -> Self {
+        Self {
+            task_id: task.id,
+            queue: task.spec.queue.clone(),
+            priority: task.spec.priority,
+        }
+    }
+}
+
 /// A delivery: the entry plus what the queue needs to acknowledge it.
 #[derive(Debug, Clone)]
 pub struct Delivery {

@@ -210,7 +210,7 @@ impl Watcher {
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::warn!(task_id = %id, error = %error, "reading the task failed")
+                    tracing::warn!(task_id = %id, error = %error, "reading the task failed");
                 }
             }
         }
@@ -250,7 +250,7 @@ impl Watcher {
                     }
                     Ok(None) => {}
                     Err(error) => {
-                        tracing::warn!(task_id = %task.id, error = %error, "failing a silent task failed")
+                        tracing::warn!(task_id = %task.id, error = %error, "failing a silent task failed");
                     }
                 }
             } else if task.reason != Some(Reason::HeartbeatLost) {
@@ -262,7 +262,7 @@ impl Watcher {
                     Ok(Some(_)) => tracing::warn!(task_id = %task.id, "heartbeat lost"),
                     Ok(None) => {}
                     Err(error) => {
-                        tracing::warn!(task_id = %task.id, error = %error, "noting a lost heartbeat failed")
+                        tracing::warn!(task_id = %task.id, error = %error, "noting a lost heartbeat failed");
                     }
                 }
             }
@@ -297,11 +297,7 @@ impl Watcher {
         match self.store.transition(task.id, task.state, &change).await {
             Ok(Some(moved)) => {
                 tracing::info!(task_id = %task.id, attempt = moved.attempt, class = ?moved.gpu_class, "task falls back to another GPU class");
-                let entry = QueueEntry {
-                    task_id: moved.id,
-                    queue: moved.spec.queue.clone(),
-                    priority: moved.spec.priority,
-                };
+                let entry = QueueEntry::of(&moved);
                 if let Err(error) = self.queue.enqueue(&entry).await {
                     tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");
                 }
@@ -311,7 +307,7 @@ impl Watcher {
             }
             Ok(None) => {}
             Err(error) => {
-                tracing::warn!(task_id = %task.id, error = %error, "recording a fallback failed")
+                tracing::warn!(task_id = %task.id, error = %error, "recording a fallback failed");
             }
         }
     }
