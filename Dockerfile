@@ -1,35 +1,56 @@
 # syntax=docker/dockerfile:1
-# The agent-bus image: the `dispatcher` (all roles) and the `runner`, which the dispatcher
-# copies into every task pod from an init container of this same image:
-#   cp /usr/local/bin/runner /agent-bus/bin/runner
+# The agent-bus image: the `dispatcher` (all roles) and the `runner`. Every task pod the
+# dispatcher launches starts an init container of this same image that runs
+#   /usr/local/bin/runner install /agent-bus/bin
+# (the runner copies itself into an emptyDir the task's container then runs it from).
 #
 #   docker build -t agent-bus:dev .
 #   docker run --rm -p 8080:8080 agent-bus:dev            # embedded defaults: SQLite, local executor
 #
-# Both stages are Debian bookworm, so the binaries link against the glibc they run with.
+# The dispatcher is built on Debian bookworm and runs on bookworm (the glibc it was linked
+# against). The runner is built against glibc 2.31 with cargo-zigbuild, so it also runs in
+# old user images (Ubuntu 20.04 CUDA and PyTorch images, Debian 11).
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 # --- build ---------------------------------------------------------------------------
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+# ziglang and cargo-zigbuild from PyPI, in a venv (bookworm's Python refuses a system-wide
+# pip install); the versions tests/env/versions.env pins for tests/env/build-runner, which
+# builds the same runner for the test suite (a test keeps the two equal).
+ARG ZIGLANG_VERSION=0.17.0
+ARG CARGO_ZIGBUILD_VERSION=0.24.0
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/zigbuild \
+    && /opt/zigbuild/bin/pip install --no-cache-dir "ziglang==${ZIGLANG_VERSION}" "cargo-zigbuild==${CARGO_ZIGBUILD_VERSION}"
+ENV PATH=/opt/zigbuild/bin:${PATH}
 WORKDIR /src
 # The whole workspace (tests/support is a member, so cargo needs it to load the workspace);
-# .dockerignore keeps everything else out. The cache mounts keep the registry and the
-# target folder between builds.
+# .dockerignore keeps everything else out. The cache mounts keep the registry, the target
+# folder and zig's cache between builds.
 COPY Cargo.toml Cargo.lock ./
 COPY dispatcher dispatcher
 COPY protocol protocol
 COPY runner runner
 COPY tests/support tests/support
+# The runner's target is the build machine's architecture with a glibc version suffix:
+# x86_64-unknown-linux-gnu.2.31 on amd64 (the only one tested).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p dispatcher --bin dispatcher -p runner --bin runner \
+    --mount=type=cache,target=/root/.cache \
+    cargo build --release --locked -p dispatcher --bin dispatcher \
+    && runner_target="$(uname -m)-unknown-linux-gnu" \
+    && cargo zigbuild --release --locked -p runner --target "${runner_target}.2.31" \
     && install -D -m 0755 target/release/dispatcher /out/dispatcher \
-    && install -D -m 0755 target/release/runner /out/runner
+    && install -D -m 0755 "target/${runner_target}/release/runner" /out/runner
 
 # --- runtime -------------------------------------------------------------------------
-# debian-slim rather than distroless: the runner init container needs `cp`.
+# debian-slim rather than distroless: the image's default, the local executor (docker run,
+# docker compose), runs task commands inside this container, which needs a shell and
+# coreutils. On Kubernetes nothing here needs them (see docs/DOCKER.md).
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="agent-bus" \

@@ -27,6 +27,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use dispatcher::placement::PlacementCatalog;
 use futures::FutureExt as _;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -183,6 +184,56 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
         })
 }
 
+/// The dispatcher's ConfigMap: `agent-bus-config` from the chart, `agent-bus-config-<hash>`
+/// from Kustomize's generator.
+fn config_map(objects: &[Value]) -> &Value {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|o| {
+            o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n == "agent-bus-config" || n.starts_with("agent-bus-config-"))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one dispatcher ConfigMap: {found:?}");
+    found[0]
+}
+
+/// The dispatcher Deployments (the three roles), by name.
+fn dispatcher_deployments(objects: &[Value]) -> Vec<&Value> {
+    let found: Vec<&Value> = objects
+        .iter()
+        .filter(|o| o["kind"] == "Deployment" && dispatcher_container(o).is_some())
+        .collect();
+    assert_eq!(found.len(), 3, "three dispatcher Deployments");
+    found
+}
+
+fn dispatcher_container(deployment: &Value) -> Option<&Value> {
+    deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == "dispatcher")
+}
+
+/// The entry `name` of a container's `env`.
+fn env_entry<'a>(container: &'a Value, name: &str) -> &'a Value {
+    container["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {}", container["env"]))
+}
+
+/// The literal value of a container's environment variable `name`.
+fn env_value<'a>(container: &'a Value, name: &str) -> &'a str {
+    env_entry(container, name)["value"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{name} has no literal value"))
+}
+
 // --- namespaces, CRDs, rendering --------------------------------------------------------------
 
 /// The two namespaces of one installation, unique per test run.
@@ -199,6 +250,14 @@ impl Names {
         Self { dispatcher, tasks }
     }
 
+    /// The names every file ships with.
+    fn defaults() -> Self {
+        Self {
+            dispatcher: "agent-bus".to_owned(),
+            tasks: "agent-bus-tasks".to_owned(),
+        }
+    }
+
     fn service_account(&self) -> String {
         format!("system:serviceaccount:{}:agent-bus", self.dispatcher)
     }
@@ -207,6 +266,12 @@ impl Names {
 /// `kubectl kustomize` of an overlay, with the namespace names of `base/namespaces.yaml`
 /// replaced by `names` in a copy of the tree: the one place an installation names them.
 fn kustomize(overlay: &str, names: &Names) -> String {
+    kustomize_edited(&format!("overlays/{overlay}"), names, |_| {})
+}
+
+/// `kubectl kustomize` of `dir` (relative to `manifests/`) in a copy of the tree renamed to
+/// `names`, after `edit` changed the copy (it gets the copy's `manifests/` folder).
+fn kustomize_edited(dir: &str, names: &Names, edit: impl FnOnce(&Path)) -> String {
     let copy = std::env::temp_dir().join(format!("agent-bus-manifests-{}", unique_suffix()));
     copy_tree(&repo_root().join("manifests"), &copy);
     let file = copy.join("base/namespaces.yaml");
@@ -225,14 +290,14 @@ fn kustomize(overlay: &str, names: &Names) -> String {
         "base/namespaces.yaml no longer names the namespaces as expected"
     );
     std::fs::write(&file, renamed).unwrap();
-    let out = kubectl(
-        &[
-            "kustomize",
-            copy.join("overlays").join(overlay).to_str().unwrap(),
-        ],
+    edit(&copy);
+    let out = run_status(
+        tool("kubectl"),
+        &["kustomize", copy.join(dir).to_str().unwrap()],
         None,
     );
     std::fs::remove_dir_all(&copy).unwrap();
+    assert!(out.success, "kubectl kustomize {dir}: {}", out.stderr);
     out.stdout
 }
 
@@ -251,6 +316,11 @@ fn copy_tree(from: &Path, to: &Path) {
 
 /// `helm template` of the chart into `names`, with a values file (or the defaults).
 fn helm_template(names: &Names, values: Option<&str>) -> String {
+    helm_template_set(names, values, &[])
+}
+
+/// `helm template` as above, with more `--set` values.
+fn helm_template_set(names: &Names, values: Option<&str>, sets: &[&str]) -> String {
     let chart = repo_root().join("helm/agent-bus");
     let tasks = format!("tasks.namespace={}", names.tasks);
     let mut args = vec![
@@ -268,6 +338,9 @@ fn helm_template(names: &Names, values: Option<&str>) -> String {
     if let Some(values) = values {
         values_path = chart.join(values);
         args.extend(["-f", values_path.to_str().unwrap()]);
+    }
+    for set in sets {
+        args.extend(["--set", set]);
     }
     helm(&args).stdout
 }
@@ -777,24 +850,21 @@ async fn the_overlays_pass_a_server_side_dry_run() {
         delete_namespaces(&names);
         let items = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         for name in ["agent-bus-api", "agent-bus-launcher", "agent-bus-watcher"] {
-            let env = &find(&items, "Deployment", name)["spec"]["template"]["spec"]["containers"]
-                [0]["env"];
-            let value = |var: &str| {
-                env.as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|e| e["name"] == var)
-                    .unwrap()["value"]
-                    .clone()
-            };
+            let container = dispatcher_container(find(&items, "Deployment", name)).unwrap();
+            let value = |var: &str| env_value(container, var);
             assert_eq!(
                 value("AGENT_BUS_NAMESPACE"),
-                names.tasks.as_str(),
+                names.tasks,
                 "{overlay} {name}"
             );
             assert_eq!(
                 value("AGENT_BUS_LEASE_NAMESPACE"),
-                names.dispatcher.as_str(),
+                names.dispatcher,
+                "{overlay} {name}"
+            );
+            assert_eq!(
+                value("AGENT_BUS_REPORT_URL"),
+                format!("http://agent-bus-api.{}.svc:8080", names.dispatcher),
                 "{overlay} {name}"
             );
         }
@@ -915,7 +985,13 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
     let names = Names::unique("deploy-admit");
     with_installation(&names, || {}, || async {
         let names = &names;
-        apply_dev_overlay(names);
+        let rendered = objects(&apply_dev_overlay(names));
+        // The dispatcher below gets the launcher's settings as the overlay renders them.
+        let launcher = dispatcher_container(find(&rendered, "Deployment", "agent-bus-launcher")).unwrap();
+        let report_url = env_value(launcher, "AGENT_BUS_REPORT_URL").to_owned();
+        let runner_image = env_value(launcher, "AGENT_BUS_RUNNER_IMAGE").to_owned();
+        let placement = config_map(&rendered)["data"]["placement.yaml"].as_str().unwrap().to_owned();
+        let (report_url, runner_image, placement) = (&report_url, &runner_image, &placement);
         let client = kube_client().await.unwrap();
         let pods: Api<Pod> = Api::namespaced(client.clone(), &names.tasks);
 
@@ -950,6 +1026,8 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                 let dir = std::env::temp_dir().join(format!("agent-bus-deploy-{}", unique_suffix()));
                 std::fs::create_dir_all(&dir).unwrap();
                 let kubeconfig = service_account_kubeconfig(names, &dir);
+                let placement_file = dir.join("placement.yaml");
+                std::fs::write(&placement_file, placement).unwrap();
                 let command = |args: &[&str]| {
                     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
                     command
@@ -961,6 +1039,9 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                         .env("AGENT_BUS_NAMESPACE", &names.tasks)
                         .env("AGENT_BUS_LEASE_NAMESPACE", &names.dispatcher)
                         .env("AGENT_BUS_INSTANCE", "deploy-test")
+                        .env("AGENT_BUS_PLACEMENT_FILE", &placement_file)
+                        .env("AGENT_BUS_REPORT_URL", report_url)
+                        .env("AGENT_BUS_RUNNER_IMAGE", runner_image)
                         .env("AGENT_BUS_LOG", "warn")
                         .kill_on_drop(true);
                     command
@@ -1014,6 +1095,13 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                 let container = &task_pods.items[0].spec.as_ref().unwrap().containers[0];
                 let requests = container.resources.as_ref().unwrap().requests.as_ref().unwrap();
                 assert_eq!(requests["cpu"].0, "100m");
+                // The runner comes from the dispatcher's image and reports to the api Service.
+                let init = &task_pods.items[0].spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+                assert_eq!(init.name, "agent-bus-runner");
+                assert_eq!(init.image.as_deref(), Some(runner_image.as_str()));
+                assert_eq!(init.command.as_deref().unwrap(), ["/usr/local/bin/runner", "install", "/agent-bus/bin"]);
+                let reports_to = container.env.as_ref().unwrap().iter().find(|e| e.name == "AGENT_BUS_REPORT_URL").unwrap().value.clone().unwrap();
+                assert_eq!(reports_to, format!("{report_url}/internal/v1/tasks/{id}/attempts/1/reports"));
                 let events = Api::<Event>::namespaced(client.clone(), &names.tasks).list(&ListParams::default()).await.unwrap();
                 let failed: Vec<String> = events
                     .items
@@ -1100,8 +1188,10 @@ fn contract(objects: &[Value]) -> BTreeMap<String, Value> {
                     "AGENT_BUS_LEASE_NAMESPACE",
                     "AGENT_BUS_LEASE_NAME",
                     "AGENT_BUS_LOG_FORMAT",
-                    "AGENT_BUS_GPU_CLASSES_FILE",
-                    "AGENT_BUS_PRICES_FILE",
+                    "AGENT_BUS_PLACEMENT_FILE",
+                    "AGENT_BUS_REPORT_URL",
+                    "AGENT_BUS_RUNNER_IMAGE",
+                    "AGENT_BUS_REPORT_SECRET",
                     "AGENT_BUS_INSTANCE",
                     "DATABASE_URL",
                     "REDIS_URL",
@@ -1120,8 +1210,10 @@ fn contract(objects: &[Value]) -> BTreeMap<String, Value> {
             );
         out.insert(format!("{name} replicas (or HPA range)"), replicas);
     }
-    let config = find(objects, "ConfigMap", "agent-bus-config");
-    out.insert("ConfigMap data".to_owned(), config["data"].clone());
+    out.insert(
+        "ConfigMap data".to_owned(),
+        config_map(objects)["data"].clone(),
+    );
     let tasks: Vec<&Value> = objects
         .iter()
         .filter(|o| ["ResourceQuota", "LimitRange"].contains(&o["kind"].as_str().unwrap()))
@@ -1154,6 +1246,462 @@ fn the_chart_and_the_overlays_agree_on_rbac_probes_security_and_resources() {
         assert!(differences.is_empty(), "{}", differences.join("\n"));
         assert!(kustomized.len() > 30, "{kustomized:#?}");
     }
+}
+
+// --- the placement file, the report URL and the runner image --------------------------------
+
+#[test]
+fn the_shipped_placement_file_is_the_dispatchers_own_and_the_dispatcher_accepts_it() {
+    let expected =
+        std::fs::read_to_string(repo_root().join("dispatcher/config/placement.yaml")).unwrap();
+    // The file is the dispatcher's built-in default, so shipping it changes nothing.
+    let parsed = PlacementCatalog::parse(&expected, "dispatcher/config/placement.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(parsed, PlacementCatalog::default());
+    ensure_crds();
+    let names = Names::defaults();
+    let shipped = [
+        (
+            "helm/agent-bus (default values)",
+            helm_template(&names, None),
+        ),
+        (
+            "helm/agent-bus -f values-dev.yaml",
+            helm_template(&names, Some("values-dev.yaml")),
+        ),
+        (
+            "helm/agent-bus -f values-prod.yaml",
+            helm_template(&names, Some("values-prod.yaml")),
+        ),
+        ("manifests/base", kustomize_edited("base", &names, |_| {})),
+        ("manifests/overlays/dev", kustomize("dev", &names)),
+        ("manifests/overlays/prod", kustomize("prod", &names)),
+    ];
+    for (source, rendered) in &shipped {
+        for gone in [
+            "gpu-classes.yaml",
+            "prices.yaml",
+            "_GPU_CLASSES_FILE",
+            "_PRICES_FILE",
+        ] {
+            assert!(!rendered.contains(gone), "{source} still names {gone}");
+        }
+        let objects = objects(rendered);
+        let config = config_map(&objects);
+        let data = config["data"].as_object().unwrap();
+        let keys: Vec<&String> = data.keys().collect();
+        assert_eq!(keys, ["placement.yaml"], "{source}");
+        let text = data["placement.yaml"].as_str().unwrap();
+        assert!(
+            text == expected,
+            "{source}: placement.yaml is not dispatcher/config/placement.yaml:\n{text}"
+        );
+        let catalog = PlacementCatalog::parse(text, "placement.yaml")
+            .unwrap_or_else(|e| panic!("{source}: the dispatcher refuses its placement.yaml: {e}"));
+        assert_eq!(catalog, PlacementCatalog::default(), "{source}");
+        // Every role reads it where its pod mounts that ConfigMap.
+        for deployment in dispatcher_deployments(&objects) {
+            let name = &deployment["metadata"]["name"];
+            let volume = deployment["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["configMap"]["name"] == config["metadata"]["name"])
+                .unwrap_or_else(|| panic!("{source} {name}: the ConfigMap is not a volume"));
+            let container = dispatcher_container(deployment).unwrap();
+            let mount = container["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == volume["name"])
+                .unwrap_or_else(|| panic!("{source} {name}: the ConfigMap is not mounted"));
+            assert_eq!(
+                env_value(container, "AGENT_BUS_PLACEMENT_FILE"),
+                format!("{}/placement.yaml", mount["mountPath"].as_str().unwrap()),
+                "{source} {name}"
+            );
+        }
+    }
+}
+
+/// `matchLabels` of `selector` (absent: everything) are all among `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    assert!(
+        selector["matchExpressions"].is_null(),
+        "matchExpressions are not evaluated here: {selector}"
+    );
+    selector["matchLabels"]
+        .as_object()
+        .is_none_or(|wanted| wanted.iter().all(|(k, v)| labels[k] == *v))
+}
+
+/// A pod in a namespace, as a NetworkPolicy sees it.
+struct PodAt<'a> {
+    namespace: &'a str,
+    labels: &'a Value,
+}
+
+/// Whether a NetworkPolicy peer (`from`/`to` entry) includes `pod`.
+fn peer_includes(peer: &Value, policy_namespace: &str, pod: &PodAt) -> bool {
+    if !peer["ipBlock"].is_null() {
+        return false;
+    }
+    let namespace_ok = if peer["namespaceSelector"].is_null() {
+        pod.namespace == policy_namespace
+    } else {
+        selects(
+            &peer["namespaceSelector"],
+            &json!({"kubernetes.io/metadata.name": pod.namespace}),
+        )
+    };
+    namespace_ok && (peer["podSelector"].is_null() || selects(&peer["podSelector"], pod.labels))
+}
+
+/// Whether a NetworkPolicy rule's ports include TCP `port` (no ports: all of them).
+fn rule_allows_port(rule: &Value, port: i64) -> bool {
+    rule["ports"].as_array().is_none_or(|ports| {
+        ports.iter().any(|p| {
+            p["port"].as_i64() == Some(port) && p["protocol"].as_str().unwrap_or("TCP") == "TCP"
+        })
+    })
+}
+
+/// The NetworkPolicies of `objects` that govern `direction` (`Ingress`/`Egress`) of `pod`.
+fn policies_for<'a>(objects: &'a [Value], pod: &PodAt, direction: &str) -> Vec<&'a Value> {
+    objects
+        .iter()
+        .filter(|o| {
+            o["kind"] == "NetworkPolicy"
+                && o["metadata"]["namespace"] == pod.namespace
+                && selects(&o["spec"]["podSelector"], pod.labels)
+                && o["spec"]["policyTypes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|t| t == direction)
+        })
+        .collect()
+}
+
+/// For one rendered installation: every role's AGENT_BUS_REPORT_URL is the api Service
+/// in the dispatcher namespace; that Service leads to the api pods' port; the tasks
+/// namespace's policies let task pods out to exactly that pod port, and the dispatcher's
+/// let them in; the runner image is the dispatcher's own and the report secret an
+/// optional key of the dispatcher's Secret.
+fn assert_reports_reach_the_api(source: &str, objects: &[Value]) {
+    let deployments = dispatcher_deployments(objects);
+    let first = dispatcher_container(deployments[0]).unwrap();
+    let url = env_value(first, "AGENT_BUS_REPORT_URL");
+    let tasks_namespace = env_value(first, "AGENT_BUS_NAMESPACE");
+    let (host, port) = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split_once(':'))
+        .unwrap_or_else(|| panic!("{source}: report URL {url} is not http://host:port"));
+    let port: i64 = port.parse().unwrap();
+    let host: Vec<&str> = host.split('.').collect();
+    let [service_name, namespace, "svc"] = host[..] else {
+        panic!("{source}: report URL {url} is not http://<service>.<namespace>.svc:<port>");
+    };
+    for deployment in &deployments {
+        let container = dispatcher_container(deployment).unwrap();
+        let name = &deployment["metadata"]["name"];
+        assert_eq!(
+            deployment["metadata"]["namespace"], namespace,
+            "{source} {name}"
+        );
+        assert_eq!(
+            env_value(container, "AGENT_BUS_REPORT_URL"),
+            url,
+            "{source} {name}"
+        );
+        assert_eq!(
+            env_value(container, "AGENT_BUS_NAMESPACE"),
+            tasks_namespace,
+            "{source} {name}"
+        );
+        // The init container of every task pod is the dispatcher's own image.
+        assert_eq!(
+            env_value(container, "AGENT_BUS_RUNNER_IMAGE"),
+            container["image"].as_str().unwrap(),
+            "{source} {name}"
+        );
+        // The report secret is an optional key of the Secret the database URL is in.
+        let database = &env_entry(container, "DATABASE_URL")["valueFrom"]["secretKeyRef"];
+        assert_eq!(
+            env_entry(container, "AGENT_BUS_REPORT_SECRET")["valueFrom"]["secretKeyRef"],
+            json!({"name": database["name"], "key": "report-secret", "optional": true}),
+            "{source} {name}"
+        );
+    }
+    let service = find(objects, "Service", service_name);
+    assert_eq!(service["metadata"]["namespace"], namespace, "{source}");
+    let service_port = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"].as_i64() == Some(port))
+        .unwrap_or_else(|| panic!("{source}: Service {service_name} has no port {port}"));
+    let api: Vec<&&Value> = deployments
+        .iter()
+        .filter(|d| {
+            selects(
+                &json!({"matchLabels": service["spec"]["selector"]}),
+                &d["spec"]["template"]["metadata"]["labels"],
+            )
+        })
+        .collect();
+    assert_eq!(api.len(), 1, "{source}: the Service selects one role");
+    assert_eq!(
+        api[0]["metadata"]["labels"]["app.kubernetes.io/component"],
+        "api"
+    );
+    let api_labels = &api[0]["spec"]["template"]["metadata"]["labels"];
+    let pod_port =
+        dispatcher_container(api[0]).unwrap()["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                p["name"] == service_port["targetPort"]
+                    || p["containerPort"] == service_port["targetPort"]
+            })
+            .unwrap_or_else(|| {
+                panic!("{source}: no container port {}", service_port["targetPort"])
+            })["containerPort"]
+            .as_i64()
+            .unwrap();
+    assert_eq!(pod_port, 8080, "{source}");
+
+    let api_pod = PodAt {
+        namespace,
+        labels: api_labels,
+    };
+    let task_labels = json!({"app.kubernetes.io/managed-by": "agent-bus"});
+    let task_pod = PodAt {
+        namespace: tasks_namespace,
+        labels: &task_labels,
+    };
+    // Out of a task pod: policies apply (so everything else is denied), and one lets it
+    // reach the api pods on their port.
+    let egress = policies_for(objects, &task_pod, "Egress");
+    assert!(
+        !egress.is_empty(),
+        "{source}: task pods' egress is not restricted"
+    );
+    assert!(
+        egress.iter().any(|policy| {
+            policy["spec"]["egress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|rule| {
+                    rule_allows_port(rule, pod_port)
+                        && rule["to"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|peer| peer_includes(peer, tasks_namespace, &api_pod))
+                })
+        }),
+        "{source}: no egress from {tasks_namespace} to the api pods on {pod_port}"
+    );
+    // Into an api pod: policies apply, and one lets task pods in on that port.
+    let ingress = policies_for(objects, &api_pod, "Ingress");
+    assert!(
+        !ingress.is_empty(),
+        "{source}: the api's ingress is not restricted"
+    );
+    assert!(
+        ingress.iter().any(|policy| {
+            policy["spec"]["ingress"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|rule| {
+                    rule_allows_port(rule, pod_port)
+                        && rule["from"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .any(|peer| peer_includes(peer, namespace, &task_pod))
+                })
+        }),
+        "{source}: no ingress into the api pods from {tasks_namespace} on {pod_port}"
+    );
+}
+
+#[test]
+fn task_pods_reach_the_api_at_the_report_url_through_both_network_policies() {
+    ensure_crds();
+    let defaults = Names::defaults();
+    let renamed = Names::unique("deploy-report");
+    let installations = [
+        ("helm (default values)", helm_template(&defaults, None)),
+        (
+            "helm -f values-prod.yaml, renamed",
+            helm_template(&renamed, Some("values-prod.yaml")),
+        ),
+        // The URL names the Service's port; the policies the pods' port.
+        (
+            "helm, fullnameOverride=ab, service.port=80",
+            helm_template_set(&renamed, None, &["fullnameOverride=ab", "service.port=80"]),
+        ),
+        ("manifests/overlays/dev", kustomize("dev", &defaults)),
+        (
+            "manifests/overlays/dev, renamed",
+            kustomize("dev", &renamed),
+        ),
+        (
+            "manifests/overlays/prod, renamed",
+            kustomize("prod", &renamed),
+        ),
+    ];
+    for (source, rendered) in &installations {
+        assert_reports_reach_the_api(source, &objects(rendered));
+    }
+    let port_80 = objects(&installations[2].1);
+    assert_eq!(
+        env_value(
+            dispatcher_container(find(&port_80, "Deployment", "ab-launcher")).unwrap(),
+            "AGENT_BUS_REPORT_URL"
+        ),
+        format!("http://ab-api.{}.svc:80", renamed.dispatcher)
+    );
+    // runner.reportUrl replaces the in-cluster URL (e.g. a route through a gateway).
+    let overridden = objects(&helm_template_set(
+        &defaults,
+        None,
+        &["runner.reportUrl=https://reports.example.com/agent-bus"],
+    ));
+    for deployment in dispatcher_deployments(&overridden) {
+        assert_eq!(
+            env_value(
+                dispatcher_container(deployment).unwrap(),
+                "AGENT_BUS_REPORT_URL"
+            ),
+            "https://reports.example.com/agent-bus"
+        );
+    }
+}
+
+#[test]
+fn the_runner_image_follows_the_dispatchers_image_and_the_report_secret_is_optional() {
+    ensure_crds();
+    let names = Names::defaults();
+    let images = |objects: &[Value]| -> Vec<(String, String)> {
+        dispatcher_deployments(objects)
+            .into_iter()
+            .map(|d| {
+                let container = dispatcher_container(d).unwrap();
+                (
+                    container["image"].as_str().unwrap().to_owned(),
+                    env_value(container, "AGENT_BUS_RUNNER_IMAGE").to_owned(),
+                )
+            })
+            .collect()
+    };
+    // Kustomize: what `kustomize edit set image ghcr.io/agent-bus/agent-bus=registry.example.com/agent-bus:9.9.9`
+    // writes into an overlay changes both images.
+    for overlay in ["dev", "prod"] {
+        let rendered = kustomize_edited(&format!("overlays/{overlay}"), &names, |copy| {
+            let file = copy.join(format!("overlays/{overlay}/kustomization.yaml"));
+            let text = std::fs::read_to_string(&file).unwrap();
+            let tag = if overlay == "dev" { "dev" } else { "0.1.0" };
+            let edited = text.replacen(
+                &format!("    newTag: {tag}\n"),
+                "    newName: registry.example.com/agent-bus\n    newTag: 9.9.9\n",
+                1,
+            );
+            assert_ne!(edited, text, "{overlay}: no `newTag: {tag}` line");
+            std::fs::write(&file, edited).unwrap();
+        });
+        for pair in images(&objects(&rendered)) {
+            let expected = "registry.example.com/agent-bus:9.9.9".to_owned();
+            assert_eq!(pair, (expected.clone(), expected), "{overlay}");
+        }
+    }
+    // The chart: from image.repository, image.tag (default appVersion) or image.digest.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let digest_set = format!("image.digest={digest}");
+    for (sets, expected) in [
+        (vec![], "ghcr.io/agent-bus/agent-bus:0.1.0".to_owned()),
+        (
+            vec![
+                "image.repository=registry.example.com/agent-bus",
+                "image.tag=9.9.9",
+            ],
+            "registry.example.com/agent-bus:9.9.9".to_owned(),
+        ),
+        (
+            vec![digest_set.as_str()],
+            format!("ghcr.io/agent-bus/agent-bus@{digest}"),
+        ),
+    ] {
+        let objects = objects(&helm_template_set(&names, None, &sets));
+        for pair in images(&objects) {
+            assert_eq!(pair, (expected.clone(), expected.clone()), "{sets:?}");
+        }
+        for deployment in dispatcher_deployments(&objects) {
+            let container = dispatcher_container(deployment).unwrap();
+            assert_eq!(
+                env_value(container, "AGENT_BUS_RUNNER_IMAGE_PULL_POLICY"),
+                container["imagePullPolicy"].as_str().unwrap()
+            );
+        }
+    }
+
+    // The report secret: absent by default (the dispatcher makes one), in the chart's
+    // Secret or the ExternalSecret when configured, refused when too short.
+    let secret = |objects: &[Value]| find(objects, "Secret", "agent-bus").clone();
+    let plain = secret(&objects(&helm_template(&names, None)));
+    assert!(
+        plain["stringData"].get("report-secret").is_none(),
+        "{plain}"
+    );
+    let key = "0123456789abcdef0123456789abcdef";
+    let set = format!("secrets.reportSecret={key}");
+    let with_key = secret(&objects(&helm_template_set(&names, None, &[&set])));
+    assert_eq!(with_key["stringData"]["report-secret"], key);
+    let external = objects(&helm_template_set(
+        &names,
+        Some("values-prod.yaml"),
+        &["externalSecret.reportSecretKey=agent-bus/report-secret"],
+    ));
+    let data = find(&external, "ExternalSecret", "agent-bus")["spec"]["data"].clone();
+    assert!(
+        data.as_array().unwrap().contains(
+            &json!({"secretKey": "report-secret", "remoteRef": {"key": "agent-bus/report-secret"}})
+        ),
+        "{data}"
+    );
+    let prod = objects(&helm_template(&names, Some("values-prod.yaml")));
+    assert_eq!(
+        find(&prod, "ExternalSecret", "agent-bus")["spec"]["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let chart = repo_root().join("helm/agent-bus");
+    let out = run_status(
+        tool("helm"),
+        &[
+            "lint",
+            chart.to_str().unwrap(),
+            "--set",
+            "secrets.reportSecret=short",
+        ],
+        None,
+    );
+    assert!(
+        !out.success,
+        "a report secret under 32 characters was accepted"
+    );
+    assert!(
+        out.stdout.contains("/secrets/reportSecret"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
@@ -1237,6 +1785,43 @@ fn the_dockerfile_passes_buildkits_checks_and_runs_non_root_with_a_shell_free_he
             ".dockerignore lacks {line}"
         );
     }
+    // The runner is built for glibc 2.31 (old CUDA and PyTorch user images) the way
+    // tests/env/build-runner builds the binary the runner's tests check, with the same
+    // pinned ziglang and cargo-zigbuild.
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let versions = std::fs::read_to_string(repo_root().join("tests/env/versions.env")).unwrap();
+    for name in ["ZIGLANG_VERSION", "CARGO_ZIGBUILD_VERSION"] {
+        let pinned = versions
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("tests/env/versions.env has no {name}"));
+        assert!(
+            dockerfile
+                .lines()
+                .any(|l| l.trim() == format!("ARG {name}={pinned}")),
+            "the Dockerfile does not pin {name}={pinned} like tests/env/versions.env"
+        );
+    }
+    let build_runner = std::fs::read_to_string(repo_root().join("tests/env/build-runner")).unwrap();
+    for (file, text, command) in [
+        (
+            "Dockerfile",
+            &dockerfile,
+            "cargo zigbuild --release --locked -p runner --target \"${runner_target}.2.31\"",
+        ),
+        (
+            "tests/env/build-runner",
+            &build_runner,
+            "cargo zigbuild --release --locked -p runner --target \"$zig_target\"",
+        ),
+    ] {
+        assert!(text.contains(command), "{file} no longer runs `{command}`");
+    }
+    assert!(build_runner.contains("zig_target=$rust_target.2.31"));
+    assert!(
+        dockerfile.contains("\"target/${runner_target}/release/runner\" /out/runner"),
+        "the image's runner is not the glibc 2.31 build"
+    );
     // What the HEALTHCHECK runs exists in the binary.
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
         .args(["healthcheck", "--help"])

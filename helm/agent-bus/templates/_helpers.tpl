@@ -57,7 +57,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The Secret holding database-url and redis-url. */}}
+{{/* Where task pods send their reports: runner.reportUrl, else the api Service. */}}
+{{- define "agent-bus.reportUrl" -}}
+{{- if .Values.runner.reportUrl }}
+{{- .Values.runner.reportUrl }}
+{{- else }}
+{{- printf "http://%s-api.%s.svc:%v" (include "agent-bus.fullname" .) .Release.Namespace .Values.service.port }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding database-url and redis-url (and optionally report-secret). */}}
 {{- define "agent-bus.secretName" -}}
 {{- if .Values.secrets.existingSecret }}
 {{- .Values.secrets.existingSecret }}
