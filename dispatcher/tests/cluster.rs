@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::process::Stdio;
 
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use serde_json::{Value, json};
 use testsupport::{
     CLUSTER_TIMEOUT, RedisKeySpace, TestDatabase, TestNamespace, poll_until, with_database,
@@ -607,7 +607,7 @@ async fn a_task_falls_back_to_a100_while_the_h100_pool_is_full() {
             if names.len() == 1 && names[0].ends_with("-2") { Ok(()) } else { Err(format!("{names:?}")) }
         })
         .await;
-        pods.delete("h100-filler", &Default::default()).await.unwrap();
+        pods.delete("h100-filler", &DeleteParams::default()).await.unwrap();
     })
     .await;
 }
