@@ -485,7 +485,10 @@ fn write_termination_log(path: Option<&Path>, message: &str) {
         .create(create)
         .open(path)
         .and_then(|mut f| f.write_all(message.as_bytes()));
-    if let Err(e) = written {
-        crate::log!("termination log {} not written: {e}", path.display());
+    match written {
+        Ok(()) => {}
+        // Outside Kubernetes the default path is absent: nothing to say.
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => crate::log!("termination log {} not written: {e}", path.display()),
     }
 }
