@@ -28,14 +28,6 @@ struct Setup {
     redis: RedisKeySpace,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Setup {
     fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"));
@@ -74,7 +66,7 @@ impl Setup {
 
     /// Starts a dispatcher with `extra` flags.
     async fn start_with(&self, instance: &str, extra: &[&str]) -> Dispatcher {
-        let port = free_port();
+        let port = testsupport::free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec![
             "serve",

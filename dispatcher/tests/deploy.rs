@@ -972,14 +972,6 @@ fn service_account_kubeconfig(names: &Names, dir: &Path) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_dispatchers_jobs() {
     let names = Names::unique("deploy-admit");
@@ -1049,7 +1041,7 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                 let key = command(&["tenant", "create", "acme"]).stderr(Stdio::inherit()).output().await.unwrap();
                 assert!(key.status.success());
                 let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
-                let listen = format!("127.0.0.1:{}", free_port());
+                let listen = format!("127.0.0.1:{}", testsupport::free_port());
                 let _dispatcher = command(&["serve", "--executor", "kubernetes", "--listen", &listen, "--reconcile-interval", "1", "--launching-stale-after", "2"])
                     .stdout(Stdio::inherit())
                     .stderr(Stdio::inherit())
@@ -1115,7 +1107,7 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                 assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("deploy-test"));
 
                 // And `dispatcher healthcheck` fails, with one line, when nothing answers.
-                let dead = format!("http://127.0.0.1:{}/readyz", free_port());
+                let dead = format!("http://127.0.0.1:{}/readyz", testsupport::free_port());
                 let out = command(&["healthcheck", "--url", &dead]).output().await.unwrap();
                 assert_eq!(out.status.code(), Some(1));
                 let said = String::from_utf8_lossy(&out.stderr);

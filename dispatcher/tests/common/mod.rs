@@ -176,11 +176,7 @@ pub(crate) async fn start_local_dispatcher(database_url: &str) -> LocalDispatche
         String::from_utf8_lossy(&output.stderr)
     );
     let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testsupport::free_port();
     let child = command(&[
         "serve",
         "--executor",

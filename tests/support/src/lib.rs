@@ -60,6 +60,17 @@ pub fn env_var(name: &'static str) -> Result<String, EnvError> {
     std::env::var(name).map_err(|_| EnvError::MissingVariable { name })
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a process under test to
+/// listen on. Panics (failing the test) if the OS has no port to give.
+#[must_use]
+#[allow(clippy::missing_panics_doc, clippy::expect_used)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("binding 127.0.0.1:0 for a free port")
+}
+
 /// A short random suffix for names of throwaway objects (lowercase hex, RFC 1123 safe).
 #[must_use]
 pub fn unique_suffix() -> String {
