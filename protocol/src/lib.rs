@@ -147,9 +147,10 @@ pub struct Usage {
     pub cost_usd: f64,
 }
 
+/// How a command ended: what the `finished` report and the termination summary share.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-pub struct Finished {
+pub struct Outcome {
     /// The command's exit code, or 128 + signal when a signal ended it.
     pub exit_code: i32,
     /// The signal that ended the command, if one did.
@@ -160,17 +161,24 @@ pub struct Finished {
     pub failure_class: Option<FailureClass>,
     #[serde(default)]
     pub duration_seconds: f64,
+    #[serde(default)]
+    pub gpu: Option<GpuSummary>,
+    /// The last lines of the command's standard error (at most 2 KiB).
+    #[serde(default)]
+    pub stderr_tail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Finished {
+    #[serde(flatten)]
+    pub outcome: Outcome,
     /// Peak resident memory of the command's process tree, from `wait4`.
     #[serde(default)]
     pub max_rss_bytes: Option<u64>,
     /// User plus system CPU time of the command.
     #[serde(default)]
     pub cpu_seconds: Option<f64>,
-    #[serde(default)]
-    pub gpu: Option<GpuSummary>,
-    /// The last lines of the command's standard error (at most 2 KiB).
-    #[serde(default)]
-    pub stderr_tail: Option<String>,
 }
 
 /// Why a command failed, as the runner sees it from inside the pod.
@@ -251,23 +259,14 @@ pub struct GpuSummary {
 pub struct TerminationSummary {
     /// Format version, 1.
     pub v: u32,
-    pub exit_code: i32,
-    #[serde(default)]
-    pub signal: Option<i32>,
-    #[serde(default)]
-    pub failure_class: Option<FailureClass>,
-    #[serde(default)]
-    pub duration_seconds: f64,
-    #[serde(default)]
-    pub gpu: Option<GpuSummary>,
+    #[serde(flatten)]
+    pub outcome: Outcome,
     /// LLM usage summed per model.
     #[serde(default)]
     pub usage: Vec<Usage>,
     /// Reports still undelivered when the runner gave up at exit.
     #[serde(default)]
     pub undelivered_reports: u64,
-    #[serde(default)]
-    pub stderr_tail: Option<String>,
 }
 
 impl TerminationSummary {
@@ -281,7 +280,12 @@ impl TerminationSummary {
             if text.len() <= TERMINATION_MESSAGE_LIMIT {
                 return text;
             }
-            if let Some(tail) = summary.stderr_tail.as_mut().filter(|t| t.len() > 64) {
+            if let Some(tail) = summary
+                .outcome
+                .stderr_tail
+                .as_mut()
+                .filter(|t| t.len() > 64)
+            {
                 let mut cut = tail.len() / 2;
                 while !tail.is_char_boundary(cut) {
                     cut += 1;
@@ -289,9 +293,9 @@ impl TerminationSummary {
                 tail.drain(..cut);
                 continue;
             }
-            let shrunk = summary.stderr_tail.take().is_some()
+            let shrunk = summary.outcome.stderr_tail.take().is_some()
                 || summary.usage.pop().is_some()
-                || summary.gpu.take().is_some();
+                || summary.outcome.gpu.take().is_some();
             if !shrunk {
                 return text;
             }
@@ -347,9 +351,12 @@ mod tests {
     fn termination_message_fits_the_limit() {
         let summary = TerminationSummary {
             v: 1,
-            exit_code: 1,
-            failure_class: Some(FailureClass::CudaOom),
-            stderr_tail: Some("é".repeat(5000)),
+            outcome: Outcome {
+                exit_code: 1,
+                failure_class: Some(FailureClass::CudaOom),
+                stderr_tail: Some("é".repeat(5000)),
+                ..Outcome::default()
+            },
             usage: vec![
                 Usage {
                     model: "m".repeat(3000),
@@ -366,9 +373,41 @@ mod tests {
             message.len()
         );
         let back = TerminationSummary::from_message(&message).unwrap();
-        assert_eq!(back.failure_class, Some(FailureClass::CudaOom));
-        assert_eq!(back.exit_code, 1);
+        assert_eq!(back.outcome.failure_class, Some(FailureClass::CudaOom));
+        assert_eq!(back.outcome.exit_code, 1);
         assert!(TerminationSummary::from_message("killed by user script").is_none());
+    }
+
+    #[test]
+    fn outcomes_stay_flat_on_the_wire() {
+        let finished = Report {
+            sequence: 9,
+            sent_at: "t".into(),
+            body: ReportBody::Finished(Finished {
+                outcome: Outcome {
+                    exit_code: 137,
+                    signal: Some(9),
+                    failure_class: Some(FailureClass::HostOom),
+                    ..Outcome::default()
+                },
+                max_rss_bytes: Some(1024),
+                cpu_seconds: None,
+            }),
+        };
+        let json = serde_json::to_value(&finished).unwrap();
+        assert_eq!(json["kind"], "finished");
+        assert_eq!(json["exit_code"], 137);
+        assert_eq!(json["failure_class"], "host_oom");
+        assert_eq!(json["max_rss_bytes"], 1024);
+        assert_eq!(serde_json::from_value::<Report>(json).unwrap(), finished);
+        let summary: TerminationSummary = serde_json::from_str(
+            r#"{"v":1,"exit_code":3,"failure_class":"user_error","usage":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (summary.outcome.exit_code, summary.outcome.failure_class),
+            (3, Some(FailureClass::UserError))
+        );
     }
 
     #[test]

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use protocol::{
-    Finished, GpuDevice, Heartbeat, Report, ReportBody, Started, TerminationSummary, Usage, env,
+    Finished, GpuDevice, Heartbeat, Outcome, Report, ReportBody, Started, TerminationSummary,
+    Usage, env,
 };
 
 use crate::child::{self, EnvChanges, Exit};
@@ -220,17 +221,19 @@ pub fn run(args: &RunArgs) -> u8 {
         Err(e) => {
             crate::log!("{e}");
             let exit_code = e.exit_code;
-            reports.send(ReportBody::Finished(Finished {
+            let outcome = Outcome {
                 exit_code,
                 failure_class: Some(protocol::FailureClass::UserError),
                 stderr_tail: Some(e.to_string()),
+                ..Outcome::default()
+            };
+            reports.send(ReportBody::Finished(Finished {
+                outcome: outcome.clone(),
                 ..Finished::default()
             }));
             let summary = TerminationSummary {
                 v: 1,
-                exit_code,
-                failure_class: Some(protocol::FailureClass::UserError),
-                stderr_tail: Some(e.to_string()),
+                outcome,
                 ..TerminationSummary::default()
             };
             finish(args, &reports, summary, report_file.as_ref());
@@ -404,26 +407,24 @@ pub fn run(args: &RunArgs) -> u8 {
     let duration_seconds = exit.at.duration_since(spawned_at).as_secs_f64();
     let gpu_summary = stats.as_ref().and_then(gpu::Stats::summary);
     let stderr_tail = shared.stderr_tail();
-    reports.send(ReportBody::Finished(Finished {
-        exit_code,
-        signal: exit.signal,
-        failure_class,
-        duration_seconds,
-        max_rss_bytes: exit.max_rss_bytes,
-        cpu_seconds: exit.cpu_seconds,
-        gpu: gpu_summary.clone(),
-        stderr_tail: stderr_tail.clone(),
-    }));
-    let summary = TerminationSummary {
-        v: 1,
+    let outcome = Outcome {
         exit_code,
         signal: exit.signal,
         failure_class,
         duration_seconds,
         gpu: gpu_summary,
+        stderr_tail,
+    };
+    reports.send(ReportBody::Finished(Finished {
+        outcome: outcome.clone(),
+        max_rss_bytes: exit.max_rss_bytes,
+        cpu_seconds: exit.cpu_seconds,
+    }));
+    let summary = TerminationSummary {
+        v: 1,
+        outcome,
         usage: Vec::new(),
         undelivered_reports: 0,
-        stderr_tail,
     };
     finish(args, &reports, summary, report_file.as_ref());
     (exit_code & 0xff) as u8

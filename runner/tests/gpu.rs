@@ -59,8 +59,8 @@ fn gpus_are_discovered_sampled_and_summarised() {
     assert_eq!(sample.temperature_celsius, Some(61.0));
 
     let f = finished(&reports);
-    assert_eq!(f.failure_class, None);
-    let gpu = f.gpu.unwrap();
+    assert_eq!(f.outcome.failure_class, None);
+    let gpu = f.outcome.gpu.unwrap();
     assert_eq!(gpu.gpus, 2);
     assert!(gpu.samples >= 1);
     assert_eq!(gpu.utilization_mean_percent, Some(55.0));
@@ -69,7 +69,7 @@ fn gpus_are_discovered_sampled_and_summarised() {
     assert_eq!(gpu.power_max_watts, Some(251.0));
     assert_eq!(gpu.temperature_max_celsius, Some(61.0));
     assert!(gpu.xid_errors.is_empty());
-    assert_eq!(out.termination().gpu, Some(gpu));
+    assert_eq!(out.termination().outcome.gpu, Some(gpu));
 }
 
 #[test]
@@ -97,8 +97,8 @@ fn an_xid_during_the_run_classifies_a_failure_as_gpu_xid() {
     let out = running.wait();
     assert_eq!(out.code(), 1);
     let summary = out.termination();
-    assert_eq!(summary.failure_class, Some(FailureClass::GpuXid));
-    assert_eq!(summary.gpu.unwrap().xid_errors, [79]);
+    assert_eq!(summary.outcome.failure_class, Some(FailureClass::GpuXid));
+    assert_eq!(summary.outcome.gpu.unwrap().xid_errors, [79]);
 }
 
 #[test]
@@ -116,7 +116,7 @@ fn zero_gpus_is_one_log_line() {
         .filter(|l| l.contains("GPU"))
         .collect();
     assert_eq!(lines, ["runner: no GPU stats: NVML sees no GPU"]);
-    assert_eq!(out.termination().gpu, None);
+    assert_eq!(out.termination().outcome.gpu, None);
 }
 
 #[test]

@@ -184,9 +184,9 @@ fn runs_in_a_bullseye_root() {
 
     let message = std::fs::read_to_string(dir.host("termination-log")).unwrap();
     let summary = TerminationSummary::from_message(&message).unwrap();
-    assert_eq!(summary.exit_code, 3);
-    assert_eq!(summary.failure_class, Some(FailureClass::UserError));
-    assert_eq!(summary.stderr_tail.as_deref(), Some("oops"));
+    assert_eq!(summary.outcome.exit_code, 3);
+    assert_eq!(summary.outcome.failure_class, Some(FailureClass::UserError));
+    assert_eq!(summary.outcome.stderr_tail.as_deref(), Some("oops"));
     assert_eq!(summary.undelivered_reports, 0);
 
     let reports = receiver.delivered();
@@ -221,5 +221,5 @@ fn loads_nvml_at_run_time_in_a_bullseye_root() {
     assert!(!stderr.contains("GPU stats"), "{stderr}");
     let message = std::fs::read_to_string(dir.host("termination-log")).unwrap();
     let summary = TerminationSummary::from_message(&message).unwrap();
-    assert_eq!(summary.gpu.map(|g| g.gpus), Some(2), "{message}");
+    assert_eq!(summary.outcome.gpu.map(|g| g.gpus), Some(2), "{message}");
 }

@@ -18,9 +18,9 @@ fn exit_codes_pass_through() {
         let out = Runner::new().sh(&format!("exit {code}")).run();
         assert_eq!(out.code(), code, "{}", out.stderr());
         let summary = out.termination();
-        assert_eq!(summary.exit_code, code);
+        assert_eq!(summary.outcome.exit_code, code);
         let want = (code != 0).then_some(FailureClass::UserError);
-        assert_eq!(summary.failure_class, want);
+        assert_eq!(summary.outcome.failure_class, want);
     }
 }
 
@@ -73,7 +73,7 @@ fn sigterm_reaches_the_command_which_may_exit_cleanly() {
     let out = running.wait();
     assert_eq!(out.code(), 0, "{}", out.stderr());
     assert!(out.stdout().contains("got-term"));
-    assert_eq!(out.termination().failure_class, None);
+    assert_eq!(out.termination().outcome.failure_class, None);
     assert!(out.elapsed < Duration::from_secs(15), "{:?}", out.elapsed);
 }
 
@@ -88,8 +88,8 @@ fn a_command_ignoring_sigterm_is_killed_after_the_grace_period() {
     let out = running.wait();
     assert_eq!(out.code(), 137, "{}", out.stderr());
     let summary = out.termination();
-    assert_eq!(summary.signal, Some(9));
-    assert_eq!(summary.failure_class, Some(FailureClass::Signal));
+    assert_eq!(summary.outcome.signal, Some(9));
+    assert_eq!(summary.outcome.failure_class, Some(FailureClass::Signal));
     assert!(out.stderr().contains("sending SIGKILL"));
 }
 
@@ -105,7 +105,10 @@ fn other_signals_are_forwarded_too() {
     let out = running.wait();
     assert_eq!(out.code(), 7);
     // Exit after a forwarded terminating signal: the signal is the reason.
-    assert_eq!(out.termination().failure_class, Some(FailureClass::Signal));
+    assert_eq!(
+        out.termination().outcome.failure_class,
+        Some(FailureClass::Signal)
+    );
 }
 
 #[test]
@@ -116,7 +119,10 @@ fn timeout_sends_sigterm_then_classifies_as_timeout() {
         .run();
     assert_eq!(out.code(), 143, "{}", out.stderr());
     assert!(out.stdout().contains("got-term"));
-    assert_eq!(out.termination().failure_class, Some(FailureClass::Timeout));
+    assert_eq!(
+        out.termination().outcome.failure_class,
+        Some(FailureClass::Timeout)
+    );
     assert!(out.stderr().contains("timeout of 1s reached"));
 }
 
@@ -127,7 +133,10 @@ fn timeout_kills_a_command_that_ignores_sigterm() {
         .sh("trap '' TERM; while :; do sleep 0.05; done")
         .run();
     assert_eq!(out.code(), 137);
-    assert_eq!(out.termination().failure_class, Some(FailureClass::Timeout));
+    assert_eq!(
+        out.termination().outcome.failure_class,
+        Some(FailureClass::Timeout)
+    );
 }
 
 #[test]
@@ -141,8 +150,8 @@ fn a_missing_command_exits_127_and_a_non_executable_one_126() {
         out.stderr()
     );
     let summary = out.termination();
-    assert_eq!(summary.exit_code, 127);
-    assert_eq!(summary.failure_class, Some(FailureClass::UserError));
+    assert_eq!(summary.outcome.exit_code, 127);
+    assert_eq!(summary.outcome.failure_class, Some(FailureClass::UserError));
 
     let run = Runner::new();
     let script = run.dir.path("not-executable.sh");
@@ -150,7 +159,7 @@ fn a_missing_command_exits_127_and_a_non_executable_one_126() {
     let out = run.cmd([script.to_string_lossy()]).run();
     assert_eq!(out.code(), 126);
     assert_eq!(
-        out.termination().failure_class,
+        out.termination().outcome.failure_class,
         Some(FailureClass::UserError)
     );
 }
@@ -162,19 +171,22 @@ fn cuda_oom_on_stderr_is_classified_even_when_split_across_writes() {
         .run();
     assert_eq!(out.code(), 1);
     let summary = out.termination();
-    assert_eq!(summary.failure_class, Some(FailureClass::CudaOom));
-    let tail = summary.stderr_tail.unwrap();
+    assert_eq!(summary.outcome.failure_class, Some(FailureClass::CudaOom));
+    let tail = summary.outcome.stderr_tail.unwrap();
     assert!(tail.ends_with("Tried to allocate 2.00 GiB"), "{tail}");
 
     // The same text on stdout counts too; a success stays a success.
     let out = Runner::new()
         .sh("echo 'RESOURCE_EXHAUSTED: Out of memory while trying to allocate'; exit 2")
         .run();
-    assert_eq!(out.termination().failure_class, Some(FailureClass::CudaOom));
+    assert_eq!(
+        out.termination().outcome.failure_class,
+        Some(FailureClass::CudaOom)
+    );
     let out = Runner::new()
         .sh("echo 'CUDA out of memory (handled)'")
         .run();
-    assert_eq!(out.termination().failure_class, None);
+    assert_eq!(out.termination().outcome.failure_class, None);
 }
 
 #[test]
@@ -191,9 +203,9 @@ fn termination_summary_is_written_and_parseable() {
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["v"], 1);
     let summary = out.termination();
-    assert_eq!(summary.exit_code, 4);
-    assert_eq!(summary.failure_class, Some(FailureClass::UserError));
-    assert!(summary.duration_seconds > 0.0);
+    assert_eq!(summary.outcome.exit_code, 4);
+    assert_eq!(summary.outcome.failure_class, Some(FailureClass::UserError));
+    assert!(summary.outcome.duration_seconds > 0.0);
     assert_eq!(summary.undelivered_reports, 0);
     assert_eq!(summary.usage.len(), 2);
     let gpt = &summary.usage[0];
@@ -208,7 +220,7 @@ fn termination_summary_is_written_and_parseable() {
     );
     assert!((gpt.cost_usd - 0.75).abs() < 1e-9);
     assert_eq!(summary.usage[1].model, "small");
-    let tail = summary.stderr_tail.unwrap();
+    let tail = summary.outcome.stderr_tail.unwrap();
     assert_eq!(tail.lines().count(), 20, "{tail}");
     assert!(
         tail.starts_with("err line 11\n") && tail.ends_with("err line 30"),
@@ -258,7 +270,7 @@ fn nvml_absent_is_one_log_line_and_the_run_succeeds() {
         .collect();
     assert_eq!(gpu_lines.len(), 1, "{gpu_lines:?}");
     assert!(gpu_lines[0].starts_with("runner: no GPU stats: NVML not available"));
-    assert_eq!(out.termination().gpu, None);
+    assert_eq!(out.termination().outcome.gpu, None);
 }
 
 #[test]
@@ -344,5 +356,5 @@ fn as_pid_1_orphans_are_reaped() {
     let summary =
         protocol::TerminationSummary::from_message(&std::fs::read_to_string(termination).unwrap())
             .unwrap();
-    assert_eq!(summary.exit_code, 9);
+    assert_eq!(summary.outcome.exit_code, 9);
 }

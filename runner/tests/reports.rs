@@ -110,11 +110,11 @@ fn reports_arrive_in_sequence_with_the_token() {
         }
     }
     let f = finished(&reports);
-    assert_eq!(f.exit_code, 3);
-    assert_eq!(f.signal, None);
-    assert_eq!(f.failure_class, Some(FailureClass::UserError));
-    assert_eq!(f.gpu, None);
-    assert!(f.duration_seconds > 0.0);
+    assert_eq!(f.outcome.exit_code, 3);
+    assert_eq!(f.outcome.signal, None);
+    assert_eq!(f.outcome.failure_class, Some(FailureClass::UserError));
+    assert_eq!(f.outcome.gpu, None);
+    assert!(f.outcome.duration_seconds > 0.0);
     assert!(f.max_rss_bytes.is_some_and(|b| b > 0));
     assert!(f.cpu_seconds.is_some());
     assert_eq!(out.termination().undelivered_reports, 0);
@@ -200,7 +200,7 @@ fn a_receiver_that_never_comes_up_costs_at_most_the_final_flush() {
         "{}",
         summary.undelivered_reports
     );
-    assert_eq!(summary.failure_class, Some(FailureClass::UserError));
+    assert_eq!(summary.outcome.failure_class, Some(FailureClass::UserError));
     assert!(out.stderr().contains("reports were not delivered"));
 }
 
@@ -247,9 +247,9 @@ fn a_spawn_failure_is_reported_as_finished_user_error() {
     let reports = receiver.delivered();
     assert_eq!(kinds(&reports), ["finished"]);
     let f = finished(&reports);
-    assert_eq!(f.exit_code, 127);
-    assert_eq!(f.failure_class, Some(FailureClass::UserError));
-    assert!(f.stderr_tail.unwrap().contains("/nonexistent/tool"));
+    assert_eq!(f.outcome.exit_code, 127);
+    assert_eq!(f.outcome.failure_class, Some(FailureClass::UserError));
+    assert!(f.outcome.stderr_tail.unwrap().contains("/nonexistent/tool"));
 }
 
 #[test]
@@ -261,9 +261,9 @@ fn a_killed_command_reports_signal_and_its_stderr_tail() {
         .run();
     assert_eq!(out.code(), 137);
     let f = finished(&receiver.delivered());
-    assert_eq!(f.signal, Some(9));
-    assert_eq!(f.exit_code, 137);
+    assert_eq!(f.outcome.signal, Some(9));
+    assert_eq!(f.outcome.exit_code, 137);
     // Not OOM-killed (the cgroup counter did not grow, or cannot be read).
-    assert_eq!(f.failure_class, Some(FailureClass::Signal));
-    assert_eq!(f.stderr_tail.as_deref(), Some("about to die"));
+    assert_eq!(f.outcome.failure_class, Some(FailureClass::Signal));
+    assert_eq!(f.outcome.stderr_tail.as_deref(), Some("about to die"));
 }

@@ -229,7 +229,7 @@ impl LocalExecutor {
             }
             let classified = summary
                 .as_ref()
-                .and_then(|s| s.failure_class)
+                .and_then(|s| s.outcome.failure_class)
                 .map(outcome_of);
             let change = match outcome {
                 None => Transition {

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use protocol::{FailureClass, GpuDevice, GpuSample, GpuSummary, ReportBody, Usage};
+use protocol::{FailureClass, GpuDevice, GpuSample, GpuSummary, Outcome, ReportBody, Usage};
 use serde::Serialize;
 
 use crate::store::{LastHeartbeat, StoredBody, StoredReport};
@@ -74,6 +74,27 @@ pub struct OutcomeView {
     pub source: &'static str,
 }
 
+impl OutcomeView {
+    fn new(
+        outcome: &Outcome,
+        max_rss_bytes: Option<u64>,
+        cpu_seconds: Option<f64>,
+        source: &'static str,
+    ) -> Self {
+        Self {
+            exit_code: outcome.exit_code,
+            signal: outcome.signal,
+            failure_class: outcome.failure_class,
+            duration_seconds: outcome.duration_seconds,
+            max_rss_bytes,
+            cpu_seconds,
+            gpu: outcome.gpu.clone(),
+            stderr_tail: outcome.stderr_tail.clone(),
+            source,
+        }
+    }
+}
+
 /// The view of a task in `attempt`, or `None` when its runner never said anything.
 #[must_use]
 pub fn runner_view(
@@ -130,17 +151,12 @@ pub fn runner_view(
                 });
             }
             StoredBody::Runner(ReportBody::Finished(finished)) => {
-                view.outcome = Some(OutcomeView {
-                    exit_code: finished.exit_code,
-                    signal: finished.signal,
-                    failure_class: finished.failure_class,
-                    duration_seconds: finished.duration_seconds,
-                    max_rss_bytes: finished.max_rss_bytes,
-                    cpu_seconds: finished.cpu_seconds,
-                    gpu: finished.gpu.clone(),
-                    stderr_tail: finished.stderr_tail.clone(),
-                    source: "runner",
-                });
+                view.outcome = Some(OutcomeView::new(
+                    &finished.outcome,
+                    finished.max_rss_bytes,
+                    finished.cpu_seconds,
+                    "runner",
+                ));
             }
             StoredBody::Runner(ReportBody::Heartbeat(_)) => {}
             StoredBody::Termination(summary) => termination = Some(summary),
@@ -149,17 +165,12 @@ pub fn runner_view(
     if view.outcome.is_none()
         && let Some(summary) = termination
     {
-        view.outcome = Some(OutcomeView {
-            exit_code: summary.exit_code,
-            signal: summary.signal,
-            failure_class: summary.failure_class,
-            duration_seconds: summary.duration_seconds,
-            max_rss_bytes: None,
-            cpu_seconds: None,
-            gpu: summary.gpu.clone(),
-            stderr_tail: summary.stderr_tail.clone(),
-            source: "termination_message",
-        });
+        view.outcome = Some(OutcomeView::new(
+            &summary.outcome,
+            None,
+            None,
+            "termination_message",
+        ));
     }
     view.usage = usage.into_values().collect();
     // A fold from +0.0: `sum()` of no floats is -0.0, which would show as "-0.0".
@@ -170,7 +181,7 @@ pub fn runner_view(
 #[cfg(test)]
 mod tests {
     use protocol::{
-        FailureClass, Finished, Progress, ReportBody, Started, TerminationSummary, Usage,
+        FailureClass, Finished, Outcome, Progress, ReportBody, Started, TerminationSummary, Usage,
     };
 
     use super::runner_view;
@@ -254,8 +265,11 @@ mod tests {
     fn the_runner_report_wins_over_the_termination_message() {
         let summary = TerminationSummary {
             v: 1,
-            exit_code: 1,
-            failure_class: Some(FailureClass::UserError),
+            outcome: Outcome {
+                exit_code: 1,
+                failure_class: Some(FailureClass::UserError),
+                ..Outcome::default()
+            },
             ..TerminationSummary::default()
         };
         let termination = StoredReport {
@@ -275,8 +289,11 @@ mod tests {
             1,
             9,
             ReportBody::Finished(Finished {
-                exit_code: 1,
-                failure_class: Some(FailureClass::CudaOom),
+                outcome: Outcome {
+                    exit_code: 1,
+                    failure_class: Some(FailureClass::CudaOom),
+                    ..Outcome::default()
+                },
                 ..Finished::default()
             }),
         );

@@ -113,10 +113,11 @@ fn failure_from_pods(pods: &[&Pod], job_message: Option<String>) -> Decision {
                 .message
                 .as_deref()
                 .and_then(TerminationSummary::from_message)
-                && let Some(class) = summary.failure_class
+                && let Some(class) = summary.outcome.failure_class
             {
                 let (to, reason) = outcome_of(class);
                 let tail = summary
+                    .outcome
                     .stderr_tail
                     .as_deref()
                     .map(str::trim)
