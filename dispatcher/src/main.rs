@@ -381,16 +381,9 @@ async fn fail_orphaned_local_tasks(store: &Store) {
             continue;
         };
         for task in tasks {
-            let change = Transition {
-                to: TaskState::Failed,
-                reason: Some(Reason::JobLost),
-                message: Some(
-                    "the dispatcher that ran this task as a local process stopped".to_owned(),
-                ),
-                exit_code: None,
-                attempt: None,
-                gpu_class: None,
-            };
+            let change = Transition::to(TaskState::Failed)
+                .reason(Reason::JobLost)
+                .message("the dispatcher that ran this task as a local process stopped");
             if let Ok(Some(_)) = store.transition(task.id, state, &change).await {
                 tracing::warn!(task_id = %task.id, "failed a local task orphaned by a restart");
             }

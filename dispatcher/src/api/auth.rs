@@ -36,6 +36,17 @@ pub fn hex(bytes: &[u8]) -> String {
         })
 }
 
+/// The credential of an `Authorization: Bearer …` header, trimmed; `None` when there is
+/// none or it is empty. Tenant keys and runner report tokens both travel this way.
+pub(super) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
 /// The tenant whose key the request carries.
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub Tenant);
@@ -47,14 +58,7 @@ impl FromRequestParts<AppState> for Authenticated {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let key = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|key| !key.is_empty())
-            .ok_or(ApiError::Unauthorized)?;
+        let key = bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
         let tenant = state
             .store
             .tenant_by_key_hash(&hash_api_key(key))

@@ -14,6 +14,7 @@ use axum::http::HeaderMap;
 use protocol::{ReportBatch, ReportBody};
 use serde::Serialize;
 
+use super::auth::bearer_token;
 use super::tasks::parse_body;
 use super::{ApiError, AppState};
 use crate::report::TokenError;
@@ -96,12 +97,7 @@ pub async fn receive(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ReportReceipt>, ApiError> {
     let id: TaskId = id.parse().map_err(|_| ApiError::NotFound)?;
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
+    let token = bearer_token(&headers)
         .ok_or_else(|| ApiError::BadReportToken("missing report token".to_owned()))?;
     state
         .report_tokens

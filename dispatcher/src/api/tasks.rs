@@ -371,14 +371,9 @@ pub async fn cancel(
         if task.state.is_terminal() {
             return Ok(Json(TaskView::new(task, &state, None)));
         }
-        let change = Transition {
-            to: TaskState::Cancelled,
-            reason: Some(Reason::CancelledByUser),
-            message: Some("cancelled through the API".to_owned()),
-            exit_code: None,
-            attempt: None,
-            gpu_class: None,
-        };
+        let change = Transition::to(TaskState::Cancelled)
+            .reason(Reason::CancelledByUser)
+            .message("cancelled through the API");
         if let Some(cancelled) = state.store.transition(task.id, task.state, &change).await? {
             if let Err(error) = state.canceller.cancel(&cancelled).await {
                 // The watcher deletes any Job still running for a cancelled task.

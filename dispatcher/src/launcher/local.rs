@@ -232,44 +232,26 @@ impl LocalExecutor {
                 .and_then(|s| s.outcome.failure_class)
                 .map(outcome_of);
             let change = match outcome {
-                None => Transition {
-                    to: TaskState::TimedOut,
-                    reason: Some(Reason::DeadlineExceeded),
-                    message: Some(format!(
+                None => Transition::to(TaskState::TimedOut)
+                    .reason(Reason::DeadlineExceeded)
+                    .message(format!(
                         "killed after the timeout of {}s",
                         timeout.as_secs()
                     )),
-                    exit_code: None,
-                    attempt: None,
-                    gpu_class: None,
-                },
                 Some(Ok(status)) if status.success() => Transition {
-                    to: TaskState::Succeeded,
-                    reason: None,
                     message: (!output.is_empty()).then_some(output),
-                    exit_code: Some(0),
-                    attempt: None,
-                    gpu_class: None,
+                    ..Transition::to(TaskState::Succeeded).exit_code(0)
                 },
                 Some(Ok(status)) => {
                     let (to, reason) = classified.unwrap_or((TaskState::Failed, Reason::ExitCode));
-                    Transition {
-                        to,
-                        reason: Some(reason),
-                        message: Some(output),
-                        exit_code: Some(exit_code_of(status)),
-                        attempt: None,
-                        gpu_class: None,
-                    }
+                    Transition::to(to)
+                        .reason(reason)
+                        .message(output)
+                        .exit_code(exit_code_of(status))
                 }
-                Some(Err(error)) => Transition {
-                    to: TaskState::Failed,
-                    reason: Some(Reason::JobLost),
-                    message: Some(format!("waiting for the process failed: {error}")),
-                    exit_code: None,
-                    attempt: None,
-                    gpu_class: None,
-                },
+                Some(Err(error)) => Transition::to(TaskState::Failed)
+                    .reason(Reason::JobLost)
+                    .message(format!("waiting for the process failed: {error}")),
             };
             if let Ok(mut running) = executor.running.lock() {
                 running.remove(&id);

@@ -154,14 +154,7 @@ impl Launcher {
     /// Claims the delivered task (CAS `queued → launching`) and launches it.
     async fn claim_and_launch(&self, delivery: &Delivery) {
         let id = delivery.entry.task_id;
-        let claim = Transition {
-            to: TaskState::Launching,
-            reason: None,
-            message: None,
-            exit_code: None,
-            attempt: None,
-            gpu_class: None,
-        };
+        let claim = Transition::to(TaskState::Launching);
         match self.store.transition(id, TaskState::Queued, &claim).await {
             Ok(Some(task)) => self.launch_claimed(task).await,
             // Cancelled, already claimed by another launcher, or gone: nothing to do.
@@ -178,22 +171,10 @@ impl Launcher {
     async fn launch_claimed(&self, task: Task) {
         let outcome = self.executor.launch(&task).await;
         let change = match &outcome {
-            LaunchOutcome::Launched => Transition {
-                to: TaskState::Launched,
-                reason: None,
-                message: None,
-                exit_code: None,
-                attempt: None,
-                gpu_class: None,
-            },
-            LaunchOutcome::Rejected(message) => Transition {
-                to: TaskState::Failed,
-                reason: Some(Reason::LaunchRejected),
-                message: Some(message.clone()),
-                exit_code: None,
-                attempt: None,
-                gpu_class: None,
-            },
+            LaunchOutcome::Launched => Transition::to(TaskState::Launched),
+            LaunchOutcome::Rejected(message) => Transition::to(TaskState::Failed)
+                .reason(Reason::LaunchRejected)
+                .message(message.clone()),
             LaunchOutcome::AlreadyHandled => return,
             LaunchOutcome::Transient(message) => {
                 tracing::warn!(task_id = %task.id, message = %message, "launch failed transiently; the reconciler retries it");

@@ -52,12 +52,10 @@ fn moved(
     exit_code: Option<i32>,
 ) -> Decision {
     Decision::Move(Transition {
-        to,
         reason,
         message,
         exit_code,
-        attempt: None,
-        gpu_class: None,
+        ..Transition::to(to)
     })
 }
 
@@ -82,7 +80,7 @@ fn job_condition<'a>(
         .find(|c| c.type_ == type_ && c.status == "True")
 }
 
-fn job_is_finished(job: &Job) -> bool {
+pub(super) fn job_is_finished(job: &Job) -> bool {
     job_condition(job, "Complete").is_some() || job_condition(job, "Failed").is_some()
 }
 
