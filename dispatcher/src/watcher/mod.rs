@@ -10,7 +10,7 @@
 //!   fails its task with `job_lost`);
 //! - a task moves to a fallback GPU class by a compare-and-set to `queued` with the next
 //!   attempt number first; the old attempt's Job is deleted afterwards, and the sweep
-//!   deletes any Job of an attempt that is no longer its task's current one, so a crash
+//!   deletes any unfinished Job of an attempt that is no longer its task's current one, so a crash
 //!   in between leaves no second pod running;
 //! - the sweep flags running tasks whose runner fell silent (`heartbeat_lost`), and fails
 //!   them when configured to.
@@ -165,6 +165,7 @@ impl Watcher {
     /// Compares every task the cluster should be running with what the caches show.
     async fn sweep(&self, jobs: &Cache<Job>, pods: &Cache<Pod>) {
         let now = jiff::Timestamp::now();
+        let mut attempts = BTreeMap::new();
         for state in [
             TaskState::Launching,
             TaskState::Launched,
@@ -173,23 +174,27 @@ impl Watcher {
             match self.store.tasks_in_state(state, now, 10_000).await {
                 Ok(tasks) => {
                     for task in tasks {
+                        attempts.insert(task.id, task.attempt);
                         self.reconcile(task, jobs, pods).await;
                     }
                 }
                 Err(error) => tracing::warn!(error = %error, "sweep: listing tasks failed"),
             }
         }
-        self.delete_superseded_jobs(jobs).await;
+        self.delete_superseded_jobs(jobs, &attempts).await;
         if let Some(timeout) = self.heartbeat_timeout {
             self.flag_silent_runners(now, timeout).await;
         }
     }
 
     /// Deletes the Jobs of attempts that are no longer their task's current one (a
-    /// fallback whose delete did not happen, or happened before a crash).
-    async fn delete_superseded_jobs(&self, jobs: &Cache<Job>) {
+    /// fallback whose delete did not happen, or happened before a crash). `attempts` holds
+    /// the current attempt of the tasks the sweep just listed, so only a live Job of any
+    /// other task (one queued again after a fallback) costs a store read; finished Jobs
+    /// run no pod and are left to their TTL.
+    async fn delete_superseded_jobs(&self, jobs: &Cache<Job>, attempts: &BTreeMap<TaskId, u32>) {
         for job in jobs.state() {
-            if job.metadata.deletion_timestamp.is_some() {
+            if job.metadata.deletion_timestamp.is_some() || decide::job_is_finished(&job) {
                 continue;
             }
             let Some(id) = task_id_of(job.as_ref()) else {
@@ -202,6 +207,9 @@ impl Watcher {
             else {
                 continue;
             };
+            if attempts.get(&id).is_some_and(|&current| current == attempt) {
+                continue;
+            }
             match self.store.task(id).await {
                 Ok(Some(task)) if task.attempt > attempt => {
                     if let Err(error) = self.executor.delete_attempt(&task, attempt).await {
