@@ -12,7 +12,12 @@
 /// The runner's own log lines: few, on stderr, prefixed `runner:`.
 macro_rules! log {
     ($($arg:tt)*) => {
-        eprintln!("runner: {}", format_args!($($arg)*))
+        {
+            // One write per line: the runner's stderr also carries the command's, and a line
+            // written in pieces could be spliced with the command's output.
+            let line = format!("runner: {}\n", format_args!($($arg)*));
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        }
     };
 }
 pub(crate) use log;

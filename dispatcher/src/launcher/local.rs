@@ -319,16 +319,80 @@ fn exit_code_of(status: std::process::ExitStatus) -> i32 {
     status.code().unwrap_or(-1)
 }
 
+/// Appends a stream's output to the shared tail a whole line at a time, so that stdout and
+/// stderr read concurrently never splice into each other's lines (a line cut in two would
+/// also escape `without_runner_lines`). A last line without a newline is kept at the end.
 async fn keep_tail(mut stream: impl AsyncRead + Unpin, tail: Arc<Mutex<VecDeque<u8>>>) {
     let mut buffer = [0u8; 4096];
+    let mut pending: Vec<u8> = Vec::new();
+    let append = |bytes: &[u8]| {
+        if let Ok(mut tail) = tail.lock() {
+            tail.extend(bytes);
+            let excess = tail.len().saturating_sub(OUTPUT_TAIL_BYTES);
+            tail.drain(..excess);
+        }
+    };
     while let Ok(read) = stream.read(&mut buffer).await {
         if read == 0 {
             break;
         }
-        if let Ok(mut tail) = tail.lock() {
-            tail.extend(&buffer[..read]);
-            let excess = tail.len().saturating_sub(OUTPUT_TAIL_BYTES);
-            tail.drain(..excess);
+        pending.extend_from_slice(&buffer[..read]);
+        if let Some(last_newline) = pending.iter().rposition(|&b| b == b'\n') {
+            append(&pending[..=last_newline]);
+            pending.drain(..=last_newline);
         }
+        if pending.len() > OUTPUT_TAIL_BYTES {
+            // One endless line: only its end can be in the tail anyway.
+            append(&pending);
+            pending.clear();
+        }
+    }
+    if !pending.is_empty() {
+        append(&pending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn concurrent_streams_never_splice_into_each_others_lines() {
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (mut stderr_in, stderr_out) = tokio::io::duplex(64);
+        let (mut stdout_in, stdout_out) = tokio::io::duplex(64);
+        let readers = [
+            tokio::spawn(keep_tail(stderr_out, tail.clone())),
+            tokio::spawn(keep_tail(stdout_out, tail.clone())),
+        ];
+        // The runner's line arrives in two pieces with the command's line in between.
+        stderr_in.write_all(b"runner: no GPU stats: ").await.ok();
+        stderr_in.flush().await.ok();
+        tokio::task::yield_now().await;
+        stdout_in.write_all(b"hello world\n").await.ok();
+        drop(stdout_in);
+        tokio::task::yield_now().await;
+        stderr_in
+            .write_all(b"NVML not available\nlast words")
+            .await
+            .ok();
+        drop(stderr_in);
+        for reader in readers {
+            let _ = reader.await;
+        }
+        let merged = tail
+            .lock()
+            .map(|t| String::from_utf8_lossy(&t.iter().copied().collect::<Vec<u8>>()).into_owned())
+            .unwrap_or_default();
+        assert_eq!(without_runner_lines(&merged), "hello world\nlast words");
+    }
+
+    #[test]
+    fn runner_lines_are_dropped_and_the_rest_kept_byte_for_byte() {
+        assert_eq!(
+            without_runner_lines("runner: started\nout\n  runner: not ours\nend"),
+            "out\n  runner: not ours\nend"
+        );
     }
 }
