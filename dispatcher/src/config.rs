@@ -57,8 +57,34 @@ pub enum TenantCommand {
         #[arg(long, default_value_t = 1000)]
         max_queued_tasks: u32,
         #[command(flatten)]
+        budget: BudgetArgs,
+        #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Sets (or clears) a tenant's budgets.
+    Budget {
+        /// The tenant's name.
+        name: String,
+        #[command(flatten)]
+        budget: BudgetArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+/// A tenant's spending limits (see docs/OBSERVABILITY.md, "Cost").
+#[derive(Debug, Clone, Args)]
+pub struct BudgetArgs {
+    /// Dollars per UTC day; without it, no daily budget.
+    #[arg(long)]
+    pub daily_budget: Option<f64>,
+    /// Dollars per UTC month; without it, no monthly budget.
+    #[arg(long)]
+    pub monthly_budget: Option<f64>,
+    /// What a spent budget does: `alert` (metrics and the alert only) or `refuse` (also
+    /// 402 on new submissions until the period ends).
+    #[arg(long, default_value = "alert")]
+    pub budget_action: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -202,6 +228,34 @@ pub struct ServeArgs {
     pub placement: PlacementArgs,
     #[command(flatten)]
     pub runner: RunnerArgs,
+    #[command(flatten)]
+    pub cost: CostArgs,
+}
+
+/// Prices, the cost alert and the stuck-task thresholds of the metrics (see
+/// docs/OBSERVABILITY.md). GPU prices are the GPU classes' `price_per_hour`.
+#[derive(Debug, Clone, Args)]
+pub struct CostArgs {
+    /// Dollars per CPU core-hour requested.
+    #[arg(long, env = "AGENT_BUS_PRICE_CPU_CORE_HOUR", default_value_t = 0.04)]
+    pub price_cpu_core_hour: f64,
+    /// Dollars per GiB-hour of memory requested.
+    #[arg(long, env = "AGENT_BUS_PRICE_MEMORY_GIB_HOUR", default_value_t = 0.005)]
+    pub price_memory_gib_hour: f64,
+    /// Running tasks costing more than this many dollars per hour in total fire
+    /// AgentBusHighCostRate (exported as a gauge the rule compares with); 0 disables it.
+    #[arg(
+        long,
+        env = "AGENT_BUS_COST_RATE_ALERT_DOLLARS_PER_HOUR",
+        default_value_t = 500.0
+    )]
+    pub cost_rate_alert_dollars_per_hour: f64,
+    /// A task queued longer than this counts in `agent_bus_stuck_tasks{reason="queued_too_long"}`.
+    #[arg(long, env = "AGENT_BUS_QUEUED_TOO_LONG_AFTER", value_parser = parse_seconds, default_value = "600")]
+    pub queued_too_long_after: Duration,
+    /// How often at most `/metrics` reads the store for its state gauges.
+    #[arg(long, env = "AGENT_BUS_METRICS_SNAPSHOT_SECONDS", value_parser = parse_seconds, default_value = "5")]
+    pub metrics_snapshot_max_age: Duration,
 }
 
 /// Where tasks may run and what their pods get (see docs/GPU_WORKERS.md).

@@ -4,14 +4,14 @@
 //!   exits 0 on `200`, 1 otherwise, printing one line that says why. It is the container
 //!   image's `HEALTHCHECK` and the Helm chart's `helm test` hook, so neither needs a shell,
 //!   curl or wget in the image.
-//! - [`probe_router`] serves only `/healthz` and `/readyz`: a process that runs the
-//!   launcher or watcher role without the api still answers its Kubernetes probes.
+//! - [`probe_router`] serves only `/healthz`, `/readyz` and `/metrics`: a process that runs
+//!   the launcher or watcher role without the api still answers its Kubernetes probes and
+//!   its scrapes.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use axum::Router;
-use axum::routing::get;
 
 use crate::api::{self, AppState};
 use crate::config::HealthcheckArgs;
@@ -78,10 +78,7 @@ pub async fn run(args: &HealthcheckArgs) -> ExitCode {
 
 /// Only the probes, for a process without the api role.
 pub fn probe_router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .with_state(state)
+    api::observed(Router::new(), state)
 }
 
 /// An error and its sources on one line (`error sending request: connection refused`).
@@ -103,7 +100,6 @@ mod tests {
     use std::time::Duration;
 
     use axum::http::StatusCode;
-    use axum::routing::get;
 
     use super::{Error, check};
     use crate::config::HealthcheckArgs;
@@ -112,8 +108,10 @@ mod tests {
     async fn serve(status: StatusCode, body: &'static str) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let router =
-            axum::Router::new().route("/readyz", get(move || async move { (status, body) }));
+        let router = axum::Router::new().route(
+            "/readyz",
+            axum::routing::get(move || async move { (status, body) }),
+        );
         tokio::spawn(async move { axum::serve(listener, router).await });
         format!("http://{address}/readyz")
     }

@@ -8,8 +8,10 @@
 
 pub mod api;
 pub mod config;
+pub mod cost;
 pub mod healthcheck;
 pub mod launcher;
+pub mod metrics;
 pub mod placement;
 pub mod queue;
 pub mod report;

@@ -9,14 +9,18 @@ use anyhow::{Context as _, bail};
 use clap::Parser as _;
 use dispatcher::api::{self, AppState};
 use dispatcher::config::{
-    Cli, Command, ExecutorChoice, LogArgs, LogFormat, Role, ServeArgs, TenantCommand,
+    BudgetArgs, Cli, Command, ExecutorChoice, LogArgs, LogFormat, Role, ServeArgs, TenantCommand,
 };
+use dispatcher::cost::Prices;
 use dispatcher::launcher::job_spec::{LaunchConfig, RunnerInjection};
 use dispatcher::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
+use dispatcher::metrics::Metrics;
+use dispatcher::metrics::kubernetes::KubernetesMetricsLayer;
+use dispatcher::metrics::snapshot::SnapshotConfig;
 use dispatcher::placement::PlacementCatalog;
 use dispatcher::queue::{MemoryQueue, Queue, RedisQueue};
 use dispatcher::report::{ReportEndpoint, ReportIssuer, ReportTokens};
-use dispatcher::store::{Store, Transition};
+use dispatcher::store::{Budget, BudgetAction, Store, Transition};
 use dispatcher::task::submission::{Limits, ShmRule, is_dns_label};
 use dispatcher::task::{Memory, Reason, TaskState};
 use dispatcher::watcher::{Watcher, lease::LeaseConfig};
@@ -75,6 +79,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Tenant(TenantCommand::Create {
             name,
             max_queued_tasks,
+            budget,
             database,
         }) => {
             if !is_dns_label(&name) {
@@ -82,6 +87,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     "tenant name '{name}' must be an RFC 1123 label: 1 to 63 lowercase letters, digits or '-'"
                 );
             }
+            let budget = budget_of(&budget)?;
             let store =
                 Store::connect(&database.database_url, database.database_max_connections).await?;
             store.migrate().await?;
@@ -89,11 +95,51 @@ async fn run(command: Command) -> anyhow::Result<()> {
             store
                 .create_tenant(&name, &api::hash_api_key(&key), max_queued_tasks)
                 .await?;
+            if budget.is_set() {
+                store.set_budget(&name, &budget).await?;
+            }
             tracing::info!(tenant = %name, "tenant created");
             println!("{key}");
             Ok(())
         }
+        Command::Tenant(TenantCommand::Budget {
+            name,
+            budget,
+            database,
+        }) => {
+            let budget = budget_of(&budget)?;
+            let store =
+                Store::connect(&database.database_url, database.database_max_connections).await?;
+            store.migrate().await?;
+            store.set_budget(&name, &budget).await?;
+            tracing::info!(tenant = %name, ?budget, "budget set");
+            Ok(())
+        }
     }
+}
+
+/// The budget the flags describe; a negative or non-finite amount names its flag.
+fn budget_of(args: &BudgetArgs) -> anyhow::Result<Budget> {
+    for (flag, amount) in [
+        ("--daily-budget", args.daily_budget),
+        ("--monthly-budget", args.monthly_budget),
+    ] {
+        if let Some(amount) = amount {
+            anyhow::ensure!(
+                amount.is_finite() && amount >= 0.0,
+                "{flag} {amount}: a budget is a number of dollars, at least 0"
+            );
+        }
+    }
+    let action = args
+        .budget_action
+        .parse::<BudgetAction>()
+        .map_err(|e| anyhow::anyhow!("--budget-action: {e}"))?;
+    Ok(Budget {
+        daily_dollars: args.daily_budget,
+        monthly_dollars: args.monthly_budget,
+        action,
+    })
 }
 
 /// Which executor `auto` picks, and the words for the first log line.
@@ -125,7 +171,10 @@ fn choose_executor(args: &ServeArgs) -> (ExecutorChoice, String) {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+async fn kube_client(
+    kubeconfig: Option<&PathBuf>,
+    metrics: &Metrics,
+) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig.filter(|p| p.exists()) {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -138,7 +187,9 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Clien
         }
         None => kube::Config::incluster().context("in-cluster kubernetes configuration")?,
     };
-    Ok(kube::Client::try_from(config)?)
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&KubernetesMetricsLayer::new(metrics.clone()))
+        .build())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -169,7 +220,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
     });
     let queue = if let Some(url) = &args.redis_url {
-        Queue::Redis(
+        Queue::from(
             RedisQueue::connect(url, &args.redis_prefix, "launchers")
                 .await
                 .with_context(|| format!("connecting to redis {}", redact(url)))?,
@@ -180,13 +231,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 "the in-process queue only works when api and launcher run in the same process"
             );
         }
-        Queue::Memory(MemoryQueue::new())
+        Queue::from(MemoryQueue::new())
     };
 
     let catalog = match &args.placement.placement_file {
         Some(path) => PlacementCatalog::load(path)?,
         None => PlacementCatalog::default(),
     };
+    let prices = Prices::new(
+        &catalog.gpu_classes,
+        args.cost.price_cpu_core_hour,
+        args.cost.price_memory_gib_hour,
+    )?;
+    anyhow::ensure!(
+        args.cost.cost_rate_alert_dollars_per_hour.is_finite()
+            && args.cost.cost_rate_alert_dollars_per_hour >= 0.0,
+        "--cost-rate-alert-dollars-per-hour must be a number of dollars, at least 0 (0 disables the alert)"
+    );
+    let metrics = Metrics::new(executor_name);
+    let store = store.with_observability(metrics.clone(), prices);
+    let queue = queue.observed(metrics.clone());
     let quantity = |flag: &str, text: &str| {
         text.parse::<Memory>()
             .map_err(|e| anyhow::anyhow!("--{flag} {text}: {e}"))
@@ -237,7 +301,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let (executor, canceller, cluster) = if executor_choice == ExecutorChoice::Kubernetes {
-        let client = kube_client(args.kubeconfig.as_ref()).await?;
+        let client = kube_client(args.kubeconfig.as_ref(), &metrics).await?;
         let kubernetes =
             KubernetesExecutor::new(client.clone(), launch.clone(), report_issuer.clone());
         (
@@ -328,6 +392,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         follow_poll: Duration::from_millis(250),
         report_tokens,
+        snapshot: Arc::new(SnapshotConfig {
+            max_age: args.cost.metrics_snapshot_max_age,
+            queued_too_long: args.cost.queued_too_long_after,
+            launching_stale: (args.launching_stale_after * 4).max(Duration::from_secs(60)),
+            cost_rate_alert_dollars_per_hour: args.cost.cost_rate_alert_dollars_per_hour,
+        }),
     };
     let router = if args.roles.contains(&Role::Api) {
         api::router(state)

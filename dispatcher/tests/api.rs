@@ -94,10 +94,22 @@ async fn submit_then_read(store: Store) {
         "quantities come back canonical"
     );
     assert_eq!(created["queue"], "gpu");
-    let id = created["id"].as_str().unwrap();
+    // 2 A100 at $3.67/h, 0.5 core at $0.04/h, 1 GiB at $0.005/h, for the 600 s timeout.
+    assert_eq!(
+        created["cost_estimate"],
+        json!({"per_hour_dollars": 7.365, "max_dollars": 1.2275,
+               "basis": "price per hour x timeout_seconds; LLM usage is extra"})
+    );
+    assert_eq!(
+        created["cost"]["total_dollars"], 0.0,
+        "nothing spent while queued"
+    );
+    let mut created = created;
+    created.as_object_mut().unwrap().remove("cost_estimate");
+    let id = created["id"].as_str().unwrap().to_owned();
     let (status, read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(read, created);
+    assert_eq!(read, created, "a read is the 201 without the estimate");
     let pending = api.queue.pending_task_ids("gpu").await.unwrap();
     assert!(
         pending.contains(&id.parse::<TaskId>().unwrap()),

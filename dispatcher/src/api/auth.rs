@@ -64,6 +64,8 @@ impl FromRequestParts<AppState> for Authenticated {
             .tenant_by_key_hash(&hash_api_key(key))
             .await?
             .ok_or(ApiError::Unauthorized)?;
+        // Every log line of the request names its tenant.
+        tracing::Span::current().record("tenant", tenant.name.as_str());
         Ok(Self(tenant))
     }
 }

@@ -31,6 +31,10 @@ pub enum ApiError {
     QuotaExceeded { limit: u32 },
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// A budget with action `refuse` is spent; the message names the budget and when it
+    /// renews.
+    #[error("{0}")]
+    BudgetExceeded(String),
     #[error("{what} is unavailable; try again shortly")]
     Unavailable { what: &'static str },
     #[error("internal error")]
@@ -68,6 +72,7 @@ impl ApiError {
             }
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::BudgetExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "budget_exceeded"),
             Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -15,13 +15,14 @@ pub mod error;
 pub mod openapi;
 pub mod reports;
 pub mod tasks;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
@@ -30,6 +31,8 @@ use tower_http::trace::TraceLayer;
 
 use crate::launcher::Canceller;
 use crate::launcher::job_spec::LaunchConfig;
+use crate::metrics::snapshot::SnapshotConfig;
+use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 use crate::queue::Queue;
 use crate::report::ReportTokens;
 use crate::store::Store;
@@ -54,6 +57,8 @@ pub struct AppState {
     pub follow_poll: Duration,
     /// Checks the tokens of runner reports.
     pub report_tokens: ReportTokens,
+    /// How `/metrics` reads the state gauges.
+    pub snapshot: Arc<SnapshotConfig>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -67,7 +72,7 @@ impl std::fmt::Debug for AppState {
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
     let max_body = state.max_body_bytes;
-    Router::new()
+    let router = Router::new()
         .route("/v1/tasks", post(tasks::submit).get(tasks::list))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
@@ -76,10 +81,23 @@ pub fn router(state: AppState) -> Router {
             "/internal/v1/tasks/{id}/attempts/{attempt}/reports",
             post(reports::receive),
         )
+        .route("/v1/usage", get(usage::usage))
+        .route("/openapi.json", get(openapi::document))
+        .layer(DefaultBodyLimit::max(max_body));
+    observed(router, state)
+}
+
+/// `/healthz`, `/readyz` and `/metrics` on `router`, with the layers every response gets:
+/// request ids, a span per request, and the HTTP metrics.
+pub fn observed(router: Router<AppState>, state: AppState) -> Router {
+    router
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/openapi.json", get(openapi::document))
-        .layer(DefaultBodyLimit::max(max_body))
+        .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn_with_state(
+            state.store.metrics().clone(),
+            count_request,
+        ))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
             let request_id = request
@@ -88,10 +106,66 @@ pub fn router(state: AppState) -> Router {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_owned();
-            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id)
+            // `tenant` is filled in by authentication.
+            tracing::info_span!("http", method = %request.method(), path = %request.uri().path(), request_id, tenant = tracing::field::Empty)
         }))
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// Counts every request by method, route template (never the raw path: task ids would
+/// make the label unbounded) and status, and times it.
+async fn count_request(
+    State(metrics): State<Metrics>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = match request.method().as_str() {
+        known @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => known,
+        _ => "other",
+    }
+    .to_owned();
+    let response = next.run(request).await;
+    let status = response.status();
+    let families = metrics.families();
+    families
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method: method.clone(),
+            route: route.clone(),
+            status: status.as_u16().to_string(),
+        })
+        .inc();
+    families
+        .http_request_duration
+        .get_or_create(&RouteLabels { method, route })
+        .observe(started.elapsed().as_secs_f64());
+    if status.is_server_error() {
+        metrics.error("api", &format!("http_{}", status.as_u16()));
+    }
+    response
+}
+
+/// The metrics in the OpenMetrics text format, the state gauges read from the store.
+pub async fn metrics_text(State(state): State<AppState>) -> Response {
+    let metrics = state.store.metrics();
+    crate::metrics::snapshot::refresh(metrics, &state.store, &state.snapshot).await;
+    match metrics.encode() {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(error) => ApiError::Internal(format!("encoding metrics: {error}")).into_response(),
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -15,12 +15,14 @@ use utoipa::{Modify, OpenApi};
         super::tasks::cancel,
         super::tasks::events,
         super::reports::receive,
+        super::usage::usage,
         super::healthz,
         super::readyz,
     ),
     modifiers(&BearerAuth),
     tags(
         (name = "tasks", description = "Task submission and tracking"),
+        (name = "usage", description = "Spend and budgets"),
         (name = "internal", description = "Reports of the runner inside each task's pod"),
     )
 )]

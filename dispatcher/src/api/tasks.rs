@@ -18,10 +18,14 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Authenticated;
 use super::{ApiError, AppState};
+use crate::cost::{Estimate, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
+use crate::metrics::{BudgetLabels, TenantLabels, TenantQueueLabels};
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
-use crate::store::{Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Transition};
+use crate::store::{
+    BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant, Transition,
+};
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
@@ -52,9 +56,23 @@ pub struct TaskView {
     /// What the runner in the pod reported (shown by `GET /v1/tasks/{id}` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub runner: Option<RunnerView>,
+    /// What the task has cost so far (final once it is over).
+    pub cost: TaskCost,
+    /// The most it can cost before LLM usage (201 of a submit and dry runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_estimate: Option<Estimate>,
     /// RFC 3339.
     pub created_at: String,
     pub updated_at: String,
+    /// When the current attempt's Job (or process) was created; RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launched_at: Option<String>,
+    /// When the command started running; RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When the task reached its final state; RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
     #[serde(flatten)]
     pub spec: TaskSpec,
 }
@@ -68,6 +86,7 @@ pub struct JobRef {
 impl TaskView {
     fn new(task: Task, state: &AppState, runner: Option<RunnerView>) -> Self {
         let launched = !matches!(task.state, TaskState::Queued | TaskState::Launching);
+        let cost = TaskCost::of(&task, state.store.prices(), jiff::Timestamp::now());
         let job = (state.cluster.is_some() && launched).then(|| JobRef {
             namespace: state.launch.namespace.clone(),
             name: job_name(&task.id, task.attempt),
@@ -83,10 +102,20 @@ impl TaskView {
             job,
             gpu_class: task.gpu_class,
             runner,
+            cost,
+            cost_estimate: None,
             created_at: task.created_at.to_string(),
             updated_at: task.updated_at.to_string(),
+            launched_at: task.timeline.launched_at.map(|t| t.to_string()),
+            started_at: task.timeline.started_at.map(|t| t.to_string()),
+            finished_at: task.timeline.finished_at.map(|t| t.to_string()),
             spec: task.spec,
         }
+    }
+
+    fn with_estimate(mut self, estimate: Estimate) -> Self {
+        self.cost_estimate = Some(estimate);
+        self
     }
 }
 
@@ -182,6 +211,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 201, description = "Stored and queued", body = TaskView),
         (status = 200, description = "Replay of an earlier request with the same Idempotency-Key, or a dry run", body = TaskView),
         (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
+        (status = 402, description = "A budget of the tenant with action `refuse` is spent", body = super::error::ErrorBody),
         (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
         (status = 429, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody),
     ),
@@ -203,6 +233,7 @@ pub async fn submit(
     let request_hash = super::auth::hex(&Sha256::digest(&canonical));
     let spec = validate(submission, &state.limits, &tenant.name)?;
     let task = Task::new(tenant.name.clone(), spec);
+    let estimate = state.store.prices().estimate(&task);
 
     if query.dry_run {
         let job =
@@ -211,13 +242,14 @@ pub async fn submit(
         return Ok((
             StatusCode::OK,
             Json(DryRun {
-                task: TaskView::new(task, &state, None),
+                task: TaskView::new(task, &state, None).with_estimate(estimate),
                 job,
             }),
         )
             .into_response());
     }
 
+    refuse_over_budget(&state, &tenant).await?;
     let idempotency = key.map(|key| Idempotency { key, request_hash });
     match state
         .store
@@ -231,15 +263,32 @@ pub async fn submit(
                 tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");
             }
             tracing::info!(task_id = %task.id, tenant = %task.tenant, queue = %task.spec.queue, "task submitted");
+            let metrics = state.store.metrics();
+            metrics
+                .families()
+                .tasks_submitted
+                .get_or_create(&TenantQueueLabels {
+                    tenant: metrics.bounded("tenant", &task.tenant),
+                    queue: metrics.bounded("queue", &task.spec.queue),
+                })
+                .inc();
             let location = format!("/v1/tasks/{}", task.id);
-            let mut response =
-                (StatusCode::CREATED, Json(TaskView::new(task, &state, None))).into_response();
+            let view = TaskView::new(task, &state, None).with_estimate(estimate);
+            let mut response = (StatusCode::CREATED, Json(view)).into_response();
             if let Ok(value) = HeaderValue::from_str(&location) {
                 response.headers_mut().insert("location", value);
             }
             Ok(response)
         }
         Inserted::Replayed(task) => {
+            let metrics = state.store.metrics();
+            metrics
+                .families()
+                .idempotency_key_hits
+                .get_or_create(&TenantLabels {
+                    tenant: metrics.bounded("tenant", &task.tenant),
+                })
+                .inc();
             let mut response =
                 (StatusCode::OK, Json(TaskView::new(task, &state, None))).into_response();
             response
@@ -248,6 +297,68 @@ pub async fn submit(
             Ok(response)
         }
     }
+}
+
+/// 402 when one of the tenant's budgets with action `refuse` is spent (a budget with
+/// action `alert` only shows in the metrics).
+async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), ApiError> {
+    let budget = tenant.budget;
+    if budget.action != BudgetAction::Refuse || !budget.is_set() {
+        return Ok(());
+    }
+    let now = jiff::Timestamp::now();
+    let today = now.to_zoned(jiff::tz::TimeZone::UTC);
+    let periods = [
+        (
+            "day",
+            "daily",
+            budget.daily_dollars,
+            today.start_of_day().ok(),
+            today.tomorrow().ok().and_then(|d| d.start_of_day().ok()),
+        ),
+        (
+            "month",
+            "monthly",
+            budget.monthly_dollars,
+            today
+                .first_of_month()
+                .ok()
+                .and_then(|d| d.start_of_day().ok()),
+            today
+                .last_of_month()
+                .ok()
+                .and_then(|d| d.tomorrow().ok())
+                .and_then(|d| d.start_of_day().ok()),
+        ),
+    ];
+    for (period, adjective, limit, start, renews) in periods {
+        let (Some(limit), Some(start)) = (limit, start) else {
+            continue;
+        };
+        let spent = state
+            .store
+            .spend_since(&tenant.name, start.timestamp(), now)
+            .await?;
+        if spent >= limit {
+            let metrics = state.store.metrics();
+            metrics
+                .families()
+                .budget_refusals
+                .get_or_create(&BudgetLabels {
+                    tenant: metrics.bounded("tenant", &tenant.name),
+                    period: period.to_owned(),
+                })
+                .inc();
+            let renews = renews.map_or_else(String::new, |at| {
+                format!("; new tasks are accepted again from {}", at.timestamp())
+            });
+            return Err(ApiError::BudgetExceeded(format!(
+                "tenant '{}' has spent ${spent:.2} of its {adjective} budget of ${limit:.2}{renews}",
+                tenant.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn owned_task(state: &AppState, tenant: &str, id: &str) -> Result<Task, ApiError> {

@@ -42,6 +42,7 @@ use std::time::Duration;
 pub use memory::MemoryQueue;
 pub use redis_streams::RedisQueue;
 
+use crate::metrics::Metrics;
 use crate::task::TaskId;
 
 /// A reference to a queued task: which task, in which queue, at which priority.
@@ -121,35 +122,77 @@ impl QueueError {
 
 pub type Result<T, E = QueueError> = std::result::Result<T, E>;
 
-/// The queue, whichever backend holds it. Clones share the same connections and state.
+/// The queue, whichever backend holds it, counting its operations into the metrics.
+/// Clones share the same connections and state.
 #[derive(Debug, Clone)]
-pub enum Queue {
+pub struct Queue {
+    backend: Backend,
+    metrics: Metrics,
+}
+
+/// The backends (enum dispatch: one future type per operation).
+#[derive(Debug, Clone)]
+enum Backend {
     Redis(RedisQueue),
     Memory(MemoryQueue),
 }
 
 impl From<RedisQueue> for Queue {
     fn from(queue: RedisQueue) -> Self {
-        Self::Redis(queue)
+        Self {
+            backend: Backend::Redis(queue),
+            metrics: Metrics::default(),
+        }
     }
 }
 
 impl From<MemoryQueue> for Queue {
     fn from(queue: MemoryQueue) -> Self {
-        Self::Memory(queue)
+        Self {
+            backend: Backend::Memory(queue),
+            metrics: Metrics::default(),
+        }
     }
 }
 
 impl Queue {
+    /// This queue, counting into `metrics`.
+    #[must_use]
+    pub fn observed(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Whether the in-process backend holds the queue.
+    #[must_use]
+    pub fn is_in_process(&self) -> bool {
+        matches!(self.backend, Backend::Memory(_))
+    }
+
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        self.metrics
+            .queue_operation(operation, result.is_ok(), started.elapsed());
+        result
+    }
+
     /// Adds `entry` to the end of its queue (and priority band).
     pub async fn enqueue(&self, entry: &QueueEntry) -> Result<()> {
-        match self {
-            Self::Redis(queue) => queue.enqueue(entry).await,
-            Self::Memory(queue) => {
-                queue.enqueue(entry);
-                Ok(())
+        self.timed("enqueue", async {
+            match &self.backend {
+                Backend::Redis(queue) => queue.enqueue(entry).await,
+                Backend::Memory(queue) => {
+                    queue.enqueue(entry);
+                    Ok(())
+                }
             }
-        }
+        })
+        .await
     }
 
     /// Up to `max` deliveries for consumer `consumer` from the named queues, highest
@@ -162,19 +205,25 @@ impl Queue {
         max: usize,
         block: Duration,
     ) -> Result<Vec<Delivery>> {
-        match self {
-            Self::Redis(queue) => queue.receive(queues, consumer, max, block).await,
-            Self::Memory(queue) => queue.receive(queues, consumer, max, block).await,
-        }
+        self.timed("receive", async {
+            match &self.backend {
+                Backend::Redis(queue) => queue.receive(queues, consumer, max, block).await,
+                Backend::Memory(queue) => queue.receive(queues, consumer, max, block).await,
+            }
+        })
+        .await
     }
 
     /// Removes the delivered entry from the queue. Acking twice, or acking an entry that
     /// another consumer already acked, is harmless.
     pub async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        match self {
-            Self::Redis(queue) => queue.ack(delivery).await,
-            Self::Memory(queue) => queue.ack(delivery),
-        }
+        self.timed("ack", async {
+            match &self.backend {
+                Backend::Redis(queue) => queue.ack(delivery).await,
+                Backend::Memory(queue) => queue.ack(delivery),
+            }
+        })
+        .await
     }
 
     /// Entries delivered to a consumer that has not acked them for `idle` are handed to
@@ -186,34 +235,43 @@ impl Queue {
         idle: Duration,
         max: usize,
     ) -> Result<Vec<Delivery>> {
-        match self {
-            Self::Redis(queue) => queue.claim_abandoned(queues, consumer, idle, max).await,
-            Self::Memory(queue) => Ok(queue.claim_abandoned(queues, consumer, idle, max)),
-        }
+        self.timed("reclaim", async {
+            match &self.backend {
+                Backend::Redis(queue) => queue.claim_abandoned(queues, consumer, idle, max).await,
+                Backend::Memory(queue) => Ok(queue.claim_abandoned(queues, consumer, idle, max)),
+            }
+        })
+        .await
     }
 
     /// Task ids currently waiting or delivered-but-unacked in `queue` (for the reconciler).
     pub async fn pending_task_ids(&self, queue: &str) -> Result<HashSet<TaskId>> {
-        match self {
-            Self::Redis(q) => q.pending_task_ids(queue).await,
-            Self::Memory(q) => Ok(q.pending_task_ids(queue)),
-        }
+        self.timed("pending", async {
+            match &self.backend {
+                Backend::Redis(q) => q.pending_task_ids(queue).await,
+                Backend::Memory(q) => Ok(q.pending_task_ids(queue)),
+            }
+        })
+        .await
     }
 
     /// Entries not yet acked and the age of the oldest, for metrics.
     pub async fn depth(&self, queue: &str) -> Result<QueueDepth> {
-        match self {
-            Self::Redis(q) => q.depth(queue).await,
-            Self::Memory(q) => Ok(q.depth(queue)),
+        match &self.backend {
+            Backend::Redis(q) => q.depth(queue).await,
+            Backend::Memory(q) => Ok(q.depth(queue)),
         }
     }
 
     /// Checks that the backend answers (readiness probes).
     pub async fn ping(&self) -> Result<()> {
-        match self {
-            Self::Redis(queue) => queue.ping().await,
-            Self::Memory(_) => Ok(()),
-        }
+        self.timed("ping", async {
+            match &self.backend {
+                Backend::Redis(queue) => queue.ping().await,
+                Backend::Memory(_) => Ok(()),
+            }
+        })
+        .await
     }
 }
 

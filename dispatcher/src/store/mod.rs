@@ -39,8 +39,10 @@
 mod error;
 mod reports;
 mod row;
+mod spend;
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
@@ -50,8 +52,11 @@ use tracing::instrument;
 
 pub use error::{Result, StoreError};
 pub use reports::{LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION_SEQUENCE};
+pub use spend::{ActiveTask, Budget, BudgetAction, GroupBy, QueueFigures, UsageGroup};
 
-use crate::task::{Reason, Task, TaskId, TaskState};
+use crate::cost::{Breakdown, Prices};
+use crate::metrics::{FinishedLabels, LaunchLabels, Metrics, StageLabels};
+use crate::task::{Reason, Task, TaskId, TaskState, Timeline};
 use row::{event_columns, millis, task_columns, tenant_columns};
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -67,11 +72,12 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 const SQLITE_BUSY_TIMEOUT_PRAGMA: &str = "PRAGMA busy_timeout = 5000";
 
 /// A tenant: who may submit, and how many of its tasks may wait at once.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tenant {
     pub name: String,
     pub max_queued_tasks: u32,
     pub created_at: jiff::Timestamp,
+    pub budget: Budget,
 }
 
 /// The database behind a [`Store`], chosen by the URL's scheme.
@@ -314,6 +320,10 @@ pub struct TaskEvent {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Counts transitions, queries and spend.
+    metrics: Metrics,
+    /// Prices a task's compute when it finishes.
+    prices: Arc<Prices>,
 }
 
 /// Maps a database error to a [`StoreError`] naming what the store was doing.
@@ -368,7 +378,51 @@ impl Store {
             .connect(&url)
             .await
             .during(during)?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            metrics: Metrics::default(),
+            prices: Arc::new(Prices::default()),
+        })
+    }
+
+    /// This store, counting into `metrics` and pricing finished tasks with `prices`.
+    #[must_use]
+    pub fn with_observability(mut self, metrics: Metrics, prices: Prices) -> Self {
+        self.metrics = metrics;
+        self.prices = Arc::new(prices);
+        self
+    }
+
+    /// Runs one store operation, counting and timing it.
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        // A refused request (quota, conflict, unknown tenant) is an answer, not a failure
+        // of the database.
+        let failed = matches!(
+            result,
+            Err(StoreError::Unavailable { .. }
+                | StoreError::Database { .. }
+                | StoreError::Corrupt { .. })
+        );
+        self.metrics
+            .store_query(operation, !failed, started.elapsed());
+        result
+    }
+
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    #[must_use]
+    pub fn prices(&self) -> &Prices {
+        &self.prices
     }
 
     #[must_use]
@@ -424,6 +478,7 @@ impl Store {
                 name: name.to_owned(),
                 max_queued_tasks,
                 created_at: row::timestamp(created_at, &during)?,
+                budget: Budget::default(),
             }),
             Err(error) if is_unique_violation(&error) => {
                 let name_taken: Option<i64> =
@@ -445,16 +500,19 @@ impl Store {
 
     /// The tenant whose api key hashes to `api_key_hash` (authentication).
     pub async fn tenant_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Tenant>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            tenant_columns!(),
-            " FROM tenants WHERE api_key_hash = $1"
-        ))
-        .bind(api_key_hash)
-        .fetch_optional(&self.pool)
+        self.timed("tenant_by_key_hash", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                tenant_columns!(),
+                " FROM tenants WHERE api_key_hash = $1"
+            ))
+            .bind(api_key_hash)
+            .fetch_optional(&self.pool)
+            .await
+            .during(|| "looking up a tenant by api key".to_owned())?;
+            row.as_ref().map(row::tenant).transpose()
+        })
         .await
-        .during(|| "looking up a tenant by api key".to_owned())?;
-        row.as_ref().map(row::tenant).transpose()
     }
 
     /// Stores a new queued task with its labels and first event, in one transaction, after
@@ -470,121 +528,128 @@ impl Store {
     /// The stored task (times truncated to milliseconds) is returned.
     #[instrument(level = "debug", skip_all, fields(task_id = %new.task.id, tenant = %new.task.tenant))]
     pub async fn insert_task(&self, new: NewTask) -> Result<Inserted> {
-        let NewTask {
-            mut task,
-            idempotency,
-        } = new;
-        let id = task.id;
-        let during = || format!("inserting task {id}");
-        if task.state != TaskState::Queued {
-            return Err(StoreError::NotQueued {
-                task_id: id,
-                state: task.state,
-            });
-        }
-        let spec = serde_json::to_string(&task.spec).map_err(|source| StoreError::EncodeSpec {
-            task_id: id,
-            source,
-        })?;
-        task.created_at = row::timestamp(millis(task.created_at), &during)?;
-        task.updated_at = row::timestamp(millis(task.updated_at), &during)?;
-
-        let mut tx = self.begin_write().await.during(during)?;
-        let lock_tenant = match self.backend {
-            Backend::Postgres => {
-                "SELECT max_queued_tasks FROM tenants WHERE name = $1 FOR NO KEY UPDATE"
+        self.timed("insert_task", async {
+            let NewTask {
+                mut task,
+                idempotency,
+            } = new;
+            let id = task.id;
+            let during = || format!("inserting task {id}");
+            if task.state != TaskState::Queued {
+                return Err(StoreError::NotQueued {
+                    task_id: id,
+                    state: task.state,
+                });
             }
-            Backend::Sqlite => "SELECT max_queued_tasks FROM tenants WHERE name = $1",
-        };
-        let limit: Option<i64> = sqlx::query_scalar(lock_tenant)
-            .bind(&task.tenant)
-            .fetch_optional(&mut *tx)
-            .await
-            .during(during)?;
-        let Some(limit) = limit else {
-            return Err(StoreError::UnknownTenant {
-                tenant: task.tenant,
-            });
-        };
+            let spec = serde_json::to_string(&task.spec).map_err(|source| StoreError::EncodeSpec {
+                task_id: id,
+                source,
+            })?;
+            task.created_at = row::timestamp(millis(task.created_at), &during)?;
+            task.updated_at = row::timestamp(millis(task.updated_at), &during)?;
+            task.timeline = Timeline {
+                queued_at: Some(task.created_at),
+                ..Timeline::default()
+            };
 
-        if let Some(idempotency) = &idempotency
-            && let Some(replayed) = Self::replay(&mut tx, &task.tenant, idempotency, id).await?
-        {
-            return Ok(replayed);
-        }
-
-        let queued: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE tenant = $1 AND state = 'queued'")
+            let mut tx = self.begin_write().await.during(during)?;
+            let lock_tenant = match self.backend {
+                Backend::Postgres => {
+                    "SELECT max_queued_tasks FROM tenants WHERE name = $1 FOR NO KEY UPDATE"
+                }
+                Backend::Sqlite => "SELECT max_queued_tasks FROM tenants WHERE name = $1",
+            };
+            let limit: Option<i64> = sqlx::query_scalar(lock_tenant)
                 .bind(&task.tenant)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await
                 .during(during)?;
-        if queued >= limit {
-            return Err(StoreError::QuotaExceeded {
-                tenant: task.tenant,
-                limit: u32::try_from(limit).unwrap_or(u32::MAX),
-            });
-        }
+            let Some(limit) = limit else {
+                return Err(StoreError::UnknownTenant {
+                    tenant: task.tenant,
+                });
+            };
 
-        let inserted = sqlx::query(
-            "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, reason, \
-             message, attempt, exit_code, idempotency_key, request_hash, created_at, updated_at, \
-             gpu_class) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-             ON CONFLICT (tenant, idempotency_key) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(&task.tenant)
-        .bind(&task.spec.name)
-        .bind(&task.spec.queue)
-        .bind(task.spec.priority)
-        .bind(spec)
-        .bind(task.state.as_str())
-        .bind(task.reason.map(Reason::as_str))
-        .bind(task.message.as_deref())
-        .bind(task.attempt as i32)
-        .bind(task.exit_code)
-        .bind(idempotency.as_ref().map(|i| i.key.as_str()))
-        .bind(idempotency.as_ref().map(|i| i.request_hash.as_str()))
-        .bind(millis(task.created_at))
-        .bind(millis(task.updated_at))
-        .bind(task.gpu_class.as_deref())
-        .execute(&mut *tx)
-        .await;
-        let inserted = match inserted {
-            Err(error) if is_unique_violation(&error) => {
-                return Err(StoreError::TaskExists { task_id: id });
-            }
-            other => other.during(during)?.rows_affected(),
-        };
-        if inserted == 0 {
-            // Another submission of this key committed between our check and our insert
-            // (only possible without the tenant lock, but cheap to handle): replay it.
             if let Some(idempotency) = &idempotency
                 && let Some(replayed) = Self::replay(&mut tx, &task.tenant, idempotency, id).await?
             {
                 return Ok(replayed);
             }
-            return Err(StoreError::corrupt(
-                format!("task {id}"),
-                "insert skipped on an idempotency conflict, but no task holds the key",
-            ));
-        }
 
-        for (key, value) in &task.spec.labels {
-            sqlx::query("INSERT INTO task_labels (task_id, key, value) VALUES ($1, $2, $3)")
-                .bind(id.to_string())
-                .bind(key)
-                .bind(value)
-                .execute(&mut *tx)
+            let queued: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE tenant = $1 AND state = 'queued'")
+                    .bind(&task.tenant)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .during(during)?;
+            if queued >= limit {
+                return Err(StoreError::QuotaExceeded {
+                    tenant: task.tenant,
+                    limit: u32::try_from(limit).unwrap_or(u32::MAX),
+                });
+            }
+
+            let inserted = sqlx::query(
+                "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, reason, \
+                 message, attempt, exit_code, idempotency_key, request_hash, created_at, updated_at, \
+                 gpu_class, queued_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $14) \
+                 ON CONFLICT (tenant, idempotency_key) DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(&task.tenant)
+            .bind(&task.spec.name)
+            .bind(&task.spec.queue)
+            .bind(task.spec.priority)
+            .bind(spec)
+            .bind(task.state.as_str())
+            .bind(task.reason.map(Reason::as_str))
+            .bind(task.message.as_deref())
+            .bind(task.attempt as i32)
+            .bind(task.exit_code)
+            .bind(idempotency.as_ref().map(|i| i.key.as_str()))
+            .bind(idempotency.as_ref().map(|i| i.request_hash.as_str()))
+            .bind(millis(task.created_at))
+            .bind(millis(task.updated_at))
+            .bind(task.gpu_class.as_deref())
+            .execute(&mut *tx)
+            .await;
+            let inserted = match inserted {
+                Err(error) if is_unique_violation(&error) => {
+                    return Err(StoreError::TaskExists { task_id: id });
+                }
+                other => other.during(during)?.rows_affected(),
+            };
+            if inserted == 0 {
+                // Another submission of this key committed between our check and our insert
+                // (only possible without the tenant lock, but cheap to handle): replay it.
+                if let Some(idempotency) = &idempotency
+                    && let Some(replayed) = Self::replay(&mut tx, &task.tenant, idempotency, id).await?
+                {
+                    return Ok(replayed);
+                }
+                return Err(StoreError::corrupt(
+                    format!("task {id}"),
+                    "insert skipped on an idempotency conflict, but no task holds the key",
+                ));
+            }
+
+            for (key, value) in &task.spec.labels {
+                sqlx::query("INSERT INTO task_labels (task_id, key, value) VALUES ($1, $2, $3)")
+                    .bind(id.to_string())
+                    .bind(key)
+                    .bind(value)
+                    .execute(&mut *tx)
+                    .await
+                    .during(during)?;
+            }
+            insert_event(&mut tx, id, None, &task, millis(task.created_at))
                 .await
                 .during(during)?;
-        }
-        insert_event(&mut tx, id, None, &task, millis(task.created_at))
-            .await
-            .during(during)?;
-        tx.commit().await.during(during)?;
-        Ok(Inserted::Created(task))
+            tx.commit().await.during(during)?;
+            Ok(Inserted::Created(task))
+        })
+        .await
     }
 
     /// The task the tenant stored under `idempotency.key`, if any, as a replay (same hash)
@@ -622,84 +687,93 @@ impl Store {
 
     /// The tenant's task `id`; `None` if it does not exist or belongs to another tenant.
     pub async fn get_task(&self, tenant: &str, id: TaskId) -> Result<Option<Task>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE id = $1 AND tenant = $2"
-        ))
-        .bind(id.to_string())
-        .bind(tenant)
-        .fetch_optional(&self.pool)
+        self.timed("get_task", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE id = $1 AND tenant = $2"
+            ))
+            .bind(id.to_string())
+            .bind(tenant)
+            .fetch_optional(&self.pool)
+            .await
+            .during(|| format!("reading task {id}"))?;
+            row.as_ref().map(row::task).transpose()
+        })
         .await
-        .during(|| format!("reading task {id}"))?;
-        row.as_ref().map(row::task).transpose()
     }
 
     /// Task `id` whoever owns it (launcher, watcher, reconcilers).
     pub async fn task(&self, id: TaskId) -> Result<Option<Task>> {
-        let row = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE id = $1"
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&self.pool)
+        self.timed("task", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE id = $1"
+            ))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .during(|| format!("reading task {id}"))?;
+            row.as_ref().map(row::task).transpose()
+        })
         .await
-        .during(|| format!("reading task {id}"))?;
-        row.as_ref().map(row::task).transpose()
     }
 
     /// The tenant's tasks matching `filter`, newest first (id descending), at most
     /// `filter.limit`, only ids below `filter.before`. Pages chained by passing the last
     /// id as `before` see every task exactly once.
     pub async fn list_tasks(&self, tenant: &str, filter: &ListFilter) -> Result<Vec<Task>> {
-        let mut clauses = vec!["tenant = $1".to_owned()];
-        let mut texts: Vec<String> = vec![tenant.to_owned()];
-        let mut next = |value: String| {
-            texts.push(value);
-            texts.len()
-        };
-        if let Some(state) = filter.state {
-            let n = next(state.as_str().to_owned());
-            clauses.push(format!("state = ${n}"));
-        }
-        if let Some(queue) = &filter.queue {
-            let n = next(queue.clone());
-            clauses.push(format!("queue = ${n}"));
-        }
-        if let Some((key, value)) = &filter.label {
-            let key = next(key.clone());
-            let value = next(value.clone());
-            clauses.push(format!(
-                "EXISTS (SELECT 1 FROM task_labels l \
-                 WHERE l.task_id = tasks.id AND l.key = ${key} AND l.value = ${value})"
-            ));
-        }
-        if let Some(before) = filter.before {
-            let n = next(before.to_string());
-            clauses.push(format!("id < ${n}"));
-        }
-        let sql = format!(
-            concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks WHERE {} ORDER BY id DESC LIMIT ${}"
-            ),
-            clauses.join(" AND "),
-            texts.len() + 1
-        );
+        self.timed("list_tasks", async {
+            let mut clauses = vec!["tenant = $1".to_owned()];
+            let mut texts: Vec<String> = vec![tenant.to_owned()];
+            let mut next = |value: String| {
+                texts.push(value);
+                texts.len()
+            };
+            if let Some(state) = filter.state {
+                let n = next(state.as_str().to_owned());
+                clauses.push(format!("state = ${n}"));
+            }
+            if let Some(queue) = &filter.queue {
+                let n = next(queue.clone());
+                clauses.push(format!("queue = ${n}"));
+            }
+            if let Some((key, value)) = &filter.label {
+                let key = next(key.clone());
+                let value = next(value.clone());
+                clauses.push(format!(
+                    "EXISTS (SELECT 1 FROM task_labels l \
+                     WHERE l.task_id = tasks.id AND l.key = ${key} AND l.value = ${value})"
+                ));
+            }
+            if let Some(before) = filter.before {
+                let n = next(before.to_string());
+                clauses.push(format!("id < ${n}"));
+            }
+            let sql = format!(
+                concat!(
+                    "SELECT ",
+                    task_columns!(),
+                    " FROM tasks WHERE {} ORDER BY id DESC LIMIT ${}"
+                ),
+                clauses.join(" AND "),
+                texts.len() + 1
+            );
 
-        // Every fragment above is ours; values are only ever bound.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for text in texts {
-            query = query.bind(text);
-        }
-        let rows = query
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
-            .await
-            .during(|| format!("listing the tasks of tenant '{tenant}'"))?;
-        rows.iter().map(row::task).collect()
+            // Every fragment above is ours; values are only ever bound.
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for text in texts {
+                query = query.bind(text);
+            }
+            let rows = query
+                .bind(i64::from(filter.limit))
+                .fetch_all(&self.pool)
+                .await
+                .during(|| format!("listing the tasks of tenant '{tenant}'"))?;
+            rows.iter().map(row::task).collect()
+        })
+        .await
     }
 
     /// Compare-and-set: moves task `id` from `expected` to `change.to` and writes the event,
@@ -713,47 +787,140 @@ impl Store {
         expected: TaskState,
         change: &Transition,
     ) -> Result<Option<Task>> {
-        if !expected.can_move_to(change.to) {
-            return Err(StoreError::IllegalTransition {
-                task_id: id,
-                from: expected,
-                to: change.to,
-            });
-        }
-        let during = || format!("moving task {id} from {expected} to {}", change.to);
-        let now = now_millis();
-        let mut tx = self.begin_write().await.during(during)?;
-        let updated = sqlx::query(concat!(
-            "UPDATE tasks SET state = $3, reason = $4, message = $5, exit_code = $6, \
-             attempt = COALESCE($7, attempt), updated_at = $8, \
-             gpu_class = COALESCE($9, gpu_class), \
-             last_heartbeat_at = CASE WHEN $7 IS NULL THEN last_heartbeat_at ELSE NULL END, \
-             last_heartbeat = CASE WHEN $7 IS NULL THEN last_heartbeat ELSE NULL END \
-             WHERE id = $1 AND state = $2 RETURNING ",
-            task_columns!()
-        ))
-        .bind(id.to_string())
-        .bind(expected.as_str())
-        .bind(change.to.as_str())
-        .bind(change.reason.map(Reason::as_str))
-        .bind(change.message.as_deref())
-        .bind(change.exit_code)
-        .bind(change.attempt.map(|attempt| attempt as i32))
-        .bind(now)
-        .bind(change.gpu_class.as_deref())
-        .fetch_optional(&mut *tx)
-        .await
-        .during(during)?;
-        let Some(updated) = updated else {
-            tx.rollback().await.during(during)?;
-            return Ok(None);
-        };
-        let task = row::task(&updated)?;
-        insert_event(&mut tx, id, Some(expected), &task, now)
+        self.timed("transition", async {
+            if !expected.can_move_to(change.to) {
+                return Err(StoreError::IllegalTransition {
+                    task_id: id,
+                    from: expected,
+                    to: change.to,
+                });
+            }
+            let during = || format!("moving task {id} from {expected} to {}", change.to);
+            let now = now_millis();
+            let mut tx = self.begin_write().await.during(during)?;
+            let updated = sqlx::query(concat!(
+                "UPDATE tasks SET state = $3, reason = $4, message = $5, exit_code = $6, \
+                 attempt = COALESCE($7, attempt), updated_at = $8, \
+                 gpu_class = COALESCE($9, gpu_class), \
+                 last_heartbeat_at = CASE WHEN $7 IS NULL THEN last_heartbeat_at ELSE NULL END, \
+                 last_heartbeat = CASE WHEN $7 IS NULL THEN last_heartbeat ELSE NULL END, \
+                 queued_at = CASE WHEN $3 = 'queued' THEN $8 ELSE queued_at END, \
+                 launched_at = CASE WHEN $3 = 'queued' THEN NULL \
+                     WHEN $3 IN ('launched', 'running') AND launched_at IS NULL THEN $8 \
+                     ELSE launched_at END, \
+                 started_at = CASE WHEN $3 = 'queued' THEN NULL \
+                     WHEN $3 = 'running' AND started_at IS NULL THEN $8 ELSE started_at END, \
+                 finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'cancelled', 'timed_out', \
+                     'expired') THEN $8 ELSE finished_at END \
+                 WHERE id = $1 AND state = $2 RETURNING ",
+                task_columns!()
+            ))
+            .bind(id.to_string())
+            .bind(expected.as_str())
+            .bind(change.to.as_str())
+            .bind(change.reason.map(Reason::as_str))
+            .bind(change.message.as_deref())
+            .bind(change.exit_code)
+            .bind(change.attempt.map(|attempt| attempt as i32))
+            .bind(now)
+            .bind(change.gpu_class.as_deref())
+            .fetch_optional(&mut *tx)
             .await
             .during(during)?;
-        tx.commit().await.during(during)?;
-        Ok(Some(task))
+            let Some(updated) = updated else {
+                tx.rollback().await.during(during)?;
+                return Ok(None);
+            };
+            let mut task = row::task(&updated)?;
+            if task.state.is_terminal() {
+                let compute = self.compute_cost(&task, now);
+                sqlx::query(
+                    "UPDATE tasks SET gpu_cost_dollars = $2, cpu_cost_dollars = $3, \
+                     memory_cost_dollars = $4 WHERE id = $1",
+                )
+                .bind(id.to_string())
+                .bind(compute.gpu)
+                .bind(compute.cpu)
+                .bind(compute.memory)
+                .execute(&mut *tx)
+                .await
+                .during(during)?;
+                task.spent.compute = Some(compute);
+            }
+            insert_event(&mut tx, id, Some(expected), &task, now)
+                .await
+                .during(during)?;
+            tx.commit().await.during(during)?;
+            self.observe_transition(expected, &task, now);
+            Ok(Some(task))
+        })
+        .await
+    }
+
+    /// The compute cost of `task` ending at `now_millis`: its prices for the time since it
+    /// started running; nothing if it never ran.
+    fn compute_cost(&self, task: &Task, now_millis: i64) -> Breakdown {
+        task.timeline
+            .started_at
+            .map_or_else(Breakdown::default, |start| {
+                let ran = Duration::from_millis(
+                    u64::try_from(now_millis - millis(start)).unwrap_or_default(),
+                );
+                self.prices
+                    .for_duration(&task.spec, task.gpu_class.as_deref(), ran)
+            })
+    }
+
+    /// Counts a committed transition: launches, outcomes, stage latencies, compute cost.
+    fn observe_transition(&self, from: TaskState, task: &Task, now_millis: i64) {
+        let families = self.metrics.families();
+        let queue = self.metrics.bounded("queue", &task.spec.queue);
+        let since = |start: Option<jiff::Timestamp>| {
+            start.map(|start| (now_millis - millis(start)).max(0) as f64 / 1000.0)
+        };
+        let stage = |name: &str, seconds: Option<f64>| {
+            if let Some(seconds) = seconds {
+                families
+                    .task_stage_duration
+                    .get_or_create(&StageLabels {
+                        stage: name.to_owned(),
+                        queue: queue.clone(),
+                    })
+                    .observe(seconds);
+            }
+        };
+        let launched = task.state == TaskState::Launched
+            || (task.state == TaskState::Running && from == TaskState::Launching);
+        if launched {
+            families
+                .tasks_launched
+                .get_or_create(&LaunchLabels {
+                    queue: queue.clone(),
+                    gpu_class: task.gpu_class.clone().unwrap_or_else(|| "none".to_owned()),
+                })
+                .inc();
+            stage("queued_to_launched", since(task.timeline.queued_at));
+        }
+        if task.state == TaskState::Running && from == TaskState::Launched {
+            stage("launched_to_running", since(task.timeline.launched_at));
+        }
+        if task.state.is_terminal() {
+            families
+                .tasks_finished
+                .get_or_create(&FinishedLabels {
+                    queue: queue.clone(),
+                    outcome: task.state.as_str().to_owned(),
+                    reason: task.reason.map_or("none", Reason::as_str).to_owned(),
+                })
+                .inc();
+            stage("running_to_finished", since(task.timeline.started_at));
+            if let Some(compute) = task.spent.compute {
+                for (resource, dollars) in compute.by_resource() {
+                    self.metrics
+                        .cost(&task.tenant, &task.spec.queue, resource, dollars);
+                }
+            }
+        }
     }
 
     /// Records why a task waits without changing its state (a pod no node can hold): sets
@@ -770,57 +937,63 @@ impl Store {
         reason: Reason,
         message: &str,
     ) -> Result<Option<Task>> {
-        if state.is_terminal() {
-            return Err(StoreError::IllegalTransition {
-                task_id: id,
-                from: state,
-                to: state,
-            });
-        }
-        let during = || format!("noting {reason} on task {id}");
-        let now = now_millis();
-        let mut tx = self.begin_write().await.during(during)?;
-        let updated = sqlx::query(concat!(
-            "UPDATE tasks SET reason = $3, message = $4, updated_at = $5 \
-             WHERE id = $1 AND state = $2 \
-             AND (reason IS NULL OR reason <> $3 OR message IS NULL OR message <> $4) \
-             RETURNING ",
-            task_columns!()
-        ))
-        .bind(id.to_string())
-        .bind(state.as_str())
-        .bind(reason.as_str())
-        .bind(message)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await
-        .during(during)?;
-        let Some(updated) = updated else {
-            tx.rollback().await.during(during)?;
-            // Either already noted (the task as it is) or no longer in `state` (None).
-            return Ok(self.task(id).await?.filter(|task| task.state == state));
-        };
-        let task = row::task(&updated)?;
-        insert_event(&mut tx, id, Some(state), &task, now)
+        self.timed("note", async {
+            if state.is_terminal() {
+                return Err(StoreError::IllegalTransition {
+                    task_id: id,
+                    from: state,
+                    to: state,
+                });
+            }
+            let during = || format!("noting {reason} on task {id}");
+            let now = now_millis();
+            let mut tx = self.begin_write().await.during(during)?;
+            let updated = sqlx::query(concat!(
+                "UPDATE tasks SET reason = $3, message = $4, updated_at = $5 \
+                 WHERE id = $1 AND state = $2 \
+                 AND (reason IS NULL OR reason <> $3 OR message IS NULL OR message <> $4) \
+                 RETURNING ",
+                task_columns!()
+            ))
+            .bind(id.to_string())
+            .bind(state.as_str())
+            .bind(reason.as_str())
+            .bind(message)
+            .bind(now)
+            .fetch_optional(&mut *tx)
             .await
             .during(during)?;
-        tx.commit().await.during(during)?;
-        Ok(Some(task))
+            let Some(updated) = updated else {
+                tx.rollback().await.during(during)?;
+                // Either already noted (the task as it is) or no longer in `state` (None).
+                return Ok(self.task(id).await?.filter(|task| task.state == state));
+            };
+            let task = row::task(&updated)?;
+            insert_event(&mut tx, id, Some(state), &task, now)
+                .await
+                .during(during)?;
+            tx.commit().await.during(during)?;
+            Ok(Some(task))
+        })
+        .await
     }
 
     /// Task `id`'s events in the order they happened, only those after `after_event_id`.
     pub async fn events(&self, id: TaskId, after_event_id: Option<i64>) -> Result<Vec<TaskEvent>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            event_columns!(),
-            " FROM task_events WHERE task_id = $1 AND id > $2 ORDER BY id"
-        ))
-        .bind(id.to_string())
-        .bind(after_event_id.unwrap_or(0))
-        .fetch_all(&self.pool)
+        self.timed("events", async {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                event_columns!(),
+                " FROM task_events WHERE task_id = $1 AND id > $2 ORDER BY id"
+            ))
+            .bind(id.to_string())
+            .bind(after_event_id.unwrap_or(0))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| format!("reading the events of task {id}"))?;
+            rows.iter().map(row::event).collect()
+        })
         .await
-        .during(|| format!("reading the events of task {id}"))?;
-        rows.iter().map(row::event).collect()
     }
 
     /// Tasks in `state` last changed before `updated_before`, oldest change first, at most
@@ -831,58 +1004,67 @@ impl Store {
         updated_before: jiff::Timestamp,
         limit: u32,
     ) -> Result<Vec<Task>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE state = $1 AND updated_at < $2 \
-             ORDER BY updated_at, id LIMIT $3"
-        ))
-        .bind(state.as_str())
-        .bind(millis(updated_before))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        self.timed("tasks_in_state", async {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE state = $1 AND updated_at < $2 \
+                 ORDER BY updated_at, id LIMIT $3"
+            ))
+            .bind(state.as_str())
+            .bind(millis(updated_before))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| format!("listing {state} tasks"))?;
+            rows.iter().map(row::task).collect()
+        })
         .await
-        .during(|| format!("listing {state} tasks"))?;
-        rows.iter().map(row::task).collect()
     }
 
     /// The queued tasks of `queue` in dispatch order (priority descending, then oldest
     /// first), at most `limit`.
     pub async fn next_queued(&self, queue: &str, limit: u32) -> Result<Vec<Task>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE state = 'queued' AND queue = $1 \
-             ORDER BY priority DESC, id LIMIT $2"
-        ))
-        .bind(queue)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        self.timed("next_queued", async {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE state = 'queued' AND queue = $1 \
+                 ORDER BY priority DESC, id LIMIT $2"
+            ))
+            .bind(queue)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| format!("reading the head of queue '{queue}'"))?;
+            rows.iter().map(row::task).collect()
+        })
         .await
-        .during(|| format!("reading the head of queue '{queue}'"))?;
-        rows.iter().map(row::task).collect()
     }
 
     /// How many tasks are in each state, every state listed (zeros included) in
     /// [`TaskState::ALL`] order, for gauges.
     pub async fn count_by_state(&self) -> Result<Vec<(TaskState, i64)>> {
-        let during = || "counting tasks by state".to_owned();
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM tasks GROUP BY state")
-                .fetch_all(&self.pool)
-                .await
-                .during(during)?;
-        let mut counts: Vec<(TaskState, i64)> =
-            TaskState::ALL.iter().map(|&state| (state, 0)).collect();
-        for (state, count) in rows {
-            let state = state
-                .parse::<TaskState>()
-                .map_err(|e| StoreError::corrupt("task state count", e.to_string()))?;
-            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == state) {
-                slot.1 = count;
+        self.timed("count_by_state", async {
+            let during = || "counting tasks by state".to_owned();
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+                    .fetch_all(&self.pool)
+                    .await
+                    .during(during)?;
+            let mut counts: Vec<(TaskState, i64)> =
+                TaskState::ALL.iter().map(|&state| (state, 0)).collect();
+            for (state, count) in rows {
+                let state = state
+                    .parse::<TaskState>()
+                    .map_err(|e| StoreError::corrupt("task state count", e.to_string()))?;
+                if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == state) {
+                    slot.1 = count;
+                }
             }
-        }
-        Ok(counts)
+            Ok(counts)
+        })
+        .await
     }
 
     /// A write transaction. SQLite takes its write lock up front (`BEGIN IMMEDIATE`), so a

@@ -6,11 +6,12 @@
 //! longer the task's current one is kept for history but never counts as the current
 //! attempt's heartbeat.
 
-use protocol::{Heartbeat, Report, ReportBody, TerminationSummary};
+use protocol::{Heartbeat, Report, ReportBody, TerminationSummary, Usage};
 use tracing::instrument;
 
 use super::row::{self, millis, task_columns};
 use super::{During as _, Result, Store, StoreError, now_millis};
+use crate::metrics::{ModelLabels, OperationLabels, TokenLabels};
 use crate::task::{Task, TaskId};
 
 /// The sequence number the termination summary (read from the pod status) is stored
@@ -76,87 +77,155 @@ impl Store {
         attempt: u32,
         reports: &[Report],
     ) -> Result<Option<Recorded>> {
-        let during = || format!("recording reports of task {id} attempt {attempt}");
-        let now = now_millis();
-        let mut tx = self.begin_write().await.during(during)?;
-        let found = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE id = $1"
-        ))
-        .bind(id.to_string())
-        .fetch_optional(&mut *tx)
-        .await
-        .during(during)?;
-        let Some(found) = found else {
-            tx.rollback().await.during(during)?;
-            return Ok(None);
-        };
-        let task = row::task(&found)?;
-        let current = task.attempt == attempt;
-        let (mut accepted, mut duplicates, mut started) = (0, 0, false);
-        let mut latest_heartbeat: Option<&Heartbeat> = None;
-        for report in reports {
-            if let ReportBody::Heartbeat(heartbeat) = &report.body {
-                accepted += 1;
-                latest_heartbeat = Some(heartbeat);
-                continue;
-            }
-            let body = serde_json::to_string(report)
-                .map_err(|e| StoreError::corrupt(format!("report of task {id}"), e.to_string()))?;
-            let inserted = sqlx::query(
-                "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
-            )
+        self.timed("record_reports", async {
+            let during = || format!("recording reports of task {id} attempt {attempt}");
+            let now = now_millis();
+            let mut tx = self.begin_write().await.during(during)?;
+            let found = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE id = $1"
+            ))
             .bind(id.to_string())
-            .bind(attempt as i32)
-            .bind(report.sequence as i64)
-            .bind(kind_of(&report.body))
-            .bind(body)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .during(during)?
-            .rows_affected();
-            if inserted == 0 {
-                duplicates += 1;
-            } else {
-                accepted += 1;
-                started |= current && matches!(report.body, ReportBody::Started(_));
-            }
-        }
-        if current && !reports.is_empty() {
-            let heartbeat = latest_heartbeat
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(|e| {
-                    StoreError::corrupt(format!("heartbeat of task {id}"), e.to_string())
-                })?;
-            sqlx::query(
-                "UPDATE tasks SET last_heartbeat_at = $2, \
-                 last_heartbeat = COALESCE($3, last_heartbeat), \
-                 message = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
-                     THEN NULL ELSE message END, \
-                 reason = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
-                     THEN NULL ELSE reason END \
-                 WHERE id = $1 AND attempt = $4",
-            )
-            .bind(id.to_string())
-            .bind(now)
-            .bind(heartbeat)
-            .bind(attempt as i32)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .during(during)?;
+            let Some(found) = found else {
+                tx.rollback().await.during(during)?;
+                return Ok(None);
+            };
+            let task = row::task(&found)?;
+            let current = task.attempt == attempt;
+            let (mut accepted, mut duplicates, mut started) = (0, 0, false);
+            let mut new_usage = Vec::new();
+            let mut new_kinds = Vec::new();
+            let mut latest_heartbeat: Option<&Heartbeat> = None;
+            for report in reports {
+                if let ReportBody::Heartbeat(heartbeat) = &report.body {
+                    accepted += 1;
+                    latest_heartbeat = Some(heartbeat);
+                    continue;
+                }
+                let body = serde_json::to_string(report)
+                    .map_err(|e| StoreError::corrupt(format!("report of task {id}"), e.to_string()))?;
+                let inserted = sqlx::query(
+                    "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
+                )
+                .bind(id.to_string())
+                .bind(attempt as i32)
+                .bind(report.sequence as i64)
+                .bind(kind_of(&report.body))
+                .bind(body)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .during(during)?
+                .rows_affected();
+                if inserted == 0 {
+                    duplicates += 1;
+                } else {
+                    accepted += 1;
+                    started |= current && matches!(report.body, ReportBody::Started(_));
+                    if let ReportBody::Usage(usage) = &report.body {
+                        let dollars = if usage.cost_usd.is_finite() && usage.cost_usd > 0.0 {
+                            usage.cost_usd
+                        } else {
+                            0.0
+                        };
+                        if dollars > 0.0 {
+                            sqlx::query(
+                                "UPDATE tasks SET llm_cost_dollars = llm_cost_dollars + $2 \
+                                 WHERE id = $1",
+                            )
+                            .bind(id.to_string())
+                            .bind(dollars)
+                            .execute(&mut *tx)
+                            .await
+                            .during(during)?;
+                        }
+                        new_usage.push(usage);
+                    }
+                    new_kinds.push(kind_of(&report.body));
+                }
+            }
+            if current && !reports.is_empty() {
+                let heartbeat = latest_heartbeat
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| {
+                        StoreError::corrupt(format!("heartbeat of task {id}"), e.to_string())
+                    })?;
+                sqlx::query(
+                    "UPDATE tasks SET last_heartbeat_at = $2, \
+                     last_heartbeat = COALESCE($3, last_heartbeat), \
+                     message = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
+                         THEN NULL ELSE message END, \
+                     reason = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
+                         THEN NULL ELSE reason END \
+                     WHERE id = $1 AND attempt = $4",
+                )
+                .bind(id.to_string())
+                .bind(now)
+                .bind(heartbeat)
+                .bind(attempt as i32)
+                .execute(&mut *tx)
+                .await
+                .during(during)?;
+            }
+            tx.commit().await.during(during)?;
+            self.observe_reports(&task, &new_kinds, &new_usage);
+            Ok(Some(Recorded {
+                accepted,
+                duplicates,
+                started,
+                task,
+            }))
+        })
+        .await
+    }
+
+    /// Counts newly stored reports and the LLM usage they carry (duplicates were skipped).
+    fn observe_reports(&self, task: &Task, kinds: &[&str], usage: &[&Usage]) {
+        let metrics = self.metrics();
+        let families = metrics.families();
+        for kind in kinds {
+            families
+                .runner_reports
+                .get_or_create(&OperationLabels {
+                    operation: (*kind).to_owned(),
+                })
+                .inc();
         }
-        tx.commit().await.during(during)?;
-        Ok(Some(Recorded {
-            accepted,
-            duplicates,
-            started,
-            task,
-        }))
+        if usage.is_empty() {
+            return;
+        }
+        let tenant = metrics.bounded("tenant", &task.tenant);
+        for usage in usage {
+            let model = metrics.bounded("model", &usage.model);
+            families
+                .llm_calls
+                .get_or_create(&ModelLabels {
+                    tenant: tenant.clone(),
+                    model: model.clone(),
+                })
+                .inc_by(usage.calls);
+            for (direction, tokens) in [
+                ("input", usage.input_tokens),
+                ("output", usage.output_tokens),
+            ] {
+                families
+                    .llm_tokens
+                    .get_or_create(&TokenLabels {
+                        tenant: tenant.clone(),
+                        model: model.clone(),
+                        direction: direction.to_owned(),
+                    })
+                    .inc_by(tokens);
+            }
+            metrics.cost(&task.tenant, &task.spec.queue, "llm", usage.cost_usd);
+        }
     }
 
     /// Keeps the runner's termination summary of `attempt` (read from the pod status), once.
@@ -166,82 +235,91 @@ impl Store {
         attempt: u32,
         summary: &TerminationSummary,
     ) -> Result<()> {
-        let during = || format!("recording the termination summary of task {id}");
-        let body = serde_json::to_string(summary)
-            .map_err(|e| StoreError::corrupt(format!("summary of task {id}"), e.to_string()))?;
-        sqlx::query(
-            "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(attempt as i32)
-        .bind(TERMINATION_SEQUENCE as i64)
-        .bind(TERMINATION_KIND)
-        .bind(body)
-        .bind(now_millis())
-        .execute(&self.pool)
+        self.timed("record_termination", async {
+            let during = || format!("recording the termination summary of task {id}");
+            let body = serde_json::to_string(summary)
+                .map_err(|e| StoreError::corrupt(format!("summary of task {id}"), e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
+                 ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
+            )
+            .bind(id.to_string())
+            .bind(attempt as i32)
+            .bind(TERMINATION_SEQUENCE as i64)
+            .bind(TERMINATION_KIND)
+            .bind(body)
+            .bind(now_millis())
+            .execute(&self.pool)
+            .await
+            .during(during)?;
+            Ok(())
+        })
         .await
-        .during(during)?;
-        Ok(())
     }
 
     /// Every stored report of task `id` (heartbeats excluded), by attempt and sequence.
     pub async fn reports(&self, id: TaskId) -> Result<Vec<StoredReport>> {
-        let during = || format!("reading the reports of task {id}");
-        let rows: Vec<(i32, i64, String, String, i64)> = sqlx::query_as(
-            "SELECT attempt, sequence, kind, body, received_at FROM task_reports \
-             WHERE task_id = $1 ORDER BY attempt, sequence",
-        )
-        .bind(id.to_string())
-        .fetch_all(&self.pool)
-        .await
-        .during(during)?;
-        rows.into_iter()
-            .map(|(attempt, sequence, kind, body, received_at)| {
-                let record = || format!("report {sequence} of task {id}");
-                let body = if kind == TERMINATION_KIND {
-                    StoredBody::Termination(
-                        serde_json::from_str(&body)
+        self.timed("reports", async {
+            let during = || format!("reading the reports of task {id}");
+            let rows: Vec<(i32, i64, String, String, i64)> = sqlx::query_as(
+                "SELECT attempt, sequence, kind, body, received_at FROM task_reports \
+                 WHERE task_id = $1 ORDER BY attempt, sequence",
+            )
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await
+            .during(during)?;
+            rows.into_iter()
+                .map(|(attempt, sequence, kind, body, received_at)| {
+                    let record = || format!("report {sequence} of task {id}");
+                    let body = if kind == TERMINATION_KIND {
+                        StoredBody::Termination(
+                            serde_json::from_str(&body)
+                                .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+                        )
+                    } else {
+                        let report: Report = serde_json::from_str(&body)
+                            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?;
+                        StoredBody::Runner(report.body)
+                    };
+                    Ok(StoredReport {
+                        attempt: u32::try_from(attempt)
                             .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
-                    )
-                } else {
-                    let report: Report = serde_json::from_str(&body)
-                        .map_err(|e| StoreError::corrupt(record(), e.to_string()))?;
-                    StoredBody::Runner(report.body)
-                };
-                Ok(StoredReport {
-                    attempt: u32::try_from(attempt)
-                        .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
-                    sequence: u64::try_from(sequence)
-                        .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
-                    received_at: row::timestamp(received_at, &record)?,
-                    body,
+                        sequence: u64::try_from(sequence)
+                            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+                        received_at: row::timestamp(received_at, &record)?,
+                        body,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     /// The latest sign of life of the current attempt of task `id`, if there was one.
     pub async fn last_heartbeat(&self, id: TaskId) -> Result<Option<LastHeartbeat>> {
-        let during = || format!("reading the last heartbeat of task {id}");
-        let found: Option<(Option<i64>, Option<String>)> =
-            sqlx::query_as("SELECT last_heartbeat_at, last_heartbeat FROM tasks WHERE id = $1")
-                .bind(id.to_string())
-                .fetch_optional(&self.pool)
-                .await
-                .during(during)?;
-        let Some((Some(at), heartbeat)) = found else {
-            return Ok(None);
-        };
-        let record = || format!("heartbeat of task {id}");
-        Ok(Some(LastHeartbeat {
-            at: row::timestamp(at, &record)?,
-            heartbeat: heartbeat
-                .map(|text| serde_json::from_str(&text))
-                .transpose()
-                .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
-        }))
+        self.timed("last_heartbeat", async {
+            let during = || format!("reading the last heartbeat of task {id}");
+            let found: Option<(Option<i64>, Option<String>)> =
+                sqlx::query_as("SELECT last_heartbeat_at, last_heartbeat FROM tasks WHERE id = $1")
+                    .bind(id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .during(during)?;
+            let Some((Some(at), heartbeat)) = found else {
+                return Ok(None);
+            };
+            let record = || format!("heartbeat of task {id}");
+            Ok(Some(LastHeartbeat {
+                at: row::timestamp(at, &record)?,
+                heartbeat: heartbeat
+                    .map(|text| serde_json::from_str(&text))
+                    .transpose()
+                    .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+            }))
+        })
+        .await
     }
 
     /// Running tasks whose runner has been silent since `silent_since`: no report of the
@@ -251,18 +329,21 @@ impl Store {
         silent_since: jiff::Timestamp,
         limit: u32,
     ) -> Result<Vec<Task>> {
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            task_columns!(),
-            " FROM tasks WHERE state = 'running' \
-             AND COALESCE(last_heartbeat_at, updated_at) < $1 ORDER BY id LIMIT $2"
-        ))
-        .bind(millis(silent_since))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        self.timed("silent_running_tasks", async {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE state = 'running' \
+                 AND COALESCE(last_heartbeat_at, updated_at) < $1 ORDER BY id LIMIT $2"
+            ))
+            .bind(millis(silent_since))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| "listing silent running tasks".to_owned())?;
+            rows.iter().map(row::task).collect()
+        })
         .await
-        .during(|| "listing silent running tasks".to_owned())?;
-        rows.iter().map(row::task).collect()
     }
 
     /// The shared setting `name`, created with `make()` by whichever replica asks first.

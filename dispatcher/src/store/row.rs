@@ -6,13 +6,17 @@ use std::str::FromStr;
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
+use super::spend::Budget;
 use super::{Result, StoreError, TaskEvent, Tenant};
-use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
+use crate::cost::Breakdown;
+use crate::task::{Reason, Spent, Task, TaskId, TaskSpec, TaskState, Timeline};
 
 /// The columns [`task`] reads, in `SELECT` order; a macro so queries stay `&'static str`.
 macro_rules! task_columns {
     () => {
-        "id, tenant, spec, state, reason, message, attempt, gpu_class, exit_code, created_at, updated_at"
+        "id, tenant, spec, state, reason, message, attempt, gpu_class, exit_code, created_at, \
+         updated_at, queued_at, launched_at, started_at, finished_at, gpu_cost_dollars, \
+         cpu_cost_dollars, memory_cost_dollars, llm_cost_dollars"
     };
 }
 pub(super) use task_columns;
@@ -28,7 +32,8 @@ pub(super) use event_columns;
 /// The columns [`tenant`] reads.
 macro_rules! tenant_columns {
     () => {
-        "name, max_queued_tasks, created_at"
+        "name, max_queued_tasks, created_at, daily_budget_dollars, monthly_budget_dollars, \
+         budget_action"
     };
 }
 pub(super) use tenant_columns;
@@ -95,7 +100,31 @@ pub(super) fn task(row: &AnyRow) -> Result<Task> {
         exit_code: get(row, "exit_code", &record)?,
         created_at: timestamp(get(row, "created_at", &record)?, &record)?,
         updated_at: timestamp(get(row, "updated_at", &record)?, &record)?,
+        timeline: Timeline {
+            queued_at: optional_timestamp(get(row, "queued_at", &record)?, &record)?,
+            launched_at: optional_timestamp(get(row, "launched_at", &record)?, &record)?,
+            started_at: optional_timestamp(get(row, "started_at", &record)?, &record)?,
+            finished_at: optional_timestamp(get(row, "finished_at", &record)?, &record)?,
+        },
+        spent: Spent {
+            compute: match (
+                get::<Option<f64>>(row, "gpu_cost_dollars", &record)?,
+                get::<Option<f64>>(row, "cpu_cost_dollars", &record)?,
+                get::<Option<f64>>(row, "memory_cost_dollars", &record)?,
+            ) {
+                (Some(gpu), Some(cpu), Some(memory)) => Some(Breakdown { gpu, cpu, memory }),
+                _ => None,
+            },
+            llm_dollars: get(row, "llm_cost_dollars", &record)?,
+        },
     })
+}
+
+fn optional_timestamp(
+    millis: Option<i64>,
+    record: &dyn Fn() -> String,
+) -> Result<Option<jiff::Timestamp>> {
+    millis.map(|millis| timestamp(millis, record)).transpose()
 }
 
 /// A row of [`event_columns!`].
@@ -128,6 +157,15 @@ pub(super) fn tenant(row: &AnyRow) -> Result<Tenant> {
         max_queued_tasks: u32::try_from(limit)
             .map_err(|e| StoreError::corrupt(record(), format!("column max_queued_tasks: {e}")))?,
         created_at: timestamp(get(row, "created_at", &record)?, &record)?,
+        budget: Budget {
+            daily_dollars: get(row, "daily_budget_dollars", &record)?,
+            monthly_dollars: get(row, "monthly_budget_dollars", &record)?,
+            action: parse(
+                &get::<String>(row, "budget_action", &record)?,
+                "budget_action",
+                &record,
+            )?,
+        },
         name,
     })
 }

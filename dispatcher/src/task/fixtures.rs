@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    GpuRequest, Resources, Scratch, Task, TaskId, TaskSpec, TaskState, VolumeMount, WorkloadKind,
+    GpuRequest, Resources, Scratch, Spent, Task, TaskId, TaskSpec, TaskState, Timeline,
+    VolumeMount, WorkloadKind,
 };
 
 #[derive(Debug, Clone)]
@@ -51,6 +52,11 @@ impl TaskFixture {
             exit_code: None,
             created_at: time,
             updated_at: time,
+            timeline: Timeline {
+                queued_at: Some(time),
+                ..Timeline::default()
+            },
+            spent: Spent::default(),
         })
     }
 

@@ -408,6 +408,32 @@ pub struct Task {
     pub exit_code: Option<i32>,
     pub created_at: jiff::Timestamp,
     pub updated_at: jiff::Timestamp,
+    /// When the current attempt's stages began.
+    pub timeline: Timeline,
+    /// What the task has spent so far.
+    pub spent: Spent,
+}
+
+/// When the stages of a task's current attempt began (`None`: not reached).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Timeline {
+    /// The submission, or the requeue that began the current attempt.
+    pub queued_at: Option<jiff::Timestamp>,
+    /// Its Job (or process) was created.
+    pub launched_at: Option<jiff::Timestamp>,
+    /// The runner started the command (or the pod ran).
+    pub started_at: Option<jiff::Timestamp>,
+    /// The final state.
+    pub finished_at: Option<jiff::Timestamp>,
+}
+
+/// What a task has spent, in dollars.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Spent {
+    /// GPU, CPU and memory, fixed when the task finished; `None` before.
+    pub compute: Option<crate::cost::Breakdown>,
+    /// Summed from the runner's usage reports as they arrive.
+    pub llm_dollars: f64,
 }
 
 impl Task {
@@ -428,6 +454,11 @@ impl Task {
             exit_code: None,
             created_at: now,
             updated_at: now,
+            timeline: Timeline {
+                queued_at: Some(now),
+                ..Timeline::default()
+            },
+            spent: Spent::default(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod lease;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::metrics::OperationLabels;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
@@ -113,7 +114,7 @@ impl Watcher {
         .default_backoff()
         .reflect(job_writer)
         .touched_objects()
-        .map_ok(|job| task_id_of(&job))
+        .map_ok(|job| ("job", task_id_of(&job)))
         .boxed();
         let pod_stream = watcher(
             Api::<Pod>::namespaced(self.client.clone(), &self.namespace),
@@ -122,20 +123,30 @@ impl Watcher {
         .default_backoff()
         .reflect(pod_writer)
         .touched_objects()
-        .map_ok(|pod| task_id_of(&pod))
+        .map_ok(|pod| ("pod", task_id_of(&pod)))
         .boxed();
         let sender = touched_sender.clone();
+        let metrics = self.store.metrics().clone();
         let pump = async move {
             let mut merged = futures::stream::select(job_stream, pod_stream);
             while let Some(item) = merged.next().await {
                 match item {
-                    Ok(Some(id)) => {
-                        if sender.send(id).await.is_err() {
+                    Ok((kind, id)) => {
+                        metrics
+                            .families()
+                            .kubernetes_watch_events
+                            .get_or_create(&OperationLabels {
+                                operation: kind.to_owned(),
+                            })
+                            .inc();
+                        if let Some(id) = id
+                            && sender.send(id).await.is_err()
+                        {
                             return;
                         }
                     }
-                    Ok(None) => {}
                     Err(error) => {
+                        metrics.error("watcher", "watch_stream");
                         tracing::warn!(error = %error, "watch stream error (it retries with backoff)");
                     }
                 }

@@ -3,6 +3,8 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
+
+use dispatcher::metrics::snapshot::SnapshotConfig;
 use std::time::Duration;
 
 use axum::Router;
@@ -33,7 +35,7 @@ pub(crate) const TEST_REPORT_KEY: &[u8] = b"agent-bus test report key, 32+ bytes
 /// Builds the API on `store`, with an in-process queue and the local canceller.
 pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) -> TestApi {
     store.migrate().await.unwrap();
-    let queue = Queue::Memory(MemoryQueue::new());
+    let queue = Queue::from(MemoryQueue::new());
     let workdir =
         std::env::temp_dir().join(format!("agent-bus-test-{}", uuid::Uuid::new_v4().simple()));
     let mut state = AppState {
@@ -46,6 +48,10 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
         max_body_bytes: 64 * 1024,
         follow_poll: Duration::from_millis(50),
         report_tokens: ReportTokens::new(TEST_REPORT_KEY),
+        snapshot: Arc::new(SnapshotConfig {
+            max_age: Duration::ZERO,
+            ..SnapshotConfig::default()
+        }),
     };
     configure(&mut state);
     TestApi {

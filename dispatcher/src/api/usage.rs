@@ -1,0 +1,152 @@
+//! `GET /v1/usage`: a tenant's spend over a time range, grouped by queue or UTC day, with
+//! its budgets and what it has spent of them.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use serde::{Deserialize, Serialize};
+
+use super::auth::Authenticated;
+use super::{ApiError, AppState};
+use crate::cost::round_cents;
+use crate::store::{Budget, GroupBy, UsageGroup};
+use crate::task::submission::FieldError;
+
+/// The longest range one request may cover.
+const MAX_RANGE_DAYS: i64 = 400;
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct UsageQuery {
+    /// Start, inclusive: RFC 3339 (`2026-11-01T00:00:00Z`) or a UTC date (`2026-11-01`).
+    /// Default: the start of the current UTC month.
+    pub from: Option<String>,
+    /// End, exclusive, in the same forms. Default: now.
+    pub to: Option<String>,
+    /// `queue` (default) or `day`.
+    pub group_by: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Usage {
+    pub tenant: String,
+    /// RFC 3339.
+    pub from: String,
+    pub to: String,
+    /// `queue` or `day`.
+    pub group_by: &'static str,
+    /// Tasks that finished in the range, by group.
+    pub groups: Vec<UsageGroup>,
+    /// Sum of the groups.
+    pub total_dollars: f64,
+    /// What tasks not yet finished have cost so far (not in the groups).
+    pub unfinished_dollars: f64,
+    pub budget: BudgetView,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct BudgetView {
+    #[serde(flatten)]
+    pub budget: Budget,
+    /// Spent in the current UTC day and month, unfinished tasks included: what the budgets
+    /// are checked against.
+    pub spent_today_dollars: f64,
+    pub spent_this_month_dollars: f64,
+}
+
+/// Parses a `from`/`to` value: RFC 3339 or a UTC date.
+fn instant(field: &str, text: &str) -> Result<jiff::Timestamp, ApiError> {
+    if let Ok(at) = text.parse::<jiff::Timestamp>() {
+        return Ok(at);
+    }
+    text.parse::<jiff::civil::Date>()
+        .ok()
+        .and_then(|date| date.to_zoned(jiff::tz::TimeZone::UTC).ok())
+        .map(|zoned| zoned.timestamp())
+        .ok_or_else(|| {
+            FieldError::new(
+                field,
+                format!("'{text}' is neither an RFC 3339 time (2026-11-01T00:00:00Z) nor a date (2026-11-01)"),
+            )
+            .into()
+        })
+}
+
+/// The tenant's spend.
+#[utoipa::path(get, path = "/v1/usage", tag = "usage", params(UsageQuery),
+    responses((status = 200, body = Usage), (status = 401, body = super::error::ErrorBody),
+        (status = 422, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn usage(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    Query(query): Query<UsageQuery>,
+) -> Result<Json<Usage>, ApiError> {
+    let now = jiff::Timestamp::now();
+    let today = now.to_zoned(jiff::tz::TimeZone::UTC);
+    let month_start = today
+        .first_of_month()
+        .and_then(|d| d.start_of_day())
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .timestamp();
+    let day_start = today
+        .start_of_day()
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .timestamp();
+    let from = query
+        .from
+        .as_deref()
+        .map(|text| instant("from", text))
+        .transpose()?
+        .unwrap_or(month_start);
+    let to = query
+        .to
+        .as_deref()
+        .map(|text| instant("to", text))
+        .transpose()?
+        .unwrap_or(now);
+    if from >= to {
+        return Err(FieldError::new("to", format!("must be after from ({from})")).into());
+    }
+    if (to.as_second() - from.as_second()) > MAX_RANGE_DAYS * 86_400 {
+        return Err(FieldError::new(
+            "to",
+            format!("the range may cover at most {MAX_RANGE_DAYS} days"),
+        )
+        .into());
+    }
+    let (group_by, group_name) = match query.group_by.as_deref() {
+        None | Some("queue") => (GroupBy::Queue, "queue"),
+        Some("day") => (GroupBy::Day, "day"),
+        Some(other) => {
+            return Err(
+                FieldError::new("group_by", format!("'{other}' is not one of queue, day")).into(),
+            );
+        }
+    };
+    let (groups, unfinished) = state
+        .store
+        .usage(&tenant.name, from, to, group_by, now)
+        .await?;
+    let total = round_cents(groups.iter().map(|g| g.total_dollars).sum());
+    let spent_today = state
+        .store
+        .spend_since(&tenant.name, day_start, now)
+        .await?;
+    let spent_month = state
+        .store
+        .spend_since(&tenant.name, month_start, now)
+        .await?;
+    Ok(Json(Usage {
+        tenant: tenant.name.clone(),
+        from: from.to_string(),
+        to: to.to_string(),
+        group_by: group_name,
+        groups,
+        total_dollars: total,
+        unfinished_dollars: unfinished,
+        budget: BudgetView {
+            budget: tenant.budget,
+            spent_today_dollars: round_cents(spent_today),
+            spent_this_month_dollars: round_cents(spent_month),
+        },
+    }))
+}

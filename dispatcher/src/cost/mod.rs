@@ -1,0 +1,316 @@
+//! The cost model: what a task costs, from a price table, its requested resources and its
+//! running time, plus the LLM cost its runner reports. Pure: no clock, no store.
+//!
+//! A task is charged for what it requested (GPUs of its class, CPU cores, memory GiB)
+//! from the moment it started running (the runner's `started` report or the pod
+//! running) to its final state. What it did not request is not charged: a task without a
+//! CPU request costs no CPU. LLM cost is the sum of `cost_usd` over its usage reports,
+//! whatever the prices here say.
+//!
+//! Invariants: every figure is finite and non-negative; prices are validated once, at
+//! start ([`Prices::new`]).
+
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::placement::GpuClasses;
+use crate::task::{Task, TaskSpec};
+
+/// A price that is negative or not a number; names the price.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("price {name} is {value}: prices must be finite and at least 0")]
+pub struct PriceError {
+    pub name: String,
+    pub value: f64,
+}
+
+/// Dollars per hour of each resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prices {
+    /// Per GPU (or MIG slice) of a class, per hour.
+    gpu_hour: BTreeMap<String, f64>,
+    cpu_core_hour: f64,
+    memory_gib_hour: f64,
+}
+
+impl Default for Prices {
+    /// The built-in GPU classes' list prices, $0.04 per core-hour, $0.005 per GiB-hour.
+    fn default() -> Self {
+        Self {
+            gpu_hour: gpu_prices(&GpuClasses::default()),
+            cpu_core_hour: 0.04,
+            memory_gib_hour: 0.005,
+        }
+    }
+}
+
+fn gpu_prices(classes: &GpuClasses) -> BTreeMap<String, f64> {
+    classes
+        .iter()
+        .map(|class| (class.name.clone(), class.price_per_hour))
+        .collect()
+}
+
+impl Prices {
+    /// The price table: each GPU class's `price_per_hour`, and the CPU and memory prices.
+    pub fn new(
+        gpu_classes: &GpuClasses,
+        cpu_core_hour: f64,
+        memory_gib_hour: f64,
+    ) -> Result<Self, PriceError> {
+        let check = |name: &str, value: f64| {
+            if value.is_finite() && value >= 0.0 {
+                Ok(value)
+            } else {
+                Err(PriceError {
+                    name: name.to_owned(),
+                    value,
+                })
+            }
+        };
+        let gpu_hour = gpu_prices(gpu_classes);
+        for (class, price) in &gpu_hour {
+            check(&format!("gpu_classes.{class}.price_per_hour"), *price)?;
+        }
+        Ok(Self {
+            gpu_hour,
+            cpu_core_hour: check("--price-cpu-core-hour", cpu_core_hour)?,
+            memory_gib_hour: check("--price-memory-gib-hour", memory_gib_hour)?,
+        })
+    }
+
+    /// What `spec` costs per hour when it runs on `gpu_class` (its current class, which a
+    /// fallback may have changed). A class missing from the table costs nothing: it was
+    /// removed from the configuration after the task was accepted.
+    #[must_use]
+    pub fn hourly(&self, spec: &TaskSpec, gpu_class: Option<&str>) -> Breakdown {
+        let gpu = spec.resources.gpu.as_ref().map_or(0.0, |gpu| {
+            let class = gpu_class.unwrap_or(&gpu.class);
+            f64::from(gpu.count) * self.gpu_hour.get(class).copied().unwrap_or(0.0)
+        });
+        let cores = spec
+            .resources
+            .cpu
+            .map_or(0.0, |cpu| cpu.millicores() as f64 / 1000.0);
+        let gib = spec
+            .resources
+            .memory
+            .map_or(0.0, |memory| memory.bytes() as f64 / GIB);
+        Breakdown {
+            gpu,
+            cpu: cores * self.cpu_core_hour,
+            memory: gib * self.memory_gib_hour,
+        }
+    }
+
+    /// The most a task can cost before the LLM: its hourly price for its whole timeout.
+    #[must_use]
+    pub fn estimate(&self, task: &Task) -> Estimate {
+        let per_hour = self.hourly(&task.spec, task.gpu_class.as_deref());
+        let hours = f64::from(task.spec.timeout_seconds) / 3600.0;
+        Estimate {
+            per_hour_dollars: round_cents(per_hour.total()),
+            max_dollars: round_cents(per_hour.total() * hours),
+            basis: "price per hour x timeout_seconds; LLM usage is extra",
+        }
+    }
+
+    /// What a task costs for `ran` of running time.
+    #[must_use]
+    pub fn for_duration(
+        &self,
+        spec: &TaskSpec,
+        gpu_class: Option<&str>,
+        ran: Duration,
+    ) -> Breakdown {
+        self.hourly(spec, gpu_class)
+            .times(ran.as_secs_f64() / 3600.0)
+    }
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+/// Dollars by resource (per hour or in total, as the context says).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Default, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+pub struct Breakdown {
+    pub gpu: f64,
+    pub cpu: f64,
+    pub memory: f64,
+}
+
+impl Breakdown {
+    #[must_use]
+    pub fn total(&self) -> f64 {
+        self.gpu + self.cpu + self.memory
+    }
+
+    #[must_use]
+    pub fn times(&self, factor: f64) -> Self {
+        Self {
+            gpu: self.gpu * factor,
+            cpu: self.cpu * factor,
+            memory: self.memory * factor,
+        }
+    }
+
+    /// `(resource, dollars)` pairs, for the cost counter.
+    #[must_use]
+    pub fn by_resource(&self) -> [(&'static str, f64); 3] {
+        [
+            ("gpu", self.gpu),
+            ("cpu", self.cpu),
+            ("memory", self.memory),
+        ]
+    }
+}
+
+/// The estimate in a submit's 201.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Estimate {
+    pub per_hour_dollars: f64,
+    /// If the task runs until its timeout.
+    pub max_dollars: f64,
+    pub basis: &'static str,
+}
+
+/// A task's cost as `GET /v1/tasks/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct TaskCost {
+    /// Compute plus LLM, in dollars.
+    pub total_dollars: f64,
+    /// GPU, CPU and memory for the running time so far (final once the task is over).
+    pub compute: Breakdown,
+    /// Summed from the runner's usage reports.
+    pub llm_dollars: f64,
+    /// Seconds between running and the final state (or now).
+    pub running_seconds: f64,
+    pub per_hour_dollars: f64,
+    /// `false` while the task runs: the figures grow.
+    pub settled: bool,
+}
+
+/// Money in reports and responses: to the cent's hundredth, so sums stay readable.
+#[must_use]
+pub fn round_cents(dollars: f64) -> f64 {
+    (dollars * 10_000.0).round() / 10_000.0
+}
+
+impl TaskCost {
+    /// The cost of `task`: `compute` is its recorded compute cost when it is over, else
+    /// the cost of its running time up to `now`.
+    #[must_use]
+    pub fn of(task: &Task, prices: &Prices, now: jiff::Timestamp) -> Self {
+        let per_hour = prices.hourly(&task.spec, task.gpu_class.as_deref());
+        let end = task.timeline.finished_at.unwrap_or(now);
+        let running_seconds = task.timeline.started_at.map_or(0.0, |start| {
+            (end.as_millisecond() - start.as_millisecond()).max(0) as f64 / 1000.0
+        });
+        let compute = task
+            .spent
+            .compute
+            .unwrap_or_else(|| per_hour.times(running_seconds / 3600.0));
+        let compute = Breakdown {
+            gpu: round_cents(compute.gpu),
+            cpu: round_cents(compute.cpu),
+            memory: round_cents(compute.memory),
+        };
+        Self {
+            total_dollars: round_cents(compute.total() + task.spent.llm_dollars),
+            compute,
+            llm_dollars: round_cents(task.spent.llm_dollars),
+            running_seconds,
+            per_hour_dollars: round_cents(per_hour.total()),
+            settled: task.state.is_terminal(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::TaskState;
+    use crate::task::fixtures::TaskFixture;
+
+    fn gpu_task(count: u32, class: &str) -> Task {
+        TaskFixture::new()
+            .gpus(count, class)
+            .cpu("8")
+            .memory("64Gi")
+            .placed_on(class)
+            .obj()
+    }
+
+    #[test]
+    fn an_hour_of_eight_a100s_costs_their_list_price_plus_cpu_and_memory() {
+        let prices = Prices::default();
+        let task = gpu_task(8, "a100");
+        let hourly = prices.hourly(&task.spec, task.gpu_class.as_deref());
+        assert!((hourly.gpu - 8.0 * 3.67).abs() < 1e-9, "{hourly:?}");
+        assert!((hourly.cpu - 8.0 * 0.04).abs() < 1e-9);
+        assert!((hourly.memory - 64.0 * 0.005).abs() < 1e-9);
+        let half_hour = prices.for_duration(&task.spec, Some("a100"), Duration::from_secs(1800));
+        assert!((half_hour.total() - hourly.total() / 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_fallen_back_task_pays_the_price_of_the_class_it_runs_on() {
+        let prices = Prices::default();
+        let mut task = gpu_task(1, "h100");
+        task.gpu_class = Some("a100".to_owned());
+        let hourly = prices.hourly(&task.spec, task.gpu_class.as_deref());
+        assert!((hourly.gpu - 3.67).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_estimate_is_the_hourly_price_for_the_whole_timeout() {
+        let prices = Prices::default();
+        let mut task = gpu_task(1, "v100");
+        task.spec.timeout_seconds = 7200;
+        let estimate = prices.estimate(&task);
+        assert!((estimate.max_dollars - round_cents(2.0 * estimate.per_hour_dollars)).abs() < 1e-3);
+    }
+
+    #[test]
+    fn a_running_task_costs_its_time_so_far_and_a_finished_one_its_record() {
+        let prices = Prices::default();
+        let mut task = gpu_task(2, "v100");
+        let start = jiff::Timestamp::from_second(1_000_000).unwrap_or_default();
+        task.timeline.started_at = Some(start);
+        task.state = TaskState::Running;
+        task.spent.llm_dollars = 0.25;
+        let now = start + jiff::SignedDuration::from_secs(3600);
+        let cost = TaskCost::of(&task, &prices, now);
+        assert!(!cost.settled);
+        assert!((cost.running_seconds - 3600.0).abs() < 1e-9);
+        assert!((cost.compute.gpu - 2.0 * 2.48).abs() < 1e-9);
+        assert!((cost.total_dollars - round_cents(cost.compute.total() + 0.25)).abs() < 1e-9);
+
+        task.state = TaskState::Succeeded;
+        task.timeline.finished_at = Some(now);
+        task.spent.compute = Some(Breakdown {
+            gpu: 1.0,
+            cpu: 0.5,
+            memory: 0.25,
+        });
+        let cost = TaskCost::of(&task, &prices, now + jiff::SignedDuration::from_secs(99));
+        assert!(cost.settled);
+        assert!((cost.total_dollars - 2.0).abs() < 1e-9, "{cost:?}");
+    }
+
+    #[test]
+    fn bad_prices_name_the_price() {
+        let error = Prices::new(&GpuClasses::default(), -1.0, 0.0).err();
+        assert_eq!(
+            error.map(|e| e.to_string()),
+            Some(
+                "price --price-cpu-core-hour is -1: prices must be finite and at least 0"
+                    .to_owned()
+            )
+        );
+    }
+}
