@@ -76,10 +76,12 @@ pub enum TenantCommand {
 #[derive(Debug, Clone, Args)]
 pub struct BudgetArgs {
     /// Dollars per UTC day; without it, no daily budget.
-    #[arg(long)]
+    // Negative numbers are taken as values so that the check names the flag (clap would
+    // otherwise call `-5` an unexpected argument).
+    #[arg(long, allow_negative_numbers = true)]
     pub daily_budget: Option<f64>,
     /// Dollars per UTC month; without it, no monthly budget.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub monthly_budget: Option<f64>,
     /// What a spent budget does: `alert` (metrics and the alert only) or `refuse` (also
     /// 402 on new submissions until the period ends).

@@ -395,7 +395,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         snapshot: Arc::new(SnapshotConfig {
             max_age: args.cost.metrics_snapshot_max_age,
             queued_too_long: args.cost.queued_too_long_after,
-            launching_stale: (args.launching_stale_after * 4).max(Duration::from_secs(60)),
+            launching_stale: (args.launching_stale_after * 4).max(Duration::from_mins(1)),
             cost_rate_alert_dollars_per_hour: args.cost.cost_rate_alert_dollars_per_hour,
         }),
     };

@@ -1735,73 +1735,31 @@ fn prometheus_rule_groups(rendered: &str) -> Value {
 }
 
 /// The sample names the dispatcher exposes: gauges as they are, counters with `_total`,
-/// histograms as their `_bucket`, `_sum` and `_count` series. From the encoder, and from
-/// the `register` calls of `dispatcher/src/metrics/mod.rs` too: prometheus-client leaves
-/// a family without samples out of the text, so a fresh registry shows only a few.
+/// histograms as their `_bucket`, `_sum` and `_count` series. From the families the
+/// metrics module describes (the encoder leaves a family without samples out of the
+/// text) and from the encoded text.
 fn exposed_sample_names() -> std::collections::BTreeSet<String> {
-    let text = dispatcher::metrics::Metrics::new("x").encode().unwrap();
-    let mut families: BTreeMap<String, String> = dispatcher::metrics::family_names(&text)
-        .into_iter()
-        .map(|name| {
-            let kind = if text.contains(&format!("# TYPE {name} histogram\n")) {
-                "histogram"
-            } else {
-                "other"
-            };
-            (name, kind.to_owned())
-        })
-        .collect();
-    families.extend(registered_families());
+    use dispatcher::metrics::{Kind, Metrics, family_names};
+    let metrics = Metrics::new("x");
     let mut names = std::collections::BTreeSet::new();
-    for (name, kind) in families {
-        if kind == "histogram" {
+    for family in metrics.described() {
+        if family.kind == Kind::Histogram {
             for suffix in ["_bucket", "_sum", "_count"] {
-                names.insert(format!("{name}{suffix}"));
+                names.insert(format!("{}{suffix}", family.name));
             }
         } else {
-            names.insert(name);
+            names.insert(family.name.clone());
         }
+    }
+    let text = metrics.encode().unwrap();
+    for name in family_names(&text) {
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram\n")) || names.contains(&name),
+            "{name} is exposed but not described"
+        );
     }
     assert!(names.len() > 30, "{names:?}");
     names
-}
-
-/// The families `dispatcher/src/metrics/mod.rs` registers (`r.register("name", "help",
-/// f.field.clone())`), by exposed name (`_total` for counters), with their kind
-/// (`histogram` or `other`), from the types of the `Families` fields.
-fn registered_families() -> BTreeMap<String, String> {
-    let source =
-        std::fs::read_to_string(repo_root().join("dispatcher/src/metrics/mod.rs")).unwrap();
-    let field_type = |field: &str| {
-        source
-            .lines()
-            .find_map(|line| line.trim().strip_prefix(&format!("pub {field}: ")))
-            .unwrap_or_else(|| panic!("no field {field} in Families"))
-            .to_owned()
-    };
-    let mut families = BTreeMap::new();
-    for call in source.split(".register(").skip(1) {
-        let name = call.trim_start().trim_start_matches('"');
-        let name = &name[..name.find('"').unwrap()];
-        // The field is the last `f.` before `.clone()` (help texts may hold an "f.").
-        let Some((_, field)) = call
-            .split(".clone()")
-            .next()
-            .and_then(|args| args.rsplit_once("f."))
-        else {
-            continue;
-        };
-        let kind = field_type(field);
-        let (exposed, kind) = if kind.contains("Histogram") {
-            (format!("agent_bus_{name}"), "histogram")
-        } else if kind.contains("Counter") {
-            (format!("agent_bus_{name}_total"), "other")
-        } else {
-            (format!("agent_bus_{name}"), "other")
-        };
-        families.insert(exposed, kind.to_owned());
-    }
-    families
 }
 
 /// The `agent_bus_…` metric and `agent_bus:…` recording-rule names a PromQL text mentions

@@ -143,9 +143,13 @@ async fn count_request(
         .inc();
     families
         .http_request_duration
-        .get_or_create(&RouteLabels { method, route })
+        .get_or_create(&RouteLabels {
+            method,
+            route: route.clone(),
+        })
         .observe(started.elapsed().as_secs_f64());
-    if status.is_server_error() {
+    // A 503 from /readyz is its answer (a dependency is down, counted where it failed).
+    if status.is_server_error() && !matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {
         metrics.error("api", &format!("http_{}", status.as_u16()));
     }
     response

@@ -249,13 +249,22 @@ pub async fn submit(
             .into_response());
     }
 
-    refuse_over_budget(&state, &tenant).await?;
     let idempotency = key.map(|key| Idempotency { key, request_hash });
-    match state
-        .store
-        .insert_task(NewTask { task, idempotency })
-        .await?
-    {
+    let new = NewTask { task, idempotency };
+    // A retry of a submission accepted before a budget was spent is a replay, not a new
+    // task: it gets its task back rather than a 402 that says it was refused.
+    let replayed = if tenant.budget.action == BudgetAction::Refuse && tenant.budget.is_set() {
+        state.store.existing_replay(&new).await?
+    } else {
+        None
+    };
+    let inserted = if let Some(replayed) = replayed {
+        replayed
+    } else {
+        refuse_over_budget(&state, &tenant).await?;
+        state.store.insert_task(new).await?
+    };
+    match inserted {
         Inserted::Created(task) => {
             let entry = QueueEntry::of(&task);
             if let Err(error) = state.queue.enqueue(&entry).await {

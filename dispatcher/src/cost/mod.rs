@@ -10,7 +10,6 @@
 //! Invariants: every figure is finite and non-negative; prices are validated once, at
 //! start ([`Prices::new`]).
 
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -29,6 +28,7 @@ pub struct PriceError {
 
 /// Dollars per hour of each resource.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::struct_field_names)] // every price is per hour: the names say of what
 pub struct Prices {
     /// Per GPU (or MIG slice) of a class, per hour.
     gpu_hour: BTreeMap<String, f64>,
@@ -197,7 +197,8 @@ pub struct TaskCost {
 /// Money in reports and responses: to the cent's hundredth, so sums stay readable.
 #[must_use]
 pub fn round_cents(dollars: f64) -> f64 {
-    (dollars * 10_000.0).round() / 10_000.0
+    // `+ 0.0` turns the -0.0 of an empty sum into 0.0.
+    (dollars * 10_000.0).round() / 10_000.0 + 0.0
 }
 
 impl TaskCost {
@@ -253,7 +254,7 @@ mod tests {
         assert!((hourly.gpu - 8.0 * 3.67).abs() < 1e-9, "{hourly:?}");
         assert!((hourly.cpu - 8.0 * 0.04).abs() < 1e-9);
         assert!((hourly.memory - 64.0 * 0.005).abs() < 1e-9);
-        let half_hour = prices.for_duration(&task.spec, Some("a100"), Duration::from_secs(1800));
+        let half_hour = prices.for_duration(&task.spec, Some("a100"), Duration::from_mins(30));
         assert!((half_hour.total() - hourly.total() / 2.0).abs() < 1e-9);
     }
 

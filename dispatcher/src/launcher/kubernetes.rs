@@ -67,7 +67,7 @@ impl KubernetesExecutor {
     }
 
     /// Creates the Job of `task`'s current attempt.
-    #[tracing::instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
+    #[tracing::instrument(skip_all, fields(task_id = %task.id, tenant = %task.tenant, attempt = task.attempt))]
     pub async fn launch(&self, task: &Task) -> LaunchOutcome {
         let access = self
             .reports

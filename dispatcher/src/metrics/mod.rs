@@ -16,6 +16,7 @@ pub mod kubernetes;
 pub mod snapshot;
 
 use std::collections::HashSet;
+use std::fmt::Write as _;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -100,6 +101,16 @@ pub struct OperationLabels {
 pub struct OperationOutcomeLabels {
     pub operation: String,
     pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ObjectLabels {
+    pub object: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -195,7 +206,7 @@ pub struct Families {
     // Kubernetes
     pub kubernetes_requests: Family<KubernetesLabels, Counter>,
     pub kubernetes_request_duration: Family<KubernetesLatencyLabels, Histogram>,
-    pub kubernetes_watch_events: Family<OperationLabels, Counter>,
+    pub kubernetes_watch_events: Family<ObjectLabels, Counter>,
     // Store
     pub store_queries: Family<OperationOutcomeLabels, Counter>,
     pub store_query_duration: Family<OperationLabels, Histogram>,
@@ -203,7 +214,7 @@ pub struct Families {
     // Errors
     pub errors: Family<ErrorLabels, Counter>,
     // Runner reports
-    pub runner_reports: Family<OperationLabels, Counter>,
+    pub runner_reports: Family<KindLabels, Counter>,
     pub llm_calls: Family<ModelLabels, Counter>,
     pub llm_tokens: Family<TokenLabels, Counter>,
     // Cost
@@ -252,12 +263,14 @@ impl Kind {
 pub struct Described {
     pub name: String,
     pub kind: Kind,
+    /// Label names (histograms also have `le`).
+    pub labels: &'static [&'static str],
     pub help: &'static str,
 }
 
 /// Registers `$metric` as `agent_bus_$name` and describes it.
 macro_rules! register {
-    ($registry:ident, $described:ident, $name:literal, $kind:expr, $help:literal, $metric:expr) => {{
+    ($registry:ident, $described:ident, $name:literal, $kind:expr, $labels:expr, $help:literal, $metric:expr) => {{
         $registry.register($name, $help, $metric);
         let kind: Kind = $kind;
         $described.push(Described {
@@ -267,6 +280,7 @@ macro_rules! register {
                 concat!("agent_bus_", $name).to_owned()
             },
             kind,
+            labels: $labels,
             help: $help,
         });
     }};
@@ -284,6 +298,8 @@ struct Inner {
     families: Families,
     bounded: BoundedValues,
     snapshot: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// When this registry was made: a snapshot that never succeeded is this old.
+    created: std::time::Instant,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -372,7 +388,8 @@ impl Metrics {
             r,
             described,
             "http_requests",
-            Kind::Gauge,
+            Kind::Counter,
+            &["method", "route", "status"],
             "HTTP requests answered, by method, route template and status code",
             f.http_requests.clone()
         );
@@ -380,7 +397,8 @@ impl Metrics {
             r,
             described,
             "http_request_duration_seconds",
-            Kind::Gauge,
+            Kind::Histogram,
+            &["method", "route"],
             "Time to answer an HTTP request, by method and route template",
             f.http_request_duration.clone()
         );
@@ -388,7 +406,8 @@ impl Metrics {
             r,
             described,
             "tasks_submitted",
-            Kind::Gauge,
+            Kind::Counter,
+            &["tenant", "queue"],
             "Tasks accepted by POST /v1/tasks (idempotent replays excluded), by tenant and queue",
             f.tasks_submitted.clone()
         );
@@ -396,7 +415,8 @@ impl Metrics {
             r,
             described,
             "idempotency_key_hits",
-            Kind::Gauge,
+            Kind::Counter,
+            &["tenant"],
             "Submissions answered with an existing task because their idempotency key was known",
             f.idempotency_key_hits.clone()
         );
@@ -404,7 +424,8 @@ impl Metrics {
             r,
             described,
             "budget_refusals",
-            Kind::Gauge,
+            Kind::Counter,
+            &["tenant", "period"],
             "Submissions refused with 402 because a tenant budget was spent, by tenant and period",
             f.budget_refusals.clone()
         );
@@ -412,7 +433,8 @@ impl Metrics {
             r,
             described,
             "tasks_launched",
-            Kind::Gauge,
+            Kind::Counter,
+            &["queue", "gpu_class"],
             "Tasks whose Job (or process) was created, by queue and GPU class (`none` without GPUs)",
             f.tasks_launched.clone()
         );
@@ -420,7 +442,8 @@ impl Metrics {
             r,
             described,
             "launch_failures",
-            Kind::Gauge,
+            Kind::Counter,
+            &["queue", "kind"],
             "Launch attempts that failed, by queue and kind (`transient`: retried, `permanent`: task failed)",
             f.launch_failures.clone()
         );
@@ -428,7 +451,8 @@ impl Metrics {
             r,
             described,
             "tasks_finished",
-            Kind::Gauge,
+            Kind::Counter,
+            &["queue", "outcome", "reason"],
             "Tasks that reached a final state, by queue, outcome (the final state) and reason (`none` if unset)",
             f.tasks_finished.clone()
         );
@@ -436,7 +460,8 @@ impl Metrics {
             r,
             described,
             "task_stage_duration_seconds",
-            Kind::Gauge,
+            Kind::Histogram,
+            &["stage", "queue"],
             "Time tasks spent in each stage: queued_to_launched, launched_to_running, running_to_finished",
             f.task_stage_duration.clone()
         );
@@ -445,6 +470,7 @@ impl Metrics {
             described,
             "launches_in_flight",
             Kind::Gauge,
+            &[],
             "Launches this process has started and not finished",
             f.launches_in_flight.clone()
         );
@@ -452,23 +478,26 @@ impl Metrics {
             r,
             described,
             "queue_operations",
-            Kind::Gauge,
-            "Queue operations (enqueue, read, ack, reclaim, ping), by operation and outcome (ok, error)",
+            Kind::Counter,
+            &["operation", "outcome"],
+            "Queue operations (enqueue, receive, ack, reclaim, pending, ping), by operation and outcome (ok, error)",
             f.queue_operations.clone()
         );
         register!(
             r,
             described,
             "queue_operation_duration_seconds",
-            Kind::Gauge,
-            "Time of a queue operation, by operation",
+            Kind::Histogram,
+            &["operation"],
+            "Time of a queue operation, by operation (receive includes its blocking wait for work)",
             f.queue_operation_duration.clone()
         );
         register!(
             r,
             described,
             "kubernetes_requests",
-            Kind::Gauge,
+            Kind::Counter,
+            &["verb", "resource", "code"],
             "Kubernetes API requests, by verb, resource and HTTP status code (`error` without one)",
             f.kubernetes_requests.clone()
         );
@@ -476,7 +505,8 @@ impl Metrics {
             r,
             described,
             "kubernetes_request_duration_seconds",
-            Kind::Gauge,
+            Kind::Histogram,
+            &["verb", "resource"],
             "Time of a Kubernetes API request, by verb and resource",
             f.kubernetes_request_duration.clone()
         );
@@ -484,15 +514,17 @@ impl Metrics {
             r,
             described,
             "kubernetes_watch_events",
-            Kind::Gauge,
-            "Events received from Kubernetes watches, by kind of object (job, pod) ",
+            Kind::Counter,
+            &["object"],
+            "Events received from the Kubernetes watches, by object (job, pod)",
             f.kubernetes_watch_events.clone()
         );
         register!(
             r,
             described,
             "store_queries",
-            Kind::Gauge,
+            Kind::Counter,
+            &["operation", "outcome"],
             "Store operations, by operation and outcome (ok, error)",
             f.store_queries.clone()
         );
@@ -500,7 +532,8 @@ impl Metrics {
             r,
             described,
             "store_query_duration_seconds",
-            Kind::Gauge,
+            Kind::Histogram,
+            &["operation"],
             "Time of a store operation, by operation",
             f.store_query_duration.clone()
         );
@@ -509,6 +542,7 @@ impl Metrics {
             described,
             "store_pool_connections",
             Kind::Gauge,
+            &["state"],
             "Database pool connections, by state (idle, in_use, max)",
             f.store_pool_connections.clone()
         );
@@ -516,7 +550,8 @@ impl Metrics {
             r,
             described,
             "errors",
-            Kind::Gauge,
+            Kind::Counter,
+            &["component", "kind"],
             "Errors, by component (api, store, queue, kubernetes, launcher, watcher, runner_reports) and kind",
             f.errors.clone()
         );
@@ -524,15 +559,17 @@ impl Metrics {
             r,
             described,
             "runner_reports",
-            Kind::Gauge,
-            "Runner reports stored (duplicates excluded), by kind",
+            Kind::Counter,
+            &["kind"],
+            "Runner reports stored (duplicates and heartbeats excluded), by kind (started, progress, usage, finished)",
             f.runner_reports.clone()
         );
         register!(
             r,
             described,
             "llm_calls",
-            Kind::Gauge,
+            Kind::Counter,
+            &["tenant", "model"],
             "LLM calls reported by runners, by tenant and model",
             f.llm_calls.clone()
         );
@@ -540,7 +577,8 @@ impl Metrics {
             r,
             described,
             "llm_tokens",
-            Kind::Gauge,
+            Kind::Counter,
+            &["tenant", "model", "direction"],
             "LLM tokens reported by runners, by tenant, model and direction (input, output)",
             f.llm_tokens.clone()
         );
@@ -548,7 +586,8 @@ impl Metrics {
             r,
             described,
             "cost_dollars",
-            Kind::Gauge,
+            Kind::Counter,
+            &["tenant", "queue", "resource"],
             "Dollars spent, by tenant, queue and resource (gpu, cpu, memory: at a task's end; llm: as reported)",
             f.cost.clone()
         );
@@ -557,6 +596,7 @@ impl Metrics {
             described,
             "tasks",
             Kind::Gauge,
+            &["state"],
             "Tasks in the store, by state (read from the store at scrape time)",
             f.tasks.clone()
         );
@@ -565,6 +605,7 @@ impl Metrics {
             described,
             "queue_depth",
             Kind::Gauge,
+            &["queue"],
             "Queued tasks, by queue (from the store)",
             f.queue_depth.clone()
         );
@@ -573,6 +614,7 @@ impl Metrics {
             described,
             "queue_oldest_age_seconds",
             Kind::Gauge,
+            &["queue"],
             "Age of the longest-waiting queued task, by queue (from the store; absent for an empty queue)",
             f.queue_oldest_age.clone()
         );
@@ -581,6 +623,7 @@ impl Metrics {
             described,
             "stuck_tasks",
             Kind::Gauge,
+            &["reason"],
             "Tasks not progressing, by reason: queued_too_long, launching_stale, unschedulable, heartbeat_lost",
             f.stuck_tasks.clone()
         );
@@ -589,6 +632,7 @@ impl Metrics {
             described,
             "gpus_allocated",
             Kind::Gauge,
+            &["gpu_class"],
             "GPUs held by launched and running tasks, by GPU class",
             f.gpus_allocated.clone()
         );
@@ -597,6 +641,7 @@ impl Metrics {
             described,
             "gpus_reporting",
             Kind::Gauge,
+            &["gpu_class"],
             "GPUs whose runner reported a sample in the last heartbeat, by GPU class",
             f.gpus_reporting.clone()
         );
@@ -605,6 +650,7 @@ impl Metrics {
             described,
             "gpu_utilization_ratio",
             Kind::Gauge,
+            &["gpu_class"],
             "Mean utilisation (0-1) of the GPUs in gpus_reporting, by GPU class",
             f.gpu_utilization.clone()
         );
@@ -613,6 +659,7 @@ impl Metrics {
             described,
             "gpu_memory_used_bytes",
             Kind::Gauge,
+            &["gpu_class"],
             "GPU memory in use on the GPUs in gpus_reporting, by GPU class",
             f.gpu_memory_used.clone()
         );
@@ -621,6 +668,7 @@ impl Metrics {
             described,
             "cost_rate_dollars_per_hour",
             Kind::Gauge,
+            &["tenant", "queue"],
             "What the running tasks cost per hour (GPU, CPU and memory prices), by tenant and queue",
             f.cost_rate.clone()
         );
@@ -629,6 +677,7 @@ impl Metrics {
             described,
             "tenant_spend_dollars",
             Kind::Gauge,
+            &["tenant", "period"],
             "A tenant's spend in the current UTC day or month, by tenant and period (day, month)",
             f.tenant_spend.clone()
         );
@@ -637,6 +686,7 @@ impl Metrics {
             described,
             "tenant_budget_dollars",
             Kind::Gauge,
+            &["tenant", "period"],
             "A tenant's configured budget, by tenant and period (day, month); absent without one",
             f.tenant_budget.clone()
         );
@@ -645,6 +695,7 @@ impl Metrics {
             described,
             "cost_rate_alert_threshold_dollars_per_hour",
             Kind::Gauge,
+            &[],
             "The configured cost rate above which AgentBusHighCostRate fires (--cost-rate-alert-dollars-per-hour)",
             f.cost_rate_alert_threshold.clone()
         );
@@ -653,6 +704,7 @@ impl Metrics {
             described,
             "store_snapshot_age_seconds",
             Kind::Gauge,
+            &[],
             "Age of the store snapshot behind the state gauges",
             f.snapshot_age.clone()
         );
@@ -661,6 +713,7 @@ impl Metrics {
             described,
             "process_resident_memory_bytes",
             Kind::Gauge,
+            &[],
             "Resident memory of this process",
             f.process_resident_memory.clone()
         );
@@ -669,6 +722,7 @@ impl Metrics {
             described,
             "process_open_fds",
             Kind::Gauge,
+            &[],
             "Open file descriptors of this process",
             f.process_open_fds.clone()
         );
@@ -677,6 +731,7 @@ impl Metrics {
             described,
             "build_info",
             Kind::Gauge,
+            &["version", "executor"],
             "Always 1; the labels say which build runs and with which executor",
             f.build_info.clone()
         );
@@ -694,6 +749,7 @@ impl Metrics {
                 families,
                 bounded: BoundedValues::default(),
                 snapshot: tokio::sync::Mutex::new(None),
+                created: std::time::Instant::now(),
             }),
         }
     }
@@ -838,8 +894,11 @@ impl Metrics {
         if refresh().await {
             *taken = Some(std::time::Instant::now());
             self.families().snapshot_age.set(0.0);
-        } else if let Some(at) = *taken {
-            self.families().snapshot_age.set(at.elapsed().as_secs_f64());
+        } else {
+            let since = taken.unwrap_or(self.inner.created);
+            self.families()
+                .snapshot_age
+                .set(since.elapsed().as_secs_f64());
         }
     }
 }
@@ -865,6 +924,33 @@ impl BoundedValues {
             OTHER.to_owned()
         }
     }
+}
+
+/// The metrics reference of `docs/OBSERVABILITY.md`: one Markdown table row per family.
+#[must_use]
+pub fn reference_table(described: &[Described]) -> String {
+    let mut table = String::from("| Metric | Type | Labels | Meaning |\n|---|---|---|---|\n");
+    for family in described {
+        let labels = if family.labels.is_empty() {
+            "none".to_owned()
+        } else {
+            family
+                .labels
+                .iter()
+                .map(|label| format!("`{label}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            table,
+            "| `{}` | {} | {} | {} |",
+            family.name,
+            family.kind.as_str(),
+            labels,
+            family.help
+        );
+    }
+    table
 }
 
 /// The names of every family as they appear in the text (`# TYPE` lines): for the
@@ -928,6 +1014,77 @@ mod tests {
             );
         }
         assert!(text.contains("agent_bus_build_info{version=\""));
+    }
+
+    /// The label names of every sample line equal its family's described labels.
+    #[test]
+    fn samples_carry_exactly_the_described_labels() {
+        let metrics = Metrics::new("kubernetes");
+        metrics.error("store", "transition");
+        metrics.kubernetes_request("create", "jobs", Some(201), Duration::from_millis(2));
+        metrics.store_query("transition", true, Duration::from_millis(2));
+        metrics.queue_operation("enqueue", true, Duration::from_millis(2));
+        metrics.cost("acme", "gpu", "gpu", 1.5);
+        metrics.families().launches_in_flight.inc();
+        let text = metrics.encode().unwrap_or_default();
+        let mut checked = 0;
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, _) = line.split_once(' ').unwrap_or((line, ""));
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            let mut keys: Vec<&str> = labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| pair.split_once('=').map(|(k, _)| k))
+                .collect();
+            let family = metrics
+                .described()
+                .iter()
+                .find(|f| {
+                    f.name == name
+                        || (f.kind == Kind::Histogram
+                            && ["_bucket", "_sum", "_count"]
+                                .iter()
+                                .any(|suffix| name == format!("{}{suffix}", f.name)))
+                        || (f.kind == Kind::Counter
+                            && name == format!("{}_created", f.name.trim_end_matches("_total")))
+                })
+                .unwrap_or_else(|| panic!("{name} is described"));
+            keys.retain(|k| *k != "le");
+            let mut described: Vec<&str> = family.labels.to_vec();
+            keys.sort_unstable();
+            described.sort_unstable();
+            assert_eq!(keys, described, "{line}");
+            checked += 1;
+        }
+        assert!(checked > 10, "{text}");
+    }
+
+    /// docs/OBSERVABILITY.md lists exactly these families, between its markers. On a
+    /// mismatch the expected table is written to `target/metrics-reference.md` to paste.
+    #[test]
+    fn the_documentation_lists_every_family() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let docs = std::fs::read_to_string(root.join("docs/OBSERVABILITY.md")).unwrap_or_default();
+        let start = "<!-- metrics-reference:start -->\n";
+        let end = "<!-- metrics-reference:end -->";
+        let documented = docs
+            .split_once(start)
+            .and_then(|(_, rest)| rest.split_once(end))
+            .map(|(table, _)| table.to_owned())
+            .unwrap_or_default();
+        let expected = reference_table(Metrics::new("local").described());
+        if documented != expected {
+            let out = root.join("target/metrics-reference.md");
+            let _ = std::fs::write(&out, &expected);
+            panic!(
+                "docs/OBSERVABILITY.md's metrics reference differs from the code; the table to paste between its markers is in {}",
+                out.display()
+            );
+        }
     }
 
     #[test]

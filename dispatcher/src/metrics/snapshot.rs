@@ -33,8 +33,8 @@ impl Default for SnapshotConfig {
     fn default() -> Self {
         Self {
             max_age: Duration::from_secs(5),
-            queued_too_long: Duration::from_secs(600),
-            launching_stale: Duration::from_secs(120),
+            queued_too_long: Duration::from_mins(10),
+            launching_stale: Duration::from_mins(2),
             cost_rate_alert_dollars_per_hour: 0.0,
         }
     }
@@ -93,14 +93,12 @@ async fn read(
         let day_start = now
             .to_zoned(jiff::tz::TimeZone::UTC)
             .start_of_day()
-            .map(|z| z.timestamp())
-            .unwrap_or(now);
+            .map_or(now, |z| z.timestamp());
         let month_start = now
             .to_zoned(jiff::tz::TimeZone::UTC)
             .first_of_month()
             .and_then(|z| z.start_of_day())
-            .map(|z| z.timestamp())
-            .unwrap_or(now);
+            .map_or(now, |z| z.timestamp());
         let daily = store.spend_since(tenant, day_start, now).await?;
         let monthly = store.spend_since(tenant, month_start, now).await?;
         spend.push((tenant.clone(), *budget, daily, monthly));
@@ -136,14 +134,6 @@ async fn read(
             .set(count);
     }
 
-    #[derive(Default)]
-    struct ClassFigures {
-        allocated: i64,
-        reporting: i64,
-        utilization_sum: f64,
-        utilization_samples: u32,
-        memory_used: f64,
-    }
     let mut classes: BTreeMap<String, ClassFigures> = BTreeMap::new();
     let mut rates: BTreeMap<(String, String), f64> = BTreeMap::new();
     for active in &active {
@@ -225,6 +215,16 @@ async fn read(
         }
     }
     Ok(())
+}
+
+/// What the active tasks of one GPU class hold and report.
+#[derive(Default)]
+struct ClassFigures {
+    allocated: i64,
+    reporting: i64,
+    utilization_sum: f64,
+    utilization_samples: u32,
+    memory_used: f64,
 }
 
 /// Resident memory and open descriptors from `/proc/self` (Linux); elsewhere nothing.

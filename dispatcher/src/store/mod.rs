@@ -652,6 +652,26 @@ impl Store {
         .await
     }
 
+    /// What [`Store::insert_task`] would answer for `new` if its idempotency key is already
+    /// taken, writing nothing: [`Inserted::Replayed`] (same request hash) or
+    /// [`StoreError::IdempotencyConflict`] (another); `None` without a key or for a new key.
+    /// For refusals that must not hide a replay (a spent budget).
+    pub async fn existing_replay(&self, new: &NewTask) -> Result<Option<Inserted>> {
+        let Some(idempotency) = &new.idempotency else {
+            return Ok(None);
+        };
+        self.timed("existing_replay", async {
+            let id = new.task.id;
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .during(|| format!("inserting task {id}"))?;
+            Self::replay(&mut tx, &new.task.tenant, idempotency, id).await
+        })
+        .await
+    }
+
     /// The task the tenant stored under `idempotency.key`, if any, as a replay (same hash)
     /// or a conflict (another hash).
     async fn replay(
@@ -873,6 +893,16 @@ impl Store {
 
     /// Counts a committed transition: launches, outcomes, stage latencies, compute cost.
     fn observe_transition(&self, from: TaskState, task: &Task, now_millis: i64) {
+        tracing::info!(
+            task_id = %task.id,
+            tenant = %task.tenant,
+            queue = %task.spec.queue,
+            attempt = task.attempt,
+            from = %from,
+            to = %task.state,
+            reason = task.reason.map_or("", Reason::as_str),
+            "task state changed"
+        );
         let families = self.metrics.families();
         let queue = self.metrics.bounded("queue", &task.spec.queue);
         let since = |start: Option<jiff::Timestamp>| {

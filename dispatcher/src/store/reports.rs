@@ -11,7 +11,7 @@ use tracing::instrument;
 
 use super::row::{self, millis, task_columns};
 use super::{During as _, Result, Store, StoreError, now_millis};
-use crate::metrics::{ModelLabels, OperationLabels, TokenLabels};
+use crate::metrics::{KindLabels, ModelLabels, TokenLabels};
 use crate::task::{Task, TaskId};
 
 /// The sequence number the termination summary (read from the pod status) is stored
@@ -193,8 +193,8 @@ impl Store {
         for kind in kinds {
             families
                 .runner_reports
-                .get_or_create(&OperationLabels {
-                    operation: (*kind).to_owned(),
+                .get_or_create(&KindLabels {
+                    kind: (*kind).to_owned(),
                 })
                 .inc();
         }

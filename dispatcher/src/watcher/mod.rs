@@ -21,7 +21,7 @@ pub mod lease;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::metrics::OperationLabels;
+use crate::metrics::ObjectLabels;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
@@ -135,8 +135,8 @@ impl Watcher {
                         metrics
                             .families()
                             .kubernetes_watch_events
-                            .get_or_create(&OperationLabels {
-                                operation: kind.to_owned(),
+                            .get_or_create(&ObjectLabels {
+                                object: kind.to_owned(),
                             })
                             .inc();
                         if let Some(id) = id
@@ -396,7 +396,7 @@ impl Watcher {
                 }
                 match self.store.transition(task.id, task.state, &change).await {
                     Ok(Some(updated)) => {
-                        tracing::info!(task_id = %task.id, job = %name, from = %task.state, to = %updated.state, reason = ?updated.reason, "task state changed");
+                        tracing::debug!(task_id = %task.id, tenant = %task.tenant, job = %name, from = %task.state, to = %updated.state, reason = ?updated.reason, "job or pod moved the task");
                     }
                     Ok(None) => {
                         tracing::debug!(task_id = %task.id, "task moved concurrently; will decide again on the next event");
