@@ -8,36 +8,10 @@ mod common;
 use std::collections::HashSet;
 
 use axum::http::{Method, StatusCode};
-use common::{TestApi, api_on, sqlite_store, task_body};
+use common::{TestApi, api_on, on_both_stores, task_body};
 use dispatcher::store::{Store, Transition};
 use dispatcher::task::{TaskId, TaskState};
 use serde_json::{Value, json};
-
-/// Runs `case` once on PostgreSQL and once on SQLite.
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    testsupport::with_database(|db| async move {
-                        let store = dispatcher::store::Store::connect(&db.url, 8).await.unwrap();
-                        super::$case(store).await;
-                    })
-                    .await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::sqlite_store().await).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_stores!(
     unauthenticated_requests_get_401,

@@ -22,37 +22,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
-use common::{TestApi, api_on, task_body};
+use common::{Db, TestApi, api_on, on_both_stores, sqlite_db, task_body};
 use dispatcher::store::{Budget, BudgetAction, Store, Transition};
 use dispatcher::task::{TaskId, TaskState};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
-
-/// Runs `case` once on PostgreSQL and once on SQLite.
-macro_rules! on_both_stores {
-    ($($case:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    testsupport::with_database(|db| async move {
-                        let store = dispatcher::store::Store::connect(&db.url, 8).await.unwrap();
-                        super::$case(super::Db { store, url: db.url.clone() }).await;
-                    })
-                    .await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $case() {
-                    super::$case(super::sqlite_db().await).await;
-                }
-            )*
-        }
-    };
-}
 
 on_both_stores!(
     metrics_count_requests_by_route_template_and_read_state_from_the_store,
@@ -62,24 +36,6 @@ on_both_stores!(
     usage_rejects_bad_ranges_and_keeps_tenants_apart,
     spent_budgets_refuse_or_alert,
 );
-
-/// A store and the URL of its database, for the SQL that stands in for the passing of
-/// time.
-struct Db {
-    store: Store,
-    url: String,
-}
-
-/// A fresh SQLite store in a temporary file (as `common::sqlite_store`, keeping the URL).
-async fn sqlite_db() -> Db {
-    let path = std::env::temp_dir().join(format!(
-        "agent-bus-test-{}.db",
-        uuid::Uuid::new_v4().simple()
-    ));
-    let url = format!("sqlite://{}", path.display());
-    let store = Store::connect(&url, 4).await.unwrap();
-    Db { store, url }
-}
 
 impl Db {
     /// Runs `sql` with `$1` = `millis` and `$2` = the task id, on a connection of its own.

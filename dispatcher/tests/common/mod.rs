@@ -62,16 +62,60 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
     }
 }
 
-/// A fresh SQLite store in a temporary file.
-pub(crate) async fn sqlite_store() -> Store {
+/// A test database: its store and the URL it was opened with (for a connection of its
+/// own, or a second process).
+pub(crate) struct Db {
+    pub store: Store,
+    pub url: String,
+}
+
+impl From<Db> for Store {
+    fn from(db: Db) -> Self {
+        db.store
+    }
+}
+
+/// A fresh SQLite database in a temporary file.
+pub(crate) async fn sqlite_db() -> Db {
     let path = std::env::temp_dir().join(format!(
         "agent-bus-test-{}.db",
         uuid::Uuid::new_v4().simple()
     ));
-    Store::connect(&format!("sqlite://{}", path.display()), 4)
-        .await
-        .unwrap()
+    let url = format!("sqlite://{}", path.display());
+    let store = Store::connect(&url, 4).await.unwrap();
+    Db { store, url }
 }
+
+/// Runs each `case` once on a fresh PostgreSQL database and once on an SQLite file. A case
+/// takes a [`Db`] or a [`Store`] (anything a `Db` converts into).
+#[allow(unused_macros)]
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    testsupport::with_database(|db| async move {
+                        let store = dispatcher::store::Store::connect(&db.url, 8).await.unwrap();
+                        let db = super::common::Db { store, url: db.url.clone() };
+                        super::$case(db.into()).await;
+                    })
+                    .await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::common::sqlite_db().await.into()).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_stores;
 
 impl TestApi {
     /// Creates a tenant and returns its API key.
