@@ -1019,6 +1019,63 @@ async fn llm_usage_is_counted_once_into_metrics_and_the_task_cost(db: Db) {
             "nothing requested, nothing charged: {resource}"
         );
     }
+
+    // The pod's termination summary counts more than arrived (the runner gave up on its
+    // last reports): only the difference is added, once.
+    let summary = protocol::TerminationSummary {
+        v: 1,
+        usage: vec![
+            summary_usage("gpt-4o", 6, (2000, 400), 1.10),
+            summary_usage("claude-sonnet-4", 1, (100, 50), 0.25),
+            summary_usage("mistral-large", 1, (10, 10), 0.05),
+        ],
+        undelivered_reports: 2,
+        ..protocol::TerminationSummary::default()
+    };
+    let task_id: TaskId = id.parse().unwrap();
+    for _ in 0..2 {
+        db.store
+            .record_termination(task_id, 1, &summary)
+            .await
+            .unwrap();
+    }
+    let done = read(&api, &acme, &id).await;
+    assert_close(
+        f(&done["cost"]["llm_dollars"]),
+        1.40,
+        1e-9,
+        "0.85 reported + 0.50 (gpt-4o) + 0.05 (mistral) unreported",
+    );
+    let text = scrape(&api).await;
+    assert_close(
+        llm_dollars(&text),
+        1.40,
+        1e-9,
+        "the unreported LLM dollars, once",
+    );
+    assert_eq!(calls(&text, "gpt-4o"), 6.0);
+    assert_eq!(tokens(&text, "gpt-4o", "input"), 2000.0);
+    assert_eq!(calls(&text, "mistral-large"), 1.0);
+    assert_eq!(
+        calls(&text, "claude-sonnet-4"),
+        1.0,
+        "fully reported: unchanged"
+    );
+}
+
+fn summary_usage(
+    model: &str,
+    calls: u64,
+    (input, output): (u64, u64),
+    cost: f64,
+) -> protocol::Usage {
+    protocol::Usage {
+        model: model.to_owned(),
+        calls,
+        input_tokens: input,
+        output_tokens: output,
+        cost_usd: cost,
+    }
 }
 
 /// `GET /v1/usage` with `query` as `key`, expecting 200.

@@ -56,6 +56,47 @@ pub struct LastHeartbeat {
     pub heartbeat: Option<Heartbeat>,
 }
 
+/// What `totals` (per model) count beyond the sum of `reported` for the same model: the
+/// usage that never arrived as reports. Figures a model's reports exceed are left at 0.
+fn usage_beyond(totals: &[Usage], reported: &[Usage]) -> Vec<Usage> {
+    totals
+        .iter()
+        .filter_map(|total| {
+            let (mut calls, mut input, mut output, mut cost) = (0u64, 0u64, 0u64, 0.0f64);
+            for r in reported.iter().filter(|r| r.model == total.model) {
+                calls = calls.saturating_add(r.calls);
+                input = input.saturating_add(r.input_tokens);
+                output = output.saturating_add(r.output_tokens);
+                if r.cost_usd.is_finite() && r.cost_usd > 0.0 {
+                    cost += r.cost_usd;
+                }
+            }
+            let missing_cost = if total.cost_usd.is_finite() {
+                (total.cost_usd - cost).max(0.0)
+            } else {
+                0.0
+            };
+            let missing = Usage {
+                model: total.model.clone(),
+                calls: total.calls.saturating_sub(calls),
+                input_tokens: total.input_tokens.saturating_sub(input),
+                output_tokens: total.output_tokens.saturating_sub(output),
+                // Below a millionth of a cent is float noise between two sums.
+                cost_usd: if missing_cost > 1e-8 {
+                    missing_cost
+                } else {
+                    0.0
+                },
+            };
+            (missing.calls > 0
+                || missing.input_tokens > 0
+                || missing.output_tokens > 0
+                || missing.cost_usd > 0.0)
+                .then_some(missing)
+        })
+        .collect()
+}
+
 fn kind_of(body: &ReportBody) -> &'static str {
     match body {
         ReportBody::Started(_) => "started",
@@ -229,6 +270,12 @@ impl Store {
     }
 
     /// Keeps the runner's termination summary of `attempt` (read from the pod status), once.
+    ///
+    /// The summary carries the attempt's LLM usage totals per model. Usage reports the
+    /// runner could not deliver (the api was unreachable at the end) are missing from the
+    /// task's LLM cost; the first time a summary is kept, whatever it counts beyond the
+    /// stored usage reports of that attempt is added, so a task's LLM cost is complete
+    /// either way and never counted twice.
     pub async fn record_termination(
         &self,
         id: TaskId,
@@ -239,7 +286,8 @@ impl Store {
             let during = || format!("recording the termination summary of task {id}");
             let body = serde_json::to_string(summary)
                 .map_err(|e| StoreError::corrupt(format!("summary of task {id}"), e.to_string()))?;
-            sqlx::query(
+            let mut tx = self.begin_write().await.during(during)?;
+            let inserted = sqlx::query(
                 "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
                  VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
@@ -250,9 +298,61 @@ impl Store {
             .bind(TERMINATION_KIND)
             .bind(body)
             .bind(now_millis())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .during(during)?;
+            .during(during)?
+            .rows_affected();
+            let mut unreported = Vec::new();
+            let mut task = None;
+            if inserted > 0 && !summary.usage.is_empty() {
+                let bodies: Vec<(String,)> = sqlx::query_as(
+                    "SELECT body FROM task_reports \
+                     WHERE task_id = $1 AND attempt = $2 AND kind = 'usage'",
+                )
+                .bind(id.to_string())
+                .bind(attempt as i32)
+                .fetch_all(&mut *tx)
+                .await
+                .during(during)?;
+                // A body that does not decode counts as nothing reported.
+                let reported: Vec<Usage> = bodies
+                    .iter()
+                    .filter_map(|(body,)| serde_json::from_str::<Report>(body).ok())
+                    .filter_map(|report| match report.body {
+                        ReportBody::Usage(usage) => Some(usage),
+                        _ => None,
+                    })
+                    .collect();
+                unreported = usage_beyond(&summary.usage, &reported);
+                let dollars: f64 = unreported.iter().map(|u| u.cost_usd).sum();
+                if dollars > 0.0 {
+                    sqlx::query(
+                        "UPDATE tasks SET llm_cost_dollars = llm_cost_dollars + $2 WHERE id = $1",
+                    )
+                    .bind(id.to_string())
+                    .bind(dollars)
+                    .execute(&mut *tx)
+                    .await
+                    .during(during)?;
+                }
+                if !unreported.is_empty() {
+                    let found = sqlx::query(concat!(
+                        "SELECT ",
+                        task_columns!(),
+                        " FROM tasks WHERE id = $1"
+                    ))
+                    .bind(id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .during(during)?;
+                    task = found.as_ref().map(row::task).transpose()?;
+                }
+            }
+            tx.commit().await.during(during)?;
+            if let Some(task) = task {
+                let usage: Vec<&Usage> = unreported.iter().collect();
+                self.observe_reports(&task, &[], &usage);
+            }
             Ok(())
         })
         .await
@@ -366,5 +466,55 @@ impl Store {
             .fetch_one(&self.pool)
             .await
             .during(during)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(model: &str, calls: u64, input: u64, output: u64, cost: f64) -> Usage {
+        Usage {
+            model: model.to_owned(),
+            calls,
+            input_tokens: input,
+            output_tokens: output,
+            cost_usd: cost,
+        }
+    }
+
+    #[test]
+    fn only_what_no_report_carried_is_added() {
+        let totals = [
+            usage("gpt-4o", 3, 300, 30, 0.75),
+            usage("claude", 1, 10, 1, 0.5),
+        ];
+        let reported = [
+            usage("gpt-4o", 1, 100, 10, 0.25),
+            usage("gpt-4o", 1, 100, 10, 0.25),
+        ];
+        let missing = usage_beyond(&totals, &reported);
+        assert_eq!(missing.len(), 2);
+        assert_eq!(
+            (
+                missing[0].calls,
+                missing[0].input_tokens,
+                missing[0].output_tokens
+            ),
+            (1, 100, 10)
+        );
+        assert!((missing[0].cost_usd - 0.25).abs() < 1e-9);
+        assert_eq!(
+            missing[1], totals[1],
+            "a model with no report at all counts whole"
+        );
+    }
+
+    #[test]
+    fn everything_reported_adds_nothing_and_excess_reports_subtract_nothing() {
+        let totals = [usage("gpt-4o", 2, 200, 20, 0.5)];
+        assert!(usage_beyond(&totals, &[usage("gpt-4o", 2, 200, 20, 0.5)]).is_empty());
+        assert!(usage_beyond(&totals, &[usage("gpt-4o", 5, 900, 90, 9.0)]).is_empty());
+        assert!(usage_beyond(&[usage("m", 0, 0, 0, f64::NAN)], &[]).is_empty());
     }
 }
