@@ -97,6 +97,23 @@ fn usage_beyond(totals: &[Usage], reported: &[Usage]) -> Vec<Usage> {
         .collect()
 }
 
+/// Task `id` as `tx` sees it: `None` if it does not exist, an error if its row does not
+/// decode.
+async fn task_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: TaskId,
+) -> std::result::Result<Option<Result<Task>>, sqlx::Error> {
+    let found = sqlx::query(concat!(
+        "SELECT ",
+        task_columns!(),
+        " FROM tasks WHERE id = $1"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(found.as_ref().map(row::task))
+}
+
 fn kind_of(body: &ReportBody) -> &'static str {
     match body {
         ReportBody::Started(_) => "started",
@@ -122,20 +139,10 @@ impl Store {
             let during = || format!("recording reports of task {id} attempt {attempt}");
             let now = now_millis();
             let mut tx = self.begin_write().await.during(during)?;
-            let found = sqlx::query(concat!(
-                "SELECT ",
-                task_columns!(),
-                " FROM tasks WHERE id = $1"
-            ))
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await
-            .during(during)?;
-            let Some(found) = found else {
+            let Some(task) = task_in(&mut tx, id).await.during(during)?.transpose()? else {
                 tx.rollback().await.during(during)?;
                 return Ok(None);
             };
-            let task = row::task(&found)?;
             let current = task.attempt == attempt;
             let (mut accepted, mut duplicates, mut started) = (0, 0, false);
             let mut new_usage = Vec::new();
@@ -336,16 +343,7 @@ impl Store {
                     .during(during)?;
                 }
                 if !unreported.is_empty() {
-                    let found = sqlx::query(concat!(
-                        "SELECT ",
-                        task_columns!(),
-                        " FROM tasks WHERE id = $1"
-                    ))
-                    .bind(id.to_string())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .during(during)?;
-                    task = found.as_ref().map(row::task).transpose()?;
+                    task = task_in(&mut tx, id).await.during(during)?.transpose()?;
                 }
             }
             tx.commit().await.during(during)?;
