@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dispatcher::store::{
-    Backend, Inserted, ListFilter, NewTask, Store, StoreError, TaskEvent, Transition,
+    Backend, Budget, BudgetAction, Inserted, ListFilter, NewTask, Store, StoreError, TaskEvent,
+    Transition,
 };
 use dispatcher::task::{Reason, Resources, Task, TaskId, TaskSpec, TaskState};
 use futures::future::join_all;
@@ -97,6 +98,7 @@ macro_rules! both_backends {
 both_backends!(
     case_migrating_twice_is_a_no_op,
     case_tenants_are_unique_by_name_and_key,
+    case_budgets_set_and_clear_in_any_order,
     case_inserted_tasks_read_back_whole,
     case_tasks_are_invisible_to_other_tenants,
     case_unknown_tenants_and_non_queued_tasks_are_refused,
@@ -252,6 +254,41 @@ async fn case_migrating_twice_is_a_no_op(store: Store) {
     store.ping().await.unwrap();
     acme(&store).await;
     task("acme").create(&store).await;
+}
+
+/// Set, cleared, set again, many times over the pool's connections: a cleared amount must
+/// not break the next set one (PostgreSQL caches each statement's parameter types per
+/// connection).
+async fn case_budgets_set_and_clear_in_any_order(store: Store) {
+    store.create_tenant("acme", "hash-1", 10).await.unwrap();
+    for round in 0..(3 * POOL_SIZE) {
+        let amount = f64::from(round);
+        let budget = Budget {
+            daily_dollars: (round % 2 == 1).then_some(amount),
+            monthly_dollars: (round % 3 != 0).then_some(amount * 30.0),
+            action: if round % 2 == 0 {
+                BudgetAction::Alert
+            } else {
+                BudgetAction::Refuse
+            },
+        };
+        store.set_budget("acme", &budget).await.unwrap();
+        let stored = store
+            .tenant_by_key_hash("hash-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .budget;
+        assert_eq!(stored, budget, "round {round}");
+    }
+    let unknown = store
+        .set_budget("nobody", &Budget::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(unknown, StoreError::UnknownTenant { .. }),
+        "{unknown:?}"
+    );
 }
 
 async fn case_tenants_are_unique_by_name_and_key(store: Store) {

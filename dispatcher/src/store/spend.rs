@@ -113,13 +113,21 @@ impl Store {
     /// Sets (or, with `None`s, clears) tenant `name`'s budgets. [`StoreError::UnknownTenant`]
     /// if there is no such tenant.
     pub async fn set_budget(&self, name: &str, budget: &Budget) -> Result<()> {
+        // No `Option<f64>` binds: sqlx 0.9's Any driver sends a NULL f64 as a float4
+        // parameter, and PostgreSQL's cached statement then refuses the next non-NULL
+        // float8 ("incorrect binary data format"; sqlx issue #4284, fixed upstream by
+        // #4359 after 0.9.0). A flag says which amounts are set.
         let updated = sqlx::query(
-            "UPDATE tenants SET daily_budget_dollars = $2, monthly_budget_dollars = $3, \
-             budget_action = $4 WHERE name = $1",
+            "UPDATE tenants SET \
+             daily_budget_dollars = CASE WHEN $3 THEN $2 ELSE NULL END, \
+             monthly_budget_dollars = CASE WHEN $5 THEN $4 ELSE NULL END, \
+             budget_action = $6 WHERE name = $1",
         )
         .bind(name)
-        .bind(budget.daily_dollars)
-        .bind(budget.monthly_dollars)
+        .bind(budget.daily_dollars.unwrap_or_default())
+        .bind(budget.daily_dollars.is_some())
+        .bind(budget.monthly_dollars.unwrap_or_default())
+        .bind(budget.monthly_dollars.is_some())
         .bind(budget.action.as_str())
         .execute(&self.pool)
         .await
