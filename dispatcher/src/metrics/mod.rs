@@ -1064,7 +1064,8 @@ mod tests {
     }
 
     /// docs/OBSERVABILITY.md lists exactly these families, between its markers. On a
-    /// mismatch the expected table is written to `target/metrics-reference.md` to paste.
+    /// mismatch the expected table is written to `$TMPDIR/agent-bus-metrics-reference.md`
+    /// to paste.
     #[test]
     fn the_documentation_lists_every_family() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -1078,7 +1079,7 @@ mod tests {
             .unwrap_or_default();
         let expected = reference_table(Metrics::new("local").described());
         if documented != expected {
-            let out = root.join("target/metrics-reference.md");
+            let out = std::env::temp_dir().join("agent-bus-metrics-reference.md");
             let _ = std::fs::write(&out, &expected);
             panic!(
                 "docs/OBSERVABILITY.md's metrics reference differs from the code; the table to paste between its markers is in {}",
