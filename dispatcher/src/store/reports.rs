@@ -97,6 +97,38 @@ fn usage_beyond(totals: &[Usage], reported: &[Usage]) -> Vec<Usage> {
         .collect()
 }
 
+/// A `task_reports` row to write.
+struct StoredRow {
+    id: TaskId,
+    attempt: u32,
+    sequence: u64,
+    kind: &'static str,
+    body: String,
+    at: i64,
+}
+
+/// Writes `row` unless its (task, attempt, sequence) is already stored; how many rows
+/// were written (0 or 1).
+async fn insert_once(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    row: StoredRow,
+) -> std::result::Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
+    )
+    .bind(row.id.to_string())
+    .bind(row.attempt as i32)
+    .bind(row.sequence as i64)
+    .bind(row.kind)
+    .bind(row.body)
+    .bind(row.at)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
+}
+
 /// Task `id` as `tx` sees it: `None` if it does not exist, an error if its row does not
 /// decode.
 async fn task_in(
@@ -154,23 +186,18 @@ impl Store {
                     latest_heartbeat = Some(heartbeat);
                     continue;
                 }
-                let body = serde_json::to_string(report)
-                    .map_err(|e| StoreError::corrupt(format!("report of task {id}"), e.to_string()))?;
-                let inserted = sqlx::query(
-                    "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
-                )
-                .bind(id.to_string())
-                .bind(attempt as i32)
-                .bind(report.sequence as i64)
-                .bind(kind_of(&report.body))
-                .bind(body)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .during(during)?
-                .rows_affected();
+                let body = serde_json::to_string(report).map_err(|e| {
+                    StoreError::corrupt(format!("report of task {id}"), e.to_string())
+                })?;
+                let stored = StoredRow {
+                    id,
+                    attempt,
+                    sequence: report.sequence,
+                    kind: kind_of(&report.body),
+                    body,
+                    at: now,
+                };
+                let inserted = insert_once(&mut tx, stored).await.during(during)?;
                 if inserted == 0 {
                     duplicates += 1;
                 } else {
@@ -294,21 +321,15 @@ impl Store {
             let body = serde_json::to_string(summary)
                 .map_err(|e| StoreError::corrupt(format!("summary of task {id}"), e.to_string()))?;
             let mut tx = self.begin_write().await.during(during)?;
-            let inserted = sqlx::query(
-                "INSERT INTO task_reports (task_id, attempt, sequence, kind, body, received_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) \
-                 ON CONFLICT (task_id, attempt, sequence) DO NOTHING",
-            )
-            .bind(id.to_string())
-            .bind(attempt as i32)
-            .bind(TERMINATION_SEQUENCE as i64)
-            .bind(TERMINATION_KIND)
-            .bind(body)
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await
-            .during(during)?
-            .rows_affected();
+            let stored = StoredRow {
+                id,
+                attempt,
+                sequence: TERMINATION_SEQUENCE,
+                kind: TERMINATION_KIND,
+                body,
+                at: now_millis(),
+            };
+            let inserted = insert_once(&mut tx, stored).await.during(during)?;
             let mut unreported = Vec::new();
             let mut task = None;
             if inserted > 0 && !summary.usage.is_empty() {
