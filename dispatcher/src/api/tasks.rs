@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::auth::Authenticated;
 use super::{ApiError, AppState};
-use crate::cost::{Estimate, TaskCost};
+use crate::cost::{Estimate, Period, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
 use crate::metrics::{BudgetLabels, TenantLabels, TenantQueueLabels};
 use crate::queue::QueueEntry;
@@ -316,38 +316,12 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
         return Ok(());
     }
     let now = jiff::Timestamp::now();
-    let today = now.to_zoned(jiff::tz::TimeZone::UTC);
-    let periods = [
-        (
-            "day",
-            "daily",
-            budget.daily_dollars,
-            today.start_of_day().ok(),
-            today.tomorrow().ok().and_then(|d| d.start_of_day().ok()),
-        ),
-        (
-            "month",
-            "monthly",
-            budget.monthly_dollars,
-            today
-                .first_of_month()
-                .ok()
-                .and_then(|d| d.start_of_day().ok()),
-            today
-                .last_of_month()
-                .ok()
-                .and_then(|d| d.tomorrow().ok())
-                .and_then(|d| d.start_of_day().ok()),
-        ),
-    ];
-    for (period, adjective, limit, start, renews) in periods {
-        let (Some(limit), Some(start)) = (limit, start) else {
+    let spending = state.store.spend(&tenant.name, now).await?;
+    for period in Period::ALL {
+        let Some(limit) = budget.limit(period) else {
             continue;
         };
-        let spent = state
-            .store
-            .spend_since(&tenant.name, start.timestamp(), now)
-            .await?;
+        let spent = spending.of(period);
         if spent >= limit {
             let metrics = state.store.metrics();
             metrics
@@ -355,15 +329,16 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
                 .budget_refusals
                 .get_or_create(&BudgetLabels {
                     tenant: metrics.bounded("tenant", &tenant.name),
-                    period: period.to_owned(),
+                    period: period.as_str().to_owned(),
                 })
                 .inc();
-            let renews = renews.map_or_else(String::new, |at| {
-                format!("; new tasks are accepted again from {}", at.timestamp())
+            let renews = period.next_start(now).map_or_else(String::new, |at| {
+                format!("; new tasks are accepted again from {at}")
             });
             return Err(ApiError::BudgetExceeded(format!(
-                "tenant '{}' has spent ${spent:.2} of its {adjective} budget of ${limit:.2}{renews}",
-                tenant.name
+                "tenant '{}' has spent ${spent:.2} of its {} budget of ${limit:.2}{renews}",
+                tenant.name,
+                period.adjective()
             )));
         }
     }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Authenticated;
 use super::{ApiError, AppState};
-use crate::cost::round_cents;
+use crate::cost::{Period, round_cents};
 use crate::store::{Budget, GroupBy, UsageGroup};
 use crate::task::submission::FieldError;
 
@@ -81,22 +81,12 @@ pub async fn usage(
     Query(query): Query<UsageQuery>,
 ) -> Result<Json<Usage>, ApiError> {
     let now = jiff::Timestamp::now();
-    let today = now.to_zoned(jiff::tz::TimeZone::UTC);
-    let month_start = today
-        .first_of_month()
-        .and_then(|d| d.start_of_day())
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .timestamp();
-    let day_start = today
-        .start_of_day()
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .timestamp();
     let from = query
         .from
         .as_deref()
         .map(|text| instant("from", text))
         .transpose()?
-        .unwrap_or(month_start);
+        .unwrap_or_else(|| Period::Month.start(now));
     let to = query
         .to
         .as_deref()
@@ -122,19 +112,9 @@ pub async fn usage(
             );
         }
     };
-    let (groups, unfinished) = state
-        .store
-        .usage(&tenant.name, from, to, group_by, now)
-        .await?;
+    let groups = state.store.usage(&tenant.name, from, to, group_by).await?;
     let total = round_cents(groups.iter().map(|g| g.total_dollars).sum());
-    let spent_today = state
-        .store
-        .spend_since(&tenant.name, day_start, now)
-        .await?;
-    let spent_month = state
-        .store
-        .spend_since(&tenant.name, month_start, now)
-        .await?;
+    let spend = state.store.spend(&tenant.name, now).await?;
     Ok(Json(Usage {
         tenant: tenant.name.clone(),
         from: from.to_string(),
@@ -142,11 +122,11 @@ pub async fn usage(
         group_by: group_name,
         groups,
         total_dollars: total,
-        unfinished_dollars: unfinished,
+        unfinished_dollars: round_cents(spend.unfinished_dollars),
         budget: BudgetView {
             budget: tenant.budget,
-            spent_today_dollars: round_cents(spent_today),
-            spent_this_month_dollars: round_cents(spent_month),
+            spent_today_dollars: round_cents(spend.day_dollars),
+            spent_this_month_dollars: round_cents(spend.month_dollars),
         },
     }))
 }

@@ -194,6 +194,60 @@ pub struct TaskCost {
     pub settled: bool,
 }
 
+/// The UTC periods budgets and spend are counted over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Day,
+    Month,
+}
+
+impl Period {
+    pub const ALL: [Period; 2] = [Period::Day, Period::Month];
+
+    /// `day` or `month`, as labels and messages say it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Day => "day",
+            Self::Month => "month",
+        }
+    }
+
+    /// `daily` or `monthly`, as budgets are named.
+    #[must_use]
+    pub fn adjective(self) -> &'static str {
+        match self {
+            Self::Day => "daily",
+            Self::Month => "monthly",
+        }
+    }
+
+    /// The start of the UTC day or month that holds `now` (`now` itself at the ends of
+    /// time, which jiff cannot step past).
+    #[must_use]
+    pub fn start(self, now: jiff::Timestamp) -> jiff::Timestamp {
+        let zoned = now.to_zoned(jiff::tz::TimeZone::UTC);
+        let start = match self {
+            Self::Day => zoned.start_of_day(),
+            Self::Month => zoned.first_of_month().and_then(|d| d.start_of_day()),
+        };
+        start.map_or(now, |z| z.timestamp())
+    }
+
+    /// The start of the next UTC day or month: when a spent budget renews.
+    #[must_use]
+    pub fn next_start(self, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        let zoned = now.to_zoned(jiff::tz::TimeZone::UTC);
+        let next = match self {
+            Self::Day => zoned.tomorrow(),
+            Self::Month => zoned.last_of_month().and_then(|d| d.tomorrow()),
+        };
+        next.and_then(|d| d.start_of_day())
+            .ok()
+            .map(|z| z.timestamp())
+    }
+}
+
 /// Money in reports and responses: to the cent's hundredth, so sums stay readable.
 #[must_use]
 pub fn round_cents(dollars: f64) -> f64 {
@@ -301,6 +355,25 @@ mod tests {
         let cost = TaskCost::of(&task, &prices, now + jiff::SignedDuration::from_secs(99));
         assert!(cost.settled);
         assert!((cost.total_dollars - 2.0).abs() < 1e-9, "{cost:?}");
+    }
+
+    #[test]
+    fn periods_start_and_renew_at_utc_midnight() {
+        let now: jiff::Timestamp = "2026-11-30T13:45:00Z".parse().unwrap_or_default();
+        let at = |text: &str| text.parse::<jiff::Timestamp>().ok();
+        assert_eq!(Some(Period::Day.start(now)), at("2026-11-30T00:00:00Z"));
+        assert_eq!(Some(Period::Month.start(now)), at("2026-11-01T00:00:00Z"));
+        assert_eq!(Period::Day.next_start(now), at("2026-12-01T00:00:00Z"));
+        assert_eq!(Period::Month.next_start(now), at("2026-12-01T00:00:00Z"));
+        let mid_month: jiff::Timestamp = "2026-02-10T00:00:00Z".parse().unwrap_or_default();
+        assert_eq!(
+            Period::Day.next_start(mid_month),
+            at("2026-02-11T00:00:00Z")
+        );
+        assert_eq!(
+            Period::Month.next_start(mid_month),
+            at("2026-03-01T00:00:00Z")
+        );
     }
 
     #[test]

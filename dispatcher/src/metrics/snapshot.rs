@@ -13,6 +13,7 @@ use super::{
     BudgetLabels, GpuClassLabels, Metrics, PoolLabels, QueueLabels, ReasonLabels, StateLabels,
     TenantQueueLabels,
 };
+use crate::cost::Period;
 use crate::store::Store;
 use crate::task::TaskState;
 
@@ -90,18 +91,7 @@ async fn read(
     let budgets = store.budgets().await?;
     let mut spend = Vec::new();
     for (tenant, budget) in &budgets {
-        let day_start = now
-            .to_zoned(jiff::tz::TimeZone::UTC)
-            .start_of_day()
-            .map_or(now, |z| z.timestamp());
-        let month_start = now
-            .to_zoned(jiff::tz::TimeZone::UTC)
-            .first_of_month()
-            .and_then(|z| z.start_of_day())
-            .map_or(now, |z| z.timestamp());
-        let daily = store.spend_since(tenant, day_start, now).await?;
-        let monthly = store.spend_since(tenant, month_start, now).await?;
-        spend.push((tenant.clone(), *budget, daily, monthly));
+        spend.push((tenant.clone(), *budget, store.spend(tenant, now).await?));
     }
 
     let f = metrics.families();
@@ -198,18 +188,15 @@ async fn read(
     }
     f.tenant_spend.clear();
     f.tenant_budget.clear();
-    for (tenant, budget, daily, monthly) in spend {
+    for (tenant, budget, spent) in spend {
         let tenant = metrics.bounded("tenant", &tenant);
-        for (period, spent, limit) in [
-            ("day", daily, budget.daily_dollars),
-            ("month", monthly, budget.monthly_dollars),
-        ] {
+        for period in Period::ALL {
             let labels = BudgetLabels {
                 tenant: tenant.clone(),
-                period: period.to_owned(),
+                period: period.as_str().to_owned(),
             };
-            f.tenant_spend.get_or_create(&labels).set(spent);
-            if let Some(limit) = limit {
+            f.tenant_spend.get_or_create(&labels).set(spent.of(period));
+            if let Some(limit) = budget.limit(period) {
                 f.tenant_budget.get_or_create(&labels).set(limit);
             }
         }

@@ -52,7 +52,7 @@ use tracing::instrument;
 
 pub use error::{Result, StoreError};
 pub use reports::{LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION_SEQUENCE};
-pub use spend::{ActiveTask, Budget, BudgetAction, GroupBy, QueueFigures, UsageGroup};
+pub use spend::{ActiveTask, Budget, BudgetAction, GroupBy, QueueFigures, Spend, UsageGroup};
 
 use crate::cost::{Breakdown, Prices};
 use crate::metrics::{FinishedLabels, LaunchLabels, Metrics, StageLabels};

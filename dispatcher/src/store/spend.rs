@@ -12,7 +12,7 @@ use protocol::Heartbeat;
 
 use super::row::{self, millis, task_columns};
 use super::{During as _, Result, Store, StoreError};
-use crate::cost::{Breakdown, TaskCost};
+use crate::cost::{Breakdown, Period, TaskCost};
 use crate::task::Task;
 
 /// What a spent budget does.
@@ -71,6 +71,34 @@ impl Budget {
     #[must_use]
     pub fn is_set(&self) -> bool {
         self.daily_dollars.is_some() || self.monthly_dollars.is_some()
+    }
+
+    /// The budget of `period`, if there is one.
+    #[must_use]
+    pub fn limit(&self, period: Period) -> Option<f64> {
+        match period {
+            Period::Day => self.daily_dollars,
+            Period::Month => self.monthly_dollars,
+        }
+    }
+}
+
+/// A tenant's spend, unfinished tasks included, for the budget periods.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spend {
+    pub day_dollars: f64,
+    pub month_dollars: f64,
+    /// What tasks not yet finished have cost so far (inside both figures above).
+    pub unfinished_dollars: f64,
+}
+
+impl Spend {
+    #[must_use]
+    pub fn of(&self, period: Period) -> f64 {
+        match period {
+            Period::Day => self.day_dollars,
+            Period::Month => self.month_dollars,
+        }
     }
 }
 
@@ -174,32 +202,39 @@ impl Store {
         .await
     }
 
-    /// What `tenant` spent since `since`: tasks finished since then, plus what the
-    /// unfinished ones have cost up to `now`.
-    pub async fn spend_since(
-        &self,
-        tenant: &str,
-        since: jiff::Timestamp,
-        now: jiff::Timestamp,
-    ) -> Result<f64> {
-        self.timed("spend_since", async {
+    /// What `tenant` has spent in the current UTC day and month (tasks finished in them,
+    /// one query) and what its unfinished tasks have cost up to `now` (read once, counted
+    /// in both periods).
+    pub async fn spend(&self, tenant: &str, now: jiff::Timestamp) -> Result<Spend> {
+        self.timed("spend", async {
             let during = || format!("summing the spend of tenant '{tenant}'");
-            let settled: f64 = sqlx::query_scalar(
-                "SELECT COALESCE(SUM(COALESCE(gpu_cost_dollars, 0.0) + COALESCE(cpu_cost_dollars, 0.0) \
-                 + COALESCE(memory_cost_dollars, 0.0) + llm_cost_dollars), 0.0) \
-                 FROM tasks WHERE tenant = $1 AND finished_at >= $2",
+            // The day lies inside the month, so one scan from the month's start holds both.
+            let (day, month): (f64, f64) = sqlx::query_as(
+                "SELECT \
+                 COALESCE(SUM(CASE WHEN finished_at >= $2 THEN spent ELSE 0.0 END), 0.0), \
+                 COALESCE(SUM(spent), 0.0) \
+                 FROM (SELECT finished_at, COALESCE(gpu_cost_dollars, 0.0) \
+                     + COALESCE(cpu_cost_dollars, 0.0) + COALESCE(memory_cost_dollars, 0.0) \
+                     + llm_cost_dollars AS spent \
+                     FROM tasks WHERE tenant = $1 AND finished_at >= $3) AS finished",
             )
             .bind(tenant)
-            .bind(millis(since))
+            .bind(millis(Period::Day.start(now)))
+            .bind(millis(Period::Month.start(now)))
             .fetch_one(&self.pool)
             .await
             .during(during)?;
-            let unfinished = self.unfinished_with_cost(tenant).await?;
-            let accruing: f64 = unfinished
+            let unfinished: f64 = self
+                .unfinished_with_cost(tenant)
+                .await?
                 .iter()
                 .map(|task| TaskCost::of(task, self.prices(), now).total_dollars)
                 .sum();
-            Ok(settled + accruing)
+            Ok(Spend {
+                day_dollars: day + unfinished,
+                month_dollars: month + unfinished,
+                unfinished_dollars: unfinished,
+            })
         })
         .await
     }
@@ -219,16 +254,15 @@ impl Store {
         rows.iter().map(row::task).collect()
     }
 
-    /// `tenant`'s spend on tasks finished in `[from, to)`, grouped, plus (separately) what
-    /// its unfinished tasks have cost so far.
+    /// `tenant`'s spend on tasks finished in `[from, to)`, grouped (what unfinished tasks
+    /// have cost so far is in [`Store::spend`]).
     pub async fn usage(
         &self,
         tenant: &str,
         from: jiff::Timestamp,
         to: jiff::Timestamp,
         group_by: GroupBy,
-        now: jiff::Timestamp,
-    ) -> Result<(Vec<UsageGroup>, f64)> {
+    ) -> Result<Vec<UsageGroup>> {
         self.timed("usage", async {
             macro_rules! usage_by {
                 ($key:literal) => {
@@ -283,13 +317,7 @@ impl Store {
                     }
                 })
                 .collect();
-            let unfinished: f64 = self
-                .unfinished_with_cost(tenant)
-                .await?
-                .iter()
-                .map(|task| TaskCost::of(task, self.prices(), now).total_dollars)
-                .sum();
-            Ok((groups, crate::cost::round_cents(unfinished)))
+            Ok(groups)
         })
         .await
     }
