@@ -67,9 +67,7 @@ fn usage_beyond(totals: &[Usage], reported: &[Usage]) -> Vec<Usage> {
                 calls = calls.saturating_add(r.calls);
                 input = input.saturating_add(r.input_tokens);
                 output = output.saturating_add(r.output_tokens);
-                if r.cost_usd.is_finite() && r.cost_usd > 0.0 {
-                    cost += r.cost_usd;
-                }
+                cost += billable(r.cost_usd);
             }
             let missing_cost = if total.cost_usd.is_finite() {
                 (total.cost_usd - cost).max(0.0)
@@ -95,6 +93,32 @@ fn usage_beyond(totals: &[Usage], reported: &[Usage]) -> Vec<Usage> {
                 .then_some(missing)
         })
         .collect()
+}
+
+/// The dollars of a usage report that count: a finite, positive `cost_usd` (the API
+/// refuses others; a summary read from a pod is not checked).
+fn billable(cost_usd: f64) -> f64 {
+    if cost_usd.is_finite() && cost_usd > 0.0 {
+        cost_usd
+    } else {
+        0.0
+    }
+}
+
+/// Adds `dollars` of LLM use to task `id`; nothing to write for none.
+async fn add_llm_cost(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: TaskId,
+    dollars: f64,
+) -> std::result::Result<(), sqlx::Error> {
+    if dollars > 0.0 {
+        sqlx::query("UPDATE tasks SET llm_cost_dollars = llm_cost_dollars + $2 WHERE id = $1")
+            .bind(id.to_string())
+            .bind(dollars)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// A `task_reports` row to write.
@@ -204,27 +228,15 @@ impl Store {
                     accepted += 1;
                     started |= current && matches!(report.body, ReportBody::Started(_));
                     if let ReportBody::Usage(usage) = &report.body {
-                        let dollars = if usage.cost_usd.is_finite() && usage.cost_usd > 0.0 {
-                            usage.cost_usd
-                        } else {
-                            0.0
-                        };
-                        if dollars > 0.0 {
-                            sqlx::query(
-                                "UPDATE tasks SET llm_cost_dollars = llm_cost_dollars + $2 \
-                                 WHERE id = $1",
-                            )
-                            .bind(id.to_string())
-                            .bind(dollars)
-                            .execute(&mut *tx)
-                            .await
-                            .during(during)?;
-                        }
                         new_usage.push(usage);
                     }
                     new_kinds.push(kind_of(&report.body));
                 }
             }
+            let llm_dollars: f64 = new_usage.iter().map(|u| billable(u.cost_usd)).sum();
+            add_llm_cost(&mut tx, id, llm_dollars)
+                .await
+                .during(during)?;
             if current && !reports.is_empty() {
                 let heartbeat = latest_heartbeat
                     .map(serde_json::to_string)
@@ -353,16 +365,7 @@ impl Store {
                     .collect();
                 unreported = usage_beyond(&summary.usage, &reported);
                 let dollars: f64 = unreported.iter().map(|u| u.cost_usd).sum();
-                if dollars > 0.0 {
-                    sqlx::query(
-                        "UPDATE tasks SET llm_cost_dollars = llm_cost_dollars + $2 WHERE id = $1",
-                    )
-                    .bind(id.to_string())
-                    .bind(dollars)
-                    .execute(&mut *tx)
-                    .await
-                    .during(during)?;
-                }
+                add_llm_cost(&mut tx, id, dollars).await.during(during)?;
                 if !unreported.is_empty() {
                     task = task_in(&mut tx, id).await.during(during)?.transpose()?;
                 }
