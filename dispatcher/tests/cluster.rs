@@ -639,19 +639,9 @@ async fn a_running_task_whose_runner_is_silent_fails_with_heartbeat_lost() {
     .await;
 }
 
-/// A program the test environment put on PATH (prometheus, alertmanager).
-fn program(name: &str) -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| panic!("{name} is not on PATH: run the tests through `make test`"))
-}
-
 /// The repository's file `path`.
 fn repo_file(path: &str) -> String {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::read_to_string(root.join(path)).unwrap()
+    std::fs::read_to_string(testsupport::repo_root().join(path)).unwrap()
 }
 
 /// Every webhook notification Alertmanager sent to the test: (path, body).
@@ -735,7 +725,7 @@ async fn expensive_gpu_tasks_raise_the_cost_alert_in_alertmanager() {
         let alertmanager_config = with_setting(&with_setting(&alertmanager_config, "group_wait", "1s"), "group_interval", "1s");
         std::fs::write(work.join("alertmanager.yml"), alertmanager_config).unwrap();
         let alertmanager_port = testsupport::free_port();
-        let _alertmanager = tokio::process::Command::new(program("alertmanager"))
+        let _alertmanager = tokio::process::Command::new(testsupport::program_on_path("alertmanager"))
             .arg(format!("--config.file={}", work.join("alertmanager.yml").display()))
             .arg(format!("--storage.path={}", work.join("alertmanager-data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{alertmanager_port}"))
@@ -757,7 +747,7 @@ async fn expensive_gpu_tasks_raise_the_cost_alert_in_alertmanager() {
         );
         std::fs::write(work.join("prometheus.yml"), prometheus_config).unwrap();
         let prometheus_port = testsupport::free_port();
-        let _prometheus = tokio::process::Command::new(program("prometheus"))
+        let _prometheus = tokio::process::Command::new(testsupport::program_on_path("prometheus"))
             .arg(format!("--config.file={}", work.join("prometheus.yml").display()))
             .arg(format!("--storage.tsdb.path={}", work.join("prometheus-data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))

@@ -44,26 +44,7 @@ use testsupport::{
 
 // --- running tools ------------------------------------------------------------------------
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// A program on the PATH that `tests/env/up` exports (helm, kubectl, promtool, amtool).
-fn tool(name: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is not on PATH: start the test environment with `eval \"$(tests/env/up)\"` \
-                 (or run `make test`)"
-            )
-        })
-}
+use testsupport::{program_on_path as tool, repo_root};
 
 /// `deploylint`: on the PATH when `tests/env/up` put it there, else built (or found in
 /// the cache) by `tests/env/build deploylint`.

@@ -71,6 +71,30 @@ pub fn free_port() -> u16 {
         .expect("binding 127.0.0.1:0 for a free port")
 }
 
+/// A program on the PATH that `tests/env/up` exports (helm, kubectl, promtool, amtool,
+/// prometheus, alertmanager). Panics (failing the test) with what to do when it is not
+/// there.
+#[must_use]
+#[allow(clippy::missing_panics_doc, clippy::panic)]
+pub fn program_on_path(name: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not on PATH: start the test environment with `eval \"$(tests/env/up)\"` \
+                 (or run `make test`)"
+            )
+        })
+}
+
+/// The repository's root directory (this crate lives in `tests/support`).
+#[must_use]
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
 /// A short random suffix for names of throwaway objects (lowercase hex, RFC 1123 safe).
 #[must_use]
 pub fn unique_suffix() -> String {
