@@ -10,7 +10,9 @@ pub mod api;
 pub mod config;
 pub mod cost;
 pub mod healthcheck;
+pub mod k8s;
 pub mod launcher;
+pub mod lifecycle;
 pub mod metrics;
 pub mod placement;
 pub mod queue;
@@ -18,3 +20,6 @@ pub mod report;
 pub mod store;
 pub mod task;
 pub mod watcher;
+
+#[cfg(test)]
+mod layout_tests;

@@ -15,25 +15,13 @@ const KEY_PREFIX: &str = "ab_";
 #[must_use]
 pub fn new_api_key() -> String {
     let bytes: [u8; 32] = rand::random();
-    format!("{KEY_PREFIX}{}", hex(&bytes))
+    format!("{KEY_PREFIX}{}", hex::encode(bytes))
 }
 
 /// The stored form of a key.
 #[must_use]
 pub fn hash_api_key(key: &str) -> String {
-    hex(&Sha256::digest(key.as_bytes()))
-}
-
-/// Lowercase hex digits of `bytes`.
-#[must_use]
-pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
+    hex::encode(Sha256::digest(key.as_bytes()))
 }
 
 /// The credential of an `Authorization: Bearer …` header, trimmed; `None` when there is
@@ -60,7 +48,7 @@ impl FromRequestParts<AppState> for Authenticated {
     ) -> Result<Self, Self::Rejection> {
         let key = bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
         let tenant = state
-            .store
+            .store()
             .tenant_by_key_hash(&hash_api_key(key))
             .await?
             .ok_or(ApiError::Unauthorized)?;

@@ -101,6 +101,16 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::lifecycle::Error> for ApiError {
+    fn from(error: crate::lifecycle::Error) -> Self {
+        match error {
+            crate::lifecycle::Error::Store(error) => error.into(),
+            // The handlers only ask for moves their task's state allows.
+            crate::lifecycle::Error::Illegal(error) => Self::Internal(error.to_string()),
+        }
+    }
+}
+
 impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
         tracing::warn!(error = %error, "queue unavailable");

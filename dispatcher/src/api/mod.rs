@@ -31,6 +31,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::launcher::Canceller;
 use crate::launcher::job_spec::LaunchConfig;
+use crate::lifecycle::Lifecycle;
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 use crate::queue::Queue;
@@ -44,7 +45,8 @@ pub use error::ApiError;
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub store: Store,
+    /// Moves tasks (cancel, runner starts), and reads them through its store.
+    pub lifecycle: Lifecycle,
     pub queue: Queue,
     pub limits: Arc<Limits>,
     pub launch: Arc<LaunchConfig>,
@@ -59,6 +61,28 @@ pub struct AppState {
     pub report_tokens: ReportTokens,
     /// How `/metrics` reads the state gauges.
     pub snapshot: Arc<SnapshotConfig>,
+}
+
+impl AppState {
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        self.lifecycle.store()
+    }
+
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        self.lifecycle.metrics()
+    }
+
+    /// What `tenant` has spent this UTC day and month at `now`, unfinished tasks included.
+    pub async fn spend(
+        &self,
+        tenant: &str,
+        now: jiff::Timestamp,
+    ) -> Result<crate::cost::Spend, crate::store::StoreError> {
+        let parts = self.store().spend_parts(tenant, now).await?;
+        Ok(self.lifecycle.prices().spend(&parts, now))
+    }
 }
 
 impl std::fmt::Debug for AppState {
@@ -95,7 +119,7 @@ pub fn observed(router: Router<AppState>, state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .layer(axum::middleware::from_fn_with_state(
-            state.store.metrics().clone(),
+            state.metrics().clone(),
             count_request,
         ))
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -157,8 +181,14 @@ async fn count_request(
 
 /// The metrics in the OpenMetrics text format, the state gauges read from the store.
 pub async fn metrics_text(State(state): State<AppState>) -> Response {
-    let metrics = state.store.metrics();
-    crate::metrics::snapshot::refresh(metrics, &state.store, &state.snapshot).await;
+    let metrics = state.metrics();
+    crate::metrics::snapshot::refresh(
+        metrics,
+        state.store(),
+        state.lifecycle.prices(),
+        &state.snapshot,
+    )
+    .await;
     match metrics.encode() {
         Ok(text) => (
             [(
@@ -192,7 +222,7 @@ pub async fn healthz() -> Json<Health> {
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let mut failing = Vec::new();
-    if let Err(e) = state.store.ping().await {
+    if let Err(e) = state.store().ping().await {
         failing.push(format!("store: {e}"));
     }
     if let Err(e) = state.queue.ping().await {

@@ -18,7 +18,7 @@ use super::auth::bearer_token;
 use super::tasks::parse_body;
 use super::{ApiError, AppState};
 use crate::report::TokenError;
-use crate::store::Transition;
+use crate::task::lifecycle::Move;
 use crate::task::{TaskId, TaskState, submission::FieldError};
 
 /// The most reports one batch may carry (the runner sends far fewer).
@@ -109,17 +109,15 @@ pub async fn receive(
     let batch: ReportBatch = parse_body(body, state.max_body_bytes)?;
     check_batch(&batch)?;
     let recorded = state
-        .store
+        .store()
         .record_reports(id, attempt, &batch.reports)
         .await?
         .ok_or(ApiError::NotFound)?;
+    state.lifecycle.reports_recorded(&recorded);
     if recorded.started {
         for from in [TaskState::Launched, TaskState::Launching] {
             if recorded.task.state == from {
-                let moved = state
-                    .store
-                    .transition(id, from, &Transition::to(TaskState::Running))
-                    .await?;
+                let moved = state.lifecycle.apply(id, from, Move::Started).await?;
                 if moved.is_some() {
                     tracing::info!(task_id = %id, attempt, "runner started; task running");
                 }

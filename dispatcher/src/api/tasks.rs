@@ -24,8 +24,9 @@ use crate::metrics::{BudgetLabels, TenantLabels, TenantQueueLabels};
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
 use crate::store::{
-    BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant, Transition,
+    BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant,
 };
+use crate::task::lifecycle::Move;
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
@@ -86,7 +87,7 @@ pub struct JobRef {
 impl TaskView {
     fn new(task: Task, state: &AppState, runner: Option<RunnerView>) -> Self {
         let launched = !matches!(task.state, TaskState::Queued | TaskState::Launching);
-        let cost = TaskCost::of(&task, state.store.prices(), jiff::Timestamp::now());
+        let cost = TaskCost::of(&task, state.lifecycle.prices(), jiff::Timestamp::now());
         let job = (state.cluster.is_some() && launched).then(|| JobRef {
             namespace: state.launch.namespace.clone(),
             name: job_name(&task.id, task.attempt),
@@ -230,10 +231,10 @@ pub async fn submit(
     // or key order is the same request.
     let canonical =
         serde_json::to_vec(&submission).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let request_hash = super::auth::hex(&Sha256::digest(&canonical));
+    let request_hash = hex::encode(Sha256::digest(&canonical));
     let spec = validate(submission, &state.limits, &tenant.name)?;
     let task = Task::new(tenant.name.clone(), spec);
-    let estimate = state.store.prices().estimate(&task);
+    let estimate = state.lifecycle.prices().estimate(&task);
 
     if query.dry_run {
         let job =
@@ -254,7 +255,7 @@ pub async fn submit(
     // A retry of a submission accepted before a budget was spent is a replay, not a new
     // task: it gets its task back rather than a 402 that says it was refused.
     let replayed = if tenant.budget.action == BudgetAction::Refuse && tenant.budget.is_set() {
-        state.store.existing_replay(&new).await?
+        state.store().existing_replay(&new).await?
     } else {
         None
     };
@@ -262,7 +263,7 @@ pub async fn submit(
         replayed
     } else {
         refuse_over_budget(&state, &tenant).await?;
-        state.store.insert_task(new).await?
+        state.store().insert_task(new).await?
     };
     match inserted {
         Inserted::Created(task) => {
@@ -272,7 +273,7 @@ pub async fn submit(
                 tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");
             }
             tracing::info!(task_id = %task.id, tenant = %task.tenant, queue = %task.spec.queue, "task submitted");
-            let metrics = state.store.metrics();
+            let metrics = state.metrics();
             metrics
                 .families()
                 .tasks_submitted
@@ -290,7 +291,7 @@ pub async fn submit(
             Ok(response)
         }
         Inserted::Replayed(task) => {
-            let metrics = state.store.metrics();
+            let metrics = state.metrics();
             metrics
                 .families()
                 .idempotency_key_hits
@@ -316,14 +317,14 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
         return Ok(());
     }
     let now = jiff::Timestamp::now();
-    let spending = state.store.spend(&tenant.name, now).await?;
+    let spending = state.spend(&tenant.name, now).await?;
     for period in Period::ALL {
         let Some(limit) = budget.limit(period) else {
             continue;
         };
         let spent = spending.of(period);
         if spent >= limit {
-            let metrics = state.store.metrics();
+            let metrics = state.metrics();
             metrics
                 .families()
                 .budget_refusals
@@ -348,7 +349,7 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
 async fn owned_task(state: &AppState, tenant: &str, id: &str) -> Result<Task, ApiError> {
     let id: TaskId = id.parse().map_err(|_| ApiError::NotFound)?;
     state
-        .store
+        .store()
         .get_task(tenant, id)
         .await?
         .ok_or(ApiError::NotFound)
@@ -365,8 +366,8 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<TaskView>, ApiError> {
     let task = owned_task(&state, &tenant.name, &id).await?;
-    let reports = state.store.reports(task.id).await?;
-    let last = state.store.last_heartbeat(task.id).await?;
+    let reports = state.store().reports(task.id).await?;
+    let last = state.store().last_heartbeat(task.id).await?;
     let runner = runner_view(task.attempt, &reports, last.as_ref());
     Ok(Json(TaskView::new(task, &state, runner)))
 }
@@ -435,7 +436,7 @@ pub async fn list(
         limit: limit + 1,
         before,
     };
-    let mut tasks = state.store.list_tasks(&tenant.name, &filter).await?;
+    let mut tasks = state.store().list_tasks(&tenant.name, &filter).await?;
     let next_cursor = if tasks.len() > limit as usize {
         tasks.truncate(limit as usize);
         tasks.last().map(|t| t.id.to_string())
@@ -466,10 +467,11 @@ pub async fn cancel(
         if task.state.is_terminal() {
             return Ok(Json(TaskView::new(task, &state, None)));
         }
-        let change = Transition::to(TaskState::Cancelled)
-            .reason(Reason::CancelledByUser)
-            .message("cancelled through the API");
-        if let Some(cancelled) = state.store.transition(task.id, task.state, &change).await? {
+        if let Some(cancelled) = state
+            .lifecycle
+            .apply(task.id, task.state, Move::Cancel)
+            .await?
+        {
             if let Err(error) = state.canceller.cancel(&cancelled).await {
                 // The watcher deletes any Job still running for a cancelled task.
                 tracing::warn!(task_id = %cancelled.id, error = %error, "stopping the task failed; the watcher will retry");
@@ -478,7 +480,7 @@ pub async fn cancel(
             return Ok(Json(TaskView::new(cancelled, &state, None)));
         }
         task = state
-            .store
+            .store()
             .get_task(&tenant.name, task.id)
             .await?
             .ok_or(ApiError::NotFound)?;
@@ -547,7 +549,7 @@ pub async fn events(
     let task = owned_task(&state, &tenant.name, &id).await?;
     if !query.follow {
         let items = state
-            .store
+            .store()
             .events(task.id, None)
             .await?
             .into_iter()
@@ -600,7 +602,7 @@ fn follow_stream(
             }
             // Read the state first: events written before a terminal state is seen are
             // then certainly in the next read.
-            let terminal = match follow.state.store.get_task(&follow.tenant, follow.id).await {
+            let terminal = match follow.state.store().get_task(&follow.tenant, follow.id).await {
                 Ok(Some(task)) => task.state.is_terminal(),
                 Ok(None) => true,
                 Err(error) => {
@@ -608,7 +610,7 @@ fn follow_stream(
                     false
                 }
             };
-            match follow.state.store.events(follow.id, follow.after).await {
+            match follow.state.store().events(follow.id, follow.after).await {
                 Ok(events) => {
                     if let Some(last) = events.last() {
                         follow.after = Some(last.id);

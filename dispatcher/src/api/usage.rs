@@ -112,9 +112,9 @@ pub async fn usage(
             );
         }
     };
-    let groups = state.store.usage(&tenant.name, from, to, group_by).await?;
+    let groups = state.store().usage(&tenant.name, from, to, group_by).await?;
     let total = round_cents(groups.iter().map(|g| g.total_dollars).sum());
-    let spend = state.store.spend(&tenant.name, now).await?;
+    let spend = state.spend(&tenant.name, now).await?;
     Ok(Json(Usage {
         tenant: tenant.name.clone(),
         from: from.to_string(),

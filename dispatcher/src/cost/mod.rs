@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::placement::GpuClasses;
+pub use crate::task::Breakdown;
 use crate::task::{Task, TaskSpec};
 
 /// A price that is negative or not a number; names the price.
@@ -133,41 +134,6 @@ impl Prices {
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-/// Dollars by resource (per hour or in total, as the context says).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Default, Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-pub struct Breakdown {
-    pub gpu: f64,
-    pub cpu: f64,
-    pub memory: f64,
-}
-
-impl Breakdown {
-    #[must_use]
-    pub fn total(&self) -> f64 {
-        self.gpu + self.cpu + self.memory
-    }
-
-    #[must_use]
-    pub fn times(&self, factor: f64) -> Self {
-        Self {
-            gpu: self.gpu * factor,
-            cpu: self.cpu * factor,
-            memory: self.memory * factor,
-        }
-    }
-
-    /// `(resource, dollars)` pairs, for the cost counter.
-    #[must_use]
-    pub fn by_resource(&self) -> [(&'static str, f64); 3] {
-        [
-            ("gpu", self.gpu),
-            ("cpu", self.cpu),
-            ("memory", self.memory),
-        ]
-    }
-}
 
 /// The estimate in a submit's 201.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -253,6 +219,69 @@ impl Period {
 pub fn round_cents(dollars: f64) -> f64 {
     // `+ 0.0` turns the -0.0 of an empty sum into 0.0.
     (dollars * 10_000.0).round() / 10_000.0 + 0.0
+}
+
+/// A tenant's spend, unfinished tasks included, for the budget periods.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spend {
+    pub day_dollars: f64,
+    pub month_dollars: f64,
+    /// What tasks not yet finished have cost so far (inside both figures above).
+    pub unfinished_dollars: f64,
+}
+
+impl Spend {
+    #[must_use]
+    pub fn of(&self, period: Period) -> f64 {
+        match period {
+            Period::Day => self.day_dollars,
+            Period::Month => self.month_dollars,
+        }
+    }
+}
+
+/// What a tenant's spend in the current day and month is made of, as the store reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendParts {
+    /// The settled cost of its tasks finished this UTC day.
+    pub finished_day_dollars: f64,
+    /// The same for this UTC month.
+    pub finished_month_dollars: f64,
+    /// Its tasks not finished that have cost something (started, or reported LLM cost).
+    pub unfinished: Vec<Task>,
+}
+
+impl Prices {
+    /// The compute cost a task that ends at `at` settles at: its price for the time since
+    /// it started running; nothing if it never ran.
+    #[must_use]
+    pub fn settle(&self, task: &Task, at: jiff::Timestamp) -> Breakdown {
+        task.timeline
+            .started_at
+            .map_or_else(Breakdown::default, |start| {
+                let ran = Duration::from_millis(
+                    u64::try_from(at.as_millisecond() - start.as_millisecond())
+                        .unwrap_or_default(),
+                );
+                self.for_duration(&task.spec, task.gpu_class.as_deref(), ran)
+            })
+    }
+
+    /// A tenant's spend at `now`: what its finished tasks cost, plus what its unfinished
+    /// ones have cost so far (counted in both periods).
+    #[must_use]
+    pub fn spend(&self, parts: &SpendParts, now: jiff::Timestamp) -> Spend {
+        let unfinished: f64 = parts
+            .unfinished
+            .iter()
+            .map(|task| TaskCost::of(task, self, now).total_dollars)
+            .sum();
+        Spend {
+            day_dollars: parts.finished_day_dollars + unfinished,
+            month_dollars: parts.finished_month_dollars + unfinished,
+            unfinished_dollars: unfinished,
+        }
+    }
 }
 
 impl TaskCost {

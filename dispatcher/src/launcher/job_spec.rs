@@ -54,14 +54,7 @@ pub const RUNNER_IN_IMAGE: &str = "/usr/local/bin/runner";
 /// enforces the timeout itself, with a grace period) can report why it stopped.
 pub const DEADLINE_MARGIN_SECONDS: u32 = 30;
 
-/// How the pod reaches the dispatcher's report endpoint for this attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReportAccess {
-    /// The full URL reports are POSTed to.
-    pub url: String,
-    /// A bearer token scoped to the task and attempt, with an expiry.
-    pub token: String,
-}
+pub use crate::report::ReportAccess;
 
 /// The init container that brings the runner.
 #[derive(Debug, Clone, PartialEq, Eq)]

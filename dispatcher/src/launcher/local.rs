@@ -27,7 +27,8 @@ use protocol::{TerminationSummary, env as runner_env};
 use super::LaunchOutcome;
 use super::job_spec::DEADLINE_MARGIN_SECONDS;
 use crate::report::{ReportIssuer, outcome_of};
-use crate::store::{Store, Transition};
+use crate::lifecycle::Lifecycle;
+use crate::task::lifecycle::{Ending, Move};
 use crate::task::{Reason, Task, TaskId, TaskState};
 
 /// How much of the output's end is kept for the task's message.
@@ -37,7 +38,7 @@ const CANCEL_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct LocalExecutor {
-    store: Store,
+    lifecycle: Lifecycle,
     workdir: PathBuf,
     runner: Option<LocalRunner>,
     running: Arc<Mutex<HashMap<TaskId, oneshot::Sender<()>>>>,
@@ -60,9 +61,9 @@ impl std::fmt::Debug for LocalExecutor {
 
 impl LocalExecutor {
     #[must_use]
-    pub fn new(store: Store, workdir: PathBuf) -> Self {
+    pub fn new(lifecycle: Lifecycle, workdir: PathBuf) -> Self {
         Self {
-            store,
+            lifecycle,
             workdir,
             runner: None,
             running: Arc::default(),
@@ -138,17 +139,16 @@ impl LocalExecutor {
                 return LaunchOutcome::Rejected(format!("starting '{program}': {error}"));
             }
         };
-        let started = Transition::to(TaskState::Running);
         match self
-            .store
-            .transition(task.id, TaskState::Launching, &started)
+            .lifecycle
+            .apply(task.id, TaskState::Launching, Move::Started)
             .await
         {
             Ok(Some(_)) => {}
             Ok(None) => {
                 // Either the runner's `started` report moved the task to `running` first
                 // (it can be that quick), or the task was cancelled while we started it.
-                let current = self.store.task(task.id).await;
+                let current = self.lifecycle.store().task(task.id).await;
                 let ours = matches!(&current, Ok(Some(now))
                     if now.state == TaskState::Running && now.attempt == task.attempt);
                 if !ours {
@@ -221,7 +221,7 @@ impl LocalExecutor {
                 .and_then(|text| TerminationSummary::from_message(&text));
             if let Some(summary) = &summary
                 && let Err(error) = executor
-                    .store
+                    .lifecycle
                     .record_termination(id, attempt, summary)
                     .await
             {
@@ -232,24 +232,24 @@ impl LocalExecutor {
                 .and_then(|s| s.outcome.failure_class)
                 .map(outcome_of);
             let change = match outcome {
-                None => Transition::to(TaskState::TimedOut)
+                None => Ending::new(TaskState::TimedOut)
                     .reason(Reason::DeadlineExceeded)
                     .message(format!(
                         "killed after the timeout of {}s",
                         timeout.as_secs()
                     )),
-                Some(Ok(status)) if status.success() => Transition {
+                Some(Ok(status)) if status.success() => Ending {
                     message: (!output.is_empty()).then_some(output),
-                    ..Transition::to(TaskState::Succeeded).exit_code(0)
+                    ..Ending::new(TaskState::Succeeded).exit_code(0)
                 },
                 Some(Ok(status)) => {
                     let (to, reason) = classified.unwrap_or((TaskState::Failed, Reason::ExitCode));
-                    Transition::to(to)
+                    Ending::new(to)
                         .reason(reason)
                         .message(output)
                         .exit_code(exit_code_of(status))
                 }
-                Some(Err(error)) => Transition::to(TaskState::Failed)
+                Some(Err(error)) => Ending::new(TaskState::Failed)
                     .reason(Reason::JobLost)
                     .message(format!("waiting for the process failed: {error}")),
             };
@@ -257,8 +257,8 @@ impl LocalExecutor {
                 running.remove(&id);
             }
             match executor
-                .store
-                .transition(id, TaskState::Running, &change)
+                .lifecycle
+                .apply(id, TaskState::Running, Move::Ended(change))
                 .await
             {
                 Ok(Some(task)) => {

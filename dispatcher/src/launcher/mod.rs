@@ -23,9 +23,10 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::metrics::LaunchFailureLabels;
 
+use crate::lifecycle::Lifecycle;
 use crate::queue::{Delivery, Queue, QueueEntry};
-use crate::store::{Store, Transition};
-use crate::task::{Reason, Task, TaskState};
+use crate::task::lifecycle::Move;
+use crate::task::{Task, TaskState};
 
 pub use kubernetes::KubernetesExecutor;
 pub use local::LocalExecutor;
@@ -85,7 +86,7 @@ impl Canceller {
 /// The launcher role.
 #[derive(Debug, Clone)]
 pub struct Launcher {
-    pub store: Store,
+    pub lifecycle: Lifecycle,
     pub queue: Queue,
     pub executor: Executor,
     /// This launcher's name in the queue's consumer group.
@@ -156,8 +157,7 @@ impl Launcher {
     /// Claims the delivered task (CAS `queued → launching`) and launches it.
     async fn claim_and_launch(&self, delivery: &Delivery) {
         let id = delivery.entry.task_id;
-        let claim = Transition::to(TaskState::Launching);
-        match self.store.transition(id, TaskState::Queued, &claim).await {
+        match self.lifecycle.claim(id).await {
             Ok(Some(task)) => self.launch_claimed(task).await,
             // Cancelled, already claimed by another launcher, or gone: nothing to do.
             Ok(None) => {
@@ -171,7 +171,7 @@ impl Launcher {
 
     /// Launches a task this launcher holds in `launching`, and records the outcome.
     async fn launch_claimed(&self, task: Task) {
-        let metrics = self.store.metrics();
+        let metrics = self.lifecycle.metrics();
         let failure = |kind: &str| {
             metrics
                 .families()
@@ -186,13 +186,11 @@ impl Launcher {
         metrics.families().launches_in_flight.inc();
         let outcome = self.executor.launch(&task).await;
         metrics.families().launches_in_flight.dec();
-        let change = match &outcome {
-            LaunchOutcome::Launched => Transition::to(TaskState::Launched),
+        let step = match outcome {
+            LaunchOutcome::Launched => Move::Launched,
             LaunchOutcome::Rejected(message) => {
                 failure("permanent");
-                Transition::to(TaskState::Failed)
-                    .reason(Reason::LaunchRejected)
-                    .message(message.clone())
+                Move::LaunchRejected { message }
             }
             LaunchOutcome::AlreadyHandled => return,
             LaunchOutcome::Transient(message) => {
@@ -202,8 +200,8 @@ impl Launcher {
             }
         };
         match self
-            .store
-            .transition(task.id, TaskState::Launching, &change)
+            .lifecycle
+            .apply(task.id, TaskState::Launching, step)
             .await
         {
             Ok(Some(_)) => {}
@@ -223,7 +221,8 @@ impl Launcher {
         let settled =
             now - jiff::SignedDuration::try_from(self.reconcile_interval).unwrap_or_default();
         match self
-            .store
+            .lifecycle
+            .store()
             .tasks_in_state(TaskState::Queued, settled, 10_000)
             .await
         {
@@ -236,7 +235,8 @@ impl Launcher {
         // 2. Claims whose launcher died before recording an outcome.
         let stale = now - jiff::SignedDuration::try_from(self.stale_after).unwrap_or_default();
         match self
-            .store
+            .lifecycle
+            .store()
             .tasks_in_state(TaskState::Launching, stale, 1000)
             .await
         {

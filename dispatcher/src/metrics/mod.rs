@@ -14,6 +14,7 @@
 
 pub mod kubernetes;
 pub mod snapshot;
+mod store_operations;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;

@@ -13,7 +13,7 @@ use super::{
     BudgetLabels, GpuClassLabels, Metrics, PoolLabels, QueueLabels, ReasonLabels, StateLabels,
     TenantQueueLabels,
 };
-use crate::cost::Period;
+use crate::cost::{Period, Prices};
 use crate::store::Store;
 use crate::task::TaskState;
 
@@ -42,7 +42,7 @@ impl Default for SnapshotConfig {
 }
 
 /// Refreshes the state gauges unless a refresh younger than `config.max_age` exists.
-pub async fn refresh(metrics: &Metrics, store: &Store, config: &SnapshotConfig) {
+pub async fn refresh(metrics: &Metrics, store: &Store, prices: &Prices, config: &SnapshotConfig) {
     metrics
         .families()
         .cost_rate_alert_threshold
@@ -60,7 +60,7 @@ pub async fn refresh(metrics: &Metrics, store: &Store, config: &SnapshotConfig) 
     }
     metrics
         .refresh_snapshot(config.max_age, || async {
-            match read(metrics, store, config).await {
+            match read(metrics, store, prices, config).await {
                 Ok(()) => true,
                 Err(error) => {
                     tracing::warn!(error = %error, "reading the store for the metrics snapshot failed");
@@ -75,6 +75,7 @@ pub async fn refresh(metrics: &Metrics, store: &Store, config: &SnapshotConfig) 
 async fn read(
     metrics: &Metrics,
     store: &Store,
+    prices: &Prices,
     config: &SnapshotConfig,
 ) -> Result<(), crate::store::StoreError> {
     let now = jiff::Timestamp::now();
@@ -91,7 +92,8 @@ async fn read(
     let budgets = store.budgets().await?;
     let mut spend = Vec::new();
     for (tenant, budget) in &budgets {
-        spend.push((tenant.clone(), *budget, store.spend(tenant, now).await?));
+        let parts = store.spend_parts(tenant, now).await?;
+        spend.push((tenant.clone(), *budget, prices.spend(&parts, now)));
     }
 
     let f = metrics.families();
@@ -145,8 +147,7 @@ async fn read(
             }
         }
         if task.state == TaskState::Running {
-            let hourly = store
-                .prices()
+            let hourly = prices
                 .hourly(&task.spec, task.gpu_class.as_deref())
                 .total();
             *rates

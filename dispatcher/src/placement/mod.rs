@@ -7,15 +7,13 @@
 //!   identical to `dispatcher/config/placement.yaml`.
 //! - Shared volume claims: which existing PersistentVolumeClaims (models, datasets) which
 //!   tenants may mount, and whether they may ever mount them writable.
-//! - Workload kinds ([`workload`]): `ml`, `cv` or `cpu`, detected from a submission.
+//! - Workload kinds (`ml`, `cv`, `cpu`) are the task's own ([`crate::task::workload`]).
 //!
 //! Invariants: class and claim names are unique; every class requests exactly one
 //! extended resource and can hold at least one GPU per node; every fallback names another
 //! configured class; the shipped defaults match the node pools of the test environment
 //! (`tests/env`) and the labels and taints of the NVIDIA GPU operator. A file that breaks
 //! a rule is refused at start with an error naming the entry and the field.
-
-pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -277,7 +275,7 @@ impl PlacementCatalog {
         let mut seen = BTreeSet::new();
         for (index, class) in file.gpu_classes.iter().enumerate() {
             let field = |name: &str| format!("gpu_classes[{index}].{name}");
-            if !crate::task::submission::is_class_name(&class.name) {
+            if !crate::k8s::names::is_class_name(&class.name) {
                 return Err(rule(
                     field("name"),
                     "must be 1 to 63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit",
@@ -338,7 +336,7 @@ impl PlacementCatalog {
         let mut volume_claims = BTreeMap::new();
         for (index, claim) in file.volume_claims.into_iter().enumerate() {
             let field = |name: &str| format!("volume_claims[{index}].{name}");
-            if !crate::task::submission::is_class_name(&claim.name) {
+            if !crate::k8s::names::is_class_name(&claim.name) {
                 return Err(rule(
                     field("name"),
                     "must be a Kubernetes object name (lowercase letters, digits, '-', '.')",

@@ -53,6 +53,15 @@ impl ReportEndpoint {
     }
 }
 
+/// How the pod reaches the dispatcher's report endpoint for this attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportAccess {
+    /// The full URL reports are POSTed to.
+    pub url: String,
+    /// A bearer token scoped to the task and attempt, with an expiry.
+    pub token: String,
+}
+
 /// Hands each launched attempt its report URL and token.
 #[derive(Debug, Clone)]
 pub struct ReportIssuer {
@@ -72,11 +81,11 @@ impl ReportIssuer {
         &self,
         task: &crate::task::Task,
         now: jiff::Timestamp,
-    ) -> crate::launcher::job_spec::ReportAccess {
+    ) -> ReportAccess {
         let lifetime = jiff::SignedDuration::from_secs(i64::from(task.spec.timeout_seconds))
             .saturating_add(TOKEN_SLACK);
         let expires = now.saturating_add(lifetime).unwrap_or(now);
-        crate::launcher::job_spec::ReportAccess {
+        ReportAccess {
             url: self.endpoint.url(task.id, task.attempt),
             token: self.tokens.mint(task.id, task.attempt, expires),
         }

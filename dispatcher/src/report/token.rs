@@ -9,7 +9,6 @@
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-use crate::api::auth::hex;
 use crate::task::TaskId;
 
 const VERSION: &str = "abr1";
@@ -44,16 +43,6 @@ impl std::fmt::Debug for ReportTokens {
     }
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 impl ReportTokens {
     #[must_use]
     pub fn new(key: &[u8]) -> Self {
@@ -72,7 +61,7 @@ impl ReportTokens {
         );
         let signature = self.keyed.clone().map_or_else(String::new, |mut mac| {
             mac.update(claims.as_bytes());
-            hex(&mac.finalize().into_bytes())
+            hex::encode(mac.finalize().into_bytes())
         });
         format!("{claims}.{signature}")
     }
@@ -86,7 +75,7 @@ impl ReportTokens {
         now: jiff::Timestamp,
     ) -> Result<(), TokenError> {
         let (claims, signature) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let signature = unhex(signature).ok_or(TokenError::Malformed)?;
+        let signature = hex::decode(signature).map_err(|_| TokenError::Malformed)?;
         let mut mac = self.keyed.clone().ok_or(TokenError::BadSignature)?;
         mac.update(claims.as_bytes());
         mac.verify_slice(&signature)

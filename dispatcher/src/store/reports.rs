@@ -11,8 +11,7 @@ use tracing::instrument;
 
 use super::row::{self, millis, task_columns};
 use super::{During as _, Result, Store, StoreError, now_millis};
-use crate::metrics::{KindLabels, ModelLabels, TokenLabels};
-use crate::task::{Task, TaskId};
+use crate::task::{Reason, Task, TaskId, TaskState};
 
 /// The sequence number the termination summary (read from the pod status) is stored
 /// under; the runner's own reports start at 1.
@@ -47,6 +46,19 @@ pub struct Recorded {
     pub started: bool,
     /// The task as it was when the batch was recorded.
     pub task: Task,
+    /// The kinds of the reports new to the store, in order (for the caller to count).
+    pub new_kinds: Vec<&'static str>,
+    /// The LLM usage new to the store (its cost is already added to the task's).
+    pub new_usage: Vec<Usage>,
+}
+
+/// LLM usage a termination summary brought that no usage report had: already added to
+/// the task's cost, for the caller to count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreportedUsage {
+    /// The task after the usage was added.
+    pub task: Task,
+    pub usage: Vec<Usage>,
 }
 
 /// The runner's latest sign of life for a task's current attempt.
@@ -170,12 +182,15 @@ async fn task_in(
     Ok(found.as_ref().map(row::task))
 }
 
+/// The stored kind of usage reports.
+const KIND_USAGE: &str = "usage";
+
 fn kind_of(body: &ReportBody) -> &'static str {
     match body {
         ReportBody::Started(_) => "started",
         ReportBody::Heartbeat(_) => "heartbeat",
         ReportBody::Progress(_) => "progress",
-        ReportBody::Usage(_) => "usage",
+        ReportBody::Usage(_) => KIND_USAGE,
         ReportBody::Finished(_) => "finished",
     }
 }
@@ -247,9 +262,9 @@ impl Store {
                 sqlx::query(
                     "UPDATE tasks SET last_heartbeat_at = $2, \
                      last_heartbeat = COALESCE($3, last_heartbeat), \
-                     message = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
+                     message = CASE WHEN reason = $5 AND state = $6 \
                          THEN NULL ELSE message END, \
-                     reason = CASE WHEN reason = 'heartbeat_lost' AND state = 'running' \
+                     reason = CASE WHEN reason = $5 AND state = $6 \
                          THEN NULL ELSE reason END \
                      WHERE id = $1 AND attempt = $4",
                 )
@@ -257,62 +272,24 @@ impl Store {
                 .bind(now)
                 .bind(heartbeat)
                 .bind(attempt as i32)
+                // A report is a sign of life: a running task's lost heartbeat is found.
+                .bind(Reason::HeartbeatLost.as_str())
+                .bind(TaskState::Running.as_str())
                 .execute(&mut *tx)
                 .await
                 .during(during)?;
             }
             tx.commit().await.during(during)?;
-            self.observe_reports(&task, &new_kinds, &new_usage);
             Ok(Some(Recorded {
                 accepted,
                 duplicates,
                 started,
                 task,
+                new_kinds,
+                new_usage: new_usage.into_iter().cloned().collect(),
             }))
         })
         .await
-    }
-
-    /// Counts newly stored reports and the LLM usage they carry (duplicates were skipped).
-    fn observe_reports(&self, task: &Task, kinds: &[&str], usage: &[&Usage]) {
-        let metrics = self.metrics();
-        let families = metrics.families();
-        for kind in kinds {
-            families
-                .runner_reports
-                .get_or_create(&KindLabels {
-                    kind: (*kind).to_owned(),
-                })
-                .inc();
-        }
-        if usage.is_empty() {
-            return;
-        }
-        let tenant = metrics.bounded("tenant", &task.tenant);
-        for usage in usage {
-            let model = metrics.bounded("model", &usage.model);
-            families
-                .llm_calls
-                .get_or_create(&ModelLabels {
-                    tenant: tenant.clone(),
-                    model: model.clone(),
-                })
-                .inc_by(usage.calls);
-            for (direction, tokens) in [
-                ("input", usage.input_tokens),
-                ("output", usage.output_tokens),
-            ] {
-                families
-                    .llm_tokens
-                    .get_or_create(&TokenLabels {
-                        tenant: tenant.clone(),
-                        model: model.clone(),
-                        direction: direction.to_owned(),
-                    })
-                    .inc_by(tokens);
-            }
-            metrics.cost(&task.tenant, &task.spec.queue, "llm", usage.cost_usd);
-        }
     }
 
     /// Keeps the runner's termination summary of `attempt` (read from the pod status), once.
@@ -327,7 +304,7 @@ impl Store {
         id: TaskId,
         attempt: u32,
         summary: &TerminationSummary,
-    ) -> Result<()> {
+    ) -> Result<Option<UnreportedUsage>> {
         self.timed("record_termination", async {
             let during = || format!("recording the termination summary of task {id}");
             let body = serde_json::to_string(summary)
@@ -347,10 +324,11 @@ impl Store {
             if inserted > 0 && !summary.usage.is_empty() {
                 let bodies: Vec<(String,)> = sqlx::query_as(
                     "SELECT body FROM task_reports \
-                     WHERE task_id = $1 AND attempt = $2 AND kind = 'usage'",
+                     WHERE task_id = $1 AND attempt = $2 AND kind = $3",
                 )
                 .bind(id.to_string())
                 .bind(attempt as i32)
+                .bind(KIND_USAGE)
                 .fetch_all(&mut *tx)
                 .await
                 .during(during)?;
@@ -371,11 +349,10 @@ impl Store {
                 }
             }
             tx.commit().await.during(during)?;
-            if let Some(task) = task {
-                let usage: Vec<&Usage> = unreported.iter().collect();
-                self.observe_reports(&task, &[], &usage);
-            }
-            Ok(())
+            Ok(task.map(|task| UnreportedUsage {
+                task,
+                usage: unreported,
+            }))
         })
         .await
     }
@@ -455,11 +432,12 @@ impl Store {
             let rows = sqlx::query(concat!(
                 "SELECT ",
                 task_columns!(),
-                " FROM tasks WHERE state = 'running' \
+                " FROM tasks WHERE state = $3 \
                  AND COALESCE(last_heartbeat_at, updated_at) < $1 ORDER BY id LIMIT $2"
             ))
             .bind(millis(silent_since))
             .bind(i64::from(limit))
+            .bind(TaskState::Running.as_str())
             .fetch_all(&self.pool)
             .await
             .during(|| "listing silent running tasks".to_owned())?;

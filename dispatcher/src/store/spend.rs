@@ -12,8 +12,8 @@ use protocol::Heartbeat;
 
 use super::row::{self, millis, task_columns};
 use super::{During as _, Result, Store, StoreError};
-use crate::cost::{Breakdown, Period, TaskCost};
-use crate::task::Task;
+use crate::cost::{Breakdown, Period, SpendParts};
+use crate::task::{Reason, Task, TaskState};
 
 /// What a spent budget does.
 #[derive(
@@ -79,25 +79,6 @@ impl Budget {
         match period {
             Period::Day => self.daily_dollars,
             Period::Month => self.monthly_dollars,
-        }
-    }
-}
-
-/// A tenant's spend, unfinished tasks included, for the budget periods.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Spend {
-    pub day_dollars: f64,
-    pub month_dollars: f64,
-    /// What tasks not yet finished have cost so far (inside both figures above).
-    pub unfinished_dollars: f64,
-}
-
-impl Spend {
-    #[must_use]
-    pub fn of(&self, period: Period) -> f64 {
-        match period {
-            Period::Day => self.day_dollars,
-            Period::Month => self.month_dollars,
         }
     }
 }
@@ -202,10 +183,10 @@ impl Store {
         .await
     }
 
-    /// What `tenant` has spent in the current UTC day and month (tasks finished in them,
-    /// one query) and what its unfinished tasks have cost up to `now` (read once, counted
-    /// in both periods).
-    pub async fn spend(&self, tenant: &str, now: jiff::Timestamp) -> Result<Spend> {
+    /// What `tenant`'s spend in the current UTC day and month is made of: the settled
+    /// cost of its tasks finished in them (one query), and its unfinished tasks that have
+    /// cost something (read once, priced by [`crate::cost::Prices::spend`]).
+    pub async fn spend_parts(&self, tenant: &str, now: jiff::Timestamp) -> Result<SpendParts> {
         self.timed("spend", async {
             let during = || format!("summing the spend of tenant '{tenant}'");
             // The day lies inside the month, so one scan from the month's start holds both.
@@ -224,16 +205,10 @@ impl Store {
             .fetch_one(&self.pool)
             .await
             .during(during)?;
-            let unfinished: f64 = self
-                .unfinished_with_cost(tenant)
-                .await?
-                .iter()
-                .map(|task| TaskCost::of(task, self.prices(), now).total_dollars)
-                .sum();
-            Ok(Spend {
-                day_dollars: day + unfinished,
-                month_dollars: month + unfinished,
-                unfinished_dollars: unfinished,
+            Ok(SpendParts {
+                finished_day_dollars: day,
+                finished_month_dollars: month,
+                unfinished: self.unfinished_with_cost(tenant).await?,
             })
         })
         .await
@@ -328,8 +303,10 @@ impl Store {
             let rows = sqlx::query(concat!(
                 "SELECT ",
                 task_columns!(),
-                ", last_heartbeat FROM tasks WHERE state IN ('launched', 'running')"
+                ", last_heartbeat FROM tasks WHERE state IN ($1, $2)"
             ))
+            .bind(TaskState::Launched.as_str())
+            .bind(TaskState::Running.as_str())
             .fetch_all(&self.pool)
             .await
             .during(|| "reading active tasks".to_owned())?;
@@ -354,8 +331,9 @@ impl Store {
         self.timed("queue_figures", async {
             let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
                 "SELECT queue, COUNT(*), MIN(COALESCE(queued_at, created_at)) FROM tasks \
-                 WHERE state = 'queued' GROUP BY queue ORDER BY queue",
+                 WHERE state = $1 GROUP BY queue ORDER BY queue",
             )
+            .bind(TaskState::Queued.as_str())
             .fetch_all(&self.pool)
             .await
             .during(|| "reading queue depths".to_owned())?;
@@ -384,14 +362,20 @@ impl Store {
             let (queued, launching, unschedulable, heartbeat_lost): (i64, i64, i64, i64) =
                 sqlx::query_as(
                     "SELECT \
-                     COALESCE(SUM(CASE WHEN state = 'queued' AND COALESCE(queued_at, created_at) < $1 THEN 1 ELSE 0 END), 0), \
-                     COALESCE(SUM(CASE WHEN state = 'launching' AND updated_at < $2 THEN 1 ELSE 0 END), 0), \
-                     COALESCE(SUM(CASE WHEN state = 'launched' AND reason = 'unschedulable' THEN 1 ELSE 0 END), 0), \
-                     COALESCE(SUM(CASE WHEN state = 'running' AND reason = 'heartbeat_lost' THEN 1 ELSE 0 END), 0) \
-                     FROM tasks WHERE state IN ('queued', 'launching', 'launched', 'running')",
+                     COALESCE(SUM(CASE WHEN state = $3 AND COALESCE(queued_at, created_at) < $1 THEN 1 ELSE 0 END), 0), \
+                     COALESCE(SUM(CASE WHEN state = $4 AND updated_at < $2 THEN 1 ELSE 0 END), 0), \
+                     COALESCE(SUM(CASE WHEN state = $5 AND reason = $7 THEN 1 ELSE 0 END), 0), \
+                     COALESCE(SUM(CASE WHEN state = $6 AND reason = $8 THEN 1 ELSE 0 END), 0) \
+                     FROM tasks WHERE state IN ($3, $4, $5, $6)",
                 )
                 .bind(millis(queued_before))
                 .bind(millis(launching_before))
+                .bind(TaskState::Queued.as_str())
+                .bind(TaskState::Launching.as_str())
+                .bind(TaskState::Launched.as_str())
+                .bind(TaskState::Running.as_str())
+                .bind(Reason::Unschedulable.as_str())
+                .bind(Reason::HeartbeatLost.as_str())
                 .fetch_one(&self.pool)
                 .await
                 .during(|| "counting stuck tasks".to_owned())?;

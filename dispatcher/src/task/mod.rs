@@ -9,8 +9,10 @@
 
 #[cfg(test)]
 pub mod fixtures;
+pub mod lifecycle;
 pub mod quantity;
 pub mod submission;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -185,7 +187,7 @@ fn yes() -> bool {
 }
 
 /// What kind of work a task is, which decides its shared memory (see
-/// [`crate::placement::workload`]).
+/// [`workload`]).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
 )]
@@ -431,7 +433,7 @@ pub struct Timeline {
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct Spent {
     /// GPU, CPU and memory, fixed when the task finished; `None` before.
-    pub compute: Option<crate::cost::Breakdown>,
+    pub compute: Option<Breakdown>,
     /// Summed from the runner's usage reports as they arrive.
     pub llm_dollars: f64,
 }
@@ -460,6 +462,42 @@ impl Task {
             },
             spent: Spent::default(),
         }
+    }
+}
+
+/// Dollars by resource (per hour or in total, as the context says).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
+pub struct Breakdown {
+    pub gpu: f64,
+    pub cpu: f64,
+    pub memory: f64,
+}
+
+impl Breakdown {
+    #[must_use]
+    pub fn total(&self) -> f64 {
+        self.gpu + self.cpu + self.memory
+    }
+
+    #[must_use]
+    pub fn times(&self, factor: f64) -> Self {
+        Self {
+            gpu: self.gpu * factor,
+            cpu: self.cpu * factor,
+            memory: self.memory * factor,
+        }
+    }
+
+    /// `(resource, dollars)` pairs, for the cost counter.
+    #[must_use]
+    pub fn by_resource(&self) -> [(&'static str, f64); 3] {
+        [
+            ("gpu", self.gpu),
+            ("cpu", self.cpu),
+            ("memory", self.memory),
+        ]
     }
 }
 

@@ -11,7 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::quantity::{Cpu, Memory};
 use super::{GpuRequest, Resources, Scratch, TaskSpec, VolumeMount, WorkloadRequest};
-use crate::placement::{GpuClasses, SharedClaim, workload};
+use super::workload;
+pub use crate::k8s::names::{is_class_name, is_dns_label};
+use crate::k8s::names::is_label_name;
+use crate::placement::{GpuClasses, SharedClaim};
 
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
 /// error instead of being silently ignored.
@@ -314,18 +317,6 @@ pub fn validate(
     })
 }
 
-/// Names of GPU classes and claims: lowercase letters, digits, '-' and '.', 1 to 63
-/// characters, starting and ending with a letter or digit.
-pub fn is_class_name(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'))
-        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-}
 
 fn check_mount_path(field: &str, path: &str) -> Result<(), FieldError> {
     let normal = path.starts_with('/')
@@ -443,18 +434,6 @@ fn check_volumes(
     Ok((mounts, scratch))
 }
 
-/// RFC 1123 label: lowercase alphanumerics and '-', starting and ending alphanumeric,
-/// 1 to 63 characters.
-pub fn is_dns_label(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-}
 
 fn check_dns_label(field: &str, value: &str) -> Result<(), FieldError> {
     if is_dns_label(value) {
@@ -676,16 +655,6 @@ fn check_qualified_key(field: &str, key: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn is_label_name(value: &str) -> bool {
-    let bytes = value.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= 63
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
-}
 
 #[cfg(test)]
 mod tests {

@@ -14,7 +14,7 @@ use protocol::TerminationSummary;
 
 use crate::launcher::job_spec::TASK_CONTAINER;
 use crate::report::outcome_of;
-use crate::store::Transition;
+use crate::task::lifecycle::{Ending, Move};
 use crate::task::{Reason, Task, TaskState};
 
 /// What the watcher should do for one task.
@@ -22,7 +22,7 @@ use crate::task::{Reason, Task, TaskState};
 pub enum Decision {
     Nothing,
     /// Move the task (CAS from its current state).
-    Move(Transition),
+    Move(Move),
     /// The task is over but its Job still runs (a cancel whose delete failed): delete it.
     DeleteJob,
     /// No state change, but a reason worth showing (a pod that cannot be scheduled).
@@ -45,18 +45,19 @@ pub struct Fallback {
     pub after: Duration,
 }
 
-fn moved(
-    to: TaskState,
+/// The attempt ended in `state`.
+fn ended(
+    state: TaskState,
     reason: Option<Reason>,
     message: Option<String>,
     exit_code: Option<i32>,
 ) -> Decision {
-    Decision::Move(Transition {
+    Decision::Move(Move::Ended(Ending {
+        state,
         reason,
         message,
         exit_code,
-        ..Transition::to(to)
-    })
+    }))
 }
 
 /// The runner's summary in the task container's termination message, if it left one.
@@ -100,7 +101,7 @@ fn failure_from_pods(pods: &[&Pod], job_message: Option<String>) -> Decision {
         .iter()
         .any(|pod| pod.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("Evicted"));
     match terminated(pods) {
-        Some(t) if t.reason.as_deref() == Some("OOMKilled") => moved(
+        Some(t) if t.reason.as_deref() == Some("OOMKilled") => ended(
             TaskState::Failed,
             Some(Reason::OomKilled),
             Some("the container used more memory than it requested and was killed".to_owned()),
@@ -124,22 +125,22 @@ fn failure_from_pods(pods: &[&Pod], job_message: Option<String>) -> Decision {
                     Some(tail) => format!("exit code {} ({}): {tail}", t.exit_code, class.as_str()),
                     None => format!("exit code {} ({})", t.exit_code, class.as_str()),
                 };
-                return moved(to, Some(reason), Some(message), Some(t.exit_code));
+                return ended(to, Some(reason), Some(message), Some(t.exit_code));
             }
             let detail = t.message.filter(|m| !m.trim().is_empty());
             let message = match detail {
                 Some(detail) => format!("exit code {}: {}", t.exit_code, detail.trim()),
                 None => format!("exit code {}", t.exit_code),
             };
-            moved(
+            ended(
                 TaskState::Failed,
                 Some(Reason::ExitCode),
                 Some(message),
                 Some(t.exit_code),
             )
         }
-        None if evicted => moved(TaskState::Failed, Some(Reason::Evicted), job_message, None),
-        None => moved(
+        None if evicted => ended(TaskState::Failed, Some(Reason::Evicted), job_message, None),
+        None => ended(
             TaskState::Failed,
             Some(Reason::BackoffLimit),
             job_message,
@@ -186,7 +187,7 @@ pub fn decide(
     }
 
     if job_condition(job, "Complete").is_some() {
-        return moved(
+        return ended(
             TaskState::Succeeded,
             None,
             None,
@@ -196,7 +197,7 @@ pub fn decide(
     if let Some(failed) = job_condition(job, "Failed") {
         let message = failed.message.clone();
         return match failed.reason.as_deref() {
-            Some("DeadlineExceeded") => moved(
+            Some("DeadlineExceeded") => ended(
                 TaskState::TimedOut,
                 Some(Reason::DeadlineExceeded),
                 Some(format!(
@@ -220,7 +221,7 @@ pub fn decide(
             .filter(|s| s.name == TASK_CONTAINER)
             .find_map(|s| s.state.as_ref()?.waiting.as_ref()?.reason.clone());
         if let Some(reason) = waiting_reason.filter(|r| IMAGE_PULL_FAILURES.contains(&r.as_str())) {
-            return moved(
+            return ended(
                 TaskState::Failed,
                 Some(Reason::ImagePull),
                 Some(format!("image {}: {reason}", task.spec.image)),
@@ -233,11 +234,11 @@ pub fn decide(
         .iter()
         .any(|pod| pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"));
     if running && task.state.can_move_to(TaskState::Running) {
-        return moved(TaskState::Running, None, None, None);
+        return Decision::Move(Move::Started);
     }
     if task.state == TaskState::Launching {
         // The Job exists: the launcher died after creating it, or has not recorded it yet.
-        return moved(TaskState::Launched, None, None, None);
+        return Decision::Move(Move::Launched);
     }
 
     let unschedulable = pods.iter().find_map(|pod| {
@@ -296,6 +297,7 @@ mod tests {
     use serde_json::json;
 
     use super::{Decision, decide};
+    use crate::task::lifecycle::Move;
     use crate::task::fixtures::TaskFixture;
     use crate::task::{Reason, TaskState};
 
@@ -322,7 +324,8 @@ mod tests {
 
     fn moved_to(decision: &Decision) -> (TaskState, Option<Reason>, Option<i32>) {
         match decision {
-            Decision::Move(t) => (t.to, t.reason, t.exit_code),
+            Decision::Move(Move::Ended(ending)) => (ending.state, ending.reason, ending.exit_code),
+            Decision::Move(other) => (other.target(), None, None),
             other => panic!("expected a move, got {other:?}"),
         }
     }
@@ -481,11 +484,11 @@ mod tests {
             moved_to(&decision),
             (TaskState::Failed, Some(Reason::GpuOutOfMemory), Some(1))
         );
-        let Decision::Move(change) = decision else {
+        let Decision::Move(Move::Ended(ending)) = decision else {
             unreachable!()
         };
         assert!(
-            change
+            ending
                 .message
                 .unwrap()
                 .contains("(cuda_oom): torch.OutOfMemoryError")

@@ -1,6 +1,6 @@
 //! The watcher: follows the Jobs and Pods of agent-bus (by label) and records every
 //! change of a task's state. The stream plumbing stays thin; [`decide`] says what a
-//! task's Job and pods mean, and the store applies it as a compare-and-set.
+//! task's Job and pods mean, and the lifecycle ([`crate::lifecycle`]) makes the move.
 //!
 //! Invariants:
 //! - only the leader (a `coordination.k8s.io` Lease) writes, so replicas never race;
@@ -36,7 +36,8 @@ use crate::launcher::job_spec::{
 };
 use crate::placement::GpuClasses;
 use crate::queue::{Queue, QueueEntry};
-use crate::store::{Store, Transition};
+use crate::lifecycle::Lifecycle;
+use crate::task::lifecycle::Move;
 use crate::task::{Reason, Task, TaskId, TaskState};
 
 pub use decide::{Decision, Fallback, decide};
@@ -44,7 +45,7 @@ pub use decide::{Decision, Fallback, decide};
 /// The watcher role.
 #[derive(Clone)]
 pub struct Watcher {
-    pub store: Store,
+    pub lifecycle: Lifecycle,
     pub client: Client,
     pub namespace: String,
     pub executor: KubernetesExecutor,
@@ -126,7 +127,7 @@ impl Watcher {
         .map_ok(|pod| ("pod", task_id_of(&pod)))
         .boxed();
         let sender = touched_sender.clone();
-        let metrics = self.store.metrics().clone();
+        let metrics = self.lifecycle.metrics().clone();
         let pump = async move {
             let mut merged = futures::stream::select(job_stream, pod_stream);
             while let Some(item) = merged.next().await {
@@ -182,7 +183,7 @@ impl Watcher {
             TaskState::Launched,
             TaskState::Running,
         ] {
-            match self.store.tasks_in_state(state, now, 10_000).await {
+            match self.lifecycle.store().tasks_in_state(state, now, 10_000).await {
                 Ok(tasks) => {
                     for task in tasks {
                         attempts.insert(task.id, task.attempt);
@@ -221,7 +222,7 @@ impl Watcher {
             if attempts.get(&id).is_some_and(|&current| current == attempt) {
                 continue;
             }
-            match self.store.task(id).await {
+            match self.lifecycle.store().task(id).await {
                 Ok(Some(task)) if task.attempt > attempt => {
                     if let Err(error) = self.executor.delete_attempt(&task, attempt).await {
                         tracing::warn!(task_id = %id, attempt, error = %error, "deleting a superseded job failed");
@@ -240,7 +241,7 @@ impl Watcher {
         let since = now
             .checked_sub(jiff::SignedDuration::try_from(timeout).unwrap_or_default())
             .unwrap_or(now);
-        let silent = match self.store.silent_running_tasks(since, 1000).await {
+        let silent = match self.lifecycle.store().silent_running_tasks(since, 1000).await {
             Ok(silent) => silent,
             Err(error) => {
                 tracing::warn!(error = %error, "sweep: listing silent tasks failed");
@@ -253,12 +254,12 @@ impl Watcher {
         );
         for task in silent {
             if self.fail_on_heartbeat_lost {
-                let change = Transition::to(TaskState::Failed)
-                    .reason(Reason::HeartbeatLost)
-                    .message(message.clone());
+                let failed = Move::HeartbeatLost {
+                    message: message.clone(),
+                };
                 match self
-                    .store
-                    .transition(task.id, TaskState::Running, &change)
+                    .lifecycle
+                    .apply(task.id, TaskState::Running, failed)
                     .await
                 {
                     Ok(Some(_)) => {
@@ -274,7 +275,7 @@ impl Watcher {
                 }
             } else if task.reason != Some(Reason::HeartbeatLost) {
                 match self
-                    .store
+                    .lifecycle
                     .note(task.id, TaskState::Running, Reason::HeartbeatLost, &message)
                     .await
                 {
@@ -308,12 +309,12 @@ impl Watcher {
 
     /// Moves `task` to a new attempt on `class`, queues it, and deletes the old Job.
     async fn fall_back(&self, task: &Task, class: String, message: String) {
-        let change = Transition::to(TaskState::Queued)
-            .reason(Reason::FellBack)
-            .message(message)
-            .attempt(task.attempt + 1)
-            .gpu_class(class);
-        match self.store.transition(task.id, task.state, &change).await {
+        let fall_back = Move::FallBack {
+            class,
+            attempt: task.attempt + 1,
+            message,
+        };
+        match self.lifecycle.apply(task.id, task.state, fall_back).await {
             Ok(Some(moved)) => {
                 tracing::info!(task_id = %task.id, attempt = moved.attempt, class = ?moved.gpu_class, "task falls back to another GPU class");
                 let entry = QueueEntry::of(&moved);
@@ -333,7 +334,7 @@ impl Watcher {
 
     /// Reads one task a watch event touched, then decides for it.
     async fn reconcile_task(&self, id: TaskId, jobs: &Cache<Job>, pods: &Cache<Pod>) {
-        match self.store.task(id).await {
+        match self.lifecycle.store().task(id).await {
             Ok(Some(task)) => self.reconcile(task, jobs, pods).await,
             Ok(None) => {}
             Err(error) => tracing::warn!(task_id = %id, error = %error, "reading the task failed"),
@@ -361,13 +362,9 @@ impl Watcher {
             if job.is_none() && matches!(task.state, TaskState::Launched | TaskState::Running) {
                 let since = now.duration_since(task.updated_at);
                 if since >= jiff::SignedDuration::try_from(LOST_AFTER).unwrap_or_default() {
-                    Decision::Move(
-                        Transition::to(TaskState::Failed)
-                            .reason(Reason::JobLost)
-                            .message(format!(
-                                "job {name} disappeared before reporting an outcome"
-                            )),
-                    )
+                    Decision::Move(Move::Lost {
+                        message: format!("job {name} disappeared before reporting an outcome"),
+                    })
                 } else {
                     Decision::Nothing
                 }
@@ -384,17 +381,17 @@ impl Watcher {
 
         match decision {
             Decision::Nothing => {}
-            Decision::Move(change) => {
-                if change.to.is_terminal()
+            Decision::Move(step) => {
+                if step.target().is_terminal()
                     && let Some(summary) = decide::termination_summary(&pod_refs)
                     && let Err(error) = self
-                        .store
+                        .lifecycle
                         .record_termination(task.id, task.attempt, &summary)
                         .await
                 {
                     tracing::warn!(task_id = %task.id, error = %error, "keeping the runner's summary failed");
                 }
-                match self.store.transition(task.id, task.state, &change).await {
+                match self.lifecycle.apply(task.id, task.state, step).await {
                     Ok(Some(updated)) => {
                         tracing::debug!(task_id = %task.id, tenant = %task.tenant, job = %name, from = %task.state, to = %updated.state, reason = ?updated.reason, "job or pod moved the task");
                     }
@@ -413,7 +410,11 @@ impl Watcher {
             }
             Decision::FallBack { class, message } => self.fall_back(&task, class, message).await,
             Decision::Note { reason, message } => {
-                if let Err(error) = self.store.note(task.id, task.state, reason, &message).await {
+                if let Err(error) = self
+                    .lifecycle
+                    .note(task.id, task.state, reason, &message)
+                    .await
+                {
                     tracing::warn!(task_id = %task.id, error = %error, "recording a note failed");
                 } else {
                     tracing::info!(task_id = %task.id, job = %name, reason = %reason, "task is stuck");

@@ -1,0 +1,159 @@
+//! The one writer of task state: every move of every task goes through [`Lifecycle`],
+//! which plans it with the pure state machine ([`crate::task::lifecycle`]), has the store
+//! commit it (a compare-and-set with its event, in one transaction), settles the cost of
+//! a task that ends ([`crate::cost`]), and then logs and counts the committed change.
+//!
+//! Invariants:
+//! - nothing else calls [`Store::transition`] or [`Store::record_note`] (a test reads the source
+//!   tree to keep it so);
+//! - a move is planned from the state the caller saw; if the task moved meanwhile the
+//!   compare-and-set writes nothing and the answer is `Ok(None)`: the caller decides
+//!   again from what it reads next;
+//! - a change is logged and counted only once committed, by the process that committed it.
+//!
+//! Who moves tasks: the API (cancel, and `running` when the runner reports its start),
+//! the launcher (claim, launched, rejected), the local executor (started, ended, lost at
+//! restart), the watcher (what Jobs and pods show, fallbacks, lost heartbeats, notes).
+
+mod observe;
+
+use std::sync::Arc;
+
+use protocol::TerminationSummary;
+
+use crate::cost::Prices;
+use crate::metrics::Metrics;
+use crate::store::{Recorded, Store, StoreError};
+use crate::task::lifecycle::{IllegalMove, Move, plan_note};
+use crate::task::{Reason, Task, TaskId, TaskState};
+
+/// Why a move was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The state machine refuses the move; nothing was written.
+    #[error(transparent)]
+    Illegal(#[from] IllegalMove),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Moves tasks. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    store: Store,
+    metrics: Metrics,
+    prices: Arc<Prices>,
+}
+
+impl Lifecycle {
+    /// Moves tasks of `store`, counting into `metrics` and settling ended tasks at `prices`.
+    #[must_use]
+    pub fn new(store: Store, metrics: Metrics, prices: Prices) -> Self {
+        Self {
+            store,
+            metrics,
+            prices: Arc::new(prices),
+        }
+    }
+
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    #[must_use]
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    #[must_use]
+    pub fn prices(&self) -> &Prices {
+        &self.prices
+    }
+
+    /// Makes `step` of task `id`, which the caller saw in `from`. `Ok(Some(task))` with
+    /// the task as moved; `Ok(None)` when it is gone or no longer in `from` (nothing
+    /// written).
+    pub async fn apply(&self, id: TaskId, from: TaskState, step: Move) -> Result<Option<Task>> {
+        let step = step.plan(from, jiff::Timestamp::now())?;
+        let prices = self.prices.clone();
+        let at = step.at;
+        let moved = self
+            .store
+            .transition(id, &step, move |task| Some(prices.settle(task, at)))
+            .await?;
+        if let Some(task) = &moved {
+            observe::transition(&self.metrics, from, task, at.as_millisecond());
+        }
+        Ok(moved)
+    }
+
+    /// A launcher takes queued task `id` (`queued → launching`); `Ok(None)` when another
+    /// took it, or it was cancelled or is gone.
+    pub async fn claim(&self, id: TaskId) -> Result<Option<Task>> {
+        self.apply(id, TaskState::Queued, Move::Claim).await
+    }
+
+    /// Records why `task` waits in `state`, without moving it (see [`Store::record_note`]).
+    pub async fn note(
+        &self,
+        id: TaskId,
+        state: TaskState,
+        reason: Reason,
+        message: &str,
+    ) -> Result<Option<Task>> {
+        let note = plan_note(state, reason, message, jiff::Timestamp::now())?;
+        Ok(self.store.record_note(id, &note).await?)
+    }
+
+    /// Keeps the runner's termination summary of `attempt` (read from the pod status or
+    /// the local termination log) before its outcome is recorded, and counts the LLM
+    /// usage it brought that no usage report had.
+    pub async fn record_termination(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        summary: &TerminationSummary,
+    ) -> Result<()> {
+        if let Some(unreported) = self.store.record_termination(id, attempt, summary).await? {
+            observe::reports(&self.metrics, &unreported.task, &[], &unreported.usage);
+        }
+        Ok(())
+    }
+
+    /// Counts what a batch of runner reports brought new.
+    pub fn reports_recorded(&self, recorded: &Recorded) {
+        observe::reports(
+            &self.metrics,
+            &recorded.task,
+            &recorded.new_kinds,
+            &recorded.new_usage,
+        );
+    }
+
+    /// Fails every task that was launching, launched or running in a local process of a
+    /// dispatcher that stopped: its process went with it.
+    pub async fn fail_orphaned_local_tasks(&self) {
+        let now = jiff::Timestamp::now();
+        for state in [
+            TaskState::Launching,
+            TaskState::Launched,
+            TaskState::Running,
+        ] {
+            let Ok(tasks) = self.store.tasks_in_state(state, now, 100_000).await else {
+                continue;
+            };
+            for task in tasks {
+                let lost = Move::Lost {
+                    message: "the dispatcher that ran this task as a local process stopped"
+                        .to_owned(),
+                };
+                if let Ok(Some(_)) = self.apply(task.id, state, lost).await {
+                    tracing::warn!(task_id = %task.id, "failed a local task orphaned by a restart");
+                }
+            }
+        }
+    }
+}

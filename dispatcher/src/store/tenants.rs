@@ -1,0 +1,78 @@
+//! Tenants: who may submit, with a hashed API key and a limit on waiting tasks.
+
+use super::{During as _, Result, Store, StoreError, is_unique_violation, now_millis, row};
+use crate::store::Budget;
+use crate::store::row::tenant_columns;
+
+/// A tenant: who may submit, and how many of its tasks may wait at once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenant {
+    pub name: String,
+    pub max_queued_tasks: u32,
+    pub created_at: jiff::Timestamp,
+    pub budget: Budget,
+}
+
+impl Store {
+    /// Registers a tenant. [`StoreError::TenantExists`] if the name is taken,
+    /// [`StoreError::ApiKeyInUse`] if another tenant has the same api key hash.
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        api_key_hash: &str,
+        max_queued_tasks: u32,
+    ) -> Result<Tenant> {
+        let during = || format!("creating tenant '{name}'");
+        let created_at = now_millis();
+        let inserted = sqlx::query(
+            "INSERT INTO tenants (name, api_key_hash, max_queued_tasks, created_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(name)
+        .bind(api_key_hash)
+        .bind(i64::from(max_queued_tasks))
+        .bind(created_at)
+        .execute(&self.pool)
+        .await;
+        match inserted {
+            Ok(_) => Ok(Tenant {
+                name: name.to_owned(),
+                max_queued_tasks,
+                created_at: row::timestamp(created_at, &during)?,
+                budget: Budget::default(),
+            }),
+            Err(error) if is_unique_violation(&error) => {
+                let name_taken: Option<i64> =
+                    sqlx::query_scalar("SELECT 1 FROM tenants WHERE name = $1")
+                        .bind(name)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .during(during)?;
+                let tenant = name.to_owned();
+                Err(if name_taken.is_some() {
+                    StoreError::TenantExists { tenant }
+                } else {
+                    StoreError::ApiKeyInUse { tenant }
+                })
+            }
+            Err(error) => Err(StoreError::sqlx(during(), error)),
+        }
+    }
+
+    /// The tenant whose api key hashes to `api_key_hash` (authentication).
+    pub async fn tenant_by_key_hash(&self, api_key_hash: &str) -> Result<Option<Tenant>> {
+        self.timed("tenant_by_key_hash", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                tenant_columns!(),
+                " FROM tenants WHERE api_key_hash = $1"
+            ))
+            .bind(api_key_hash)
+            .fetch_optional(&self.pool)
+            .await
+            .during(|| "looking up a tenant by api key".to_owned())?;
+            row.as_ref().map(row::tenant).transpose()
+        })
+        .await
+    }
+}

@@ -1,0 +1,703 @@
+//! The task state machine: every move a task can make, from which states, to which
+//! state, with which reasons, and which timestamps each move sets. Pure: it plans a move
+//! as plain values ([`Step`], [`PlannedNote`]); the store writes those values with a
+//! compare-and-set on the state, and [`crate::lifecycle`] is the one place that asks it to.
+//!
+//! Invariants:
+//! - a move is planned only from the states its rule lists ([`Move::sources`]), and every
+//!   such step is an edge of [`TaskState::can_move_to`];
+//! - a reason only travels with a state it explains ([`Reason::fits`]);
+//! - the stage timestamps follow one rule ([`Stamps::entering`]): entering `queued` (a new
+//!   attempt) restarts the timeline, `launched`/`running` record when they were first
+//!   reached, a terminal state records when it was reached;
+//! - a note (why a task waits, without a state change) never touches a terminal task.
+
+use std::fmt;
+
+use super::{Reason, TaskState};
+
+/// A move of a task, named for what happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Move {
+    /// A launcher takes the queued task to create its Job (or process).
+    Claim,
+    /// Its Job exists (a launcher created it, or the watcher saw it).
+    Launched,
+    /// Its command runs: a pod runs, the runner said it started, or the local process
+    /// started.
+    Started,
+    /// The attempt ended on its own: succeeded, failed or timed out.
+    Ended(Ending),
+    /// Kubernetes (or the local executor) can never launch it.
+    LaunchRejected { message: String },
+    /// The tenant cancelled it.
+    Cancel,
+    /// No node of its GPU class took its pod in time: a new attempt on `class`, the next
+    /// fallback, waits in the queue.
+    FallBack {
+        class: String,
+        attempt: u32,
+        message: String,
+    },
+    /// What ran it is gone without an outcome: its Job disappeared, or the dispatcher that
+    /// ran it as a local process stopped.
+    Lost { message: String },
+    /// Its runner stopped sending heartbeats, and the operator asked to fail such tasks.
+    HeartbeatLost { message: String },
+}
+
+/// How an attempt ended, as the watcher, the runner or the local executor observed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// `succeeded`, `failed` or `timed_out`.
+    pub state: TaskState,
+    pub reason: Option<Reason>,
+    pub message: Option<String>,
+    pub exit_code: Option<i32>,
+}
+
+impl Ending {
+    /// Ended in `state` with nothing more to say.
+    #[must_use]
+    pub fn new(state: TaskState) -> Self {
+        Self {
+            state,
+            reason: None,
+            message: None,
+            exit_code: None,
+        }
+    }
+
+    #[must_use]
+    pub fn reason(mut self, reason: Reason) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
+    #[must_use]
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    #[must_use]
+    pub fn exit_code(mut self, exit_code: i32) -> Self {
+        self.exit_code = Some(exit_code);
+        self
+    }
+}
+
+/// The kind of a [`Move`], without its data: the key of the rule table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MoveKind {
+    Claim,
+    Launched,
+    Started,
+    Ended,
+    LaunchRejected,
+    Cancel,
+    FallBack,
+    Lost,
+    HeartbeatLost,
+}
+
+impl MoveKind {
+    pub const ALL: [Self; 9] = [
+        Self::Claim,
+        Self::Launched,
+        Self::Started,
+        Self::Ended,
+        Self::LaunchRejected,
+        Self::Cancel,
+        Self::FallBack,
+        Self::Lost,
+        Self::HeartbeatLost,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Claim => "claim",
+            Self::Launched => "launched",
+            Self::Started => "started",
+            Self::Ended => "ended",
+            Self::LaunchRejected => "launch_rejected",
+            Self::Cancel => "cancel",
+            Self::FallBack => "fall_back",
+            Self::Lost => "lost",
+            Self::HeartbeatLost => "heartbeat_lost",
+        }
+    }
+
+    /// The one table of moves: the states a move may start from.
+    #[must_use]
+    pub fn sources(self) -> &'static [TaskState] {
+        use TaskState::{Launched, Launching, Queued, Running};
+        match self {
+            Self::Claim => &[Queued],
+            Self::Launched | Self::LaunchRejected => &[Launching],
+            Self::Started => &[Launching, Launched],
+            Self::Ended | Self::Lost => &[Launching, Launched, Running],
+            Self::Cancel => &[Queued, Launching, Launched, Running],
+            Self::FallBack => &[Launching, Launched],
+            Self::HeartbeatLost => &[Running],
+        }
+    }
+
+    /// The states a move may reach (several for [`Move::Ended`]).
+    #[must_use]
+    pub fn targets(self) -> &'static [TaskState] {
+        use TaskState::{Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut};
+        match self {
+            Self::Claim => &[Launching],
+            Self::Launched => &[Launched],
+            Self::Started => &[Running],
+            Self::Ended => &[Succeeded, Failed, TimedOut],
+            Self::LaunchRejected | Self::Lost | Self::HeartbeatLost => &[Failed],
+            Self::Cancel => &[Cancelled],
+            Self::FallBack => &[Queued],
+        }
+    }
+}
+
+impl fmt::Display for MoveKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Move {
+    #[must_use]
+    pub fn kind(&self) -> MoveKind {
+        match self {
+            Self::Claim => MoveKind::Claim,
+            Self::Launched => MoveKind::Launched,
+            Self::Started => MoveKind::Started,
+            Self::Ended(_) => MoveKind::Ended,
+            Self::LaunchRejected { .. } => MoveKind::LaunchRejected,
+            Self::Cancel => MoveKind::Cancel,
+            Self::FallBack { .. } => MoveKind::FallBack,
+            Self::Lost { .. } => MoveKind::Lost,
+            Self::HeartbeatLost { .. } => MoveKind::HeartbeatLost,
+        }
+    }
+
+    /// The state this move reaches.
+    #[must_use]
+    pub fn target(&self) -> TaskState {
+        match self {
+            Self::Claim => TaskState::Launching,
+            Self::Launched => TaskState::Launched,
+            Self::Started => TaskState::Running,
+            Self::Ended(ending) => ending.state,
+            Self::LaunchRejected { .. } | Self::Lost { .. } | Self::HeartbeatLost { .. } => {
+                TaskState::Failed
+            }
+            Self::Cancel => TaskState::Cancelled,
+            Self::FallBack { .. } => TaskState::Queued,
+        }
+    }
+
+    /// Plans this move of a task that is in `from` now, at `at`: the values the store
+    /// writes, or why the move is illegal.
+    pub fn plan(self, from: TaskState, at: jiff::Timestamp) -> Result<Step, IllegalMove> {
+        let kind = self.kind();
+        let to = self.target();
+        let illegal = |why| IllegalMove {
+            step: kind.as_str(),
+            from,
+            to,
+            why,
+        };
+        if !kind.sources().contains(&from) {
+            return Err(illegal(Why::NotFromThisState));
+        }
+        if !kind.targets().contains(&to) {
+            return Err(illegal(Why::NotToThisState));
+        }
+        let (reason, message, exit_code, new_attempt, gpu_class) = match self {
+            Self::Claim | Self::Launched | Self::Started => (None, None, None, None, None),
+            Self::Ended(ending) => (
+                ending.reason,
+                ending.message,
+                ending.exit_code,
+                None,
+                None,
+            ),
+            Self::LaunchRejected { message } => {
+                (Some(Reason::LaunchRejected), Some(message), None, None, None)
+            }
+            Self::Cancel => (
+                Some(Reason::CancelledByUser),
+                Some("cancelled through the API".to_owned()),
+                None,
+                None,
+                None,
+            ),
+            Self::FallBack {
+                class,
+                attempt,
+                message,
+            } => (
+                Some(Reason::FellBack),
+                Some(message),
+                None,
+                Some(attempt),
+                Some(class),
+            ),
+            Self::Lost { message } => (Some(Reason::JobLost), Some(message), None, None, None),
+            Self::HeartbeatLost { message } => {
+                (Some(Reason::HeartbeatLost), Some(message), None, None, None)
+            }
+        };
+        if let Some(reason) = reason
+            && !reason.fits(to)
+        {
+            return Err(illegal(Why::ReasonDoesNotFit(reason)));
+        }
+        Ok(Step {
+            from,
+            to,
+            reason,
+            message,
+            exit_code,
+            stamps: Stamps::entering(to),
+            attempt: new_attempt,
+            gpu_class,
+            at,
+        })
+    }
+}
+
+/// A move the state machine refuses; nothing is written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a task in {from} cannot make the move '{step}' to {to}: {why}")]
+pub struct IllegalMove {
+    /// The move's name ([`MoveKind::as_str`]), or `note`.
+    pub step: &'static str,
+    pub from: TaskState,
+    pub to: TaskState,
+    pub why: Why,
+}
+
+/// Why a move is illegal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// The move does not start from the task's state (a terminal task never moves).
+    NotFromThisState,
+    /// The move cannot reach that state (an ending that is not an outcome).
+    NotToThisState,
+    /// The reason does not explain the target state.
+    ReasonDoesNotFit(Reason),
+    /// Notes are for tasks that still wait or run.
+    NoteOnTerminal,
+}
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFromThisState => f.write_str("the move does not start from this state"),
+            Self::NotToThisState => f.write_str("the move does not reach this state"),
+            Self::ReasonDoesNotFit(reason) => write!(f, "reason {reason} does not fit the state"),
+            Self::NoteOnTerminal => f.write_str("a finished task keeps its outcome"),
+        }
+    }
+}
+
+/// What a move writes to one stage timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// Left as it is.
+    Keep,
+    /// Set to the move's time.
+    Now,
+    /// Set to the move's time unless it is already set (the first time reached wins).
+    NowIfUnset,
+    /// Cleared (a new attempt has not reached that stage yet).
+    Clear,
+}
+
+/// What a move writes to each stage timestamp of the attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamps {
+    pub queued_at: Stamp,
+    pub launched_at: Stamp,
+    pub started_at: Stamp,
+    pub finished_at: Stamp,
+}
+
+impl Stamps {
+    /// The timestamp rule of a move into `to` (it depends on the state reached only).
+    #[must_use]
+    pub fn entering(to: TaskState) -> Self {
+        let keep = Self {
+            queued_at: Stamp::Keep,
+            launched_at: Stamp::Keep,
+            started_at: Stamp::Keep,
+            finished_at: Stamp::Keep,
+        };
+        match to {
+            // A new attempt: its timeline starts again at the queue.
+            TaskState::Queued => Self {
+                queued_at: Stamp::Now,
+                launched_at: Stamp::Clear,
+                started_at: Stamp::Clear,
+                ..keep
+            },
+            TaskState::Launching => keep,
+            TaskState::Launched => Self {
+                launched_at: Stamp::NowIfUnset,
+                ..keep
+            },
+            // A task can start running before its launch was recorded (the local
+            // executor, a watcher that saw the pod first): it was launched by then.
+            TaskState::Running => Self {
+                launched_at: Stamp::NowIfUnset,
+                started_at: Stamp::NowIfUnset,
+                ..keep
+            },
+            TaskState::Succeeded
+            | TaskState::Failed
+            | TaskState::Cancelled
+            | TaskState::TimedOut
+            | TaskState::Expired => Self {
+                finished_at: Stamp::Now,
+                ..keep
+            },
+        }
+    }
+}
+
+/// A planned step, as values: the store moves the task from `from` to `to` with a
+/// compare-and-set on `from`, writes these values and the event row, in one transaction.
+/// [`Move::plan`] makes the steps the dispatcher takes; [`Step::new`] makes any step of
+/// the state graph (the store's own tests walk tasks with it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub from: TaskState,
+    pub to: TaskState,
+    /// Replaces the task's reason, message and exit code (`None` clears them).
+    pub reason: Option<Reason>,
+    pub message: Option<String>,
+    pub exit_code: Option<i32>,
+    pub stamps: Stamps,
+    /// A new attempt number, which also forgets the last attempt's heartbeat.
+    pub attempt: Option<u32>,
+    /// The GPU class of the new attempt.
+    pub gpu_class: Option<String>,
+    /// When the step happens (every timestamp it sets).
+    pub at: jiff::Timestamp,
+}
+
+impl Step {
+    /// A step from `from` to `to` now, with no reason, message or exit code, and the
+    /// timestamps of [`Stamps::entering`] `to`.
+    #[must_use]
+    pub fn new(from: TaskState, to: TaskState) -> Self {
+        Self {
+            from,
+            to,
+            reason: None,
+            message: None,
+            exit_code: None,
+            stamps: Stamps::entering(to),
+            attempt: None,
+            gpu_class: None,
+            at: jiff::Timestamp::now(),
+        }
+    }
+
+    #[must_use]
+    pub fn reason(mut self, reason: Reason) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+
+    #[must_use]
+    pub fn message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    #[must_use]
+    pub fn exit_code(mut self, exit_code: i32) -> Self {
+        self.exit_code = Some(exit_code);
+        self
+    }
+
+    #[must_use]
+    pub fn attempt(mut self, attempt: u32) -> Self {
+        self.attempt = Some(attempt);
+        self
+    }
+
+    #[must_use]
+    pub fn gpu_class(mut self, class: impl Into<String>) -> Self {
+        self.gpu_class = Some(class.into());
+        self
+    }
+}
+
+/// A planned note: why a task in `state` waits, recorded without a state change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedNote {
+    pub state: TaskState,
+    pub reason: Reason,
+    pub message: String,
+    pub at: jiff::Timestamp,
+}
+
+/// Plans a note on a task in `state`: refused on a terminal task, or with a reason that
+/// does not explain a wait in `state`.
+pub fn plan_note(
+    state: TaskState,
+    reason: Reason,
+    message: impl Into<String>,
+    at: jiff::Timestamp,
+) -> Result<PlannedNote, IllegalMove> {
+    let illegal = |why| IllegalMove {
+        step: "note",
+        from: state,
+        to: state,
+        why,
+    };
+    if state.is_terminal() {
+        return Err(illegal(Why::NoteOnTerminal));
+    }
+    if !reason.fits(state) {
+        return Err(illegal(Why::ReasonDoesNotFit(reason)));
+    }
+    Ok(PlannedNote {
+        state,
+        reason,
+        message: message.into(),
+        at,
+    })
+}
+
+impl Reason {
+    /// Whether this reason explains a task in `state`: the outcome it ended with, why it
+    /// waits, or why it went back to the queue.
+    #[must_use]
+    pub fn fits(self, state: TaskState) -> bool {
+        use TaskState::{Cancelled, Failed, Launched, Launching, Queued, Running, TimedOut};
+        match self {
+            Self::ExitCode
+            | Self::BackoffLimit
+            | Self::OomKilled
+            | Self::ImagePull
+            | Self::Evicted
+            | Self::LaunchRejected
+            | Self::JobLost
+            | Self::GpuError
+            | Self::GpuOutOfMemory
+            | Self::UserError => state == Failed,
+            Self::DeadlineExceeded => matches!(state, TimedOut | Failed),
+            Self::Unschedulable => matches!(state, Launching | Launched),
+            Self::HeartbeatLost => matches!(state, Running | Failed),
+            Self::CancelledByUser => state == Cancelled,
+            Self::FellBack => state == Queued,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Ending, Move, MoveKind, Stamp, Stamps, Why, plan_note};
+    use crate::task::{Reason, TaskState};
+
+    fn at() -> jiff::Timestamp {
+        "2026-12-01T12:00:00Z".parse().unwrap()
+    }
+
+    /// One move of each kind, with the data it needs.
+    fn example(kind: MoveKind) -> Move {
+        match kind {
+            MoveKind::Claim => Move::Claim,
+            MoveKind::Launched => Move::Launched,
+            MoveKind::Started => Move::Started,
+            MoveKind::Ended => Move::Ended(
+                Ending::new(TaskState::Failed)
+                    .reason(Reason::ExitCode)
+                    .exit_code(3),
+            ),
+            MoveKind::LaunchRejected => Move::LaunchRejected {
+                message: "forbidden".to_owned(),
+            },
+            MoveKind::Cancel => Move::Cancel,
+            MoveKind::FallBack => Move::FallBack {
+                class: "a100".to_owned(),
+                attempt: 2,
+                message: "no v100 node".to_owned(),
+            },
+            MoveKind::Lost => Move::Lost {
+                message: "gone".to_owned(),
+            },
+            MoveKind::HeartbeatLost => Move::HeartbeatLost {
+                message: "silent".to_owned(),
+            },
+        }
+    }
+
+    #[test]
+    fn every_move_from_every_state_is_planned_exactly_by_the_table() {
+        for kind in MoveKind::ALL {
+            for from in TaskState::ALL {
+                let planned = example(kind).plan(from, at());
+                let listed = kind.sources().contains(&from);
+                assert_eq!(planned.is_ok(), listed, "{kind} from {from}: {planned:?}");
+                if let Ok(planned) = planned {
+                    assert!(
+                        from.can_move_to(planned.to),
+                        "{kind}: {from} -> {} is no edge of the state graph",
+                        planned.to
+                    );
+                    assert_eq!(planned.stamps, Stamps::entering(planned.to));
+                    if let Some(reason) = planned.reason {
+                        assert!(reason.fits(planned.to), "{kind}: {reason} on {}", planned.to);
+                    }
+                } else {
+                    assert_eq!(planned.unwrap_err().why, Why::NotFromThisState);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_tasks_never_move_and_take_no_note() {
+        for kind in MoveKind::ALL {
+            for from in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
+                assert!(example(kind).plan(from, at()).is_err(), "{kind} from {from}");
+                assert_eq!(
+                    plan_note(from, Reason::Unschedulable, "x", at())
+                        .unwrap_err()
+                        .why,
+                    Why::NoteOnTerminal
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_of_moves() {
+        use TaskState::{
+            Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+        };
+        let table: [(MoveKind, &[TaskState], &[TaskState]); 9] = [
+            (MoveKind::Claim, &[Queued], &[Launching]),
+            (MoveKind::Launched, &[Launching], &[Launched]),
+            (MoveKind::Started, &[Launching, Launched], &[Running]),
+            (
+                MoveKind::Ended,
+                &[Launching, Launched, Running],
+                &[Succeeded, Failed, TimedOut],
+            ),
+            (MoveKind::LaunchRejected, &[Launching], &[Failed]),
+            (
+                MoveKind::Cancel,
+                &[Queued, Launching, Launched, Running],
+                &[Cancelled],
+            ),
+            (MoveKind::FallBack, &[Launching, Launched], &[Queued]),
+            (MoveKind::Lost, &[Launching, Launched, Running], &[Failed]),
+            (MoveKind::HeartbeatLost, &[Running], &[Failed]),
+        ];
+        for (kind, sources, targets) in table {
+            assert_eq!(kind.sources(), sources, "{kind}");
+            assert_eq!(kind.targets(), targets, "{kind}");
+        }
+    }
+
+    #[test]
+    fn an_ending_must_be_an_outcome_with_a_fitting_reason() {
+        for state in TaskState::ALL {
+            let planned = Move::Ended(Ending::new(state)).plan(TaskState::Running, at());
+            let outcome = matches!(
+                state,
+                TaskState::Succeeded | TaskState::Failed | TaskState::TimedOut
+            );
+            assert_eq!(planned.is_ok(), outcome, "ending in {state}");
+        }
+        let cancelled_as_failure = Move::Ended(
+            Ending::new(TaskState::Failed).reason(Reason::CancelledByUser),
+        )
+        .plan(TaskState::Running, at());
+        assert_eq!(
+            cancelled_as_failure.unwrap_err().why,
+            Why::ReasonDoesNotFit(Reason::CancelledByUser)
+        );
+    }
+
+    #[test]
+    fn reasons_fit_the_states_they_explain() {
+        use TaskState::{
+            Cancelled, Expired, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+        };
+        for reason in Reason::ALL {
+            let fitting: Vec<TaskState> = TaskState::ALL
+                .into_iter()
+                .filter(|state| reason.fits(*state))
+                .collect();
+            let expected: &[TaskState] = match reason {
+                Reason::DeadlineExceeded => &[Failed, TimedOut],
+                Reason::Unschedulable => &[Launching, Launched],
+                Reason::HeartbeatLost => &[Running, Failed],
+                Reason::CancelledByUser => &[Cancelled],
+                Reason::FellBack => &[Queued],
+                _ => &[Failed],
+            };
+            assert_eq!(fitting, expected, "{reason}");
+            assert!(!reason.fits(Succeeded) && !reason.fits(Expired), "{reason}");
+        }
+    }
+
+    #[test]
+    fn timestamps_follow_one_rule() {
+        use Stamp::{Clear, Keep, Now, NowIfUnset};
+        for from in TaskState::ALL {
+            for to in TaskState::ALL.into_iter().filter(|to| from.can_move_to(*to)) {
+                let stamps = Stamps::entering(to);
+                let expected = match to {
+                    TaskState::Queued => [Now, Clear, Clear, Keep],
+                    TaskState::Launching => [Keep, Keep, Keep, Keep],
+                    TaskState::Launched => [Keep, NowIfUnset, Keep, Keep],
+                    TaskState::Running => [Keep, NowIfUnset, NowIfUnset, Keep],
+                    _ => [Keep, Keep, Keep, Now],
+                };
+                assert_eq!(
+                    [
+                        stamps.queued_at,
+                        stamps.launched_at,
+                        stamps.started_at,
+                        stamps.finished_at
+                    ],
+                    expected,
+                    "{from} -> {to}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_fall_back_is_a_new_attempt_on_another_class() {
+        let planned = example(MoveKind::FallBack)
+            .plan(TaskState::Launched, at())
+            .unwrap();
+        assert_eq!(planned.to, TaskState::Queued);
+        assert_eq!(planned.reason, Some(Reason::FellBack));
+        assert_eq!(planned.attempt, Some(2));
+        assert_eq!(planned.gpu_class.as_deref(), Some("a100"));
+    }
+
+    #[test]
+    fn notes_explain_a_wait() {
+        assert!(plan_note(TaskState::Launched, Reason::Unschedulable, "no node", at()).is_ok());
+        assert!(plan_note(TaskState::Running, Reason::HeartbeatLost, "silent", at()).is_ok());
+        assert_eq!(
+            plan_note(TaskState::Running, Reason::CancelledByUser, "x", at())
+                .unwrap_err()
+                .why,
+            Why::ReasonDoesNotFit(Reason::CancelledByUser)
+        );
+    }
+}
