@@ -107,6 +107,9 @@ impl From<crate::lifecycle::Error> for ApiError {
             crate::lifecycle::Error::Store(error) => error.into(),
             // The handlers only ask for moves their task's state allows.
             crate::lifecycle::Error::Illegal(error) => Self::Internal(error.to_string()),
+            crate::lifecycle::Error::Contended { .. } => Self::Unavailable {
+                what: "cancellation (the task keeps changing state)",
+            },
         }
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod extract;
 pub mod openapi;
 pub mod reports;
 pub mod tasks;

@@ -7,19 +7,17 @@
 //! in the watcher reads it); the rest is stored and shown by `GET /v1/tasks/{id}`.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use protocol::{ReportBatch, ReportBody};
 use serde::Serialize;
 
 use super::auth::bearer_token;
-use super::tasks::parse_body;
+use super::extract::{AttemptPath, JsonBody};
 use super::{ApiError, AppState};
 use crate::report::TokenError;
-use crate::task::lifecycle::Move;
-use crate::task::{TaskId, TaskState, submission::FieldError};
+use crate::task::{TaskId, submission::FieldError};
 
 /// The most reports one batch may carry (the runner sends far fewer).
 const MAX_BATCH: usize = 1000;
@@ -92,21 +90,9 @@ fn check_batch(batch: &ReportBatch) -> Result<(), FieldError> {
 )]
 pub async fn receive(
     State(state): State<AppState>,
-    Path((id, attempt)): Path<(String, u32)>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    ReportingAttempt { id, attempt }: ReportingAttempt,
+    JsonBody(batch): JsonBody<ReportBatch>,
 ) -> Result<Json<ReportReceipt>, ApiError> {
-    let id: TaskId = id.parse().map_err(|_| ApiError::NotFound)?;
-    let token = bearer_token(&headers)
-        .ok_or_else(|| ApiError::BadReportToken("missing report token".to_owned()))?;
-    state
-        .report_tokens
-        .verify(token, id, attempt, jiff::Timestamp::now())
-        .map_err(|error| match error {
-            TokenError::WrongTask { .. } => ApiError::Forbidden(error.to_string()),
-            other => ApiError::BadReportToken(other.to_string()),
-        })?;
-    let batch: ReportBatch = parse_body(body, state.max_body_bytes)?;
     check_batch(&batch)?;
     let recorded = state
         .store()
@@ -115,19 +101,40 @@ pub async fn receive(
         .ok_or(ApiError::NotFound)?;
     state.lifecycle.reports_recorded(&recorded);
     if recorded.started {
-        for from in [TaskState::Launched, TaskState::Launching] {
-            if recorded.task.state == from {
-                let moved = state.lifecycle.apply(id, from, Move::Started).await?;
-                if moved.is_some() {
-                    tracing::info!(task_id = %id, attempt, "runner started; task running");
-                }
-            }
-        }
+        state.lifecycle.runner_started(&recorded.task).await?;
     }
     Ok(Json(ReportReceipt {
         accepted: recorded.accepted,
         duplicates: recorded.duplicates,
     }))
+}
+
+/// The task attempt a report request speaks for: the path's, once its bearer token is
+/// verified for exactly that attempt (401 without a valid token, 403 for another
+/// attempt's). Checked before the body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportingAttempt {
+    pub id: TaskId,
+    pub attempt: u32,
+}
+
+impl FromRequestParts<AppState> for ReportingAttempt {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let AttemptPath { id, attempt } = AttemptPath::from_request_parts(parts, state).await?;
+        let headers: &HeaderMap = &parts.headers;
+        let token = bearer_token(headers)
+            .ok_or_else(|| ApiError::BadReportToken("missing report token".to_owned()))?;
+        state
+            .report_tokens
+            .verify(token, id, attempt, jiff::Timestamp::now())
+            .map_err(|error| match error {
+                TokenError::WrongTask { .. } => ApiError::Forbidden(error.to_string()),
+                other => ApiError::BadReportToken(other.to_string()),
+            })?;
+        Ok(Self { id, attempt })
+    }
 }
 
 #[cfg(test)]

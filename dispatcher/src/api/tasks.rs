@@ -6,9 +6,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::auth::Authenticated;
+use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::{ApiError, AppState};
 use crate::cost::{Estimate, Period, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
@@ -26,7 +25,7 @@ use crate::report::{RunnerView, runner_view};
 use crate::store::{
     BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant,
 };
-use crate::task::lifecycle::Move;
+use crate::lifecycle::Cancelled;
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
@@ -135,56 +134,6 @@ pub struct DryRun {
     pub job: serde_json::Value,
 }
 
-/// Parses a JSON body; syntax errors are 400, a wrong type or unknown field is 422 with
-/// the field's path.
-pub(super) fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge { limit }
-        } else {
-            ApiError::MalformedJson(rejection.body_text())
-        }
-    })?;
-    let deserializer = &mut serde_json::Deserializer::from_slice(&body);
-    serde_path_to_error::deserialize(deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        if inner.is_data() {
-            let message = inner.to_string();
-            let field = field_path(&path, &message);
-            ApiError::Invalid(FieldError::new(field, strip_position(&message)))
-        } else {
-            ApiError::MalformedJson(inner.to_string())
-        }
-    })
-}
-
-/// The JSON path of the field to blame. The path serde reports ends at the offending
-/// value, except for a missing field, where it ends at the object that lacks it (`.` at
-/// the top) and only the message names the field: "missing field `x` …".
-fn field_path(path: &str, message: &str) -> String {
-    let missing = message
-        .strip_prefix("missing field `")
-        .and_then(|rest| rest.split('`').next());
-    match (missing, path) {
-        (Some(name), ".") => name.to_owned(),
-        (Some(name), parent) => format!("{parent}.{name}"),
-        (None, path) => path.to_owned(),
-    }
-}
-
-/// serde_json appends " at line L column C", which means nothing to a client that sent
-/// compact JSON.
-fn strip_position(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(index) => message[..index].to_owned(),
-        None => message.to_owned(),
-    }
-}
-
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -221,11 +170,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 pub async fn submit(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
-    Query(query): Query<SubmitQuery>,
+    QueryParams(query): QueryParams<SubmitQuery>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonBody(submission): JsonBody<Submission>,
 ) -> Result<Response, ApiError> {
-    let submission: Submission = parse_body(body, state.max_body_bytes)?;
     let key = idempotency_key(&headers)?;
     // Hash the parsed submission, not the bytes: the same request with other whitespace
     // or key order is the same request.
@@ -346,8 +294,7 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
     Ok(())
 }
 
-async fn owned_task(state: &AppState, tenant: &str, id: &str) -> Result<Task, ApiError> {
-    let id: TaskId = id.parse().map_err(|_| ApiError::NotFound)?;
+async fn owned_task(state: &AppState, tenant: &str, id: TaskId) -> Result<Task, ApiError> {
     state
         .store()
         .get_task(tenant, id)
@@ -363,9 +310,9 @@ async fn owned_task(state: &AppState, tenant: &str, id: &str) -> Result<Task, Ap
 pub async fn get_one(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
-    Path(id): Path<String>,
+    TaskIdPath(id): TaskIdPath,
 ) -> Result<Json<TaskView>, ApiError> {
-    let task = owned_task(&state, &tenant.name, &id).await?;
+    let task = owned_task(&state, &tenant.name, id).await?;
     let reports = state.store().reports(task.id).await?;
     let last = state.store().last_heartbeat(task.id).await?;
     let runner = runner_view(task.attempt, &reports, last.as_ref());
@@ -401,9 +348,8 @@ pub struct TaskPage {
 pub async fn list(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<TaskPage>, ApiError> {
-    let Query(query) = query.map_err(|e| FieldError::new("query", e.body_text()))?;
     let task_state = query
         .state
         .map(|s| s.parse::<TaskState>())
@@ -458,36 +404,21 @@ pub async fn list(
 pub async fn cancel(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
-    Path(id): Path<String>,
+    TaskIdPath(id): TaskIdPath,
 ) -> Result<Json<TaskView>, ApiError> {
-    let mut task = owned_task(&state, &tenant.name, &id).await?;
-    // The task may move between our read and our write (the watcher records progress);
-    // every move ends in a terminal state after finitely many steps, so retry the CAS.
-    for _ in 0..10 {
-        if task.state.is_terminal() {
-            return Ok(Json(TaskView::new(task, &state, None)));
-        }
-        if let Some(cancelled) = state
-            .lifecycle
-            .apply(task.id, task.state, Move::Cancel)
-            .await?
-        {
+    let task = owned_task(&state, &tenant.name, id).await?;
+    match state.lifecycle.cancel(task).await? {
+        Cancelled::Now(cancelled) => {
             if let Err(error) = state.canceller.cancel(&cancelled).await {
                 // The watcher deletes any Job still running for a cancelled task.
                 tracing::warn!(task_id = %cancelled.id, error = %error, "stopping the task failed; the watcher will retry");
             }
             tracing::info!(task_id = %cancelled.id, "task cancelled");
-            return Ok(Json(TaskView::new(cancelled, &state, None)));
+            Ok(Json(TaskView::new(cancelled, &state, None)))
         }
-        task = state
-            .store()
-            .get_task(&tenant.name, task.id)
-            .await?
-            .ok_or(ApiError::NotFound)?;
+        Cancelled::AlreadyEnded(task) => Ok(Json(TaskView::new(task, &state, None))),
+        Cancelled::Gone => Err(ApiError::NotFound),
     }
-    Err(ApiError::Unavailable {
-        what: "cancellation (the task keeps changing state)",
-    })
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -543,10 +474,10 @@ pub struct EventList {
 pub async fn events(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
-    Path(id): Path<String>,
-    Query(query): Query<EventsQuery>,
+    TaskIdPath(id): TaskIdPath,
+    QueryParams(query): QueryParams<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let task = owned_task(&state, &tenant.name, &id).await?;
+    let task = owned_task(&state, &tenant.name, id).await?;
     if !query.follow {
         let items = state
             .store()

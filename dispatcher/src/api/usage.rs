@@ -2,10 +2,11 @@
 //! its budgets and what it has spent of them.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 
 use super::auth::Authenticated;
+use super::extract::QueryParams;
 use super::{ApiError, AppState};
 use crate::cost::{Period, round_cents};
 use crate::store::{Budget, GroupBy, UsageGroup};
@@ -78,7 +79,7 @@ fn instant(field: &str, text: &str) -> Result<jiff::Timestamp, ApiError> {
 pub async fn usage(
     State(state): State<AppState>,
     Authenticated(tenant): Authenticated,
-    Query(query): Query<UsageQuery>,
+    QueryParams(query): QueryParams<UsageQuery>,
 ) -> Result<Json<Usage>, ApiError> {
     let now = jiff::Timestamp::now();
     let from = query

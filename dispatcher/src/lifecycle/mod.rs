@@ -24,7 +24,7 @@ use protocol::TerminationSummary;
 use crate::cost::Prices;
 use crate::metrics::Metrics;
 use crate::store::{Recorded, Store, StoreError};
-use crate::task::lifecycle::{IllegalMove, Move, plan_note};
+use crate::task::lifecycle::{IllegalMove, Move, MoveKind, plan_note};
 use crate::task::{Reason, Task, TaskId, TaskState};
 
 /// Why a move was not made.
@@ -35,7 +35,24 @@ pub enum Error {
     Illegal(#[from] IllegalMove),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The task kept moving while a move was retried; try again later.
+    #[error("task {task_id} kept changing state")]
+    Contended { task_id: TaskId },
 }
+
+/// What [`Lifecycle::cancel`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancelled {
+    /// Cancelled now: its Job or process is to be stopped.
+    Now(Task),
+    /// It had ended already; as it ended.
+    AlreadyEnded(Task),
+    /// It no longer exists.
+    Gone,
+}
+
+/// How often a cancel retries its compare-and-set on a task that keeps moving.
+const CANCEL_TRIES: usize = 10;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -94,6 +111,39 @@ impl Lifecycle {
     /// took it, or it was cancelled or is gone.
     pub async fn claim(&self, id: TaskId) -> Result<Option<Task>> {
         self.apply(id, TaskState::Queued, Move::Claim).await
+    }
+
+    /// Cancels `task` whatever it is doing, unless it has ended. The task may move between
+    /// the read and the write (the watcher records progress); every move ends in a
+    /// terminal state after finitely many steps, so the compare-and-set is retried from
+    /// the state read anew, a bounded number of times.
+    pub async fn cancel(&self, mut task: Task) -> Result<Cancelled> {
+        for _ in 0..CANCEL_TRIES {
+            if task.state.is_terminal() {
+                return Ok(Cancelled::AlreadyEnded(task));
+            }
+            if let Some(cancelled) = self.apply(task.id, task.state, Move::Cancel).await? {
+                return Ok(Cancelled::Now(cancelled));
+            }
+            let Some(current) = self.store.task(task.id).await? else {
+                return Ok(Cancelled::Gone);
+            };
+            task = current;
+        }
+        Err(Error::Contended { task_id: task.id })
+    }
+
+    /// The runner of `task`'s current attempt reported that it started: the task runs,
+    /// unless it was already seen running or has moved on.
+    pub async fn runner_started(&self, task: &Task) -> Result<Option<Task>> {
+        if !MoveKind::Started.sources().contains(&task.state) {
+            return Ok(None);
+        }
+        let moved = self.apply(task.id, task.state, Move::Started).await?;
+        if moved.is_some() {
+            tracing::info!(task_id = %task.id, attempt = task.attempt, "runner started; task running");
+        }
+        Ok(moved)
     }
 
     /// Records why `task` waits in `state`, without moving it (see [`Store::record_note`]).
