@@ -52,7 +52,9 @@ use tracing::instrument;
 
 pub use error::{Result, StoreError};
 pub use reports::{LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION_SEQUENCE};
-pub use spend::{ActiveTask, Budget, BudgetAction, GroupBy, QueueFigures, Spend, UsageGroup};
+pub use spend::{ActiveTask, GroupBy, QueueFigures, Spend, UsageGroup};
+// The budget types moved to `cost`; re-exported while callers still name them here.
+pub use crate::cost::{Budget, BudgetAction};
 
 use crate::cost::{Breakdown, Prices};
 use crate::metrics::{FinishedLabels, LaunchLabels, Metrics, StageLabels};
