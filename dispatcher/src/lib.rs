@@ -4,12 +4,14 @@
 //!
 //! Modules are domain concepts around a pure core: [`task`] (what a task is and how its
 //! state may move) and [`placement`] know nothing of Kubernetes, SQL, Redis or HTTP;
-//! [`launcher::job_spec`] is a pure function from a task to its Job.
+//! [`launcher::job_spec`] is a pure function from a task to its Job. [`config`] parses the
+//! flags and environment into types; [`app`] wires the parts into the commands the
+//! binary runs, and is the only module that uses `anyhow`.
 
 pub mod api;
+pub mod app;
 pub mod config;
 pub mod cost;
-pub mod healthcheck;
 pub mod k8s;
 pub mod launcher;
 pub mod lifecycle;

@@ -132,7 +132,7 @@ fn strip_position(message: &str) -> String {
 mod tests {
     use axum::body::Bytes;
 
-    use super::{ApiError, parse_body};
+    use super::{ApiError, field_path, parse_body, strip_position};
 
     #[derive(Debug, serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -159,6 +159,26 @@ mod tests {
         assert_eq!(
             field(parsed(r#"{"name": "a", "count": 1, "extra": 0}"#)),
             "."
+        );
+    }
+
+    #[test]
+    fn serde_messages_become_client_messages() {
+        assert_eq!(
+            field_path("gpus", "unknown field `gpus`, expected one of `name`"),
+            "gpus"
+        );
+        assert_eq!(
+            field_path(".", "missing field `image` at line 1 column 12"),
+            "image"
+        );
+        assert_eq!(
+            field_path("resources.gpu", "missing field `class` at line 1 column 54"),
+            "resources.gpu.class"
+        );
+        assert_eq!(
+            strip_position("invalid type: string \"x\", expected u32 at line 1 column 9"),
+            "invalid type: string \"x\", expected u32"
         );
     }
 }

@@ -561,28 +561,3 @@ fn follow_stream(
         }
     })
 }
-
-#[cfg(test)]
-mod tests {
-    use super::{field_path, strip_position};
-
-    #[test]
-    fn serde_messages_become_client_messages() {
-        assert_eq!(
-            field_path("gpus", "unknown field `gpus`, expected one of `name`"),
-            "gpus"
-        );
-        assert_eq!(
-            field_path(".", "missing field `image` at line 1 column 12"),
-            "image"
-        );
-        assert_eq!(
-            field_path("resources.gpu", "missing field `class` at line 1 column 54"),
-            "resources.gpu.class"
-        );
-        assert_eq!(
-            strip_position("invalid type: string \"x\", expected u32 at line 1 column 9"),
-            "invalid type: string \"x\", expected u32"
-        );
-    }
-}

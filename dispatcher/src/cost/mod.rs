@@ -19,6 +19,10 @@ use crate::placement::GpuClasses;
 pub use crate::task::Breakdown;
 use crate::task::{Task, TaskSpec};
 
+mod budget;
+
+pub use budget::{Budget, BudgetAction};
+
 /// A price that is negative or not a number; names the price.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("price {name} is {value}: prices must be finite and at least 0")]
@@ -38,12 +42,12 @@ pub struct Prices {
 }
 
 impl Default for Prices {
-    /// The built-in GPU classes' list prices, $0.04 per core-hour, $0.005 per GiB-hour.
+    /// The built-in GPU classes' list prices, and the default CPU and memory prices.
     fn default() -> Self {
         Self {
             gpu_hour: gpu_prices(&GpuClasses::default()),
-            cpu_core_hour: 0.04,
-            memory_gib_hour: 0.005,
+            cpu_core_hour: Self::DEFAULT_CPU_CORE_HOUR,
+            memory_gib_hour: Self::DEFAULT_MEMORY_GIB_HOUR,
         }
     }
 }
@@ -56,6 +60,11 @@ fn gpu_prices(classes: &GpuClasses) -> BTreeMap<String, f64> {
 }
 
 impl Prices {
+    /// Dollars per CPU core-hour unless configured (also the `--price-cpu-core-hour` default).
+    pub const DEFAULT_CPU_CORE_HOUR: f64 = 0.04;
+    /// Dollars per GiB-hour of memory unless configured.
+    pub const DEFAULT_MEMORY_GIB_HOUR: f64 = 0.005;
+
     /// The price table: each GPU class's `price_per_hour`, and the CPU and memory prices.
     pub fn new(
         gpu_classes: &GpuClasses,

@@ -15,6 +15,7 @@
 //!   memory-backed volume, so the request is the task's memory plus its shm size.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
@@ -56,22 +57,57 @@ pub const DEADLINE_MARGIN_SECONDS: u32 = 30;
 
 pub use crate::report::ReportAccess;
 
+/// The namespace task Jobs are created in unless configured.
+pub const DEFAULT_NAMESPACE: &str = "agent-bus-tasks";
+/// How long Kubernetes keeps a finished Job unless configured.
+pub const DEFAULT_TTL_AFTER_FINISHED: Duration = Duration::from_hours(24);
+/// The user and group tasks run as unless configured (not root: `restricted` forbids it).
+pub const DEFAULT_RUN_AS_USER: i64 = 65_532;
+/// The agent-bus image of this version: it holds the runner at [`RUNNER_IN_IMAGE`].
+pub const DEFAULT_RUNNER_IMAGE: &str =
+    concat!("ghcr.io/agent-bus/agent-bus:", env!("CARGO_PKG_VERSION"));
+/// The time between runner heartbeats unless configured.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// When the kubelet pulls an image: a container's `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImagePullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl ImagePullPolicy {
+    pub const ALL: [Self; 3] = [Self::Always, Self::IfNotPresent, Self::Never];
+
+    /// The value as Kubernetes spells it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
 /// The init container that brings the runner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunnerInjection {
     /// The agent-bus image (it holds the runner at [`RUNNER_IN_IMAGE`]).
     pub image: String,
-    pub image_pull_policy: Option<String>,
-    /// Seconds between heartbeats.
-    pub heartbeat_seconds: u32,
+    /// `None`: Kubernetes' default for the image's tag.
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// Between heartbeats, to the second.
+    pub heartbeat: Duration,
 }
 
 impl Default for RunnerInjection {
     fn default() -> Self {
         Self {
-            image: format!("ghcr.io/agent-bus/agent-bus:{}", env!("CARGO_PKG_VERSION")),
+            image: DEFAULT_RUNNER_IMAGE.to_owned(),
             image_pull_policy: None,
-            heartbeat_seconds: 15,
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 }
@@ -81,9 +117,9 @@ impl Default for RunnerInjection {
 pub struct LaunchConfig {
     pub namespace: String,
     pub gpu_classes: GpuClasses,
-    /// Kubernetes deletes a finished Job this long after it finished: a backstop only,
-    /// long enough for the watcher to have recorded the outcome.
-    pub ttl_seconds_after_finished: i32,
+    /// Kubernetes deletes a finished Job this long after it finished (to the second): a
+    /// backstop only, long enough for the watcher to have recorded the outcome.
+    pub ttl_after_finished: Duration,
     /// The user and group the task runs as (the `restricted` profile forbids root).
     pub run_as_user: i64,
     /// When set, Jobs carry `kueue.x-k8s.io/queue-name` so a cluster's Kueue admits them.
@@ -96,10 +132,10 @@ pub struct LaunchConfig {
 impl Default for LaunchConfig {
     fn default() -> Self {
         Self {
-            namespace: "agent-bus-tasks".into(),
+            namespace: DEFAULT_NAMESPACE.into(),
             gpu_classes: GpuClasses::default(),
-            ttl_seconds_after_finished: 24 * 3600,
-            run_as_user: 65532,
+            ttl_after_finished: DEFAULT_TTL_AFTER_FINISHED,
+            run_as_user: DEFAULT_RUN_AS_USER,
             kueue_queue_name: None,
             runner: RunnerInjection::default(),
             scratch_storage_class: None,
@@ -243,7 +279,7 @@ pub fn build_job(
         ),
         env_var(
             runner_env::HEARTBEAT_SECONDS,
-            config.runner.heartbeat_seconds.to_string(),
+            config.runner.heartbeat.as_secs().to_string(),
         ),
     ]);
     if let Some(report) = report {
@@ -323,7 +359,10 @@ pub fn build_job(
     let init_container = Container {
         name: RUNNER_INIT_CONTAINER.to_owned(),
         image: Some(config.runner.image.clone()),
-        image_pull_policy: config.runner.image_pull_policy.clone(),
+        image_pull_policy: config
+            .runner
+            .image_pull_policy
+            .map(|policy| policy.as_str().to_owned()),
         command: Some(vec![
             RUNNER_IN_IMAGE.to_owned(),
             "install".to_owned(),
@@ -359,7 +398,10 @@ pub fn build_job(
             // class; the Job itself never re-runs a failed pod.
             backoff_limit: Some(0),
             active_deadline_seconds: Some(active_deadline),
-            ttl_seconds_after_finished: Some(config.ttl_seconds_after_finished),
+            // Saturated: a TTL past i32::MAX seconds (68 years) keeps the Job as long.
+            ttl_seconds_after_finished: Some(
+                i32::try_from(config.ttl_after_finished.as_secs()).unwrap_or(i32::MAX),
+            ),
             pod_failure_policy: Some(PodFailurePolicy {
                 rules: vec![PodFailurePolicyRule {
                     // A pod lost to eviction, preemption or node drain is the cluster's

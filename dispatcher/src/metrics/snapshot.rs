@@ -30,11 +30,18 @@ pub struct SnapshotConfig {
     pub cost_rate_alert_dollars_per_hour: f64,
 }
 
+impl SnapshotConfig {
+    /// The default of `max_age` (and of `--metrics-snapshot-seconds`).
+    pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(5);
+    /// The default of `queued_too_long` (and of `--queued-too-long-after`).
+    pub const DEFAULT_QUEUED_TOO_LONG: Duration = Duration::from_mins(10);
+}
+
 impl Default for SnapshotConfig {
     fn default() -> Self {
         Self {
-            max_age: Duration::from_secs(5),
-            queued_too_long: Duration::from_mins(10),
+            max_age: Self::DEFAULT_MAX_AGE,
+            queued_too_long: Self::DEFAULT_QUEUED_TOO_LONG,
             launching_stale: Duration::from_mins(2),
             cost_rate_alert_dollars_per_hour: 0.0,
         }

@@ -62,14 +62,16 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Transaction};
 
 pub use error::{Result, StoreError};
+pub use crate::cost::{Spend, SpendParts};
+// The budget types moved to `cost`; re-exported while callers still name them here.
+pub use crate::cost::{Budget, BudgetAction};
+pub use events::TaskEvent;
 pub use reports::{
     LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION_SEQUENCE, UnreportedUsage,
 };
-pub use crate::cost::{Spend, SpendParts};
-pub use spend::{ActiveTask, Budget, BudgetAction, GroupBy, QueueFigures, UsageGroup};
+pub use spend::{ActiveTask, GroupBy, QueueFigures, UsageGroup};
 pub use tasks::{Idempotency, Inserted, ListFilter, NewTask};
 pub use tenants::Tenant;
-pub use events::TaskEvent;
 
 use row::millis;
 

@@ -6,9 +6,8 @@ use std::str::FromStr;
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
-use super::spend::Budget;
 use super::{Result, StoreError, TaskEvent, Tenant};
-use crate::cost::Breakdown;
+use crate::cost::{Breakdown, Budget};
 use crate::task::{Reason, Spent, Task, TaskId, TaskSpec, TaskState, Timeline};
 
 /// The columns [`task`] reads, in `SELECT` order; a macro so queries stay `&'static str`.

@@ -149,11 +149,7 @@ pub struct ShmRule {
 
 impl Default for ShmRule {
     fn default() -> Self {
-        Self {
-            fraction: 0.25,
-            cap: gib(16),
-            without_memory_request: gib(1),
-        }
+        Self::DEFAULT
     }
 }
 
@@ -162,6 +158,14 @@ const fn gib(n: u64) -> Memory {
 }
 
 impl ShmRule {
+    /// A quarter of the memory request, at most 16Gi, 1Gi without a memory request (also
+    /// the defaults of the `--shm-*` flags).
+    pub const DEFAULT: Self = Self {
+        fraction: 0.25,
+        cap: gib(16),
+        without_memory_request: gib(1),
+    };
+
     /// The shm size of a task of this kind with this memory request (`None`: keep the
     /// runtime default). Rounded down to whole MiB.
     #[must_use]

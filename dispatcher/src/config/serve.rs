@@ -1,140 +1,22 @@
-//! All configuration: one clap structure, every flag with an environment fallback and a
-//! `///` doc that becomes `--help`. Nothing else in the dispatcher reads the environment.
+//! The flags of `dispatcher serve`: where it listens and stores, where tasks run, the
+//! placement, the runner and the cost figures.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::Args;
 
-/// agent-bus dispatcher: REST task submission, durable state, queue, and one Kubernetes
-/// Job (or local process) per task.
-#[derive(Debug, Parser)]
-#[command(name = "dispatcher", version, about, long_about = None)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-    #[command(flatten)]
-    pub log: LogArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Runs the dispatcher: the api, launcher and watcher roles (all by default).
-    Serve(Box<ServeArgs>),
-    /// Applies the database migrations and exits.
-    Migrate(DatabaseArgs),
-    /// Manages tenants.
-    #[command(subcommand)]
-    Tenant(TenantCommand),
-    /// Asks a running dispatcher's probe endpoint and exits 0 when it answers 200, 1
-    /// otherwise, with one line saying why: a container health check with no shell tools.
-    Healthcheck(HealthcheckArgs),
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct HealthcheckArgs {
-    /// The endpoint to ask (`/readyz` for readiness, `/healthz` for liveness).
-    #[arg(
-        long,
-        env = "AGENT_BUS_HEALTHCHECK_URL",
-        default_value = "http://127.0.0.1:8080/readyz"
-    )]
-    pub url: String,
-    /// Seconds to wait for the answer before counting the check as failed.
-    #[arg(long, env = "AGENT_BUS_HEALTHCHECK_TIMEOUT", value_parser = parse_seconds, default_value = "5")]
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TenantCommand {
-    /// Creates a tenant and prints its new API key, alone, on stdout (only a hash of the
-    /// key is stored: keep it, it cannot be shown again).
-    Create {
-        /// The tenant's name: an RFC 1123 label (lowercase letters, digits, '-').
-        name: String,
-        /// How many of its tasks may wait in state `queued` at once; more get 429.
-        #[arg(long, default_value_t = 1000)]
-        max_queued_tasks: u32,
-        #[command(flatten)]
-        budget: BudgetArgs,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-    /// Sets (or clears) a tenant's budgets.
-    Budget {
-        /// The tenant's name.
-        name: String,
-        #[command(flatten)]
-        budget: BudgetArgs,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
-}
-
-/// A tenant's spending limits (see docs/OBSERVABILITY.md, "Cost").
-#[derive(Debug, Clone, Args)]
-pub struct BudgetArgs {
-    /// Dollars per UTC day; without it, no daily budget.
-    // Negative numbers are taken as values so that the check names the flag (clap would
-    // otherwise call `-5` an unexpected argument).
-    #[arg(long, allow_negative_numbers = true)]
-    pub daily_budget: Option<f64>,
-    /// Dollars per UTC month; without it, no monthly budget.
-    #[arg(long, allow_negative_numbers = true)]
-    pub monthly_budget: Option<f64>,
-    /// What a spent budget does: `alert` (metrics and the alert only) or `refuse` (also
-    /// 402 on new submissions until the period ends).
-    #[arg(long, default_value = "alert")]
-    pub budget_action: String,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct DatabaseArgs {
-    /// Where state lives: `postgres://user@host:port/db` or `sqlite://PATH` (the file is
-    /// created if missing).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://agent-bus.db")]
-    pub database_url: String,
-    /// Connections in the database pool.
-    #[arg(long, env = "AGENT_BUS_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
-    pub database_max_connections: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ExecutorChoice {
-    /// Kubernetes when a kubeconfig or in-cluster service account is found, else local.
-    Auto,
-    /// Every task is a Kubernetes Job.
-    Kubernetes,
-    /// Every task is a child process of the dispatcher (no image, no cluster).
-    Local,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
-pub enum Role {
-    /// The REST API.
-    Api,
-    /// Claims queued tasks and creates their Jobs (or processes).
-    Launcher,
-    /// Watches Jobs and Pods and records every state change (leader-elected).
-    Watcher,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct LogArgs {
-    /// Log output: human-readable text or one JSON object per line.
-    #[arg(long, env = "AGENT_BUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-    /// Log filter in tracing's EnvFilter syntax, e.g. `info,dispatcher=debug`.
-    #[arg(long, env = "AGENT_BUS_LOG", default_value = "info", global = true)]
-    pub log_filter: String,
-}
+use super::values::{duration_default, parse_duration, parse_fraction};
+use super::{DatabaseArgs, ExecutorChoice, Role};
+use crate::cost::Prices;
+use crate::launcher::job_spec::{
+    DEFAULT_HEARTBEAT, DEFAULT_NAMESPACE, DEFAULT_RUN_AS_USER, DEFAULT_RUNNER_IMAGE,
+    DEFAULT_TTL_AFTER_FINISHED, ImagePullPolicy,
+};
+use crate::metrics::snapshot::SnapshotConfig;
+use crate::task::Memory;
+use crate::task::submission::ShmRule;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -166,7 +48,7 @@ pub struct ServeArgs {
     )]
     pub in_cluster_token: PathBuf,
     /// Namespace the task Jobs are created in.
-    #[arg(long, env = "AGENT_BUS_NAMESPACE", default_value = "agent-bus-tasks")]
+    #[arg(long, env = "AGENT_BUS_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
     /// Roles this process runs, comma-separated.
     #[arg(long, env = "AGENT_BUS_ROLES", value_enum, value_delimiter = ',', default_values_t = [Role::Api, Role::Launcher, Role::Watcher])]
@@ -178,20 +60,20 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENT_BUS_LAUNCH_CONCURRENCY", default_value_t = 32)]
     pub launch_concurrency: usize,
     /// A pod unschedulable this long gives its task the visible reason `unschedulable`.
-    #[arg(long, env = "AGENT_BUS_UNSCHEDULABLE_AFTER", value_parser = parse_seconds, default_value = "120")]
+    #[arg(long, env = "AGENT_BUS_UNSCHEDULABLE_AFTER", value_parser = parse_duration, default_value = "120s")]
     pub unschedulable_after: Duration,
     /// How often reconcilers compare the store with the queue and the cluster.
-    #[arg(long, env = "AGENT_BUS_RECONCILE_INTERVAL", value_parser = parse_seconds, default_value = "5")]
+    #[arg(long, env = "AGENT_BUS_RECONCILE_INTERVAL", value_parser = parse_duration, default_value = "5s")]
     pub reconcile_interval: Duration,
     /// A task still `launching` after this long is launched again (idempotently: its Job
     /// name is fixed, so a Job created before a crash is found, not duplicated).
-    #[arg(long, env = "AGENT_BUS_LAUNCHING_STALE_AFTER", value_parser = parse_seconds, default_value = "15")]
+    #[arg(long, env = "AGENT_BUS_LAUNCHING_STALE_AFTER", value_parser = parse_duration, default_value = "15s")]
     pub launching_stale_after: Duration,
     /// Kubernetes deletes a finished Job this many seconds later (a backstop).
-    #[arg(long, env = "AGENT_BUS_JOB_TTL_SECONDS", default_value_t = 86_400)]
-    pub job_ttl_seconds: i32,
+    #[arg(long, env = "AGENT_BUS_JOB_TTL_SECONDS", value_parser = parse_duration, default_value = duration_default!(DEFAULT_TTL_AFTER_FINISHED))]
+    pub job_ttl_seconds: Duration,
     /// User and group id tasks run as (the `restricted` Pod Security profile forbids root).
-    #[arg(long, env = "AGENT_BUS_RUN_AS_USER", default_value_t = 65_532)]
+    #[arg(long, env = "AGENT_BUS_RUN_AS_USER", default_value_t = DEFAULT_RUN_AS_USER)]
     pub run_as_user: i64,
     /// Kueue LocalQueue name to put on every Job (`kueue.x-k8s.io/queue-name`).
     #[arg(long, env = "AGENT_BUS_KUEUE_QUEUE")]
@@ -239,10 +121,10 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct CostArgs {
     /// Dollars per CPU core-hour requested.
-    #[arg(long, env = "AGENT_BUS_PRICE_CPU_CORE_HOUR", default_value_t = 0.04)]
+    #[arg(long, env = "AGENT_BUS_PRICE_CPU_CORE_HOUR", default_value_t = Prices::DEFAULT_CPU_CORE_HOUR)]
     pub price_cpu_core_hour: f64,
     /// Dollars per GiB-hour of memory requested.
-    #[arg(long, env = "AGENT_BUS_PRICE_MEMORY_GIB_HOUR", default_value_t = 0.005)]
+    #[arg(long, env = "AGENT_BUS_PRICE_MEMORY_GIB_HOUR", default_value_t = Prices::DEFAULT_MEMORY_GIB_HOUR)]
     pub price_memory_gib_hour: f64,
     /// Running tasks costing more than this many dollars per hour in total fire
     /// AgentBusHighCostRate (exported as a gauge the rule compares with); 0 disables it.
@@ -253,10 +135,10 @@ pub struct CostArgs {
     )]
     pub cost_rate_alert_dollars_per_hour: f64,
     /// A task queued longer than this counts in `agent_bus_stuck_tasks{reason="queued_too_long"}`.
-    #[arg(long, env = "AGENT_BUS_QUEUED_TOO_LONG_AFTER", value_parser = parse_seconds, default_value = "600")]
+    #[arg(long, env = "AGENT_BUS_QUEUED_TOO_LONG_AFTER", value_parser = parse_duration, default_value = duration_default!(SnapshotConfig::DEFAULT_QUEUED_TOO_LONG))]
     pub queued_too_long_after: Duration,
     /// How often at most `/metrics` reads the store for its state gauges.
-    #[arg(long, env = "AGENT_BUS_METRICS_SNAPSHOT_SECONDS", value_parser = parse_seconds, default_value = "5")]
+    #[arg(long, env = "AGENT_BUS_METRICS_SNAPSHOT_SECONDS", value_parser = parse_duration, default_value = duration_default!(SnapshotConfig::DEFAULT_MAX_AGE))]
     pub metrics_snapshot_max_age: Duration,
 }
 
@@ -270,20 +152,20 @@ pub struct PlacementArgs {
     pub placement_file: Option<PathBuf>,
     /// An ML/CV task without an explicit `shm` gets this share of its memory request as
     /// /dev/shm…
-    #[arg(long, env = "AGENT_BUS_SHM_FRACTION", default_value_t = 0.25, value_parser = parse_fraction)]
+    #[arg(long, env = "AGENT_BUS_SHM_FRACTION", default_value_t = ShmRule::DEFAULT.fraction, value_parser = parse_fraction)]
     pub shm_fraction: f64,
     /// …at most this much (a Kubernetes quantity)…
-    #[arg(long, env = "AGENT_BUS_SHM_CAP", default_value = "16Gi")]
-    pub shm_cap: String,
+    #[arg(long, env = "AGENT_BUS_SHM_CAP", default_value_t = ShmRule::DEFAULT.cap)]
+    pub shm_cap: Memory,
     /// …and this much when it requests no memory.
-    #[arg(long, env = "AGENT_BUS_SHM_WITHOUT_MEMORY", default_value = "1Gi")]
-    pub shm_without_memory: String,
+    #[arg(long, env = "AGENT_BUS_SHM_WITHOUT_MEMORY", default_value_t = ShmRule::DEFAULT.without_memory_request)]
+    pub shm_without_memory: Memory,
     /// StorageClass of per-task scratch volumes (default: the cluster's default class).
     #[arg(long, env = "AGENT_BUS_SCRATCH_STORAGE_CLASS")]
     pub scratch_storage_class: Option<String>,
     /// A pod no node of its GPU class took for this long moves to the class's next
     /// fallback, as a new attempt.
-    #[arg(long, env = "AGENT_BUS_FALLBACK_AFTER", value_parser = parse_seconds, default_value = "300")]
+    #[arg(long, env = "AGENT_BUS_FALLBACK_AFTER", value_parser = parse_duration, default_value = "300s")]
     pub fallback_after: Duration,
 }
 
@@ -300,51 +182,116 @@ pub struct RunnerArgs {
     #[arg(long, env = "AGENT_BUS_REPORT_SECRET", hide_env_values = true)]
     pub report_secret: Option<String>,
     /// Image of the init container that copies the runner into each pod.
-    #[arg(long, env = "AGENT_BUS_RUNNER_IMAGE", default_value = concat!("ghcr.io/agent-bus/agent-bus:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, env = "AGENT_BUS_RUNNER_IMAGE", default_value = DEFAULT_RUNNER_IMAGE)]
     pub runner_image: String,
     /// Pull policy of that image (Always, IfNotPresent, Never; default: Kubernetes').
-    #[arg(long, env = "AGENT_BUS_RUNNER_IMAGE_PULL_POLICY")]
-    pub runner_image_pull_policy: Option<String>,
+    #[arg(
+        long,
+        env = "AGENT_BUS_RUNNER_IMAGE_PULL_POLICY",
+        value_enum,
+        hide_possible_values = true
+    )]
+    pub runner_image_pull_policy: Option<ImagePullPolicy>,
     /// The runner binary the local executor runs tasks through (default: `runner` next
     /// to the dispatcher's own executable, else on PATH).
     #[arg(long, env = "AGENT_BUS_RUNNER_PATH")]
     pub runner_path: Option<PathBuf>,
     /// Seconds between runner heartbeats.
-    #[arg(long, env = "AGENT_BUS_HEARTBEAT_SECONDS", default_value_t = 15)]
-    pub heartbeat_seconds: u32,
+    #[arg(long, env = "AGENT_BUS_HEARTBEAT_SECONDS", value_parser = parse_duration, default_value = duration_default!(DEFAULT_HEARTBEAT))]
+    pub heartbeat_seconds: Duration,
     /// A running task whose runner was silent this long gets reason `heartbeat_lost`.
-    #[arg(long, env = "AGENT_BUS_HEARTBEAT_TIMEOUT", value_parser = parse_seconds, default_value = "90")]
+    #[arg(long, env = "AGENT_BUS_HEARTBEAT_TIMEOUT", value_parser = parse_duration, default_value = "90s")]
     pub heartbeat_timeout: Duration,
     /// Also fail such a task (and delete its Job) instead of only showing the reason.
     #[arg(long, env = "AGENT_BUS_FAIL_ON_HEARTBEAT_LOST")]
     pub fail_on_heartbeat_lost: bool,
 }
 
-fn parse_fraction(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(value) if value > 0.0 && value <= 1.0 => Ok(value),
-        _ => Err(format!(
-            "'{text}' is not a fraction between 0 (excluded) and 1"
-        )),
-    }
-}
-
-/// Whole seconds, as written in flags (`120`).
-pub fn parse_seconds(text: &str) -> Result<Duration, String> {
-    text.trim()
-        .parse::<u64>()
-        .map(Duration::from_secs)
-        .map_err(|_| format!("'{text}' is not a whole number of seconds"))
-}
-
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory as _;
+    use std::time::Duration;
 
-    use super::Cli;
+    use clap::Parser as _;
+
+    use super::ServeArgs;
+    use crate::config::{Cli, Command};
+    use crate::cost::Prices;
+    use crate::launcher::job_spec::{ImagePullPolicy, LaunchConfig};
+    use crate::metrics::snapshot::SnapshotConfig;
+    use crate::task::submission::ShmRule;
+
+    fn serve(args: &[&str]) -> Box<ServeArgs> {
+        let cli = Cli::try_parse_from([&["dispatcher", "serve"], args].concat()).unwrap();
+        match cli.command {
+            Command::Serve(args) => args,
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
-    fn the_cli_is_consistent() {
-        Cli::command().debug_assert();
+    fn serve_defaults_are_the_library_defaults() {
+        let args = serve(&[]);
+        let launch = LaunchConfig::default();
+        assert_eq!(args.namespace, launch.namespace);
+        assert_eq!(args.job_ttl_seconds, launch.ttl_after_finished);
+        assert_eq!(args.run_as_user, launch.run_as_user);
+        assert_eq!(args.runner.runner_image, launch.runner.image);
+        assert_eq!(args.runner.runner_image_pull_policy, None);
+        assert_eq!(args.runner.heartbeat_seconds, launch.runner.heartbeat);
+        let shm = ShmRule::default();
+        // Exactly the same number: the default is printed and parsed back.
+        assert_eq!(
+            args.placement.shm_fraction.to_bits(),
+            shm.fraction.to_bits()
+        );
+        assert_eq!(args.placement.shm_cap, shm.cap);
+        assert_eq!(
+            args.placement.shm_without_memory,
+            shm.without_memory_request
+        );
+        let snapshot = SnapshotConfig::default();
+        assert_eq!(args.cost.metrics_snapshot_max_age, snapshot.max_age);
+        assert_eq!(args.cost.queued_too_long_after, snapshot.queued_too_long);
+        assert_eq!(
+            args.cost.price_cpu_core_hour.to_bits(),
+            Prices::DEFAULT_CPU_CORE_HOUR.to_bits()
+        );
+        assert_eq!(
+            args.cost.price_memory_gib_hour.to_bits(),
+            Prices::DEFAULT_MEMORY_GIB_HOUR.to_bits()
+        );
+        assert_eq!(args.unschedulable_after, Duration::from_mins(2));
+        assert_eq!(args.runner.heartbeat_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn flags_are_parsed_into_their_types() {
+        let args = serve(&[
+            "--job-ttl-seconds",
+            "3600",
+            "--heartbeat-seconds",
+            "1m",
+            "--runner-image-pull-policy",
+            "IfNotPresent",
+            "--shm-cap",
+            "8Gi",
+        ]);
+        assert_eq!(args.job_ttl_seconds, Duration::from_hours(1));
+        assert_eq!(args.runner.heartbeat_seconds, Duration::from_mins(1));
+        assert_eq!(
+            args.runner.runner_image_pull_policy,
+            Some(ImagePullPolicy::IfNotPresent)
+        );
+        assert_eq!(args.placement.shm_cap.to_string(), "8Gi");
+        for bad in [
+            ["--runner-image-pull-policy", "Sometimes"],
+            ["--shm-cap", "lots"],
+            ["--reconcile-interval", "1.5s"],
+        ] {
+            let error = Cli::try_parse_from([&["dispatcher", "serve"][..], &bad].concat())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(bad[0]), "{bad:?}: {error}");
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! Health checking from outside the process and probes for every role.
+//! Health checking from outside the process and probes for every role (part of the app:
+//! it answers a command and serves the probe-only router).
 //!
 //! - `dispatcher healthcheck [--url …]` asks a running dispatcher's probe endpoint and
 //!   exits 0 on `200`, 1 otherwise, printing one line that says why. It is the container

@@ -1,0 +1,196 @@
+//! Where tasks run: which executor `--executor` (or `auto`) picks and why, the Kubernetes
+//! client it uses, the runner binary of the local executor, and the clean-up the local
+//! executor needs at start (its tasks die with the process).
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use crate::config::ExecutorChoice;
+use crate::metrics::Metrics;
+use crate::metrics::kubernetes::KubernetesMetricsLayer;
+
+/// Which executor `auto` picks, and the words for the first log line.
+pub(super) fn choose_executor(
+    choice: ExecutorChoice,
+    kubeconfig: Option<&Path>,
+    in_cluster_token: &Path,
+) -> (ExecutorChoice, String) {
+    match choice {
+        ExecutorChoice::Kubernetes => (
+            ExecutorChoice::Kubernetes,
+            "--executor kubernetes".to_owned(),
+        ),
+        ExecutorChoice::Local => (ExecutorChoice::Local, "--executor local".to_owned()),
+        ExecutorChoice::Auto => {
+            if let Some(path) = kubeconfig.filter(|p| p.exists()) {
+                (
+                    ExecutorChoice::Kubernetes,
+                    format!("auto: kubeconfig {} exists", path.display()),
+                )
+            } else if in_cluster_token.exists() {
+                (
+                    ExecutorChoice::Kubernetes,
+                    format!(
+                        "auto: in-cluster service account ({})",
+                        in_cluster_token.display()
+                    ),
+                )
+            } else {
+                (ExecutorChoice::Local, "auto: no kubeconfig (--kubeconfig/KUBECONFIG) and no in-cluster service account".to_owned())
+            }
+        }
+    }
+}
+
+/// A client from the kubeconfig when it exists, else the in-cluster service account; its
+/// requests are counted in the metrics.
+pub(super) async fn kube_client(
+    kubeconfig: Option<&PathBuf>,
+    metrics: &Metrics,
+) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig.filter(|p| p.exists()) {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(
+                kubeconfig,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?
+        }
+        None => kube::Config::incluster().context("in-cluster kubernetes configuration")?,
+    };
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&KubernetesMetricsLayer::new(metrics.clone()))
+        .build())
+}
+
+/// The runner the local executor uses: the configured path, else `runner` beside this
+/// executable (`own_executable`), else on the search path (the `PATH` value).
+pub(super) fn find_runner(
+    configured: Option<&Path>,
+    own_executable: Option<&Path>,
+    search_path: Option<&OsStr>,
+) -> anyhow::Result<PathBuf> {
+    if let Some(path) = configured {
+        anyhow::ensure!(
+            path.is_file(),
+            "--runner-path {}: no such file",
+            path.display()
+        );
+        return Ok(path.to_owned());
+    }
+    let beside = own_executable
+        .and_then(|exe| exe.parent().map(|dir| dir.join("runner")))
+        .filter(|path| path.is_file());
+    let on_path = || {
+        search_path.and_then(|paths| {
+            std::env::split_paths(paths)
+                .map(|dir| dir.join("runner"))
+                .find(|path| path.is_file())
+        })
+    };
+    beside.or_else(on_path).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the local executor runs every task through the runner, and none was found next to the dispatcher or on PATH: build it (cargo build --release -p runner) or pass --runner-path"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::{choose_executor, find_runner};
+    use crate::config::ExecutorChoice;
+
+    /// A fresh folder under the system's temporary one, removed when dropped.
+    struct Folder(PathBuf);
+
+    impl Folder {
+        fn new() -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("agent-bus-app-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+
+        fn file(&self, name: &str) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, "").unwrap();
+            path
+        }
+    }
+
+    impl Drop for Folder {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn an_explicit_executor_is_taken_as_is() {
+        let nowhere = Path::new("/nonexistent/agent-bus/token");
+        for choice in [ExecutorChoice::Kubernetes, ExecutorChoice::Local] {
+            assert_eq!(choose_executor(choice, None, nowhere).0, choice);
+        }
+        assert_eq!(
+            choose_executor(ExecutorChoice::Local, None, nowhere).1,
+            "--executor local"
+        );
+    }
+
+    #[test]
+    fn auto_is_kubernetes_with_a_kubeconfig_or_a_service_account() {
+        let folder = Folder::new();
+        let kubeconfig = folder.file("kubeconfig");
+        let token = folder.file("token");
+        let missing = folder.0.join("missing");
+
+        let (choice, why) = choose_executor(ExecutorChoice::Auto, Some(&kubeconfig), &missing);
+        assert_eq!(choice, ExecutorChoice::Kubernetes);
+        assert_eq!(
+            why,
+            format!("auto: kubeconfig {} exists", kubeconfig.display())
+        );
+
+        let (choice, why) = choose_executor(ExecutorChoice::Auto, Some(&missing), &token);
+        assert_eq!(choice, ExecutorChoice::Kubernetes);
+        assert!(why.starts_with("auto: in-cluster service account"), "{why}");
+
+        let (choice, why) = choose_executor(ExecutorChoice::Auto, Some(&missing), &missing);
+        assert_eq!(choice, ExecutorChoice::Local);
+        assert!(why.starts_with("auto: no kubeconfig"), "{why}");
+    }
+
+    #[test]
+    fn the_runner_is_the_configured_one_else_beside_the_executable_else_on_path() {
+        let beside = Folder::new();
+        let on_path = Folder::new();
+        let configured = on_path.file("my-runner");
+        let exe = beside.file("dispatcher");
+        let path = std::env::join_paths([beside.0.join("empty"), on_path.0.clone()]).unwrap();
+
+        assert_eq!(
+            find_runner(Some(&configured), Some(&exe), Some(&path)).unwrap(),
+            configured
+        );
+        let error = find_runner(Some(&beside.0.join("nope")), None, None).unwrap_err();
+        assert!(error.to_string().starts_with("--runner-path "), "{error}");
+
+        assert!(find_runner(None, Some(&exe), Some(&path)).is_err());
+        let on_path_runner = on_path.file("runner");
+        assert_eq!(
+            find_runner(None, Some(&exe), Some(&path)).unwrap(),
+            on_path_runner
+        );
+        let beside_runner = beside.file("runner");
+        assert_eq!(
+            find_runner(None, Some(&exe), Some(&path)).unwrap(),
+            beside_runner
+        );
+        assert!(find_runner(None, None, None).is_err());
+    }
+}

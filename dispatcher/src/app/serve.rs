@@ -1,0 +1,255 @@
+//! `dispatcher serve`: connects the store and the queue, picks the executor, starts the
+//! launcher and watcher roles this process runs, serves the API (or only the probes),
+//! and stops everything on SIGTERM or Ctrl-C.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+
+use super::executor::{choose_executor, find_runner, kube_client};
+use super::{LOG_TARGET, healthcheck, redact, settings};
+use crate::api::{self, AppState};
+use crate::config::{self, ExecutorChoice, Role, ServeArgs};
+use crate::cost::Prices;
+use crate::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
+use crate::metrics::Metrics;
+use crate::placement::PlacementCatalog;
+use crate::queue::{MemoryQueue, Queue, RedisQueue};
+use crate::report::{ReportEndpoint, ReportIssuer, ReportTokens};
+use crate::lifecycle::Lifecycle;
+use crate::store::Store;
+use crate::watcher::Watcher;
+
+pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (executor_choice, why) = choose_executor(
+        args.executor,
+        args.kubeconfig.as_deref(),
+        &args.in_cluster_token,
+    );
+    let executor_name = if executor_choice == ExecutorChoice::Kubernetes {
+        "kubernetes"
+    } else {
+        "local"
+    };
+    tracing::info!(target: LOG_TARGET, executor = executor_name, why = %why, roles = ?args.roles, "dispatcher starting");
+
+    let store = Store::connect(
+        &args.database.database_url,
+        args.database.database_max_connections,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "connecting to the database {}",
+            redact(&args.database.database_url)
+        )
+    })?;
+    store.migrate().await.context("applying migrations")?;
+    let instance = settings::instance(&args);
+    let queue = connect_queue(&args).await?;
+
+    let catalog = match &args.placement.placement_file {
+        Some(path) => PlacementCatalog::load(path)?,
+        None => PlacementCatalog::default(),
+    };
+    let prices = Prices::new(
+        &catalog.gpu_classes,
+        args.cost.price_cpu_core_hour,
+        args.cost.price_memory_gib_hour,
+    )?;
+    anyhow::ensure!(
+        args.cost.cost_rate_alert_dollars_per_hour.is_finite()
+            && args.cost.cost_rate_alert_dollars_per_hour >= 0.0,
+        "--cost-rate-alert-dollars-per-hour must be a number of dollars, at least 0 (0 disables the alert)"
+    );
+    let metrics = Metrics::new(executor_name);
+    let store = store.observed_by(Arc::new(metrics.clone()));
+    let lifecycle = Lifecycle::new(store.clone(), metrics.clone(), prices);
+    let queue = queue.observed(metrics.clone());
+    let limits = Arc::new(settings::limits(&args, &catalog));
+    let launch = Arc::new(settings::launch_config(&args, &catalog));
+
+    let report_tokens = report_tokens(&store, args.runner.report_secret.as_deref()).await?;
+    let report_base = match &args.runner.report_url {
+        Some(url) => Some(url.clone()),
+        None if executor_choice == ExecutorChoice::Local => Some(format!("http://{}", args.listen)),
+        None => {
+            tracing::warn!(
+                target: LOG_TARGET,
+                "no --report-url: task runners will run commands but report nothing (no heartbeats, usage or GPU figures)"
+            );
+            None
+        }
+    };
+    let kubernetes_reports = report_base.is_some();
+    let report_issuer = report_base.map(|base| ReportIssuer {
+        endpoint: ReportEndpoint::new(&base),
+        tokens: report_tokens.clone(),
+    });
+
+    let (executor, canceller, cluster) = if executor_choice == ExecutorChoice::Kubernetes {
+        let client = kube_client(args.kubeconfig.as_ref(), &metrics).await?;
+        let kubernetes =
+            KubernetesExecutor::new(client.clone(), launch.clone(), report_issuer.clone());
+        (
+            Executor::Kubernetes(kubernetes.clone()),
+            Canceller::Kubernetes(kubernetes),
+            Some(client),
+        )
+    } else {
+        let runner = find_runner(
+            args.runner.runner_path.as_deref(),
+            std::env::current_exe().ok().as_deref(),
+            config::program_search_path().as_deref(),
+        )?;
+        tracing::info!(target: LOG_TARGET, runner = %runner.display(), "local tasks run through this runner");
+        let local = LocalExecutor::new(lifecycle.clone(), args.local_workdir.clone())
+            .with_runner(runner, report_issuer.clone());
+        if args.roles.contains(&Role::Launcher) {
+            lifecycle.fail_orphaned_local_tasks().await;
+        }
+        (
+            Executor::Local(local.clone()),
+            Canceller::Local(local),
+            None,
+        )
+    };
+
+    let (shutdown_sender, shutdown) = watch::channel(false);
+    let mut roles = tokio::task::JoinSet::new();
+
+    if args.roles.contains(&Role::Launcher) {
+        let launcher = Launcher {
+            lifecycle: lifecycle.clone(),
+            queue: queue.clone(),
+            executor: executor.clone(),
+            consumer: instance.clone(),
+            concurrency: args.launch_concurrency,
+            reconcile_interval: args.reconcile_interval,
+            stale_after: args.launching_stale_after,
+        };
+        roles.spawn(launcher.run(shutdown.clone()));
+    }
+    if args.roles.contains(&Role::Watcher) {
+        if let (Executor::Kubernetes(kubernetes), Some(client)) = (&executor, &cluster) {
+            let watcher = Watcher {
+                lifecycle: lifecycle.clone(),
+                client: client.clone(),
+                namespace: args.namespace.clone(),
+                executor: kubernetes.clone(),
+                queue: queue.clone(),
+                gpu_classes: catalog.gpu_classes.clone(),
+                unschedulable_after: args.unschedulable_after,
+                fallback_after: args.placement.fallback_after,
+                heartbeat_timeout: kubernetes_reports.then_some(args.runner.heartbeat_timeout),
+                fail_on_heartbeat_lost: args.runner.fail_on_heartbeat_lost,
+                sweep_interval: args.reconcile_interval,
+                lease: settings::lease(&args, &instance),
+            };
+            roles.spawn(watcher.run(shutdown.clone()));
+        } else {
+            tracing::info!(target: LOG_TARGET, "watcher role idle: the local executor records outcomes itself");
+        }
+    }
+
+    let shutdown_sender = Arc::new(shutdown_sender);
+    let signal_sender = shutdown_sender.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!(target: LOG_TARGET, "shutting down");
+        let _ = signal_sender.send(true);
+    });
+
+    // Every role answers /healthz and /readyz (its Kubernetes probes); only the api role
+    // serves the REST API.
+    let state = AppState {
+        lifecycle: lifecycle.clone(),
+        queue: queue.clone(),
+        limits,
+        launch,
+        canceller,
+        cluster,
+        max_body_bytes: args.max_body_bytes,
+        follow_poll: Duration::from_millis(250),
+        report_tokens,
+        snapshot: Arc::new(settings::snapshot_config(&args)),
+    };
+    let router = if args.roles.contains(&Role::Api) {
+        api::router(state)
+    } else {
+        healthcheck::probe_router(state)
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(target: LOG_TARGET, listen = %args.listen, roles = ?args.roles, "api listening");
+    let mut api_shutdown = shutdown.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = api_shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+        .context("serving the api")?;
+    let _ = shutdown_sender.send(true);
+    while roles.join_next().await.is_some() {}
+    tracing::info!(target: LOG_TARGET, "dispatcher stopped");
+    Ok(())
+}
+
+/// Redis when `--redis-url` is given, else the in-process queue.
+async fn connect_queue(args: &ServeArgs) -> anyhow::Result<Queue> {
+    if let Some(url) = &args.redis_url {
+        Ok(Queue::from(
+            RedisQueue::connect(url, &args.redis_prefix, "launchers")
+                .await
+                .with_context(|| format!("connecting to redis {}", redact(url)))?,
+        ))
+    } else {
+        if args.roles.len() < 3 {
+            tracing::warn!(
+                target: LOG_TARGET,
+                "the in-process queue only works when api and launcher run in the same process"
+            );
+        }
+        Ok(Queue::from(MemoryQueue::new()))
+    }
+}
+
+/// SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+async fn wait_for_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        if let Ok(mut terminate) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = interrupt => {}
+                _ = terminate.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = interrupt.await;
+}
+
+/// The report-token signer: the configured secret, or the one every replica shares
+/// through the database (generated by whichever started first).
+async fn report_tokens(store: &Store, secret: Option<&str>) -> anyhow::Result<ReportTokens> {
+    if let Some(secret) = secret {
+        anyhow::ensure!(
+            secret.len() >= 32,
+            "--report-secret must be at least 32 characters"
+        );
+        return Ok(ReportTokens::new(secret.as_bytes()));
+    }
+    let generated = store
+        .setting_or_create("report_token_key", || {
+            hex::encode(rand::random::<[u8; 32]>())
+        })
+        .await
+        .context("reading the report-token key")?;
+    Ok(ReportTokens::new(generated.as_bytes()))
+}

@@ -1,0 +1,138 @@
+//! The library's configuration structs built from the parsed flags and the placement
+//! catalog. Pure: no I/O, so a test shows that the flags' defaults are the library's.
+
+use std::time::Duration;
+
+use crate::config::ServeArgs;
+use crate::launcher::job_spec::{LaunchConfig, RunnerInjection};
+use crate::metrics::snapshot::SnapshotConfig;
+use crate::placement::PlacementCatalog;
+use crate::task::submission::{Limits, ShmRule};
+use crate::watcher::lease::LeaseConfig;
+
+/// What submissions are checked against.
+pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
+    Limits {
+        gpu_classes: catalog.gpu_classes.capacities(),
+        allowed_annotation_prefixes: args.allow_annotation_prefix.clone(),
+        volume_claims: catalog.volume_claims.clone(),
+        shm_rule: ShmRule {
+            fraction: args.placement.shm_fraction,
+            cap: args.placement.shm_cap,
+            without_memory_request: args.placement.shm_without_memory,
+        },
+        ..Limits::default()
+    }
+}
+
+/// What every Job is built with.
+pub(super) fn launch_config(args: &ServeArgs, catalog: &PlacementCatalog) -> LaunchConfig {
+    LaunchConfig {
+        namespace: args.namespace.clone(),
+        gpu_classes: catalog.gpu_classes.clone(),
+        ttl_after_finished: args.job_ttl_seconds,
+        run_as_user: args.run_as_user,
+        kueue_queue_name: args.kueue_queue_name.clone(),
+        runner: RunnerInjection {
+            image: args.runner.runner_image.clone(),
+            image_pull_policy: args.runner.runner_image_pull_policy,
+            heartbeat: args.runner.heartbeat_seconds,
+        },
+        scratch_storage_class: args.placement.scratch_storage_class.clone(),
+    }
+}
+
+/// What `/metrics` reads the store with; a task counts as stale-launching four times
+/// later than the launcher relaunches it, and never before a minute.
+pub(super) fn snapshot_config(args: &ServeArgs) -> SnapshotConfig {
+    SnapshotConfig {
+        max_age: args.cost.metrics_snapshot_max_age,
+        queued_too_long: args.cost.queued_too_long_after,
+        launching_stale: (args.launching_stale_after * 4).max(Duration::from_mins(1)),
+        cost_rate_alert_dollars_per_hour: args.cost.cost_rate_alert_dollars_per_hour,
+    }
+}
+
+/// The watcher's leader lease: held for 15 seconds, renewed every 5.
+pub(super) fn lease(args: &ServeArgs, instance: &str) -> LeaseConfig {
+    LeaseConfig {
+        name: args.lease_name.clone(),
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| args.namespace.clone()),
+        identity: instance.to_owned(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(5),
+    }
+}
+
+/// This process's identity: `--instance`, else `dispatcher-` and 8 random hex digits.
+pub(super) fn instance(args: &ServeArgs) -> String {
+    args.instance.clone().unwrap_or_else(|| {
+        format!(
+            "dispatcher-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser as _;
+
+    use super::{instance, launch_config, lease, limits, snapshot_config};
+    use crate::config::{Cli, Command, ServeArgs};
+    use crate::launcher::job_spec::LaunchConfig;
+    use crate::metrics::snapshot::SnapshotConfig;
+    use crate::placement::PlacementCatalog;
+    use crate::task::submission::Limits;
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        match Cli::try_parse_from([&["dispatcher", "serve"], args].concat())
+            .unwrap()
+            .command
+        {
+            Command::Serve(args) => *args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_default_flags_give_the_library_defaults() {
+        let args = serve(&[]);
+        let catalog = PlacementCatalog::default();
+        assert_eq!(launch_config(&args, &catalog), LaunchConfig::default());
+        assert_eq!(limits(&args, &catalog), Limits::default());
+        let snapshot = snapshot_config(&args);
+        assert_eq!(snapshot.max_age, SnapshotConfig::default().max_age);
+        assert_eq!(
+            snapshot.queued_too_long,
+            SnapshotConfig::default().queued_too_long
+        );
+    }
+
+    #[test]
+    fn launching_stale_is_four_relaunch_periods_and_at_least_a_minute() {
+        let stale = |after: &str| {
+            snapshot_config(&serve(&["--launching-stale-after", after])).launching_stale
+        };
+        assert_eq!(stale("5"), Duration::from_mins(1));
+        assert_eq!(stale("1m"), Duration::from_mins(4));
+    }
+
+    #[test]
+    fn the_lease_is_in_the_tasks_namespace_unless_said_otherwise() {
+        let args = serve(&["--namespace", "jobs", "--instance", "one"]);
+        assert_eq!(instance(&args), "one");
+        let lease_config = lease(&args, &instance(&args));
+        assert_eq!(lease_config.namespace, "jobs");
+        assert_eq!(lease_config.identity, "one");
+        let args = serve(&["--lease-namespace", "system"]);
+        assert_eq!(lease(&args, "x").namespace, "system");
+        assert!(instance(&args).starts_with("dispatcher-"));
+        assert_eq!(instance(&args).len(), "dispatcher-".len() + 8);
+    }
+}

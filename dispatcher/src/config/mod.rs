@@ -1,0 +1,188 @@
+//! All configuration: one clap structure, every flag with an environment fallback and a
+//! `///` doc that becomes `--help`. Nothing else in the dispatcher reads the environment.
+//!
+//! Values are parsed into their types here, at the edge: durations (one parser,
+//! [`parse_duration`]: whole seconds as `120` or friendly as `2m`, `1h 30m`), quantities
+//! ([`crate::task::Memory`]), enums ([`BudgetAction`],
+//! [`crate::launcher::job_spec::ImagePullPolicy`]). A default that a library type also has
+//! is taken from that type's constant, so it is stated once. The flags of `serve` are in
+//! `serve`, the value parsers in `values`.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::cost::BudgetAction;
+
+mod serve;
+mod values;
+
+pub use serve::{CostArgs, PlacementArgs, RunnerArgs, ServeArgs};
+pub use values::{parse_duration, program_search_path};
+
+/// agent-bus dispatcher: REST task submission, durable state, queue, and one Kubernetes
+/// Job (or local process) per task.
+#[derive(Debug, Parser)]
+#[command(name = "dispatcher", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Runs the dispatcher: the api, launcher and watcher roles (all by default).
+    Serve(Box<ServeArgs>),
+    /// Applies the database migrations and exits.
+    Migrate(DatabaseArgs),
+    /// Manages tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Asks a running dispatcher's probe endpoint and exits 0 when it answers 200, 1
+    /// otherwise, with one line saying why: a container health check with no shell tools.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthcheckArgs {
+    /// The endpoint to ask (`/readyz` for readiness, `/healthz` for liveness).
+    #[arg(
+        long,
+        env = "AGENT_BUS_HEALTHCHECK_URL",
+        default_value = "http://127.0.0.1:8080/readyz"
+    )]
+    pub url: String,
+    /// Seconds to wait for the answer before counting the check as failed.
+    #[arg(long, env = "AGENT_BUS_HEALTHCHECK_TIMEOUT", value_parser = values::parse_duration, default_value = "5s")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Creates a tenant and prints its new API key, alone, on stdout (only a hash of the
+    /// key is stored: keep it, it cannot be shown again).
+    Create {
+        /// The tenant's name: an RFC 1123 label (lowercase letters, digits, '-').
+        name: String,
+        /// How many of its tasks may wait in state `queued` at once; more get 429.
+        #[arg(long, default_value_t = 1000)]
+        max_queued_tasks: u32,
+        #[command(flatten)]
+        budget: BudgetArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Sets (or clears) a tenant's budgets.
+    Budget {
+        /// The tenant's name.
+        name: String,
+        #[command(flatten)]
+        budget: BudgetArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+/// A tenant's spending limits (see docs/OBSERVABILITY.md, "Cost").
+#[derive(Debug, Clone, Args)]
+pub struct BudgetArgs {
+    /// Dollars per UTC day; without it, no daily budget.
+    // Negative numbers are taken as values so that the check names the flag (clap would
+    // otherwise call `-5` an unexpected argument).
+    #[arg(long, allow_negative_numbers = true)]
+    pub daily_budget: Option<f64>,
+    /// Dollars per UTC month; without it, no monthly budget.
+    #[arg(long, allow_negative_numbers = true)]
+    pub monthly_budget: Option<f64>,
+    /// What a spent budget does: `alert` (metrics and the alert only) or `refuse` (also
+    /// 402 on new submissions until the period ends).
+    #[arg(long, value_enum, default_value_t, hide_possible_values = true)]
+    pub budget_action: BudgetAction,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Where state lives: `postgres://user@host:port/db` or `sqlite://PATH` (the file is
+    /// created if missing).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://agent-bus.db")]
+    pub database_url: String,
+    /// Connections in the database pool.
+    #[arg(long, env = "AGENT_BUS_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExecutorChoice {
+    /// Kubernetes when a kubeconfig or in-cluster service account is found, else local.
+    Auto,
+    /// Every task is a Kubernetes Job.
+    Kubernetes,
+    /// Every task is a child process of the dispatcher (no image, no cluster).
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+pub enum Role {
+    /// The REST API.
+    Api,
+    /// Claims queued tasks and creates their Jobs (or processes).
+    Launcher,
+    /// Watches Jobs and Pods and records every state change (leader-elected).
+    Watcher,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Log output: human-readable text or one JSON object per line.
+    #[arg(long, env = "AGENT_BUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter in tracing's EnvFilter syntax, e.g. `info,dispatcher=debug`.
+    #[arg(long, env = "AGENT_BUS_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::{Cli, Command, TenantCommand};
+    use crate::cost::BudgetAction;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_budget_action_is_an_enum_defaulting_to_alert() {
+        let action = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from([&["dispatcher", "tenant", "budget", "acme"], args].concat());
+            match cli.map(|cli| cli.command) {
+                Ok(Command::Tenant(TenantCommand::Budget { budget, .. })) => {
+                    Ok(budget.budget_action)
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        assert_eq!(action(&[]), Ok(BudgetAction::Alert));
+        assert_eq!(
+            action(&["--budget-action", "refuse"]),
+            Ok(BudgetAction::Refuse)
+        );
+        assert!(
+            action(&["--budget-action", "maybe"])
+                .unwrap_err()
+                .contains("--budget-action")
+        );
+    }
+}
