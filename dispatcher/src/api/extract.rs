@@ -158,7 +158,7 @@ mod tests {
         assert_eq!(field(parsed(r#"{"name": "a"}"#)), "count");
         assert_eq!(
             field(parsed(r#"{"name": "a", "count": 1, "extra": 0}"#)),
-            "."
+            "extra"
         );
     }
 
