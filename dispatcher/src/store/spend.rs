@@ -314,8 +314,8 @@ impl Store {
             Ok(BTreeMap::from([
                 ("queued_too_long", queued),
                 ("launching_stale", launching),
-                ("unschedulable", unschedulable),
-                ("heartbeat_lost", heartbeat_lost),
+                (Reason::Unschedulable.as_str(), unschedulable),
+                (Reason::HeartbeatLost.as_str(), heartbeat_lost),
             ]))
         })
         .await

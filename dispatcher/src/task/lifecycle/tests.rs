@@ -1,0 +1,197 @@
+use super::{Ending, Move, MoveKind, Stamp, Stamps, Why, plan_note};
+use crate::task::{Reason, TaskState};
+
+fn at() -> jiff::Timestamp {
+    "2026-12-01T12:00:00Z".parse().unwrap()
+}
+
+/// One move of each kind, with the data it needs.
+fn example(kind: MoveKind) -> Move {
+    match kind {
+        MoveKind::Claim => Move::Claim,
+        MoveKind::Launched => Move::Launched,
+        MoveKind::Started => Move::Started,
+        MoveKind::Ended => Move::Ended(
+            Ending::new(TaskState::Failed)
+                .reason(Reason::ExitCode)
+                .exit_code(3),
+        ),
+        MoveKind::LaunchRejected => Move::LaunchRejected {
+            message: "forbidden".to_owned(),
+        },
+        MoveKind::Cancel => Move::Cancel,
+        MoveKind::FallBack => Move::FallBack {
+            class: "a100".to_owned(),
+            attempt: 2,
+            message: "no v100 node".to_owned(),
+        },
+        MoveKind::Lost => Move::Lost {
+            message: "gone".to_owned(),
+        },
+        MoveKind::HeartbeatLost => Move::HeartbeatLost {
+            message: "silent".to_owned(),
+        },
+    }
+}
+
+#[test]
+fn every_move_from_every_state_is_planned_exactly_by_the_table() {
+    for kind in MoveKind::ALL {
+        for from in TaskState::ALL {
+            let planned = example(kind).plan(from, at());
+            let listed = kind.sources().contains(&from);
+            assert_eq!(planned.is_ok(), listed, "{kind} from {from}: {planned:?}");
+            if let Ok(planned) = planned {
+                assert!(
+                    from.can_move_to(planned.to),
+                    "{kind}: {from} -> {} is no edge of the state graph",
+                    planned.to
+                );
+                assert_eq!(planned.stamps, Stamps::entering(planned.to));
+                if let Some(reason) = planned.reason {
+                    assert!(reason.fits(planned.to), "{kind}: {reason} on {}", planned.to);
+                }
+            } else {
+                assert_eq!(planned.unwrap_err().why, Why::NotFromThisState);
+            }
+        }
+    }
+}
+
+#[test]
+fn terminal_tasks_never_move_and_take_no_note() {
+    for kind in MoveKind::ALL {
+        for from in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
+            assert!(example(kind).plan(from, at()).is_err(), "{kind} from {from}");
+            assert_eq!(
+                plan_note(from, Reason::Unschedulable, "x", at())
+                    .unwrap_err()
+                    .why,
+                Why::NoteOnTerminal
+            );
+        }
+    }
+}
+
+#[test]
+fn the_table_of_moves() {
+    use TaskState::{
+        Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+    };
+    let table: [(MoveKind, &[TaskState], &[TaskState]); 9] = [
+        (MoveKind::Claim, &[Queued], &[Launching]),
+        (MoveKind::Launched, &[Launching], &[Launched]),
+        (MoveKind::Started, &[Launching, Launched], &[Running]),
+        (
+            MoveKind::Ended,
+            &[Launching, Launched, Running],
+            &[Succeeded, Failed, TimedOut],
+        ),
+        (MoveKind::LaunchRejected, &[Launching], &[Failed]),
+        (
+            MoveKind::Cancel,
+            &[Queued, Launching, Launched, Running],
+            &[Cancelled],
+        ),
+        (MoveKind::FallBack, &[Launching, Launched], &[Queued]),
+        (MoveKind::Lost, &[Launching, Launched, Running], &[Failed]),
+        (MoveKind::HeartbeatLost, &[Running], &[Failed]),
+    ];
+    for (kind, sources, targets) in table {
+        assert_eq!(kind.sources(), sources, "{kind}");
+        assert_eq!(kind.targets(), targets, "{kind}");
+    }
+}
+
+#[test]
+fn an_ending_must_be_an_outcome_with_a_fitting_reason() {
+    for state in TaskState::ALL {
+        let planned = Move::Ended(Ending::new(state)).plan(TaskState::Running, at());
+        let outcome = matches!(
+            state,
+            TaskState::Succeeded | TaskState::Failed | TaskState::TimedOut
+        );
+        assert_eq!(planned.is_ok(), outcome, "ending in {state}");
+    }
+    let cancelled_as_failure = Move::Ended(
+        Ending::new(TaskState::Failed).reason(Reason::CancelledByUser),
+    )
+    .plan(TaskState::Running, at());
+    assert_eq!(
+        cancelled_as_failure.unwrap_err().why,
+        Why::ReasonDoesNotFit(Reason::CancelledByUser)
+    );
+}
+
+#[test]
+fn reasons_fit_the_states_they_explain() {
+    use TaskState::{
+        Cancelled, Expired, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+    };
+    for reason in Reason::ALL {
+        let fitting: Vec<TaskState> = TaskState::ALL
+            .into_iter()
+            .filter(|state| reason.fits(*state))
+            .collect();
+        let expected: &[TaskState] = match reason {
+            Reason::DeadlineExceeded => &[Failed, TimedOut],
+            Reason::Unschedulable => &[Launching, Launched],
+            Reason::HeartbeatLost => &[Running, Failed],
+            Reason::CancelledByUser => &[Cancelled],
+            Reason::FellBack => &[Queued],
+            _ => &[Failed],
+        };
+        assert_eq!(fitting, expected, "{reason}");
+        assert!(!reason.fits(Succeeded) && !reason.fits(Expired), "{reason}");
+    }
+}
+
+#[test]
+fn timestamps_follow_one_rule() {
+    use Stamp::{Clear, Keep, Now, NowIfUnset};
+    for from in TaskState::ALL {
+        for to in TaskState::ALL.into_iter().filter(|to| from.can_move_to(*to)) {
+            let stamps = Stamps::entering(to);
+            let expected = match to {
+                TaskState::Queued => [Now, Clear, Clear, Keep],
+                TaskState::Launching => [Keep, Keep, Keep, Keep],
+                TaskState::Launched => [Keep, NowIfUnset, Keep, Keep],
+                TaskState::Running => [Keep, NowIfUnset, NowIfUnset, Keep],
+                _ => [Keep, Keep, Keep, Now],
+            };
+            assert_eq!(
+                [
+                    stamps.queued_at,
+                    stamps.launched_at,
+                    stamps.started_at,
+                    stamps.finished_at
+                ],
+                expected,
+                "{from} -> {to}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_fall_back_is_a_new_attempt_on_another_class() {
+    let planned = example(MoveKind::FallBack)
+        .plan(TaskState::Launched, at())
+        .unwrap();
+    assert_eq!(planned.to, TaskState::Queued);
+    assert_eq!(planned.reason, Some(Reason::FellBack));
+    assert_eq!(planned.attempt, Some(2));
+    assert_eq!(planned.gpu_class.as_deref(), Some("a100"));
+}
+
+#[test]
+fn notes_explain_a_wait() {
+    assert!(plan_note(TaskState::Launched, Reason::Unschedulable, "no node", at()).is_ok());
+    assert!(plan_note(TaskState::Running, Reason::HeartbeatLost, "silent", at()).is_ok());
+    assert_eq!(
+        plan_note(TaskState::Running, Reason::CancelledByUser, "x", at())
+            .unwrap_err()
+            .why,
+        Why::ReasonDoesNotFit(Reason::CancelledByUser)
+    );
+}

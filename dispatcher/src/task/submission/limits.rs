@@ -1,0 +1,102 @@
+//! The limits a submission is checked against, set by operators in configuration, and
+//! the rule that sizes `/dev/shm` for ML and CV work.
+
+use std::collections::BTreeMap;
+
+use crate::placement::{GpuClasses, SharedClaim};
+use crate::task::Memory;
+
+/// The limits a submission is checked against; operators set them in configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub default_timeout_seconds: u32,
+    pub max_timeout_seconds: u32,
+    pub max_retries: u32,
+    pub max_env_entries: usize,
+    pub max_env_value_bytes: usize,
+    pub max_command_entries: usize,
+    pub max_argument_bytes: usize,
+    pub max_labels: usize,
+    pub max_annotations_bytes: usize,
+    pub max_priority: i32,
+    /// GPU classes the cluster offers, with the most GPUs one node of the class holds
+    /// (by default those of [`GpuClasses::default`]).
+    pub gpu_classes: BTreeMap<String, u32>,
+    /// Annotation key prefixes tenants may use even inside a reserved domain (the test
+    /// environment's `agent-bus.io/test-`); empty in production.
+    pub allowed_annotation_prefixes: Vec<String>,
+    /// Shared claims by name, with the tenants allowed to mount them.
+    pub volume_claims: BTreeMap<String, SharedClaim>,
+    pub max_volumes: usize,
+    pub max_scratch: Memory,
+    pub max_shm: Memory,
+    pub shm_rule: ShmRule,
+}
+
+/// How big `/dev/shm` is for an ML or CV task that does not say.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShmRule {
+    /// This share of the memory request…
+    pub fraction: f64,
+    /// …but at most this much…
+    pub cap: Memory,
+    /// …and this much when the task requests no memory.
+    pub without_memory_request: Memory,
+}
+
+impl Default for ShmRule {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+const fn gib(n: u64) -> Memory {
+    Memory::from_gib(n)
+}
+
+impl ShmRule {
+    /// A quarter of the memory request, at most 16Gi, 1Gi without a memory request (also
+    /// the defaults of the `--shm-*` flags).
+    pub const DEFAULT: Self = Self {
+        fraction: 0.25,
+        cap: gib(16),
+        without_memory_request: gib(1),
+    };
+
+    /// The shm size of a task of this kind with this memory request (`None`: keep the
+    /// runtime default). Rounded down to whole MiB.
+    #[must_use]
+    pub fn size(&self, memory: Option<Memory>) -> Memory {
+        const MIB: u64 = 1024 * 1024;
+        let wanted = match memory {
+            Some(memory) => (memory.bytes() as f64 * self.fraction) as u64,
+            None => self.without_memory_request.bytes(),
+        };
+        let bytes = (wanted.min(self.cap.bytes()) / MIB).max(1) * MIB;
+        Memory::from_bytes(bytes).unwrap_or(self.without_memory_request)
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            default_timeout_seconds: 3600,
+            max_timeout_seconds: 7 * 24 * 3600,
+            max_retries: 10,
+            max_env_entries: 128,
+            max_env_value_bytes: 32 * 1024,
+            max_command_entries: 256,
+            max_argument_bytes: 64 * 1024,
+            max_labels: 32,
+            max_annotations_bytes: 64 * 1024,
+            max_priority: 1000,
+            gpu_classes: GpuClasses::default().capacities(),
+            allowed_annotation_prefixes: Vec::new(),
+            volume_claims: BTreeMap::new(),
+            max_volumes: 8,
+            max_scratch: gib(1024),
+            max_shm: gib(256),
+            shm_rule: ShmRule::default(),
+        }
+    }
+}
