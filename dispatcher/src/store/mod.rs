@@ -55,7 +55,7 @@ pub use reports::{LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION
 pub use spend::{ActiveTask, Budget, BudgetAction, GroupBy, QueueFigures, Spend, UsageGroup};
 
 use crate::cost::{Breakdown, Prices};
-use crate::metrics::{FinishedLabels, LaunchLabels, Metrics, StageLabels};
+use crate::metrics::{Metrics, Stage};
 use crate::task::{Reason, Task, TaskId, TaskState, Timeline};
 use row::{event_columns, millis, task_columns, tenant_columns};
 
@@ -903,52 +903,30 @@ impl Store {
             reason = task.reason.map_or("", Reason::as_str),
             "task state changed"
         );
-        let families = self.metrics.families();
-        let queue = self.metrics.bounded("queue", &task.spec.queue);
+        let tasks = self.metrics.tasks();
+        let queue = &task.spec.queue;
         let since = |start: Option<jiff::Timestamp>| {
             start.map(|start| (now_millis - millis(start)).max(0) as f64 / 1000.0)
         };
-        let stage = |name: &str, seconds: Option<f64>| {
+        let stage = |stage: Stage, seconds: Option<f64>| {
             if let Some(seconds) = seconds {
-                families
-                    .task_stage_duration
-                    .get_or_create(&StageLabels {
-                        stage: name.to_owned(),
-                        queue: queue.clone(),
-                    })
-                    .observe(seconds);
+                tasks.stage(stage, queue, seconds);
             }
         };
         let launched = task.state == TaskState::Launched
             || (task.state == TaskState::Running && from == TaskState::Launching);
         if launched {
-            families
-                .tasks_launched
-                .get_or_create(&LaunchLabels {
-                    queue: queue.clone(),
-                    gpu_class: task.gpu_class.clone().unwrap_or_else(|| "none".to_owned()),
-                })
-                .inc();
-            stage("queued_to_launched", since(task.timeline.queued_at));
+            tasks.launched(queue, task.gpu_class.as_deref());
+            stage(Stage::QueuedToLaunched, since(task.timeline.queued_at));
         }
         if task.state == TaskState::Running && from == TaskState::Launched {
-            stage("launched_to_running", since(task.timeline.launched_at));
+            stage(Stage::LaunchedToRunning, since(task.timeline.launched_at));
         }
         if task.state.is_terminal() {
-            families
-                .tasks_finished
-                .get_or_create(&FinishedLabels {
-                    queue: queue.clone(),
-                    outcome: task.state.as_str().to_owned(),
-                    reason: task.reason.map_or("none", Reason::as_str).to_owned(),
-                })
-                .inc();
-            stage("running_to_finished", since(task.timeline.started_at));
-            if let Some(compute) = task.spent.compute {
-                for (resource, dollars) in compute.by_resource() {
-                    self.metrics
-                        .cost(&task.tenant, &task.spec.queue, resource, dollars);
-                }
+            tasks.finished(queue, task.state, task.reason);
+            stage(Stage::RunningToFinished, since(task.timeline.started_at));
+            if let Some(compute) = &task.spent.compute {
+                self.metrics.compute_cost(&task.tenant, queue, compute);
             }
         }
     }

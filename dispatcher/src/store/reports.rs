@@ -11,7 +11,7 @@ use tracing::instrument;
 
 use super::row::{self, millis, task_columns};
 use super::{During as _, Result, Store, StoreError, now_millis};
-use crate::metrics::{KindLabels, ModelLabels, TokenLabels};
+use crate::metrics::ReportKind;
 use crate::task::{Task, TaskId};
 
 /// The sequence number the termination summary (read from the pod status) is stored
@@ -230,7 +230,7 @@ impl Store {
                     if let ReportBody::Usage(usage) = &report.body {
                         new_usage.push(usage);
                     }
-                    new_kinds.push(kind_of(&report.body));
+                    new_kinds.push(ReportKind::of(&report.body));
                 }
             }
             let llm_dollars: f64 = new_usage.iter().map(|u| billable(u.cost_usd)).sum();
@@ -274,44 +274,13 @@ impl Store {
     }
 
     /// Counts newly stored reports and the LLM usage they carry (duplicates were skipped).
-    fn observe_reports(&self, task: &Task, kinds: &[&str], usage: &[&Usage]) {
-        let metrics = self.metrics();
-        let families = metrics.families();
+    fn observe_reports(&self, task: &Task, kinds: &[ReportKind], usage: &[&Usage]) {
+        let reports = self.metrics().reports();
         for kind in kinds {
-            families
-                .runner_reports
-                .get_or_create(&KindLabels {
-                    kind: (*kind).to_owned(),
-                })
-                .inc();
+            reports.received(*kind);
         }
-        if usage.is_empty() {
-            return;
-        }
-        let tenant = metrics.bounded("tenant", &task.tenant);
         for usage in usage {
-            let model = metrics.bounded("model", &usage.model);
-            families
-                .llm_calls
-                .get_or_create(&ModelLabels {
-                    tenant: tenant.clone(),
-                    model: model.clone(),
-                })
-                .inc_by(usage.calls);
-            for (direction, tokens) in [
-                ("input", usage.input_tokens),
-                ("output", usage.output_tokens),
-            ] {
-                families
-                    .llm_tokens
-                    .get_or_create(&TokenLabels {
-                        tenant: tenant.clone(),
-                        model: model.clone(),
-                        direction: direction.to_owned(),
-                    })
-                    .inc_by(tokens);
-            }
-            metrics.cost(&task.tenant, &task.spec.queue, "llm", usage.cost_usd);
+            reports.llm_usage(&task.tenant, &task.spec.queue, usage);
         }
     }
 
