@@ -33,8 +33,8 @@ use tower_http::trace::TraceLayer;
 use crate::launcher::Canceller;
 use crate::launcher::job_spec::LaunchConfig;
 use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
 use crate::metrics::snapshot::SnapshotConfig;
-use crate::metrics::{HttpLabels, Metrics, RouteLabels};
 use crate::queue::Queue;
 use crate::report::ReportTokens;
 use crate::store::Store;
@@ -150,33 +150,13 @@ async fn count_request(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let method = match request.method().as_str() {
-        known @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => known,
-        _ => "other",
-    }
-    .to_owned();
+    let method = request.method().clone();
     let response = next.run(request).await;
-    let status = response.status();
-    let families = metrics.families();
-    families
-        .http_requests
-        .get_or_create(&HttpLabels {
-            method: method.clone(),
-            route: route.clone(),
-            status: status.as_u16().to_string(),
-        })
-        .inc();
-    families
-        .http_request_duration
-        .get_or_create(&RouteLabels {
-            method,
-            route: route.clone(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    // A 503 from /readyz is its answer (a dependency is down, counted where it failed).
-    if status.is_server_error() && !matches!(route.as_str(), "/healthz" | "/readyz" | "/metrics") {
-        metrics.error("api", &format!("http_{}", status.as_u16()));
-    }
+    // A 5xx counts as an error too, except from the probes and /metrics (a 503 from
+    // /readyz is its answer).
+    metrics
+        .http()
+        .request(&method, &route, response.status(), started.elapsed());
     response
 }
 

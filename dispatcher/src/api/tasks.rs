@@ -19,7 +19,6 @@ use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::{ApiError, AppState};
 use crate::cost::{Estimate, Period, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
-use crate::metrics::{BudgetLabels, TenantLabels, TenantQueueLabels};
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
 use crate::store::{
@@ -221,15 +220,10 @@ pub async fn submit(
                 tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");
             }
             tracing::info!(task_id = %task.id, tenant = %task.tenant, queue = %task.spec.queue, "task submitted");
-            let metrics = state.metrics();
-            metrics
-                .families()
-                .tasks_submitted
-                .get_or_create(&TenantQueueLabels {
-                    tenant: metrics.bounded("tenant", &task.tenant),
-                    queue: metrics.bounded("queue", &task.spec.queue),
-                })
-                .inc();
+            state
+                .metrics()
+                .tasks()
+                .submitted(&task.tenant, &task.spec.queue);
             let location = format!("/v1/tasks/{}", task.id);
             let view = TaskView::new(task, &state, None).with_estimate(estimate);
             let mut response = (StatusCode::CREATED, Json(view)).into_response();
@@ -239,14 +233,10 @@ pub async fn submit(
             Ok(response)
         }
         Inserted::Replayed(task) => {
-            let metrics = state.metrics();
-            metrics
-                .families()
-                .idempotency_key_hits
-                .get_or_create(&TenantLabels {
-                    tenant: metrics.bounded("tenant", &task.tenant),
-                })
-                .inc();
+            state
+                .metrics()
+                .tasks()
+                .idempotent_replay(&task.tenant);
             let mut response =
                 (StatusCode::OK, Json(TaskView::new(task, &state, None))).into_response();
             response
@@ -272,15 +262,10 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
         };
         let spent = spending.of(period);
         if spent >= limit {
-            let metrics = state.metrics();
-            metrics
-                .families()
-                .budget_refusals
-                .get_or_create(&BudgetLabels {
-                    tenant: metrics.bounded("tenant", &tenant.name),
-                    period: period.as_str().to_owned(),
-                })
-                .inc();
+            state
+                .metrics()
+                .tasks()
+                .refused_over_budget(&tenant.name, period);
             let renews = period.next_start(now).map_or_else(String::new, |at| {
                 format!("; new tasks are accepted again from {at}")
             });

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
 
-use crate::metrics::LaunchFailureLabels;
+use crate::metrics::LaunchFailure;
 
 use crate::lifecycle::Lifecycle;
 use crate::queue::{Delivery, Queue, QueueEntry};
@@ -172,29 +172,19 @@ impl Launcher {
     /// Launches a task this launcher holds in `launching`, and records the outcome.
     async fn launch_claimed(&self, task: Task) {
         let metrics = self.lifecycle.metrics();
-        let failure = |kind: &str| {
-            metrics
-                .families()
-                .launch_failures
-                .get_or_create(&LaunchFailureLabels {
-                    queue: metrics.bounded("queue", &task.spec.queue),
-                    kind: kind.to_owned(),
-                })
-                .inc();
-            metrics.error("launcher", kind);
-        };
-        metrics.families().launches_in_flight.inc();
+        let failure = |kind: LaunchFailure| metrics.tasks().launch_failed(&task.spec.queue, kind);
+        let in_flight = metrics.tasks().launch_in_flight();
         let outcome = self.executor.launch(&task).await;
-        metrics.families().launches_in_flight.dec();
+        drop(in_flight);
         let step = match outcome {
             LaunchOutcome::Launched => Move::Launched,
             LaunchOutcome::Rejected(message) => {
-                failure("permanent");
+                failure(LaunchFailure::Permanent);
                 Move::LaunchRejected { message }
             }
             LaunchOutcome::AlreadyHandled => return,
             LaunchOutcome::Transient(message) => {
-                failure("transient");
+                failure(LaunchFailure::Transient);
                 tracing::warn!(task_id = %task.id, message = %message, "launch failed transiently; the reconciler retries it");
                 return;
             }

@@ -1,7 +1,8 @@
 //! The state gauges, read from the store at scrape time (at most once per
 //! [`SnapshotConfig::max_age`], however many scrapers ask): tasks by state, queue depth and
 //! age, stuck tasks, GPUs and their use per class, the running cost rate, tenant spend
-//! against budgets, the pool, and this process's memory.
+//! against budgets (the families of [`super::gauges`]), the pool, and this process's
+//! memory.
 //!
 //! Every family here is cleared and refilled on each refresh, so a queue that emptied or a
 //! class no longer in use disappears instead of keeping its last value.
@@ -9,10 +10,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{
-    BudgetLabels, GpuClassLabels, Metrics, PoolLabels, QueueLabels, ReasonLabels, StateLabels,
-    TenantQueueLabels,
+use super::gauges::{
+    BudgetLabels, GpuClassLabels, QueueLabels, StateLabels, StuckLabels, TenantQueueLabels,
 };
+use super::{ErrorComponent, Metrics, PoolState};
 use crate::cost::{Period, Prices};
 use crate::store::Store;
 use crate::task::TaskState;
@@ -51,19 +52,18 @@ impl Default for SnapshotConfig {
 /// Refreshes the state gauges unless a refresh younger than `config.max_age` exists.
 pub async fn refresh(metrics: &Metrics, store: &Store, prices: &Prices, config: &SnapshotConfig) {
     metrics
-        .families()
+        .inner
+        .gauges
         .cost_rate_alert_threshold
         .set(config.cost_rate_alert_dollars_per_hour);
-    process_figures(metrics);
+    metrics.inner.process.refresh();
     let (in_use, idle, max) = store.pool_figures();
-    for (state, value) in [("in_use", in_use), ("idle", idle), ("max", max)] {
-        metrics
-            .families()
-            .store_pool_connections
-            .get_or_create(&PoolLabels {
-                state: state.to_owned(),
-            })
-            .set(i64::from(value));
+    for (state, connections) in [
+        (PoolState::InUse, in_use),
+        (PoolState::Idle, idle),
+        (PoolState::Max, max),
+    ] {
+        metrics.store_pool_connections(state, connections);
     }
     metrics
         .refresh_snapshot(config.max_age, || async {
@@ -71,7 +71,7 @@ pub async fn refresh(metrics: &Metrics, store: &Store, prices: &Prices, config: 
                 Ok(()) => true,
                 Err(error) => {
                     tracing::warn!(error = %error, "reading the store for the metrics snapshot failed");
-                    metrics.error("store", "snapshot");
+                    metrics.error(ErrorComponent::Store, "snapshot");
                     false
                 }
             }
@@ -103,14 +103,10 @@ async fn read(
         spend.push((tenant.clone(), *budget, prices.spend(&parts, now)));
     }
 
-    let f = metrics.families();
+    let f = &metrics.inner.gauges;
     f.tasks.clear();
     for (state, count) in by_state {
-        f.tasks
-            .get_or_create(&StateLabels {
-                state: state.as_str().to_owned(),
-            })
-            .set(count);
+        f.tasks.get_or_create(&StateLabels { state }).set(count);
     }
     f.queue_depth.clear();
     f.queue_oldest_age.clear();
@@ -127,9 +123,7 @@ async fn read(
     f.stuck_tasks.clear();
     for (reason, count) in stuck {
         f.stuck_tasks
-            .get_or_create(&ReasonLabels {
-                reason: reason.to_owned(),
-            })
+            .get_or_create(&StuckLabels { reason })
             .set(count);
     }
 
@@ -201,7 +195,7 @@ async fn read(
         for period in Period::ALL {
             let labels = BudgetLabels {
                 tenant: tenant.clone(),
-                period: period.as_str().to_owned(),
+                period: period.into(),
             };
             f.tenant_spend.get_or_create(&labels).set(spent.of(period));
             if let Some(limit) = budget.limit(period) {
@@ -220,22 +214,4 @@ struct ClassFigures {
     utilization_sum: f64,
     utilization_samples: u32,
     memory_used: f64,
-}
-
-/// Resident memory and open descriptors from `/proc/self` (Linux); elsewhere nothing.
-fn process_figures(metrics: &Metrics) {
-    let f = metrics.families();
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
-        && let Some(kib) = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse::<i64>().ok())
-    {
-        f.process_resident_memory.set(kib * 1024);
-    }
-    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
-        f.process_open_fds
-            .set(i64::try_from(entries.count()).unwrap_or(i64::MAX));
-    }
 }

@@ -42,7 +42,7 @@ use std::time::Duration;
 pub use memory::MemoryQueue;
 pub use redis_streams::RedisQueue;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, QueueOperation};
 use crate::task::TaskId;
 
 /// A reference to a queued task: which task, in which queue, at which priority.
@@ -171,7 +171,7 @@ impl Queue {
 
     async fn timed<T>(
         &self,
-        operation: &'static str,
+        operation: QueueOperation,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let started = std::time::Instant::now();
@@ -183,7 +183,7 @@ impl Queue {
 
     /// Adds `entry` to the end of its queue (and priority band).
     pub async fn enqueue(&self, entry: &QueueEntry) -> Result<()> {
-        self.timed("enqueue", async {
+        self.timed(QueueOperation::Enqueue, async {
             match &self.backend {
                 Backend::Redis(queue) => queue.enqueue(entry).await,
                 Backend::Memory(queue) => {
@@ -205,7 +205,7 @@ impl Queue {
         max: usize,
         block: Duration,
     ) -> Result<Vec<Delivery>> {
-        self.timed("receive", async {
+        self.timed(QueueOperation::Receive, async {
             match &self.backend {
                 Backend::Redis(queue) => queue.receive(queues, consumer, max, block).await,
                 Backend::Memory(queue) => queue.receive(queues, consumer, max, block).await,
@@ -217,7 +217,7 @@ impl Queue {
     /// Removes the delivered entry from the queue. Acking twice, or acking an entry that
     /// another consumer already acked, is harmless.
     pub async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        self.timed("ack", async {
+        self.timed(QueueOperation::Ack, async {
             match &self.backend {
                 Backend::Redis(queue) => queue.ack(delivery).await,
                 Backend::Memory(queue) => queue.ack(delivery),
@@ -235,7 +235,7 @@ impl Queue {
         idle: Duration,
         max: usize,
     ) -> Result<Vec<Delivery>> {
-        self.timed("reclaim", async {
+        self.timed(QueueOperation::Reclaim, async {
             match &self.backend {
                 Backend::Redis(queue) => queue.claim_abandoned(queues, consumer, idle, max).await,
                 Backend::Memory(queue) => Ok(queue.claim_abandoned(queues, consumer, idle, max)),
@@ -246,7 +246,7 @@ impl Queue {
 
     /// Task ids currently waiting or delivered-but-unacked in `queue` (for the reconciler).
     pub async fn pending_task_ids(&self, queue: &str) -> Result<HashSet<TaskId>> {
-        self.timed("pending", async {
+        self.timed(QueueOperation::Pending, async {
             match &self.backend {
                 Backend::Redis(q) => q.pending_task_ids(queue).await,
                 Backend::Memory(q) => Ok(q.pending_task_ids(queue)),
@@ -265,7 +265,7 @@ impl Queue {
 
     /// Checks that the backend answers (readiness probes).
     pub async fn ping(&self) -> Result<()> {
-        self.timed("ping", async {
+        self.timed(QueueOperation::Ping, async {
             match &self.backend {
                 Backend::Redis(queue) => queue.ping().await,
                 Backend::Memory(_) => Ok(()),

@@ -489,16 +489,6 @@ impl Breakdown {
             memory: self.memory * factor,
         }
     }
-
-    /// `(resource, dollars)` pairs, for the cost counter.
-    #[must_use]
-    pub fn by_resource(&self) -> [(&'static str, f64); 3] {
-        [
-            ("gpu", self.gpu),
-            ("cpu", self.cpu),
-            ("memory", self.memory),
-        ]
-    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ pub mod lease;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::metrics::ObjectLabels;
+use crate::metrics::WatchedObject;
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
@@ -115,7 +115,7 @@ impl Watcher {
         .default_backoff()
         .reflect(job_writer)
         .touched_objects()
-        .map_ok(|job| ("job", task_id_of(&job)))
+        .map_ok(|job| (WatchedObject::Job, task_id_of(&job)))
         .boxed();
         let pod_stream = watcher(
             Api::<Pod>::namespaced(self.client.clone(), &self.namespace),
@@ -124,7 +124,7 @@ impl Watcher {
         .default_backoff()
         .reflect(pod_writer)
         .touched_objects()
-        .map_ok(|pod| ("pod", task_id_of(&pod)))
+        .map_ok(|pod| (WatchedObject::Pod, task_id_of(&pod)))
         .boxed();
         let sender = touched_sender.clone();
         let metrics = self.lifecycle.metrics().clone();
@@ -133,13 +133,7 @@ impl Watcher {
             while let Some(item) = merged.next().await {
                 match item {
                     Ok((kind, id)) => {
-                        metrics
-                            .families()
-                            .kubernetes_watch_events
-                            .get_or_create(&ObjectLabels {
-                                object: kind.to_owned(),
-                            })
-                            .inc();
+                        metrics.kubernetes().watch_event(kind);
                         if let Some(id) = id
                             && sender.send(id).await.is_err()
                         {
@@ -147,7 +141,7 @@ impl Watcher {
                         }
                     }
                     Err(error) => {
-                        metrics.error("watcher", "watch_stream");
+                        metrics.kubernetes().watch_failed();
                         tracing::warn!(error = %error, "watch stream error (it retries with backoff)");
                     }
                 }

@@ -1,0 +1,162 @@
+//! What runners report: reports stored (duplicates and heartbeats excluded) by kind, and
+//! the LLM calls and tokens they carry by tenant and model. The dollars of that usage
+//! count into `cost_dollars` as resource `llm`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use protocol::{ReportBody, Usage};
+
+use super::Metrics;
+use super::cost::CostResource;
+use super::labels::label_values;
+use super::registry::Registrar;
+
+label_values! {
+    /// The kind of a runner report.
+    pub enum ReportKind {
+        Started => "started",
+        Heartbeat => "heartbeat",
+        Progress => "progress",
+        Usage => "usage",
+        Finished => "finished",
+    }
+}
+
+impl ReportKind {
+    /// The kind of a stored report, from the word the store keeps (`None` for a word
+    /// that is no report kind).
+    #[must_use]
+    pub fn stored(word: &str) -> Option<Self> {
+        [
+            Self::Started,
+            Self::Heartbeat,
+            Self::Progress,
+            Self::Usage,
+            Self::Finished,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == word)
+    }
+
+    #[must_use]
+    pub fn of(body: &ReportBody) -> Self {
+        match body {
+            ReportBody::Started(_) => Self::Started,
+            ReportBody::Heartbeat(_) => Self::Heartbeat,
+            ReportBody::Progress(_) => Self::Progress,
+            ReportBody::Usage(_) => Self::Usage,
+            ReportBody::Finished(_) => Self::Finished,
+        }
+    }
+}
+
+label_values! {
+    /// Whether tokens went to the model or came from it.
+    pub enum TokenDirection {
+        Input => "input",
+        Output => "output",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: ReportKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    tenant: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    tenant: String,
+    model: String,
+    direction: TokenDirection,
+}
+
+#[derive(Debug)]
+pub(super) struct ReportFamilies {
+    reports: Family<KindLabels, Counter>,
+    llm_calls: Family<ModelLabels, Counter>,
+    llm_tokens: Family<TokenLabels, Counter>,
+}
+
+impl ReportFamilies {
+    pub(super) fn register(registrar: &mut Registrar<'_>) -> Self {
+        let families = Self {
+            reports: Family::default(),
+            llm_calls: Family::default(),
+            llm_tokens: Family::default(),
+        };
+        registrar.counter(
+            "runner_reports",
+            &["kind"],
+            "Runner reports stored (duplicates and heartbeats excluded), by kind (started, progress, usage, finished)",
+            families.reports.clone(),
+        );
+        registrar.counter(
+            "llm_calls",
+            &["tenant", "model"],
+            "LLM calls reported by runners, by tenant and model",
+            families.llm_calls.clone(),
+        );
+        registrar.counter(
+            "llm_tokens",
+            &["tenant", "model", "direction"],
+            "LLM tokens reported by runners, by tenant, model and direction (input, output)",
+            families.llm_tokens.clone(),
+        );
+        families
+    }
+}
+
+/// Records runner reports and their LLM usage. Tenant and model names are bounded here.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportMetrics<'a> {
+    pub(super) metrics: &'a Metrics,
+}
+
+impl ReportMetrics<'_> {
+    /// A report newly stored.
+    pub fn received(&self, kind: ReportKind) {
+        self.metrics
+            .inner
+            .reports
+            .reports
+            .get_or_create(&KindLabels { kind })
+            .inc();
+    }
+
+    /// LLM usage newly reported by a task of `tenant` in `queue`: its calls, its tokens
+    /// and its dollars.
+    pub fn llm_usage(&self, tenant: &str, queue: &str, usage: &Usage) {
+        let families = &self.metrics.inner.reports;
+        let bounded_tenant = self.metrics.bounded("tenant", tenant);
+        let model = self.metrics.bounded("model", &usage.model);
+        families
+            .llm_calls
+            .get_or_create(&ModelLabels {
+                tenant: bounded_tenant.clone(),
+                model: model.clone(),
+            })
+            .inc_by(usage.calls);
+        for (direction, tokens) in [
+            (TokenDirection::Input, usage.input_tokens),
+            (TokenDirection::Output, usage.output_tokens),
+        ] {
+            families
+                .llm_tokens
+                .get_or_create(&TokenLabels {
+                    tenant: bounded_tenant.clone(),
+                    model: model.clone(),
+                    direction,
+                })
+                .inc_by(tokens);
+        }
+        self.metrics
+            .cost(tenant, queue, CostResource::Llm, usage.cost_usd);
+    }
+}
