@@ -119,6 +119,7 @@ impl TaskView {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SubmitQuery {
     /// Validate and return the Job that would be created, creating nothing.
     #[serde(default)]
@@ -305,6 +306,7 @@ pub async fn get_one(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only tasks in this state.
     pub state: Option<String>,
@@ -407,6 +409,7 @@ pub async fn cancel(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Stream new events as Server-Sent Events until the task finishes.
     #[serde(default)]

@@ -16,6 +16,7 @@ use crate::task::submission::FieldError;
 const MAX_RANGE_DAYS: i64 = 400;
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Start, inclusive: RFC 3339 (`2026-11-01T00:00:00Z`) or a UTC date (`2026-11-01`).
     /// Default: the start of the current UTC month.
