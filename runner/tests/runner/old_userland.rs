@@ -4,13 +4,13 @@
 //! GLIBC_2.31, and libnvidia-ml not linked (NVML is loaded at run time only).
 //!
 //! `tests/run` sets `AGENT_BUS_RUNNER_GLIBC231` (the binary) and
-//! `AGENT_BUS_BULLSEYE_ROOT` (the root). Without them the test fails in CI and is
-//! skipped, with a notice, elsewhere.
+//! `AGENT_BUS_BULLSEYE_ROOT` (the root). Without them the tests skip with one line, and
+//! fail under `make test` (`AGENT_BUS_REQUIRE_ENV`, see `testsupport::needs_env!`).
 
 // Tests fail by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,25 +18,17 @@ use std::process::Command;
 use common::{Receiver, fake_nvml, kinds};
 use protocol::{FailureClass, TerminationSummary};
 
-/// The built runner and the root, or `None` (skip) outside CI.
+/// The built runner and the root, or `None`: the test skips with one line, or fails under
+/// `make test` (`testsupport::needs_env!`).
 fn inputs() -> Option<(PathBuf, PathBuf)> {
-    let runner = std::env::var_os("AGENT_BUS_RUNNER_GLIBC231").map(PathBuf::from);
-    let root = std::env::var_os("AGENT_BUS_BULLSEYE_ROOT").map(PathBuf::from);
-    match (runner, root) {
-        (Some(runner), Some(root)) => Some((runner, root)),
-        _ if std::env::var_os("CI").is_some() => panic!(
-            "AGENT_BUS_RUNNER_GLIBC231 and AGENT_BUS_BULLSEYE_ROOT must be set in CI \
-             (tests/run sets them from tests/env/build-runner and tests/env/bullseye-root)"
-        ),
-        _ => {
-            eprintln!(
-                "skipped: AGENT_BUS_RUNNER_GLIBC231 / AGENT_BUS_BULLSEYE_ROOT not set; \
-                 run `export AGENT_BUS_RUNNER_GLIBC231=$(tests/env/build-runner) \
-                 AGENT_BUS_BULLSEYE_ROOT=$(tests/env/bullseye-root)` first"
-            );
-            None
-        }
+    if !testsupport::environment_present(&[
+        testsupport::Need::Var("AGENT_BUS_RUNNER_GLIBC231"),
+        testsupport::Need::Var("AGENT_BUS_BULLSEYE_ROOT"),
+    ]) {
+        return None;
     }
+    let var = |name| std::env::var_os(name).map(PathBuf::from);
+    var("AGENT_BUS_RUNNER_GLIBC231").zip(var("AGENT_BUS_BULLSEYE_ROOT"))
 }
 
 fn output_of(program: &str, args: &[&str], file: &Path) -> String {

@@ -485,34 +485,30 @@ pub fn wait_for_file(path: &Path) -> String {
     format!("while [ ! -e '{}' ]; do sleep 0.05; done", path.display())
 }
 
-/// The fake library, built once per test binary; `None` (skip) without a C compiler
-/// outside CI.
+/// The fake library, built once per test binary; `None` (the test skips with one line)
+/// without a C compiler, a failure then under `make test` (see `testsupport::needs_env!`).
 pub fn fake_nvml() -> Option<PathBuf> {
-    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            // Under the target folder (not the temp dir): nothing to clean up by hand.
-            let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("fake-nvml-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let lib = dir.join("libnvidia-ml.so.1");
-            let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_nvml/fake_nvml.c");
-            let built = std::process::Command::new("cc")
-                .args(["-shared", "-fPIC", "-O1", "-o"])
-                .arg(&lib)
-                .arg(source)
-                .status();
-            match built {
-                Ok(status) if status.success() => Some(lib),
-                other => {
-                    assert!(
-                        std::env::var_os("CI").is_none(),
-                        "cannot build the fake NVML with cc: {other:?}"
-                    );
-                    eprintln!("skipped: no C compiler to build the fake NVML ({other:?})");
-                    None
-                }
-            }
-        })
-        .clone()
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    if !testsupport::environment_present(&[testsupport::Need::Program("cc")]) {
+        return None;
+    }
+    let lib = BUILT.get_or_init(|| {
+        // Under the target folder (not the temp dir): nothing to clean up by hand.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("fake-nvml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let lib = dir.join("libnvidia-ml.so.1");
+        let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fake_nvml/fake_nvml.c");
+        let built = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O1", "-o"])
+            .arg(&lib)
+            .arg(source)
+            .status();
+        assert!(
+            built.as_ref().is_ok_and(std::process::ExitStatus::success),
+            "cannot build the fake NVML with cc: {built:?}"
+        );
+        lib
+    });
+    Some(lib.clone())
 }

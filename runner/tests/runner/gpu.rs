@@ -6,7 +6,7 @@
 // Tests fail by panicking, helpers included.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Receiver, Runner, fake_nvml, finished, kinds, wait_for_file};
 use protocol::{FailureClass, ReportBody};
