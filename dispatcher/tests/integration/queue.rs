@@ -4,7 +4,7 @@
 //! key prefixes, connection failures) and run on it alone.
 //!
 //! Start Redis with `eval "$(tests/env/up redis)"`; without `REDIS_URL` the Redis tests
-//! fail and say so.
+//! skip with one line (and fail under `make test`, see `testsupport::needs_env!`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashSet;
@@ -39,6 +39,7 @@ where
     F: FnOnce(Queue) -> Fut,
     Fut: Future<Output = ()>,
 {
+    testsupport::needs_env!(Redis);
     with_redis_keyspace(|space| async move { case(redis_queue(&space).await).await }).await;
 }
 
@@ -461,6 +462,7 @@ async fn ack_refuses_a_foreign_receipt(queue: Queue) {
 
 #[tokio::test]
 async fn redis_recovers_when_its_keys_vanish() {
+    testsupport::needs_env!(Redis);
     with_redis_keyspace(|space| async move {
         let queue = redis_queue(&space).await;
         let before = entry("flushed", 0);
@@ -516,6 +518,7 @@ async fn redis_recovers_when_its_keys_vanish() {
 
 #[tokio::test]
 async fn redis_keys_stay_inside_the_prefix() {
+    testsupport::needs_env!(Redis);
     with_redis_keyspace(|space| async move {
         let queue = redis_queue(&space).await;
         let name = format!("prefix-check-{}", TaskId::new().simple());
@@ -616,6 +619,7 @@ impl SeverableProxy {
 
 #[tokio::test]
 async fn redis_reconnects_after_its_connections_break() {
+    testsupport::needs_env!(Redis);
     with_redis_keyspace(|space| async move {
         let proxy = SeverableProxy::start(&space.url).await;
         let queue: Queue = RedisQueue::connect(&proxy.url, &space.prefix, GROUP)
@@ -663,6 +667,7 @@ async fn redis_reconnects_after_its_connections_break() {
 
 #[tokio::test]
 async fn redis_ping_answers() {
+    testsupport::needs_env!(Redis);
     with_redis_keyspace(|space| async move {
         redis_queue(&space).await.ping().await.unwrap();
     })

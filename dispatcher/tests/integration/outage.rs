@@ -8,11 +8,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use testsupport::{PrivatePostgres, poll_until};
 
-mod common;
-use common::start_local_dispatcher;
+use crate::common::start_local_dispatcher;
 
 #[tokio::test]
 async fn a_database_outage_is_a_clear_503_and_service_resumes_after_it() {
+    testsupport::needs_env!(PostgresBinaries);
     let postgres = PrivatePostgres::start();
     let dispatcher = start_local_dispatcher(&postgres.url()).await;
     let (http, base, key) = (

@@ -7,8 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use testsupport::poll_until;
 
-mod common;
-use common::{LocalDispatcher, start_local_dispatcher};
+use crate::common::{LocalDispatcher, start_local_dispatcher};
 
 struct Local(LocalDispatcher);
 

@@ -87,7 +87,9 @@ pub(crate) async fn sqlite_db() -> Db {
 }
 
 /// Runs each `case` once on a fresh PostgreSQL database and once on an SQLite file. A case
-/// takes a [`Db`] or a [`Store`] (anything a `Db` converts into).
+/// takes a [`Db`] or a [`Store`] (anything a `Db` converts into). The PostgreSQL half
+/// needs the test environment (`DATABASE_URL`) and skips without it; the SQLite half
+/// always runs.
 #[allow(unused_macros)]
 macro_rules! on_both_stores {
     ($($case:ident),* $(,)?) => {
@@ -95,9 +97,10 @@ macro_rules! on_both_stores {
             $(
                 #[tokio::test]
                 async fn $case() {
+                    testsupport::needs_env!(Postgres);
                     testsupport::with_database(|db| async move {
                         let store = dispatcher::store::Store::connect(&db.url, 8).await.unwrap();
-                        let db = super::common::Db { store, url: db.url.clone() };
+                        let db = crate::common::Db { store, url: db.url.clone() };
                         super::$case(db.into()).await;
                     })
                     .await;
@@ -108,7 +111,7 @@ macro_rules! on_both_stores {
             $(
                 #[tokio::test]
                 async fn $case() {
-                    super::$case(super::common::sqlite_db().await.into()).await;
+                    super::$case(crate::common::sqlite_db().await.into()).await;
                 }
             )*
         }
@@ -246,21 +249,18 @@ pub(crate) async fn start_local_dispatcher(database_url: &str) -> LocalDispatche
         key,
         http: reqwest::Client::new(),
     };
-    testsupport::poll_until(
-        "the dispatcher to be ready",
-        Duration::from_secs(30),
-        || async {
-            match dispatcher
-                .http
-                .get(format!("{}/readyz", dispatcher.base))
-                .send()
-                .await
-            {
-                Ok(response) if response.status().is_success() => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        },
-    )
-    .await;
+    wait_until_ready(&dispatcher.http, &dispatcher.base, Duration::from_secs(30)).await;
     dispatcher
+}
+
+/// Waits until the dispatcher at `base` answers `GET /readyz` with 200, up to `timeout`.
+pub(crate) async fn wait_until_ready(http: &reqwest::Client, base: &str, timeout: Duration) {
+    testsupport::poll_until("the dispatcher to be ready", timeout, || async {
+        match http.get(format!("{base}/readyz")).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("{}", response.status())),
+            Err(error) => Err(error.to_string()),
+        }
+    })
+    .await;
 }

@@ -3,12 +3,10 @@
 //! the event stream. Each case runs on a fresh PostgreSQL database and on an SQLite file.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
 use std::collections::HashSet;
 
+use crate::common::{TestApi, api_on, on_both_stores, task_body};
 use axum::http::{Method, StatusCode};
-use common::{TestApi, api_on, on_both_stores, task_body};
 use dispatcher::store::{Store, Transition};
 use dispatcher::task::{TaskId, TaskState};
 use serde_json::{Value, json};
@@ -566,7 +564,7 @@ async fn launch(store: &Store, id: &str) {
 }
 
 fn token_for(id: &str, attempt: u32, valid_for_seconds: i64) -> String {
-    let tokens = dispatcher::report::ReportTokens::new(common::TEST_REPORT_KEY);
+    let tokens = dispatcher::report::ReportTokens::new(crate::common::TEST_REPORT_KEY);
     let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(valid_for_seconds);
     tokens.mint(id.parse().unwrap(), attempt, expires)
 }
