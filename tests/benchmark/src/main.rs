@@ -1,6 +1,6 @@
-//! `bench`: how fast agent-bus turns HTTP submissions into Kubernetes Jobs, against a
-//! baseline measured in the same run that creates the same Jobs directly with kube-rs at
-//! the same concurrency. Runs against the test environment (`eval "$(tests/env/up)"`):
+//! `bench` (package `agent-bus-bench`, run by `tests/bench`): how fast agent-bus turns
+//! HTTP submissions into Kubernetes Jobs, against a baseline measured in the same run
+//! that creates the same Jobs directly with kube-rs at the same concurrency. Runs against the test environment (`eval "$(tests/env/up)"`):
 //! it needs `KUBECONFIG`, `DATABASE_URL` and `REDIS_URL`, starts its own dispatcher
 //! process, and cleans up what it created.
 //!
