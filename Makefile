@@ -1,11 +1,17 @@
 # The two commands of the README: `make run` and `make test`.
 .PHONY: run test bench env-up env-down env-status
 
+# Where cargo builds (CI sets CARGO_TARGET_DIR, see tests/run).
+target_dir := $(or $(CARGO_TARGET_DIR),target)
+
 ## Runs the dispatcher on its embedded defaults (tasks run through the runner, built
-## beside it).
+## beside it). The same build as `make test` (dev profile, dependencies optimised, the
+## workspace's features), so right after `make test` it rebuilds none of the dependency
+## tree; the binary runs directly, since `cargo run -p dispatcher` would resolve other
+## features and rebuild. docs/TESTING.md has the figures.
 run:
-	cargo build --release -p runner
-	cargo run --release -p dispatcher -- serve
+	cargo build --workspace --exclude agent-bus-bench --bins
+	$(target_dir)/debug/dispatcher serve
 
 ## Brings the real test environment up, runs fmt, clippy and every test, takes it down.
 test:

@@ -1,7 +1,11 @@
 //! Fluent task fixtures for tests: `TaskFixture::new().gpus(2, "a100").obj()`.
-//! Ids and times are fixed, so snapshots are stable. Test-only: a bad fixture argument
-//! panics, which fails the test that wrote it.
-#![allow(clippy::missing_panics_doc)]
+//! Ids and times are fixed, so snapshots are stable; [`TaskFixture::submitted`] makes a
+//! task as a submission would (fresh id, created now) for tests that store many.
+//! Test-only: the unit tests use it as `crate::task::fixtures`, and the integration tests
+//! compile this same file into their binary (`dispatcher/tests/integration/main.rs`,
+//! over the public `dispatcher::task` types), so there is one fixture for both. A bad
+//! fixture argument panics, which fails the test that wrote it.
+#![allow(clippy::missing_panics_doc, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 
@@ -58,6 +62,37 @@ impl TaskFixture {
             },
             spent: Spent::default(),
         })
+    }
+
+    /// A task of `tenant` as a submission makes it: a fresh id, queued, created now (so
+    /// ids and times sort as stored tasks do), with the spec of [`TaskFixture::new`].
+    #[must_use]
+    pub fn submitted(tenant: &str) -> Self {
+        Self(Task::new(tenant, Self::new().0.spec))
+    }
+
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        self.0.spec.name = name.into();
+        self
+    }
+
+    #[must_use]
+    pub fn queue(mut self, queue: &str) -> Self {
+        self.0.spec.queue = queue.into();
+        self
+    }
+
+    #[must_use]
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.0.spec.priority = priority;
+        self
+    }
+
+    #[must_use]
+    pub fn state(mut self, state: TaskState) -> Self {
+        self.0.state = state;
+        self
     }
 
     #[must_use]

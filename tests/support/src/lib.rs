@@ -8,10 +8,17 @@
 //! - [`RedisKeySpace`]: one key prefix per test; its keys are deleted afterwards.
 //! - [`poll_until`]: waiting on the cluster is always polling against a deadline, never a
 //!   sleep that hopes the work is done.
+//! - [`needs_env!`] / [`environment_present`]: a test that needs the environment says so
+//!   first; without it the test skips with one `skipped: …` line, and under `make test`
+//!   ([`REQUIRE_ENV`], set by `tests/run`) it fails instead, so CI never skips.
 //!
 //! The environment is found through `KUBECONFIG`, `DATABASE_URL` and `REDIS_URL`, as printed
-//! by `tests/env/up`. A missing variable is an error that says how to start the
-//! environment: these tests never skip silently.
+//! by `tests/env/up`. A helper that finds a variable missing fails with a message that says
+//! how to start the environment.
+//!
+//! The feature `services` (default) brings the PostgreSQL, Redis and Kubernetes helpers and
+//! [`poll_until`]; without it (the runner's tests) only the environment checks and the
+//! small helpers remain.
 //!
 //! Test helpers may panic (that is how a test fails), so the workspace's panic lints are
 //! relaxed here, and only here.
@@ -22,15 +29,28 @@
     clippy::missing_panics_doc
 )]
 
+#[cfg(feature = "services")]
 mod cluster;
+mod needs;
+#[cfg(feature = "services")]
 mod postgres;
+#[cfg(feature = "services")]
 mod redis_space;
 
+#[cfg(feature = "services")]
 use std::future::Future;
+#[cfg(feature = "services")]
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "services")]
 pub use cluster::{TestNamespace, kube_client, pod_report, with_namespace};
+pub use needs::{
+    Missing, Need, REQUIRE_ENV, environment_present, environment_required, find_program,
+    postgres_bin,
+};
+#[cfg(feature = "services")]
 pub use postgres::{PrivatePostgres, TestDatabase, with_database};
+#[cfg(feature = "services")]
 pub use redis_space::{RedisKeySpace, with_redis_keyspace};
 
 /// Errors from reaching the test environment.
@@ -41,13 +61,16 @@ pub enum EnvError {
          `eval \"$(tests/env/up)\"` (or run `make test`)"
     )]
     MissingVariable { name: &'static str },
+    #[cfg(feature = "services")]
     #[error("kubernetes client for {kubeconfig}: {source}")]
     Kube {
         kubeconfig: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[cfg(feature = "services")]
     #[error("postgres at {url}: {source}")]
     Postgres { url: String, source: sqlx::Error },
+    #[cfg(feature = "services")]
     #[error("redis at {url}: {source}")]
     Redis {
         url: String,
@@ -77,16 +100,12 @@ pub fn free_port() -> u16 {
 #[must_use]
 #[allow(clippy::missing_panics_doc, clippy::panic)]
 pub fn program_on_path(name: &str) -> std::path::PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{name} is not on PATH: start the test environment with `eval \"$(tests/env/up)\"` \
+    find_program(name).unwrap_or_else(|| {
+        panic!(
+            "{name} is not on PATH: start the test environment with `eval \"$(tests/env/up)\"` \
                  (or run `make test`)"
-            )
-        })
+        )
+    })
 }
 
 /// The repository's root directory (this crate lives in `tests/support`).
@@ -101,6 +120,7 @@ pub fn unique_suffix() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..10].to_owned()
 }
 
+#[cfg(feature = "services")]
 /// Polls `probe` every `interval` until it returns `Some`, or panics naming `what` once
 /// `timeout` has passed. The last observation is kept for the panic message by letting the
 /// probe return `Err(observation)`.
@@ -126,6 +146,7 @@ where
     }
 }
 
+#[cfg(feature = "services")]
 /// How long cluster tests wait for a state the control plane should reach. Generous,
 /// because a loaded 2-core machine is slow, and harmless, because polling returns as soon
 /// as the state is reached.

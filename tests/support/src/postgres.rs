@@ -139,14 +139,11 @@ pub struct PrivatePostgres {
 
 impl PrivatePostgres {
     /// Initialises a data folder and starts the server on a free loopback port.
+    #[must_use]
     pub fn start() -> Self {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL is installed by tests/env/up")
-            .filter_map(Result::ok)
-            .map(|entry| entry.path().join("bin"))
-            .filter(|path| path.join("initdb").exists())
-            .max()
-            .expect("a PostgreSQL bin folder under /usr/lib/postgresql");
+        let bin = crate::postgres_bin().expect(
+            "a PostgreSQL bin folder under /usr/lib/postgresql (installed by tests/env/up)",
+        );
         let dir = std::env::temp_dir().join(format!("agent-bus-pg-{}", unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")

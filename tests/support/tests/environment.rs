@@ -226,6 +226,7 @@ fn pinned_version(key: &str) -> String {
 
 #[tokio::test]
 async fn fake_nodes_are_ready_with_their_pools_labels_taints_and_capacity() {
+    testsupport::needs_env!(Cluster);
     let nodes: Api<Node> = Api::all(kube_client().await.unwrap());
     let list = nodes
         .list(&ListParams::default().labels("type=kwok"))
@@ -332,6 +333,7 @@ async fn fake_nodes_are_ready_with_their_pools_labels_taints_and_capacity() {
 
 #[tokio::test]
 async fn a100_job_is_bound_to_an_a100_node_and_completes() {
+    testsupport::needs_env!(Cluster);
     with_namespace("smoke-a100", |ns| async move {
         let job = create_job(
             &ns,
@@ -359,6 +361,7 @@ async fn a100_job_is_bound_to_an_a100_node_and_completes() {
 
 #[tokio::test]
 async fn mig_slice_job_lands_on_the_mig_node() {
+    testsupport::needs_env!(Cluster);
     with_namespace("smoke-mig", |ns| async move {
         let job = TestJob::new("mig-slice")
             .accelerator("nvidia-tesla-a100")
@@ -373,6 +376,7 @@ async fn mig_slice_job_lands_on_the_mig_node() {
 
 #[tokio::test]
 async fn exit_code_annotation_fails_the_job_with_that_exit_code() {
+    testsupport::needs_env!(Cluster);
     with_namespace("smoke-exit", |ns| async move {
         let job = TestJob::new("exit-three").annotation("agent-bus.io/test-exit-code", "3");
         let job = create_job(&ns, job.obj()).await;
@@ -393,6 +397,7 @@ async fn exit_code_annotation_fails_the_job_with_that_exit_code() {
 
 #[tokio::test]
 async fn run_seconds_annotation_keeps_the_pod_running_that_long() {
+    testsupport::needs_env!(Cluster);
     with_namespace("smoke-slow", |ns| async move {
         let job = TestJob::new("slow").annotation("agent-bus.io/test-run-seconds", "4");
         let job = create_job(&ns, job.obj()).await;
@@ -418,6 +423,7 @@ async fn run_seconds_annotation_keeps_the_pod_running_that_long() {
 
 #[tokio::test]
 async fn sixteen_gpus_in_one_pod_stay_pending_unschedulable() {
+    testsupport::needs_env!(Cluster);
     with_namespace("smoke-16gpu", |ns| async move {
         let job = create_job(&ns, TestJob::new("too-big").gpus(16).obj()).await;
         let pod = wait_for_pod(&ns, &job, "PodScheduled=False reason Unschedulable", |p| {
@@ -437,6 +443,7 @@ async fn sixteen_gpus_in_one_pod_stay_pending_unschedulable() {
 
 #[tokio::test]
 async fn kubectl_get_jobs_lists_them() {
+    testsupport::needs_env!(Cluster, Program("kubectl"));
     with_namespace("smoke-kubectl", |ns| async move {
         let first = create_job(&ns, TestJob::new("listed-one").obj()).await;
         let second = create_job(&ns, TestJob::new("listed-two").obj()).await;
@@ -456,6 +463,7 @@ async fn kubectl_get_jobs_lists_them() {
 
 #[tokio::test]
 async fn rbac_is_enforced_for_service_accounts() {
+    testsupport::needs_env!(Cluster, Program("kubectl"));
     with_namespace("smoke-rbac", |ns| async move {
         let account = format!("system:serviceaccount:{}:default", ns.name);
         let can = |verb: &str, resource: &str| {
@@ -483,6 +491,14 @@ async fn rbac_is_enforced_for_service_accounts() {
 
 #[test]
 fn tools_of_the_pinned_versions_are_on_the_path() {
+    testsupport::needs_env!(
+        Cluster,
+        Program("kubectl"),
+        Program("helm"),
+        Program("prometheus"),
+        Program("promtool"),
+        Program("alertmanager")
+    );
     let kubernetes = pinned_version("KUBERNETES_VERSION");
     let client = run("kubectl", &["version", "--client"]);
     assert!(
@@ -515,6 +531,7 @@ fn tools_of_the_pinned_versions_are_on_the_path() {
 
 #[tokio::test]
 async fn each_test_gets_its_own_postgres_database() {
+    testsupport::needs_env!(Postgres);
     with_database(|first| async move {
         with_database(|second| async move {
             assert_ne!(first.name, second.name);
@@ -540,6 +557,7 @@ async fn each_test_gets_its_own_postgres_database() {
 
 #[tokio::test]
 async fn each_test_gets_its_own_redis_key_space() {
+    testsupport::needs_env!(Redis);
     let leftover = with_redis_keyspace(|space| async move {
         let mut redis = space.connection().await.unwrap();
         let () = redis.set(space.key("marker"), "1").await.unwrap();

@@ -1,0 +1,220 @@
+//! The embedded default end to end: the `dispatcher` binary on an SQLite file with the
+//! in-process queue and the local executor, driven over HTTP as a user would.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use testsupport::poll_until;
+
+use crate::common::{LocalDispatcher, start_local_dispatcher};
+
+struct Local(LocalDispatcher);
+
+impl std::ops::Deref for Local {
+    type Target = LocalDispatcher;
+    fn deref(&self) -> &LocalDispatcher {
+        &self.0
+    }
+}
+
+impl Local {
+    /// The embedded default: an SQLite file in the working folder. The dispatcher's own
+    /// environment holds `DATABASE_URL`, which the tasks must not see.
+    async fn start() -> Self {
+        Self(start_local_dispatcher("sqlite://agent-bus.db").await)
+    }
+
+    async fn submit(&self, body: Value) -> String {
+        let response = self
+            .http
+            .post(format!("{}/v1/tasks", self.base))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    async fn read(&self, id: &str) -> Result<Value, String> {
+        self.http
+            .get(format!("{}/v1/tasks/{id}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn wait_until_over(&self, id: &str) -> Value {
+        poll_until(
+            &format!("task {id} to finish"),
+            Duration::from_secs(30),
+            || async {
+                let task = self.read(id).await?;
+                if ["succeeded", "failed", "cancelled", "timed_out"]
+                    .contains(&task["state"].as_str().unwrap_or_default())
+                {
+                    Ok(task)
+                } else {
+                    Err(task.to_string())
+                }
+            },
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn the_embedded_default_runs_tasks_as_processes() {
+    let local = Local::start().await;
+    assert!(
+        local.dir.join("agent-bus.db").exists(),
+        "state lives in an SQLite file in the working directory"
+    );
+
+    let ok = local.submit(json!({"name": "hello", "image": "unused", "command": ["sh", "-c", "echo hello $WHO"], "env": {"WHO": "world"}})).await;
+    let failing = local.submit(json!({"name": "fails", "image": "unused", "command": ["sh", "-c", "echo boom >&2; exit 3"]})).await;
+    let slow = local.submit(json!({"name": "slow", "image": "unused", "command": ["sleep", "30"], "timeout_seconds": 1})).await;
+    let cancelled = local
+        .submit(json!({"name": "cancel-me", "image": "unused", "command": ["sleep", "30"]}))
+        .await;
+    let secret = local.submit(json!({"name": "env", "image": "unused", "command": ["sh", "-c", "echo db=${DATABASE_URL:-unset}"]})).await;
+
+    let task = local.wait_until_over(&ok).await;
+    assert_eq!(
+        (task["state"].as_str(), task["exit_code"].as_i64()),
+        (Some("succeeded"), Some(0))
+    );
+    assert_eq!(task["message"], "hello world\n");
+
+    let task = local.wait_until_over(&failing).await;
+    assert_eq!(
+        (
+            task["state"].as_str(),
+            task["reason"].as_str(),
+            task["exit_code"].as_i64()
+        ),
+        (Some("failed"), Some("exit_code"), Some(3))
+    );
+    assert_eq!(
+        task["message"], "boom\n",
+        "the tail of the output explains the failure"
+    );
+
+    let task = local.wait_until_over(&slow).await;
+    assert_eq!(
+        (task["state"].as_str(), task["reason"].as_str()),
+        (Some("timed_out"), Some("deadline_exceeded"))
+    );
+
+    poll_until("the long task to run", Duration::from_secs(30), || async {
+        let task: Value = local
+            .http
+            .get(format!("{}/v1/tasks/{cancelled}", local.base))
+            .bearer_auth(&local.key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if task["state"] == "running" {
+            Ok(())
+        } else {
+            Err(task.to_string())
+        }
+    })
+    .await;
+    let response = local
+        .http
+        .post(format!("{}/v1/tasks/{cancelled}/cancel", local.base))
+        .bearer_auth(&local.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let task = local.wait_until_over(&cancelled).await;
+    assert_eq!(task["state"], "cancelled");
+
+    let task = local.wait_until_over(&secret).await;
+    assert_eq!(
+        task["message"], "db=unset\n",
+        "tasks never see the dispatcher's environment"
+    );
+}
+
+#[tokio::test]
+async fn a_task_runs_through_the_runner_and_its_reports_reach_the_api() {
+    let local = Local::start().await;
+    // The workload speaks the runner's line protocol through $AGENT_BUS_REPORT_FILE.
+    let script = r#"echo "progress 50 halfway there" >> "$AGENT_BUS_REPORT_FILE"
+echo "usage model=gpt-4o calls=2 input_tokens=1000 output_tokens=200 cost_usd=0.02" >> "$AGENT_BUS_REPORT_FILE"
+echo "usage model=gpt-4o calls=1 input_tokens=500 output_tokens=100 cost_usd=0.01" >> "$AGENT_BUS_REPORT_FILE"
+echo "task $AGENT_BUS_TASK_ID attempt $AGENT_BUS_ATTEMPT token=${AGENT_BUS_REPORT_TOKEN:-hidden}"
+"#;
+    let reported = local
+        .submit(json!({"name": "reported", "image": "unused", "command": ["sh", "-c", script]}))
+        .await;
+    let oom = local
+        .submit(json!({"name": "cuda-oom", "image": "unused", "command": ["sh", "-c",
+            "echo 'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB' >&2; exit 1"]}))
+        .await;
+
+    let task = local.wait_until_over(&reported).await;
+    assert_eq!(task["state"], "succeeded", "{task}");
+    let output = task["message"].as_str().unwrap();
+    assert!(
+        output.contains(&format!("task {reported} attempt 1 token=hidden")),
+        "the command sees its task, never the report token: {output}"
+    );
+    let runner = poll_until("the runner's reports", Duration::from_secs(30), || async {
+        let task = local.read(&reported).await?;
+        let runner = task["runner"].clone();
+        if runner["outcome"].is_object() && runner["usage"].is_array() {
+            Ok(runner)
+        } else {
+            Err(task.to_string())
+        }
+    })
+    .await;
+    assert!(runner["started_at"].is_string(), "{runner}");
+    assert_eq!(runner["progress"]["percent"], 50.0, "{runner}");
+    assert_eq!(runner["progress"]["message"], "halfway there");
+    assert_eq!(runner["usage"][0]["model"], "gpt-4o");
+    assert_eq!(runner["usage"][0]["calls"], 3);
+    assert_eq!(runner["usage"][0]["input_tokens"], 1500);
+    assert!(
+        (runner["usage_cost_usd"].as_f64().unwrap() - 0.03).abs() < 1e-9,
+        "{runner}"
+    );
+    assert_eq!(runner["outcome"]["exit_code"], 0);
+    assert_eq!(runner["outcome"]["source"], "runner");
+    assert!(runner["outcome"]["failure_class"].is_null(), "{runner}");
+    assert!(
+        runner["gpus"].is_null(),
+        "no GPU here, so no GPU figures: {runner}"
+    );
+
+    let task = local.wait_until_over(&oom).await;
+    assert_eq!(
+        (
+            task["state"].as_str(),
+            task["reason"].as_str(),
+            task["exit_code"].as_i64()
+        ),
+        (Some("failed"), Some("gpu_out_of_memory"), Some(1)),
+        "{task}"
+    );
+    assert_eq!(
+        task["runner"]["outcome"]["failure_class"], "cuda_oom",
+        "{task}"
+    );
+}

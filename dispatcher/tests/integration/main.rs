@@ -1,0 +1,28 @@
+//! The dispatcher's integration tests, one test binary (it links once) with a module per
+//! tier and concern:
+//!
+//! - hermetic (no environment needed): `api`, `observability` and the SQLite halves of
+//!   the store cases (`store::sqlite`, `*::sqlite`), the in-process queue
+//!   (`queue::memory_backend`), and `local` (the `dispatcher` binary with the local
+//!   executor on an SQLite file);
+//! - on the test environment (`eval "$(tests/env/up)"`): the PostgreSQL halves
+//!   (`*::postgres`), Redis (`queue::redis_*`), `outage` (a PostgreSQL server of its
+//!   own), `cluster` (end to end on the control plane).
+//!
+//! A test that needs the environment says so first with `testsupport::needs_env!`: it
+//! skips with one `skipped: …` line without it, and fails under `make test`
+//! (`AGENT_BUS_REQUIRE_ENV=1`, set by `tests/run`). See `docs/TESTING.md`.
+// Tests fail by panicking, helpers included.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod task;
+
+mod api;
+mod cluster;
+mod local;
+mod observability;
+mod outage;
+mod queue;
+mod store;

@@ -1,0 +1,132 @@
+//! Queries over tasks: by state, next queued in dispatch order, counts by state, and a
+//! closed store.
+
+use std::time::Duration;
+
+use dispatcher::store::{Store, StoreError};
+use dispatcher::task::{TaskId, TaskState};
+
+use super::support::*;
+
+both_backends!(
+    case_tasks_in_state_are_oldest_change_first,
+    case_next_queued_is_in_dispatch_order,
+    case_count_by_state_lists_every_state,
+    case_a_closed_store_is_unavailable,
+);
+
+async fn case_tasks_in_state_are_oldest_change_first(store: Store) {
+    acme(&store).await;
+    let mut launched = Vec::new();
+    for _ in 0..3 {
+        let queued = task("acme").create(&store).await;
+        launched.push(walk(&store, &queued, &[TaskState::Launching]).await);
+        // Timestamps are milliseconds: make every change distinct.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let still_queued = task("acme").create(&store).await;
+    let later = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1);
+
+    let stuck = store
+        .tasks_in_state(TaskState::Launching, later, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&stuck), ids(&launched));
+
+    let oldest_two = store
+        .tasks_in_state(TaskState::Launching, later, 2)
+        .await
+        .unwrap();
+    assert_eq!(ids(&oldest_two), ids(&launched[..2]));
+
+    let before_the_last = store
+        .tasks_in_state(TaskState::Launching, launched[2].updated_at, 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(&before_the_last), ids(&launched[..2]));
+
+    assert_eq!(
+        ids(&store
+            .tasks_in_state(TaskState::Queued, later, 10)
+            .await
+            .unwrap()),
+        [still_queued.id]
+    );
+}
+
+async fn case_next_queued_is_in_dispatch_order(store: Store) {
+    acme(&store).await;
+    let low_old = task("acme").queue("gpu").priority(1).create(&store).await;
+    let high_old = task("acme").queue("gpu").priority(10).create(&store).await;
+    let low_new = task("acme").queue("gpu").priority(1).create(&store).await;
+    let high_new = task("acme").queue("gpu").priority(10).create(&store).await;
+    let negative = task("acme").queue("gpu").priority(-5).create(&store).await;
+    task("acme").queue("cpu").priority(100).create(&store).await;
+    let claimed = task("acme").queue("gpu").priority(50).create(&store).await;
+    walk(&store, &claimed, &[TaskState::Launching]).await;
+
+    let order = ids(&store.next_queued("gpu", 10).await.unwrap());
+    assert_eq!(
+        order,
+        [
+            high_old.id,
+            high_new.id,
+            low_old.id,
+            low_new.id,
+            negative.id
+        ]
+    );
+    assert_eq!(
+        ids(&store.next_queued("gpu", 2).await.unwrap()),
+        [high_old.id, high_new.id]
+    );
+    assert!(store.next_queued("none", 10).await.unwrap().is_empty());
+}
+
+async fn case_count_by_state_lists_every_state(store: Store) {
+    use TaskState::{Launching, Queued, Running};
+    let empty = store.count_by_state().await.unwrap();
+    assert_eq!(empty.len(), TaskState::ALL.len());
+    assert!(empty.iter().all(|&(_, n)| n == 0));
+
+    acme(&store).await;
+    for _ in 0..3 {
+        task("acme").create(&store).await;
+    }
+    let one = task("acme").create(&store).await;
+    walk(&store, &one, &[Launching, Running]).await;
+    let two = task("acme").create(&store).await;
+    walk(&store, &two, &[Launching]).await;
+
+    let counts = store.count_by_state().await.unwrap();
+    let count = |state: TaskState| {
+        counts
+            .iter()
+            .find(|(s, _)| *s == state)
+            .map(|&(_, n)| n)
+            .unwrap()
+    };
+    assert_eq!(count(Queued), 3);
+    assert_eq!(count(Launching), 1);
+    assert_eq!(count(Running), 1);
+    assert_eq!(counts.iter().map(|&(_, n)| n).sum::<i64>(), 5);
+    assert_eq!(
+        counts.iter().map(|&(s, _)| s).collect::<Vec<_>>(),
+        TaskState::ALL
+    );
+}
+
+async fn case_a_closed_store_is_unavailable(store: Store) {
+    store.ping().await.unwrap();
+    store.close().await;
+    let error = store.ping().await.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("database unavailable while pinging the database"),
+        "{error}"
+    );
+    let error = store.task(TaskId::new()).await.unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+}

@@ -1,0 +1,290 @@
+//! Transitions: compare-and-set with its event row, wrong-state and illegal moves, one
+//! winner among concurrent claims, notes, and the event story in order.
+
+use dispatcher::store::{Store, StoreError, Transition};
+use dispatcher::task::{Reason, TaskId, TaskState};
+use futures::future::join_all;
+
+use super::support::*;
+
+both_backends!(
+    case_a_transition_writes_its_event,
+    case_a_transition_from_the_wrong_state_writes_nothing,
+    case_an_illegal_transition_is_refused,
+    case_concurrent_claims_of_one_task_have_one_winner,
+    case_a_note_records_why_a_task_waits,
+    case_events_tell_the_story_in_order,
+);
+
+async fn case_a_transition_writes_its_event(store: Store) {
+    acme(&store).await;
+    let queued = task("acme").create(&store).await;
+
+    let launching = store
+        .transition(
+            queued.id,
+            TaskState::Queued,
+            &Transition::to(TaskState::Launching).message("claimed by launcher-0"),
+        )
+        .await
+        .unwrap()
+        .expect("the move applies");
+    assert_eq!(launching.state, TaskState::Launching);
+    assert_eq!(launching.message.as_deref(), Some("claimed by launcher-0"));
+    assert_eq!(launching.spec, queued.spec);
+    assert!(launching.updated_at >= queued.updated_at);
+    assert_eq!(launching.created_at, queued.created_at);
+    assert_eq!(
+        store.task(queued.id).await.unwrap(),
+        Some(launching.clone())
+    );
+
+    let events = store.events(queued.id, None).await.unwrap();
+    assert_eq!(
+        moves(&events),
+        [
+            (None, TaskState::Queued),
+            (Some(TaskState::Queued), TaskState::Launching)
+        ]
+    );
+    assert_eq!(events[1].message.as_deref(), Some("claimed by launcher-0"));
+    assert_eq!(events[1].at, launching.updated_at);
+    assert_eq!(events[1].task_id, queued.id);
+}
+
+async fn case_a_transition_from_the_wrong_state_writes_nothing(store: Store) {
+    acme(&store).await;
+    let queued = task("acme").create(&store).await;
+
+    let applied = store
+        .transition(
+            queued.id,
+            TaskState::Launching,
+            &Transition::to(TaskState::Launched),
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied, None);
+    assert_eq!(store.task(queued.id).await.unwrap(), Some(queued.clone()));
+    assert_eq!(store.events(queued.id, None).await.unwrap().len(), 1);
+
+    let missing = store
+        .transition(
+            TaskId::new(),
+            TaskState::Queued,
+            &Transition::to(TaskState::Launching),
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing, None);
+}
+
+async fn case_an_illegal_transition_is_refused(store: Store) {
+    acme(&store).await;
+    let queued = task("acme").create(&store).await;
+
+    let error = store
+        .transition(
+            queued.id,
+            TaskState::Queued,
+            &Transition::to(TaskState::Succeeded),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StoreError::IllegalTransition { task_id, from: TaskState::Queued, to: TaskState::Succeeded }
+                if task_id == queued.id
+        ),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        format!("task {} may not move from queued to succeeded", queued.id)
+    );
+    assert_eq!(store.task(queued.id).await.unwrap(), Some(queued.clone()));
+    assert_eq!(store.events(queued.id, None).await.unwrap().len(), 1);
+
+    let done = walk(&store, &queued, &[TaskState::Cancelled]).await;
+    let error = store
+        .transition(
+            done.id,
+            TaskState::Cancelled,
+            &Transition::to(TaskState::Queued),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::IllegalTransition { .. }),
+        "{error:?}"
+    );
+}
+
+async fn case_concurrent_claims_of_one_task_have_one_winner(store: Store) {
+    acme(&store).await;
+    let queued = task("acme").create(&store).await;
+    let claims = (0..20).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .transition(
+                    queued.id,
+                    TaskState::Queued,
+                    &Transition::to(TaskState::Launching).message(format!("launcher-{n}")),
+                )
+                .await
+        })
+    });
+    let won = join_all(claims)
+        .await
+        .into_iter()
+        .filter_map(|joined| joined.unwrap().unwrap())
+        .count();
+    assert_eq!(won, 1);
+    assert_eq!(store.events(queued.id, None).await.unwrap().len(), 2);
+}
+
+async fn case_a_note_records_why_a_task_waits(store: Store) {
+    use TaskState::{Launched, Launching, Queued, Running};
+    acme(&store).await;
+    let queued = task("acme").create(&store).await;
+    let launched = walk(&store, &queued, &[Launching, Launched]).await;
+    let message = "0/9 nodes are available: 9 Insufficient nvidia.com/gpu";
+
+    let noted = store
+        .note(launched.id, Launched, Reason::Unschedulable, message)
+        .await
+        .unwrap()
+        .expect("the note applies");
+    assert_eq!(noted.state, Launched);
+    assert_eq!(noted.reason, Some(Reason::Unschedulable));
+    assert_eq!(noted.message.as_deref(), Some(message));
+    assert_eq!(store.task(queued.id).await.unwrap(), Some(noted.clone()));
+
+    // Noting it again changes nothing and writes no event.
+    let again = store
+        .note(launched.id, Launched, Reason::Unschedulable, message)
+        .await
+        .unwrap();
+    assert_eq!(again, Some(noted.clone()));
+    let events = store.events(queued.id, None).await.unwrap();
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[3].from, Some(Launched));
+    assert_eq!(events[3].to, Launched);
+    assert_eq!(events[3].reason, Some(Reason::Unschedulable));
+
+    // A task no longer in the noted state is left alone.
+    assert_eq!(
+        store
+            .note(launched.id, Queued, Reason::Unschedulable, message)
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Once it runs, the waiting reason is gone.
+    let running = walk(&store, &noted, &[Running]).await;
+    assert_eq!((running.reason, running.message.as_deref()), (None, None));
+
+    let done = walk(&store, &running, &[TaskState::Succeeded]).await;
+    let error = store
+        .note(
+            done.id,
+            TaskState::Succeeded,
+            Reason::Unschedulable,
+            message,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::IllegalTransition { .. }),
+        "{error:?}"
+    );
+}
+
+async fn case_events_tell_the_story_in_order(store: Store) {
+    use TaskState::{Failed, Launched, Launching, Queued, Running};
+    acme(&store).await;
+    let queued = task("acme").create(&store).await;
+    let id = queued.id;
+
+    // The first attempt: its launch fails transiently and the task goes back to its queue.
+    let launching = walk(&store, &queued, &[Launching]).await;
+    let requeued = store
+        .transition(
+            id,
+            Launching,
+            &Transition::to(Queued)
+                .message("apiserver timeout")
+                .attempt(2),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(requeued.attempt, 2);
+    assert_eq!(launching.attempt, 1);
+
+    // The second attempt runs and fails with an exit code.
+    let running = walk(&store, &requeued, &[Launching, Launched, Running]).await;
+    assert_eq!(running.attempt, 2, "the attempt is kept when not given");
+    assert_eq!(
+        running.message, None,
+        "a move clears the previous state's message"
+    );
+    let failed = store
+        .transition(
+            id,
+            Running,
+            &Transition::to(Failed)
+                .reason(Reason::ExitCode)
+                .message("Traceback: ZeroDivisionError")
+                .exit_code(3),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.reason, Some(Reason::ExitCode));
+    assert_eq!(failed.exit_code, Some(3));
+    assert_eq!(store.get_task("acme", id).await.unwrap(), Some(failed));
+
+    let events = store.events(id, None).await.unwrap();
+    assert_eq!(
+        moves(&events),
+        [
+            (None, Queued),
+            (Some(Queued), Launching),
+            (Some(Launching), Queued),
+            (Some(Queued), Launching),
+            (Some(Launching), Launched),
+            (Some(Launched), Running),
+            (Some(Running), Failed),
+        ]
+    );
+    assert_eq!(
+        events.iter().map(|e| e.attempt).collect::<Vec<_>>(),
+        [1, 1, 2, 2, 2, 2, 2]
+    );
+    assert!(events.windows(2).all(|w| w[0].id < w[1].id));
+    assert!(events.windows(2).all(|w| w[0].at <= w[1].at));
+    let last = &events[6];
+    assert_eq!(last.reason, Some(Reason::ExitCode));
+    assert_eq!(last.exit_code, Some(3));
+    assert_eq!(
+        last.message.as_deref(),
+        Some("Traceback: ZeroDivisionError")
+    );
+    assert_eq!(events[2].message.as_deref(), Some("apiserver timeout"));
+    assert_eq!(events[2].reason, None);
+
+    // A cursor returns only what came after it.
+    let after = store.events(id, Some(events[4].id)).await.unwrap();
+    assert_eq!(after, events[5..]);
+    assert!(
+        store
+            .events(id, Some(events[6].id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

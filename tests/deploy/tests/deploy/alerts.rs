@@ -1,0 +1,345 @@
+//! Alerting and dashboards: the alert rules in their three copies with promtool tests,
+//! the Alertmanager example and the Grafana dashboard.
+
+use crate::support::*;
+use serde_json::Value;
+
+// --- alerting and dashboards -------------------------------------------------------------------
+
+const RULES: &str = "deploy/prometheus/agent-bus.rules.yml";
+const RULE_TESTS: &str = "deploy/prometheus/tests";
+const RUNBOOKS: &str = "https://github.com/agent-bus/agent-bus/blob/main/docs/OBSERVABILITY.md#";
+
+/// The alerts docs/OBSERVABILITY.md documents and the end-to-end test drives.
+const ALERTS: [&str; 13] = [
+    "AgentBusDispatcherDown",
+    "AgentBusHighApiErrorRate",
+    "AgentBusLaunchFailures",
+    "AgentBusTasksQueuedTooLong",
+    "AgentBusTasksUnschedulable",
+    "AgentBusHeartbeatLost",
+    "AgentBusQueueAgeGrowing",
+    "AgentBusDispatchLatencyBudgetBurn",
+    "AgentBusHighCostRate",
+    "AgentBusTenantBudgetExceeded",
+    "AgentBusIdleGpus",
+    "AgentBusDependencyErrors",
+    "AgentBusMetricsSnapshotStale",
+];
+
+/// The `spec.groups` of the one PrometheusRule in rendered YAML, parsed here (no cluster
+/// needed: helm template and kubectl kustomize run offline).
+fn prometheus_rule_groups(rendered: &str) -> Value {
+    let docs: Vec<String> = yaml_docs(rendered)
+        .into_iter()
+        .filter(|doc| kind_of(doc) == "PrometheusRule")
+        .collect();
+    assert_eq!(docs.len(), 1, "one PrometheusRule: {docs:?}");
+    let rule: Value = serde_yaml_ng::from_str(&docs[0]).unwrap();
+    assert_eq!(rule["metadata"]["name"], "agent-bus");
+    rule["spec"]["groups"].clone()
+}
+
+/// The sample names the dispatcher exposes: gauges as they are, counters with `_total`,
+/// histograms as their `_bucket`, `_sum` and `_count` series. From the families the
+/// metrics module describes (the encoder leaves a family without samples out of the
+/// text) and from the encoded text.
+fn exposed_sample_names() -> std::collections::BTreeSet<String> {
+    use dispatcher::metrics::{Kind, Metrics, family_names};
+    let metrics = Metrics::new("x");
+    let mut names = std::collections::BTreeSet::new();
+    for family in metrics.described() {
+        if family.kind == Kind::Histogram {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{}{suffix}", family.name));
+            }
+        } else {
+            names.insert(family.name.clone());
+        }
+    }
+    let text = metrics.encode().unwrap();
+    for name in family_names(&text) {
+        assert!(
+            text.contains(&format!("# TYPE {name} histogram\n")) || names.contains(&name),
+            "{name} is exposed but not described"
+        );
+    }
+    assert!(names.len() > 30, "{names:?}");
+    names
+}
+
+/// The `agent_bus_…` metric and `agent_bus:…` recording-rule names a PromQL text mentions
+/// that are neither exposed by the dispatcher nor recorded by the rules.
+fn unknown_names(
+    promql: &str,
+    exposed: &std::collections::BTreeSet<String>,
+    recorded: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut unknown = Vec::new();
+    for (start, _) in promql.match_indices("agent_bus") {
+        if promql[..start].chars().next_back().is_some_and(is_name) {
+            continue;
+        }
+        let end = promql[start..]
+            .find(|c: char| !is_name(c))
+            .map_or(promql.len(), |n| start + n);
+        let name = &promql[start..end];
+        let known = if name.contains(':') {
+            recorded.contains(name)
+        } else {
+            exposed.contains(name)
+        };
+        if !known {
+            unknown.push(name.to_owned());
+        }
+    }
+    unknown
+}
+
+/// Every PromQL text of a Grafana dashboard: the targets' `expr`, the variables' `query`
+/// and `definition`.
+fn dashboard_promql(value: &Value, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, value) in map {
+                match value {
+                    Value::String(text)
+                        if matches!(key.as_str(), "expr" | "query" | "definition") =>
+                    {
+                        found.push(text.clone());
+                    }
+                    _ => dashboard_promql(value, found),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                dashboard_promql(item, found);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
+    testsupport::needs_env!(Program("kubectl"), Program("helm"), Program("promtool"));
+    // The copies are what deploy/prometheus/sync makes of the source.
+    let sync = run(
+        repo_root().join("deploy/prometheus/sync"),
+        &["--check"],
+        None,
+    );
+    assert_eq!(sync.stdout, "", "{}", sync.stderr);
+    let out = run(tool("promtool"), &["check", "rules", RULES], None);
+    assert!(out.stdout.contains("SUCCESS"), "{}", out.stdout);
+    let mut tests: Vec<String> = std::fs::read_dir(repo_root().join(RULE_TESTS))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".test.yml"))
+        .map(|name| format!("{RULE_TESTS}/{name}"))
+        .collect();
+    tests.sort();
+    assert!(!tests.is_empty());
+    let mut args = vec!["test", "rules"];
+    args.extend(tests.iter().map(String::as_str));
+    let out = run(tool("promtool"), &args, None);
+    assert_eq!(
+        out.stdout.matches("SUCCESS").count(),
+        tests.len(),
+        "{}",
+        out.stdout
+    );
+
+    // The chart and the prod overlay ship the source's groups.
+    let text = std::fs::read_to_string(repo_root().join(RULES)).unwrap();
+    let source: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let groups = source["groups"].clone();
+    let names = Names {
+        dispatcher: "agent-bus".to_owned(),
+        tasks: "agent-bus-tasks".to_owned(),
+    };
+    assert_eq!(
+        prometheus_rule_groups(&kustomize("prod", &names)),
+        groups,
+        "manifests/overlays/prod"
+    );
+    assert_eq!(
+        prometheus_rule_groups(&helm_template(&names, Some("values-prod.yaml"))),
+        groups,
+        "helm/agent-bus with values-prod.yaml"
+    );
+
+    // Each alert: the documented set, labels, runbook anchor, a promtool test, and its
+    // `for:` on a line of its own (the end-to-end test shortens them with a regex).
+    let exposed = exposed_sample_names();
+    let mut recorded = std::collections::BTreeSet::new();
+    let mut alerts = std::collections::BTreeSet::new();
+    let test_text: String = tests
+        .iter()
+        .map(|t| std::fs::read_to_string(repo_root().join(t)).unwrap())
+        .collect();
+    let rules: Vec<&Value> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|group| group["rules"].as_array().unwrap())
+        .collect();
+    for rule in &rules {
+        if let Some(record) = rule["record"].as_str() {
+            assert!(record.starts_with("agent_bus:"), "{record}");
+            recorded.insert(record.to_owned());
+        }
+    }
+    let mut alert_rules = 0;
+    for rule in &rules {
+        let expr = rule["expr"].as_str().unwrap();
+        let unknown = unknown_names(expr, &exposed, &recorded);
+        assert!(
+            unknown.is_empty(),
+            "{RULES} names unknown {unknown:?} in {expr}"
+        );
+        let Some(alert) = rule["alert"].as_str() else {
+            continue;
+        };
+        alert_rules += 1;
+        alerts.insert(alert.to_owned());
+        let severity = rule["labels"]["severity"].as_str().unwrap_or_default();
+        assert!(
+            ["critical", "warning", "info"].contains(&severity),
+            "{alert}: severity {severity:?}"
+        );
+        let category = rule["labels"]["category"].as_str().unwrap_or_default();
+        assert!(
+            ["availability", "tasks", "cost", "capacity", "dependencies"].contains(&category),
+            "{alert}: category {category:?}"
+        );
+        let annotations = &rule["annotations"];
+        assert_eq!(
+            annotations["runbook_url"],
+            format!("{RUNBOOKS}{}", alert.to_lowercase()),
+            "{alert}"
+        );
+        for key in ["summary", "description"] {
+            assert!(
+                annotations[key].as_str().is_some_and(|t| !t.is_empty()),
+                "{alert}: no {key}"
+            );
+        }
+        assert!(rule["for"].is_string(), "{alert}: no for");
+        for annotation in annotations.as_object().unwrap().values() {
+            let text = annotation.as_str().unwrap();
+            let unknown = unknown_names(text, &exposed, &recorded);
+            assert!(unknown.is_empty(), "{alert} names unknown {unknown:?}");
+        }
+        assert!(
+            test_text.contains(&format!("alertname: {alert}\n")),
+            "no promtool test of {alert} in {RULE_TESTS}"
+        );
+        if alert == "AgentBusHighCostRate" {
+            assert!(
+                !expr.contains("rate(") && !expr.contains("increase("),
+                "AgentBusHighCostRate fires from the gauges alone: {expr}"
+            );
+        }
+    }
+    assert_eq!(
+        alerts,
+        ALERTS
+            .iter()
+            .map(|a| (*a).to_owned())
+            .collect::<std::collections::BTreeSet<String>>(),
+        "the alerts of {RULES}"
+    );
+    let for_lines = text
+        .lines()
+        .filter(|line| {
+            line.trim_start()
+                .strip_prefix("for: ")
+                .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_alphanumeric()))
+        })
+        .count();
+    assert_eq!(
+        for_lines, alert_rules,
+        "one `for: <duration>` line per alert"
+    );
+}
+
+#[test]
+fn the_alertmanager_example_and_the_dashboard_are_valid_and_name_only_real_metrics() {
+    testsupport::needs_env!(Program("amtool"));
+    let out = run(
+        tool("amtool"),
+        &["check-config", "deploy/alertmanager/alertmanager.yml"],
+        None,
+    );
+    assert!(out.stdout.contains("SUCCESS"), "{}", out.stdout);
+    // Routing: critical pages, warning to chat, info nowhere, cost also to finance.
+    for (labels, receivers) in [
+        (&["severity=critical", "category=availability"][..], "pager"),
+        (&["severity=warning", "category=tasks"][..], "chat"),
+        (&["severity=warning", "category=cost"][..], "finance,chat"),
+        (&["severity=info", "category=cost"][..], "finance,null"),
+        (&["severity=info", "category=capacity"][..], "null"),
+    ] {
+        let mut args = vec![
+            "config",
+            "routes",
+            "test",
+            "--config.file=deploy/alertmanager/alertmanager.yml",
+        ];
+        args.extend(labels);
+        let out = run(tool("amtool"), &args, None);
+        assert_eq!(out.stdout.trim(), receivers, "{labels:?}");
+    }
+
+    let text = std::fs::read_to_string(repo_root().join("deploy/grafana/agent-bus-dashboard.json"))
+        .unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dashboard["schemaVersion"], 39);
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no variable {name}"))
+    };
+    assert_eq!(variable("datasource")["type"], "datasource");
+    assert_eq!(variable("datasource")["query"], "prometheus");
+    for name in ["tenant", "queue"] {
+        assert_eq!(variable(name)["datasource"]["uid"], "${datasource}");
+    }
+    let rules: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(repo_root().join(RULES)).unwrap())
+            .unwrap();
+    let recorded = rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|group| group["rules"].as_array().unwrap())
+        .filter_map(|rule| rule["record"].as_str().map(str::to_owned))
+        .collect();
+    let exposed = exposed_sample_names();
+    let mut queries = Vec::new();
+    dashboard_promql(&dashboard, &mut queries);
+    let exprs = queries.iter().filter(|q| q.contains("agent_bus")).count();
+    assert!(exprs > 40, "{exprs} expressions");
+    for query in &queries {
+        let unknown = unknown_names(query, &exposed, &recorded);
+        assert!(
+            unknown.is_empty(),
+            "the dashboard names unknown {unknown:?} in {query}"
+        );
+    }
+    // Every panel queries the data source variable.
+    for panel in dashboard["panels"].as_array().unwrap() {
+        if panel["type"] != "row" {
+            assert_eq!(
+                panel["datasource"]["uid"], "${datasource}",
+                "{}",
+                panel["title"]
+            );
+        }
+    }
+}

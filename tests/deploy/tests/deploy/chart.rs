@@ -1,0 +1,303 @@
+//! The Helm chart: lint, schema, documented values, server-side dry-run, `helm install`.
+
+use crate::rbac::assert_rbac;
+use crate::support::*;
+use testsupport::{CLUSTER_TIMEOUT, poll_until};
+
+// --- the chart --------------------------------------------------------------------------------
+
+#[test]
+fn the_chart_lints_with_each_values_file_and_refuses_unknown_keys() {
+    testsupport::needs_env!(Program("helm"));
+    let chart = repo_root().join("helm/agent-bus");
+    let chart = chart.to_str().unwrap();
+    for values in [None, Some("values-dev.yaml"), Some("values-prod.yaml")] {
+        let mut args = vec!["lint", "--strict", chart];
+        let path;
+        if let Some(values) = values {
+            path = format!("{chart}/{values}");
+            args.extend(["-f", &path]);
+        }
+        let out = helm(&args);
+        assert!(
+            out.stdout.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "{}",
+            out.stdout
+        );
+    }
+    // values.schema.json: a misspelt key is an error, at the top and deep down.
+    for bad in [
+        "replicaz=3",
+        "api.replicaz=3",
+        "tasks.limitRange.maxx.cpu=1",
+        "probes.liveness.periodSecond=1",
+    ] {
+        let out = run_status(tool("helm"), &["lint", chart, "--set", bad], None);
+        assert!(!out.success, "helm lint accepted --set {bad}");
+        let said = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            said.contains("additional properties"),
+            "--set {bad}: {said}"
+        );
+    }
+    // Contradicting secret sources are refused with a message that says what to do.
+    let out = run_status(
+        tool("helm"),
+        &[
+            "template",
+            "x",
+            chart,
+            "--kube-version",
+            "v1.34.4",
+            "--set",
+            "externalSecret.enabled=true",
+        ],
+        None,
+    );
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("choose exactly one of secrets.create"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// The dotted paths of the keys that values.yaml documents (a `# --` comment above them).
+fn documented_values(text: &str) -> Vec<String> {
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    let mut documented = false;
+    let mut block: Option<usize> = None;
+    let mut paths = Vec::new();
+    for line in text.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let trimmed = line.trim();
+        if let Some(block_indent) = block {
+            if trimmed.is_empty() || indent > block_indent {
+                continue;
+            }
+            block = None;
+        }
+        if trimmed.starts_with("# --") {
+            documented = true;
+            continue;
+        }
+        if trimmed.starts_with('#') || trimmed.starts_with('-') || trimmed.is_empty() {
+            continue;
+        }
+        let Some((key, rest)) = trimmed.split_once(':') else {
+            continue;
+        };
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        stack.push((indent, key.to_owned()));
+        if rest.trim().starts_with('|') || rest.trim().starts_with('>') {
+            block = Some(indent);
+        }
+        if documented {
+            paths.push(
+                stack
+                    .iter()
+                    .map(|(_, k)| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join("."),
+            );
+            documented = false;
+        }
+    }
+    paths
+}
+
+#[test]
+fn every_value_is_documented_in_the_chart_readme() {
+    let chart = repo_root().join("helm/agent-bus");
+    let values = std::fs::read_to_string(chart.join("values.yaml")).unwrap();
+    let readme = std::fs::read_to_string(chart.join("README.md")).unwrap();
+    let documented = documented_values(&values);
+    assert!(documented.len() > 100, "{documented:?}");
+    let missing: Vec<&String> = documented
+        .iter()
+        .filter(|path| !readme.contains(&format!("| `{path}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "values missing from the README's table: {missing:?}"
+    );
+}
+
+#[test]
+fn the_chart_passes_a_server_side_dry_run_with_each_values_file() {
+    testsupport::needs_env!(Cluster, Program("kubectl"), Program("helm"));
+    ensure_crds();
+    for values in [None, Some("values-dev.yaml"), Some("values-prod.yaml")] {
+        let names = Names::unique("deploy-chart-dry");
+        let rendered = helm_template(&names, values);
+        let outcome = std::panic::catch_unwind(|| server_side_dry_run(&rendered, &names));
+        delete_namespaces(&names);
+        let items = outcome.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let kinds: Vec<&str> = items.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+        for kind in [
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount",
+            "Service",
+            "ConfigMap",
+            "NetworkPolicy",
+            "ResourceQuota",
+            "LimitRange",
+            "Pod",
+        ] {
+            assert!(kinds.contains(&kind), "{values:?}: no {kind} in {kinds:?}");
+        }
+        if values == Some("values-prod.yaml") {
+            for kind in [
+                "ExternalSecret",
+                "ServiceMonitor",
+                "PrometheusRule",
+                "Ingress",
+                "HorizontalPodAutoscaler",
+                "PodDisruptionBudget",
+                "PersistentVolumeClaim",
+            ] {
+                assert!(kinds.contains(&kind), "prod: no {kind} in {kinds:?}");
+            }
+            assert!(
+                !kinds.contains(&"Secret"),
+                "prod takes its Secret from the ExternalSecret"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn helm_install_with_the_dev_values_creates_every_object() {
+    testsupport::needs_env!(Cluster, Program("kubectl"), Program("helm"));
+    let names = Names::unique("deploy-helm");
+    let uninstall = {
+        let names = names.clone();
+        move || {
+            let _ = run_status(
+                tool("helm"),
+                &[
+                    "uninstall",
+                    "agent-bus",
+                    "--namespace",
+                    &names.dispatcher,
+                    "--wait",
+                    "--timeout",
+                    "60s",
+                ],
+                None,
+            );
+        }
+    };
+    with_installation(&names, uninstall, || async {
+        // The release namespace is restricted too: the dispatcher's pods must be admitted.
+        create_namespaces(
+            "",
+            &Names {
+                dispatcher: names.dispatcher.clone(),
+                tasks: names.dispatcher.clone(),
+            },
+        );
+        let chart = repo_root().join("helm/agent-bus");
+        let values = chart.join("values-dev.yaml");
+        let tasks = format!("tasks.namespace={}", names.tasks);
+        let started = std::time::Instant::now();
+        let install = helm(&[
+            "install",
+            "agent-bus",
+            chart.to_str().unwrap(),
+            "-f",
+            values.to_str().unwrap(),
+            "--namespace",
+            &names.dispatcher,
+            "--set",
+            &tasks,
+        ]);
+        eprintln!("helm install took {:?}", started.elapsed());
+        assert!(
+            install.stdout.contains("STATUS: deployed"),
+            "{}",
+            install.stdout
+        );
+        assert!(
+            install
+                .stdout
+                .contains(&format!("Task Jobs run in namespace {}", names.tasks)),
+            "NOTES: {}",
+            install.stdout
+        );
+
+        // Every object of the release exists.
+        let manifest = helm(&[
+            "get",
+            "manifest",
+            "agent-bus",
+            "--namespace",
+            &names.dispatcher,
+        ])
+        .stdout;
+        let expected = yaml_docs(&manifest).len();
+        let found = kubectl(&["get", "-f", "-", "-o", "name"], Some(&manifest)).stdout;
+        let found: Vec<&str> = found.lines().collect();
+        assert_eq!(found.len(), expected, "{found:#?}");
+        for object in [
+            "namespace/",
+            "serviceaccount/agent-bus",
+            "role.rbac.authorization.k8s.io/agent-bus-dispatcher",
+            "role.rbac.authorization.k8s.io/agent-bus-leader-election",
+            "rolebinding.rbac.authorization.k8s.io/agent-bus-dispatcher",
+            "configmap/agent-bus-config",
+            "secret/agent-bus",
+            "service/agent-bus-api",
+            "deployment.apps/agent-bus-api",
+            "deployment.apps/agent-bus-launcher",
+            "deployment.apps/agent-bus-watcher",
+            "statefulset.apps/agent-bus-postgres",
+            "deployment.apps/agent-bus-redis",
+            "networkpolicy.networking.k8s.io/agent-bus-dispatcher",
+            "networkpolicy.networking.k8s.io/agent-bus-default-deny",
+            "resourcequota/agent-bus-tasks",
+            "limitrange/agent-bus-tasks",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(object)),
+                "{object} missing from {found:#?}"
+            );
+        }
+        // Their pods are admitted in the restricted namespace and (kwok plays the kubelet)
+        // become ready.
+        for workload in [
+            "deployment/agent-bus-api",
+            "deployment/agent-bus-launcher",
+            "deployment/agent-bus-watcher",
+            "deployment/agent-bus-redis",
+            "statefulset/agent-bus-postgres",
+        ] {
+            poll_until(&format!("{workload} ready"), CLUSTER_TIMEOUT, || async {
+                let out = run_status(
+                    tool("kubectl"),
+                    &[
+                        "get",
+                        workload,
+                        "-n",
+                        &names.dispatcher,
+                        "-o",
+                        "jsonpath={.status.readyReplicas}/{.spec.replicas}",
+                    ],
+                    None,
+                );
+                if out.success && out.stdout == "1/1" {
+                    Ok(())
+                } else {
+                    Err(format!("{} {}", out.stdout, out.stderr))
+                }
+            })
+            .await;
+        }
+        assert_rbac(&names);
+    })
+    .await;
+}
