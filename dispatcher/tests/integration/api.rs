@@ -5,9 +5,10 @@
 
 use std::collections::HashSet;
 
-use crate::common::{TestApi, api_on, on_both_stores, task_body};
+use crate::common::{TestApi, api_on, move_between, on_both_stores, task_body};
 use axum::http::{Method, StatusCode};
-use dispatcher::store::{Store, Transition};
+use dispatcher::store::Store;
+use dispatcher::task::lifecycle::{Ending, Move};
 use dispatcher::task::{TaskId, TaskState};
 use serde_json::{Value, json};
 
@@ -446,6 +447,7 @@ async fn events_and_their_stream_follow_the_task_to_its_end(store: Store) {
     let (_, task) = api.submit(&key, &task_body("followed")).await;
     let id: TaskId = task["id"].as_str().unwrap().parse().unwrap();
     // Drive the task to its end from another task while the stream is open.
+    let lifecycle = api.lifecycle().clone();
     let driver = tokio::spawn(async move {
         for (from, to) in [
             (TaskState::Queued, TaskState::Launching),
@@ -453,18 +455,15 @@ async fn events_and_their_stream_follow_the_task_to_its_end(store: Store) {
             (TaskState::Launched, TaskState::Running),
         ] {
             tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-            store
-                .transition(id, from, &Transition::to(to))
+            lifecycle
+                .apply(id, from, move_between(from, to))
                 .await
                 .unwrap()
                 .unwrap();
         }
-        store
-            .transition(
-                id,
-                TaskState::Running,
-                &Transition::to(TaskState::Failed).exit_code(3),
-            )
+        let failed = Move::Ended(Ending::new(TaskState::Failed).exit_code(3));
+        lifecycle
+            .apply(id, TaskState::Running, failed)
             .await
             .unwrap()
             .unwrap();
@@ -545,19 +544,12 @@ async fn health_and_openapi(store: Store) {
 }
 
 /// Moves a queued task to `launched`, as the launcher would.
-async fn launch(store: &Store, id: &str) {
+async fn launch(api: &TestApi, id: &str) {
     let id: TaskId = id.parse().unwrap();
-    store
-        .transition(id, TaskState::Queued, &Transition::to(TaskState::Launching))
-        .await
-        .unwrap()
-        .unwrap();
-    store
-        .transition(
-            id,
-            TaskState::Launching,
-            &Transition::to(TaskState::Launched),
-        )
+    let lifecycle = api.lifecycle();
+    lifecycle.claim(id).await.unwrap().unwrap();
+    lifecycle
+        .apply(id, TaskState::Launching, Move::Launched)
         .await
         .unwrap()
         .unwrap();
@@ -576,7 +568,7 @@ async fn runner_reports_are_idempotent_scoped_and_shown(store: Store) {
     let (_, other) = api.submit(&key, &task_body("other")).await;
     let id = task["id"].as_str().unwrap();
     let other_id = other["id"].as_str().unwrap();
-    launch(&api.store, id).await;
+    launch(&api, id).await;
     let url = format!("/internal/v1/tasks/{id}/attempts/1/reports");
     let token = token_for(id, 1, 3600);
     let batch = json!({"reports": [

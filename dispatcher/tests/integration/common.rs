@@ -15,6 +15,11 @@ use dispatcher::launcher::job_spec::LaunchConfig;
 use dispatcher::launcher::{Canceller, LocalExecutor};
 use dispatcher::queue::{MemoryQueue, Queue};
 use dispatcher::report::ReportTokens;
+use dispatcher::cost::Prices;
+use dispatcher::lifecycle::Lifecycle;
+use dispatcher::task::TaskState;
+use dispatcher::task::lifecycle::{Ending, Move};
+use dispatcher::metrics::Metrics;
 use dispatcher::store::Store;
 use dispatcher::task::submission::Limits;
 use serde_json::Value;
@@ -38,12 +43,15 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
     let queue = Queue::from(MemoryQueue::new());
     let workdir =
         std::env::temp_dir().join(format!("agent-bus-test-{}", uuid::Uuid::new_v4().simple()));
+    let metrics = Metrics::default();
+    let store = store.observed_by(Arc::new(metrics.clone()));
+    let lifecycle = Lifecycle::new(store.clone(), metrics, Prices::default());
     let mut state = AppState {
-        store: store.clone(),
+        lifecycle: lifecycle.clone(),
         queue: queue.clone(),
         limits: Arc::new(Limits::default()),
         launch: Arc::new(LaunchConfig::default()),
-        canceller: Canceller::Local(LocalExecutor::new(store.clone(), workdir)),
+        canceller: Canceller::Local(LocalExecutor::new(lifecycle, workdir)),
         cluster: None,
         max_body_bytes: 64 * 1024,
         follow_poll: Duration::from_millis(50),
@@ -121,6 +129,11 @@ macro_rules! on_both_stores {
 pub(crate) use on_both_stores;
 
 impl TestApi {
+    /// What moves this API's tasks (and counts and prices the moves).
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
+        &self.state.lifecycle
+    }
+
     /// Creates a tenant and returns its API key.
     pub(crate) async fn tenant(&self, name: &str, max_queued: u32) -> String {
         let key = api::new_api_key();
@@ -263,4 +276,16 @@ pub(crate) async fn wait_until_ready(http: &reqwest::Client, base: &str, timeout
         }
     })
     .await;
+}
+
+/// The move that takes a task from `from` to `to`, as the launcher, the watcher or the
+/// local executor would make it.
+pub(crate) fn move_between(from: TaskState, to: TaskState) -> Move {
+    match (from, to) {
+        (TaskState::Queued, TaskState::Launching) => Move::Claim,
+        (_, TaskState::Launched) => Move::Launched,
+        (_, TaskState::Running) => Move::Started,
+        (_, TaskState::Cancelled) => Move::Cancel,
+        (_, ended) => Move::Ended(Ending::new(ended)),
+    }
 }

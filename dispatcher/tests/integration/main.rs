@@ -25,4 +25,5 @@ mod local;
 mod observability;
 mod outage;
 mod queue;
+mod schema;
 mod store;

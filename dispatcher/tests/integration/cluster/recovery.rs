@@ -29,10 +29,11 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
             let store = store.clone();
             let id: dispatcher::task::TaskId = id.parse().unwrap();
             async move {
-                use dispatcher::store::Transition;
                 use dispatcher::task::TaskState;
+                use dispatcher::task::lifecycle::Step;
+                // A bare claim, as a launcher that died right after it leaves it.
                 store
-                    .transition(id, TaskState::Queued, &Transition::to(TaskState::Launching))
+                    .transition(id, &Step::new(TaskState::Queued, TaskState::Launching), |_| None)
                     .await
                     .unwrap()
             }

@@ -38,7 +38,7 @@ async fn spent_budgets_refuse_or_alert(db: Db) {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{spender}");
     let spender = id_of(&spender);
-    walk(&db.store, &spender, &LAUNCH).await;
+    walk(&api, &spender, &LAUNCH).await;
     let (status, _) = report(
         &api,
         &spender,

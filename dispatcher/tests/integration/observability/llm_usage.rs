@@ -14,7 +14,7 @@ async fn llm_usage_is_counted_once_into_metrics_and_the_task_cost(db: Db) {
     let api = api_on(db.store.clone(), |_| {}).await;
     let acme = api.tenant("acme", 10).await;
     let id = id_of(&submit_ok(&api, &acme, &task_body("agent")).await);
-    walk(&db.store, &id, &LAUNCH).await;
+    walk(&api, &id, &LAUNCH).await;
     let batch = json!([
         {"sequence": 1, "sent_at": "2026-11-30T00:00:00Z", "kind": "started", "hostname": "h"},
         usage(2, "gpt-4o", 3, (1200, 300), 0.5),
@@ -109,7 +109,7 @@ async fn llm_usage_is_counted_once_into_metrics_and_the_task_cost(db: Db) {
     assert_eq!(tokens(&text, "gpt-4o", "input"), 1210.0);
     assert_close(llm_dollars(&text), 0.85, 1e-9, "LLM dollars");
 
-    finish(&db.store, &id, TaskState::Succeeded).await;
+    finish(&api, &id, TaskState::Succeeded).await;
     let done = read(&api, &acme, &id).await;
     assert_eq!(done["cost"]["settled"], true);
     assert_close(f(&done["cost"]["llm_dollars"]), 0.85, 1e-9, "settled LLM");
@@ -158,7 +158,7 @@ async fn llm_usage_is_counted_once_into_metrics_and_the_task_cost(db: Db) {
     };
     let task_id: TaskId = id.parse().unwrap();
     for _ in 0..2 {
-        db.store
+        api.lifecycle()
             .record_termination(task_id, 1, &summary)
             .await
             .unwrap();

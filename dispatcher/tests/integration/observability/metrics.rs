@@ -271,7 +271,7 @@ async fn transitions_count_launches_outcomes_stages_and_settle_the_cost(db: Db) 
     let id = id_of(&created);
     let stage = "agent_bus_task_stage_duration_seconds";
 
-    walk(&db.store, &id, &LAUNCH).await;
+    walk(&api, &id, &LAUNCH).await;
     let text = scrape(&api).await;
     assert_eq!(
         value(
@@ -317,7 +317,7 @@ async fn transitions_count_launches_outcomes_stages_and_settle_the_cost(db: Db) 
         &id,
     )
     .await;
-    walk(&db.store, &id, &[(TaskState::Launched, TaskState::Running)]).await;
+    walk(&api, &id, &[(TaskState::Launched, TaskState::Running)]).await;
     db.started_ago(&id, 3600).await;
     let (status, receipt) = report(
         &api,
@@ -413,7 +413,7 @@ async fn transitions_count_launches_outcomes_stages_and_settle_the_cost(db: Db) 
         "compute is counted when the task ends"
     );
 
-    finish(&db.store, &id, TaskState::Succeeded).await;
+    finish(&api, &id, TaskState::Succeeded).await;
     let text = scrape(&api).await;
     assert_eq!(
         value(

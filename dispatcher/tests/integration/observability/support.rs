@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::{Db, TestApi};
+use crate::common::{Db, TestApi, move_between};
 use axum::http::{Method, StatusCode};
-use dispatcher::store::{Store, Transition};
+
 use dispatcher::task::{TaskId, TaskState};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
@@ -228,11 +228,12 @@ pub(crate) fn gpu_body(name: &str, queue: &str, count: u32, class: &str) -> Valu
 }
 
 /// Moves task `id` through `moves`, as the launcher and watcher would.
-pub(crate) async fn walk(store: &Store, id: &str, moves: &[(TaskState, TaskState)]) {
+pub(crate) async fn walk(api: &TestApi, id: &str, moves: &[(TaskState, TaskState)]) {
     let id: TaskId = id.parse().unwrap();
     for (from, to) in moves {
-        let changed = store
-            .transition(id, *from, &Transition::to(*to))
+        let changed = api
+            .lifecycle()
+            .apply(id, *from, move_between(*from, *to))
             .await
             .unwrap();
         assert!(
@@ -247,8 +248,8 @@ pub(crate) const LAUNCH: [(TaskState, TaskState); 2] = [
     (TaskState::Launching, TaskState::Launched),
 ];
 
-pub(crate) async fn finish(store: &Store, id: &str, outcome: TaskState) {
-    walk(store, id, &[(TaskState::Running, outcome)]).await;
+pub(crate) async fn finish(api: &TestApi, id: &str, outcome: TaskState) {
+    walk(api, id, &[(TaskState::Running, outcome)]).await;
 }
 
 pub(crate) fn token_for(id: &str, attempt: u32) -> String {
@@ -295,16 +296,16 @@ pub(crate) async fn task_that_ran(
     outcome: Option<TaskState>,
 ) -> String {
     let id = id_of(&submit_ok(api, key, body).await);
-    walk(&db.store, &id, &LAUNCH).await;
+    walk(api, &id, &LAUNCH).await;
     if llm > 0.0 {
         let (status, receipt) =
             report(api, &id, &json!([usage(1, "gpt-4o", 1, (100, 10), llm)])).await;
         assert_eq!(status, StatusCode::OK, "{receipt}");
     }
-    walk(&db.store, &id, &[(TaskState::Launched, TaskState::Running)]).await;
+    walk(api, &id, &[(TaskState::Launched, TaskState::Running)]).await;
     db.started_ago(&id, seconds).await;
     if let Some(outcome) = outcome {
-        finish(&db.store, &id, outcome).await;
+        finish(api, &id, outcome).await;
     }
     id
 }

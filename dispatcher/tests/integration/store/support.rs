@@ -2,7 +2,8 @@
 //! through states.
 
 use crate::task::fixtures::TaskFixture;
-use dispatcher::store::{Inserted, NewTask, Store, TaskEvent, Transition};
+use dispatcher::store::{Inserted, NewTask, Store, TaskEvent};
+use dispatcher::task::lifecycle::Step;
 use dispatcher::task::{Task, TaskId, TaskState};
 
 // ---------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ pub(crate) async fn walk(store: &Store, task: &Task, path: &[TaskState]) -> Task
     let mut current = task.clone();
     for &to in path {
         current = store
-            .transition(current.id, current.state, &Transition::to(to))
+            .transition(current.id, &Step::new(current.state, to), |_| None)
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("{} -> {to} did not apply", current.state));

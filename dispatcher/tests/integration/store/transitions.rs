@@ -1,7 +1,8 @@
 //! Transitions: compare-and-set with its event row, wrong-state and illegal moves, one
 //! winner among concurrent claims, notes, and the event story in order.
 
-use dispatcher::store::{Store, StoreError, Transition};
+use dispatcher::store::{Store, StoreError};
+use dispatcher::task::lifecycle::{PlannedNote, Step};
 use dispatcher::task::{Reason, TaskId, TaskState};
 use futures::future::join_all;
 
@@ -21,11 +22,7 @@ async fn case_a_transition_writes_its_event(store: Store) {
     let queued = task("acme").create(&store).await;
 
     let launching = store
-        .transition(
-            queued.id,
-            TaskState::Queued,
-            &Transition::to(TaskState::Launching).message("claimed by launcher-0"),
-        )
+        .transition(queued.id, &Step::new(TaskState::Queued, TaskState::Launching).message("claimed by launcher-0"), |_| None)
         .await
         .unwrap()
         .expect("the move applies");
@@ -57,11 +54,7 @@ async fn case_a_transition_from_the_wrong_state_writes_nothing(store: Store) {
     let queued = task("acme").create(&store).await;
 
     let applied = store
-        .transition(
-            queued.id,
-            TaskState::Launching,
-            &Transition::to(TaskState::Launched),
-        )
+        .transition(queued.id, &Step::new(TaskState::Launching, TaskState::Launched), |_| None)
         .await
         .unwrap();
     assert_eq!(applied, None);
@@ -69,11 +62,7 @@ async fn case_a_transition_from_the_wrong_state_writes_nothing(store: Store) {
     assert_eq!(store.events(queued.id, None).await.unwrap().len(), 1);
 
     let missing = store
-        .transition(
-            TaskId::new(),
-            TaskState::Queued,
-            &Transition::to(TaskState::Launching),
-        )
+        .transition(TaskId::new(), &Step::new(TaskState::Queued, TaskState::Launching), |_| None)
         .await
         .unwrap();
     assert_eq!(missing, None);
@@ -84,11 +73,7 @@ async fn case_an_illegal_transition_is_refused(store: Store) {
     let queued = task("acme").create(&store).await;
 
     let error = store
-        .transition(
-            queued.id,
-            TaskState::Queued,
-            &Transition::to(TaskState::Succeeded),
-        )
+        .transition(queued.id, &Step::new(TaskState::Queued, TaskState::Succeeded), |_| None)
         .await
         .unwrap_err();
     assert!(
@@ -108,11 +93,7 @@ async fn case_an_illegal_transition_is_refused(store: Store) {
 
     let done = walk(&store, &queued, &[TaskState::Cancelled]).await;
     let error = store
-        .transition(
-            done.id,
-            TaskState::Cancelled,
-            &Transition::to(TaskState::Queued),
-        )
+        .transition(done.id, &Step::new(TaskState::Cancelled, TaskState::Queued), |_| None)
         .await
         .unwrap_err();
     assert!(
@@ -128,11 +109,7 @@ async fn case_concurrent_claims_of_one_task_have_one_winner(store: Store) {
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .transition(
-                    queued.id,
-                    TaskState::Queued,
-                    &Transition::to(TaskState::Launching).message(format!("launcher-{n}")),
-                )
+                .transition(queued.id, &Step::new(TaskState::Queued, TaskState::Launching).message(format!("launcher-{n}")), |_| None)
                 .await
         })
     });
@@ -153,7 +130,7 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
     let message = "0/9 nodes are available: 9 Insufficient nvidia.com/gpu";
 
     let noted = store
-        .note(launched.id, Launched, Reason::Unschedulable, message)
+        .record_note(launched.id, &PlannedNote { state: Launched, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
         .await
         .unwrap()
         .expect("the note applies");
@@ -164,7 +141,7 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
 
     // Noting it again changes nothing and writes no event.
     let again = store
-        .note(launched.id, Launched, Reason::Unschedulable, message)
+        .record_note(launched.id, &PlannedNote { state: Launched, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
         .await
         .unwrap();
     assert_eq!(again, Some(noted.clone()));
@@ -177,7 +154,7 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
     // A task no longer in the noted state is left alone.
     assert_eq!(
         store
-            .note(launched.id, Queued, Reason::Unschedulable, message)
+            .record_note(launched.id, &PlannedNote { state: Queued, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
             .await
             .unwrap(),
         None
@@ -189,12 +166,7 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
 
     let done = walk(&store, &running, &[TaskState::Succeeded]).await;
     let error = store
-        .note(
-            done.id,
-            TaskState::Succeeded,
-            Reason::Unschedulable,
-            message,
-        )
+        .record_note(done.id, &PlannedNote { state: TaskState::Succeeded, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
         .await
         .unwrap_err();
     assert!(
@@ -212,13 +184,9 @@ async fn case_events_tell_the_story_in_order(store: Store) {
     // The first attempt: its launch fails transiently and the task goes back to its queue.
     let launching = walk(&store, &queued, &[Launching]).await;
     let requeued = store
-        .transition(
-            id,
-            Launching,
-            &Transition::to(Queued)
+        .transition(id, &Step::new(Launching, Queued)
                 .message("apiserver timeout")
-                .attempt(2),
-        )
+                .attempt(2), |_| None)
         .await
         .unwrap()
         .unwrap();
@@ -233,14 +201,10 @@ async fn case_events_tell_the_story_in_order(store: Store) {
         "a move clears the previous state's message"
     );
     let failed = store
-        .transition(
-            id,
-            Running,
-            &Transition::to(Failed)
+        .transition(id, &Step::new(Running, Failed)
                 .reason(Reason::ExitCode)
                 .message("Traceback: ZeroDivisionError")
-                .exit_code(3),
-        )
+                .exit_code(3), |_| None)
         .await
         .unwrap()
         .unwrap();

@@ -3,8 +3,6 @@
 //! as the store reads them and the same nullability, and the same indexes. One set of SQL
 //! serves both (docs/adr/0002), so a migration written for one and forgotten for the other
 //! fails here.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::collections::BTreeMap;
 
 use dispatcher::store::Store;
@@ -171,6 +169,7 @@ async fn sqlite_schema(url: &str) -> Schema {
 
 #[tokio::test]
 async fn postgres_and_sqlite_migrate_to_the_same_schema() {
+    testsupport::needs_env!(Postgres);
     let sqlite_path =
         std::env::temp_dir().join(format!("agent-bus-schema-{}.db", TaskId::new().simple()));
     let sqlite_url = format!("sqlite://{}", sqlite_path.display());
