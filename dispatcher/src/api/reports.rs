@@ -8,8 +8,8 @@
 
 use axum::Json;
 use axum::extract::{FromRequestParts, State};
-use axum::http::request::Parts;
 use axum::http::HeaderMap;
+use axum::http::request::Parts;
 use protocol::{ReportBatch, ReportBody};
 use serde::Serialize;
 

@@ -19,12 +19,10 @@ use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::{ApiError, AppState};
 use crate::cost::{Estimate, Period, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
+use crate::lifecycle::Cancelled;
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
-use crate::store::{
-    BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant,
-};
-use crate::lifecycle::Cancelled;
+use crate::store::{BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant};
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
@@ -234,10 +232,7 @@ pub async fn submit(
             Ok(response)
         }
         Inserted::Replayed(task) => {
-            state
-                .metrics()
-                .tasks()
-                .idempotent_replay(&task.tenant);
+            state.metrics().tasks().idempotent_replay(&task.tenant);
             let mut response =
                 (StatusCode::OK, Json(TaskView::new(task, &state, None))).into_response();
             response
@@ -521,7 +516,12 @@ fn follow_stream(
             }
             // Read the state first: events written before a terminal state is seen are
             // then certainly in the next read.
-            let terminal = match follow.state.store().get_task(&follow.tenant, follow.id).await {
+            let terminal = match follow
+                .state
+                .store()
+                .get_task(&follow.tenant, follow.id)
+                .await
+            {
                 Ok(Some(task)) => task.state.is_terminal(),
                 Ok(None) => true,
                 Err(error) => {

@@ -114,7 +114,10 @@ pub async fn usage(
             );
         }
     };
-    let groups = state.store().usage(&tenant.name, from, to, group_by).await?;
+    let groups = state
+        .store()
+        .usage(&tenant.name, from, to, group_by)
+        .await?;
     let total = round_cents(groups.iter().map(|g| g.total_dollars).sum());
     let spend = state.spend(&tenant.name, now).await?;
     Ok(Json(Usage {

@@ -14,11 +14,11 @@ use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
 use crate::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
+use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
 use crate::report::{ReportEndpoint, ReportIssuer, ReportTokens};
-use crate::lifecycle::Lifecycle;
 use crate::store::Store;
 use crate::watcher::Watcher;
 

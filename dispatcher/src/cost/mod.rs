@@ -143,7 +143,6 @@ impl Prices {
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
-
 /// The estimate in a submit's 201.
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Estimate {
@@ -269,8 +268,7 @@ impl Prices {
             .started_at
             .map_or_else(Breakdown::default, |start| {
                 let ran = Duration::from_millis(
-                    u64::try_from(at.as_millisecond() - start.as_millisecond())
-                        .unwrap_or_default(),
+                    u64::try_from(at.as_millisecond() - start.as_millisecond()).unwrap_or_default(),
                 );
                 self.for_duration(&task.spec, task.gpu_class.as_deref(), ran)
             })

@@ -26,8 +26,8 @@ use protocol::{TerminationSummary, env as runner_env};
 
 use super::LaunchOutcome;
 use super::job_spec::DEADLINE_MARGIN_SECONDS;
-use crate::report::{ReportIssuer, outcome_of};
 use crate::lifecycle::Lifecycle;
+use crate::report::{ReportIssuer, outcome_of};
 use crate::task::lifecycle::{Ending, Move};
 use crate::task::{Reason, Task, TaskId, TaskState};
 

@@ -148,9 +148,7 @@ async fn read(
             }
         }
         if task.state == TaskState::Running {
-            let hourly = prices
-                .hourly(&task.spec, task.gpu_class.as_deref())
-                .total();
+            let hourly = prices.hourly(&task.spec, task.gpu_class.as_deref()).total();
             *rates
                 .entry((
                     metrics.bounded("tenant", &task.tenant),

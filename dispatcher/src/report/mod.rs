@@ -77,11 +77,7 @@ impl ReportIssuer {
     /// The URL and a fresh token for the current attempt of `task`, valid for its
     /// timeout plus an hour from `now`.
     #[must_use]
-    pub fn access(
-        &self,
-        task: &crate::task::Task,
-        now: jiff::Timestamp,
-    ) -> ReportAccess {
+    pub fn access(&self, task: &crate::task::Task, now: jiff::Timestamp) -> ReportAccess {
         let lifetime = jiff::SignedDuration::from_secs(i64::from(task.spec.timeout_seconds))
             .saturating_add(TOKEN_SLACK);
         let expires = now.saturating_add(lifetime).unwrap_or(now);

@@ -61,8 +61,8 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Transaction};
 
-pub use error::{Result, StoreError};
 pub use crate::cost::{Spend, SpendParts};
+pub use error::{Result, StoreError};
 // The budget types moved to `cost`; re-exported while callers still name them here.
 pub use crate::cost::{Budget, BudgetAction};
 pub use events::TaskEvent;

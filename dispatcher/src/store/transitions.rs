@@ -212,7 +212,6 @@ pub(super) async fn insert_event(
     Ok(())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::update_for;

@@ -466,9 +466,7 @@ impl Task {
 }
 
 /// Dollars by resource (per hour or in total, as the context says).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Breakdown {
     pub gpu: f64,
     pub cpu: f64,

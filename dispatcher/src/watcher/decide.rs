@@ -297,8 +297,8 @@ mod tests {
     use serde_json::json;
 
     use super::{Decision, decide};
-    use crate::task::lifecycle::Move;
     use crate::task::fixtures::TaskFixture;
+    use crate::task::lifecycle::Move;
     use crate::task::{Reason, TaskState};
 
     fn job(conditions: &serde_json::Value) -> Job {

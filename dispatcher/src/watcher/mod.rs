@@ -34,9 +34,9 @@ use crate::launcher::KubernetesExecutor;
 use crate::launcher::job_spec::{
     LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TASK_ID, MANAGED_BY, job_name,
 };
+use crate::lifecycle::Lifecycle;
 use crate::placement::GpuClasses;
 use crate::queue::{Queue, QueueEntry};
-use crate::lifecycle::Lifecycle;
 use crate::task::lifecycle::Move;
 use crate::task::{Reason, Task, TaskId, TaskState};
 
@@ -177,7 +177,12 @@ impl Watcher {
             TaskState::Launched,
             TaskState::Running,
         ] {
-            match self.lifecycle.store().tasks_in_state(state, now, 10_000).await {
+            match self
+                .lifecycle
+                .store()
+                .tasks_in_state(state, now, 10_000)
+                .await
+            {
                 Ok(tasks) => {
                     for task in tasks {
                         attempts.insert(task.id, task.attempt);
@@ -235,7 +240,12 @@ impl Watcher {
         let since = now
             .checked_sub(jiff::SignedDuration::try_from(timeout).unwrap_or_default())
             .unwrap_or(now);
-        let silent = match self.lifecycle.store().silent_running_tasks(since, 1000).await {
+        let silent = match self
+            .lifecycle
+            .store()
+            .silent_running_tasks(since, 1000)
+            .await
+        {
             Ok(silent) => silent,
             Err(error) => {
                 tracing::warn!(error = %error, "sweep: listing silent tasks failed");

@@ -137,13 +137,12 @@ async fn sqlite_schema(url: &str) -> Schema {
                 },
             );
         }
-        let listed: Vec<(String, i64, String, i64)> = sqlx::query_as(
-            "SELECT name, \"unique\", origin, partial FROM pragma_index_list(?)",
-        )
-        .bind(&table)
-        .fetch_all(&mut db)
-        .await
-        .unwrap();
+        let listed: Vec<(String, i64, String, i64)> =
+            sqlx::query_as("SELECT name, \"unique\", origin, partial FROM pragma_index_list(?)")
+                .bind(&table)
+                .fetch_all(&mut db)
+                .await
+                .unwrap();
         for (index, unique, origin, partial) in listed {
             if origin == "pk" {
                 continue;

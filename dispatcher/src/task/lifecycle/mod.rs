@@ -131,6 +131,8 @@ impl MoveKind {
 
     /// The one table of moves: the states a move may start from.
     #[must_use]
+    // One row per move reads as the table, even where two rows agree.
+    #[allow(clippy::match_same_arms)]
     pub fn sources(self) -> &'static [TaskState] {
         use TaskState::{Launched, Launching, Queued, Running};
         match self {
@@ -147,7 +149,9 @@ impl MoveKind {
     /// The states a move may reach (several for [`Move::Ended`]).
     #[must_use]
     pub fn targets(self) -> &'static [TaskState] {
-        use TaskState::{Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut};
+        use TaskState::{
+            Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+        };
         match self {
             Self::Claim => &[Launching],
             Self::Launched => &[Launched],
@@ -217,16 +221,14 @@ impl Move {
         }
         let (reason, message, exit_code, new_attempt, gpu_class) = match self {
             Self::Claim | Self::Launched | Self::Started => (None, None, None, None, None),
-            Self::Ended(ending) => (
-                ending.reason,
-                ending.message,
-                ending.exit_code,
+            Self::Ended(ending) => (ending.reason, ending.message, ending.exit_code, None, None),
+            Self::LaunchRejected { message } => (
+                Some(Reason::LaunchRejected),
+                Some(message),
+                None,
                 None,
                 None,
             ),
-            Self::LaunchRejected { message } => {
-                (Some(Reason::LaunchRejected), Some(message), None, None, None)
-            }
             Self::Cancel => (
                 Some(Reason::CancelledByUser),
                 Some("cancelled through the API".to_owned()),

@@ -49,7 +49,11 @@ fn every_move_from_every_state_is_planned_exactly_by_the_table() {
                 );
                 assert_eq!(planned.stamps, Stamps::entering(planned.to));
                 if let Some(reason) = planned.reason {
-                    assert!(reason.fits(planned.to), "{kind}: {reason} on {}", planned.to);
+                    assert!(
+                        reason.fits(planned.to),
+                        "{kind}: {reason} on {}",
+                        planned.to
+                    );
                 }
             } else {
                 assert_eq!(planned.unwrap_err().why, Why::NotFromThisState);
@@ -62,7 +66,10 @@ fn every_move_from_every_state_is_planned_exactly_by_the_table() {
 fn terminal_tasks_never_move_and_take_no_note() {
     for kind in MoveKind::ALL {
         for from in TaskState::ALL.into_iter().filter(|s| s.is_terminal()) {
-            assert!(example(kind).plan(from, at()).is_err(), "{kind} from {from}");
+            assert!(
+                example(kind).plan(from, at()).is_err(),
+                "{kind} from {from}"
+            );
             assert_eq!(
                 plan_note(from, Reason::Unschedulable, "x", at())
                     .unwrap_err()
@@ -75,9 +82,7 @@ fn terminal_tasks_never_move_and_take_no_note() {
 
 #[test]
 fn the_table_of_moves() {
-    use TaskState::{
-        Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
-    };
+    use TaskState::{Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut};
     let table: [(MoveKind, &[TaskState], &[TaskState]); 9] = [
         (MoveKind::Claim, &[Queued], &[Launching]),
         (MoveKind::Launched, &[Launching], &[Launched]),
@@ -113,10 +118,9 @@ fn an_ending_must_be_an_outcome_with_a_fitting_reason() {
         );
         assert_eq!(planned.is_ok(), outcome, "ending in {state}");
     }
-    let cancelled_as_failure = Move::Ended(
-        Ending::new(TaskState::Failed).reason(Reason::CancelledByUser),
-    )
-    .plan(TaskState::Running, at());
+    let cancelled_as_failure =
+        Move::Ended(Ending::new(TaskState::Failed).reason(Reason::CancelledByUser))
+            .plan(TaskState::Running, at());
     assert_eq!(
         cancelled_as_failure.unwrap_err().why,
         Why::ReasonDoesNotFit(Reason::CancelledByUser)
@@ -150,7 +154,10 @@ fn reasons_fit_the_states_they_explain() {
 fn timestamps_follow_one_rule() {
     use Stamp::{Clear, Keep, Now, NowIfUnset};
     for from in TaskState::ALL {
-        for to in TaskState::ALL.into_iter().filter(|to| from.can_move_to(*to)) {
+        for to in TaskState::ALL
+            .into_iter()
+            .filter(|to| from.can_move_to(*to))
+        {
             let stamps = Stamps::entering(to);
             let expected = match to {
                 TaskState::Queued => [Now, Clear, Clear, Keep],

@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::quantity::{Cpu, Memory};
-use super::{GpuRequest, Resources, Scratch, TaskSpec, VolumeMount, WorkloadRequest};
 use super::workload;
-pub use crate::k8s::names::{is_class_name, is_dns_label};
+use super::{GpuRequest, Resources, Scratch, TaskSpec, VolumeMount, WorkloadRequest};
 use crate::k8s::names::is_label_name;
+pub use crate::k8s::names::{is_class_name, is_dns_label};
 mod limits;
 
 pub use limits::{Limits, ShmRule};
@@ -228,7 +228,6 @@ pub fn validate(
     })
 }
 
-
 fn check_mount_path(field: &str, path: &str) -> Result<(), FieldError> {
     let normal = path.starts_with('/')
         && path.len() > 1
@@ -344,7 +343,6 @@ fn check_volumes(
     };
     Ok((mounts, scratch))
 }
-
 
 fn check_dns_label(field: &str, value: &str) -> Result<(), FieldError> {
     if is_dns_label(value) {
@@ -565,7 +563,6 @@ fn check_qualified_key(field: &str, key: &str) -> Result<(), FieldError> {
     }
     Ok(())
 }
-
 
 #[cfg(test)]
 mod tests;

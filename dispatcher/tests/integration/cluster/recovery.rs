@@ -33,7 +33,11 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
                 use dispatcher::task::lifecycle::Step;
                 // A bare claim, as a launcher that died right after it leaves it.
                 store
-                    .transition(id, &Step::new(TaskState::Queued, TaskState::Launching), |_| None)
+                    .transition(
+                        id,
+                        &Step::new(TaskState::Queued, TaskState::Launching),
+                        |_| None,
+                    )
                     .await
                     .unwrap()
             }

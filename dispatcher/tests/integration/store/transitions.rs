@@ -22,7 +22,11 @@ async fn case_a_transition_writes_its_event(store: Store) {
     let queued = task("acme").create(&store).await;
 
     let launching = store
-        .transition(queued.id, &Step::new(TaskState::Queued, TaskState::Launching).message("claimed by launcher-0"), |_| None)
+        .transition(
+            queued.id,
+            &Step::new(TaskState::Queued, TaskState::Launching).message("claimed by launcher-0"),
+            |_| None,
+        )
         .await
         .unwrap()
         .expect("the move applies");
@@ -54,7 +58,11 @@ async fn case_a_transition_from_the_wrong_state_writes_nothing(store: Store) {
     let queued = task("acme").create(&store).await;
 
     let applied = store
-        .transition(queued.id, &Step::new(TaskState::Launching, TaskState::Launched), |_| None)
+        .transition(
+            queued.id,
+            &Step::new(TaskState::Launching, TaskState::Launched),
+            |_| None,
+        )
         .await
         .unwrap();
     assert_eq!(applied, None);
@@ -62,7 +70,11 @@ async fn case_a_transition_from_the_wrong_state_writes_nothing(store: Store) {
     assert_eq!(store.events(queued.id, None).await.unwrap().len(), 1);
 
     let missing = store
-        .transition(TaskId::new(), &Step::new(TaskState::Queued, TaskState::Launching), |_| None)
+        .transition(
+            TaskId::new(),
+            &Step::new(TaskState::Queued, TaskState::Launching),
+            |_| None,
+        )
         .await
         .unwrap();
     assert_eq!(missing, None);
@@ -73,7 +85,11 @@ async fn case_an_illegal_transition_is_refused(store: Store) {
     let queued = task("acme").create(&store).await;
 
     let error = store
-        .transition(queued.id, &Step::new(TaskState::Queued, TaskState::Succeeded), |_| None)
+        .transition(
+            queued.id,
+            &Step::new(TaskState::Queued, TaskState::Succeeded),
+            |_| None,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -93,7 +109,11 @@ async fn case_an_illegal_transition_is_refused(store: Store) {
 
     let done = walk(&store, &queued, &[TaskState::Cancelled]).await;
     let error = store
-        .transition(done.id, &Step::new(TaskState::Cancelled, TaskState::Queued), |_| None)
+        .transition(
+            done.id,
+            &Step::new(TaskState::Cancelled, TaskState::Queued),
+            |_| None,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -109,7 +129,12 @@ async fn case_concurrent_claims_of_one_task_have_one_winner(store: Store) {
         let store = store.clone();
         tokio::spawn(async move {
             store
-                .transition(queued.id, &Step::new(TaskState::Queued, TaskState::Launching).message(format!("launcher-{n}")), |_| None)
+                .transition(
+                    queued.id,
+                    &Step::new(TaskState::Queued, TaskState::Launching)
+                        .message(format!("launcher-{n}")),
+                    |_| None,
+                )
                 .await
         })
     });
@@ -130,7 +155,15 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
     let message = "0/9 nodes are available: 9 Insufficient nvidia.com/gpu";
 
     let noted = store
-        .record_note(launched.id, &PlannedNote { state: Launched, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
+        .record_note(
+            launched.id,
+            &PlannedNote {
+                state: Launched,
+                reason: Reason::Unschedulable,
+                message: (message).into(),
+                at: jiff::Timestamp::now(),
+            },
+        )
         .await
         .unwrap()
         .expect("the note applies");
@@ -141,7 +174,15 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
 
     // Noting it again changes nothing and writes no event.
     let again = store
-        .record_note(launched.id, &PlannedNote { state: Launched, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
+        .record_note(
+            launched.id,
+            &PlannedNote {
+                state: Launched,
+                reason: Reason::Unschedulable,
+                message: (message).into(),
+                at: jiff::Timestamp::now(),
+            },
+        )
         .await
         .unwrap();
     assert_eq!(again, Some(noted.clone()));
@@ -154,7 +195,15 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
     // A task no longer in the noted state is left alone.
     assert_eq!(
         store
-            .record_note(launched.id, &PlannedNote { state: Queued, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
+            .record_note(
+                launched.id,
+                &PlannedNote {
+                    state: Queued,
+                    reason: Reason::Unschedulable,
+                    message: (message).into(),
+                    at: jiff::Timestamp::now()
+                }
+            )
             .await
             .unwrap(),
         None
@@ -166,7 +215,15 @@ async fn case_a_note_records_why_a_task_waits(store: Store) {
 
     let done = walk(&store, &running, &[TaskState::Succeeded]).await;
     let error = store
-        .record_note(done.id, &PlannedNote { state: TaskState::Succeeded, reason: Reason::Unschedulable, message: (message).into(), at: jiff::Timestamp::now() })
+        .record_note(
+            done.id,
+            &PlannedNote {
+                state: TaskState::Succeeded,
+                reason: Reason::Unschedulable,
+                message: (message).into(),
+                at: jiff::Timestamp::now(),
+            },
+        )
         .await
         .unwrap_err();
     assert!(
@@ -184,9 +241,13 @@ async fn case_events_tell_the_story_in_order(store: Store) {
     // The first attempt: its launch fails transiently and the task goes back to its queue.
     let launching = walk(&store, &queued, &[Launching]).await;
     let requeued = store
-        .transition(id, &Step::new(Launching, Queued)
+        .transition(
+            id,
+            &Step::new(Launching, Queued)
                 .message("apiserver timeout")
-                .attempt(2), |_| None)
+                .attempt(2),
+            |_| None,
+        )
         .await
         .unwrap()
         .unwrap();
@@ -201,10 +262,14 @@ async fn case_events_tell_the_story_in_order(store: Store) {
         "a move clears the previous state's message"
     );
     let failed = store
-        .transition(id, &Step::new(Running, Failed)
+        .transition(
+            id,
+            &Step::new(Running, Failed)
                 .reason(Reason::ExitCode)
                 .message("Traceback: ZeroDivisionError")
-                .exit_code(3), |_| None)
+                .exit_code(3),
+            |_| None,
+        )
         .await
         .unwrap()
         .unwrap();
