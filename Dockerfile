@@ -28,7 +28,8 @@ RUN apt-get update \
     && /opt/zigbuild/bin/pip install --no-cache-dir "ziglang==${ZIGLANG_VERSION}" "cargo-zigbuild==${CARGO_ZIGBUILD_VERSION}"
 ENV PATH=/opt/zigbuild/bin:${PATH}
 WORKDIR /src
-# The whole workspace (tests/support is a member, so cargo needs it to load the workspace);
+# The whole workspace (the test crates under tests/ are members, so cargo needs them to
+# load the workspace);
 # .dockerignore keeps everything else out. The cache mounts keep the registry, the target
 # folder and zig's cache between builds.
 COPY Cargo.toml Cargo.lock ./
@@ -36,6 +37,8 @@ COPY dispatcher dispatcher
 COPY protocol protocol
 COPY runner runner
 COPY tests/support tests/support
+COPY tests/deploy tests/deploy
+COPY tests/benchmark tests/benchmark
 # The runner's target is the build machine's architecture with a glibc version suffix:
 # x86_64-unknown-linux-gnu.2.31 on amd64 (the only one tested).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -85,6 +85,7 @@ impl fmt::Display for Missing {
 /// (panics) naming it; otherwise one `skipped: …` line goes to standard error and the
 /// answer is `false`, so the test returns at once.
 #[must_use]
+#[track_caller]
 #[allow(clippy::panic)]
 pub fn environment_present(needs: &[Need]) -> bool {
     let Some(missing) = needs.iter().find_map(|need| need.missing()) else {
