@@ -24,15 +24,15 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
-use redis::{
-    AsyncConnectionConfig, Client, Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError,
-    RedisResult, ServerErrorKind,
-};
+use redis::{Client, Cmd, RedisError, RedisResult};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+mod connection;
+
 use super::{Delivery, QueueDepth, QueueEntry, QueueError, Result, distinct};
 use crate::task::TaskId;
+use connection::is_unavailable;
 
 const FIELD_TASK: &str = "task";
 const FIELD_PRIORITY: &str = "priority";
@@ -600,85 +600,6 @@ impl RedisQueue {
         }
         taken
     }
-
-    // --- connections ---
-
-    async fn command_connection(&self) -> Result<MultiplexedConnection> {
-        if let Some(connection) = lock(&self.inner.commands).clone() {
-            return Ok(connection);
-        }
-        let connection = self.open(COMMAND_TIMEOUT).await?;
-        *lock(&self.inner.commands) = Some(connection.clone());
-        Ok(connection)
-    }
-
-    async fn blocking_connection(&self) -> Result<MultiplexedConnection> {
-        let idle = lock(&self.inner.blocking).pop();
-        match idle {
-            Some(connection) => Ok(connection),
-            None => self.open(COMMAND_TIMEOUT).await,
-        }
-    }
-
-    /// Keeps a blocking-read connection for reuse. A connection whose read was cancelled
-    /// is never returned (its pending reply would delay the next read), only dropped.
-    fn return_blocking_connection(&self, connection: MultiplexedConnection) {
-        let mut idle = lock(&self.inner.blocking);
-        if idle.len() < IDLE_BLOCKING_CONNECTIONS {
-            idle.push(connection);
-        }
-    }
-
-    async fn open(&self, response_timeout: Duration) -> Result<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(response_timeout));
-        self.inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|source| QueueError::Unavailable {
-                operation: "connect",
-                source,
-            })
-    }
-
-    /// Runs `cmd` on the command connection; `Err` only when no connection could be had,
-    /// the inner result is Redis's answer.
-    async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<RedisResult<T>> {
-        let mut connection = self.command_connection().await?;
-        Ok(cmd.query_async(&mut connection).await)
-    }
-
-    async fn pipe_raw<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<RedisResult<T>> {
-        let mut connection = self.command_connection().await?;
-        Ok(pipe.query_async(&mut connection).await)
-    }
-
-    async fn query<T: FromRedisValue>(
-        &self,
-        operation: &'static str,
-        key: &str,
-        cmd: &Cmd,
-    ) -> Result<T> {
-        self.query_raw(cmd)
-            .await?
-            .map_err(|source| self.failure(operation, key, source))
-    }
-
-    /// The error for a failed command; forgets the command connection when it broke.
-    fn failure(&self, operation: &'static str, key: &str, source: RedisError) -> QueueError {
-        if is_unavailable(&source) {
-            *lock(&self.inner.commands) = None;
-            QueueError::Unavailable { operation, source }
-        } else {
-            QueueError::Command {
-                operation,
-                key: key.to_owned(),
-                source,
-            }
-        }
-    }
 }
 
 /// The task id and priority of a stream entry.
@@ -706,24 +627,6 @@ fn keys(streams: &[Stream]) -> String {
 /// stream was deleted.
 fn group_missing(error: &RedisError) -> bool {
     matches!(error.code(), Some("NOGROUP" | "UNBLOCKED"))
-}
-
-/// The server could not be reached or did not answer in time; retrying later may work.
-fn is_unavailable(error: &RedisError) -> bool {
-    error.is_io_error()
-        || error.is_timeout()
-        || error.is_connection_dropped()
-        || error.is_connection_refusal()
-        || matches!(
-            error.kind(),
-            ErrorKind::ClusterConnectionNotFound
-                | ErrorKind::Server(
-                    ServerErrorKind::BusyLoading
-                        | ServerErrorKind::MasterDown
-                        | ServerErrorKind::TryAgain
-                        | ServerErrorKind::ClusterDown
-                )
-        )
 }
 
 #[cfg(test)]
