@@ -70,6 +70,9 @@ pub struct TaskView {
     /// When the task reached its final state; RFC 3339.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// When it expires if no launcher has taken it by then (its queue TTL); RFC 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
     #[serde(flatten)]
     pub spec: TaskSpec,
 }
@@ -106,6 +109,7 @@ impl TaskView {
             launched_at: task.timeline.launched_at.map(|t| t.to_string()),
             started_at: task.timeline.started_at.map(|t| t.to_string()),
             finished_at: task.timeline.finished_at.map(|t| t.to_string()),
+            expires_at: task.expires_at.map(|t| t.to_string()),
             spec: task.spec,
         }
     }
@@ -179,7 +183,16 @@ pub async fn submit(
         serde_json::to_vec(&submission).map_err(|e| ApiError::Internal(e.to_string()))?;
     let request_hash = hex::encode(Sha256::digest(&canonical));
     let spec = validate(submission, &state.limits, &tenant.name)?;
-    let task = Task::new(tenant.name.clone(), spec);
+    let mut task = Task::new(tenant.name.clone(), spec);
+    let queue_ttl = task
+        .spec
+        .queue_ttl_seconds
+        .or(tenant.default_queue_ttl_seconds);
+    task.expires_at = queue_ttl.and_then(|seconds| {
+        task.created_at
+            .checked_add(jiff::SignedDuration::from_secs(i64::from(seconds)))
+            .ok()
+    });
     let estimate = state.lifecycle.prices().estimate(&task);
 
     if query.dry_run {

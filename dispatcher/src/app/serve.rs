@@ -15,6 +15,10 @@ use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
 use crate::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
 use crate::lifecycle::Lifecycle;
+
+/// How often each process looks for queued tasks past their queue TTL: a task expires
+/// within this of its deadline.
+const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
@@ -119,6 +123,13 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let (shutdown_sender, shutdown) = watch::channel(false);
     let mut roles = tokio::task::JoinSet::new();
+    // Every role expires queued tasks past their queue TTL, so they expire even where no
+    // launcher runs.
+    roles.spawn(
+        lifecycle
+            .clone()
+            .run_expiry(EXPIRY_INTERVAL, shutdown.clone()),
+    );
 
     if args.roles.contains(&Role::Launcher) {
         let launcher = Launcher {

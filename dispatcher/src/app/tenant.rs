@@ -1,4 +1,4 @@
-//! `dispatcher migrate` and the `tenant` commands: each opens the store, applies the
+//! `dispatcher migrate` and the `tenant` commands (create, budget, queue-ttl): each opens the store, applies the
 //! migrations and makes one change. Owns turning the budget flags into a [`Budget`].
 
 use anyhow::bail;
@@ -24,6 +24,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
         TenantCommand::Create {
             name,
             max_queued_tasks,
+            queue_ttl_seconds,
             budget,
             database,
         } => {
@@ -43,6 +44,11 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             if budget.is_set() {
                 store.set_budget(&name, &budget).await?;
             }
+            if queue_ttl_seconds.is_some() {
+                store
+                    .set_default_queue_ttl(&name, queue_ttl_seconds)
+                    .await?;
+            }
             tracing::info!(target: LOG_TARGET, tenant = %name, "tenant created");
             println!("{key}");
             Ok(())
@@ -58,6 +64,18 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             store.migrate().await?;
             store.set_budget(&name, &budget).await?;
             tracing::info!(target: LOG_TARGET, tenant = %name, ?budget, "budget set");
+            Ok(())
+        }
+        TenantCommand::QueueTtl {
+            name,
+            seconds,
+            database,
+        } => {
+            let store =
+                Store::connect(&database.database_url, database.database_max_connections).await?;
+            store.migrate().await?;
+            store.set_default_queue_ttl(&name, seconds).await?;
+            tracing::info!(target: LOG_TARGET, tenant = %name, ?seconds, "default queue TTL set");
             Ok(())
         }
     }

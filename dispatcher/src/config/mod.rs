@@ -13,6 +13,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::cost::BudgetAction;
+use crate::task::submission::MAX_QUEUE_TTL_SECONDS;
 
 mod serve;
 mod values;
@@ -69,6 +70,11 @@ pub enum TenantCommand {
         /// How many of its tasks may wait in state `queued` at once; more get 429.
         #[arg(long, default_value_t = 1000)]
         max_queued_tasks: u32,
+        /// The queue TTL of its tasks that ask for none: seconds a task may wait to be
+        /// launched before it expires (1 to 604800); without it, they wait as long as it
+        /// takes.
+        #[arg(long, value_parser = queue_ttl_seconds())]
+        queue_ttl_seconds: Option<u32>,
         #[command(flatten)]
         budget: BudgetArgs,
         #[command(flatten)]
@@ -83,6 +89,22 @@ pub enum TenantCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Sets a tenant's default queue TTL, or clears it without SECONDS.
+    QueueTtl {
+        /// The tenant's name.
+        name: String,
+        /// Seconds a task that asks for no queue TTL may wait to be launched before it
+        /// expires (1 to 604800).
+        #[arg(value_parser = queue_ttl_seconds())]
+        seconds: Option<u32>,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+/// A queue TTL in whole seconds, at most [`MAX_QUEUE_TTL_SECONDS`].
+fn queue_ttl_seconds() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(MAX_QUEUE_TTL_SECONDS))
 }
 
 /// A tenant's spending limits (see docs/OBSERVABILITY.md, "Cost").

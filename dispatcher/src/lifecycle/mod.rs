@@ -51,6 +51,9 @@ pub enum Cancelled {
     Gone,
 }
 
+/// How many overdue tasks one expiry pass reads.
+const EXPIRY_BATCH: u32 = 500;
+
 /// How often a cancel retries its compare-and-set on a task that keeps moving.
 const CANCEL_TRIES: usize = 10;
 
@@ -181,6 +184,44 @@ impl Lifecycle {
             &recorded.new_kinds,
             &recorded.new_usage,
         );
+    }
+
+    /// Expires every queued task whose queue TTL ran out by `now` (a bounded batch per
+    /// call); returns how many this call expired. Any process may run it: the
+    /// compare-and-set lets one win per task.
+    pub async fn expire_overdue(&self, now: jiff::Timestamp) -> Result<usize> {
+        let mut expired = 0;
+        for id in self.store.overdue_queued(now, EXPIRY_BATCH).await? {
+            let step = Move::Expire {
+                message: "waited in its queue longer than its queue TTL".to_owned(),
+            };
+            if self.apply(id, TaskState::Queued, step).await?.is_some() {
+                tracing::info!(task_id = %id, "task expired in its queue");
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Runs [`Lifecycle::expire_overdue`] every `every` until `shutdown` turns true: every
+    /// role runs it, so tasks expire even where no launcher runs.
+    pub async fn run_expiry(
+        self,
+        every: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        while !*shutdown.borrow() {
+            match self.expire_overdue(jiff::Timestamp::now()).await {
+                // A full batch: more may be due, go on at once.
+                Ok(count) if count == EXPIRY_BATCH as usize => continue,
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = %error, "expiring queued tasks failed"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
     }
 
     /// Fails every task that was launching, launched or running in a local process of a

@@ -15,7 +15,7 @@ macro_rules! task_columns {
     () => {
         "id, tenant, spec, state, reason, message, attempt, gpu_class, exit_code, created_at, \
          updated_at, queued_at, launched_at, started_at, finished_at, gpu_cost_dollars, \
-         cpu_cost_dollars, memory_cost_dollars, llm_cost_dollars"
+         cpu_cost_dollars, memory_cost_dollars, llm_cost_dollars, expires_at"
     };
 }
 pub(super) use task_columns;
@@ -32,7 +32,7 @@ pub(super) use event_columns;
 macro_rules! tenant_columns {
     () => {
         "name, max_queued_tasks, created_at, daily_budget_dollars, monthly_budget_dollars, \
-         budget_action"
+         budget_action, default_queue_ttl_seconds"
     };
 }
 pub(super) use tenant_columns;
@@ -116,6 +116,7 @@ pub(super) fn task(row: &AnyRow) -> Result<Task> {
             },
             llm_dollars: get(row, "llm_cost_dollars", &record)?,
         },
+        expires_at: optional_timestamp(get(row, "expires_at", &record)?, &record)?,
     })
 }
 
@@ -156,6 +157,13 @@ pub(super) fn tenant(row: &AnyRow) -> Result<Tenant> {
         max_queued_tasks: u32::try_from(limit)
             .map_err(|e| StoreError::corrupt(record(), format!("column max_queued_tasks: {e}")))?,
         created_at: timestamp(get(row, "created_at", &record)?, &record)?,
+        default_queue_ttl_seconds: get::<Option<i64>>(row, "default_queue_ttl_seconds", &record)?
+            .map(|seconds| {
+                u32::try_from(seconds).map_err(|e| {
+                    StoreError::corrupt(record(), format!("column default_queue_ttl_seconds: {e}"))
+                })
+            })
+            .transpose()?,
         budget: Budget {
             daily_dollars: get(row, "daily_budget_dollars", &record)?,
             monthly_dollars: get(row, "monthly_budget_dollars", &record)?,

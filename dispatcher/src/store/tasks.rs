@@ -159,6 +159,10 @@ impl Store {
             })?;
             task.created_at = row::timestamp(millis(task.created_at), &during)?;
             task.updated_at = row::timestamp(millis(task.updated_at), &during)?;
+            task.expires_at = task
+                .expires_at
+                .map(|at| row::timestamp(millis(at), &during))
+                .transpose()?;
             task.timeline = Timeline {
                 queued_at: Some(task.created_at),
                 ..Timeline::default()
@@ -205,8 +209,9 @@ impl Store {
             let inserted = sqlx::query(
                 "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, reason, \
                  message, attempt, exit_code, idempotency_key, request_hash, created_at, updated_at, \
-                 gpu_class, queued_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $14) \
+                 gpu_class, queued_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $14, \
+                 $17) \
                  ON CONFLICT (tenant, idempotency_key) DO NOTHING",
             )
             .bind(id.to_string())
@@ -225,6 +230,7 @@ impl Store {
             .bind(millis(task.created_at))
             .bind(millis(task.updated_at))
             .bind(task.gpu_class.as_deref())
+            .bind(task.expires_at.map(millis))
             .execute(&mut *tx)
             .await;
             let inserted = match inserted {
@@ -477,6 +483,31 @@ impl Store {
                 }
             }
             Ok(counts)
+        })
+        .await
+    }
+
+    /// Queued tasks whose queue TTL ran out by `now`, soonest deadline first, at most
+    /// `limit`: the expiry sweep (an index on state and deadline keeps it cheap).
+    pub async fn overdue_queued(&self, now: jiff::Timestamp, limit: u32) -> Result<Vec<TaskId>> {
+        self.timed("overdue_queued", async {
+            let ids: Vec<(String,)> = sqlx::query_as(
+                "SELECT id FROM tasks WHERE state = $1 AND expires_at <= $2 \
+                 ORDER BY expires_at LIMIT $3",
+            )
+            .bind(TaskState::Queued.as_str())
+            .bind(millis(now))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| "listing queued tasks past their queue TTL".to_owned())?;
+            ids.into_iter()
+                .map(|(id,)| {
+                    id.parse().map_err(|e: uuid::Error| {
+                        StoreError::corrupt(format!("task {id}"), e.to_string())
+                    })
+                })
+                .collect()
         })
         .await
     }

@@ -11,6 +11,8 @@ pub struct Tenant {
     pub max_queued_tasks: u32,
     pub created_at: jiff::Timestamp,
     pub budget: Budget,
+    /// The queue TTL of its tasks that ask for none; `None`: they wait as long as it takes.
+    pub default_queue_ttl_seconds: Option<u32>,
 }
 
 impl Store {
@@ -40,6 +42,7 @@ impl Store {
                 max_queued_tasks,
                 created_at: row::timestamp(created_at, &during)?,
                 budget: Budget::default(),
+                default_queue_ttl_seconds: None,
             }),
             Err(error) if is_unique_violation(&error) => {
                 let name_taken: Option<i64> =
@@ -72,6 +75,27 @@ impl Store {
             .await
             .during(|| "looking up a tenant by api key".to_owned())?;
             row.as_ref().map(row::tenant).transpose()
+        })
+        .await
+    }
+
+    /// Sets (or, with `None`, clears) the queue TTL of `name`'s tasks that ask for none.
+    /// [`StoreError::UnknownTenant`] if there is no such tenant.
+    pub async fn set_default_queue_ttl(&self, name: &str, seconds: Option<u32>) -> Result<()> {
+        self.timed("set_default_queue_ttl", async {
+            let updated =
+                sqlx::query("UPDATE tenants SET default_queue_ttl_seconds = $2 WHERE name = $1")
+                    .bind(name)
+                    .bind(seconds.map(i64::from))
+                    .execute(&self.pool)
+                    .await
+                    .during(|| format!("setting the queue TTL of tenant '{name}'"))?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::UnknownTenant {
+                    tenant: name.to_owned(),
+                });
+            }
+            Ok(())
         })
         .await
     }

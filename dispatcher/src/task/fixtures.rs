@@ -39,6 +39,7 @@ impl TaskFixture {
                 resources: Resources::default(),
                 timeout_seconds: 3600,
                 max_retries: 0,
+                queue_ttl_seconds: None,
                 priority: 0,
                 queue: "default".into(),
                 labels: BTreeMap::new(),
@@ -61,6 +62,7 @@ impl TaskFixture {
                 ..Timeline::default()
             },
             spent: Spent::default(),
+            expires_at: None,
         })
     }
 
@@ -92,6 +94,13 @@ impl TaskFixture {
     #[must_use]
     pub fn state(mut self, state: TaskState) -> Self {
         self.0.state = state;
+        self
+    }
+
+    /// Expires at `at` if still queued.
+    #[must_use]
+    pub fn expires_at(mut self, at: jiff::Timestamp) -> Self {
+        self.0.expires_at = Some(at);
         self
     }
 

@@ -276,6 +276,10 @@ pub struct TaskSpec {
     pub resources: Resources,
     pub timeout_seconds: u32,
     pub max_retries: u32,
+    /// How long the task may wait to be launched before it expires; `None`: the
+    /// tenant's default, else as long as it takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_ttl_seconds: Option<u32>,
     /// Higher runs first within a queue.
     pub priority: i32,
     pub queue: String,
@@ -331,10 +335,12 @@ pub enum Reason {
     /// No node of the GPU class could take the pod in time: the task moved to the next
     /// fallback class as a new attempt.
     FellBack,
+    /// It waited in its queue longer than its queue TTL.
+    QueueTtl,
 }
 
 impl Reason {
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::ExitCode,
         Self::BackoffLimit,
         Self::DeadlineExceeded,
@@ -350,6 +356,7 @@ impl Reason {
         Self::GpuOutOfMemory,
         Self::UserError,
         Self::FellBack,
+        Self::QueueTtl,
     ];
 
     #[must_use]
@@ -370,6 +377,7 @@ impl Reason {
             Self::GpuOutOfMemory => "gpu_out_of_memory",
             Self::UserError => "user_error",
             Self::FellBack => "fell_back",
+            Self::QueueTtl => "queue_ttl",
         }
     }
 }
@@ -414,6 +422,8 @@ pub struct Task {
     pub timeline: Timeline,
     /// What the task has spent so far.
     pub spent: Spent,
+    /// When it expires if it is still queued (its queue TTL, or its tenant's default).
+    pub expires_at: Option<jiff::Timestamp>,
 }
 
 /// When the stages of a task's current attempt began (`None`: not reached).
@@ -461,6 +471,7 @@ impl Task {
                 ..Timeline::default()
             },
             spent: Spent::default(),
+            expires_at: None,
         }
     }
 }

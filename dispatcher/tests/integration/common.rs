@@ -218,6 +218,14 @@ pub(crate) struct LocalDispatcher {
 /// Starts a local-executor dispatcher on `database_url`, with none of the test
 /// environment's Redis or cluster variables, and waits until `/readyz` answers 200.
 pub(crate) async fn start_local_dispatcher(database_url: &str) -> LocalDispatcher {
+    start_local_dispatcher_with(database_url, &[]).await
+}
+
+/// [`start_local_dispatcher`] with more `serve` flags (`--roles api`, …).
+pub(crate) async fn start_local_dispatcher_with(
+    database_url: &str,
+    serve_flags: &[&str],
+) -> LocalDispatcher {
     let dir =
         std::env::temp_dir().join(format!("agent-bus-local-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -243,18 +251,15 @@ pub(crate) async fn start_local_dispatcher(database_url: &str) -> LocalDispatche
     );
     let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     let port = testsupport::free_port();
-    let child = command(&[
-        "serve",
-        "--executor",
-        "local",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ])
-    .stdout(std::process::Stdio::inherit())
-    .stderr(std::process::Stdio::inherit())
-    .kill_on_drop(true)
-    .spawn()
-    .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = vec!["serve", "--executor", "local", "--listen", &listen];
+    serve.extend_from_slice(serve_flags);
+    let child = command(&serve)
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
     let dispatcher = LocalDispatcher {
         child,
         dir,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use testsupport::poll_until;
 
-use crate::common::{LocalDispatcher, start_local_dispatcher};
+use crate::common::{LocalDispatcher, start_local_dispatcher, start_local_dispatcher_with};
 
 struct Local(LocalDispatcher);
 
@@ -217,4 +217,106 @@ echo "task $AGENT_BUS_TASK_ID attempt $AGENT_BUS_ATTEMPT token=${AGENT_BUS_REPOR
         task["runner"]["outcome"]["failure_class"], "cuda_oom",
         "{task}"
     );
+}
+
+/// Queue TTL with no launcher at all (`--roles api,watcher`): a task that asks for one
+/// second, and one that takes its tenant's default, both expire within the sweep's
+/// second; a task without a TTL keeps waiting.
+#[tokio::test]
+async fn queued_tasks_expire_after_their_queue_ttl_without_a_launcher() {
+    let local = Local(
+        start_local_dispatcher_with("sqlite://agent-bus.db", &["--roles", "api,watcher"]).await,
+    );
+    let set_default = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(["tenant", "queue-ttl", "acme", "1"])
+        .current_dir(&local.dir)
+        .env("AGENT_BUS_LOG", "warn")
+        .env("DATABASE_URL", "sqlite://agent-bus.db")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        set_default.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set_default.stderr)
+    );
+    let asked = local
+        .submit(
+            json!({"name": "asked", "image": "busybox", "command": ["true"],
+                       "queue_ttl_seconds": 1}),
+        )
+        .await;
+    let defaulted = local
+        .submit(json!({"name": "defaulted", "image": "busybox", "command": ["true"]}))
+        .await;
+    for id in [&asked, &defaulted] {
+        let view = local.read(id).await.unwrap();
+        let at = |field: &str| {
+            view[field]
+                .as_str()
+                .unwrap_or_else(|| panic!("{field} in {view}"))
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+        };
+        assert_eq!(
+            at("expires_at").duration_since(at("created_at")),
+            jiff::SignedDuration::from_secs(1),
+            "{view}"
+        );
+        let expired = poll_until(
+            &format!("task {id} to expire"),
+            Duration::from_secs(15),
+            || async {
+                let task = local.read(id).await?;
+                if task["state"] == "expired" {
+                    Ok(task)
+                } else {
+                    Err(task.to_string())
+                }
+            },
+        )
+        .await;
+        assert_eq!(expired["reason"], "queue_ttl", "{expired}");
+        assert!(expired["finished_at"].is_string(), "{expired}");
+    }
+    assert_eq!(
+        local.read(&asked).await.unwrap()["queue_ttl_seconds"],
+        1,
+        "the task's own TTL is part of its spec"
+    );
+
+    // Cleared, the default no longer applies: a new task waits (no launcher runs here).
+    let cleared = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(["tenant", "queue-ttl", "acme"])
+        .current_dir(&local.dir)
+        .env("AGENT_BUS_LOG", "warn")
+        .env("DATABASE_URL", "sqlite://agent-bus.db")
+        .output()
+        .await
+        .unwrap();
+    assert!(cleared.status.success());
+    let waiting = local
+        .submit(json!({"name": "waiting", "image": "busybox", "command": ["true"]}))
+        .await;
+    let view = local.read(&waiting).await.unwrap();
+    assert!(view.get("expires_at").is_none(), "{view}");
+}
+
+#[tokio::test]
+async fn a_queue_ttl_out_of_bounds_is_refused_naming_the_field() {
+    let local = Local::start().await;
+    let response = local
+        .http
+        .post(format!("{}/v1/tasks", local.base))
+        .bearer_auth(&local.key)
+        .json(
+            &json!({"name": "t", "image": "busybox", "command": ["true"],
+                      "queue_ttl_seconds": 0}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "queue_ttl_seconds", "{body}");
 }

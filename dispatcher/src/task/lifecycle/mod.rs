@@ -44,6 +44,8 @@ pub enum Move {
     Lost { message: String },
     /// Its runner stopped sending heartbeats, and the operator asked to fail such tasks.
     HeartbeatLost { message: String },
+    /// It waited in its queue past its queue TTL and was never launched.
+    Expire { message: String },
 }
 
 /// How an attempt ended, as the watcher, the runner or the local executor observed it.
@@ -99,10 +101,11 @@ pub enum MoveKind {
     FallBack,
     Lost,
     HeartbeatLost,
+    Expire,
 }
 
 impl MoveKind {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Claim,
         Self::Launched,
         Self::Started,
@@ -112,6 +115,7 @@ impl MoveKind {
         Self::FallBack,
         Self::Lost,
         Self::HeartbeatLost,
+        Self::Expire,
     ];
 
     #[must_use]
@@ -126,6 +130,7 @@ impl MoveKind {
             Self::FallBack => "fall_back",
             Self::Lost => "lost",
             Self::HeartbeatLost => "heartbeat_lost",
+            Self::Expire => "expire",
         }
     }
 
@@ -136,7 +141,7 @@ impl MoveKind {
     pub fn sources(self) -> &'static [TaskState] {
         use TaskState::{Launched, Launching, Queued, Running};
         match self {
-            Self::Claim => &[Queued],
+            Self::Claim | Self::Expire => &[Queued],
             Self::Launched | Self::LaunchRejected => &[Launching],
             Self::Started => &[Launching, Launched],
             Self::Ended | Self::Lost => &[Launching, Launched, Running],
@@ -150,7 +155,7 @@ impl MoveKind {
     #[must_use]
     pub fn targets(self) -> &'static [TaskState] {
         use TaskState::{
-            Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+            Cancelled, Expired, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
         };
         match self {
             Self::Claim => &[Launching],
@@ -160,6 +165,7 @@ impl MoveKind {
             Self::LaunchRejected | Self::Lost | Self::HeartbeatLost => &[Failed],
             Self::Cancel => &[Cancelled],
             Self::FallBack => &[Queued],
+            Self::Expire => &[Expired],
         }
     }
 }
@@ -183,6 +189,7 @@ impl Move {
             Self::FallBack { .. } => MoveKind::FallBack,
             Self::Lost { .. } => MoveKind::Lost,
             Self::HeartbeatLost { .. } => MoveKind::HeartbeatLost,
+            Self::Expire { .. } => MoveKind::Expire,
         }
     }
 
@@ -199,6 +206,7 @@ impl Move {
             }
             Self::Cancel => TaskState::Cancelled,
             Self::FallBack { .. } => TaskState::Queued,
+            Self::Expire { .. } => TaskState::Expired,
         }
     }
 
@@ -251,6 +259,7 @@ impl Move {
             Self::HeartbeatLost { message } => {
                 (Some(Reason::HeartbeatLost), Some(message), None, None, None)
             }
+            Self::Expire { message } => (Some(Reason::QueueTtl), Some(message), None, None, None),
         };
         if let Some(reason) = reason
             && !reason.fits(to)
@@ -499,6 +508,7 @@ impl Reason {
             Self::HeartbeatLost => matches!(state, Running | Failed),
             Self::CancelledByUser => state == Cancelled,
             Self::FellBack => state == Queued,
+            Self::QueueTtl => state == TaskState::Expired,
         }
     }
 }

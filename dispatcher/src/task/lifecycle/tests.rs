@@ -31,6 +31,9 @@ fn example(kind: MoveKind) -> Move {
         MoveKind::HeartbeatLost => Move::HeartbeatLost {
             message: "silent".to_owned(),
         },
+        MoveKind::Expire => Move::Expire {
+            message: "waited 60s".to_owned(),
+        },
     }
 }
 
@@ -82,8 +85,10 @@ fn terminal_tasks_never_move_and_take_no_note() {
 
 #[test]
 fn the_table_of_moves() {
-    use TaskState::{Cancelled, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut};
-    let table: [(MoveKind, &[TaskState], &[TaskState]); 9] = [
+    use TaskState::{
+        Cancelled, Expired, Failed, Launched, Launching, Queued, Running, Succeeded, TimedOut,
+    };
+    let table: [(MoveKind, &[TaskState], &[TaskState]); 10] = [
         (MoveKind::Claim, &[Queued], &[Launching]),
         (MoveKind::Launched, &[Launching], &[Launched]),
         (MoveKind::Started, &[Launching, Launched], &[Running]),
@@ -101,6 +106,7 @@ fn the_table_of_moves() {
         (MoveKind::FallBack, &[Launching, Launched], &[Queued]),
         (MoveKind::Lost, &[Launching, Launched, Running], &[Failed]),
         (MoveKind::HeartbeatLost, &[Running], &[Failed]),
+        (MoveKind::Expire, &[Queued], &[Expired]),
     ];
     for (kind, sources, targets) in table {
         assert_eq!(kind.sources(), sources, "{kind}");
@@ -143,10 +149,11 @@ fn reasons_fit_the_states_they_explain() {
             Reason::HeartbeatLost => &[Running, Failed],
             Reason::CancelledByUser => &[Cancelled],
             Reason::FellBack => &[Queued],
+            Reason::QueueTtl => &[Expired],
             _ => &[Failed],
         };
         assert_eq!(fitting, expected, "{reason}");
-        assert!(!reason.fits(Succeeded) && !reason.fits(Expired), "{reason}");
+        assert!(!reason.fits(Succeeded), "{reason}");
     }
 }
 

@@ -6,12 +6,17 @@ use std::collections::BTreeMap;
 use crate::placement::{GpuClasses, SharedClaim};
 use crate::task::Memory;
 
+/// The longest queue TTL a task or a tenant default may ask for: a week.
+pub const MAX_QUEUE_TTL_SECONDS: u32 = 7 * 24 * 3600;
+
 /// The limits a submission is checked against; operators set them in configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limits {
     pub default_timeout_seconds: u32,
     pub max_timeout_seconds: u32,
     pub max_retries: u32,
+    /// The longest queue TTL a task may ask for.
+    pub max_queue_ttl_seconds: u32,
     pub max_env_entries: usize,
     pub max_env_value_bytes: usize,
     pub max_command_entries: usize,
@@ -83,6 +88,7 @@ impl Default for Limits {
             default_timeout_seconds: 3600,
             max_timeout_seconds: 7 * 24 * 3600,
             max_retries: 10,
+            max_queue_ttl_seconds: MAX_QUEUE_TTL_SECONDS,
             max_env_entries: 128,
             max_env_value_bytes: 32 * 1024,
             max_command_entries: 256,

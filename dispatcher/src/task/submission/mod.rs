@@ -16,7 +16,7 @@ use crate::k8s::names::is_label_name;
 pub use crate::k8s::names::{is_class_name, is_dns_label};
 mod limits;
 
-pub use limits::{Limits, ShmRule};
+pub use limits::{Limits, MAX_QUEUE_TTL_SECONDS, ShmRule};
 
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
 /// error instead of being silently ignored.
@@ -35,6 +35,9 @@ pub struct Submission {
     pub resources: ResourcesInput,
     pub timeout_seconds: Option<u32>,
     pub max_retries: Option<u32>,
+    /// How long the task may wait to be launched before it expires (state `expired`,
+    /// reason `queue_ttl`); by default the tenant's queue TTL, if it has one.
+    pub queue_ttl_seconds: Option<u32>,
     pub priority: Option<i32>,
     pub queue: Option<String>,
     #[serde(default)]
@@ -158,6 +161,17 @@ pub fn validate(
             ),
         ));
     }
+    if let Some(ttl) = submission.queue_ttl_seconds
+        && (ttl == 0 || ttl > limits.max_queue_ttl_seconds)
+    {
+        return Err(FieldError::new(
+            "queue_ttl_seconds",
+            format!(
+                "must be between 1 and {} seconds",
+                limits.max_queue_ttl_seconds
+            ),
+        ));
+    }
     let max_retries = submission.max_retries.unwrap_or(0);
     if max_retries > limits.max_retries {
         return Err(FieldError::new(
@@ -217,6 +231,7 @@ pub fn validate(
         resources,
         timeout_seconds,
         max_retries,
+        queue_ttl_seconds: submission.queue_ttl_seconds,
         priority,
         queue,
         labels: submission.labels,

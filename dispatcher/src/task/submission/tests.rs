@@ -152,6 +152,7 @@ fn a_plain_submission_gets_the_defaults() {
     assert_eq!(spec.queue, "default");
     assert_eq!(spec.timeout_seconds, 3600);
     assert_eq!(spec.max_retries, 0);
+    assert_eq!(spec.queue_ttl_seconds, None);
     assert_eq!(spec.priority, 0);
     assert_eq!(spec.resources.gpu, None);
 }
@@ -212,6 +213,14 @@ fn every_refusal_names_its_field() {
         (
             submission().with(|s| s.max_retries = Some(11)),
             "max_retries",
+        ),
+        (
+            submission().with(|s| s.queue_ttl_seconds = Some(0)),
+            "queue_ttl_seconds",
+        ),
+        (
+            submission().with(|s| s.queue_ttl_seconds = Some(7 * 24 * 3600 + 1)),
+            "queue_ttl_seconds",
         ),
         (submission().with(|s| s.priority = Some(1001)), "priority"),
         (
@@ -370,4 +379,17 @@ fn unknown_fields_are_refused_by_the_wire_shape() {
         error.to_string().contains("unknown field `gpus`"),
         "{error}"
     );
+}
+
+#[test]
+fn a_queue_ttl_is_kept_within_its_bounds() {
+    for ttl in [1, 60, 7 * 24 * 3600] {
+        let spec = validate(
+            submission().with(|s| s.queue_ttl_seconds = Some(ttl)).0,
+            &Limits::default(),
+            "acme",
+        )
+        .unwrap();
+        assert_eq!(spec.queue_ttl_seconds, Some(ttl));
+    }
 }

@@ -13,7 +13,47 @@ both_backends!(
     case_next_queued_is_in_dispatch_order,
     case_count_by_state_lists_every_state,
     case_a_closed_store_is_unavailable,
+    case_overdue_queued_tasks_are_those_past_their_deadline,
 );
+
+async fn case_overdue_queued_tasks_are_those_past_their_deadline(store: Store) {
+    acme(&store).await;
+    let now = jiff::Timestamp::now();
+    let second = jiff::SignedDuration::from_secs(1);
+    let overdue = task("acme")
+        .with(|task| task.expires_at(now - second))
+        .create(&store)
+        .await;
+    let sooner = task("acme")
+        .with(|task| task.expires_at(now - second * 2))
+        .create(&store)
+        .await;
+    let later = task("acme")
+        .with(|task| task.expires_at(now + second * 60))
+        .create(&store)
+        .await;
+    let forever = task("acme").create(&store).await;
+    assert_eq!(forever.expires_at, None);
+    assert!(later.expires_at.is_some());
+    // A task no longer queued is not overdue, whatever its deadline.
+    let launching = task("acme")
+        .with(|task| task.expires_at(now - second))
+        .create(&store)
+        .await;
+    walk(&store, &launching, &[TaskState::Launching]).await;
+
+    assert_eq!(
+        store.overdue_queued(now, 10).await.unwrap(),
+        [sooner.id, overdue.id],
+        "soonest deadline first"
+    );
+    assert_eq!(store.overdue_queued(now, 1).await.unwrap(), [sooner.id]);
+    assert_eq!(
+        store.task(overdue.id).await.unwrap().unwrap().expires_at,
+        overdue.expires_at,
+        "the deadline is stored (in milliseconds)"
+    );
+}
 
 async fn case_tasks_in_state_are_oldest_change_first(store: Store) {
     acme(&store).await;
