@@ -144,7 +144,8 @@ impl Store {
 /// The compare-and-set `UPDATE` of `step`: `$1` id, `$2` the expected state, `$3` the new
 /// state, `$4` reason, `$5` message, `$6` exit code, `$7` the step's time, then `$8` the
 /// attempt and `$9` (or `$8`) the GPU class when the step sets them. Each stage timestamp
-/// is written as its [`Stamp`] says; a new attempt forgets the last one's heartbeat.
+/// is written as its [`Stamp`] says; a new attempt forgets the last one's heartbeat. A
+/// step for unexpired tasks only also needs the queue TTL not run out by `$7`.
 fn update_for(step: &Step) -> String {
     let mut sets = vec![
         "state = $3".to_owned(),
@@ -177,12 +178,18 @@ fn update_for(step: &Step) -> String {
     if step.gpu_class.is_some() {
         sets.push(format!("gpu_class = ${next}"));
     }
+    let unexpired = if step.unexpired_only {
+        " AND (expires_at IS NULL OR expires_at > $7)"
+    } else {
+        ""
+    };
     format!(
         concat!(
-            "UPDATE tasks SET {} WHERE id = $1 AND state = $2 RETURNING ",
+            "UPDATE tasks SET {} WHERE id = $1 AND state = $2{} RETURNING ",
             task_columns!()
         ),
-        sets.join(", ")
+        sets.join(", "),
+        unexpired
     )
 }
 
@@ -224,6 +231,11 @@ mod tests {
         assert!(claim.starts_with(
             "UPDATE tasks SET state = $3, reason = $4, message = $5, exit_code = $6, \
              updated_at = $7 WHERE id = $1 AND state = $2 RETURNING "
+        ));
+        let mut guarded = Step::new(TaskState::Queued, TaskState::Launching);
+        guarded.unexpired_only = true;
+        assert!(update_for(&guarded).contains(
+            "WHERE id = $1 AND state = $2 AND (expires_at IS NULL OR expires_at > $7) RETURNING"
         ));
         let running = update_for(&Step::new(TaskState::Launched, TaskState::Running));
         assert!(running.contains(

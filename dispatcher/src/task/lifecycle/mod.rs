@@ -276,6 +276,7 @@ impl Move {
             attempt: new_attempt,
             gpu_class,
             at,
+            unexpired_only: kind == MoveKind::Claim,
         })
     }
 }
@@ -398,6 +399,9 @@ pub struct Step {
     pub gpu_class: Option<String>,
     /// When the step happens (every timestamp it sets).
     pub at: jiff::Timestamp,
+    /// Only a task whose queue TTL has not run out by `at` may take the step: a launcher
+    /// never claims a task the expiry sweep has yet to reach.
+    pub unexpired_only: bool,
 }
 
 impl Step {
@@ -415,6 +419,7 @@ impl Step {
             attempt: None,
             gpu_class: None,
             at: jiff::Timestamp::now(),
+            unexpired_only: false,
         }
     }
 

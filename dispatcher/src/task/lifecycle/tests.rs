@@ -196,6 +196,16 @@ fn a_fall_back_is_a_new_attempt_on_another_class() {
     assert_eq!(planned.reason, Some(Reason::FellBack));
     assert_eq!(planned.attempt, Some(2));
     assert_eq!(planned.gpu_class.as_deref(), Some("a100"));
+    assert!(!planned.unexpired_only);
+}
+
+#[test]
+fn only_a_claim_minds_the_queue_ttl() {
+    for kind in MoveKind::ALL {
+        let from = kind.sources()[0];
+        let step = example(kind).plan(from, at()).unwrap();
+        assert_eq!(step.unexpired_only, kind == MoveKind::Claim, "{kind}");
+    }
 }
 
 #[test]

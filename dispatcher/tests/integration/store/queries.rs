@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use dispatcher::store::{Store, StoreError};
+use dispatcher::task::lifecycle::Step;
 use dispatcher::task::{TaskId, TaskState};
 
 use super::support::*;
@@ -48,6 +49,24 @@ async fn case_overdue_queued_tasks_are_those_past_their_deadline(store: Store) {
         "soonest deadline first"
     );
     assert_eq!(store.overdue_queued(now, 1).await.unwrap(), [sooner.id]);
+
+    // A launcher's claim of an overdue task writes nothing: the sweep expires it.
+    let mut claim = Step::new(TaskState::Queued, TaskState::Launching);
+    claim.unexpired_only = true;
+    assert_eq!(
+        store
+            .transition(overdue.id, &claim, |_| None)
+            .await
+            .unwrap(),
+        None
+    );
+    let claimed = store.transition(later.id, &claim, |_| None).await.unwrap();
+    assert_eq!(claimed.map(|task| task.state), Some(TaskState::Launching));
+    let claimed = store
+        .transition(forever.id, &claim, |_| None)
+        .await
+        .unwrap();
+    assert_eq!(claimed.map(|task| task.state), Some(TaskState::Launching));
     assert_eq!(
         store.task(overdue.id).await.unwrap().unwrap().expires_at,
         overdue.expires_at,
