@@ -99,7 +99,7 @@ pub async fn receive(
         .record_reports(id, attempt, &batch.reports)
         .await?
         .ok_or(ApiError::NotFound)?;
-    state.lifecycle.reports_recorded(&recorded);
+    state.lifecycle.reports_recorded(&recorded, &batch.reports);
     if recorded.started {
         state.lifecycle.runner_started(&recorded.task).await?;
     }

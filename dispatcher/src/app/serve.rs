@@ -15,16 +15,16 @@ use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
 use crate::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
 use crate::lifecycle::Lifecycle;
-
-/// How often each process looks for queued tasks past their queue TTL: a task expires
-/// within this of its deadline.
-const EXPIRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
 use crate::report::{ReportEndpoint, ReportIssuer, ReportTokens};
 use crate::store::Store;
 use crate::watcher::Watcher;
+
+/// How often each process looks for queued tasks past their queue TTL: a task expires
+/// within this of its deadline.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (executor_choice, why) = choose_executor(

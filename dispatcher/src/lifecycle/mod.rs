@@ -19,10 +19,10 @@ mod observe;
 
 use std::sync::Arc;
 
-use protocol::TerminationSummary;
+use protocol::{Report, ReportBody, TerminationSummary, Usage};
 
 use crate::cost::Prices;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ReportKind};
 use crate::store::{Recorded, Store, StoreError};
 use crate::task::lifecycle::{IllegalMove, Move, MoveKind, plan_note};
 use crate::task::{Reason, Task, TaskId, TaskState};
@@ -98,11 +98,11 @@ impl Lifecycle {
     /// written).
     pub async fn apply(&self, id: TaskId, from: TaskState, step: Move) -> Result<Option<Task>> {
         let step = step.plan(from, jiff::Timestamp::now())?;
-        let prices = self.prices.clone();
         let at = step.at;
+        let prices = &self.prices;
         let moved = self
             .store
-            .transition(id, &step, move |task| Some(prices.settle(task, at)))
+            .transition(id, &step, |task| Some(prices.settle(task, at)))
             .await?;
         if let Some(task) = &moved {
             observe::transition(&self.metrics, from, task, at.as_millisecond());
@@ -171,18 +171,31 @@ impl Lifecycle {
         summary: &TerminationSummary,
     ) -> Result<()> {
         if let Some(unreported) = self.store.record_termination(id, attempt, summary).await? {
-            observe::reports(&self.metrics, &unreported.task, &[], &unreported.usage);
+            let usage: Vec<&Usage> = unreported.usage.iter().collect();
+            observe::reports(&self.metrics, &unreported.task, [], &usage);
         }
         Ok(())
     }
 
-    /// Counts what a batch of runner reports brought new.
-    pub fn reports_recorded(&self, recorded: &Recorded) {
+    /// Counts what the batch of runner `reports` that made `recorded` brought new.
+    pub fn reports_recorded(&self, recorded: &Recorded, reports: &[Report]) {
+        let new: Vec<&ReportBody> = recorded
+            .new
+            .iter()
+            .filter_map(|&position| reports.get(position).map(|report| &report.body))
+            .collect();
+        let usage: Vec<&Usage> = new
+            .iter()
+            .filter_map(|body| match body {
+                ReportBody::Usage(usage) => Some(usage),
+                _ => None,
+            })
+            .collect();
         observe::reports(
             &self.metrics,
             &recorded.task,
-            &recorded.new_kinds,
-            &recorded.new_usage,
+            new.into_iter().map(ReportKind::of),
+            &usage,
         );
     }
 

@@ -48,11 +48,16 @@ pub(super) fn transition(metrics: &Metrics, from: TaskState, task: &Task, now_mi
     }
 }
 
-/// Counts newly stored reports (by the kind the store keeps) and the LLM usage they
-/// carry (duplicates were skipped).
-pub(super) fn reports(metrics: &Metrics, task: &Task, kinds: &[&str], usage: &[Usage]) {
+/// Counts newly stored reports by kind and the LLM usage they carry (duplicates were
+/// skipped).
+pub(super) fn reports(
+    metrics: &Metrics,
+    task: &Task,
+    kinds: impl IntoIterator<Item = ReportKind>,
+    usage: &[&Usage],
+) {
     let reports = metrics.reports();
-    for kind in kinds.iter().filter_map(|word| ReportKind::stored(word)) {
+    for kind in kinds {
         reports.received(kind);
     }
     for usage in usage {

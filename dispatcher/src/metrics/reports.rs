@@ -24,21 +24,6 @@ label_values! {
 }
 
 impl ReportKind {
-    /// The kind of a stored report, from the word the store keeps (`None` for a word
-    /// that is no report kind).
-    #[must_use]
-    pub fn stored(word: &str) -> Option<Self> {
-        [
-            Self::Started,
-            Self::Heartbeat,
-            Self::Progress,
-            Self::Usage,
-            Self::Finished,
-        ]
-        .into_iter()
-        .find(|kind| kind.as_str() == word)
-    }
-
     #[must_use]
     pub fn of(body: &ReportBody) -> Self {
         match body {

@@ -46,10 +46,9 @@ pub struct Recorded {
     pub started: bool,
     /// The task as it was when the batch was recorded.
     pub task: Task,
-    /// The kinds of the reports new to the store, in order (for the caller to count).
-    pub new_kinds: Vec<&'static str>,
-    /// The LLM usage new to the store (its cost is already added to the task's).
-    pub new_usage: Vec<Usage>,
+    /// Where in the batch the reports new to the store are, in order (for the caller to
+    /// count; the LLM cost of their usage is already added to the task's).
+    pub new: Vec<usize>,
 }
 
 /// LLM usage a termination summary brought that no usage report had: already added to
@@ -217,9 +216,9 @@ impl Store {
             let current = task.attempt == attempt;
             let (mut accepted, mut duplicates, mut started) = (0, 0, false);
             let mut new_usage = Vec::new();
-            let mut new_kinds = Vec::new();
+            let mut new = Vec::new();
             let mut latest_heartbeat: Option<&Heartbeat> = None;
-            for report in reports {
+            for (position, report) in reports.iter().enumerate() {
                 if let ReportBody::Heartbeat(heartbeat) = &report.body {
                     accepted += 1;
                     latest_heartbeat = Some(heartbeat);
@@ -245,7 +244,7 @@ impl Store {
                     if let ReportBody::Usage(usage) = &report.body {
                         new_usage.push(usage);
                     }
-                    new_kinds.push(kind_of(&report.body));
+                    new.push(position);
                 }
             }
             let llm_dollars: f64 = new_usage.iter().map(|u| billable(u.cost_usd)).sum();
@@ -285,8 +284,7 @@ impl Store {
                 duplicates,
                 started,
                 task,
-                new_kinds,
-                new_usage: new_usage.into_iter().cloned().collect(),
+                new,
             }))
         })
         .await

@@ -55,7 +55,7 @@ where
         .map_err(|e| StoreError::corrupt(record(), format!("column {column}: {e}")))
 }
 
-fn parse<T>(text: &str, column: &str, record: &dyn Fn() -> String) -> Result<T>
+pub(super) fn parse<T>(text: &str, column: &str, record: &dyn Fn() -> String) -> Result<T>
 where
     T: FromStr,
     T::Err: std::fmt::Display,

@@ -502,11 +502,7 @@ impl Store {
             .await
             .during(|| "listing queued tasks past their queue TTL".to_owned())?;
             ids.into_iter()
-                .map(|(id,)| {
-                    id.parse().map_err(|e: uuid::Error| {
-                        StoreError::corrupt(format!("task {id}"), e.to_string())
-                    })
-                })
+                .map(|(id,)| row::parse(&id, "id", &|| format!("task {id}")))
                 .collect()
         })
         .await
