@@ -337,10 +337,20 @@ pub enum Reason {
     FellBack,
     /// It waited in its queue longer than its queue TTL.
     QueueTtl,
+    /// An attempt failed and the retry policy gave it another: it waits out its backoff
+    /// in the queue (`next_attempt_at`).
+    Retrying,
+    /// Its tenant's budget was spent (action `refuse`) when it was to be retried.
+    BudgetExhausted,
+    /// Its tenant runs as much as its quota allows; it starts when capacity frees.
+    TenantQuota,
+    /// The cluster's ResourceQuota (or LimitRange) has no room for its Job or pod yet; it
+    /// launches when room frees.
+    ClusterQuota,
 }
 
 impl Reason {
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 20] = [
         Self::ExitCode,
         Self::BackoffLimit,
         Self::DeadlineExceeded,
@@ -357,6 +367,10 @@ impl Reason {
         Self::UserError,
         Self::FellBack,
         Self::QueueTtl,
+        Self::Retrying,
+        Self::BudgetExhausted,
+        Self::TenantQuota,
+        Self::ClusterQuota,
     ];
 
     #[must_use]
@@ -378,6 +392,10 @@ impl Reason {
             Self::UserError => "user_error",
             Self::FellBack => "fell_back",
             Self::QueueTtl => "queue_ttl",
+            Self::Retrying => "retrying",
+            Self::BudgetExhausted => "budget_exhausted",
+            Self::TenantQuota => "tenant_quota",
+            Self::ClusterQuota => "cluster_quota",
         }
     }
 }

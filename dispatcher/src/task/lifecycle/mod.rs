@@ -507,12 +507,14 @@ impl Reason {
             | Self::JobLost
             | Self::GpuError
             | Self::GpuOutOfMemory
-            | Self::UserError => state == Failed,
+            | Self::UserError
+            | Self::BudgetExhausted => state == Failed,
             Self::DeadlineExceeded => matches!(state, TimedOut | Failed),
             Self::Unschedulable => matches!(state, Launching | Launched),
             Self::HeartbeatLost => matches!(state, Running | Failed),
             Self::CancelledByUser => state == Cancelled,
-            Self::FellBack => state == Queued,
+            Self::FellBack | Self::Retrying | Self::TenantQuota => state == Queued,
+            Self::ClusterQuota => matches!(state, Queued | Launching | Launched),
             Self::QueueTtl => state == TaskState::Expired,
         }
     }

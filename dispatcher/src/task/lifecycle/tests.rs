@@ -148,7 +148,8 @@ fn reasons_fit_the_states_they_explain() {
             Reason::Unschedulable => &[Launching, Launched],
             Reason::HeartbeatLost => &[Running, Failed],
             Reason::CancelledByUser => &[Cancelled],
-            Reason::FellBack => &[Queued],
+            Reason::FellBack | Reason::Retrying | Reason::TenantQuota => &[Queued],
+            Reason::ClusterQuota => &[Queued, Launching, Launched],
             Reason::QueueTtl => &[Expired],
             _ => &[Failed],
         };
