@@ -80,9 +80,14 @@ async fn submit_then_read(store: Store) {
     let mut created = created;
     created.as_object_mut().unwrap().remove("cost_estimate");
     let id = created["id"].as_str().unwrap().to_owned();
-    let (status, read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
+    let (status, mut read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(read, created, "a read is the 201 without the estimate");
+    let attempts = read.as_object_mut().unwrap().remove("attempts");
+    assert_eq!(attempts, Some(json!([])), "no attempt has run yet");
+    assert_eq!(
+        read, created,
+        "a read is the 201 without the estimate, plus the attempts"
+    );
     let pending = api.queue.pending_task_ids("gpu").await.unwrap();
     assert!(
         pending.contains(&id.parse::<TaskId>().unwrap()),
