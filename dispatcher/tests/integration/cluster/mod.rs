@@ -183,3 +183,4 @@ mod cost_alert;
 mod lifecycle;
 mod placement;
 mod recovery;
+mod retries;
