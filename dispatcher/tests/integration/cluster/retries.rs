@@ -188,3 +188,45 @@ async fn a_kill_during_a_backoff_still_gives_exactly_one_next_attempt() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_evicted_pod_is_run_again_without_counting_a_retry() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::EvictParams;
+    testsupport::needs_env!(Cluster, Postgres, Redis);
+    with_environment("e2e-evict", |setup| async move {
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        let body = json!({"name": "evicted", "image": "registry.invalid/x:1", "command": ["sleep"],
+            "max_retries": 0,
+            "annotations": {"agent-bus.io/test-run-seconds": "6"}});
+        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        dispatcher.wait_for_state(&key, &id, &["running"]).await;
+        let pods: kube::Api<Pod> = setup.ns.api();
+        let selector = format!("agent-bus.io/task-id={}", id.replace('-', ""));
+        let first = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+            .expect("the attempt's pod");
+        let first_name = first.metadata.name.clone().unwrap();
+        // An eviction through the API marks the pod DisruptionTarget before deleting it.
+        pods.evict(&first_name, &EvictParams::default()).await.unwrap();
+
+        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(done["attempt"], 1, "{done}");
+        assert_eq!(done["retries_used"], 0, "{done}");
+        assert_eq!(attempts_of_jobs(&setup.ns, &id).await, ["1"]);
+        let job = &jobs_of(&setup.ns, &id).await[0];
+        let status = job.status.clone().unwrap();
+        assert_eq!(status.succeeded, Some(1), "{status:?}");
+        assert_eq!(status.failed.unwrap_or(0), 0, "a disruption is not a failure: {status:?}");
+    })
+    .await;
+}
