@@ -216,9 +216,13 @@ async fn an_evicted_pod_is_run_again_without_counting_a_retry() {
             .expect("the attempt's pod");
         let first_name = first.metadata.name.clone().unwrap();
         // An eviction through the API marks the pod DisruptionTarget before deleting it.
-        pods.evict(&first_name, &EvictParams::default()).await.unwrap();
+        pods.evict(&first_name, &EvictParams::default())
+            .await
+            .unwrap();
 
-        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        let done = dispatcher
+            .wait_for_state(&key, &id, &["succeeded", "failed"])
+            .await;
         assert_eq!(done["state"], "succeeded", "{done}");
         assert_eq!(done["attempt"], 1, "{done}");
         assert_eq!(done["retries_used"], 0, "{done}");
@@ -226,7 +230,11 @@ async fn an_evicted_pod_is_run_again_without_counting_a_retry() {
         let job = &jobs_of(&setup.ns, &id).await[0];
         let status = job.status.clone().unwrap();
         assert_eq!(status.succeeded, Some(1), "{status:?}");
-        assert_eq!(status.failed.unwrap_or(0), 0, "a disruption is not a failure: {status:?}");
+        assert_eq!(
+            status.failed.unwrap_or(0),
+            0,
+            "a disruption is not a failure: {status:?}"
+        );
     })
     .await;
 }

@@ -9,13 +9,14 @@ use dispatcher::store::Store;
 use dispatcher::task::lifecycle::{Ending, Move};
 use dispatcher::task::retry::{RetryAction, RetryPolicy};
 use dispatcher::task::{AttemptOutcome, Reason, Task, TaskState};
-use protocol::{Report, ReportBody, Usage};
+use protocol::{Progress, Report, ReportBody, TerminationSummary, Usage};
 
 use super::support::*;
 
 both_backends!(
     case_a_retry_waits_out_its_backoff_and_is_released_once,
     case_a_spent_budget_ends_the_task_instead_of_a_retry,
+    case_a_replacement_pod_of_the_same_attempt_is_kept_apart,
 );
 
 fn lifecycle(store: &Store) -> Lifecycle {
@@ -194,4 +195,103 @@ async fn case_a_spent_budget_ends_the_task_instead_of_a_retry(store: Store) {
     let attempts = store.attempts(task.id).await.unwrap();
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].action, Some(RetryAction::Fail));
+}
+
+fn usage(sequence: u64, dollars: f64) -> Report {
+    Report {
+        sequence,
+        sent_at: jiff::Timestamp::now().to_string(),
+        body: ReportBody::Usage(Usage {
+            model: "gpt-4o".to_owned(),
+            calls: 1,
+            input_tokens: 100,
+            output_tokens: 10,
+            cost_usd: dollars,
+        }),
+    }
+}
+
+fn progress(sequence: u64, percent: f64) -> Report {
+    Report {
+        sequence,
+        sent_at: jiff::Timestamp::now().to_string(),
+        body: ReportBody::Progress(Progress {
+            percent,
+            message: None,
+        }),
+    }
+}
+
+async fn case_a_replacement_pod_of_the_same_attempt_is_kept_apart(store: Store) {
+    acme(&store).await;
+    let lifecycle = lifecycle(&store);
+    let task = task("acme").create(&store).await;
+    let running = run(&lifecycle, &task).await;
+    // The first pod (started at ms 1_000) reports, then is evicted; the Job's replacement
+    // pod (started at ms 9_000) numbers its reports from its own start.
+    let first = protocol::first_sequence(1_000);
+    let second = protocol::first_sequence(9_000);
+    let recorded = store
+        .record_reports(
+            running.id,
+            1,
+            &[progress(first, 40.0), usage(first + 1, 1.0)],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(recorded.accepted, 2);
+    let recorded = store
+        .record_reports(
+            running.id,
+            1,
+            &[progress(second, 10.0), usage(second + 1, 0.5)],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (recorded.accepted, recorded.duplicates),
+        (2, 0),
+        "kept, not duplicates"
+    );
+    let after = store.task(task.id).await.unwrap().unwrap();
+    assert!(
+        (after.spent.llm_dollars - 1.5).abs() < 1e-9,
+        "{:?}",
+        after.spent
+    );
+    let sequences: Vec<u64> = store
+        .reports(task.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.sequence)
+        .collect();
+    assert_eq!(sequences, [first, first + 1, second, second + 1]);
+
+    // The replacement's summary counts $0.70, of which its own reports brought $0.50:
+    // $0.20 never arrived as a report; the first pod's $1.00 is not set against it.
+    let summary = TerminationSummary {
+        v: 1,
+        usage: vec![Usage {
+            model: "gpt-4o".to_owned(),
+            calls: 2,
+            input_tokens: 200,
+            output_tokens: 20,
+            cost_usd: 0.7,
+        }],
+        first_sequence: second,
+        ..TerminationSummary::default()
+    };
+    lifecycle
+        .record_termination(task.id, 1, &summary)
+        .await
+        .unwrap();
+    let after = store.task(task.id).await.unwrap().unwrap();
+    assert!(
+        (after.spent.llm_dollars - 1.7).abs() < 1e-9,
+        "{:?}",
+        after.spent
+    );
 }
