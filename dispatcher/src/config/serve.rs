@@ -125,6 +125,8 @@ pub struct ServeArgs {
 /// (the placement file's `gpu_memory_order`), `xid` avoids the node, a refused launch or
 /// an image pull failure fails at once, anything else retries while retries are left.
 #[derive(Debug, Clone, Args)]
+// The flags read as `--retry-…`; the field names are the flags.
+#[allow(clippy::struct_field_names)]
 pub struct RetryArgs {
     /// The first backoff before a retry, in seconds; it doubles per retry.
     #[arg(long, env = "AGENT_BUS_RETRY_BACKOFF_SECONDS", default_value_t = RetryDefaults::default().backoff_seconds,
