@@ -27,7 +27,7 @@ impl Local {
     async fn wait_for(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         poll_until(
             &format!("task {id}: {what}"),
-            Duration::from_secs(60),
+            Duration::from_mins(1),
             || async {
                 let task = self.read(id).await?;
                 if done(&task) {

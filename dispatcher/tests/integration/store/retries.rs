@@ -23,11 +23,11 @@ fn lifecycle(store: &Store) -> Lifecycle {
     Lifecycle::new(store.clone(), Metrics::new("test"), Prices::default())
 }
 
-fn backoff(seconds: u32) -> Option<RetryPolicy> {
-    Some(RetryPolicy {
+fn backoff(seconds: u32) -> RetryPolicy {
+    RetryPolicy {
         backoff_seconds: Some(seconds),
         ..RetryPolicy::default()
-    })
+    }
 }
 
 /// Claims, launches and starts queued `task`.
@@ -56,7 +56,7 @@ async fn case_a_retry_waits_out_its_backoff_and_is_released_once(store: Store) {
     acme(&store).await;
     let lifecycle = lifecycle(&store);
     let task = task("acme")
-        .with(|t| t.retries(1, backoff(3600)))
+        .with(|t| t.retries(1, Some(backoff(3600))))
         .create(&store)
         .await;
     let running = run(&lifecycle, &task).await;
@@ -157,7 +157,7 @@ async fn case_a_spent_budget_ends_the_task_instead_of_a_retry(store: Store) {
         .unwrap();
     let lifecycle = lifecycle(&store);
     let task = task("acme")
-        .with(|t| t.retries(3, backoff(0)))
+        .with(|t| t.retries(3, Some(backoff(0))))
         .create(&store)
         .await;
     let running = run(&lifecycle, &task).await;
