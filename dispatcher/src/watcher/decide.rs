@@ -374,6 +374,10 @@ const REFUSED_FOR_GOOD: [&str; 4] = [
     "violates PodSecurity",
 ];
 
+/// Messages of a quota with no room now: full, or not yet counted by the quota controller
+/// (the same words the launcher reads in a refused create).
+const QUOTA_IS_FULL: [&str; 2] = ["exceeded quota", "status unknown for quota"];
+
 /// When an event was last seen (the series, the last timestamp, the event time, or its
 /// creation, whichever it has).
 fn event_seen_at(event: &Event) -> Option<jiff::Timestamp> {
@@ -390,7 +394,7 @@ fn event_seen_at(event: &Event) -> Option<jiff::Timestamp> {
 /// it is a quota, else after the `is forbidden: ` of `Error creating: pods "x" is
 /// forbidden: …`, so one refusal reads the same on every retry of the Job controller.
 fn refusal_text(message: &str) -> &str {
-    if let Some(at) = message.find("exceeded quota") {
+    if let Some(at) = QUOTA_IS_FULL.iter().find_map(|phrase| message.find(phrase)) {
         return &message[at..];
     }
     message
@@ -432,7 +436,7 @@ pub fn refused_pods(task: &Task, job: &Job, pods: &[&Pod], events: &[&Event]) ->
         return Decision::Nothing;
     };
     let why = refusal_text(message);
-    if why.contains("exceeded quota") {
+    if QUOTA_IS_FULL.iter().any(|phrase| why.contains(phrase)) {
         let message = format!("waiting for room in the namespace's ResourceQuota: {why}");
         if task.reason == Some(Reason::ClusterQuota) && task.message.as_deref() == Some(&message) {
             return Decision::Nothing;
