@@ -335,8 +335,7 @@ impl Launcher {
             .await
         {
             Ok(stuck) => {
-                self.quota_waits
-                    .retain(&stuck.iter().map(|task| task.id).collect());
+                self.quota_waits.forget_stale(now);
                 for task in stuck {
                     if task.reason == Some(Reason::ClusterQuota) {
                         match self.quota_waits.step(&task, now) {

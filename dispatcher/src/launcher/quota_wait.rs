@@ -82,6 +82,7 @@ impl QuotaWaits {
     }
 
     /// Task `id` was refused at `now`: its next wait.
+    #[must_use]
     pub fn refused(&self, id: TaskId, now: jiff::Timestamp) -> Wait {
         let mut waits = self.waits();
         let refusals = waits.get(&id).map_or(0, |w| w.refusals).saturating_add(1);
@@ -105,10 +106,16 @@ impl QuotaWaits {
         step(task.expires_at, self.waits().get(&task.id), now)
     }
 
-    /// Forgets every task but those in `waiting` (the rest launched, ended or were
-    /// cancelled), so the map stays as large as the set of waiting tasks.
-    pub fn retain(&self, waiting: &std::collections::BTreeSet<TaskId>) {
-        self.waits().retain(|id, _| waiting.contains(id));
+    /// Forgets the tasks not retried for a whole cap after they were due: they launched
+    /// through another launcher, were cancelled or expired. A task that still waits is
+    /// retried at least once a cap, so the map stays as large as the set of waiting tasks.
+    pub fn forget_stale(&self, now: jiff::Timestamp) {
+        let cap = jiff::SignedDuration::try_from(self.cap).unwrap_or_default();
+        self.waits().retain(|_, wait| {
+            wait.next_try
+                .checked_add(cap)
+                .is_ok_and(|until| until > now)
+        });
     }
 
     #[cfg(test)]
@@ -184,10 +191,14 @@ mod tests {
         assert_eq!(waits.refused(a, at(2)).next_try, at(6));
         let third = waits.refused(a, at(6));
         assert_eq!((third.refusals, third.next_try), (3, at(11)));
-        waits.refused(b, at(0));
+        let _ = waits.refused(b, at(0));
         waits.clear(a);
         assert_eq!(waits.refused(a, at(20)).refusals, 1);
-        waits.retain(&[a].into());
+        // b was due at 2: forgotten a cap (5 s) later; a (due at 22) is kept.
+        waits.forget_stale(at(6));
+        assert_eq!(waits.len(), 2);
+        waits.forget_stale(at(7));
         assert_eq!(waits.len(), 1);
+        assert_eq!(waits.refused(a, at(22)).refusals, 2);
     }
 }

@@ -734,6 +734,22 @@ mod tests {
         .unwrap()
     }
 
+    /// What [`super::refused_pods`] should decide, in the table below.
+    enum Expect {
+        Nothing,
+        Note(&'static str),
+        Fails(&'static str),
+    }
+
+    /// (task state, Job, pods, events, expected).
+    type RefusalCase<'a> = (
+        TaskState,
+        &'a Job,
+        Vec<&'a Pod>,
+        Vec<&'a k8s_openapi::api::core::v1::Event>,
+        Expect,
+    );
+
     #[test]
     fn refused_pods_wait_for_quota_and_fail_on_a_limit_range() {
         use super::refused_pods;
@@ -784,19 +800,7 @@ mod tests {
         let running = pod(&json!({"phase": "Running"}));
         let quota_note = "waiting for room in the namespace's ResourceQuota: exceeded quota: tasks, requested: pods=1, used: pods=2, limited: pods=2";
 
-        enum Expect {
-            Nothing,
-            Note(&'static str),
-            Fails(&'static str),
-        }
-        type Case<'a> = (
-            TaskState,
-            &'a Job,
-            Vec<&'a Pod>,
-            Vec<&'a k8s_openapi::api::core::v1::Event>,
-            Expect,
-        );
-        let cases: Vec<Case<'_>> = vec![
+        let cases: Vec<RefusalCase<'_>> = vec![
             // The latest refusal of this Job is what the task shows, without the pod's name.
             (
                 TaskState::Launched,

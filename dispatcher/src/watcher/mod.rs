@@ -296,7 +296,7 @@ impl Watcher {
             let name = job_name(&task.id, task.attempt);
             let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace))?;
             let created = job.metadata.creation_timestamp.as_ref()?.0;
-            let has_pods = !self.pods_of(task, pods).is_empty();
+            let has_pods = !pods_of(task, pods).is_empty();
             (!has_pods && now.duration_since(created) >= grace && !decide::job_is_finished(&job))
                 .then_some((task, job, name))
         });
@@ -324,10 +324,10 @@ impl Watcher {
                         .await
                     {
                         Ok(_) => {
-                            tracing::info!(task_id = %task.id, job = %name, reason = %reason, "the job's pods cannot be created yet")
+                            tracing::info!(task_id = %task.id, job = %name, reason = %reason, "the job's pods cannot be created yet");
                         }
                         Err(error) => {
-                            tracing::warn!(task_id = %task.id, error = %error, "recording a note failed")
+                            tracing::warn!(task_id = %task.id, error = %error, "recording a note failed");
                         }
                     }
                 }
@@ -342,25 +342,12 @@ impl Watcher {
                     }
                     Ok(None) => {}
                     Err(error) => {
-                        tracing::warn!(task_id = %task.id, error = %error, "recording a transition failed")
+                        tracing::warn!(task_id = %task.id, error = %error, "recording a transition failed");
                     }
                 },
                 _ => {}
             }
         }
-    }
-
-    /// The pods of `task`'s current attempt, from the cache.
-    fn pods_of(&self, task: &Task, pods: &Cache<Pod>) -> Vec<std::sync::Arc<Pod>> {
-        let attempt = task.attempt.to_string();
-        pods.state()
-            .into_iter()
-            .filter(|pod| {
-                let labels = pod.labels();
-                labels.get(LABEL_TASK_ID) == Some(&task.id.simple())
-                    && labels.get(LABEL_ATTEMPT) == Some(&attempt)
-            })
-            .collect()
     }
 
     /// Running tasks whose runner has not reported for `timeout`: noted (or failed).
@@ -477,7 +464,7 @@ impl Watcher {
     async fn reconcile(&self, task: Task, jobs: &Cache<Job>, pods: &Cache<Pod>) {
         let name = job_name(&task.id, task.attempt);
         let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace));
-        let task_pods = self.pods_of(&task, pods);
+        let task_pods = pods_of(&task, pods);
         let pod_refs: Vec<&Pod> = task_pods.iter().map(AsRef::as_ref).collect();
         let now = jiff::Timestamp::now();
 
@@ -560,4 +547,17 @@ fn task_id_of<K: kube::Resource>(object: &K) -> Option<TaskId> {
     let labels: &BTreeMap<String, String> = object.meta().labels.as_ref()?;
     let simple = labels.get(LABEL_TASK_ID)?;
     uuid::Uuid::try_parse(simple).ok().map(TaskId)
+}
+
+/// The pods of `task`'s current attempt, from the cache.
+fn pods_of(task: &Task, pods: &Cache<Pod>) -> Vec<std::sync::Arc<Pod>> {
+    let attempt = task.attempt.to_string();
+    pods.state()
+        .into_iter()
+        .filter(|pod| {
+            let labels = pod.labels();
+            labels.get(LABEL_TASK_ID) == Some(&task.id.simple())
+                && labels.get(LABEL_ATTEMPT) == Some(&attempt)
+        })
+        .collect()
 }
