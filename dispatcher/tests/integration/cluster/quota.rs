@@ -1,7 +1,8 @@
 //! A full namespace is a wait, not a failure; no Job outlives its task: a ResourceQuota
 //! of three Jobs that ten tasks share in turn, pods a quota refuses until it is raised, a
-//! LimitRange the pod can never fit, and a cancel whose Job delete is forbidden until
-//! the dispatcher's Role allows it (also across a kill -9).
+//! LimitRange the pod can never fit, a task waiting for room that still expires or is
+//! cancelled, and a cancel whose Job delete is forbidden until the dispatcher's Role
+//! allows it (also across a kill -9).
 
 use super::*;
 
@@ -371,6 +372,70 @@ async fn a_cancelled_tasks_job_is_deleted_once_the_delete_is_allowed_even_across
             assert_eq!(task["state"], "cancelled", "{task}");
         }
         let _ = std::fs::remove_file(kubeconfig);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_task_waiting_for_room_still_expires_at_its_queue_ttl_and_cancels() {
+    testsupport::needs_env!(Cluster, Postgres, Redis);
+    with_environment("e2e-quota-ttl", |setup| async move {
+        // No room at all: every create is refused.
+        quota(&setup.ns, json!({"count/jobs.batch": "0"})).await;
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start().await;
+        let submit = |body: Value| {
+            let dispatcher = &dispatcher;
+            let key = &key;
+            async move {
+                let (status, task) = dispatcher.post(key, "/v1/tasks", &body, None).await;
+                assert_eq!(status, 201, "{task}");
+                task["id"].as_str().unwrap().to_owned()
+            }
+        };
+        let expiring = submit(
+            json!({"name": "short-lived", "image": "registry.invalid/x:1", "command": ["true"],
+            "queue_ttl_seconds": 8}),
+        )
+        .await;
+        let cancelled = submit(
+            json!({"name": "cancel-me", "image": "registry.invalid/x:1", "command": ["true"]}),
+        )
+        .await;
+        for id in [&expiring, &cancelled] {
+            poll_until("the cluster_quota reason", CLUSTER_TIMEOUT, || async {
+                let task = dispatcher.get(&key, &format!("/v1/tasks/{id}")).await;
+                if task["reason"] == "cluster_quota" && task["state"] == "launching" {
+                    Ok(())
+                } else {
+                    Err(task.to_string())
+                }
+            })
+            .await;
+        }
+        let (status, task) = dispatcher
+            .post(
+                &key,
+                &format!("/v1/tasks/{cancelled}/cancel"),
+                &json!({}),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (status, task["state"].as_str()),
+            (200, Some("cancelled")),
+            "{task}"
+        );
+        let expired = dispatcher
+            .wait_for_state(&key, &expiring, &["expired", "succeeded", "failed"])
+            .await;
+        assert_eq!(expired["state"], "expired", "{expired}");
+        assert_eq!(expired["reason"], "queue_ttl", "{expired}");
+        let still = dispatcher
+            .get(&key, &format!("/v1/tasks/{cancelled}"))
+            .await;
+        assert_eq!(still["state"], "cancelled", "{still}");
+        no_jobs_left(&setup.ns).await;
     })
     .await;
 }
