@@ -144,7 +144,10 @@ impl TaskState {
             // when an attempt failed and its retry policy gives it another.
             Queued => matches!(self, Launching | Launched | Running),
             Launched => self == Launching,
-            Launching | Expired => self == Queued,
+            Launching => self == Queued,
+            // Expired: never launched within its queue TTL, in the queue or waiting for
+            // room in the cluster.
+            Expired => matches!(self, Queued | Launching),
             Running => matches!(self, Launching | Launched),
             Succeeded | TimedOut => matches!(self, Launching | Launched | Running),
             Failed | Cancelled => true,
@@ -649,6 +652,7 @@ mod tests {
             (Launching, Running),
             (Queued, Cancelled),
             (Queued, Expired),
+            (Launching, Expired),
             (Queued, Failed),
             (Launching, Queued),
             (Launched, Queued),
@@ -663,6 +667,7 @@ mod tests {
             (Queued, Running),
             (Queued, Succeeded),
             (Running, Expired),
+            (Launched, Expired),
             (Queued, Queued),
         ];
         for (from, to) in refused {

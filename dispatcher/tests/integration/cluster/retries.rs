@@ -1,7 +1,8 @@
 //! Retries on the control plane: one Job per attempt, the next GPU class after a CUDA
 //! OOM, another node after an Xid, and exactly one next attempt across a kill -9 during a
 //! backoff. kwok fails pods with the exit code and the runner's termination message the
-//! test annotations give (tests/env/kwok/pod-stages.yaml).
+//! test annotations give (tests/env/kwok/pod-stages.yaml). The dispatchers keep finished
+//! Jobs (`KEEP_JOBS`) so each attempt's Job can be read after the task ends.
 
 use super::*;
 
@@ -43,7 +44,7 @@ async fn a_failing_task_is_retried_with_one_job_per_attempt() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-retry", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "always-7", "image": "registry.invalid/x:1", "command": ["false"],
             "max_retries": 2, "retry_policy": {"backoff_seconds": 0},
             "annotations": {"agent-bus.io/test-exit-code": "7"}});
@@ -80,7 +81,7 @@ async fn a_cuda_oom_is_retried_on_the_next_gpu_class() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-cuda-oom", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "big-model", "image": "registry.invalid/x:1", "command": ["python"],
             "resources": {"gpu": {"count": 1, "class": "v100"}},
             "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
@@ -111,7 +112,7 @@ async fn an_xid_failure_is_retried_on_another_node() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-xid", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "xid", "image": "registry.invalid/x:1", "command": ["python"],
             "resources": {"gpu": {"count": 1, "class": "a100"}},
             "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
@@ -145,7 +146,7 @@ async fn a_kill_during_a_backoff_still_gives_exactly_one_next_attempt() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-retry-kill", |setup| async move {
         let key = setup.tenant("acme").await;
-        let mut first = setup.start().await;
+        let mut first = setup.start_keeping_jobs().await;
         let body = json!({"name": "flaky", "image": "registry.invalid/x:1", "command": ["false"],
             "max_retries": 1, "retry_policy": {"backoff_seconds": 5},
             "annotations": {"agent-bus.io/test-exit-code": "1"}});
@@ -170,7 +171,7 @@ async fn a_kill_during_a_backoff_still_gives_exactly_one_next_attempt() {
         first.child.start_kill().unwrap();
         first.child.wait().await.unwrap();
 
-        let second = setup.start_as("the-next-dispatcher").await;
+        let second = setup.start_with("the-next-dispatcher", KEEP_JOBS).await;
         let done = second
             .wait_for_state(&key, &id, &["succeeded", "failed"])
             .await;
