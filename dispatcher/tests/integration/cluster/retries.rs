@@ -197,7 +197,7 @@ async fn an_evicted_pod_is_run_again_without_counting_a_retry() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-evict", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "evicted", "image": "registry.invalid/x:1", "command": ["sleep"],
             "max_retries": 0,
             "annotations": {"agent-bus.io/test-run-seconds": "6"}});
