@@ -547,7 +547,10 @@ async fn health_and_openapi(store: Store) {
 async fn launch(api: &TestApi, id: &str) {
     let id: TaskId = id.parse().unwrap();
     let lifecycle = api.lifecycle();
-    lifecycle.claim(id).await.unwrap().unwrap();
+    assert!(matches!(
+        lifecycle.claim(id).await.unwrap(),
+        dispatcher::lifecycle::Claim::Claimed(_)
+    ));
     lifecycle
         .apply(id, TaskState::Launching, Move::Launched)
         .await

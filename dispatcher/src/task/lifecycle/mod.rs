@@ -277,6 +277,7 @@ impl Move {
             gpu_class,
             at,
             unexpired_only: kind == MoveKind::Claim,
+            within_quota: kind == MoveKind::Claim,
         })
     }
 }
@@ -402,6 +403,11 @@ pub struct Step {
     /// Only a task whose queue TTL has not run out by `at` may take the step: a launcher
     /// never claims a task the expiry sweep has yet to reach.
     pub unexpired_only: bool,
+    /// Only if the task's tenant quota on running work admits it
+    /// ([`super::quota::admit`], checked in the step's transaction under a lock on the
+    /// tenant, which the step stamps as last claimed): a claim never takes a tenant past
+    /// its quota, whatever the number of launchers.
+    pub within_quota: bool,
 }
 
 impl Step {
@@ -420,6 +426,7 @@ impl Step {
             gpu_class: None,
             at: jiff::Timestamp::now(),
             unexpired_only: false,
+            within_quota: false,
         }
     }
 
