@@ -94,6 +94,7 @@ macro_rules! both_backends {
 mod support;
 
 mod queries;
+mod quotas;
 mod submissions;
 mod tasks;
 mod transitions;
