@@ -25,5 +25,6 @@ mod local;
 mod observability;
 mod outage;
 mod queue;
+mod quota;
 mod schema;
 mod store;
