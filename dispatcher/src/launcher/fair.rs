@@ -49,6 +49,7 @@ impl Launcher {
             && due.tenant != delivered.tenant
             && let Claim::Claimed(task) = self.lifecycle.claim(due.head).await?
         {
+            let task = *task;
             tracing::debug!(task_id = %task.id, tenant = %task.tenant, instead_of = %delivered.id, "another tenant's turn");
             // The delivered task keeps an entry: it waits for its own turn.
             if let Err(error) = self.queue.enqueue(&QueueEntry::of(&delivered)).await {
@@ -57,7 +58,7 @@ impl Launcher {
             return Ok(Some(task));
         }
         match self.lifecycle.claim(delivered.id).await? {
-            Claim::Claimed(task) => Ok(Some(task)),
+            Claim::Claimed(task) => Ok(Some(*task)),
             Claim::Held(_) | Claim::Gone => Ok(None),
         }
     }

@@ -57,7 +57,7 @@ pub enum Cancelled {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Claim {
     /// Claimed: the caller launches it.
-    Claimed(Task),
+    Claimed(Box<Task>),
     /// Its tenant's quota holds it; it stays queued, noted `tenant_quota`.
     Held(OverQuota),
     /// Another launcher took it, or it was cancelled, expired or is gone.
@@ -129,7 +129,7 @@ impl Lifecycle {
     /// room.
     pub async fn claim(&self, id: TaskId) -> Result<Claim> {
         match self.apply(id, TaskState::Queued, Move::Claim).await {
-            Ok(Some(task)) => Ok(Claim::Claimed(task)),
+            Ok(Some(task)) => Ok(Claim::Claimed(Box::new(task))),
             Ok(None) => Ok(Claim::Gone),
             Err(Error::Store(StoreError::OverQuota { task_id, source })) => {
                 let message = source.to_string();

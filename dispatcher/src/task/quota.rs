@@ -385,7 +385,7 @@ mod tests {
             ("b".to_owned(), vec![TaskId::new()]),
             ("c".to_owned(), vec![TaskId::new(), TaskId::new()]),
         ];
-        let mut last: std::collections::BTreeMap<String, i64> = Default::default();
+        let mut last = std::collections::BTreeMap::<String, i64>::new();
         // A was served just before B and C submitted.
         last.insert("a".to_owned(), 0);
         let mut launched = Vec::new();
@@ -425,7 +425,7 @@ mod tests {
     #[test]
     fn the_start_is_estimated_from_the_recent_launch_rate() {
         let now = jiff::Timestamp::from_second(1_000_000).unwrap();
-        let window = Duration::from_secs(600);
+        let window = Duration::from_mins(10);
         assert_eq!(estimated_start(now, 5, 0, window), None);
         assert_eq!(estimated_start(now, 5, 10, Duration::ZERO), None);
         // 60 launches in 10 minutes: one every 10 s; 5 ahead: in 50 s.

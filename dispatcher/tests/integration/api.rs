@@ -82,7 +82,16 @@ async fn submit_then_read(store: Store) {
     let id = created["id"].as_str().unwrap().to_owned();
     let (status, read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(read, created, "a read is the 201 without the estimate");
+    let mut read = read;
+    let wait = read.as_object_mut().unwrap();
+    // Alone in its queue and nothing launched in the last 10 minutes: next, and no rate
+    // to estimate its start by (null, not absent).
+    assert_eq!(wait.remove("queue_position"), Some(json!(1)));
+    assert_eq!(wait.remove("estimated_start"), Some(Value::Null));
+    assert_eq!(
+        read, created,
+        "a read is the 201 without the estimate, plus the queued task's wait"
+    );
     let pending = api.queue.pending_task_ids("gpu").await.unwrap();
     assert!(
         pending.contains(&id.parse::<TaskId>().unwrap()),

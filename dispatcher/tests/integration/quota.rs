@@ -67,7 +67,7 @@ async fn wait_for(
 ) -> Value {
     poll_until(
         &format!("task {id} to {what}"),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || async {
             let task = read(local, key, id).await?;
             if done(&task) {
@@ -318,10 +318,10 @@ async fn a_single_task_is_not_starved_by_another_tenants_backlog() {
     let mut before = 0;
     for id in &backlog {
         let task = read(&local, &local.key, id).await.unwrap();
-        if let Some(at) = task["launched_at"].as_str() {
-            if at.parse::<jiff::Timestamp>().unwrap() < launched_at {
-                before += 1;
-            }
+        if let Some(at) = task["launched_at"].as_str()
+            && at.parse::<jiff::Timestamp>().unwrap() < launched_at
+        {
+            before += 1;
         }
     }
     assert!(

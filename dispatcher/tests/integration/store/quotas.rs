@@ -340,5 +340,7 @@ async fn case_a_queued_task_knows_its_position(store: Store) {
     walk(&store, &a[0], &[TaskState::Launching, TaskState::Launched]).await;
     let figures = store.wait_figures(&a[1], since).await.unwrap();
     assert_eq!(figures.launched_since, 1);
-    assert_eq!(figures.position.position(), 1 + 1 + 0 + 1);
+    // The high band, and one of b's: a[1] is a's first queued task now.
+    assert_eq!(figures.position.own_before, 0);
+    assert_eq!(figures.position.position(), 3);
 }
