@@ -6,6 +6,8 @@
 //! tenants at their running quota). When that is another tenant, its first task is
 //! claimed and the delivered task is enqueued again, so every queued task keeps an entry
 //! (the stolen task's own entry, delivered later, finds it claimed and is dropped).
+//! A delivered task whose tenant is at its running quota is claimed anyway so that the
+//! claim notes it held, and the opportunity goes to the tenant due.
 //!
 //! A task its tenant's quota holds is noted `tenant_quota` by the claim and its entry is
 //! dropped; the re-offer pass ([`Launcher::reoffer_held`], every [`REOFFER_INTERVAL`])
@@ -45,7 +47,24 @@ impl Launcher {
         let candidates = store
             .fair_candidates(&entry.queue, band(entry.priority))
             .await?;
-        if let Some(due) = fair_order(&candidates).first()
+        let order = fair_order(&candidates);
+        if candidates
+            .iter()
+            .any(|c| c.tenant == delivered.tenant && c.at_quota)
+        {
+            // Its tenant is at its quota: the claim notes it held (or takes it, if a task
+            // ended meanwhile), and the opportunity goes to the tenant due.
+            if let Claim::Claimed(task) = self.lifecycle.claim(delivered.id).await? {
+                return Ok(Some(*task));
+            }
+            if let Some(due) = order.first()
+                && let Claim::Claimed(task) = self.lifecycle.claim(due.head).await?
+            {
+                return Ok(Some(*task));
+            }
+            return Ok(None);
+        }
+        if let Some(due) = order.first()
             && due.tenant != delivered.tenant
             && let Claim::Claimed(task) = self.lifecycle.claim(due.head).await?
         {

@@ -30,8 +30,8 @@ pub const ACTIVE: [TaskState; 3] = [
     TaskState::Running,
 ];
 
-/// How many held tasks of a tenant without a running limit one re-offer pass returns.
-const REOFFER_UNLIMITED: u32 = 32;
+/// How many held tasks of one tenant a re-offer pass looks at.
+const REOFFER_BATCH: u32 = 32;
 
 /// What a queued task is told about its wait, as counted by the store.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -39,6 +39,19 @@ pub struct WaitFigures {
     pub position: QueuePosition,
     /// Tasks of its queue launched since the time asked about.
     pub launched_since: u64,
+}
+
+/// What one more task of `task`'s current attempt asks of a quota.
+fn ask_of(task: &Task) -> Ask {
+    Ask {
+        gpus: task
+            .spec
+            .resources
+            .gpu
+            .as_ref()
+            .zip(task.gpu_class.clone())
+            .map(|(gpu, class)| (class, gpu.count)),
+    }
 }
 
 /// What the claim's admission check found.
@@ -282,39 +295,26 @@ impl Store {
         .await
     }
 
-    /// Tasks held by their tenant's quota (queued, reason `tenant_quota`) whose tenant has
-    /// room again, as many per tenant as it has free running slots (a bounded number for a
-    /// tenant whose hold came from a GPU quota), highest priority and oldest first: the
+    /// Tasks held by their tenant's quota (queued, reason `tenant_quota`) that the quota
+    /// admits now ([`quota::admissible`], from the tenant's active tasks), at most
+    /// [`REOFFER_BATCH`] per tenant looked at, highest priority and oldest first: the
     /// launcher offers them to the queue again.
     pub async fn held_with_room(&self) -> Result<Vec<Task>> {
         self.timed("held_with_room", async {
             let during = || "listing tasks held by a tenant quota".to_owned();
-            let tenants: Vec<(String, Option<i64>, i64)> = sqlx::query_as(
-                "SELECT n.name, n.max_running, \
-                 (SELECT COUNT(*) FROM tasks a WHERE a.tenant = n.name \
-                 AND a.state IN ($3, $4, $5)) \
-                 FROM tenants n WHERE EXISTS (SELECT 1 FROM tasks h \
+            let tenants: Vec<(String,)> = sqlx::query_as(
+                "SELECT n.name FROM tenants n WHERE EXISTS (SELECT 1 FROM tasks h \
                  WHERE h.state = $1 AND h.reason = $2 AND h.tenant = n.name)",
             )
             .bind(TaskState::Queued.as_str())
             .bind(Reason::TenantQuota.as_str())
-            .bind(ACTIVE[0].as_str())
-            .bind(ACTIVE[1].as_str())
-            .bind(ACTIVE[2].as_str())
             .fetch_all(&self.pool)
             .await
             .during(during)?;
-            let mut held = Vec::new();
-            for (tenant, max_running, running) in tenants {
-                let room = match max_running {
-                    Some(max) => max
-                        .saturating_sub(running)
-                        .clamp(0, i64::from(REOFFER_UNLIMITED)),
-                    None => i64::from(REOFFER_UNLIMITED),
-                };
-                if room == 0 {
-                    continue;
-                }
+            let mut offered = Vec::new();
+            for (tenant,) in tenants {
+                let quota = self.tenant_quota(&tenant).await?;
+                let usage = self.quota_usage(&tenant, &quota).await?;
                 let rows = sqlx::query(concat!(
                     "SELECT ",
                     task_columns!(),
@@ -324,17 +324,54 @@ impl Store {
                 .bind(TaskState::Queued.as_str())
                 .bind(Reason::TenantQuota.as_str())
                 .bind(&tenant)
-                .bind(room)
+                .bind(i64::from(REOFFER_BATCH))
                 .fetch_all(&self.pool)
                 .await
                 .during(during)?;
-                for row in &rows {
-                    held.push(row::task(row)?);
-                }
+                let held: Vec<Task> = rows.iter().map(row::task).collect::<Result<_>>()?;
+                let asks: Vec<Ask> = held.iter().map(ask_of).collect();
+                let admitted = quota::admissible(&tenant, &quota, &usage, &asks);
+                offered.extend(
+                    held.into_iter()
+                        .enumerate()
+                        .filter(|(index, _)| admitted.contains(index))
+                        .map(|(_, task)| task),
+                );
             }
-            Ok(held)
+            Ok(offered)
         })
         .await
+    }
+
+    /// What `tenant`'s active tasks hold, as far as `quota` limits it: their number, and
+    /// their GPUs of the classes it limits.
+    async fn quota_usage(&self, tenant: &str, quota: &TenantQuota) -> Result<Usage> {
+        let during = || format!("reading what tenant '{tenant}' runs");
+        let active: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT spec, gpu_class FROM tasks WHERE tenant = $1 AND state IN ($2, $3, $4)",
+        )
+        .bind(tenant)
+        .bind(ACTIVE[0].as_str())
+        .bind(ACTIVE[1].as_str())
+        .bind(ACTIVE[2].as_str())
+        .fetch_all(&self.pool)
+        .await
+        .during(during)?;
+        let mut usage = Usage {
+            running: u32::try_from(active.len()).unwrap_or(u32::MAX),
+            gpus: BTreeMap::new(),
+        };
+        for (spec, class) in active {
+            let Some(class) = class.filter(|class| quota.max_gpus.contains_key(class)) else {
+                continue;
+            };
+            let spec: TaskSpec = serde_json::from_str(&spec).map_err(|e| {
+                StoreError::corrupt(format!("a task of tenant '{tenant}'"), e.to_string())
+            })?;
+            let held = usage.gpus.entry(class).or_default();
+            *held = held.saturating_add(spec.resources.gpu.map_or(0, |gpu| gpu.count));
+        }
+        Ok(usage)
     }
 
     /// How many tasks wait on their tenant's quota, by tenant (the gauge).

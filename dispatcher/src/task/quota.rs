@@ -126,6 +126,31 @@ pub fn admit(tenant: &str, quota: &TenantQuota, usage: &Usage, ask: &Ask) -> Res
     Ok(())
 }
 
+/// Which of a tenant's `held` tasks (their asks, in dispatch order) its quota admits now,
+/// one after the other from `usage`: each admitted task counts towards the next. A task
+/// refused for its GPUs is passed over (a later one of another class may fit); once the
+/// running limit is reached, none is. Indices into `held`.
+#[must_use]
+pub fn admissible(tenant: &str, quota: &TenantQuota, usage: &Usage, held: &[Ask]) -> Vec<usize> {
+    let mut usage = usage.clone();
+    let mut admitted = Vec::new();
+    for (index, ask) in held.iter().enumerate() {
+        match admit(tenant, quota, &usage, ask) {
+            Ok(()) => {
+                admitted.push(index);
+                usage.running = usage.running.saturating_add(1);
+                if let Some((class, count)) = &ask.gpus {
+                    let held = usage.gpus.entry(class.clone()).or_default();
+                    *held = held.saturating_add(*count);
+                }
+            }
+            Err(OverQuota::Running { .. }) => break,
+            Err(OverQuota::Gpus { .. }) => {}
+        }
+    }
+    admitted
+}
+
 /// The priority band of a queue a priority falls in, as an inclusive range: the queue
 /// orders bands (high > 0, normal = 0, low < 0) and is first in, first out inside one.
 #[must_use]
@@ -313,6 +338,39 @@ mod tests {
             "max-running=2 max-gpus a100=4 max-gpus h100=2"
         );
         assert_eq!(TenantQuota::default().to_string(), "no quota");
+    }
+
+    #[test]
+    fn held_tasks_are_admitted_one_after_the_other() {
+        let cpu = Ask::default();
+        // Two free slots: the first two.
+        assert_eq!(
+            super::admissible(
+                "acme",
+                &quota(Some(3), &[]),
+                &usage(1, &[]),
+                &[cpu.clone(), cpu.clone(), cpu.clone()]
+            ),
+            [0, 1]
+        );
+        // 3 of 4 a100 held: the 2-GPU task waits, the 1-GPU task and the CPU task fit, a
+        // second 1-GPU task no longer does.
+        assert_eq!(
+            super::admissible(
+                "acme",
+                &quota(None, &[("a100", 4)]),
+                &usage(3, &[("a100", 2)]),
+                &[
+                    gpus("a100", 3),
+                    gpus("a100", 1),
+                    cpu.clone(),
+                    gpus("a100", 2)
+                ]
+            ),
+            [1, 2]
+        );
+        // No room at all.
+        assert!(super::admissible("acme", &quota(Some(1), &[]), &usage(1, &[]), &[cpu]).is_empty());
     }
 
     #[test]

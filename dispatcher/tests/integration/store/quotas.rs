@@ -287,7 +287,7 @@ async fn case_held_tasks_come_back_when_their_tenant_has_room(store: Store) {
     walk(&store, &running, &[TaskState::Succeeded]).await;
     // One slot free: the oldest held task comes back.
     assert_eq!(ids(&store.held_with_room().await.unwrap()), [first.id]);
-    // Without a running limit (the hold came from another limit), a bounded batch.
+    // Without a limit, every held task fits.
     store
         .set_tenant_quota("acme", &TenantQuota::default())
         .await
@@ -295,6 +295,47 @@ async fn case_held_tasks_come_back_when_their_tenant_has_room(store: Store) {
     assert_eq!(
         ids(&store.held_with_room().await.unwrap()),
         [first.id, second.id]
+    );
+
+    // A GPU quota: a held a100 task comes back only once the a100 GPUs are released; a
+    // CPU task held meanwhile fits at once.
+    for task in [&first, &second] {
+        store
+            .transition(
+                task.id,
+                &Step::new(TaskState::Queued, TaskState::Cancelled),
+                |_| None,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    store
+        .set_tenant_quota("acme", &quota(None, &[("a100", 2)]))
+        .await
+        .unwrap();
+    let holding = task("acme")
+        .with(|t| t.gpus(2, "a100"))
+        .create(&store)
+        .await;
+    let holding = walk(
+        &store,
+        &holding,
+        &[TaskState::Launching, TaskState::Running],
+    )
+    .await;
+    let waiting = task("acme")
+        .with(|t| t.gpus(1, "a100"))
+        .create(&store)
+        .await;
+    let cpu = task("acme").create(&store).await;
+    hold(&store, &waiting).await;
+    hold(&store, &cpu).await;
+    assert_eq!(ids(&store.held_with_room().await.unwrap()), [cpu.id]);
+    walk(&store, &holding, &[TaskState::Succeeded]).await;
+    assert_eq!(
+        ids(&store.held_with_room().await.unwrap()),
+        [waiting.id, cpu.id]
     );
 }
 
