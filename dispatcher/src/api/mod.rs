@@ -10,6 +10,7 @@
 //! - `/internal/v1` is for runners: it takes only per-attempt report tokens, never tenant
 //!   keys, and a token speaks for its own task attempt only (403 otherwise).
 
+pub mod attempts;
 pub mod auth;
 pub mod error;
 pub mod extract;

@@ -14,10 +14,11 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::attempts::{AttemptView, attempts_of};
 use super::auth::Authenticated;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::{ApiError, AppState};
-use crate::cost::{Estimate, Period, TaskCost};
+use crate::cost::{Estimate, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
 use crate::lifecycle::Cancelled;
 use crate::queue::QueueEntry;
@@ -45,6 +46,21 @@ pub struct TaskView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     pub attempt: u32,
+    /// Retries used against `max_retries`.
+    pub retries_used: u32,
+    /// Free retries (disruptions, rules with action `ignore`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub free_retries: u32,
+    /// While the task waits out a retry's backoff: when its next attempt may start; RFC
+    /// 3339.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    /// Nodes its next attempts keep off (an earlier attempt hit a hardware failure there).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub avoid_nodes: Vec<String>,
+    /// Every attempt, first to last (shown by `GET /v1/tasks/{id}` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<AttemptView>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     /// The Kubernetes Job of the current attempt, once the task was handed to the cluster.
@@ -113,6 +129,14 @@ impl TaskView {
             reason: task.reason,
             message: task.message,
             attempt: task.attempt,
+            retries_used: task.retries.counted,
+            free_retries: task.retries.ignored,
+            next_attempt_at: task
+                .next_attempt_at
+                .filter(|_| task.state == TaskState::Queued)
+                .map(|t| t.to_string()),
+            avoid_nodes: task.avoid_nodes,
+            attempts: None,
             exit_code: task.exit_code,
             job,
             gpu_class: task.gpu_class,
@@ -129,6 +153,11 @@ impl TaskView {
             estimated_start: None,
             spec: task.spec,
         }
+    }
+
+    fn with_attempts(mut self, attempts: Vec<AttemptView>) -> Self {
+        self.attempts = Some(attempts);
+        self
     }
 
     fn with_estimate(mut self, estimate: Estimate) -> Self {
@@ -282,27 +311,23 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
     }
     let now = jiff::Timestamp::now();
     let spending = state.spend(&tenant.name, now).await?;
-    for period in Period::ALL {
-        let Some(limit) = budget.limit(period) else {
-            continue;
-        };
-        let spent = spending.of(period);
-        if spent >= limit {
-            state
-                .metrics()
-                .tasks()
-                .refused_over_budget(&tenant.name, period);
-            let renews = period.next_start(now).map_or_else(String::new, |at| {
-                format!("; new tasks are accepted again from {at}")
-            });
-            return Err(ApiError::BudgetExceeded(format!(
-                "tenant '{}' has spent ${spent:.2} of its {} budget of ${limit:.2}{renews}",
-                tenant.name,
-                period.adjective()
-            )));
-        }
-    }
-    Ok(())
+    let Some(spent) = budget.refusing(&spending) else {
+        return Ok(());
+    };
+    state
+        .metrics()
+        .tasks()
+        .refused_over_budget(&tenant.name, spent.period);
+    let renews = spent.period.next_start(now).map_or_else(String::new, |at| {
+        format!("; new tasks are accepted again from {at}")
+    });
+    Err(ApiError::BudgetExceeded(format!(
+        "tenant '{}' has spent ${:.2} of its {} budget of ${:.2}{renews}",
+        tenant.name,
+        spent.spent,
+        spent.period.adjective(),
+        spent.limit
+    )))
 }
 
 async fn owned_task(state: &AppState, tenant: &str, id: TaskId) -> Result<Task, ApiError> {
@@ -327,6 +352,7 @@ pub async fn get_one(
     let reports = state.store().reports(task.id).await?;
     let last = state.store().last_heartbeat(task.id).await?;
     let runner = runner_view(task.attempt, &reports, last.as_ref());
+    let attempts = attempts_of(&task, state.store().attempts(task.id).await?);
     let wait = if task.state == TaskState::Queued {
         let now = jiff::Timestamp::now();
         let since = now
@@ -348,7 +374,7 @@ pub async fn get_one(
     } else {
         None
     };
-    let mut view = TaskView::new(task, &state, runner);
+    let mut view = TaskView::new(task, &state, runner).with_attempts(attempts);
     if let Some((position, start)) = wait {
         view.queue_position = Some(position);
         view.estimated_start = Some(start);
@@ -604,4 +630,9 @@ fn follow_stream(
             }
         }
     })
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }

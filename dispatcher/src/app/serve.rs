@@ -14,7 +14,7 @@ use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
 use crate::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, RetrySettings};
 use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
@@ -70,7 +70,11 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let metrics = Metrics::new(executor_name);
     let store = store.observed_by(Arc::new(metrics.clone()));
-    let lifecycle = Lifecycle::new(store.clone(), metrics.clone(), prices);
+    let lifecycle =
+        Lifecycle::new(store.clone(), metrics.clone(), prices).with_retries(RetrySettings {
+            defaults: args.retry.defaults(),
+            gpu_classes: catalog.gpu_classes.clone(),
+        });
     let queue = queue.observed(metrics.clone());
     let limits = Arc::new(settings::limits(&args, &catalog));
     let launch = Arc::new(settings::launch_config(&args, &catalog));

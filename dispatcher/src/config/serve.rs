@@ -16,6 +16,7 @@ use crate::launcher::job_spec::{
 };
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::task::Memory;
+use crate::task::retry::{MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, RetryDefaults};
 use crate::task::submission::ShmRule;
 
 #[derive(Debug, Clone, Args)]
@@ -114,6 +115,49 @@ pub struct ServeArgs {
     pub runner: RunnerArgs,
     #[command(flatten)]
     pub cost: CostArgs,
+    #[command(flatten)]
+    pub retry: RetryArgs,
+}
+
+/// How failed attempts are retried when a task's own retry policy does not say (see
+/// docs/LIFECYCLE.md). The default rules are built in: disruptions (eviction, a lost Job)
+/// retry for free, `oom` grows memory, `cuda_oom` moves to a GPU class with more memory
+/// (the placement file's `gpu_memory_order`), `xid` avoids the node, a refused launch or
+/// an image pull failure fails at once, anything else retries while retries are left.
+#[derive(Debug, Clone, Args)]
+pub struct RetryArgs {
+    /// The first backoff before a retry, in seconds; it doubles per retry.
+    #[arg(long, env = "AGENT_BUS_RETRY_BACKOFF_SECONDS", default_value_t = RetryDefaults::default().backoff_seconds,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(MAX_BACKOFF_SECONDS)))]
+    pub retry_backoff_seconds: u32,
+    /// The longest backoff, in seconds.
+    #[arg(long, env = "AGENT_BUS_RETRY_MAX_BACKOFF_SECONDS", default_value_t = RetryDefaults::default().max_backoff_seconds,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BACKOFF_CAP_SECONDS)))]
+    pub retry_max_backoff_seconds: u32,
+    /// A retry after `oom` never asks for more memory than this.
+    #[arg(long, env = "AGENT_BUS_RETRY_MAX_MEMORY", default_value_t = RetryDefaults::default().max_memory)]
+    pub retry_max_memory: Memory,
+    /// How many free retries (rule action `ignore`: evictions, lost Jobs) a task gets
+    /// before they count against its `max_retries`.
+    #[arg(long, env = "AGENT_BUS_RETRY_MAX_FREE", default_value_t = RetryDefaults::default().max_ignored_attempts,
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub retry_max_free: u32,
+}
+
+impl RetryArgs {
+    /// The retry defaults these flags set, with the built-in rules.
+    #[must_use]
+    pub fn defaults(&self) -> RetryDefaults {
+        RetryDefaults {
+            backoff_seconds: self.retry_backoff_seconds,
+            max_backoff_seconds: self
+                .retry_max_backoff_seconds
+                .max(self.retry_backoff_seconds),
+            max_memory: self.retry_max_memory,
+            max_ignored_attempts: self.retry_max_free,
+            ..RetryDefaults::default()
+        }
+    }
 }
 
 /// Prices, the cost alert and the stuck-task thresholds of the metrics (see

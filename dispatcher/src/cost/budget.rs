@@ -2,7 +2,7 @@
 //! values: the store keeps them, the API shows them, the budget check compares them
 //! with spend.
 
-use super::Period;
+use super::{Period, Spend};
 
 /// What a spent budget does.
 #[derive(
@@ -71,5 +71,33 @@ impl Budget {
             Period::Day => self.daily_dollars,
             Period::Month => self.monthly_dollars,
         }
+    }
+}
+
+/// A budget with action `refuse` that `spend` has used up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpentBudget {
+    pub period: Period,
+    pub spent: f64,
+    pub limit: f64,
+}
+
+impl Budget {
+    /// The first budget of action `refuse` that `spend` has reached (`None` with action
+    /// `alert`, or while every budget has room).
+    #[must_use]
+    pub fn refusing(&self, spend: &Spend) -> Option<SpentBudget> {
+        if self.action != BudgetAction::Refuse {
+            return None;
+        }
+        Period::ALL.into_iter().find_map(|period| {
+            let limit = self.limit(period)?;
+            let spent = spend.of(period);
+            (spent >= limit).then_some(SpentBudget {
+                period,
+                spent,
+                limit,
+            })
+        })
     }
 }

@@ -301,10 +301,13 @@ impl TaskCost {
         let running_seconds = task.timeline.started_at.map_or(0.0, |start| {
             (end.as_millisecond() - start.as_millisecond()).max(0) as f64 / 1000.0
         });
-        let compute = task
-            .spent
-            .compute
-            .unwrap_or_else(|| per_hour.times(running_seconds / 3600.0));
+        // Once over, the settled cost covers every attempt; before, the earlier attempts'
+        // cost plus the current one's so far.
+        let compute = task.spent.compute.unwrap_or_else(|| {
+            task.spent
+                .earlier_attempts
+                .plus(&per_hour.times(running_seconds / 3600.0))
+        });
         let compute = Breakdown {
             gpu: round_cents(compute.gpu),
             cpu: round_cents(compute.cpu),

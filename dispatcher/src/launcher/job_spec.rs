@@ -21,7 +21,8 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
     SecurityContext, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
@@ -425,6 +426,7 @@ pub fn build_job(
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     node_selector: (!node_selector.is_empty()).then_some(node_selector),
+                    affinity: avoiding(&task.avoid_nodes),
                     tolerations: (!tolerations.is_empty()).then_some(tolerations),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
@@ -443,6 +445,27 @@ pub fn build_job(
             ..JobSpec::default()
         }),
         ..Job::default()
+    })
+}
+
+/// Node anti-affinity that keeps the pod off `nodes` (where an earlier attempt hit a
+/// hardware failure); `None` when there are none.
+fn avoiding(nodes: &[String]) -> Option<Affinity> {
+    (!nodes.is_empty()).then(|| Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_fields: Some(vec![NodeSelectorRequirement {
+                        key: "metadata.name".to_owned(),
+                        operator: "NotIn".to_owned(),
+                        values: Some(nodes.to_vec()),
+                    }]),
+                    ..NodeSelectorTerm::default()
+                }],
+            }),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
     })
 }
 
@@ -568,6 +591,36 @@ mod tests {
             .attempt(2)
             .obj();
         insta::assert_yaml_snapshot!(job(&task));
+    }
+
+    #[test]
+    fn a_retry_after_an_xid_avoids_the_failed_node() {
+        let mut task = TaskFixture::new()
+            .memory("24Gi")
+            .gpus(1, "a100")
+            .attempt(3)
+            .obj();
+        task.avoid_nodes = vec!["gpu-a100-0".to_owned(), "gpu-a100-3".to_owned()];
+        let job = job(&task);
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let affinity = serde_json::to_value(pod.affinity).unwrap();
+        assert_eq!(
+            affinity,
+            serde_json::json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [{
+                    "key": "metadata.name", "operator": "NotIn",
+                    "values": ["gpu-a100-0", "gpu-a100-3"]
+                }]}]
+            }}})
+        );
+        assert_eq!(
+            pod.node_selector
+                .unwrap()
+                .get("accelerator")
+                .map(String::as_str),
+            Some("nvidia-tesla-a100")
+        );
+        assert!(TaskFixture::new().obj().avoid_nodes.is_empty());
     }
 
     #[test]

@@ -29,6 +29,7 @@ use super::job_spec::DEADLINE_MARGIN_SECONDS;
 use crate::lifecycle::Lifecycle;
 use crate::report::{ReportIssuer, outcome_of};
 use crate::task::lifecycle::{Ending, Move};
+use crate::task::retry::FailureClass;
 use crate::task::{Reason, Task, TaskId, TaskState};
 
 /// How much of the output's end is kept for the task's message.
@@ -244,10 +245,14 @@ impl LocalExecutor {
                 },
                 Some(Ok(status)) => {
                     let (to, reason) = classified.unwrap_or((TaskState::Failed, Reason::ExitCode));
-                    Ending::new(to)
+                    let ending = Ending::new(to)
                         .reason(reason)
                         .message(output)
-                        .exit_code(exit_code_of(status))
+                        .exit_code(exit_code_of(status));
+                    match summary.as_ref().and_then(|s| s.outcome.failure_class) {
+                        Some(class) => ending.class(FailureClass::from_runner(class)),
+                        None => ending,
+                    }
                 }
                 Some(Err(error)) => Ending::new(TaskState::Failed)
                     .reason(Reason::JobLost)

@@ -104,6 +104,8 @@ pub struct Launcher {
 
 /// The queue every task lands in when it names none; always consumed.
 const DEFAULT_QUEUE: &str = crate::task::submission::DEFAULT_QUEUE;
+/// How often a launcher looks for retries whose backoff ended.
+const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
 /// A delivery unacknowledged this long belongs to a dead launcher.
 const ABANDONED_AFTER: Duration = Duration::from_secs(30);
 
@@ -114,6 +116,7 @@ impl Launcher {
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut queues: BTreeSet<String> = BTreeSet::from([DEFAULT_QUEUE.to_owned()]);
         let mut next_reconcile = tokio::time::Instant::now();
+        let mut next_release = tokio::time::Instant::now();
         let mut next_reoffer = tokio::time::Instant::now();
         let mut offered = std::collections::HashMap::new();
         tracing::info!(consumer = %self.consumer, "launcher started");
@@ -121,6 +124,12 @@ impl Launcher {
             if tokio::time::Instant::now() >= next_reconcile {
                 self.reconcile(&mut queues, &permits).await;
                 next_reconcile = tokio::time::Instant::now() + self.reconcile_interval;
+            }
+            // The receive below waits at most a second, so retries start within about a
+            // second of their backoff's end.
+            if tokio::time::Instant::now() >= next_release {
+                self.release_due_retries(&mut queues).await;
+                next_release = tokio::time::Instant::now() + RELEASE_INTERVAL;
             }
             if tokio::time::Instant::now() >= next_reoffer {
                 self.reoffer_held(&mut offered, &mut queues).await;
@@ -216,6 +225,32 @@ impl Launcher {
         }
     }
 
+    /// Enqueues the retries whose backoff ended (each released by exactly one launcher;
+    /// one lost between release and enqueue is enqueued by the reconciler).
+    async fn release_due_retries(&self, queues: &mut BTreeSet<String>) {
+        match self
+            .lifecycle
+            .release_due_retries(jiff::Timestamp::now())
+            .await
+        {
+            Ok(due) => {
+                for task in due {
+                    queues.insert(task.spec.queue.clone());
+                    let entry = QueueEntry::of(&task);
+                    match self.queue.enqueue(&entry).await {
+                        Ok(()) => {
+                            tracing::info!(task_id = %task.id, attempt = task.attempt, "retry's backoff ended; queued for launch");
+                        }
+                        Err(error) => {
+                            tracing::warn!(task_id = %task.id, error = %error, "enqueueing a retry failed; the reconciler enqueues it");
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "releasing due retries failed"),
+        }
+    }
+
     /// Repairs what crashes and lost messages leave behind.
     async fn reconcile(&self, queues: &mut BTreeSet<String>, permits: &Arc<Semaphore>) {
         let now = jiff::Timestamp::now();
@@ -231,9 +266,13 @@ impl Launcher {
         {
             Ok(mut waiting) => {
                 queues.extend(waiting.iter().map(|t| t.spec.queue.clone()));
-                // Tasks a quota holds have no entry on purpose: the re-offer pass offers
-                // them when their tenant has room.
-                waiting.retain(|t| t.reason != Some(crate::task::Reason::TenantQuota));
+                // A task still backing off is enqueued when it is released; tasks a quota
+                // holds have no entry on purpose: the re-offer pass offers them when their
+                // tenant has room.
+                waiting.retain(|t| {
+                    t.next_attempt_at.is_none_or(|at| at <= now)
+                        && t.reason != Some(crate::task::Reason::TenantQuota)
+                });
                 self.enqueue_missing(&waiting).await;
             }
             Err(error) => tracing::warn!(error = %error, "reconcile: listing queued tasks failed"),

@@ -24,10 +24,14 @@ use protocol::{Report, ReportBody, TerminationSummary, Usage};
 
 use crate::cost::Prices;
 use crate::metrics::{Metrics, ReportKind};
+use crate::placement::GpuClasses;
 use crate::store::{Recorded, Store, StoreError};
-use crate::task::lifecycle::{IllegalMove, Move, MoveKind, plan_note};
+use crate::task::lifecycle::{Ending, IllegalMove, Move, MoveKind, NextAttempt, plan_note};
 use crate::task::quota::OverQuota;
-use crate::task::{Reason, Task, TaskId, TaskState};
+use crate::task::retry::{
+    self, AttemptFailure, Current, RetryAction, RetryCount, RetryDefaults, Verdict,
+};
+use crate::task::{AttemptOutcome, AttemptRecord, Reason, Task, TaskId, TaskState};
 
 /// Why a move was not made.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,9 @@ pub enum Claim {
     Gone,
 }
 
+/// How many due retries one pass releases.
+const RELEASE_BATCH: u32 = 500;
+
 /// How many overdue tasks one expiry pass reads.
 const EXPIRY_BATCH: u32 = 500;
 
@@ -72,12 +79,21 @@ const CANCEL_TRIES: usize = 10;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What the lifecycle needs to judge failed attempts: the operator's retry defaults, and
+/// the GPU classes a retry may move to.
+#[derive(Debug, Clone, Default)]
+pub struct RetrySettings {
+    pub defaults: RetryDefaults,
+    pub gpu_classes: GpuClasses,
+}
+
 /// Moves tasks. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     store: Store,
     metrics: Metrics,
     prices: Arc<Prices>,
+    retries: Arc<RetrySettings>,
 }
 
 impl Lifecycle {
@@ -88,7 +104,15 @@ impl Lifecycle {
             store,
             metrics,
             prices: Arc::new(prices),
+            retries: Arc::new(RetrySettings::default()),
         }
+    }
+
+    /// Judges failed attempts with `settings` (by default [`RetrySettings::default`]).
+    #[must_use]
+    pub fn with_retries(mut self, settings: RetrySettings) -> Self {
+        self.retries = Arc::new(settings);
+        self
     }
 
     #[must_use]
@@ -108,19 +132,201 @@ impl Lifecycle {
 
     /// Makes `step` of task `id`, which the caller saw in `from`. `Ok(Some(task))` with
     /// the task as moved; `Ok(None)` when it is gone or no longer in `from` (nothing
-    /// written).
+    /// written). A move that ends the attempt in progress leaves a row in the attempt
+    /// list, and a failure is judged by the task's retry policy first: it may become a
+    /// retry (a new attempt after a backoff) instead of the task's end.
     pub async fn apply(&self, id: TaskId, from: TaskState, step: Move) -> Result<Option<Task>> {
+        if step.ends_attempt(from) {
+            let Some(task) = self.store.task(id).await? else {
+                return Ok(None);
+            };
+            if task.state != from {
+                return Ok(None);
+            }
+            return self.end_attempt(task, step).await;
+        }
         let step = step.plan(from, jiff::Timestamp::now())?;
-        let at = step.at;
+        self.commit(id, step).await
+    }
+
+    /// Commits a planned step: the compare-and-set, the cost of a task that ends (every
+    /// attempt's), then logs and counts it.
+    async fn commit(&self, id: TaskId, step: crate::task::lifecycle::Step) -> Result<Option<Task>> {
+        let (from, at) = (step.from, step.at);
         let prices = &self.prices;
         let moved = self
             .store
-            .transition(id, &step, |task| Some(prices.settle(task, at)))
+            .transition(id, &step, |task| {
+                Some(task.spent.earlier_attempts.plus(&prices.settle(task, at)))
+            })
             .await?;
         if let Some(task) = &moved {
             observe::transition(&self.metrics, from, task, at.as_millisecond());
+            if let Some(ended) = &step.ended_attempt {
+                observe::attempt_ended(&self.metrics, task, ended);
+            }
         }
         Ok(moved)
+    }
+
+    /// Ends the attempt `task` is in (as just read) with `step`: judges a failure by the
+    /// retry policy, checks the budget before a retry, and records the attempt.
+    async fn end_attempt(&self, task: Task, step: Move) -> Result<Option<Task>> {
+        let at = jiff::Timestamp::now();
+        let failure = step.failure();
+        let mut record = attempt_record(&task, &step, failure.as_ref(), at, &self.prices);
+        let step = match failure {
+            Some(failure) => self.judge(&task, step, &failure, at, &mut record).await?,
+            None => step,
+        };
+        let mut planned = step.plan(task.state, at)?;
+        planned.expected_attempt = Some(task.attempt);
+        planned.ended_attempt = Some(record);
+        self.commit(task.id, planned).await
+    }
+
+    /// What follows the failed attempt of `task` that `step` records: a retry, or `step`
+    /// itself (the task ends), or a failure for a spent budget.
+    async fn judge(
+        &self,
+        task: &Task,
+        step: Move,
+        failure: &AttemptFailure,
+        at: jiff::Timestamp,
+        record: &mut AttemptRecord,
+    ) -> Result<Move> {
+        let settings = &self.retries;
+        let policy = task.spec.retry_policy.as_ref();
+        let verdict = retry::judge(
+            policy,
+            &settings.defaults,
+            failure,
+            task.spec.max_retries,
+            task.retries,
+        );
+        record.action = Some(verdict.action());
+        let (counted, mutation, by) = match verdict {
+            Verdict::Fail { why, .. } => {
+                record.decision = Some(format!("not retried: {why}"));
+                return Ok(step);
+            }
+            Verdict::Retry {
+                counted,
+                mutation,
+                by,
+            } => (counted, mutation, by),
+        };
+        if let Some(refusal) = self.budget_refusal(task, at).await? {
+            record.action = Some(RetryAction::Fail);
+            record.decision = Some(format!("not retried: {refusal}"));
+            let mut ending = Ending::new(TaskState::Failed)
+                .reason(Reason::BudgetExhausted)
+                .message(format!(
+                    "attempt {} failed ({}); not retried: {refusal}",
+                    task.attempt, failure.class
+                ));
+            ending.exit_code = failure.exit_code;
+            return Ok(Move::Ended(ending));
+        }
+        let current = Current {
+            memory: task.spec.resources.memory,
+            gpu: task.spec.resources.gpu.as_ref().map(|gpu| {
+                (
+                    task.gpu_class.as_deref().unwrap_or(gpu.class.as_str()),
+                    gpu.count,
+                )
+            }),
+            avoided_nodes: &task.avoid_nodes,
+        };
+        let changes = retry::plan_changes(
+            &mutation,
+            failure,
+            current,
+            &settings.defaults,
+            &settings.gpu_classes,
+        );
+        let retries = RetryCount {
+            counted: task.retries.counted + u32::from(counted),
+            ignored: task.retries.ignored + u32::from(!counted),
+        };
+        let wait = retry::backoff(
+            policy,
+            &settings.defaults,
+            task.retries.counted + task.retries.ignored,
+            retry::jitter_seed(task.id.0.as_bytes(), task.attempt),
+        );
+        let not_before = at + jiff::SignedDuration::try_from(wait).unwrap_or_default();
+        let counting = if counted {
+            format!("retry {} of {}", retries.counted, task.spec.max_retries)
+        } else {
+            "a free retry (not counted)".to_owned()
+        };
+        record.decision = Some(format!(
+            "{counting} after {:.1}s ({by})",
+            wait.as_secs_f64()
+        ));
+        record.changes.clone_from(&changes.notes);
+        let spec = changes.memory.map(|memory| {
+            let mut spec = task.spec.clone();
+            spec.resources.memory = Some(memory);
+            spec
+        });
+        let expires_at = task
+            .spec
+            .queue_ttl_seconds
+            .map(|ttl| not_before + jiff::SignedDuration::from_secs(i64::from(ttl)));
+        let next = NextAttempt {
+            attempt: task.attempt + 1,
+            retries,
+            not_before,
+            expires_at,
+            spec,
+            gpu_class: changes.gpu_class,
+            avoid_nodes: changes.avoid_nodes,
+            earlier_attempts: task.spent.earlier_attempts.plus(&record.cost),
+        };
+        let message = format!(
+            "attempt {} failed ({}{}); attempt {} starts after {}",
+            task.attempt,
+            failure.class,
+            failure
+                .exit_code
+                .map_or_else(String::new, |code| format!(", exit code {code}")),
+            next.attempt,
+            not_before
+        );
+        Ok(Move::Retry {
+            next: Box::new(next),
+            message,
+        })
+    }
+
+    /// Why `task`'s tenant may not pay for another attempt: a budget with action
+    /// `refuse` that is spent.
+    async fn budget_refusal(&self, task: &Task, at: jiff::Timestamp) -> Result<Option<String>> {
+        let Some(tenant) = self.store.tenant(&task.tenant).await? else {
+            return Ok(None);
+        };
+        if !tenant.budget.is_set() {
+            return Ok(None);
+        }
+        let parts = self.store.spend_parts(&task.tenant, at).await?;
+        let spend = self.prices.spend(&parts, at);
+        Ok(tenant.budget.refusing(&spend).map(|spent| {
+            format!(
+                "tenant '{}' has spent ${:.2} of its {} budget of ${:.2}",
+                task.tenant,
+                spent.spent,
+                spent.period.adjective(),
+                spent.limit
+            )
+        }))
+    }
+
+    /// Releases retries whose backoff ended by `now` (a bounded batch): the caller
+    /// enqueues them.
+    pub async fn release_due_retries(&self, now: jiff::Timestamp) -> Result<Vec<Task>> {
+        Ok(self.store.release_due_retries(now, RELEASE_BATCH).await?)
     }
 
     /// A launcher takes queued task `id` (`queued → launching`) if its tenant's quota
@@ -288,5 +494,78 @@ impl Lifecycle {
                 }
             }
         }
+    }
+}
+
+/// The attempt-list row of the attempt `task` is in, ended now (`at`) by `step`.
+fn attempt_record(
+    task: &Task,
+    step: &Move,
+    failure: Option<&AttemptFailure>,
+    at: jiff::Timestamp,
+    prices: &Prices,
+) -> AttemptRecord {
+    let (outcome, reason, message, exit_code) = match step {
+        Move::Ended(ending) => (
+            match ending.state {
+                TaskState::Succeeded => AttemptOutcome::Succeeded,
+                TaskState::TimedOut => AttemptOutcome::TimedOut,
+                _ => AttemptOutcome::Failed,
+            },
+            ending.reason,
+            ending.message.clone(),
+            ending.exit_code,
+        ),
+        Move::Cancel => (
+            AttemptOutcome::Cancelled,
+            Some(Reason::CancelledByUser),
+            None,
+            None,
+        ),
+        Move::FallBack { message, .. } => (
+            AttemptOutcome::FellBack,
+            Some(Reason::Unschedulable),
+            Some(message.clone()),
+            None,
+        ),
+        Move::LaunchRejected { message } => (
+            AttemptOutcome::Failed,
+            Some(Reason::LaunchRejected),
+            Some(message.clone()),
+            None,
+        ),
+        Move::Lost { message } => (
+            AttemptOutcome::Failed,
+            Some(Reason::JobLost),
+            Some(message.clone()),
+            None,
+        ),
+        Move::HeartbeatLost { message } => (
+            AttemptOutcome::Failed,
+            Some(Reason::HeartbeatLost),
+            Some(message.clone()),
+            None,
+        ),
+        Move::Retry { message, .. } => (AttemptOutcome::Failed, None, Some(message.clone()), None),
+        Move::Claim | Move::Launched | Move::Started | Move::Expire { .. } => {
+            (AttemptOutcome::Failed, None, None, None)
+        }
+    };
+    AttemptRecord {
+        attempt: task.attempt,
+        outcome,
+        reason,
+        failure_class: failure.map(|failure| failure.class),
+        exit_code,
+        message,
+        node: failure.and_then(|failure| failure.node.clone()),
+        gpu_class: task.gpu_class.clone(),
+        launched_at: task.timeline.launched_at,
+        started_at: task.timeline.started_at,
+        ended_at: at,
+        cost: prices.settle(task, at),
+        action: None,
+        decision: None,
+        changes: Vec::new(),
     }
 }

@@ -5,7 +5,7 @@
 use protocol::Usage;
 
 use crate::metrics::{Metrics, ReportKind, Stage};
-use crate::task::{Reason, Task, TaskState};
+use crate::task::{AttemptRecord, Reason, Task, TaskState};
 
 /// Logs and counts a committed transition: launches, outcomes, stage latencies, compute
 /// cost.
@@ -41,6 +41,7 @@ pub(super) fn transition(metrics: &Metrics, from: TaskState, task: &Task, now_mi
     }
     if task.state.is_terminal() {
         tasks.finished(queue, task.state, task.reason);
+        tasks.attempts_taken(queue, task.attempt);
         stage(Stage::RunningToFinished, since(task.timeline.started_at));
         if let Some(compute) = &task.spent.compute {
             metrics.compute_cost(&task.tenant, queue, compute);
@@ -63,4 +64,24 @@ pub(super) fn reports(
     for usage in usage {
         reports.llm_usage(&task.tenant, &task.spec.queue, usage);
     }
+}
+
+/// Logs and counts an ended attempt: a failure with what the retry policy did.
+pub(super) fn attempt_ended(metrics: &Metrics, task: &Task, ended: &AttemptRecord) {
+    let (Some(class), Some(action)) = (ended.failure_class, ended.action) else {
+        return;
+    };
+    tracing::info!(
+        task_id = %task.id,
+        tenant = %task.tenant,
+        attempt = ended.attempt,
+        failure_class = %class,
+        action = action.as_str(),
+        decision = ended.decision.as_deref().unwrap_or(""),
+        changes = ?ended.changes,
+        "attempt failed"
+    );
+    metrics
+        .tasks()
+        .attempt_failed(&task.spec.queue, class, action);
 }

@@ -93,6 +93,18 @@ impl From<Period> for BudgetPeriod {
     }
 }
 
+impl EncodeLabelValue for crate::task::retry::FailureClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+impl EncodeLabelValue for crate::task::retry::RetryAction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
 /// A task's reason as a label: `none` when it has none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReasonOrNone(pub Option<Reason>);

@@ -13,6 +13,7 @@ use super::errors::ErrorComponent;
 use super::labels::{BudgetPeriod, ReasonOrNone, label_values};
 use super::registry::{Registrar, stage_histogram};
 use crate::cost::Period;
+use crate::task::retry::{FailureClass, RetryAction};
 use crate::task::{Reason, TaskState};
 
 label_values! {
@@ -76,8 +77,29 @@ struct StageLabels {
     queue: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptFailureLabels {
+    queue: String,
+    failure_class: FailureClass,
+    action: RetryAction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+}
+
+/// Attempts per finished task: 1 to 20 and beyond.
+const ATTEMPT_BUCKETS: [f64; 9] = [1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 15.0, 20.0];
+
+fn attempts_histogram() -> Histogram {
+    Histogram::new(ATTEMPT_BUCKETS)
+}
+
 #[derive(Debug)]
 pub(super) struct TaskFamilies {
+    attempt_failures: Family<AttemptFailureLabels, Counter>,
+    attempts: Family<QueueLabels, Histogram>,
     submitted: Family<TenantQueueLabels, Counter>,
     idempotency_key_hits: Family<TenantLabels, Counter>,
     budget_refusals: Family<BudgetLabels, Counter>,
@@ -91,6 +113,8 @@ pub(super) struct TaskFamilies {
 impl TaskFamilies {
     pub(super) fn register(registrar: &mut Registrar<'_>) -> Self {
         let f = Self {
+            attempt_failures: Family::default(),
+            attempts: Family::new_with_constructor(attempts_histogram),
             submitted: Family::default(),
             idempotency_key_hits: Family::default(),
             budget_refusals: Family::default(),
@@ -141,6 +165,18 @@ impl TaskFamilies {
             &["stage", "queue"],
             "Time tasks spent in each stage: queued_to_launched, launched_to_running, running_to_finished",
             f.stage_duration.clone(),
+        );
+        registrar.counter(
+            "attempt_failures",
+            &["queue", "failure_class", "action"],
+            "Failed task attempts by queue, failure class and what the retry policy did (`retry`: a counted retry, `ignore`: a free retry, `fail`: the task failed)",
+            f.attempt_failures.clone(),
+        );
+        registrar.histogram(
+            "task_attempts",
+            &["queue"],
+            "Attempts each task took until its final state, by queue",
+            f.attempts.clone(),
         );
         registrar.gauge(
             "launches_in_flight",
@@ -245,6 +281,28 @@ impl TaskMetrics<'_> {
                 reason: ReasonOrNone(reason),
             })
             .inc();
+    }
+
+    /// An attempt failed with `class` and the retry policy chose `action`.
+    pub fn attempt_failed(&self, queue: &str, class: FailureClass, action: RetryAction) {
+        self.families()
+            .attempt_failures
+            .get_or_create(&AttemptFailureLabels {
+                queue: self.queue(queue),
+                failure_class: class,
+                action,
+            })
+            .inc();
+    }
+
+    /// A task reached its final state at attempt `attempts`.
+    pub fn attempts_taken(&self, queue: &str, attempts: u32) {
+        self.families()
+            .attempts
+            .get_or_create(&QueueLabels {
+                queue: self.queue(queue),
+            })
+            .observe(f64::from(attempts));
     }
 
     /// A task spent `seconds` in `stage`.

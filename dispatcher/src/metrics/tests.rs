@@ -25,6 +25,7 @@ fn every_family_has_help_and_a_unit_or_count_name() {
             "_info",
             "_fds",
             "_connections",
+            "_attempts",
         ]
         .iter()
         .any(|suffix| family.name.ends_with(suffix))
@@ -182,6 +183,12 @@ fn populated() -> Metrics {
     tasks.stage(Stage::QueuedToLaunched, "gpu", 3.0);
     tasks.stage(Stage::LaunchedToRunning, "gpu", 40.0);
     tasks.stage(Stage::RunningToFinished, "gpu", 5000.0);
+    tasks.attempt_failed(
+        "gpu",
+        crate::task::retry::FailureClass::Xid,
+        crate::task::retry::RetryAction::Retry,
+    );
+    tasks.attempts_taken("gpu", 3);
     let in_flight = tasks.launch_in_flight();
     drop(tasks.launch_in_flight());
 

@@ -79,6 +79,10 @@ impl SharedClaim {
 #[serde(deny_unknown_fields)]
 pub struct PlacementFile {
     pub gpu_classes: Vec<GpuClass>,
+    /// GPU classes from least to most memory per GPU: where a task that ran out of GPU
+    /// memory (`cuda_oom`) moves on retry. Classes not listed are never moved to.
+    #[serde(default)]
+    pub gpu_memory_order: Vec<String>,
     #[serde(default)]
     pub volume_claims: Vec<SharedClaim>,
 }
@@ -105,6 +109,8 @@ pub enum PlacementError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuClasses {
     classes: BTreeMap<String, GpuClass>,
+    /// Class names from least to most memory per GPU.
+    memory_order: Vec<String>,
 }
 
 fn nvidia_taint() -> Toleration {
@@ -136,9 +142,10 @@ fn class(
 }
 
 impl Default for GpuClasses {
-    /// `v100`, `a100`, `a100-mig-1g.10gb`, `h100`, with list prices of a large cloud.
+    /// `v100`, `a100`, `a100-mig-1g.10gb`, `h100`, with list prices of a large cloud;
+    /// by memory per GPU: the MIG slice (10 GB), v100 (32 GB), a100 (40 GB), h100 (80 GB).
     fn default() -> Self {
-        Self::new(vec![
+        let classes = Self::new(vec![
             class("v100", "nvidia-tesla-v100", "nvidia.com/gpu", 8, 2.48, &[]),
             class(
                 "a100",
@@ -164,7 +171,12 @@ impl Default for GpuClasses {
                 9.80,
                 &["a100"],
             ),
-        ])
+        ]);
+        classes.with_memory_order(
+            ["a100-mig-1g.10gb", "v100", "a100", "h100"]
+                .map(str::to_owned)
+                .to_vec(),
+        )
     }
 }
 
@@ -173,7 +185,27 @@ impl GpuClasses {
     pub fn new(classes: Vec<GpuClass>) -> Self {
         Self {
             classes: classes.into_iter().map(|c| (c.name.clone(), c)).collect(),
+            memory_order: Vec::new(),
         }
+    }
+
+    /// These classes, ordered from least to most memory per GPU by `order`.
+    #[must_use]
+    pub fn with_memory_order(mut self, order: Vec<String>) -> Self {
+        self.memory_order = order;
+        self
+    }
+
+    /// The class a task with `count` GPUs of `current` moves to when it ran out of GPU
+    /// memory: the next class after `current` in the memory order whose nodes hold
+    /// `count` GPUs. `None` when `current` is not in the order or none follows.
+    #[must_use]
+    pub fn next_with_more_memory(&self, current: &str, count: u32) -> Option<&GpuClass> {
+        let position = self.memory_order.iter().position(|name| name == current)?;
+        self.memory_order[position + 1..]
+            .iter()
+            .filter_map(|name| self.get(name))
+            .find(|class| class.per_node >= count)
     }
 
     #[must_use]
@@ -333,6 +365,19 @@ impl PlacementCatalog {
                 }
             }
         }
+        let mut ordered = BTreeSet::new();
+        for (index, name) in file.gpu_memory_order.iter().enumerate() {
+            let field = format!("gpu_memory_order[{index}]");
+            if !names.contains(name.as_str()) {
+                return Err(rule(
+                    field,
+                    &format!("names '{name}', which is not a configured class"),
+                ));
+            }
+            if !ordered.insert(name.as_str()) {
+                return Err(rule(field, "lists a class a second time"));
+            }
+        }
         let mut volume_claims = BTreeMap::new();
         for (index, claim) in file.volume_claims.into_iter().enumerate() {
             let field = |name: &str| format!("volume_claims[{index}].{name}");
@@ -354,7 +399,7 @@ impl PlacementCatalog {
             volume_claims.insert(claim.name.clone(), claim);
         }
         Ok(Self {
-            gpu_classes: GpuClasses::new(file.gpu_classes),
+            gpu_classes: GpuClasses::new(file.gpu_classes).with_memory_order(file.gpu_memory_order),
             volume_claims,
         })
     }

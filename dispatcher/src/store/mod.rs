@@ -45,6 +45,7 @@
 //! `IllegalTransition` are refusals with nothing written; the rest are bugs or a broken
 //! database.
 
+mod attempts;
 mod error;
 mod events;
 mod quotas;

@@ -251,9 +251,10 @@ impl Store {
             })
     }
 
-    /// Every tenant with queued tasks in `queue` between priorities `band` (inclusive):
-    /// its first task in dispatch order, when it was last claimed, and whether its running
-    /// quota is full. One row per tenant, each from indexed lookups.
+    /// Every tenant with queued tasks in `queue` between priorities `band` (inclusive)
+    /// that may be claimed now (not backing off before a retry): its first in dispatch
+    /// order, when it was last claimed, and whether its running quota is full. One row per
+    /// tenant, each from indexed lookups.
     pub async fn fair_candidates(&self, queue: &str, band: (i32, i32)) -> Result<Vec<Candidate>> {
         self.timed("fair_candidates", async {
             let during = || format!("choosing the next tenant of queue '{queue}'");
@@ -265,6 +266,7 @@ impl Store {
                  AS at_quota, \
                  (SELECT t.id FROM tasks t WHERE t.tenant = n.name AND t.state = $1 \
                  AND t.queue = $2 AND t.priority >= $3 AND t.priority <= $4 \
+                 AND (t.next_attempt_at IS NULL OR t.next_attempt_at <= $8) \
                  ORDER BY t.priority DESC, t.id LIMIT 1) AS head \
                  FROM tenants n",
             )
@@ -275,6 +277,7 @@ impl Store {
             .bind(ACTIVE[0].as_str())
             .bind(ACTIVE[1].as_str())
             .bind(ACTIVE[2].as_str())
+            .bind(millis(jiff::Timestamp::now()))
             .fetch_all(&self.pool)
             .await
             .during(during)?;

@@ -8,14 +8,17 @@ use sqlx::any::AnyRow;
 
 use super::{Result, StoreError, TaskEvent, Tenant};
 use crate::cost::{Breakdown, Budget};
-use crate::task::{Reason, Spent, Task, TaskId, TaskSpec, TaskState, Timeline};
+use crate::task::retry::{FailureClass, RetryAction, RetryCount};
+use crate::task::{AttemptRecord, Reason, Spent, Task, TaskId, TaskSpec, TaskState, Timeline};
 
 /// The columns [`task`] reads, in `SELECT` order; a macro so queries stay `&'static str`.
 macro_rules! task_columns {
     () => {
         "id, tenant, spec, state, reason, message, attempt, gpu_class, exit_code, created_at, \
          updated_at, queued_at, launched_at, started_at, finished_at, gpu_cost_dollars, \
-         cpu_cost_dollars, memory_cost_dollars, llm_cost_dollars, expires_at"
+         cpu_cost_dollars, memory_cost_dollars, llm_cost_dollars, expires_at, retries_used, \
+         ignored_attempts, next_attempt_at, avoid_nodes, earlier_gpu_cost_dollars, \
+         earlier_cpu_cost_dollars, earlier_memory_cost_dollars"
     };
 }
 pub(super) use task_columns;
@@ -27,6 +30,16 @@ macro_rules! event_columns {
     };
 }
 pub(super) use event_columns;
+
+/// The columns [`attempt_record`] reads.
+macro_rules! attempt_columns {
+    () => {
+        "attempt, outcome, reason, failure_class, exit_code, message, node, gpu_class, \
+         launched_at, started_at, ended_at, gpu_cost_dollars, cpu_cost_dollars, \
+         memory_cost_dollars, action, decision, changes"
+    };
+}
+pub(super) use attempt_columns;
 
 /// The columns [`tenant`] reads.
 macro_rules! tenant_columns {
@@ -115,8 +128,64 @@ pub(super) fn task(row: &AnyRow) -> Result<Task> {
                 _ => None,
             },
             llm_dollars: get(row, "llm_cost_dollars", &record)?,
+            earlier_attempts: Breakdown {
+                gpu: get(row, "earlier_gpu_cost_dollars", &record)?,
+                cpu: get(row, "earlier_cpu_cost_dollars", &record)?,
+                memory: get(row, "earlier_memory_cost_dollars", &record)?,
+            },
         },
         expires_at: optional_timestamp(get(row, "expires_at", &record)?, &record)?,
+        retries: RetryCount {
+            counted: count(get(row, "retries_used", &record)?, "retries_used", &record)?,
+            ignored: count(
+                get(row, "ignored_attempts", &record)?,
+                "ignored_attempts",
+                &record,
+            )?,
+        },
+        next_attempt_at: optional_timestamp(get(row, "next_attempt_at", &record)?, &record)?,
+        avoid_nodes: match get::<Option<String>>(row, "avoid_nodes", &record)? {
+            Some(json) => serde_json::from_str(&json)
+                .map_err(|e| StoreError::corrupt(record(), format!("column avoid_nodes: {e}")))?,
+            None => Vec::new(),
+        },
+    })
+}
+
+fn count(value: i32, column: &str, record: &dyn Fn() -> String) -> Result<u32> {
+    u32::try_from(value).map_err(|e| StoreError::corrupt(record(), format!("column {column}: {e}")))
+}
+
+/// A row of [`attempt_columns!`] of task `task_id`.
+pub(super) fn attempt_record(row: &AnyRow, task_id: TaskId) -> Result<AttemptRecord> {
+    let number: i32 = get(row, "attempt", &|| format!("an attempt of task {task_id}"))?;
+    let record = || format!("attempt {number} of task {task_id}");
+    let changes: String = get(row, "changes", &record)?;
+    Ok(AttemptRecord {
+        attempt: attempt(number, &record)?,
+        outcome: parse(&get::<String>(row, "outcome", &record)?, "outcome", &record)?,
+        reason: parse_optional(get(row, "reason", &record)?, "reason", &record)?,
+        failure_class: parse_optional::<FailureClass>(
+            get(row, "failure_class", &record)?,
+            "failure_class",
+            &record,
+        )?,
+        exit_code: get(row, "exit_code", &record)?,
+        message: get(row, "message", &record)?,
+        node: get(row, "node", &record)?,
+        gpu_class: get(row, "gpu_class", &record)?,
+        launched_at: optional_timestamp(get(row, "launched_at", &record)?, &record)?,
+        started_at: optional_timestamp(get(row, "started_at", &record)?, &record)?,
+        ended_at: timestamp(get(row, "ended_at", &record)?, &record)?,
+        cost: Breakdown {
+            gpu: get(row, "gpu_cost_dollars", &record)?,
+            cpu: get(row, "cpu_cost_dollars", &record)?,
+            memory: get(row, "memory_cost_dollars", &record)?,
+        },
+        action: parse_optional::<RetryAction>(get(row, "action", &record)?, "action", &record)?,
+        decision: get(row, "decision", &record)?,
+        changes: serde_json::from_str(&changes)
+            .map_err(|e| StoreError::corrupt(record(), format!("column changes: {e}")))?,
     })
 }
 

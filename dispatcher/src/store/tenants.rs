@@ -79,6 +79,23 @@ impl Store {
         .await
     }
 
+    /// The tenant named `name`, if there is one.
+    pub async fn tenant(&self, name: &str) -> Result<Option<Tenant>> {
+        self.timed("tenant", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                tenant_columns!(),
+                " FROM tenants WHERE name = $1"
+            ))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .during(|| format!("reading tenant {name}"))?;
+            row.as_ref().map(row::tenant).transpose()
+        })
+        .await
+    }
+
     /// Sets (or, with `None`, clears) the queue TTL of `name`'s tasks that ask for none.
     /// [`StoreError::UnknownTenant`] if there is no such tenant.
     pub async fn set_default_queue_ttl(&self, name: &str, seconds: Option<u32>) -> Result<()> {

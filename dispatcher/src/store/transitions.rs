@@ -11,7 +11,8 @@ use super::quotas::Admission;
 use super::{During as _, Result, Store, StoreError, row};
 use crate::store::row::{millis, task_columns};
 use crate::task::lifecycle::{PlannedNote, Stamp, Step};
-use crate::task::{Breakdown, Reason, Task, TaskId, TaskState};
+use crate::task::retry::{FailureClass, RetryAction};
+use crate::task::{AttemptRecord, Breakdown, Reason, Task, TaskId, TaskState};
 
 impl Store {
     /// Compare-and-set: moves task `id` from `step.from` to `step.to`, writes the step's
@@ -39,7 +40,7 @@ impl Store {
             }
             let during = || format!("moving task {id} from {from} to {to}");
             let now = millis(step.at);
-            let sql = update_for(step);
+            let (sql, extra) = update_for(step)?;
             let mut tx = self.begin_write().await.during(during)?;
             if step.within_quota {
                 match Self::admit_claim(&mut tx, id, from, now).await {
@@ -63,11 +64,13 @@ impl Store {
                 .bind(step.message.as_deref())
                 .bind(step.exit_code)
                 .bind(now);
-            if let Some(attempt) = step.attempt {
-                query = query.bind(attempt as i32);
-            }
-            if let Some(class) = &step.gpu_class {
-                query = query.bind(class.as_str());
+            for value in extra {
+                query = match value {
+                    Value::Int(value) => query.bind(value),
+                    Value::BigInt(value) => query.bind(value),
+                    Value::Real(value) => query.bind(value),
+                    Value::Text(value) => query.bind(value),
+                };
             }
             let updated = query.fetch_optional(&mut *tx).await.during(during)?;
             let Some(updated) = updated else {
@@ -90,6 +93,9 @@ impl Store {
                 .await
                 .during(during)?;
                 task.spent.compute = Some(compute);
+            }
+            if let Some(ended) = &step.ended_attempt {
+                insert_attempt(&mut tx, id, ended).await.during(during)?;
             }
             insert_event(&mut tx, id, Some(from), &task, now)
                 .await
@@ -156,12 +162,23 @@ impl Store {
     }
 }
 
-/// The compare-and-set `UPDATE` of `step`: `$1` id, `$2` the expected state, `$3` the new
-/// state, `$4` reason, `$5` message, `$6` exit code, `$7` the step's time, then `$8` the
-/// attempt and `$9` (or `$8`) the GPU class when the step sets them. Each stage timestamp
-/// is written as its [`Stamp`] says; a new attempt forgets the last one's heartbeat. A
-/// step for unexpired tasks only also needs the queue TTL not run out by `$7`.
-fn update_for(step: &Step) -> String {
+/// A value bound after the first seven parameters of an update.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Int(i32),
+    BigInt(Option<i64>),
+    Real(f64),
+    Text(Option<String>),
+}
+
+/// The compare-and-set `UPDATE` of `step` and the values it binds after the first seven:
+/// `$1` id, `$2` the expected state, `$3` the new state, `$4` reason, `$5` message, `$6`
+/// exit code, `$7` the step's time, then `$8`… for what the step also sets (a new
+/// attempt, its GPU class, a retry's counts, backoff, changes and earlier cost) and the
+/// attempt it expects. Each stage timestamp is written as its [`Stamp`] says; a new
+/// attempt forgets the last one's heartbeat. A claim also needs the queue TTL not run
+/// out, and the retry backoff over, by `$7`.
+fn update_for(step: &Step) -> Result<(String, Vec<Value>)> {
     let mut sets = vec![
         "state = $3".to_owned(),
         "reason = $4".to_owned(),
@@ -183,29 +200,127 @@ fn update_for(step: &Step) -> String {
             Stamp::Clear => sets.push(format!("{column} = NULL")),
         }
     }
-    let mut next = 8;
-    if step.attempt.is_some() {
-        sets.push(format!("attempt = ${next}"));
+    let mut values = Vec::new();
+    let mut set = |sets: &mut Vec<String>, column: &str, value: Value| {
+        values.push(value);
+        sets.push(format!("{column} = ${}", 7 + values.len()));
+    };
+    if let Some(attempt) = step.attempt {
+        set(&mut sets, "attempt", Value::Int(attempt as i32));
         sets.push("last_heartbeat_at = NULL".to_owned());
         sets.push("last_heartbeat = NULL".to_owned());
-        next += 1;
     }
-    if step.gpu_class.is_some() {
-        sets.push(format!("gpu_class = ${next}"));
+    if let Some(class) = &step.gpu_class {
+        set(&mut sets, "gpu_class", Value::Text(Some(class.clone())));
     }
-    let unexpired = if step.unexpired_only {
-        " AND (expires_at IS NULL OR expires_at > $7)"
-    } else {
-        ""
-    };
-    format!(
+    if step.claimable_only {
+        sets.push("next_attempt_at = NULL".to_owned());
+    }
+    if let Some(next) = &step.next_attempt {
+        let corrupt = |e: serde_json::Error| StoreError::corrupt("a retry's change", e.to_string());
+        set(
+            &mut sets,
+            "retries_used",
+            Value::Int(next.retries.counted as i32),
+        );
+        set(
+            &mut sets,
+            "ignored_attempts",
+            Value::Int(next.retries.ignored as i32),
+        );
+        set(
+            &mut sets,
+            "next_attempt_at",
+            Value::BigInt(Some(millis(next.not_before))),
+        );
+        set(
+            &mut sets,
+            "expires_at",
+            Value::BigInt(next.expires_at.map(millis)),
+        );
+        let earlier = &next.earlier_attempts;
+        set(
+            &mut sets,
+            "earlier_gpu_cost_dollars",
+            Value::Real(earlier.gpu),
+        );
+        set(
+            &mut sets,
+            "earlier_cpu_cost_dollars",
+            Value::Real(earlier.cpu),
+        );
+        set(
+            &mut sets,
+            "earlier_memory_cost_dollars",
+            Value::Real(earlier.memory),
+        );
+        if let Some(spec) = &next.spec {
+            let json = serde_json::to_string(spec).map_err(corrupt)?;
+            set(&mut sets, "spec", Value::Text(Some(json)));
+        }
+        if let Some(nodes) = &next.avoid_nodes {
+            let json = serde_json::to_string(nodes).map_err(corrupt)?;
+            set(&mut sets, "avoid_nodes", Value::Text(Some(json)));
+        }
+    }
+    let mut guards = String::new();
+    if step.claimable_only {
+        guards.push_str(
+            " AND (expires_at IS NULL OR expires_at > $7) \
+             AND (next_attempt_at IS NULL OR next_attempt_at <= $7)",
+        );
+    }
+    if let Some(attempt) = step.expected_attempt {
+        values.push(Value::Int(attempt as i32));
+        guards.push_str(&format!(" AND attempt = ${}", 7 + values.len()));
+    }
+    let sql = format!(
         concat!(
             "UPDATE tasks SET {} WHERE id = $1 AND state = $2{} RETURNING ",
             task_columns!()
         ),
         sets.join(", "),
-        unexpired
+        guards
+    );
+    Ok((sql, values))
+}
+
+/// The attempt-list row of an attempt that ended.
+async fn insert_attempt(
+    tx: &mut Transaction<'static, Any>,
+    id: TaskId,
+    ended: &AttemptRecord,
+) -> std::result::Result<(), sqlx::Error> {
+    let changes = serde_json::to_string(&ended.changes).unwrap_or_else(|_| "[]".to_owned());
+    sqlx::query(
+        "INSERT INTO task_attempts \
+         (task_id, attempt, outcome, reason, failure_class, exit_code, message, node, \
+          gpu_class, launched_at, started_at, ended_at, gpu_cost_dollars, cpu_cost_dollars, \
+          memory_cost_dollars, action, decision, changes) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         ON CONFLICT (task_id, attempt) DO NOTHING",
     )
+    .bind(id.to_string())
+    .bind(ended.attempt as i32)
+    .bind(ended.outcome.as_str())
+    .bind(ended.reason.map(Reason::as_str))
+    .bind(ended.failure_class.map(FailureClass::as_str))
+    .bind(ended.exit_code)
+    .bind(ended.message.as_deref())
+    .bind(ended.node.as_deref())
+    .bind(ended.gpu_class.as_deref())
+    .bind(ended.launched_at.map(millis))
+    .bind(ended.started_at.map(millis))
+    .bind(millis(ended.ended_at))
+    .bind(ended.cost.gpu)
+    .bind(ended.cost.cpu)
+    .bind(ended.cost.memory)
+    .bind(ended.action.map(RetryAction::as_str))
+    .bind(ended.decision.as_deref())
+    .bind(changes)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The event row of `task` reaching its current state from `from`.
@@ -242,30 +357,35 @@ mod tests {
 
     #[test]
     fn the_update_writes_what_the_step_says() {
-        let claim = update_for(&Step::new(TaskState::Queued, TaskState::Launching));
+        let sql = |step: &Step| update_for(step).map(|(sql, _)| sql).unwrap();
+        let claim = sql(&Step::new(TaskState::Queued, TaskState::Launching));
         assert!(claim.starts_with(
             "UPDATE tasks SET state = $3, reason = $4, message = $5, exit_code = $6, \
              updated_at = $7 WHERE id = $1 AND state = $2 RETURNING "
         ));
         let mut guarded = Step::new(TaskState::Queued, TaskState::Launching);
-        guarded.unexpired_only = true;
-        assert!(update_for(&guarded).contains(
-            "WHERE id = $1 AND state = $2 AND (expires_at IS NULL OR expires_at > $7) RETURNING"
+        guarded.claimable_only = true;
+        assert!(sql(&guarded).contains(
+            "WHERE id = $1 AND state = $2 AND (expires_at IS NULL OR expires_at > $7) \
+             AND (next_attempt_at IS NULL OR next_attempt_at <= $7) RETURNING"
         ));
-        let running = update_for(&Step::new(TaskState::Launched, TaskState::Running));
+        let mut judged = Step::new(TaskState::Running, TaskState::Failed);
+        judged.expected_attempt = Some(3);
+        let (judged_sql, values) = update_for(&judged).unwrap();
+        assert!(judged_sql.contains("WHERE id = $1 AND state = $2 AND attempt = $8 RETURNING"));
+        assert_eq!(values, vec![super::Value::Int(3)]);
+        let running = sql(&Step::new(TaskState::Launched, TaskState::Running));
         assert!(running.contains(
             "launched_at = COALESCE(launched_at, $7), started_at = COALESCE(started_at, $7) WHERE"
         ));
-        let fallback = update_for(
-            &Step::new(TaskState::Launched, TaskState::Queued)
-                .attempt(2)
-                .gpu_class("a100"),
-        );
+        let fallback = sql(&Step::new(TaskState::Launched, TaskState::Queued)
+            .attempt(2)
+            .gpu_class("a100"));
         assert!(fallback.contains(
             "queued_at = $7, launched_at = NULL, started_at = NULL, attempt = $8, \
              last_heartbeat_at = NULL, last_heartbeat = NULL, gpu_class = $9 WHERE"
         ));
-        let ended = update_for(&Step::new(TaskState::Running, TaskState::Failed));
+        let ended = sql(&Step::new(TaskState::Running, TaskState::Failed));
         assert!(ended.contains("finished_at = $7 WHERE"));
         for sql in [claim, running, fallback, ended] {
             for state in TaskState::ALL {

@@ -39,6 +39,7 @@ impl TaskFixture {
                 resources: Resources::default(),
                 timeout_seconds: 3600,
                 max_retries: 0,
+                retry_policy: None,
                 queue_ttl_seconds: None,
                 priority: 0,
                 queue: "default".into(),
@@ -63,6 +64,9 @@ impl TaskFixture {
             },
             spent: Spent::default(),
             expires_at: None,
+            retries: crate::task::retry::RetryCount::default(),
+            next_attempt_at: None,
+            avoid_nodes: Vec::new(),
         })
     }
 

@@ -12,6 +12,7 @@ pub mod fixtures;
 pub mod lifecycle;
 pub mod quantity;
 pub mod quota;
+pub mod retry;
 pub mod submission;
 pub mod workload;
 
@@ -127,9 +128,9 @@ impl TaskState {
     /// Whether a task in `self` may move to `next`.
     ///
     /// Moves may skip intermediate states (a watcher that was down can see a Job that
-    /// already finished), but never go back, except `launching → queued`, which returns a
-    /// task whose launch failed transiently to its queue, and `launched → queued`, which
-    /// starts a new attempt on a fallback GPU class.
+    /// already finished), but never go back, except to `queued` for a new attempt: a
+    /// fallback GPU class (`launched → queued`) or a retry after a failed attempt (from
+    /// `launching`, `launched` or `running`).
     #[must_use]
     pub fn can_move_to(self, next: Self) -> bool {
         use TaskState::{
@@ -139,9 +140,10 @@ impl TaskState {
             return false;
         }
         match next {
-            // launched → queued: a pod no node of its GPU class could take moves to the
-            // next fallback class as a new attempt.
-            Queued => matches!(self, Launching | Launched),
+            // A new attempt: launched → queued when no node of its GPU class took the
+            // pod (the next fallback class), and launching, launched or running → queued
+            // when an attempt failed and its retry policy gives it another.
+            Queued => matches!(self, Launching | Launched | Running),
             Launched => self == Launching,
             Launching | Expired => self == Queued,
             Running => matches!(self, Launching | Launched),
@@ -277,6 +279,9 @@ pub struct TaskSpec {
     pub resources: Resources,
     pub timeout_seconds: u32,
     pub max_retries: u32,
+    /// How failed attempts are retried; `None`: the operator's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<retry::RetryPolicy>,
     /// How long the task may wait to be launched before it expires; `None`: the
     /// tenant's default, else as long as it takes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -443,6 +448,81 @@ pub struct Task {
     pub spent: Spent,
     /// When it expires if it is still queued (its queue TTL, or its tenant's default).
     pub expires_at: Option<jiff::Timestamp>,
+    /// The retries it has had (counted against `max_retries`, and free ones).
+    pub retries: retry::RetryCount,
+    /// While it waits out a retry's backoff: when the next attempt may be launched.
+    pub next_attempt_at: Option<jiff::Timestamp>,
+    /// Nodes its next attempts keep off (a hardware failure there).
+    pub avoid_nodes: Vec<String>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// No node of its GPU class took it: the next attempt runs on a fallback class.
+    FellBack,
+}
+
+impl AttemptOutcome {
+    pub const ALL: [Self; 5] = [
+        Self::Succeeded,
+        Self::Failed,
+        Self::TimedOut,
+        Self::Cancelled,
+        Self::FellBack,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+            Self::FellBack => "fell_back",
+        }
+    }
+}
+
+impl FromStr for AttemptOutcome {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|outcome| outcome.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// One ended attempt of a task: how it ended, where it ran, what it cost, and what the
+/// retry policy made of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub outcome: AttemptOutcome,
+    pub reason: Option<Reason>,
+    pub failure_class: Option<retry::FailureClass>,
+    pub exit_code: Option<i32>,
+    pub message: Option<String>,
+    /// The node it ran on, when known.
+    pub node: Option<String>,
+    pub gpu_class: Option<String>,
+    pub launched_at: Option<jiff::Timestamp>,
+    pub started_at: Option<jiff::Timestamp>,
+    pub ended_at: jiff::Timestamp,
+    /// Its compute cost.
+    pub cost: Breakdown,
+    /// What the retry policy did with a failed attempt.
+    pub action: Option<retry::RetryAction>,
+    /// Why: the rule that decided, the backoff, or why no retry followed.
+    pub decision: Option<String>,
+    /// What the next attempt changed, one line each.
+    pub changes: Vec<String>,
 }
 
 /// When the stages of a task's current attempt began (`None`: not reached).
@@ -465,6 +545,9 @@ pub struct Spent {
     pub compute: Option<Breakdown>,
     /// Summed from the runner's usage reports as they arrive.
     pub llm_dollars: f64,
+    /// The compute cost of the attempts before the current one (included in `compute`
+    /// once the task is over).
+    pub earlier_attempts: Breakdown,
 }
 
 impl Task {
@@ -491,6 +574,9 @@ impl Task {
             },
             spent: Spent::default(),
             expires_at: None,
+            retries: retry::RetryCount::default(),
+            next_attempt_at: None,
+            avoid_nodes: Vec::new(),
         }
     }
 }
@@ -507,6 +593,15 @@ impl Breakdown {
     #[must_use]
     pub fn total(&self) -> f64 {
         self.gpu + self.cpu + self.memory
+    }
+
+    #[must_use]
+    pub fn plus(&self, other: &Self) -> Self {
+        Self {
+            gpu: self.gpu + other.gpu,
+            cpu: self.cpu + other.cpu,
+            memory: self.memory + other.memory,
+        }
     }
 
     #[must_use]
@@ -558,6 +653,7 @@ mod tests {
             (Queued, Failed),
             (Launching, Queued),
             (Launched, Queued),
+            (Running, Queued),
         ];
         for (from, to) in allowed {
             assert!(from.can_move_to(to), "{from} -> {to} should be allowed");
@@ -565,7 +661,6 @@ mod tests {
         let refused = [
             (Running, Launched),
             (Launched, Launching),
-            (Running, Queued),
             (Queued, Running),
             (Queued, Succeeded),
             (Running, Expired),

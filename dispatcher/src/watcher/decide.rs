@@ -15,10 +15,11 @@ use protocol::TerminationSummary;
 use crate::launcher::job_spec::TASK_CONTAINER;
 use crate::report::outcome_of;
 use crate::task::lifecycle::{Ending, Move};
+use crate::task::retry::FailureClass;
 use crate::task::{Reason, Task, TaskState};
 
 /// What the watcher should do for one task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Nothing,
     /// Move the task (CAS from its current state).
@@ -52,12 +53,55 @@ fn ended(
     message: Option<String>,
     exit_code: Option<i32>,
 ) -> Decision {
-    Decision::Move(Move::Ended(Ending {
-        state,
-        reason,
-        message,
-        exit_code,
-    }))
+    let mut ending = Ending::new(state);
+    ending.reason = reason;
+    ending.message = message;
+    ending.exit_code = exit_code;
+    Decision::Move(Move::Ended(ending))
+}
+
+/// The node the attempt's pod ran on: the pod whose task container terminated last, else
+/// any pod bound to a node.
+fn node_of(pods: &[&Pod]) -> Option<String> {
+    let bound = |pod: &&&Pod| {
+        pod.spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.as_deref())
+            .is_some()
+    };
+    let latest = pods.iter().filter(bound).max_by_key(|pod| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|statuses| statuses.iter().find(|s| s.name == TASK_CONTAINER))
+            .and_then(|s| s.state.as_ref()?.terminated.as_ref()?.started_at.as_ref())
+            .map(|time| time.0)
+    })?;
+    latest.spec.as_ref()?.node_name.clone()
+}
+
+/// Whether no pod of the attempt was ever bound to a node.
+fn never_scheduled(pods: &[&Pod]) -> bool {
+    pods.iter().all(|pod| {
+        pod.spec
+            .as_ref()
+            .and_then(|spec| spec.node_name.as_deref())
+            .is_none()
+    })
+}
+
+/// Sets the failure class and node of an attempt's ending.
+fn with_failure(decision: Decision, class: Option<FailureClass>, node: Option<String>) -> Decision {
+    match decision {
+        Decision::Move(Move::Ended(mut ending)) => {
+            if class.is_some() {
+                ending.class = class;
+            }
+            ending.node = node;
+            Decision::Move(Move::Ended(ending))
+        }
+        other => other,
+    }
 }
 
 /// The runner's summary in the task container's termination message, if it left one.
@@ -125,7 +169,11 @@ fn failure_from_pods(pods: &[&Pod], job_message: Option<String>) -> Decision {
                     Some(tail) => format!("exit code {} ({}): {tail}", t.exit_code, class.as_str()),
                     None => format!("exit code {} ({})", t.exit_code, class.as_str()),
                 };
-                return ended(to, Some(reason), Some(message), Some(t.exit_code));
+                return with_failure(
+                    ended(to, Some(reason), Some(message), Some(t.exit_code)),
+                    Some(FailureClass::from_runner(class)),
+                    None,
+                );
             }
             let detail = t.message.filter(|m| !m.trim().is_empty());
             let message = match detail {
@@ -166,8 +214,30 @@ const IMAGE_PULL_FAILURES: [&str; 3] =
     ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"];
 
 /// Decides for `task`, given its current attempt's Job (if it exists) and that Job's pods.
+/// An ending names the node the pod ran on, and a timeout of a pod that was never
+/// scheduled is classed `unschedulable`.
 #[must_use]
 pub fn decide(
+    task: &Task,
+    job: Option<&Job>,
+    pods: &[&Pod],
+    now: jiff::Timestamp,
+    unschedulable_after: Duration,
+    fallback: Option<&Fallback>,
+) -> Decision {
+    let decision = decide_from_status(task, job, pods, now, unschedulable_after, fallback);
+    let class = match &decision {
+        Decision::Move(Move::Ended(ending))
+            if ending.state == TaskState::TimedOut && never_scheduled(pods) =>
+        {
+            Some(FailureClass::Unschedulable)
+        }
+        _ => None,
+    };
+    with_failure(decision, class, node_of(pods))
+}
+
+fn decide_from_status(
     task: &Task,
     job: Option<&Job>,
     pods: &[&Pod],

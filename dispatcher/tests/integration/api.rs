@@ -80,9 +80,10 @@ async fn submit_then_read(store: Store) {
     let mut created = created;
     created.as_object_mut().unwrap().remove("cost_estimate");
     let id = created["id"].as_str().unwrap().to_owned();
-    let (status, read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
+    let (status, mut read) = api.get(&key, &format!("/v1/tasks/{id}")).await;
     assert_eq!(status, StatusCode::OK);
-    let mut read = read;
+    let attempts = read.as_object_mut().unwrap().remove("attempts");
+    assert_eq!(attempts, Some(json!([])), "no attempt has run yet");
     let wait = read.as_object_mut().unwrap();
     // Alone in its queue and nothing launched in the last 10 minutes: next, and no rate
     // to estimate its start by (null, not absent).
@@ -90,7 +91,7 @@ async fn submit_then_read(store: Store) {
     assert_eq!(wait.remove("estimated_start"), Some(Value::Null));
     assert_eq!(
         read, created,
-        "a read is the 201 without the estimate, plus the queued task's wait"
+        "a read is the 201 without the estimate, plus the attempts and the queued task's wait"
     );
     let pending = api.queue.pending_task_ids("gpu").await.unwrap();
     assert!(

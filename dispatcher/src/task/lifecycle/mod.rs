@@ -14,10 +14,11 @@
 
 use std::fmt;
 
-use super::{Reason, TaskState};
+use super::retry::{FailureClass, RetryCount};
+use super::{AttemptRecord, Breakdown, Reason, TaskSpec, TaskState};
 
 /// A move of a task, named for what happened.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Move {
     /// A launcher takes the queued task to create its Job (or process).
     Claim,
@@ -46,6 +47,33 @@ pub enum Move {
     HeartbeatLost { message: String },
     /// It waited in its queue past its queue TTL and was never launched.
     Expire { message: String },
+    /// Its attempt failed and the retry policy gives it another: attempt `next.attempt`
+    /// waits in the queue until `next.not_before`.
+    Retry {
+        next: Box<NextAttempt>,
+        message: String,
+    },
+}
+
+/// What the attempt after a failed one is: its number, when it may start, and what it
+/// changes. The lifecycle plans it from the retry policy ([`super::retry`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextAttempt {
+    pub attempt: u32,
+    /// The retries used, this one included.
+    pub retries: RetryCount,
+    /// The end of its backoff.
+    pub not_before: jiff::Timestamp,
+    /// When it expires if it is still queued then (`None`: never).
+    pub expires_at: Option<jiff::Timestamp>,
+    /// The spec with its memory grown, when it grew.
+    pub spec: Option<TaskSpec>,
+    /// Its GPU class, when it changed.
+    pub gpu_class: Option<String>,
+    /// The nodes to avoid, when the list grew.
+    pub avoid_nodes: Option<Vec<String>>,
+    /// The compute cost of every attempt before it.
+    pub earlier_attempts: Breakdown,
 }
 
 /// How an attempt ended, as the watcher, the runner or the local executor observed it.
@@ -56,6 +84,11 @@ pub struct Ending {
     pub reason: Option<Reason>,
     pub message: Option<String>,
     pub exit_code: Option<i32>,
+    /// Why it failed, when whoever saw it knows better than the reason tells (the runner's
+    /// class: a signal, CUDA OOM, an Xid).
+    pub class: Option<FailureClass>,
+    /// The node it ran on, when known.
+    pub node: Option<String>,
 }
 
 impl Ending {
@@ -67,7 +100,21 @@ impl Ending {
             reason: None,
             message: None,
             exit_code: None,
+            class: None,
+            node: None,
         }
+    }
+
+    #[must_use]
+    pub fn class(mut self, class: FailureClass) -> Self {
+        self.class = Some(class);
+        self
+    }
+
+    #[must_use]
+    pub fn node(mut self, node: Option<String>) -> Self {
+        self.node = node;
+        self
     }
 
     #[must_use]
@@ -102,10 +149,11 @@ pub enum MoveKind {
     Lost,
     HeartbeatLost,
     Expire,
+    Retry,
 }
 
 impl MoveKind {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Claim,
         Self::Launched,
         Self::Started,
@@ -116,6 +164,7 @@ impl MoveKind {
         Self::Lost,
         Self::HeartbeatLost,
         Self::Expire,
+        Self::Retry,
     ];
 
     #[must_use]
@@ -131,6 +180,7 @@ impl MoveKind {
             Self::Lost => "lost",
             Self::HeartbeatLost => "heartbeat_lost",
             Self::Expire => "expire",
+            Self::Retry => "retry",
         }
     }
 
@@ -144,7 +194,7 @@ impl MoveKind {
             Self::Claim | Self::Expire => &[Queued],
             Self::Launched | Self::LaunchRejected => &[Launching],
             Self::Started => &[Launching, Launched],
-            Self::Ended | Self::Lost => &[Launching, Launched, Running],
+            Self::Ended | Self::Lost | Self::Retry => &[Launching, Launched, Running],
             Self::Cancel => &[Queued, Launching, Launched, Running],
             Self::FallBack => &[Launching, Launched],
             Self::HeartbeatLost => &[Running],
@@ -164,7 +214,7 @@ impl MoveKind {
             Self::Ended => &[Succeeded, Failed, TimedOut],
             Self::LaunchRejected | Self::Lost | Self::HeartbeatLost => &[Failed],
             Self::Cancel => &[Cancelled],
-            Self::FallBack => &[Queued],
+            Self::FallBack | Self::Retry => &[Queued],
             Self::Expire => &[Expired],
         }
     }
@@ -190,6 +240,7 @@ impl Move {
             Self::Lost { .. } => MoveKind::Lost,
             Self::HeartbeatLost { .. } => MoveKind::HeartbeatLost,
             Self::Expire { .. } => MoveKind::Expire,
+            Self::Retry { .. } => MoveKind::Retry,
         }
     }
 
@@ -205,7 +256,7 @@ impl Move {
                 TaskState::Failed
             }
             Self::Cancel => TaskState::Cancelled,
-            Self::FallBack { .. } => TaskState::Queued,
+            Self::FallBack { .. } | Self::Retry { .. } => TaskState::Queued,
             Self::Expire { .. } => TaskState::Expired,
         }
     }
@@ -227,6 +278,7 @@ impl Move {
         if !kind.targets().contains(&to) {
             return Err(illegal(Why::NotToThisState));
         }
+        let mut next_attempt = None;
         let (reason, message, exit_code, new_attempt, gpu_class) = match self {
             Self::Claim | Self::Launched | Self::Started => (None, None, None, None, None),
             Self::Ended(ending) => (ending.reason, ending.message, ending.exit_code, None, None),
@@ -260,6 +312,17 @@ impl Move {
                 (Some(Reason::HeartbeatLost), Some(message), None, None, None)
             }
             Self::Expire { message } => (Some(Reason::QueueTtl), Some(message), None, None, None),
+            Self::Retry { next, message } => {
+                let (attempt, class) = (next.attempt, next.gpu_class.clone());
+                next_attempt = Some(next);
+                (
+                    Some(Reason::Retrying),
+                    Some(message),
+                    None,
+                    Some(attempt),
+                    class,
+                )
+            }
         };
         if let Some(reason) = reason
             && !reason.fits(to)
@@ -276,9 +339,60 @@ impl Move {
             attempt: new_attempt,
             gpu_class,
             at,
-            unexpired_only: kind == MoveKind::Claim,
+            claimable_only: kind == MoveKind::Claim,
             within_quota: kind == MoveKind::Claim,
+            expected_attempt: None,
+            next_attempt,
+            ended_attempt: None,
         })
+    }
+
+    /// Whether this move, from `from`, ends the attempt in progress (so it leaves a row
+    /// in the task's attempt list). A queued task has no attempt in progress.
+    #[must_use]
+    pub fn ends_attempt(&self, from: TaskState) -> bool {
+        from != TaskState::Queued
+            && matches!(
+                self.kind(),
+                MoveKind::Ended
+                    | MoveKind::LaunchRejected
+                    | MoveKind::Cancel
+                    | MoveKind::FallBack
+                    | MoveKind::Lost
+                    | MoveKind::HeartbeatLost
+                    | MoveKind::Retry
+            )
+    }
+
+    /// The failure this move records, for the retry policy; `None` when it is not a
+    /// failure (success, cancel, fallback, expiry).
+    #[must_use]
+    pub fn failure(&self) -> Option<super::retry::AttemptFailure> {
+        use super::retry::AttemptFailure;
+        let plain = |class| {
+            Some(AttemptFailure {
+                class,
+                exit_code: None,
+                node: None,
+            })
+        };
+        match self {
+            Self::Ended(ending)
+                if matches!(ending.state, TaskState::Failed | TaskState::TimedOut) =>
+            {
+                Some(AttemptFailure {
+                    class: ending
+                        .class
+                        .unwrap_or_else(|| FailureClass::of_reason(ending.reason)),
+                    exit_code: ending.exit_code,
+                    node: ending.node.clone(),
+                })
+            }
+            Self::LaunchRejected { .. } => plain(FailureClass::LaunchRejected),
+            Self::Lost { .. } => plain(FailureClass::JobLost),
+            Self::HeartbeatLost { .. } => plain(FailureClass::HeartbeatLost),
+            _ => None,
+        }
     }
 }
 
@@ -385,7 +499,7 @@ impl Stamps {
 /// compare-and-set on `from`, writes these values and the event row, in one transaction.
 /// [`Move::plan`] makes the steps the dispatcher takes; [`Step::new`] makes any step of
 /// the state graph (the store's own tests walk tasks with it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub from: TaskState,
     pub to: TaskState,
@@ -400,14 +514,21 @@ pub struct Step {
     pub gpu_class: Option<String>,
     /// When the step happens (every timestamp it sets).
     pub at: jiff::Timestamp,
-    /// Only a task whose queue TTL has not run out by `at` may take the step: a launcher
-    /// never claims a task the expiry sweep has yet to reach.
-    pub unexpired_only: bool,
+    /// Only a task whose queue TTL has not run out by `at`, and whose retry backoff has
+    /// ended by `at`, may take the step: a launcher never claims a task the expiry sweep
+    /// has yet to reach, nor one still backing off.
+    pub claimable_only: bool,
     /// Only if the task's tenant quota on running work admits it
     /// ([`super::quota::admit`], checked in the step's transaction under a lock on the
     /// tenant, which the step stamps as last claimed): a claim never takes a tenant past
     /// its quota, whatever the number of launchers.
     pub within_quota: bool,
+    /// Only a task at this attempt may take the step (the attempt the caller judged).
+    pub expected_attempt: Option<u32>,
+    /// The retry's next attempt: its backoff, retry counts, changes and earlier cost.
+    pub next_attempt: Option<Box<NextAttempt>>,
+    /// The attempt this step ends, for the attempt list.
+    pub ended_attempt: Option<AttemptRecord>,
 }
 
 impl Step {
@@ -425,8 +546,11 @@ impl Step {
             attempt: None,
             gpu_class: None,
             at: jiff::Timestamp::now(),
-            unexpired_only: false,
+            claimable_only: false,
             within_quota: false,
+            expected_attempt: None,
+            next_attempt: None,
+            ended_attempt: None,
         }
     }
 

@@ -1,5 +1,6 @@
-use super::{Ending, Move, MoveKind, Stamp, Stamps, Why, plan_note};
-use crate::task::{Reason, TaskState};
+use super::{Ending, Move, MoveKind, NextAttempt, Stamp, Stamps, Why, plan_note};
+use crate::task::retry::RetryCount;
+use crate::task::{Breakdown, Reason, TaskState};
 
 fn at() -> jiff::Timestamp {
     "2026-12-01T12:00:00Z".parse().unwrap()
@@ -33,6 +34,22 @@ fn example(kind: MoveKind) -> Move {
         },
         MoveKind::Expire => Move::Expire {
             message: "waited 60s".to_owned(),
+        },
+        MoveKind::Retry => Move::Retry {
+            next: Box::new(NextAttempt {
+                attempt: 2,
+                retries: RetryCount {
+                    counted: 1,
+                    ignored: 0,
+                },
+                not_before: at(),
+                expires_at: None,
+                spec: None,
+                gpu_class: None,
+                avoid_nodes: None,
+                earlier_attempts: Breakdown::default(),
+            }),
+            message: "attempt 1 failed".to_owned(),
         },
     }
 }
@@ -197,7 +214,7 @@ fn a_fall_back_is_a_new_attempt_on_another_class() {
     assert_eq!(planned.reason, Some(Reason::FellBack));
     assert_eq!(planned.attempt, Some(2));
     assert_eq!(planned.gpu_class.as_deref(), Some("a100"));
-    assert!(!planned.unexpired_only);
+    assert!(!planned.claimable_only);
 }
 
 #[test]
@@ -205,7 +222,7 @@ fn only_a_claim_minds_the_queue_ttl_and_the_quota() {
     for kind in MoveKind::ALL {
         let from = kind.sources()[0];
         let step = example(kind).plan(from, at()).unwrap();
-        assert_eq!(step.unexpired_only, kind == MoveKind::Claim, "{kind}");
+        assert_eq!(step.claimable_only, kind == MoveKind::Claim, "{kind}");
         assert_eq!(step.within_quota, kind == MoveKind::Claim, "{kind}");
     }
 }
@@ -220,4 +237,77 @@ fn notes_explain_a_wait() {
             .why,
         Why::ReasonDoesNotFit(Reason::CancelledByUser)
     );
+}
+
+#[test]
+fn a_retry_is_a_new_attempt_waiting_in_the_queue() {
+    let step = example(MoveKind::Retry)
+        .plan(TaskState::Running, at())
+        .unwrap();
+    assert_eq!(step.to, TaskState::Queued);
+    assert_eq!(step.reason, Some(Reason::Retrying));
+    assert_eq!(step.attempt, Some(2));
+    assert_eq!(step.stamps, Stamps::entering(TaskState::Queued));
+    assert!(step.next_attempt.is_some());
+    assert!(
+        example(MoveKind::Retry)
+            .plan(TaskState::Queued, at())
+            .is_err()
+    );
+}
+
+#[test]
+fn only_moves_of_a_started_attempt_end_it() {
+    for kind in MoveKind::ALL {
+        let ends = matches!(
+            kind,
+            MoveKind::Ended
+                | MoveKind::LaunchRejected
+                | MoveKind::Cancel
+                | MoveKind::FallBack
+                | MoveKind::Lost
+                | MoveKind::HeartbeatLost
+                | MoveKind::Retry
+        );
+        assert_eq!(
+            example(kind).ends_attempt(TaskState::Running),
+            ends,
+            "{kind}"
+        );
+        assert!(!example(kind).ends_attempt(TaskState::Queued), "{kind}");
+    }
+}
+
+#[test]
+fn failures_name_their_class() {
+    use crate::task::retry::FailureClass;
+    let class = |step: Move| step.failure().map(|f| f.class);
+    assert_eq!(
+        class(example(MoveKind::Ended)),
+        Some(FailureClass::ExitCode)
+    );
+    assert_eq!(class(example(MoveKind::Lost)), Some(FailureClass::JobLost));
+    assert_eq!(
+        class(example(MoveKind::LaunchRejected)),
+        Some(FailureClass::LaunchRejected)
+    );
+    assert_eq!(
+        class(example(MoveKind::HeartbeatLost)),
+        Some(FailureClass::HeartbeatLost)
+    );
+    let signalled = Ending::new(TaskState::Failed)
+        .reason(Reason::ExitCode)
+        .exit_code(137)
+        .class(FailureClass::Signal)
+        .node(Some("gpu-a100-0".to_owned()));
+    let failure = Move::Ended(signalled).failure().unwrap();
+    assert_eq!(failure.class, FailureClass::Signal);
+    assert_eq!(failure.exit_code, Some(137));
+    assert_eq!(failure.node.as_deref(), Some("gpu-a100-0"));
+    assert_eq!(
+        Move::Ended(Ending::new(TaskState::Succeeded)).failure(),
+        None
+    );
+    assert_eq!(class(example(MoveKind::Cancel)), None);
+    assert_eq!(class(example(MoveKind::FallBack)), None);
 }

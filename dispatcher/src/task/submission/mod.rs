@@ -10,6 +10,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::quantity::{Cpu, Memory};
+use super::retry::{
+    Factor, FailureClass, MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, MAX_MATCHES_PER_RULE,
+    MAX_MEMORY_FACTOR, MAX_RULES, Mutation, RetryAction, RetryPolicy, RetryRule,
+};
 use super::workload;
 use super::{GpuRequest, Resources, Scratch, TaskSpec, VolumeMount, WorkloadRequest};
 use crate::k8s::names::is_label_name;
@@ -20,7 +24,7 @@ pub use limits::{Limits, MAX_QUEUE_TTL_SECONDS, ShmRule};
 
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
 /// error instead of being silently ignored.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Submission {
     pub name: String,
@@ -35,6 +39,9 @@ pub struct Submission {
     pub resources: ResourcesInput,
     pub timeout_seconds: Option<u32>,
     pub max_retries: Option<u32>,
+    /// How failed attempts are retried: backoff and ordered rules (first match wins),
+    /// checked before the operator's default rules.
+    pub retry_policy: Option<RetryPolicyInput>,
     /// How long the task may wait to be launched before it expires (state `expired`,
     /// reason `queue_ttl`); by default the tenant's queue TTL, if it has one.
     pub queue_ttl_seconds: Option<u32>,
@@ -95,6 +102,47 @@ pub struct GpuInput {
     /// Default `true`: a task no node of `class` can take in time moves to the class's
     /// fallbacks.
     pub allow_fallback: Option<bool>,
+}
+
+/// A retry policy as written by the tenant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicyInput {
+    /// The first backoff in seconds (0 to 3600); each further attempt doubles it.
+    pub backoff_seconds: Option<u32>,
+    /// The longest backoff in seconds (at least `backoff_seconds`, at most a day).
+    pub max_backoff_seconds: Option<u32>,
+    /// At most 16, checked in order; the first that matches decides.
+    #[serde(default)]
+    pub rules: Vec<RetryRuleInput>,
+}
+
+/// One retry rule as written by the tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryRuleInput {
+    /// `retry`, `fail` or `ignore` (retry without counting the attempt).
+    pub action: RetryAction,
+    /// Exit codes (1 to 255) the rule matches; empty: any.
+    #[serde(default)]
+    pub on_exit_codes: Vec<i32>,
+    /// Failure classes the rule matches; empty: any.
+    #[serde(default)]
+    pub on_failure_classes: Vec<FailureClass>,
+    /// What the next attempt changes (only with `retry` or `ignore`).
+    pub mutate: Option<MutationInput>,
+}
+
+/// What a retry changes, as written by the tenant.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MutationInput {
+    /// Memory times this factor (above 1, at most 4).
+    pub memory_factor: Option<f64>,
+    /// Move to the next GPU class with more memory per GPU.
+    pub next_gpu_class: Option<bool>,
+    /// Keep the next attempts off the node that failed.
+    pub avoid_failed_node: Option<bool>,
 }
 
 /// A submission broke a rule: which field, and what the rule is.
@@ -179,6 +227,10 @@ pub fn validate(
             format!("must be at most {}", limits.max_retries),
         ));
     }
+    let retry_policy = submission
+        .retry_policy
+        .map(check_retry_policy)
+        .transpose()?;
     let priority = submission.priority.unwrap_or(0);
     if priority.abs() > limits.max_priority {
         return Err(FieldError::new(
@@ -231,6 +283,7 @@ pub fn validate(
         resources,
         timeout_seconds,
         max_retries,
+        retry_policy,
         queue_ttl_seconds: submission.queue_ttl_seconds,
         priority,
         queue,
@@ -581,3 +634,90 @@ fn check_qualified_key(field: &str, key: &str) -> Result<(), FieldError> {
 
 #[cfg(test)]
 mod tests;
+
+/// Checks a retry policy: bounded backoff, at most [`MAX_RULES`] rules of at most
+/// [`MAX_MATCHES_PER_RULE`] exit codes and classes each, exit codes a process can have,
+/// and changes only where a new attempt follows.
+fn check_retry_policy(input: RetryPolicyInput) -> Result<RetryPolicy, FieldError> {
+    if let Some(backoff) = input.backoff_seconds
+        && backoff > MAX_BACKOFF_SECONDS
+    {
+        return Err(FieldError::new(
+            "retry_policy.backoff_seconds",
+            format!("must be between 0 and {MAX_BACKOFF_SECONDS} seconds"),
+        ));
+    }
+    if let Some(cap) = input.max_backoff_seconds {
+        let floor = input.backoff_seconds.unwrap_or(0).max(1);
+        if cap < floor || cap > MAX_BACKOFF_CAP_SECONDS {
+            return Err(FieldError::new(
+                "retry_policy.max_backoff_seconds",
+                format!(
+                    "must be between {floor} (backoff_seconds, and at least 1) and \
+                     {MAX_BACKOFF_CAP_SECONDS} seconds"
+                ),
+            ));
+        }
+    }
+    if input.rules.len() > MAX_RULES {
+        return Err(FieldError::new(
+            "retry_policy.rules",
+            format!("must have at most {MAX_RULES} rules"),
+        ));
+    }
+    let mut rules = Vec::with_capacity(input.rules.len());
+    for (index, rule) in input.rules.into_iter().enumerate() {
+        let field = |name: &str| format!("retry_policy.rules[{index}].{name}");
+        if rule.on_exit_codes.len() > MAX_MATCHES_PER_RULE {
+            return Err(FieldError::new(
+                field("on_exit_codes"),
+                format!("must list at most {MAX_MATCHES_PER_RULE} exit codes"),
+            ));
+        }
+        if let Some(code) = rule.on_exit_codes.iter().find(|c| !(1..=255).contains(*c)) {
+            return Err(FieldError::new(
+                field("on_exit_codes"),
+                format!("{code} is not the exit code of a failure (1 to 255)"),
+            ));
+        }
+        if rule.on_failure_classes.len() > MAX_MATCHES_PER_RULE {
+            return Err(FieldError::new(
+                field("on_failure_classes"),
+                format!("must list at most {MAX_MATCHES_PER_RULE} classes"),
+            ));
+        }
+        let mutate = match rule.mutate {
+            None => Mutation::default(),
+            Some(_) if rule.action == RetryAction::Fail => {
+                return Err(FieldError::new(
+                    field("mutate"),
+                    "only a rule that retries (retry or ignore) can change the next attempt",
+                ));
+            }
+            Some(mutate) => Mutation {
+                memory_factor: match mutate.memory_factor {
+                    None => None,
+                    Some(factor) => Some(Factor::new(factor).ok_or_else(|| {
+                        FieldError::new(
+                            field("mutate.memory_factor"),
+                            format!("must be above 1 and at most {MAX_MEMORY_FACTOR}"),
+                        )
+                    })?),
+                },
+                next_gpu_class: mutate.next_gpu_class.unwrap_or(false),
+                avoid_failed_node: mutate.avoid_failed_node.unwrap_or(false),
+            },
+        };
+        rules.push(RetryRule {
+            action: rule.action,
+            on_exit_codes: rule.on_exit_codes,
+            on_failure_classes: rule.on_failure_classes,
+            mutate,
+        });
+    }
+    Ok(RetryPolicy {
+        backoff_seconds: input.backoff_seconds,
+        max_backoff_seconds: input.max_backoff_seconds,
+        rules,
+    })
+}

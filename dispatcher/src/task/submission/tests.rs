@@ -1,5 +1,9 @@
-use super::{FieldError, GpuInput, Limits, ScratchInput, Submission, VolumeInput, validate};
+use super::{
+    FieldError, GpuInput, Limits, MutationInput, RetryPolicyInput, RetryRuleInput, ScratchInput,
+    Submission, VolumeInput, validate,
+};
 use crate::placement::SharedClaim;
+use crate::task::retry::{FailureClass, RetryAction, RetryPolicy};
 use crate::task::{WorkloadKind, WorkloadRequest};
 
 fn shared(name: &str, tenants: &[&str], writable: bool) -> (String, SharedClaim) {
@@ -108,10 +112,22 @@ fn submission() -> Fixture {
     })
 }
 
+fn retry_rule() -> RetryRuleInput {
+    RetryRuleInput {
+        action: RetryAction::Retry,
+        on_exit_codes: vec![1],
+        on_failure_classes: Vec::new(),
+        mutate: None,
+    }
+}
+
 impl Fixture {
     fn with(mut self, change: impl FnOnce(&mut Submission)) -> Self {
         change(&mut self.0);
         self
+    }
+    fn policy(self, change: impl FnOnce(&mut RetryPolicyInput)) -> Self {
+        self.with(|s| change(s.retry_policy.get_or_insert_with(RetryPolicyInput::default)))
     }
     fn gpu(self, count: u32, class: &str) -> Self {
         self.with(|s| {
@@ -217,6 +233,68 @@ fn every_refusal_names_its_field() {
         (
             submission().with(|s| s.queue_ttl_seconds = Some(0)),
             "queue_ttl_seconds",
+        ),
+        (
+            submission().policy(|p| p.backoff_seconds = Some(3601)),
+            "retry_policy.backoff_seconds",
+        ),
+        (
+            submission().policy(|p| {
+                p.backoff_seconds = Some(30);
+                p.max_backoff_seconds = Some(10);
+            }),
+            "retry_policy.max_backoff_seconds",
+        ),
+        (
+            submission().policy(|p| p.max_backoff_seconds = Some(2 * 24 * 3600)),
+            "retry_policy.max_backoff_seconds",
+        ),
+        (
+            submission().policy(|p| p.rules = vec![retry_rule(); 17]),
+            "retry_policy.rules",
+        ),
+        (
+            submission().policy(|p| {
+                p.rules = vec![
+                    retry_rule(),
+                    RetryRuleInput {
+                        on_exit_codes: vec![0],
+                        ..retry_rule()
+                    },
+                ];
+            }),
+            "retry_policy.rules[1].on_exit_codes",
+        ),
+        (
+            submission().policy(|p| {
+                p.rules = vec![RetryRuleInput {
+                    on_exit_codes: (1..=33).collect(),
+                    ..retry_rule()
+                }];
+            }),
+            "retry_policy.rules[0].on_exit_codes",
+        ),
+        (
+            submission().policy(|p| {
+                p.rules = vec![RetryRuleInput {
+                    mutate: Some(MutationInput {
+                        memory_factor: Some(8.0),
+                        ..MutationInput::default()
+                    }),
+                    ..retry_rule()
+                }];
+            }),
+            "retry_policy.rules[0].mutate.memory_factor",
+        ),
+        (
+            submission().policy(|p| {
+                p.rules = vec![RetryRuleInput {
+                    action: RetryAction::Fail,
+                    mutate: Some(MutationInput::default()),
+                    ..retry_rule()
+                }];
+            }),
+            "retry_policy.rules[0].mutate",
         ),
         (
             submission().with(|s| s.queue_ttl_seconds = Some(7 * 24 * 3600 + 1)),
@@ -392,4 +470,55 @@ fn a_queue_ttl_is_kept_within_its_bounds() {
         .unwrap();
         assert_eq!(spec.queue_ttl_seconds, Some(ttl));
     }
+}
+
+#[test]
+fn a_retry_policy_is_kept_as_written() {
+    let spec = validate(
+        submission()
+            .with(|s| s.max_retries = Some(3))
+            .policy(|p| {
+                p.backoff_seconds = Some(5);
+                p.rules = vec![
+                    RetryRuleInput {
+                        action: RetryAction::Fail,
+                        on_exit_codes: vec![2],
+                        on_failure_classes: Vec::new(),
+                        mutate: None,
+                    },
+                    RetryRuleInput {
+                        action: RetryAction::Retry,
+                        on_exit_codes: Vec::new(),
+                        on_failure_classes: vec![FailureClass::Oom],
+                        mutate: Some(MutationInput {
+                            memory_factor: Some(2.0),
+                            ..MutationInput::default()
+                        }),
+                    },
+                ];
+            })
+            .0,
+        &Limits::default(),
+        "acme",
+    )
+    .unwrap();
+    let policy = spec.retry_policy.unwrap();
+    assert_eq!(policy.backoff_seconds, Some(5));
+    assert_eq!(policy.max_backoff_seconds, None);
+    assert_eq!(policy.rules.len(), 2);
+    assert_eq!(policy.rules[0].on_exit_codes, [2]);
+    assert_eq!(
+        policy.rules[1].mutate.memory_factor.map(|f| f.get()),
+        Some(2.0)
+    );
+    // Stored as JSON and read back, it is the same policy.
+    let json = serde_json::to_value(&policy).unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({"backoff_seconds": 5, "rules": [
+            {"action": "fail", "on_exit_codes": [2]},
+            {"action": "retry", "on_failure_classes": ["oom"], "mutate": {"memory_factor": 2.0}}
+        ]})
+    );
+    assert_eq!(serde_json::from_value::<RetryPolicy>(json).unwrap(), policy);
 }

@@ -52,7 +52,7 @@ async fn case_overdue_queued_tasks_are_those_past_their_deadline(store: Store) {
 
     // A launcher's claim of an overdue task writes nothing: the sweep expires it.
     let mut claim = Step::new(TaskState::Queued, TaskState::Launching);
-    claim.unexpired_only = true;
+    claim.claimable_only = true;
     assert_eq!(
         store
             .transition(overdue.id, &claim, |_| None)

@@ -30,7 +30,7 @@ fn quota(max_running: Option<u32>, gpus: &[(&str, u32)]) -> TenantQuota {
 /// The launcher's claim: queued → launching, within the queue TTL and the quota.
 fn claim() -> Step {
     let mut step = Step::new(TaskState::Queued, TaskState::Launching);
-    step.unexpired_only = true;
+    step.claimable_only = true;
     step.within_quota = true;
     step
 }
