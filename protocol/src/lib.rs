@@ -7,8 +7,12 @@
 //! learns the outcome from the pod status even when every report was lost.
 //!
 //! Invariants:
-//! - `sequence` starts at 1 and grows by one per report of an attempt; the dispatcher
-//!   stores each (task, attempt, sequence) once, so resending a batch is always safe;
+//! - `sequence` grows by one per report of a runner process, starting from a number
+//!   derived from the process's start time (unix milliseconds × 1000, see
+//!   [`first_sequence`]); the dispatcher stores each (task, attempt, sequence) once, so
+//!   resending a batch is always safe, and a replacement pod of the same attempt (after
+//!   an eviction or a node loss) numbers its reports apart from the first pod's, so they
+//!   are kept too;
 //! - every field added later is optional, so old runners and new dispatchers (and the
 //!   reverse) keep understanding each other; unknown fields are ignored;
 //! - the termination summary fits Kubernetes' 4096-byte termination-message limit
@@ -267,6 +271,22 @@ pub struct TerminationSummary {
     /// Reports still undelivered when the runner gave up at exit.
     #[serde(default)]
     pub undelivered_reports: u64,
+    /// The sequence of this runner's first report: its usage reports are those from here
+    /// on (an earlier pod of the same attempt numbered below it). 0 from older runners.
+    #[serde(default)]
+    pub first_sequence: u64,
+}
+
+/// The first report sequence of a runner that starts at unix millisecond `started_ms`:
+/// `started_ms × 1000` (at least 1; 0 is the dispatcher's termination record). A pod
+/// started later, even a millisecond, numbers above every report an earlier one could
+/// send at up to a thousand reports per millisecond it ran.
+#[must_use]
+pub fn first_sequence(started_ms: i64) -> u64 {
+    u64::try_from(started_ms)
+        .unwrap_or_default()
+        .saturating_mul(1000)
+        .clamp(1, i64::MAX as u64)
 }
 
 impl TerminationSummary {

@@ -48,6 +48,8 @@ enum Event {
 #[derive(Debug)]
 struct Reports {
     sender: Sender,
+    /// This process's first sequence number.
+    first_sequence: u64,
     last_sequence: u64,
     usage: BTreeMap<String, Usage>,
 }
@@ -190,9 +192,12 @@ pub fn run(args: &RunArgs) -> u8 {
             Sender::disabled()
         }
     };
+    // A replacement pod of the same attempt numbers its reports apart from this one's.
+    let first_sequence = protocol::first_sequence(jiff::Timestamp::now().as_millisecond());
     let mut reports = Reports {
         sender,
-        last_sequence: 0,
+        first_sequence,
+        last_sequence: first_sequence - 1,
         usage: BTreeMap::new(),
     };
     let (events, received) = mpsc::channel::<Event>();
@@ -425,6 +430,7 @@ pub fn run(args: &RunArgs) -> u8 {
         outcome,
         usage: Vec::new(),
         undelivered_reports: 0,
+        first_sequence: 0,
     };
     finish(args, &reports, summary, report_file.as_ref());
     (exit_code & 0xff) as u8
@@ -467,6 +473,7 @@ fn finish(
     }
     summary.undelivered_reports = undelivered;
     summary.usage = reports.usage.values().cloned().collect();
+    summary.first_sequence = reports.first_sequence;
     write_termination_log(args.termination_log.as_deref(), &summary.to_message());
     if let Some(file) = report_file.filter(|f| f.owned) {
         let _ = std::fs::remove_file(&file.path);

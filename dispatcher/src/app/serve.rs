@@ -13,7 +13,9 @@ use super::{LOG_TARGET, healthcheck, redact, settings};
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
-use crate::launcher::{Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor};
+use crate::launcher::{
+    Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor, QuotaWaits,
+};
 use crate::lifecycle::{Lifecycle, RetrySettings};
 use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
@@ -144,6 +146,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             concurrency: args.launch_concurrency,
             reconcile_interval: args.reconcile_interval,
             stale_after: args.launching_stale_after,
+            quota_waits: QuotaWaits::new(args.launching_stale_after, args.cluster_quota_retry_max),
         };
         roles.spawn(launcher.run(shutdown.clone()));
     }
@@ -161,6 +164,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 heartbeat_timeout: kubernetes_reports.then_some(args.runner.heartbeat_timeout),
                 fail_on_heartbeat_lost: args.runner.fail_on_heartbeat_lost,
                 sweep_interval: args.reconcile_interval,
+                keep_finished_jobs: args.keep_finished_jobs,
                 lease: settings::lease(&args, &instance),
             };
             roles.spawn(watcher.run(shutdown.clone()));

@@ -70,7 +70,18 @@ pub struct ServeArgs {
     /// name is fixed, so a Job created before a crash is found, not duplicated).
     #[arg(long, env = "AGENT_BUS_LAUNCHING_STALE_AFTER", value_parser = parse_duration, default_value = "15s")]
     pub launching_stale_after: Duration,
-    /// Kubernetes deletes a finished Job this many seconds later (a backstop).
+    /// The longest wait between two creates of a task whose Job the namespace's
+    /// ResourceQuota refused (it waits `launching` with reason `cluster_quota`); the wait
+    /// starts at --launching-stale-after and doubles with each refusal.
+    #[arg(long, env = "AGENT_BUS_CLUSTER_QUOTA_RETRY_MAX", value_parser = parse_duration, default_value = "60s")]
+    pub cluster_quota_retry_max: Duration,
+    /// How long the Job of a task whose outcome is recorded is kept (for `kubectl`
+    /// users) before the watcher deletes it; 0 deletes it at once. A Job still running
+    /// for an ended task (cancelled, heartbeat lost) is deleted at once regardless.
+    #[arg(long, env = "AGENT_BUS_KEEP_FINISHED_JOBS", value_parser = parse_duration, default_value = "0s")]
+    pub keep_finished_jobs: Duration,
+    /// Kubernetes deletes a finished Job this many seconds later (a backstop: the
+    /// watcher deletes it once its outcome is recorded, see --keep-finished-jobs).
     #[arg(long, env = "AGENT_BUS_JOB_TTL_SECONDS", value_parser = parse_duration, default_value = duration_default!(DEFAULT_TTL_AFTER_FINISHED))]
     pub job_ttl_seconds: Duration,
     /// User and group id tasks run as (the `restricted` Pod Security profile forbids root).
@@ -125,6 +136,8 @@ pub struct ServeArgs {
 /// (the placement file's `gpu_memory_order`), `xid` avoids the node, a refused launch or
 /// an image pull failure fails at once, anything else retries while retries are left.
 #[derive(Debug, Clone, Args)]
+// The flags read as `--retry-…`; the field names are the flags.
+#[allow(clippy::struct_field_names)]
 pub struct RetryArgs {
     /// The first backoff before a retry, in seconds; it doubles per retry.
     #[arg(long, env = "AGENT_BUS_RETRY_BACKOFF_SECONDS", default_value_t = RetryDefaults::default().backoff_seconds,
@@ -306,6 +319,8 @@ mod tests {
         );
         assert_eq!(args.unschedulable_after, Duration::from_mins(2));
         assert_eq!(args.runner.heartbeat_timeout, Duration::from_secs(90));
+        assert_eq!(args.keep_finished_jobs, Duration::ZERO);
+        assert_eq!(args.cluster_quota_retry_max, Duration::from_mins(1));
     }
 
     #[test]
@@ -319,7 +334,10 @@ mod tests {
             "IfNotPresent",
             "--shm-cap",
             "8Gi",
+            "--keep-finished-jobs",
+            "10m",
         ]);
+        assert_eq!(args.keep_finished_jobs, Duration::from_mins(10));
         assert_eq!(args.job_ttl_seconds, Duration::from_hours(1));
         assert_eq!(args.runner.heartbeat_seconds, Duration::from_mins(1));
         assert_eq!(

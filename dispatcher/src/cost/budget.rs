@@ -83,16 +83,16 @@ pub struct SpentBudget {
 }
 
 impl Budget {
-    /// The first budget of action `refuse` that `spend` has reached (`None` with action
+    /// The first budget of action `refuse` that `spending` has reached (`None` with action
     /// `alert`, or while every budget has room).
     #[must_use]
-    pub fn refusing(&self, spend: &Spend) -> Option<SpentBudget> {
+    pub fn refusing(&self, spending: &Spend) -> Option<SpentBudget> {
         if self.action != BudgetAction::Refuse {
             return None;
         }
         Period::ALL.into_iter().find_map(|period| {
             let limit = self.limit(period)?;
-            let spent = spend.of(period);
+            let spent = spending.of(period);
             (spent >= limit).then_some(SpentBudget {
                 period,
                 spent,

@@ -3,6 +3,10 @@
 //! Invariant: exactly one Job per attempt. The name is a function of task id and attempt,
 //! so a create after a crash collides (409); a collision with a Job carrying the same
 //! task and attempt labels is success, anything else is a rejection.
+//!
+//! A refusal is read by [`refusal`] (pure): a namespace whose ResourceQuota is full
+//! refuses with 403 "exceeded quota", which is a wait for room ([`LaunchOutcome::ClusterQuota`]),
+//! not a rejection; other 400/403/404/422 answers will never change and fail the task.
 
 use std::time::Duration;
 
@@ -37,6 +41,32 @@ impl std::fmt::Debug for KubernetesExecutor {
 const TRANSIENT_ATTEMPTS: u32 = 5;
 /// The longest wait a server's `retryAfterSeconds` may impose on one launch.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// What a refused create means for the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The namespace's ResourceQuota has no room now: wait and create again later.
+    ClusterQuota,
+    /// Forbidden or invalid for good: fail the task.
+    Rejected,
+    /// Anything else (429, 5xx): retry soon.
+    Transient,
+}
+
+/// Reads a refused create's HTTP `code` and Status `message`. The quota admission plugin
+/// answers 403 with "exceeded quota: NAME, requested: …, used: …, limited: …" when the
+/// namespace is full, and "status unknown for quota" before the quota controller has
+/// counted what the namespace uses; both pass with time. Its "failed quota: … must
+/// specify …" (a quota that needs requests the Job lacks) does not.
+#[must_use]
+pub fn refusal(code: u16, message: &str) -> Refusal {
+    let room = message.contains("exceeded quota") || message.contains("status unknown for quota");
+    match code {
+        403 if room => Refusal::ClusterQuota,
+        400 | 403 | 404 | 422 => Refusal::Rejected,
+        _ => Refusal::Transient,
+    }
+}
 
 /// How long to wait before retrying after `error`: the API server's own `retryAfterSeconds`
 /// (sent with 429 Too Many Requests and some 5xx), capped, or else `backoff`.
@@ -88,7 +118,15 @@ impl KubernetesExecutor {
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     return self.adopt_existing(task, &name).await;
                 }
-                Err(kube::Error::Api(status)) if matches!(status.code, 400 | 403 | 404 | 422) => {
+                Err(kube::Error::Api(status))
+                    if refusal(status.code, &status.message) == Refusal::ClusterQuota =>
+                {
+                    tracing::info!(job = %name, message = %status.message, "no room in the namespace's quota; the task waits");
+                    return LaunchOutcome::ClusterQuota(status.message);
+                }
+                Err(kube::Error::Api(status))
+                    if refusal(status.code, &status.message) == Refusal::Rejected =>
+                {
                     tracing::warn!(job = %name, code = status.code, message = %status.message, "job rejected");
                     return LaunchOutcome::Rejected(format!(
                         "kubernetes refused the job ({}): {}",
@@ -159,7 +197,45 @@ mod tests {
     use kube::core::Status;
     use kube::core::response::StatusDetails;
 
-    use super::retry_delay;
+    use super::{Refusal, refusal, retry_delay};
+
+    #[test]
+    fn an_exceeded_quota_is_a_wait_and_other_refusals_are_final() {
+        let full = "jobs.batch \"ab-1\" is forbidden: exceeded quota: tasks, requested: count/jobs.batch=1, used: count/jobs.batch=3, limited: count/jobs.batch=3";
+        let cases = [
+            (403, full, Refusal::ClusterQuota),
+            (
+                403,
+                "jobs.batch \"ab-1\" is forbidden: status unknown for quota: tasks, resource: count/jobs.batch",
+                Refusal::ClusterQuota,
+            ),
+            (
+                403,
+                "jobs.batch \"ab-1\" is forbidden: failed quota: tasks: must specify requests.cpu",
+                Refusal::Rejected,
+            ),
+            (
+                403,
+                "jobs.batch is forbidden: User \"system:serviceaccount:x:y\" cannot create resource \"jobs\"",
+                Refusal::Rejected,
+            ),
+            (
+                422,
+                "Job.batch \"ab-1\" is invalid: spec.template.spec.containers[0].image: Required value",
+                Refusal::Rejected,
+            ),
+            (404, "namespaces \"gone\" not found", Refusal::Rejected),
+            (400, "bad request", Refusal::Rejected),
+            // Only a 403 is the quota plugin's answer.
+            (422, full, Refusal::Rejected),
+            (429, "too many requests", Refusal::Transient),
+            (500, full, Refusal::Transient),
+            (503, "unavailable", Refusal::Transient),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(refusal(code, message), expected, "{code} {message}");
+        }
+    }
 
     fn too_many_requests(retry_after_seconds: u32) -> kube::Error {
         let details = StatusDetails {

@@ -4,7 +4,8 @@
 //! choice across tenants within the delivered entry's priority band, and a claim only
 //! takes a task its tenant's quota admits (see [`fair`]). Its reconciler repairs what crashes leave behind:
 //! stored tasks the queue lost, tasks claimed but never launched, deliveries of dead
-//! launchers.
+//! launchers, and tasks waiting for room in the cluster's ResourceQuota
+//! ([`quota_wait`]: retried after a backoff, expired past their queue TTL).
 //!
 //! Invariants:
 //! - a task is launched only by the launcher whose CAS moved it to `launching`, or by the
@@ -20,6 +21,7 @@ mod fair;
 pub mod job_spec;
 pub mod kubernetes;
 pub mod local;
+pub mod quota_wait;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -32,10 +34,12 @@ use crate::metrics::LaunchFailure;
 use crate::lifecycle::Lifecycle;
 use crate::queue::{Delivery, Queue, QueueEntry};
 use crate::task::lifecycle::Move;
-use crate::task::{Task, TaskState};
+use crate::task::{Reason, Task, TaskState};
 
 pub use kubernetes::KubernetesExecutor;
 pub use local::LocalExecutor;
+pub use quota_wait::QuotaWaits;
+use quota_wait::WaitStep;
 
 /// What an executor made of a claimed task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +52,10 @@ pub enum LaunchOutcome {
     Rejected(String),
     /// Worth trying again later; the task stays `launching` for the reconciler.
     Transient(String),
+    /// The namespace's ResourceQuota has no room now (Kubernetes' message): the task waits
+    /// in `launching` with reason `cluster_quota`, and the reconciler tries again after
+    /// a backoff.
+    ClusterQuota(String),
 }
 
 /// Where tasks run.
@@ -100,6 +108,8 @@ pub struct Launcher {
     pub concurrency: usize,
     pub reconcile_interval: Duration,
     pub stale_after: Duration,
+    /// Backoffs of the tasks waiting for room in the cluster.
+    pub quota_waits: QuotaWaits,
 }
 
 /// The queue every task lands in when it names none; always consumed.
@@ -198,11 +208,19 @@ impl Launcher {
         let in_flight = metrics.tasks().launch_in_flight();
         let outcome = self.executor.launch(&task).await;
         drop(in_flight);
+        if !matches!(outcome, LaunchOutcome::ClusterQuota(_)) {
+            self.quota_waits.clear(task.id);
+        }
         let step = match outcome {
             LaunchOutcome::Launched => Move::Launched,
             LaunchOutcome::Rejected(message) => {
                 failure(LaunchFailure::Permanent);
                 Move::LaunchRejected { message }
+            }
+            LaunchOutcome::ClusterQuota(message) => {
+                failure(LaunchFailure::ClusterQuota);
+                self.wait_for_room(&task, &message).await;
+                return;
             }
             LaunchOutcome::AlreadyHandled => return,
             LaunchOutcome::Transient(message) => {
@@ -251,6 +269,52 @@ impl Launcher {
         }
     }
 
+    /// Records why `task` waits (reason `cluster_quota`, Kubernetes' message), and when
+    /// the reconciler creates its Job again.
+    async fn wait_for_room(&self, task: &Task, refusal: &str) {
+        let wait = self.quota_waits.refused(task.id, jiff::Timestamp::now());
+        let message = format!("waiting for room in the namespace's ResourceQuota: {refusal}");
+        match self
+            .lifecycle
+            .note(
+                task.id,
+                TaskState::Launching,
+                Reason::ClusterQuota,
+                &message,
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(task_id = %task.id, refusals = wait.refusals, next_try = %wait.next_try, "no room in the cluster; the launch is retried later");
+            }
+            Err(error) => {
+                tracing::warn!(task_id = %task.id, error = %error, "noting the cluster quota failed");
+            }
+        }
+    }
+
+    /// A task waiting for room in the cluster that was not launched within its queue
+    /// TTL expires, as it would have in the queue.
+    async fn expire_waiting(&self, task: &Task) {
+        let step = Move::Expire {
+            message: "waited for room in the cluster longer than its queue TTL".to_owned(),
+        };
+        match self
+            .lifecycle
+            .apply(task.id, TaskState::Launching, step)
+            .await
+        {
+            Ok(Some(_)) => {
+                self.quota_waits.clear(task.id);
+                tracing::info!(task_id = %task.id, "task expired waiting for room in the cluster");
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(task_id = %task.id, error = %error, "expiring a waiting task failed");
+            }
+        }
+    }
+
     /// Repairs what crashes and lost messages leave behind.
     async fn reconcile(&self, queues: &mut BTreeSet<String>, permits: &Arc<Semaphore>) {
         let now = jiff::Timestamp::now();
@@ -286,8 +350,22 @@ impl Launcher {
             .await
         {
             Ok(stuck) => {
+                self.quota_waits.forget_stale(now);
                 for task in stuck {
-                    tracing::info!(task_id = %task.id, "relaunching a stale claim");
+                    if task.reason == Some(Reason::ClusterQuota) {
+                        match self.quota_waits.step(&task, now) {
+                            WaitStep::Wait => continue,
+                            WaitStep::Expire => {
+                                self.expire_waiting(&task).await;
+                                continue;
+                            }
+                            WaitStep::Retry => {
+                                tracing::debug!(task_id = %task.id, "trying again a launch the cluster had no room for");
+                            }
+                        }
+                    } else {
+                        tracing::info!(task_id = %task.id, "relaunching a stale claim");
+                    }
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         return;
                     };

@@ -85,9 +85,26 @@ struct LatencyLabels {
     resource: String,
 }
 
+label_values! {
+    /// Why the watcher deleted a Job.
+    pub enum JobDeletion {
+        /// Its task's outcome is recorded (and it was kept `--keep-finished-jobs`).
+        OutcomeRecorded => "outcome_recorded",
+        /// It still ran for a task that ended (cancelled, heartbeat lost, expired).
+        TaskEnded => "task_ended",
+        /// Its attempt is no longer its task's current one (fallback, retry).
+        Superseded => "superseded",
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ObjectLabels {
     object: WatchedObject,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeletionLabels {
+    why: JobDeletion,
 }
 
 #[derive(Debug)]
@@ -95,6 +112,7 @@ pub(super) struct KubernetesFamilies {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<LatencyLabels, Histogram>,
     watch_events: Family<ObjectLabels, Counter>,
+    jobs_deleted: Family<DeletionLabels, Counter>,
 }
 
 impl KubernetesFamilies {
@@ -103,6 +121,7 @@ impl KubernetesFamilies {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             watch_events: Family::default(),
+            jobs_deleted: Family::default(),
         };
         registrar.counter(
             "kubernetes_requests",
@@ -121,6 +140,14 @@ impl KubernetesFamilies {
             &["object"],
             "Events received from the Kubernetes watches, by object (job, pod)",
             families.watch_events.clone(),
+        );
+        registrar.counter(
+            "kubernetes_jobs_deleted",
+            &["why"],
+            "Jobs the watcher deleted, by why (outcome_recorded, task_ended, superseded); a \
+             delete that failed counts as errors{component=\"watcher\",kind=\"job_delete\"} \
+             and is retried by the next sweep",
+            families.jobs_deleted.clone(),
         );
         families
     }
@@ -167,6 +194,21 @@ impl KubernetesMetrics<'_> {
             .watch_events
             .get_or_create(&ObjectLabels { object })
             .inc();
+    }
+
+    /// The watcher deleted a Job (its delete was accepted, or it was gone already).
+    pub fn job_deleted(&self, why: JobDeletion) {
+        self.metrics
+            .inner
+            .kubernetes
+            .jobs_deleted
+            .get_or_create(&DeletionLabels { why })
+            .inc();
+    }
+
+    /// Deleting a Job failed; the next sweep tries again.
+    pub fn job_delete_failed(&self) {
+        self.metrics.error(ErrorComponent::Watcher, "job_delete");
     }
 
     /// A watch stream failed (it retries with backoff): an error of the watcher.

@@ -32,6 +32,8 @@ label_values! {
         Transient => "transient",
         /// The task failed.
         Permanent => "permanent",
+        /// The namespace's ResourceQuota had no room; the task waits and is retried.
+        ClusterQuota => "cluster_quota",
     }
 }
 
@@ -151,7 +153,7 @@ impl TaskFamilies {
         registrar.counter(
             "launch_failures",
             &["queue", "kind"],
-            "Launch attempts that failed, by queue and kind (`transient`: retried, `permanent`: task failed)",
+            "Launch attempts that failed, by queue and kind (`transient`: retried, `permanent`: task failed, `cluster_quota`: no room in the namespace's ResourceQuota, the task waits)",
             f.launch_failures.clone(),
         );
         registrar.counter(

@@ -177,6 +177,7 @@ fn populated() -> Metrics {
     tasks.launched("cpu", None);
     tasks.launch_failed("gpu", LaunchFailure::Transient);
     tasks.launch_failed("gpu", LaunchFailure::Permanent);
+    tasks.launch_failed("gpu", LaunchFailure::ClusterQuota);
     tasks.finished("gpu", TaskState::Failed, Some(Reason::LaunchRejected));
     tasks.finished("gpu", TaskState::Succeeded, None);
     tasks.finished("gpu", TaskState::TimedOut, None);
@@ -218,6 +219,8 @@ fn populated() -> Metrics {
     kubernetes.request(KubernetesVerb::Other, "other", Some(200), took);
     kubernetes.watch_event(WatchedObject::Job);
     kubernetes.watch_event(WatchedObject::Pod);
+    kubernetes.job_deleted(crate::metrics::JobDeletion::OutcomeRecorded);
+    kubernetes.job_delete_failed();
     kubernetes.watch_failed();
 
     metrics.store_query("transition", true, took);

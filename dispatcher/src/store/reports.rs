@@ -4,7 +4,10 @@
 //!
 //! Invariants: resending a report changes nothing; a report of an attempt that is no
 //! longer the task's current one is kept for history but never counts as the current
-//! attempt's heartbeat.
+//! attempt's heartbeat; a replacement pod of the same attempt numbers its reports from
+//! its own start ([`protocol::first_sequence`]), so its progress, usage and outcome are
+//! kept beside the first pod's, and its termination summary is compared with its own
+//! usage reports only.
 
 use protocol::{Heartbeat, Report, ReportBody, TerminationSummary, Usage};
 use tracing::instrument;
@@ -320,13 +323,16 @@ impl Store {
             let mut unreported = Vec::new();
             let mut task = None;
             if inserted > 0 && !summary.usage.is_empty() {
+                // Only this runner's reports: an earlier pod of the same attempt (a
+                // replacement after an eviction) numbered its own below `first_sequence`.
                 let bodies: Vec<(String,)> = sqlx::query_as(
                     "SELECT body FROM task_reports \
-                     WHERE task_id = $1 AND attempt = $2 AND kind = $3",
+                     WHERE task_id = $1 AND attempt = $2 AND kind = $3 AND sequence >= $4",
                 )
                 .bind(id.to_string())
                 .bind(attempt as i32)
                 .bind(KIND_USAGE)
+                .bind(i64::try_from(summary.first_sequence).unwrap_or(i64::MAX))
                 .fetch_all(&mut *tx)
                 .await
                 .during(during)?;

@@ -4,6 +4,8 @@
 //! Rust, the settled compute cost of a task that ends, and the event row, in one
 //! transaction.
 
+use std::fmt::Write as _;
+
 use sqlx::{Any, Transaction};
 use tracing::instrument;
 
@@ -272,7 +274,7 @@ fn update_for(step: &Step) -> Result<(String, Vec<Value>)> {
     }
     if let Some(attempt) = step.expected_attempt {
         values.push(Value::Int(attempt as i32));
-        guards.push_str(&format!(" AND attempt = ${}", 7 + values.len()));
+        let _ = write!(guards, " AND attempt = ${}", 7 + values.len());
     }
     let sql = format!(
         concat!(

@@ -170,6 +170,13 @@ impl TaskFixture {
     }
 
     #[must_use]
+    pub fn retries(mut self, max_retries: u32, policy: Option<super::retry::RetryPolicy>) -> Self {
+        self.0.spec.max_retries = max_retries;
+        self.0.spec.retry_policy = policy;
+        self
+    }
+
+    #[must_use]
     pub fn attempt(mut self, attempt: u32) -> Self {
         self.0.attempt = attempt;
         self

@@ -145,7 +145,10 @@ impl TaskState {
             // when an attempt failed and its retry policy gives it another.
             Queued => matches!(self, Launching | Launched | Running),
             Launched => self == Launching,
-            Launching | Expired => self == Queued,
+            Launching => self == Queued,
+            // Expired: never launched within its queue TTL, in the queue or waiting for
+            // room in the cluster.
+            Expired => matches!(self, Queued | Launching),
             Running => matches!(self, Launching | Launched),
             Succeeded | TimedOut => matches!(self, Launching | Launched | Running),
             Failed | Cancelled => true,
@@ -650,6 +653,7 @@ mod tests {
             (Launching, Running),
             (Queued, Cancelled),
             (Queued, Expired),
+            (Launching, Expired),
             (Queued, Failed),
             (Launching, Queued),
             (Launched, Queued),
@@ -664,6 +668,7 @@ mod tests {
             (Queued, Running),
             (Queued, Succeeded),
             (Running, Expired),
+            (Launched, Expired),
             (Queued, Queued),
         ];
         for (from, to) in refused {

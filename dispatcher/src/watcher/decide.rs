@@ -3,12 +3,14 @@
 //!
 //! Invariants: a decision only moves a task along [`TaskState::can_move_to`]; Job
 //! conditions (`Complete`, `Failed`) are final and win over pod phases; the exit code and
-//! reason come from the task container's terminated state.
+//! reason come from the task container's terminated state. A Job whose pods Kubernetes
+//! refuses to create has no pod to read: [`refused_pods`] reads the Job controller's
+//! `FailedCreate` events instead.
 
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Event, Pod};
 
 use protocol::TerminationSummary;
 
@@ -358,6 +360,103 @@ fn decide_from_status(
     Decision::Nothing
 }
 
+/// The Job controller's reason on the events of a Job whose pod it could not create.
+pub const FAILED_CREATE: &str = "FailedCreate";
+
+/// Messages of pod refusals that no waiting fixes: a LimitRange the pod exceeds, or a
+/// Pod Security profile it violates. (Kubernetes' own wording: `maximum cpu usage per
+/// Container is 1, but limit is 2`, `cpu max limit to request ratio per Pod is …`,
+/// `violates PodSecurity "restricted:latest"`.)
+const REFUSED_FOR_GOOD: [&str; 4] = [
+    "usage per Container is",
+    "usage per Pod is",
+    "limit to request ratio per",
+    "violates PodSecurity",
+];
+
+/// Messages of a quota with no room now: full, or not yet counted by the quota controller
+/// (the same words the launcher reads in a refused create).
+const QUOTA_IS_FULL: [&str; 2] = ["exceeded quota", "status unknown for quota"];
+
+/// When an event was last seen (the series, the last timestamp, the event time, or its
+/// creation, whichever it has).
+fn event_seen_at(event: &Event) -> Option<jiff::Timestamp> {
+    event
+        .series
+        .as_ref()
+        .and_then(|series| series.last_observed_time.as_ref().map(|t| t.0))
+        .or_else(|| event.last_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| event.event_time.as_ref().map(|t| t.0))
+        .or_else(|| event.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+/// Kubernetes' refusal without the pod's generated name: from `exceeded quota` on when
+/// it is a quota, else after the `is forbidden: ` of `Error creating: pods "x" is
+/// forbidden: …`, so one refusal reads the same on every retry of the Job controller.
+fn refusal_text(message: &str) -> &str {
+    if let Some(at) = QUOTA_IS_FULL.iter().find_map(|phrase| message.find(phrase)) {
+        return &message[at..];
+    }
+    message
+        .split_once("is forbidden: ")
+        .map_or(message, |(_, why)| why)
+        .trim()
+}
+
+/// Decides for a `launched` task whose Job exists, runs no pod, and may have
+/// `FailedCreate` events (`events`: those of the namespace; the Job's are picked by uid):
+/// the namespace's ResourceQuota has no room for the pod (reason `cluster_quota`, the
+/// task waits: the Job controller creates the pod once there is room), or a LimitRange
+/// or Pod Security profile refuses it (the task fails, `launch_rejected`: it never will
+/// fit). Any other refusal, or none, decides nothing.
+#[must_use]
+pub fn refused_pods(task: &Task, job: &Job, pods: &[&Pod], events: &[&Event]) -> Decision {
+    if task.state != TaskState::Launched
+        || !pods.is_empty()
+        || job_is_finished(job)
+        || job.metadata.deletion_timestamp.is_some()
+    {
+        return Decision::Nothing;
+    }
+    let uid = job.metadata.uid.as_deref();
+    let name = job.metadata.name.as_deref();
+    let latest = events
+        .iter()
+        .filter(|event| event.reason.as_deref() == Some(FAILED_CREATE))
+        .filter(|event| {
+            let about = &event.involved_object;
+            about.kind.as_deref() == Some("Job")
+                && match (uid, about.uid.as_deref()) {
+                    (Some(job), Some(event)) => job == event,
+                    _ => name.is_some() && about.name.as_deref() == name,
+                }
+        })
+        .max_by_key(|event| event_seen_at(event));
+    let Some(message) = latest.and_then(|event| event.message.as_deref()) else {
+        return Decision::Nothing;
+    };
+    let why = refusal_text(message);
+    if QUOTA_IS_FULL.iter().any(|phrase| why.contains(phrase)) {
+        let message = format!("waiting for room in the namespace's ResourceQuota: {why}");
+        if task.reason == Some(Reason::ClusterQuota) && task.message.as_deref() == Some(&message) {
+            return Decision::Nothing;
+        }
+        return Decision::Note {
+            reason: Reason::ClusterQuota,
+            message,
+        };
+    }
+    if REFUSED_FOR_GOOD.iter().any(|phrase| why.contains(phrase)) {
+        return ended(
+            TaskState::Failed,
+            Some(Reason::LaunchRejected),
+            Some(format!("kubernetes refuses the task's pod: {why}")),
+            None,
+        );
+    }
+    Decision::Nothing
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -618,6 +717,209 @@ mod tests {
                 Duration::from_mins(1),
                 Some(&later)
             ),
+            Decision::Nothing
+        );
+    }
+
+    fn event(
+        uid: &str,
+        reason: &str,
+        message: &str,
+        seconds_ago: i64,
+    ) -> k8s_openapi::api::core::v1::Event {
+        let at = now() - jiff::SignedDuration::from_secs(seconds_ago);
+        serde_json::from_value(json!({"metadata": {"name": format!("e{seconds_ago}")},
+            "involvedObject": {"kind": "Job", "name": "j", "uid": uid},
+            "reason": reason, "message": message, "lastTimestamp": at.to_string()}))
+        .unwrap()
+    }
+
+    /// What [`super::refused_pods`] should decide, in the table below.
+    enum Expect {
+        Nothing,
+        Note(&'static str),
+        Fails(&'static str),
+    }
+
+    /// (task state, Job, pods, events, expected).
+    type RefusalCase<'a> = (
+        TaskState,
+        &'a Job,
+        Vec<&'a Pod>,
+        Vec<&'a k8s_openapi::api::core::v1::Event>,
+        Expect,
+    );
+
+    #[test]
+    fn refused_pods_wait_for_quota_and_fail_on_a_limit_range() {
+        use super::refused_pods;
+        let active: Job = serde_json::from_value(
+            json!({"metadata": {"name": "j", "uid": "u1"}, "status": {"conditions": []}}),
+        )
+        .unwrap();
+        let complete: Job = serde_json::from_value(json!({"metadata": {"name": "j", "uid": "u1"},
+            "status": {"conditions": [{"type": "Complete", "status": "True"}]}}))
+        .unwrap();
+        let quota = event(
+            "u1",
+            "FailedCreate",
+            "Error creating: pods \"j-x7k2p\" is forbidden: exceeded quota: tasks, requested: pods=1, used: pods=2, limited: pods=2",
+            5,
+        );
+        let older_quota = event(
+            "u1",
+            "FailedCreate",
+            "Error creating: pods \"j-abcde\" is forbidden: exceeded quota: tasks, requested: pods=1, used: pods=1, limited: pods=1",
+            50,
+        );
+        let limit_range = event(
+            "u1",
+            "FailedCreate",
+            "Error creating: pods \"j-x7k2p\" is forbidden: maximum cpu usage per Container is 1, but limit is 2",
+            5,
+        );
+        let pod_security = event(
+            "u1",
+            "FailedCreate",
+            "Error creating: pods \"j-x7k2p\" is forbidden: violates PodSecurity \"restricted:latest\": privileged",
+            5,
+        );
+        let other_job = event(
+            "u2",
+            "FailedCreate",
+            "Error creating: pods \"k-1\" is forbidden: exceeded quota: tasks",
+            1,
+        );
+        let created = event("u1", "SuccessfulCreate", "Created pod: j-x7k2p", 1);
+        let webhook = event(
+            "u1",
+            "FailedCreate",
+            "Error creating: Internal error occurred: failed calling webhook",
+            1,
+        );
+        let running = pod(&json!({"phase": "Running"}));
+        let quota_note = "waiting for room in the namespace's ResourceQuota: exceeded quota: tasks, requested: pods=1, used: pods=2, limited: pods=2";
+
+        let cases: Vec<RefusalCase<'_>> = vec![
+            // The latest refusal of this Job is what the task shows, without the pod's name.
+            (
+                TaskState::Launched,
+                &active,
+                vec![],
+                vec![&older_quota, &quota, &other_job, &created],
+                Expect::Note(quota_note),
+            ),
+            (
+                TaskState::Launched,
+                &active,
+                vec![],
+                vec![&limit_range],
+                Expect::Fails(
+                    "kubernetes refuses the task's pod: maximum cpu usage per Container is 1, but limit is 2",
+                ),
+            ),
+            (
+                TaskState::Launched,
+                &active,
+                vec![],
+                vec![&pod_security],
+                Expect::Fails(
+                    "kubernetes refuses the task's pod: violates PodSecurity \"restricted:latest\": privileged",
+                ),
+            ),
+            // Nothing to say: another Job's refusal, no refusal, one we cannot classify.
+            (
+                TaskState::Launched,
+                &active,
+                vec![],
+                vec![&other_job, &created],
+                Expect::Nothing,
+            ),
+            (
+                TaskState::Launched,
+                &active,
+                vec![],
+                vec![],
+                Expect::Nothing,
+            ),
+            (
+                TaskState::Launched,
+                &active,
+                vec![],
+                vec![&webhook],
+                Expect::Nothing,
+            ),
+            // A pod exists (room came), the Job finished, or the task is not waiting on its pod.
+            (
+                TaskState::Launched,
+                &active,
+                vec![&running],
+                vec![&quota],
+                Expect::Nothing,
+            ),
+            (
+                TaskState::Launched,
+                &complete,
+                vec![],
+                vec![&quota],
+                Expect::Nothing,
+            ),
+            (
+                TaskState::Running,
+                &active,
+                vec![],
+                vec![&quota],
+                Expect::Nothing,
+            ),
+            (
+                TaskState::Launching,
+                &active,
+                vec![],
+                vec![&quota],
+                Expect::Nothing,
+            ),
+        ];
+        for (row, (state, job, pods, events, expected)) in cases.into_iter().enumerate() {
+            let mut task = TaskFixture::new().obj();
+            task.state = state;
+            let decision = refused_pods(&task, job, &pods, &events);
+            match (expected, decision) {
+                (Expect::Nothing, Decision::Nothing) => {}
+                (
+                    Expect::Note(message),
+                    Decision::Note {
+                        reason,
+                        message: noted,
+                    },
+                ) => {
+                    assert_eq!(
+                        (reason, noted.as_str()),
+                        (Reason::ClusterQuota, message),
+                        "row {row}"
+                    );
+                }
+                (Expect::Fails(message), Decision::Move(Move::Ended(ending))) => {
+                    assert_eq!(
+                        (ending.state, ending.reason, ending.message.as_deref()),
+                        (
+                            TaskState::Failed,
+                            Some(Reason::LaunchRejected),
+                            Some(message)
+                        ),
+                        "row {row}"
+                    );
+                }
+                (_, other) => panic!("row {row}: unexpected {other:?}"),
+            }
+        }
+
+        // Already noted with the same words: nothing to write again.
+        let mut noted = TaskFixture::new().obj();
+        noted.state = TaskState::Launched;
+        noted.reason = Some(Reason::ClusterQuota);
+        noted.message = Some(quota_note.to_owned());
+        assert_eq!(
+            refused_pods(&noted, &active, &[], &[&quota]),
             Decision::Nothing
         );
     }

@@ -10,21 +10,31 @@
 //!   fails its task with `job_lost`);
 //! - a task moves to a fallback GPU class by a compare-and-set to `queued` with the next
 //!   attempt number first; the old attempt's Job is deleted afterwards, and the sweep
-//!   deletes any unfinished Job of an attempt that is no longer its task's current one, so a crash
+//!   deletes any Job of an attempt that is no longer its task's current one, so a crash
 //!   in between leaves no second pod running;
+//! - no stranded Jobs: once a task's outcome is recorded its Job is deleted (at once, or
+//!   after `--keep-finished-jobs`), and every sweep deletes the Jobs of ended tasks and
+//!   superseded attempts that still exist ([`cleanup`] decides, from the cluster and the
+//!   store only), so a failed delete or a kill -9 is repaired by the next sweep;
+//! - a launched task whose pods Kubernetes refuses to create (`FailedCreate` events of
+//!   its Job) shows why within one sweep: `cluster_quota` while the namespace's
+//!   ResourceQuota is full (the Job controller creates the pod once there is room), or
+//!   it fails (`launch_rejected`) when a LimitRange or Pod Security refuses it for good;
 //! - the sweep flags running tasks whose runner fell silent (`heartbeat_lost`), and fails
 //!   them when configured to.
 
+pub mod cleanup;
 pub mod decide;
 pub mod lease;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::metrics::WatchedObject;
+use crate::metrics::{JobDeletion, WatchedObject};
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store as Cache};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, ResourceExt as _};
@@ -60,6 +70,8 @@ pub struct Watcher {
     pub heartbeat_timeout: Option<Duration>,
     pub fail_on_heartbeat_lost: bool,
     pub sweep_interval: Duration,
+    /// How long a finished Job whose outcome is recorded is kept before it is deleted.
+    pub keep_finished_jobs: Duration,
     pub lease: lease::LeaseConfig,
 }
 
@@ -73,6 +85,13 @@ impl std::fmt::Debug for Watcher {
 
 /// A Job missing this long after its task was launched is lost, not merely not yet seen.
 const LOST_AFTER: Duration = Duration::from_secs(30);
+/// Store reads one sweep spends on Jobs that may have to go; the rest wait for the next.
+const CLEANUP_READS_PER_SWEEP: usize = 500;
+/// Launched tasks without pods whose Job's events one sweep reads.
+const REFUSAL_CHECKS_PER_SWEEP: usize = 50;
+/// A Job younger than this has no pod yet only because the Job controller has not got
+/// to it: no events to read.
+const POD_CREATE_GRACE: Duration = Duration::from_secs(2);
 
 impl Watcher {
     /// Runs until `shutdown` turns true, watching only while it holds the lease.
@@ -172,6 +191,7 @@ impl Watcher {
     async fn sweep(&self, jobs: &Cache<Job>, pods: &Cache<Pod>) {
         let now = jiff::Timestamp::now();
         let mut attempts = BTreeMap::new();
+        let mut launched = Vec::new();
         for state in [
             TaskState::Launching,
             TaskState::Launched,
@@ -186,51 +206,146 @@ impl Watcher {
                 Ok(tasks) => {
                     for task in tasks {
                         attempts.insert(task.id, task.attempt);
+                        if task.state == TaskState::Launched {
+                            launched.push(task.clone());
+                        }
                         self.reconcile(task, jobs, pods).await;
                     }
                 }
                 Err(error) => tracing::warn!(error = %error, "sweep: listing tasks failed"),
             }
         }
-        self.delete_superseded_jobs(jobs, &attempts).await;
+        self.explain_refused_pods(&launched, jobs, pods, now).await;
+        self.collect_jobs(jobs, &attempts, now).await;
         if let Some(timeout) = self.heartbeat_timeout {
             self.flag_silent_runners(now, timeout).await;
         }
     }
 
-    /// Deletes the Jobs of attempts that are no longer their task's current one (a
-    /// fallback whose delete did not happen, or happened before a crash). `attempts` holds
-    /// the current attempt of the tasks the sweep just listed, so only a live Job of any
-    /// other task (one queued again after a fallback) costs a store read; finished Jobs
-    /// run no pod and are left to their TTL.
-    async fn delete_superseded_jobs(&self, jobs: &Cache<Job>, attempts: &BTreeMap<TaskId, u32>) {
+    /// Deletes the Jobs that have done their work (see [`cleanup`]): of tasks whose
+    /// outcome is recorded (after the keep time), still running for tasks that ended, or
+    /// of superseded attempts. `attempts` holds the current attempt of the tasks the
+    /// sweep just listed, so a live task's Job costs nothing; any other Job costs a store
+    /// read until it is gone (at most [`CLEANUP_READS_PER_SWEEP`] a sweep).
+    async fn collect_jobs(
+        &self,
+        jobs: &Cache<Job>,
+        attempts: &BTreeMap<TaskId, u32>,
+        now: jiff::Timestamp,
+    ) {
+        let keep = self.keep_finished_jobs;
+        let mut reads = 0;
         for job in jobs.state() {
-            if job.metadata.deletion_timestamp.is_some() || decide::job_is_finished(&job) {
-                continue;
-            }
-            let Some(id) = task_id_of(job.as_ref()) else {
+            let Some(facts) = cleanup::JobFacts::of(&job) else {
                 continue;
             };
-            let Some(attempt) = job
-                .labels()
-                .get(LABEL_ATTEMPT)
-                .and_then(|a| a.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if attempts.get(&id).is_some_and(|&current| current == attempt) {
+            let live = attempts.get(&facts.task_id).copied();
+            if cleanup::before_reading(&facts, live, keep, now) != cleanup::Verdict::ReadTask {
                 continue;
             }
-            match self.lifecycle.store().task(id).await {
-                Ok(Some(task)) if task.attempt > attempt => {
-                    if let Err(error) = self.executor.delete_attempt(&task, attempt).await {
-                        tracing::warn!(task_id = %id, attempt, error = %error, "deleting a superseded job failed");
+            if reads == CLEANUP_READS_PER_SWEEP {
+                tracing::debug!(
+                    "sweep: more jobs to collect than one sweep reads; the next goes on"
+                );
+                return;
+            }
+            reads += 1;
+            let task = match self.lifecycle.store().task(facts.task_id).await {
+                Ok(task) => task,
+                Err(error) => {
+                    tracing::warn!(task_id = %facts.task_id, error = %error, "reading the task of a job failed");
+                    continue;
+                }
+            };
+            if let (cleanup::Verdict::Delete(why), Some(task)) = (
+                cleanup::after_reading(&facts, task.as_ref(), keep, now),
+                task.as_ref(),
+            ) {
+                self.delete_job(task, facts.attempt, why).await;
+            }
+        }
+    }
+
+    /// Deletes the Job of `attempt` of `task` (its pods go with it), counting it.
+    async fn delete_job(&self, task: &Task, attempt: u32, why: JobDeletion) {
+        let metrics = self.lifecycle.metrics().kubernetes();
+        match self.executor.delete_attempt(task, attempt).await {
+            Ok(()) => {
+                metrics.job_deleted(why);
+                tracing::debug!(task_id = %task.id, attempt, why = why.as_str(), "job deleted");
+            }
+            Err(error) => {
+                metrics.job_delete_failed();
+                tracing::warn!(task_id = %task.id, attempt, why = why.as_str(), error = %error, "deleting a job failed; the next sweep retries");
+            }
+        }
+    }
+
+    /// Reads the `FailedCreate` events of the Jobs of launched tasks that have no pod, and
+    /// notes (or fails) what they say ([`decide::refused_pods`]).
+    async fn explain_refused_pods(
+        &self,
+        launched: &[Task],
+        jobs: &Cache<Job>,
+        pods: &Cache<Pod>,
+        now: jiff::Timestamp,
+    ) {
+        let grace = jiff::SignedDuration::try_from(POD_CREATE_GRACE).unwrap_or_default();
+        let events_api = Api::<Event>::namespaced(self.client.clone(), &self.namespace);
+        let podless = launched.iter().filter_map(|task| {
+            let name = job_name(&task.id, task.attempt);
+            let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace))?;
+            let created = job.metadata.creation_timestamp.as_ref()?.0;
+            let has_pods = !pods_of(task, pods).is_empty();
+            (!has_pods && now.duration_since(created) >= grace && !decide::job_is_finished(&job))
+                .then_some((task, job, name))
+        });
+        for (task, job, name) in podless.take(REFUSAL_CHECKS_PER_SWEEP) {
+            let selector = format!(
+                "involvedObject.name={name},reason={}",
+                decide::FAILED_CREATE
+            );
+            let events = match events_api
+                .list(&ListParams::default().fields(&selector))
+                .await
+            {
+                Ok(events) => events.items,
+                Err(error) => {
+                    tracing::warn!(task_id = %task.id, job = %name, error = %error, "reading the job's events failed");
+                    continue;
+                }
+            };
+            let events: Vec<&Event> = events.iter().collect();
+            match decide::refused_pods(task, &job, &[], &events) {
+                Decision::Note { reason, message } => {
+                    match self
+                        .lifecycle
+                        .note(task.id, task.state, reason, &message)
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(task_id = %task.id, job = %name, reason = %reason, "the job's pods cannot be created yet");
+                        }
+                        Err(error) => {
+                            tracing::warn!(task_id = %task.id, error = %error, "recording a note failed");
+                        }
                     }
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(task_id = %id, error = %error, "reading the task failed");
-                }
+                Decision::Move(step) => match self.lifecycle.apply(task.id, task.state, step).await
+                {
+                    Ok(Some(_)) => {
+                        tracing::warn!(task_id = %task.id, job = %name, "kubernetes refuses the job's pods for good; task failed");
+                        if self.keep_finished_jobs.is_zero() {
+                            self.delete_job(task, task.attempt, JobDeletion::TaskEnded)
+                                .await;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(task_id = %task.id, error = %error, "recording a transition failed");
+                    }
+                },
+                _ => {}
             }
         }
     }
@@ -349,16 +464,7 @@ impl Watcher {
     async fn reconcile(&self, task: Task, jobs: &Cache<Job>, pods: &Cache<Pod>) {
         let name = job_name(&task.id, task.attempt);
         let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace));
-        let attempt = task.attempt.to_string();
-        let task_pods: Vec<std::sync::Arc<Pod>> = pods
-            .state()
-            .into_iter()
-            .filter(|pod| {
-                let labels = pod.labels();
-                labels.get(LABEL_TASK_ID) == Some(&task.id.simple())
-                    && labels.get(LABEL_ATTEMPT) == Some(&attempt)
-            })
-            .collect();
+        let task_pods = pods_of(&task, pods);
         let pod_refs: Vec<&Pod> = task_pods.iter().map(AsRef::as_ref).collect();
         let now = jiff::Timestamp::now();
 
@@ -398,6 +504,15 @@ impl Watcher {
                 match self.lifecycle.apply(task.id, task.state, step).await {
                     Ok(Some(updated)) => {
                         tracing::debug!(task_id = %task.id, tenant = %task.tenant, job = %name, from = %task.state, to = %updated.state, reason = ?updated.reason, "job or pod moved the task");
+                        // The outcome is recorded: the Job has done its work (the sweep
+                        // deletes it later when it is to be kept, or if this fails).
+                        if updated.state.is_terminal()
+                            && job.is_some()
+                            && self.keep_finished_jobs.is_zero()
+                        {
+                            self.delete_job(&task, task.attempt, JobDeletion::OutcomeRecorded)
+                                .await;
+                        }
                     }
                     Ok(None) => {
                         tracing::debug!(task_id = %task.id, "task moved concurrently; will decide again on the next event");
@@ -408,9 +523,8 @@ impl Watcher {
                 }
             }
             Decision::DeleteJob => {
-                if let Err(error) = self.executor.delete(&task).await {
-                    tracing::warn!(task_id = %task.id, job = %name, error = %error, "deleting the job of a finished task failed");
-                }
+                self.delete_job(&task, task.attempt, JobDeletion::TaskEnded)
+                    .await;
             }
             Decision::FallBack { class, message } => self.fall_back(&task, class, message).await,
             Decision::Note { reason, message } => {
@@ -433,4 +547,17 @@ fn task_id_of<K: kube::Resource>(object: &K) -> Option<TaskId> {
     let labels: &BTreeMap<String, String> = object.meta().labels.as_ref()?;
     let simple = labels.get(LABEL_TASK_ID)?;
     uuid::Uuid::try_parse(simple).ok().map(TaskId)
+}
+
+/// The pods of `task`'s current attempt, from the cache.
+fn pods_of(task: &Task, pods: &Cache<Pod>) -> Vec<std::sync::Arc<Pod>> {
+    let attempt = task.attempt.to_string();
+    pods.state()
+        .into_iter()
+        .filter(|pod| {
+            let labels = pod.labels();
+            labels.get(LABEL_TASK_ID) == Some(&task.id.simple())
+                && labels.get(LABEL_ATTEMPT) == Some(&attempt)
+        })
+        .collect()
 }

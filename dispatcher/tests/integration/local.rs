@@ -9,7 +9,7 @@ use testsupport::poll_until;
 
 use crate::common::{LocalDispatcher, start_local_dispatcher, start_local_dispatcher_with};
 
-struct Local(LocalDispatcher);
+pub(crate) struct Local(pub(crate) LocalDispatcher);
 
 impl std::ops::Deref for Local {
     type Target = LocalDispatcher;
@@ -21,11 +21,11 @@ impl std::ops::Deref for Local {
 impl Local {
     /// The embedded default: an SQLite file in the working folder. The dispatcher's own
     /// environment holds `DATABASE_URL`, which the tasks must not see.
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self(start_local_dispatcher("sqlite://agent-bus.db").await)
     }
 
-    async fn submit(&self, body: Value) -> String {
+    pub(crate) async fn submit(&self, body: Value) -> String {
         let response = self
             .http
             .post(format!("{}/v1/tasks", self.base))
@@ -41,7 +41,7 @@ impl Local {
             .to_owned()
     }
 
-    async fn read(&self, id: &str) -> Result<Value, String> {
+    pub(crate) async fn read(&self, id: &str) -> Result<Value, String> {
         self.http
             .get(format!("{}/v1/tasks/{id}", self.base))
             .bearer_auth(&self.key)
@@ -53,7 +53,7 @@ impl Local {
             .map_err(|e| e.to_string())
     }
 
-    async fn wait_until_over(&self, id: &str) -> Value {
+    pub(crate) async fn wait_until_over(&self, id: &str) -> Value {
         poll_until(
             &format!("task {id} to finish"),
             Duration::from_secs(30),

@@ -26,5 +26,6 @@ mod observability;
 mod outage;
 mod queue;
 mod quota;
+mod retries;
 mod schema;
 mod store;

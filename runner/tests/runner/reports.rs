@@ -49,8 +49,19 @@ fn reports_arrive_in_sequence_with_the_token() {
             .all(|r| r.path == "/internal/v1/tasks/t-1/attempts/1/reports")
     );
     let reports = receiver.delivered();
+    // Consecutive from the runner's start time (unix ms × 1000), so a replacement pod of
+    // the same attempt never reuses these numbers.
     let sequences: Vec<u64> = reports.iter().map(|r| r.sequence).collect();
-    assert_eq!(sequences, (1..=reports.len() as u64).collect::<Vec<_>>());
+    let first = sequences[0];
+    assert_eq!(
+        sequences,
+        (first..first + reports.len() as u64).collect::<Vec<_>>()
+    );
+    let now_ms = jiff::Timestamp::now().as_millisecond() as u64;
+    assert!(
+        first <= now_ms * 1000 && first >= (now_ms - 600_000) * 1000,
+        "{first} is not a start time in ms x 1000"
+    );
     let k = kinds(&reports);
     assert_eq!(k.first(), Some(&"started"));
     assert_eq!(k.last(), Some(&"finished"));

@@ -45,7 +45,8 @@ pub enum Move {
     Lost { message: String },
     /// Its runner stopped sending heartbeats, and the operator asked to fail such tasks.
     HeartbeatLost { message: String },
-    /// It waited in its queue past its queue TTL and was never launched.
+    /// It waited in its queue (or for room in the cluster) past its queue TTL and was
+    /// never launched.
     Expire { message: String },
     /// Its attempt failed and the retry policy gives it another: attempt `next.attempt`
     /// waits in the queue until `next.not_before`.
@@ -191,7 +192,10 @@ impl MoveKind {
     pub fn sources(self) -> &'static [TaskState] {
         use TaskState::{Launched, Launching, Queued, Running};
         match self {
-            Self::Claim | Self::Expire => &[Queued],
+            Self::Claim => &[Queued],
+            // Launching: a claimed task the cluster's quota had no room for, not launched
+            // within its queue TTL either.
+            Self::Expire => &[Queued, Launching],
             Self::Launched | Self::LaunchRejected => &[Launching],
             Self::Started => &[Launching, Launched],
             Self::Ended | Self::Lost | Self::Retry => &[Launching, Launched, Running],

@@ -123,7 +123,7 @@ fn the_table_of_moves() {
         (MoveKind::FallBack, &[Launching, Launched], &[Queued]),
         (MoveKind::Lost, &[Launching, Launched, Running], &[Failed]),
         (MoveKind::HeartbeatLost, &[Running], &[Failed]),
-        (MoveKind::Expire, &[Queued], &[Expired]),
+        (MoveKind::Expire, &[Queued, Launching], &[Expired]),
     ];
     for (kind, sources, targets) in table {
         assert_eq!(kind.sources(), sources, "{kind}");

@@ -28,6 +28,16 @@ fn rule(action: RetryAction, codes: &[i32], classes: &[FailureClass]) -> RetryRu
     }
 }
 
+/// A row of the verdict table: (policy, failure, max_retries, used) → (action, decided by).
+type Row<'a> = (
+    Option<&'a RetryPolicy>,
+    AttemptFailure,
+    u32,
+    RetryCount,
+    RetryAction,
+    DecidedBy,
+);
+
 fn action(verdict: &Verdict) -> (RetryAction, DecidedBy) {
     match verdict {
         Verdict::Retry { by, .. } | Verdict::Fail { by, .. } => (verdict.action(), *by),
@@ -47,14 +57,7 @@ fn verdicts_follow_the_first_matching_rule_then_the_defaults() {
     };
     let exit = |code| failure(FailureClass::ExitCode, Some(code));
     // (policy, failure, max_retries, used) → (action, decided by)
-    let table: Vec<(
-        Option<&RetryPolicy>,
-        AttemptFailure,
-        u32,
-        RetryCount,
-        RetryAction,
-        DecidedBy,
-    )> = vec![
+    let table: Vec<Row<'_>> = vec![
         // No rule: failures retry while retries are left.
         (
             None,

@@ -508,7 +508,10 @@ fn a_retry_policy_is_kept_as_written() {
     assert_eq!(policy.rules.len(), 2);
     assert_eq!(policy.rules[0].on_exit_codes, [2]);
     assert_eq!(
-        policy.rules[1].mutate.memory_factor.map(|f| f.get()),
+        policy.rules[1]
+            .mutate
+            .memory_factor
+            .map(crate::task::retry::Factor::get),
         Some(2.0)
     );
     // Stored as JSON and read back, it is the same policy.

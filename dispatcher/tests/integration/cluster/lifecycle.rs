@@ -8,7 +8,7 @@ async fn a_task_becomes_one_labelled_job_and_succeeds() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-success", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "train", "image": "registry.invalid/train:1", "command": ["python", "train.py"],
             "resources": {"cpu": "1", "memory": "2Gi", "gpu": {"count": 1, "class": "a100"}}, "queue": "gpu", "labels": {"team": "vision"}});
         let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
@@ -93,7 +93,7 @@ async fn fifty_concurrent_submits_with_one_key_make_one_task_and_one_job() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-idem", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "once", "image": "registry.invalid/x:1", "command": ["true"]});
         let responses = futures::future::join_all(
             (0..50).map(|_| dispatcher.post(&key, "/v1/tasks", &body, Some("same-key"))),

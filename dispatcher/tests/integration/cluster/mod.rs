@@ -15,6 +15,10 @@ use testsupport::{
     with_namespace, with_redis_keyspace,
 };
 
+/// Keeps finished Jobs for ten minutes (the default deletes a Job once its task's outcome
+/// is recorded), so a test can read them afterwards.
+const KEEP_JOBS: &[&str] = &["--keep-finished-jobs", "10m"];
+
 /// A dispatcher process under test.
 struct Dispatcher {
     child: tokio::process::Child,
@@ -60,6 +64,12 @@ impl Setup {
         self.start_as("dispatcher-under-test").await
     }
 
+    /// Starts a dispatcher that keeps the Jobs of finished tasks ([`KEEP_JOBS`]), for
+    /// tests that look at a Job or pod after the outcome.
+    async fn start_keeping_jobs(&self) -> Dispatcher {
+        self.start_with("dispatcher-under-test", KEEP_JOBS).await
+    }
+
     /// Starts a dispatcher whose queue consumer and lease identity is `instance`.
     async fn start_as(&self, instance: &str) -> Dispatcher {
         self.start_with(instance, &[]).await
@@ -67,6 +77,17 @@ impl Setup {
 
     /// Starts a dispatcher with `extra` flags.
     async fn start_with(&self, instance: &str, extra: &[&str]) -> Dispatcher {
+        self.start_with_env(instance, extra, &[]).await
+    }
+
+    /// Starts a dispatcher with `extra` flags and environment variables (`KUBECONFIG`
+    /// of another identity, …).
+    async fn start_with_env(
+        &self,
+        instance: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Dispatcher {
         let port = testsupport::free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec![
@@ -83,6 +104,7 @@ impl Setup {
         args.extend_from_slice(extra);
         let child = self
             .command(&args)
+            .envs(env.iter().copied())
             .env("AGENT_BUS_INSTANCE", instance)
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -182,4 +204,6 @@ async fn jobs_of(ns: &TestNamespace, task_id: &str) -> Vec<Job> {
 mod cost_alert;
 mod lifecycle;
 mod placement;
+mod quota;
 mod recovery;
+mod retries;

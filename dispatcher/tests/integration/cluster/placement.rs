@@ -54,7 +54,7 @@ async fn each_task_lands_on_a_node_of_its_class() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-placement", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         // (name, resources, the node-name prefix of the pool it must land in, workload)
         let cases = [
             ("cpu", json!({"cpu": "1", "memory": "1Gi"}), "cpu-", "cpu"),
@@ -117,7 +117,7 @@ async fn a_task_falls_back_to_a100_while_the_h100_pool_is_full() {
         .await;
 
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start_with("fallback", &["--fallback-after", "2"]).await;
+        let dispatcher = setup.start_with("fallback", &["--fallback-after", "2", "--keep-finished-jobs", "10m"]).await;
         let body = json!({"name": "big-train", "image": "registry.invalid/train:1", "command": ["torchrun", "train.py"],
             "resources": {"memory": "64Gi", "gpu": {"count": 8, "class": "h100"}}});
         let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;

@@ -8,7 +8,7 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-crash", |setup| async move {
         let key = setup.tenant("acme").await;
-        let mut first = setup.start().await;
+        let mut first = setup.start_keeping_jobs().await;
         let body = json!({"name": "crashy", "image": "registry.invalid/x:1", "command": ["true"]});
         let mut ids = Vec::new();
         for _ in 0..20 {
@@ -64,7 +64,7 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
         ids.push(before_create);
         ids.push(after_create);
 
-        let second = setup.start().await;
+        let second = setup.start_keeping_jobs().await;
         for id in &ids {
             let task = second
                 .wait_for_state(&key, id, &["succeeded", "failed"])
@@ -107,7 +107,7 @@ async fn losing_every_queue_entry_mid_run_still_launches_each_task_once() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-flush", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
+        let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "flushed", "image": "registry.invalid/x:1", "command": ["true"]});
         let mut ids = Vec::new();
         for i in 0..30 {

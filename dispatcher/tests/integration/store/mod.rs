@@ -95,6 +95,7 @@ mod support;
 
 mod queries;
 mod quotas;
+mod retries;
 mod submissions;
 mod tasks;
 mod transitions;

@@ -11,10 +11,12 @@ const RULE_TESTS: &str = "deploy/prometheus/tests";
 const RUNBOOKS: &str = "https://github.com/agent-bus/agent-bus/blob/main/docs/OBSERVABILITY.md#";
 
 /// The alerts docs/OBSERVABILITY.md documents and the end-to-end test drives.
-const ALERTS: [&str; 13] = [
+const ALERTS: [&str; 15] = [
     "AgentBusDispatcherDown",
     "AgentBusHighApiErrorRate",
     "AgentBusLaunchFailures",
+    "AgentBusRetryStorm",
+    "AgentBusHighTaskFailureRate",
     "AgentBusTasksQueuedTooLong",
     "AgentBusTasksUnschedulable",
     "AgentBusHeartbeatLost",

@@ -284,6 +284,8 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                         .env("AGENT_BUS_REPORT_URL", report_url)
                         .env("AGENT_BUS_RUNNER_IMAGE", runner_image)
                         .env("AGENT_BUS_LOG", "warn")
+                        // The Job and pod are read after the outcome below.
+                        .env("AGENT_BUS_KEEP_FINISHED_JOBS", "10m")
                         .kill_on_drop(true);
                     command
                 };
