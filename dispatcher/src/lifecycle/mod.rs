@@ -68,6 +68,17 @@ pub enum Claim {
     Gone,
 }
 
+impl Claim {
+    /// The claimed task; `None` when held or gone.
+    #[must_use]
+    pub fn claimed(self) -> Option<Task> {
+        match self {
+            Self::Claimed(task) => Some(*task),
+            Self::Held(_) | Self::Gone => None,
+        }
+    }
+}
+
 /// How many due retries one pass releases.
 const RELEASE_BATCH: u32 = 500;
 
