@@ -24,6 +24,7 @@ use crate::lifecycle::Cancelled;
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
 use crate::store::{BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant};
+use crate::task::quota::estimated_start;
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
@@ -31,6 +32,8 @@ use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 const DEFAULT_PAGE: u32 = 50;
 const MAX_PAGE: u32 = 500;
+/// The window of launches whose rate estimates a queued task's start.
+const LAUNCH_RATE_WINDOW: Duration = Duration::from_mins(10);
 
 /// A task as the API shows it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -89,6 +92,18 @@ pub struct TaskView {
     /// When it expires if no launcher has taken it by then (its queue TTL); RFC 3339.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// While queued (`GET /v1/tasks/{id}` only): 1 when it is next to launch. Counts the
+    /// queued tasks of higher priority bands of its queue, its tenant's tasks before it in
+    /// its band, and, from each other tenant, as many as the round-robin across tenants
+    /// serves before its turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// While queued (`GET /v1/tasks/{id}` only): when it may start at the queue's launch
+    /// rate of the last 10 minutes; RFC 3339. `null` when nothing launched in that window,
+    /// or when its tenant's quota holds it (it then starts when one of its tasks ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, nullable)]
+    pub estimated_start: Option<Option<String>>,
     #[serde(flatten)]
     pub spec: TaskSpec,
 }
@@ -134,6 +149,8 @@ impl TaskView {
             started_at: task.timeline.started_at.map(|t| t.to_string()),
             finished_at: task.timeline.finished_at.map(|t| t.to_string()),
             expires_at: task.expires_at.map(|t| t.to_string()),
+            queue_position: None,
+            estimated_start: None,
             spec: task.spec,
         }
     }
@@ -336,9 +353,33 @@ pub async fn get_one(
     let last = state.store().last_heartbeat(task.id).await?;
     let runner = runner_view(task.attempt, &reports, last.as_ref());
     let attempts = attempts_of(&task, state.store().attempts(task.id).await?);
-    Ok(Json(
-        TaskView::new(task, &state, runner).with_attempts(attempts),
-    ))
+    let wait = if task.state == TaskState::Queued {
+        let now = jiff::Timestamp::now();
+        let since = now
+            .checked_sub(jiff::SignedDuration::try_from(LAUNCH_RATE_WINDOW).unwrap_or_default())
+            .unwrap_or(now);
+        let figures = state.store().wait_figures(&task, since).await?;
+        let position = figures.position.position();
+        let start = (task.reason != Some(Reason::TenantQuota))
+            .then(|| {
+                estimated_start(
+                    now,
+                    position - 1,
+                    figures.launched_since,
+                    LAUNCH_RATE_WINDOW,
+                )
+            })
+            .flatten();
+        Some((position, start.map(|at| at.to_string())))
+    } else {
+        None
+    };
+    let mut view = TaskView::new(task, &state, runner).with_attempts(attempts);
+    if let Some((position, start)) = wait {
+        view.queue_position = Some(position);
+        view.estimated_start = Some(start);
+    }
+    Ok(Json(view))
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]

@@ -1,5 +1,6 @@
-//! `dispatcher migrate` and the `tenant` commands (create, budget, queue-ttl): each opens the store, applies the
-//! migrations and makes one change. Owns turning the budget flags into a [`Budget`].
+//! `dispatcher migrate` and the `tenant` commands (create, budget, quota, queue-ttl): each
+//! opens the store, applies the migrations and makes one change. Owns turning the budget
+//! flags into a [`Budget`] and the quota flags into a [`TenantQuota`].
 
 use anyhow::bail;
 
@@ -8,6 +9,7 @@ use crate::api;
 use crate::config::{BudgetArgs, DatabaseArgs, TenantCommand};
 use crate::cost::Budget;
 use crate::store::Store;
+use crate::task::quota::TenantQuota;
 use crate::task::submission::is_dns_label;
 
 /// `dispatcher migrate`.
@@ -18,7 +20,7 @@ pub(super) async fn migrate(database: &DatabaseArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `dispatcher tenant create|budget`.
+/// `dispatcher tenant create|budget|quota|queue-ttl`.
 pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
     match command {
         TenantCommand::Create {
@@ -66,6 +68,25 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             tracing::info!(target: LOG_TARGET, tenant = %name, ?budget, "budget set");
             Ok(())
         }
+        TenantCommand::Quota {
+            name,
+            max_running,
+            max_gpus,
+            clear,
+            database,
+        } => {
+            let store =
+                Store::connect(&database.database_url, database.database_max_connections).await?;
+            store.migrate().await?;
+            let current = store.tenant_quota(&name).await?;
+            let quota = quota_of(current.clone(), max_running, &max_gpus, clear)?;
+            if quota != current {
+                store.set_tenant_quota(&name, &quota).await?;
+                tracing::info!(target: LOG_TARGET, tenant = %name, quota = %quota, "quota set");
+            }
+            println!("{name}: {quota}");
+            Ok(())
+        }
         TenantCommand::QueueTtl {
             name,
             seconds,
@@ -79,6 +100,40 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The most GPU classes one quota may list.
+const MAX_GPU_CLASSES: usize = 64;
+
+/// `current` changed as the quota flags say: `--clear` empties it, `--max-running` and
+/// each `--max-gpus CLASS=N` replace their limit and keep the others. A class given twice
+/// or too many classes are refused.
+fn quota_of(
+    current: TenantQuota,
+    max_running: Option<u32>,
+    max_gpus: &[(String, u32)],
+    clear: bool,
+) -> anyhow::Result<TenantQuota> {
+    if clear {
+        return Ok(TenantQuota::default());
+    }
+    let mut quota = current;
+    if max_running.is_some() {
+        quota.max_running = max_running;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (class, max) in max_gpus {
+        anyhow::ensure!(
+            seen.insert(class.as_str()),
+            "--max-gpus {class}: the class is given twice"
+        );
+        quota.max_gpus.insert(class.clone(), *max);
+    }
+    anyhow::ensure!(
+        quota.max_gpus.len() <= MAX_GPU_CLASSES,
+        "--max-gpus: at most {MAX_GPU_CLASSES} GPU classes per tenant"
+    );
+    Ok(quota)
 }
 
 /// The budget the flags describe; a negative or non-finite amount names its flag.
@@ -103,9 +158,10 @@ fn budget_of(args: &BudgetArgs) -> anyhow::Result<Budget> {
 
 #[cfg(test)]
 mod tests {
-    use super::budget_of;
+    use super::{budget_of, quota_of};
     use crate::config::BudgetArgs;
     use crate::cost::{Budget, BudgetAction};
+    use crate::task::quota::TenantQuota;
 
     fn args(daily: Option<f64>, monthly: Option<f64>) -> BudgetArgs {
         BudgetArgs {
@@ -132,6 +188,45 @@ mod tests {
                 .unwrap()
                 .limit(crate::cost::Period::Month),
             Some(0.0)
+        );
+    }
+
+    #[test]
+    fn the_quota_flags_change_only_what_they_name() {
+        let current = TenantQuota {
+            max_running: Some(2),
+            max_gpus: [("a100".to_owned(), 4)].into(),
+        };
+        let h100 = [("h100".to_owned(), 2)];
+        let changed = quota_of(current.clone(), None, &h100, false).unwrap();
+        assert_eq!(changed.max_running, Some(2));
+        assert_eq!(
+            changed.to_string(),
+            "max-running=2 max-gpus a100=4 max-gpus h100=2"
+        );
+        let changed = quota_of(current.clone(), Some(5), &[], false).unwrap();
+        assert_eq!(changed.to_string(), "max-running=5 max-gpus a100=4");
+        assert_eq!(
+            quota_of(current.clone(), None, &[], false).unwrap(),
+            current
+        );
+        assert_eq!(
+            quota_of(current.clone(), None, &[], true).unwrap(),
+            TenantQuota::default()
+        );
+        let twice = [("h100".to_owned(), 2), ("h100".to_owned(), 3)];
+        assert_eq!(
+            quota_of(current.clone(), None, &twice, false)
+                .unwrap_err()
+                .to_string(),
+            "--max-gpus h100: the class is given twice"
+        );
+        let many: Vec<(String, u32)> = (0..70).map(|i| (format!("c{i}"), 1)).collect();
+        assert!(
+            quota_of(current, None, &many, false)
+                .unwrap_err()
+                .to_string()
+                .contains("at most 64")
         );
     }
 

@@ -100,6 +100,27 @@ pub enum TenantCommand {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Shows a tenant's quota on running work, or changes it: tasks over it stay queued
+    /// (reason `tenant_quota`) and start when its running work ends. Without flags, prints
+    /// the quota; with flags, sets the limits given (others are kept) and prints the result.
+    Quota {
+        /// The tenant's name.
+        name: String,
+        /// How many of its tasks may be launching, launched or running at once (0 holds
+        /// them all).
+        // Negative numbers are taken as values so that the refusal names the flag.
+        #[arg(long, allow_negative_numbers = true)]
+        max_running: Option<u32>,
+        /// GPUs of one class its active tasks may hold at once, as CLASS=N (repeat for more
+        /// classes, at most 64).
+        #[arg(long = "max-gpus", value_name = "CLASS=N", value_parser = values::parse_gpu_quota)]
+        max_gpus: Vec<(String, u32)>,
+        /// Removes every limit (no other flag with it).
+        #[arg(long, conflicts_with_all = ["max_running", "max_gpus"])]
+        clear: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 /// A queue TTL in whole seconds, at most [`MAX_QUEUE_TTL_SECONDS`].
@@ -181,6 +202,51 @@ mod tests {
     #[test]
     fn the_cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_quota_flags_parse_into_limits() {
+        let quota = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from([&["dispatcher", "tenant", "quota", "acme"], args].concat());
+            match cli.map(|cli| cli.command) {
+                Ok(Command::Tenant(TenantCommand::Quota {
+                    max_running,
+                    max_gpus,
+                    clear,
+                    ..
+                })) => Ok((max_running, max_gpus, clear)),
+                Ok(other) => panic!("{other:?}"),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        assert_eq!(quota(&[]), Ok((None, vec![], false)));
+        assert_eq!(
+            quota(&[
+                "--max-running",
+                "3",
+                "--max-gpus",
+                "a100=4",
+                "--max-gpus",
+                "h100=2"
+            ]),
+            Ok((
+                Some(3),
+                vec![("a100".to_owned(), 4), ("h100".to_owned(), 2)],
+                false
+            ))
+        );
+        assert_eq!(quota(&["--clear"]), Ok((None, vec![], true)));
+        for (bad, says) in [
+            (&["--max-running", "-1"][..], "--max-running"),
+            (&["--max-gpus", "a100"], "CLASS=N"),
+            (&["--max-gpus", "A100=4"], "GPU class"),
+            (&["--max-gpus", "a100=lots"], "number"),
+            (&["--clear", "--max-running", "2"], "--clear"),
+        ] {
+            let error = quota(bad).unwrap_err();
+            assert!(error.contains(says), "{bad:?}: {error}");
+        }
     }
 
     #[test]

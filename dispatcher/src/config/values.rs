@@ -22,6 +22,22 @@ macro_rules! duration_default {
 }
 pub(super) use duration_default;
 
+/// A GPU quota of one class, `CLASS=N`: a GPU class name and a count.
+pub(super) fn parse_gpu_quota(text: &str) -> Result<(String, u32), String> {
+    let Some((class, count)) = text.split_once('=') else {
+        return Err(format!("'{text}' is not CLASS=N (for example a100=4)"));
+    };
+    if !crate::k8s::names::is_class_name(class) {
+        return Err(format!(
+            "'{class}' is not a GPU class name: 1 to 63 lowercase letters, digits, '-' or '.'"
+        ));
+    }
+    let count = count
+        .parse::<u32>()
+        .map_err(|_| format!("'{count}' is not a number of GPUs (0 or more)"))?;
+    Ok((class.to_owned(), count))
+}
+
 pub(super) fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(value) if value > 0.0 && value <= 1.0 => Ok(value),

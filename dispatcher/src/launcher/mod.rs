@@ -1,6 +1,8 @@
 //! The launcher: takes queue deliveries, claims each task with a compare-and-set
 //! (`queued → launching`) and hands it to the executor, which gives the attempt exactly one
-//! Kubernetes Job (or one local process). Its reconciler repairs what crashes leave behind:
+//! Kubernetes Job (or one local process). Which queued task a delivery launches is a fair
+//! choice across tenants within the delivered entry's priority band, and a claim only
+//! takes a task its tenant's quota admits (see [`fair`]). Its reconciler repairs what crashes leave behind:
 //! stored tasks the queue lost, tasks claimed but never launched, deliveries of dead
 //! launchers, and tasks waiting for room in the cluster's ResourceQuota
 //! ([`quota_wait`]: retried after a backoff, expired past their queue TTL).
@@ -9,9 +11,13 @@
 //! - a task is launched only by the launcher whose CAS moved it to `launching`, or by the
 //!   reconciler once that claim is stale; both create the same Job name, so the cluster
 //!   sees at most one Job per attempt;
+//! - a claim never takes a tenant past its quota on running work (checked in the claim's
+//!   transaction, under a lock on the tenant); a held task stays `queued` with reason
+//!   `tenant_quota` and is offered again when its tenant has room;
 //! - a delivery is acknowledged only after the store records the claim's outcome, so a
 //!   launcher that dies mid-launch leaves the entry for another to claim.
 
+mod fair;
 pub mod job_spec;
 pub mod kubernetes;
 pub mod local;
@@ -121,6 +127,8 @@ impl Launcher {
         let mut queues: BTreeSet<String> = BTreeSet::from([DEFAULT_QUEUE.to_owned()]);
         let mut next_reconcile = tokio::time::Instant::now();
         let mut next_release = tokio::time::Instant::now();
+        let mut next_reoffer = tokio::time::Instant::now();
+        let mut offered = std::collections::HashMap::new();
         tracing::info!(consumer = %self.consumer, "launcher started");
         while !*shutdown.borrow() {
             if tokio::time::Instant::now() >= next_reconcile {
@@ -132,6 +140,10 @@ impl Launcher {
             if tokio::time::Instant::now() >= next_release {
                 self.release_due_retries(&mut queues).await;
                 next_release = tokio::time::Instant::now() + RELEASE_INTERVAL;
+            }
+            if tokio::time::Instant::now() >= next_reoffer {
+                self.reoffer_held(&mut offered, &mut queues).await;
+                next_reoffer = tokio::time::Instant::now() + fair::REOFFER_INTERVAL;
             }
             let names: Vec<String> = queues.iter().cloned().collect();
             let batch = permits.available_permits().clamp(1, 64);
@@ -173,14 +185,15 @@ impl Launcher {
         });
     }
 
-    /// Claims the delivered task (CAS `queued → launching`) and launches it.
+    /// Claims the task this delivery launches (CAS `queued → launching`, within its
+    /// tenant's quota, fairly across tenants) and launches it.
     async fn claim_and_launch(&self, delivery: &Delivery) {
         let id = delivery.entry.task_id;
-        match self.lifecycle.claim(id).await {
+        match self.claim_fairly(&delivery.entry).await {
             Ok(Some(task)) => self.launch_claimed(task).await,
-            // Cancelled, already claimed by another launcher, or gone: nothing to do.
+            // Cancelled, already claimed by another launcher, held by its quota, or gone.
             Ok(None) => {
-                tracing::debug!(task_id = %id, "delivery for a task that is no longer queued");
+                tracing::debug!(task_id = %id, "delivery launched nothing");
             }
             Err(error) => {
                 tracing::warn!(task_id = %id, error = %error, "claim failed; the reconciler will enqueue it again");
@@ -315,14 +328,16 @@ impl Launcher {
             .tasks_in_state(TaskState::Queued, settled, 10_000)
             .await
         {
-            Ok(waiting) => {
+            Ok(mut waiting) => {
                 queues.extend(waiting.iter().map(|t| t.spec.queue.clone()));
-                // A task still backing off is enqueued when it is released.
-                let due: Vec<Task> = waiting
-                    .into_iter()
-                    .filter(|t| t.next_attempt_at.is_none_or(|at| at <= now))
-                    .collect();
-                self.enqueue_missing(&due).await;
+                // A task still backing off is enqueued when it is released; tasks a quota
+                // holds have no entry on purpose: the re-offer pass offers them when their
+                // tenant has room.
+                waiting.retain(|t| {
+                    t.next_attempt_at.is_none_or(|at| at <= now)
+                        && t.reason != Some(crate::task::Reason::TenantQuota)
+                });
+                self.enqueue_missing(&waiting).await;
             }
             Err(error) => tracing::warn!(error = %error, "reconcile: listing queued tasks failed"),
         }

@@ -12,8 +12,9 @@
 //! - a change is logged and counted only once committed, by the process that committed it.
 //!
 //! Who moves tasks: the API (cancel, and `running` when the runner reports its start),
-//! the launcher (claim, launched, rejected), the local executor (started, ended, lost at
-//! restart), the watcher (what Jobs and pods show, fallbacks, lost heartbeats, notes).
+//! the launcher (claim within the tenant's quota, or the note `tenant_quota`; launched,
+//! rejected), the local executor (started, ended, lost at restart), the watcher (what
+//! Jobs and pods show, fallbacks, lost heartbeats, notes).
 
 mod observe;
 
@@ -26,6 +27,7 @@ use crate::metrics::{Metrics, ReportKind};
 use crate::placement::GpuClasses;
 use crate::store::{Recorded, Store, StoreError};
 use crate::task::lifecycle::{Ending, IllegalMove, Move, MoveKind, NextAttempt, plan_note};
+use crate::task::quota::OverQuota;
 use crate::task::retry::{
     self, AttemptFailure, Current, RetryAction, RetryCount, RetryDefaults, Verdict,
 };
@@ -53,6 +55,28 @@ pub enum Cancelled {
     AlreadyEnded(Task),
     /// It no longer exists.
     Gone,
+}
+
+/// What [`Lifecycle::claim`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// Claimed: the caller launches it.
+    Claimed(Box<Task>),
+    /// Its tenant's quota holds it; it stays queued, noted `tenant_quota`.
+    Held(OverQuota),
+    /// Another launcher took it, or it was cancelled, expired or is gone.
+    Gone,
+}
+
+impl Claim {
+    /// The claimed task; `None` when held or gone.
+    #[must_use]
+    pub fn claimed(self) -> Option<Task> {
+        match self {
+            Self::Claimed(task) => Some(*task),
+            Self::Held(_) | Self::Gone => None,
+        }
+    }
 }
 
 /// How many due retries one pass releases.
@@ -316,10 +340,26 @@ impl Lifecycle {
         Ok(self.store.release_due_retries(now, RELEASE_BATCH).await?)
     }
 
-    /// A launcher takes queued task `id` (`queued → launching`); `Ok(None)` when another
-    /// took it, or it was cancelled or is gone.
-    pub async fn claim(&self, id: TaskId) -> Result<Option<Task>> {
-        self.apply(id, TaskState::Queued, Move::Claim).await
+    /// A launcher takes queued task `id` (`queued → launching`) if its tenant's quota
+    /// admits it. A task over quota stays queued with the note `tenant_quota` saying which
+    /// limit holds it ([`Claim::Held`]); the launcher offers it again when its tenant has
+    /// room.
+    pub async fn claim(&self, id: TaskId) -> Result<Claim> {
+        match self.apply(id, TaskState::Queued, Move::Claim).await {
+            Ok(Some(task)) => Ok(Claim::Claimed(Box::new(task))),
+            Ok(None) => Ok(Claim::Gone),
+            Err(Error::Store(StoreError::OverQuota { task_id, source })) => {
+                let message = source.to_string();
+                let noted = self
+                    .note(task_id, TaskState::Queued, Reason::TenantQuota, &message)
+                    .await?;
+                if noted.is_some() {
+                    tracing::debug!(task_id = %task_id, message = %message, "task held by its tenant's quota");
+                }
+                Ok(Claim::Held(source))
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Cancels `task` whatever it is doing, unless it has ended. The task may move between

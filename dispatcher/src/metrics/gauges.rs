@@ -1,7 +1,8 @@
 //! The state gauges: what the store holds, read at scrape time by [`super::snapshot`] and
 //! the same on every replica (take `max` over replicas). Tasks by state, queue depth and
-//! age, stuck tasks, GPUs and their use per class, the running cost rate, tenant spend
-//! against budgets, and the age of the snapshot behind them.
+//! age, stuck tasks, tasks held by a tenant quota, GPUs and their use per class, the
+//! running cost rate, tenant spend against budgets, and the age of the snapshot behind
+//! them.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +41,11 @@ pub(super) struct TenantQueueLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct TenantLabels {
+    pub(super) tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct BudgetLabels {
     pub(super) tenant: String,
     pub(super) period: BudgetPeriod,
@@ -59,6 +65,7 @@ pub(super) struct StateGauges {
     pub(super) cost_rate: Family<TenantQueueLabels, FloatGauge>,
     pub(super) tenant_spend: Family<BudgetLabels, FloatGauge>,
     pub(super) tenant_budget: Family<BudgetLabels, FloatGauge>,
+    pub(super) waiting_on_quota: Family<TenantLabels, Gauge>,
     pub(super) cost_rate_alert_threshold: FloatGauge,
     pub(super) snapshot_age: FloatGauge,
 }
@@ -77,6 +84,7 @@ impl StateGauges {
             cost_rate: Family::default(),
             tenant_spend: Family::default(),
             tenant_budget: Family::default(),
+            waiting_on_quota: Family::default(),
             cost_rate_alert_threshold: FloatGauge::default(),
             snapshot_age: FloatGauge::default(),
         };
@@ -145,6 +153,12 @@ impl StateGauges {
             &["tenant", "period"],
             "A tenant's configured budget, by tenant and period (day, month); absent without one",
             g.tenant_budget.clone(),
+        );
+        registrar.gauge(
+            "tasks_waiting_on_quota",
+            &["tenant"],
+            "Queued tasks held by their tenant's quota on running work (reason tenant_quota), by tenant",
+            g.waiting_on_quota.clone(),
         );
         registrar.gauge(
             "cost_rate_alert_threshold_dollars_per_hour",

@@ -1,8 +1,8 @@
 //! The state gauges, read from the store at scrape time (at most once per
 //! [`SnapshotConfig::max_age`], however many scrapers ask): tasks by state, queue depth and
-//! age, stuck tasks, GPUs and their use per class, the running cost rate, tenant spend
-//! against budgets (the families of [`super::gauges`]), the pool, and this process's
-//! memory.
+//! age, stuck tasks, tasks held by a tenant quota, GPUs and their use per class, the
+//! running cost rate, tenant spend against budgets (the families of [`super::gauges`]),
+//! the pool, and this process's memory.
 //!
 //! Every family here is cleared and refilled on each refresh, so a queue that emptied or a
 //! class no longer in use disappears instead of keeping its last value.
@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::gauges::{
-    BudgetLabels, GpuClassLabels, QueueLabels, StateLabels, StuckLabels, TenantQueueLabels,
+    BudgetLabels, GpuClassLabels, QueueLabels, StateLabels, StuckLabels, TenantLabels,
+    TenantQueueLabels,
 };
 use super::{ErrorComponent, Metrics, PoolState};
 use crate::cost::{Period, Prices};
@@ -97,6 +98,7 @@ async fn read(
         .await?;
     let active = store.active_tasks().await?;
     let budgets = store.budgets().await?;
+    let held = store.waiting_on_quota().await?;
     let mut spend = Vec::new();
     for (tenant, budget) in &budgets {
         let parts = store.spend_parts(tenant, now).await?;
@@ -119,6 +121,14 @@ async fn read(
             let age = (now.as_millisecond() - oldest.as_millisecond()).max(0) as f64 / 1000.0;
             f.queue_oldest_age.get_or_create(&labels).set(age);
         }
+    }
+    f.waiting_on_quota.clear();
+    for (tenant, count) in held {
+        let labels = TenantLabels {
+            tenant: metrics.bounded("tenant", &tenant),
+        };
+        // Tenants beyond the label bound share one series: add, not set.
+        f.waiting_on_quota.get_or_create(&labels).inc_by(count);
     }
     f.stuck_tasks.clear();
     for (reason, count) in stuck {

@@ -303,6 +303,12 @@ fn populated() -> Metrics {
         .tenant_budget
         .get_or_create(&budget(crate::cost::Period::Month))
         .set(100.0);
+    gauges
+        .waiting_on_quota
+        .get_or_create(&gauges::TenantLabels {
+            tenant: "acme".to_owned(),
+        })
+        .set(2);
     gauges.cost_rate_alert_threshold.set(50.0);
     gauges.snapshot_age.set(1.5);
     metrics.inner.process.set_for_test(1024, 12);

@@ -21,7 +21,10 @@
 //! - **Order.** Within the queues asked for, higher priority is delivered first and equal
 //!   priority first in, first out. Redis orders by band (priority `> 0` high, `== 0`
 //!   normal, `< 0` low; FIFO inside a band, so priorities 1 and 9 are equal there); the
-//!   in-memory queue orders by exact priority, then FIFO.
+//!   in-memory queue orders by exact priority, then FIFO. The launcher takes a delivery
+//!   as a launch opportunity for its queue and band: which tenant's task gets it is its
+//!   fair choice (`launcher::fair`), which may launch another task and enqueue the
+//!   delivered one again.
 //! - **Isolation.** Every Redis key starts with the configured key prefix.
 //! - **Cancellation.** Dropping a [`Queue::receive`] future while it waits may leave an
 //!   entry delivered to that consumer but never returned; [`Queue::claim_abandoned`]

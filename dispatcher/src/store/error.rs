@@ -33,6 +33,13 @@ pub enum StoreError {
     UnknownTenant { tenant: String },
     #[error("tenant '{tenant}' already has {limit} queued tasks, its limit")]
     QuotaExceeded { tenant: String, limit: u32 },
+    /// A claim its tenant's quota on running work does not admit (nothing was written):
+    /// the task stays queued.
+    #[error("task {task_id} waits for its tenant's quota: {source}")]
+    OverQuota {
+        task_id: TaskId,
+        source: crate::task::quota::OverQuota,
+    },
     #[error("idempotency key '{key}' was already used for a different request")]
     IdempotencyConflict { key: String },
     #[error("task {task_id} already exists")]

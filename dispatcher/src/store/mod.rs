@@ -8,7 +8,8 @@
 //! `dispatcher/migrations/sqlite`, embedded and run by [`Store::migrate`]) and every read
 //! and write of it. Nothing else in the dispatcher speaks SQL. By concern:
 //! [`tenants`](Store::create_tenant), [`tasks`](Store::insert_task) and their queries,
-//! [`transitions`](Store::transition) and notes, [`events`](Store::events), runner
+//! [`transitions`](Store::transition) and notes, [`quotas`](Store::tenant_quota) and the
+//! fair choice, [`events`](Store::events), runner
 //! [`reports`](Store::record_reports), [`spend`](Store::usage) and budgets.
 //!
 //! Invariants:
@@ -40,13 +41,14 @@
 //!
 //! Errors: [`StoreError::Unavailable`] means the database could not be reached or stayed
 //! busy (retry later; the API answers 503); `TenantExists`, `ApiKeyInUse`,
-//! `UnknownTenant`, `QuotaExceeded`, `IdempotencyConflict`, `TaskExists`, `NotQueued` and
+//! `UnknownTenant`, `QuotaExceeded`, `OverQuota`, `IdempotencyConflict`, `TaskExists`, `NotQueued` and
 //! `IllegalTransition` are refusals with nothing written; the rest are bugs or a broken
 //! database.
 
 mod attempts;
 mod error;
 mod events;
+mod quotas;
 mod reports;
 mod row;
 mod spend;
@@ -67,6 +69,7 @@ pub use error::{Result, StoreError};
 // The budget types moved to `cost`; re-exported while callers still name them here.
 pub use crate::cost::{Budget, BudgetAction};
 pub use events::TaskEvent;
+pub use quotas::{ACTIVE, WaitFigures};
 pub use reports::{
     LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION_SEQUENCE, UnreportedUsage,
 };

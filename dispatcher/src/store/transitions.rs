@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use sqlx::{Any, Transaction};
 use tracing::instrument;
 
+use super::quotas::Admission;
 use super::{During as _, Result, Store, StoreError, row};
 use crate::store::row::{millis, task_columns};
 use crate::task::lifecycle::{PlannedNote, Stamp, Step};
@@ -20,7 +21,8 @@ impl Store {
     /// values and the event, in one transaction. When the task ends, `settle` prices it
     /// as it is now (its compute cost is fixed in the same transaction). `Ok(None)`
     /// (nothing written) when the task does not exist or is not in `step.from`;
-    /// [`StoreError::IllegalTransition`] (nothing written) when `step.from` may never move
+    /// [`StoreError::OverQuota`] (nothing written) when the step is for tasks within their
+    /// tenant's quota only and this one is not; [`StoreError::IllegalTransition`] (nothing written) when `step.from` may never move
     /// to `step.to`.
     #[instrument(level = "debug", skip_all, fields(task_id = %id, from = %step.from, to = %step.to))]
     pub async fn transition(
@@ -42,6 +44,19 @@ impl Store {
             let now = millis(step.at);
             let (sql, extra) = update_for(step)?;
             let mut tx = self.begin_write().await.during(during)?;
+            if step.within_quota {
+                match Self::admit_claim(&mut tx, id, from, now).await {
+                    Ok(Admission::Admitted) => {}
+                    Ok(Admission::NotInState) => {
+                        tx.rollback().await.during(during)?;
+                        return Ok(None);
+                    }
+                    Err(error) => {
+                        tx.rollback().await.during(during)?;
+                        return Err(error);
+                    }
+                }
+            }
             // Every fragment of `sql` is ours; values are only ever bound.
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(id.to_string())

@@ -11,6 +11,7 @@
 pub mod fixtures;
 pub mod lifecycle;
 pub mod quantity;
+pub mod quota;
 pub mod retry;
 pub mod submission;
 pub mod workload;

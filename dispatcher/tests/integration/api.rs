@@ -84,9 +84,14 @@ async fn submit_then_read(store: Store) {
     assert_eq!(status, StatusCode::OK);
     let attempts = read.as_object_mut().unwrap().remove("attempts");
     assert_eq!(attempts, Some(json!([])), "no attempt has run yet");
+    let wait = read.as_object_mut().unwrap();
+    // Alone in its queue and nothing launched in the last 10 minutes: next, and no rate
+    // to estimate its start by (null, not absent).
+    assert_eq!(wait.remove("queue_position"), Some(json!(1)));
+    assert_eq!(wait.remove("estimated_start"), Some(Value::Null));
     assert_eq!(
         read, created,
-        "a read is the 201 without the estimate, plus the attempts"
+        "a read is the 201 without the estimate, plus the attempts and the queued task's wait"
     );
     let pending = api.queue.pending_task_ids("gpu").await.unwrap();
     assert!(
@@ -552,7 +557,10 @@ async fn health_and_openapi(store: Store) {
 async fn launch(api: &TestApi, id: &str) {
     let id: TaskId = id.parse().unwrap();
     let lifecycle = api.lifecycle();
-    lifecycle.claim(id).await.unwrap().unwrap();
+    assert!(matches!(
+        lifecycle.claim(id).await.unwrap(),
+        dispatcher::lifecycle::Claim::Claimed(_)
+    ));
     lifecycle
         .apply(id, TaskState::Launching, Move::Launched)
         .await

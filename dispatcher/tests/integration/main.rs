@@ -25,6 +25,7 @@ mod local;
 mod observability;
 mod outage;
 mod queue;
+mod quota;
 mod retries;
 mod schema;
 mod store;

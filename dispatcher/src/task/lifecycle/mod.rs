@@ -344,6 +344,7 @@ impl Move {
             gpu_class,
             at,
             claimable_only: kind == MoveKind::Claim,
+            within_quota: kind == MoveKind::Claim,
             expected_attempt: None,
             next_attempt,
             ended_attempt: None,
@@ -521,6 +522,11 @@ pub struct Step {
     /// ended by `at`, may take the step: a launcher never claims a task the expiry sweep
     /// has yet to reach, nor one still backing off.
     pub claimable_only: bool,
+    /// Only if the task's tenant quota on running work admits it
+    /// ([`super::quota::admit`], checked in the step's transaction under a lock on the
+    /// tenant, which the step stamps as last claimed): a claim never takes a tenant past
+    /// its quota, whatever the number of launchers.
+    pub within_quota: bool,
     /// Only a task at this attempt may take the step (the attempt the caller judged).
     pub expected_attempt: Option<u32>,
     /// The retry's next attempt: its backoff, retry counts, changes and earlier cost.
@@ -545,6 +551,7 @@ impl Step {
             gpu_class: None,
             at: jiff::Timestamp::now(),
             claimable_only: false,
+            within_quota: false,
             expected_attempt: None,
             next_attempt: None,
             ended_attempt: None,

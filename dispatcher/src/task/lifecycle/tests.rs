@@ -218,11 +218,12 @@ fn a_fall_back_is_a_new_attempt_on_another_class() {
 }
 
 #[test]
-fn only_a_claim_minds_the_queue_ttl() {
+fn only_a_claim_minds_the_queue_ttl_and_the_quota() {
     for kind in MoveKind::ALL {
         let from = kind.sources()[0];
         let step = example(kind).plan(from, at()).unwrap();
         assert_eq!(step.claimable_only, kind == MoveKind::Claim, "{kind}");
+        assert_eq!(step.within_quota, kind == MoveKind::Claim, "{kind}");
     }
 }
 

@@ -94,6 +94,7 @@ macro_rules! both_backends {
 mod support;
 
 mod queries;
+mod quotas;
 mod retries;
 mod submissions;
 mod tasks;

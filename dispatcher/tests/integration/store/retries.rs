@@ -77,7 +77,7 @@ async fn case_a_retry_waits_out_its_backoff_and_is_released_once(store: Store) {
     );
 
     // Still backing off: no launcher may claim it, and nothing is due.
-    assert_eq!(lifecycle.claim(retried.id).await.unwrap(), None);
+    assert_eq!(lifecycle.claim(retried.id).await.unwrap().claimed(), None);
     assert!(
         lifecycle
             .release_due_retries(jiff::Timestamp::now())
@@ -98,6 +98,7 @@ async fn case_a_retry_waits_out_its_backoff_and_is_released_once(store: Store) {
         .claim(retried.id)
         .await
         .unwrap()
+        .claimed()
         .expect("claimable once released");
     assert_eq!(claimed.attempt, 2);
 
