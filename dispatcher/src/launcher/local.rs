@@ -63,6 +63,8 @@ impl std::fmt::Debug for LocalExecutor {
 impl LocalExecutor {
     #[must_use]
     pub fn new(lifecycle: Lifecycle, workdir: PathBuf) -> Self {
+        // Absolute, so a task's HOME (its attempt's folder) means the same after a `cd`.
+        let workdir = std::path::absolute(&workdir).unwrap_or(workdir);
         Self {
             lifecycle,
             workdir,

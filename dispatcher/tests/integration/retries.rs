@@ -114,12 +114,11 @@ async fn a_task_always_exiting_7_with_two_retries_fails_at_attempt_3() {
 #[tokio::test]
 async fn a_flaky_task_succeeds_at_its_second_attempt() {
     let local = Local::start().await;
-    // Fails the first time (it leaves a marker behind), succeeds the next.
-    let marker = local.dir.join("ran-once");
+    // Fails the first time (it leaves a marker beside its attempt's folder, its HOME,
+    // which is absolute: it still holds after the `cd`), succeeds the next.
     let id = local
         .submit(json!({"name": "flaky", "image": "busybox",
-                       "command": ["sh", "-c", "if [ -f \"$MARKER\" ]; then exit 0; fi; touch \"$MARKER\"; exit 1"],
-                       "env": {"MARKER": marker.to_str().unwrap()},
+                       "command": ["sh", "-c", "cd /; if [ -f \"$HOME/../ran-once\" ]; then exit 0; fi; touch \"$HOME/../ran-once\" || exit 9; exit 1"],
                        "max_retries": 3, "retry_policy": {"backoff_seconds": 1}}))
         .await;
     let task = local.wait_until_over(&id).await;
