@@ -304,7 +304,7 @@ impl Lifecycle {
                 .exit_code
                 .map_or_else(String::new, |code| format!(", exit code {code}")),
             next.attempt,
-            not_before
+            format_args!("{not_before:.3}")
         );
         Ok(Move::Retry {
             next: Box::new(next),
@@ -568,7 +568,7 @@ fn attempt_record(
         reason,
         failure_class: failure.map(|failure| failure.class),
         exit_code,
-        message,
+        message: message.filter(|m| !m.trim().is_empty()),
         node: failure.and_then(|failure| failure.node.clone()),
         gpu_class: task.gpu_class.clone(),
         launched_at: task.timeline.launched_at,
