@@ -42,8 +42,13 @@ impl Local {
     }
 
     pub(crate) async fn read(&self, id: &str) -> Result<Value, String> {
+        self.get(&format!("/v1/tasks/{id}")).await
+    }
+
+    /// `GET path` with the tenant's key, as JSON.
+    pub(crate) async fn get(&self, path: &str) -> Result<Value, String> {
         self.http
-            .get(format!("{}/v1/tasks/{id}", self.base))
+            .get(format!("{}{path}", self.base))
             .bearer_auth(&self.key)
             .send()
             .await
@@ -116,16 +121,7 @@ async fn the_embedded_default_runs_tasks_as_processes() {
     );
 
     poll_until("the long task to run", Duration::from_secs(30), || async {
-        let task: Value = local
-            .http
-            .get(format!("{}/v1/tasks/{cancelled}", local.base))
-            .bearer_auth(&local.key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let task = local.read(&cancelled).await?;
         if task["state"] == "running" {
             Ok(())
         } else {

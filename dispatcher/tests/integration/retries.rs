@@ -84,16 +84,7 @@ async fn a_task_always_exiting_7_with_two_retries_fails_at_attempt_3() {
 
     // The events carry the attempt: each attempt ran, failed and (but the last) queued
     // the next.
-    let events: Value = local
-        .http
-        .get(format!("{}/v1/tasks/{id}/events", local.base))
-        .bearer_auth(&local.key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events = local.get(&format!("/v1/tasks/{id}/events")).await.unwrap();
     let events = events["items"]
         .as_array()
         .unwrap_or_else(|| panic!("{events}"));
