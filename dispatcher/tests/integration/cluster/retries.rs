@@ -239,3 +239,38 @@ async fn an_evicted_pod_is_run_again_without_counting_a_retry() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_oom_is_retried_with_more_memory() {
+    testsupport::needs_env!(Cluster, Postgres, Redis);
+    with_environment("e2e-oom", |setup| async move {
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start_keeping_jobs().await;
+        let body = json!({"name": "hungry", "image": "registry.invalid/x:1", "command": ["python"],
+            "resources": {"cpu": "500m", "memory": "1Gi"},
+            "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
+            "annotations": {"agent-bus.io/test-exit-code": "137",
+                            "agent-bus.io/test-termination-message": runner_summary("host_oom", 137)}});
+        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        assert_eq!(done["state"], "failed", "{done}");
+        assert_eq!(done["reason"], "oom_killed", "{done}");
+        let attempts = done["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{done}");
+        assert_eq!(attempts[0]["failure_class"], "oom", "{done}");
+        assert_eq!(attempts[0]["changes"], json!(["memory 1Gi → 1536Mi (oom, ×1.5)"]), "{done}");
+        assert_eq!(done["resources"]["memory"], "1536Mi", "the spec the next attempt ran: {done}");
+        let memory = |spec: k8s_openapi::api::core::v1::PodSpec| {
+            let resources = spec.containers[0].resources.clone().unwrap();
+            (
+                resources.requests.unwrap()["memory"].0.clone(),
+                resources.limits.unwrap()["memory"].0.clone(),
+            )
+        };
+        assert_eq!(memory(pod_spec_of_attempt(&setup.ns, &id, 1).await), ("1Gi".to_owned(), "1Gi".to_owned()));
+        assert_eq!(memory(pod_spec_of_attempt(&setup.ns, &id, 2).await), ("1536Mi".to_owned(), "1536Mi".to_owned()));
+    })
+    .await;
+}
