@@ -82,8 +82,7 @@ impl AppState {
         tenant: &str,
         now: jiff::Timestamp,
     ) -> Result<crate::cost::Spend, crate::store::StoreError> {
-        let parts = self.store().spend_parts(tenant, now).await?;
-        Ok(self.lifecycle.prices().spend(&parts, now))
+        self.lifecycle.spend(tenant, now).await
     }
 }
 

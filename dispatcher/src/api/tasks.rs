@@ -322,11 +322,8 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
         format!("; new tasks are accepted again from {at}")
     });
     Err(ApiError::BudgetExceeded(format!(
-        "tenant '{}' has spent ${:.2} of its {} budget of ${:.2}{renews}",
-        tenant.name,
-        spent.spent,
-        spent.period.adjective(),
-        spent.limit
+        "{}{renews}",
+        spent.describe(&tenant.name)
     )))
 }
 

@@ -118,7 +118,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let local = LocalExecutor::new(lifecycle.clone(), args.local_workdir.clone())
             .with_runner(runner, report_issuer.clone());
         if args.roles.contains(&Role::Launcher) {
-            lifecycle.fail_orphaned_local_tasks().await;
+            lifecycle.end_orphaned_local_attempts().await;
         }
         (
             Executor::Local(local.clone()),

@@ -82,6 +82,20 @@ pub struct SpentBudget {
     pub limit: f64,
 }
 
+impl SpentBudget {
+    /// What `tenant` has spent of which budget, in words (the 402 of a submission and
+    /// the reason a retry was not made say the same).
+    #[must_use]
+    pub fn describe(&self, tenant: &str) -> String {
+        format!(
+            "tenant '{tenant}' has spent ${:.2} of its {} budget of ${:.2}",
+            self.spent,
+            self.period.adjective(),
+            self.limit
+        )
+    }
+}
+
 impl Budget {
     /// The first budget of action `refuse` that `spending` has reached (`None` with action
     /// `alert`, or while every budget has room).

@@ -335,7 +335,7 @@ impl Launcher {
                 // tenant has room.
                 waiting.retain(|t| {
                     t.next_attempt_at.is_none_or(|at| at <= now)
-                        && t.reason != Some(crate::task::Reason::TenantQuota)
+                        && t.reason != Some(Reason::TenantQuota)
                 });
                 self.enqueue_missing(&waiting).await;
             }

@@ -321,17 +321,21 @@ impl Lifecycle {
         if !tenant.budget.is_set() {
             return Ok(None);
         }
-        let parts = self.store.spend_parts(&task.tenant, at).await?;
-        let spend = self.prices.spend(&parts, at);
-        Ok(tenant.budget.refusing(&spend).map(|spent| {
-            format!(
-                "tenant '{}' has spent ${:.2} of its {} budget of ${:.2}",
-                task.tenant,
-                spent.spent,
-                spent.period.adjective(),
-                spent.limit
-            )
-        }))
+        let spend = self.spend(&task.tenant, at).await?;
+        Ok(tenant
+            .budget
+            .refusing(&spend)
+            .map(|spent| spent.describe(&task.tenant)))
+    }
+
+    /// What `tenant` has spent this UTC day and month at `now`, unfinished tasks included.
+    pub async fn spend(
+        &self,
+        tenant: &str,
+        now: jiff::Timestamp,
+    ) -> std::result::Result<crate::cost::Spend, StoreError> {
+        let parts = self.store.spend_parts(tenant, now).await?;
+        Ok(self.prices.spend(&parts, now))
     }
 
     /// Releases retries whose backoff ended by `now` (a bounded batch): the caller
@@ -483,9 +487,10 @@ impl Lifecycle {
         }
     }
 
-    /// Fails every task that was launching, launched or running in a local process of a
-    /// dispatcher that stopped: its process went with it.
-    pub async fn fail_orphaned_local_tasks(&self) {
+    /// Ends, as lost (`job_lost`), the attempt of every task that was launching, launched
+    /// or running in a local process of a dispatcher that stopped: its process went with
+    /// it. The retry policy decides what follows (by default a free retry).
+    pub async fn end_orphaned_local_attempts(&self) {
         let now = jiff::Timestamp::now();
         for state in [
             TaskState::Launching,
@@ -501,7 +506,7 @@ impl Lifecycle {
                         .to_owned(),
                 };
                 if let Ok(Some(_)) = self.apply(task.id, state, lost).await {
-                    tracing::warn!(task_id = %task.id, "failed a local task orphaned by a restart");
+                    tracing::warn!(task_id = %task.id, "ended the attempt of a local task orphaned by a restart");
                 }
             }
         }

@@ -62,34 +62,31 @@ fn ended(
     Decision::Move(Move::Ended(ending))
 }
 
+/// The node `pod` is bound to, if any.
+fn node_name(pod: &Pod) -> Option<&str> {
+    pod.spec.as_ref()?.node_name.as_deref()
+}
+
 /// The node the attempt's pod ran on: the pod whose task container terminated last, else
 /// any pod bound to a node.
 fn node_of(pods: &[&Pod]) -> Option<String> {
-    let bound = |pod: &&&Pod| {
-        pod.spec
-            .as_ref()
-            .and_then(|spec| spec.node_name.as_deref())
-            .is_some()
-    };
-    let latest = pods.iter().filter(bound).max_by_key(|pod| {
-        pod.status
-            .as_ref()
-            .and_then(|s| s.container_statuses.as_ref())
-            .and_then(|statuses| statuses.iter().find(|s| s.name == TASK_CONTAINER))
-            .and_then(|s| s.state.as_ref()?.terminated.as_ref()?.started_at.as_ref())
-            .map(|time| time.0)
-    })?;
-    latest.spec.as_ref()?.node_name.clone()
+    let latest = pods
+        .iter()
+        .filter(|pod| node_name(pod).is_some())
+        .max_by_key(|pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|statuses| statuses.iter().find(|s| s.name == TASK_CONTAINER))
+                .and_then(|s| s.state.as_ref()?.terminated.as_ref()?.started_at.as_ref())
+                .map(|time| time.0)
+        })?;
+    node_name(latest).map(str::to_owned)
 }
 
 /// Whether no pod of the attempt was ever bound to a node.
 fn never_scheduled(pods: &[&Pod]) -> bool {
-    pods.iter().all(|pod| {
-        pod.spec
-            .as_ref()
-            .and_then(|spec| spec.node_name.as_deref())
-            .is_none()
-    })
+    pods.iter().all(|pod| node_name(pod).is_none())
 }
 
 /// Sets the failure class and node of an attempt's ending.

@@ -215,6 +215,55 @@ pub(crate) struct LocalDispatcher {
     pub http: reqwest::Client,
 }
 
+impl LocalDispatcher {
+    /// Submits `body` with `key`, expecting 201; the new task's id.
+    pub(crate) async fn submit_as(&self, key: &str, body: &Value) -> String {
+        let response = self
+            .http
+            .post(format!("{}/v1/tasks", self.base))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        response.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// `GET path` with `key`, as JSON.
+    pub(crate) async fn get_as(&self, key: &str, path: &str) -> Result<Value, String> {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// `dispatcher ARGS` in `dir` on the SQLite file there: (success, stdout, stderr).
+pub(crate) async fn run_dispatcher(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(args)
+        .current_dir(dir)
+        .env("AGENT_BUS_LOG", "warn")
+        .env("DATABASE_URL", "sqlite://agent-bus.db")
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    )
+}
+
 /// Starts a local-executor dispatcher on `database_url`, with none of the test
 /// environment's Redis or cluster variables, and waits until `/readyz` answers 200.
 pub(crate) async fn start_local_dispatcher(database_url: &str) -> LocalDispatcher {

@@ -7,7 +7,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use testsupport::poll_until;
 
-use crate::common::{LocalDispatcher, start_local_dispatcher, start_local_dispatcher_with};
+use crate::common::{
+    LocalDispatcher, run_dispatcher, start_local_dispatcher, start_local_dispatcher_with,
+};
 
 pub(crate) struct Local(pub(crate) LocalDispatcher);
 
@@ -26,19 +28,7 @@ impl Local {
     }
 
     pub(crate) async fn submit(&self, body: Value) -> String {
-        let response = self
-            .http
-            .post(format!("{}/v1/tasks", self.base))
-            .bearer_auth(&self.key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        response.json::<Value>().await.unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        self.submit_as(&self.key, &body).await
     }
 
     pub(crate) async fn read(&self, id: &str) -> Result<Value, String> {
@@ -47,15 +37,7 @@ impl Local {
 
     /// `GET path` with the tenant's key, as JSON.
     pub(crate) async fn get(&self, path: &str) -> Result<Value, String> {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.key)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())
+        self.get_as(&self.key, path).await
     }
 
     pub(crate) async fn wait_until_over(&self, id: &str) -> Value {
@@ -223,19 +205,8 @@ async fn queued_tasks_expire_after_their_queue_ttl_without_a_launcher() {
     let local = Local(
         start_local_dispatcher_with("sqlite://agent-bus.db", &["--roles", "api,watcher"]).await,
     );
-    let set_default = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args(["tenant", "queue-ttl", "acme", "1"])
-        .current_dir(&local.dir)
-        .env("AGENT_BUS_LOG", "warn")
-        .env("DATABASE_URL", "sqlite://agent-bus.db")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        set_default.status.success(),
-        "{}",
-        String::from_utf8_lossy(&set_default.stderr)
-    );
+    let (set, _, stderr) = run_dispatcher(&local.dir, &["tenant", "queue-ttl", "acme", "1"]).await;
+    assert!(set, "{stderr}");
     let asked = local
         .submit(
             json!({"name": "asked", "image": "busybox", "command": ["true"],
@@ -282,15 +253,8 @@ async fn queued_tasks_expire_after_their_queue_ttl_without_a_launcher() {
     );
 
     // Cleared, the default no longer applies: a new task waits (no launcher runs here).
-    let cleared = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args(["tenant", "queue-ttl", "acme"])
-        .current_dir(&local.dir)
-        .env("AGENT_BUS_LOG", "warn")
-        .env("DATABASE_URL", "sqlite://agent-bus.db")
-        .output()
-        .await
-        .unwrap();
-    assert!(cleared.status.success());
+    let (cleared, _, stderr) = run_dispatcher(&local.dir, &["tenant", "queue-ttl", "acme"]).await;
+    assert!(cleared, "{stderr}");
     let waiting = local
         .submit(json!({"name": "waiting", "image": "busybox", "command": ["true"]}))
         .await;

@@ -4,58 +4,22 @@
 //! launched among the first while another tenant has 300 queued.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use testsupport::poll_until;
 
-use crate::common::{LocalDispatcher, start_local_dispatcher, start_local_dispatcher_with};
-
-/// `dispatcher ARGS` in `dir` on the SQLite file there: (success, stdout, stderr).
-async fn dispatcher(dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
-        .args(args)
-        .current_dir(dir)
-        .env("AGENT_BUS_LOG", "warn")
-        .env("DATABASE_URL", "sqlite://agent-bus.db")
-        .output()
-        .await
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-    )
-}
+use crate::common::{
+    LocalDispatcher, run_dispatcher as dispatcher, start_local_dispatcher,
+    start_local_dispatcher_with,
+};
 
 async fn submit(local: &LocalDispatcher, key: &str, body: &Value) -> String {
-    let response = local
-        .http
-        .post(format!("{}/v1/tasks", local.base))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    local.submit_as(key, body).await
 }
 
 async fn read(local: &LocalDispatcher, key: &str, id: &str) -> Result<Value, String> {
-    local
-        .http
-        .get(format!("{}/v1/tasks/{id}", local.base))
-        .bearer_auth(key)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .json()
-        .await
-        .map_err(|e| e.to_string())
+    local.get_as(key, &format!("/v1/tasks/{id}")).await
 }
 
 async fn wait_for(
