@@ -8,11 +8,23 @@ use runner::config::{Cli, ReportLine, Sub};
 use runner::{lines, run};
 
 fn main() -> ExitCode {
+    // Before anything else: the report token is in this process's environment, and the
+    // command runs as the same user. A process that is not dumpable has its
+    // /proc/<pid>/environ, mem and the rest owned by root and refuses ptrace, so the
+    // command (dumpable again after its execve, which is fine) cannot read the token.
+    let hidden = nix::sys::prctl::set_dumpable(false);
     let cli = Cli::parse();
     match cli.subcommand {
         Some(Sub::Report(line)) => report(line),
         Some(Sub::Install { dir }) => install(&dir),
-        None => ExitCode::from(run::run(&cli.run)),
+        None => {
+            if let Err(e) = hidden {
+                eprintln!(
+                    "runner: cannot make the runner non-dumpable ({e}): the command may read the report token from /proc"
+                );
+            }
+            ExitCode::from(run::run(&cli.run))
+        }
     }
 }
 

@@ -2,10 +2,14 @@
 //! ever waiting, and a thread that POSTs it in batches with retries and backoff.
 //!
 //! - 2xx: the batch is delivered and dropped from the buffer;
-//! - 401, 403, 404: the token or the attempt is not accepted, which will not get better:
-//!   one log line, everything buffered and everything later is dropped;
-//! - any other 4xx but 408 and 429 (a 422, say): that batch is dropped, one log line;
-//! - connection errors, 5xx, 408, 429: the batch stays and is retried after a backoff
+//! - 401, 403, 404, 409: the token or the attempt is not accepted (409: the attempt has
+//!   ended), which will not get better: one log line, everything buffered and
+//!   everything later is dropped;
+//! - 429: the attempt used up its allowance of reports: the batch's heartbeats,
+//!   progress and usage are dropped (the usage still reaches the termination summary),
+//!   its started and finished reports are kept and retried after a backoff;
+//! - any other 4xx but 408 (a 422, say): that batch is dropped, one log line;
+//! - connection errors, 5xx, 408: the batch stays and is retried after a backoff
 //!   (200 ms doubling to 10 s, with jitter, or the server's `Retry-After` up to 10 s).
 //!
 //! When the buffer is full the oldest heartbeat goes first, then the oldest progress;
@@ -91,6 +95,19 @@ impl Buffer {
             .retain(|r| sequences.binary_search(&r.sequence).is_err());
     }
 
+    /// Drops the reports among `sequences` that may be dropped for space (heartbeats,
+    /// progress) and the usage reports among them; how many were dropped.
+    pub fn shed(&mut self, sequences: &[u64]) -> u64 {
+        let before = self.items.len();
+        self.items.retain(|r| {
+            sequences.binary_search(&r.sequence).is_err()
+                || matches!(r.body, ReportBody::Started(_) | ReportBody::Finished(_))
+        });
+        let shed = (before - self.items.len()) as u64;
+        self.dropped += shed;
+        shed
+    }
+
     /// Drops everything, counting it as undelivered.
     pub fn drop_all(&mut self) {
         self.dropped += self.items.len() as u64;
@@ -131,6 +148,9 @@ pub enum Verdict {
     Retry,
     /// This batch will never be accepted: drop it.
     DropBatch,
+    /// The attempt's allowance of reports is used up: keep only the batch's started and
+    /// finished reports, and try those again later.
+    Shed,
     /// No report of this attempt will be accepted: stop sending.
     Stop,
 }
@@ -139,8 +159,9 @@ pub enum Verdict {
 pub fn verdict(status: u16) -> Verdict {
     match status {
         200..=299 => Verdict::Delivered,
-        401 | 403 | 404 => Verdict::Stop,
-        408 | 429 => Verdict::Retry,
+        401 | 403 | 404 | 409 => Verdict::Stop,
+        408 => Verdict::Retry,
+        429 => Verdict::Shed,
         400..=499 => Verdict::DropBatch,
         _ => Verdict::Retry,
     }
@@ -283,6 +304,7 @@ fn send_loop(target: &Target, inner: &Inner) {
     let mut next_try = Instant::now();
     let mut warned_retry = false;
     let mut warned_drop = false;
+    let mut warned_shed = false;
     loop {
         // Wait for reports, the end of a backoff, or the flush deadline.
         let (batch, request_timeout) = {
@@ -356,6 +378,19 @@ fn send_loop(target: &Target, inner: &Inner) {
                 state.buffer.dropped += sequences.len() as u64;
                 state.buffer.remove(&sequences);
                 next_try = Instant::now();
+            }
+            Ok((status, retry_after)) if verdict(status) == Verdict::Shed => {
+                let shed = state.buffer.shed(&sequences);
+                if !warned_shed {
+                    crate::log!(
+                        "reports refused with HTTP {status} (this attempt sent as many as the dispatcher takes); {shed} dropped, started and finished reports are kept"
+                    );
+                    warned_shed = true;
+                }
+                failures = failures.saturating_add(1);
+                let delay = backoff(failures, jitter.next())
+                    .max(retry_after.unwrap_or_default().min(BACKOFF_MAX));
+                next_try = Instant::now() + delay;
             }
             other => {
                 failures = failures.saturating_add(1);
@@ -485,6 +520,20 @@ mod tests {
     }
 
     #[test]
+    fn shedding_keeps_started_and_finished_of_the_batch_only() {
+        let mut b = Buffer::new(10);
+        b.push(report(1, ReportBody::Started(Started::default())));
+        b.push(progress(2));
+        b.push(usage(3));
+        b.push(heartbeat(4));
+        b.push(report(5, ReportBody::Finished(Finished::default())));
+        b.push(progress(6));
+        assert_eq!(b.shed(&[1, 2, 3, 4, 5]), 3);
+        assert_eq!(sequences(&b), [1, 5, 6]);
+        assert_eq!(b.undelivered(), 3 + 3);
+    }
+
+    #[test]
     fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {
         assert_eq!(backoff(1, 1.0), Duration::from_millis(200));
         assert_eq!(backoff(1, 0.0), Duration::from_millis(100));
@@ -508,10 +557,11 @@ mod tests {
             (401, Verdict::Stop),
             (403, Verdict::Stop),
             (404, Verdict::Stop),
+            (409, Verdict::Stop),
+            (429, Verdict::Shed),
             (422, Verdict::DropBatch),
             (400, Verdict::DropBatch),
             (408, Verdict::Retry),
-            (429, Verdict::Retry),
             (500, Verdict::Retry),
             (503, Verdict::Retry),
             (302, Verdict::Retry),

@@ -35,6 +35,12 @@ pub enum ApiError {
     /// renews.
     #[error("{0}")]
     BudgetExceeded(String),
+    /// A runner reported for a task attempt that ended (or never began).
+    #[error("{0}")]
+    AttemptOver(String),
+    /// A runner's attempt has sent as many reports as it may.
+    #[error("{0}")]
+    ReportsExhausted(String),
     #[error("{what} is unavailable; try again shortly")]
     Unavailable { what: &'static str },
     #[error("internal error")]
@@ -73,6 +79,8 @@ impl ApiError {
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BudgetExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "budget_exceeded"),
+            Self::AttemptOver(_) => (StatusCode::CONFLICT, "attempt_over"),
+            Self::ReportsExhausted(_) => (StatusCode::TOO_MANY_REQUESTS, "reports_exhausted"),
             Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

@@ -43,6 +43,7 @@ use crate::task::submission::Limits;
 
 pub use auth::{hash_api_key, new_api_key};
 pub use error::ApiError;
+pub use reports::ReportLimits;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -63,6 +64,8 @@ pub struct AppState {
     pub report_tokens: ReportTokens,
     /// How `/metrics` reads the state gauges.
     pub snapshot: Arc<SnapshotConfig>,
+    /// What the report endpoint takes from one task attempt.
+    pub reports: ReportLimits,
 }
 
 impl AppState {

@@ -346,9 +346,14 @@ pub async fn get_one(
     TaskIdPath(id): TaskIdPath,
 ) -> Result<Json<TaskView>, ApiError> {
     let task = owned_task(&state, &tenant.name, id).await?;
-    let reports = state.store().reports(task.id).await?;
+    let summary = state.store().report_summary(task.id, task.attempt).await?;
     let last = state.store().last_heartbeat(task.id).await?;
-    let runner = runner_view(task.attempt, &reports, last.as_ref());
+    let runner = runner_view(task.attempt, &summary.reports, last.as_ref()).map(|mut view| {
+        view.usage_truncated = summary.usage_truncated;
+        view.reports_stored = summary.stored;
+        view.report_bytes = summary.stored_bytes;
+        view
+    });
     let attempts = attempts_of(&task, state.store().attempts(task.id).await?);
     let wait = if task.state == TaskState::Queued {
         let now = jiff::Timestamp::now();

@@ -1,15 +1,17 @@
 //! Where tasks run: which executor `--executor` (or `auto`) picks and why, the Kubernetes
 //! client it uses, the runner binary of the local executor, and the clean-up the local
-//! executor needs at start (its tasks die with the process).
+//! executor needs at start (its tasks die with the process), and who its tasks run as.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::config::ExecutorChoice;
+use crate::config::{ExecutorChoice, ServeArgs};
+use crate::launcher::isolation::{self, TaskUsers};
 use crate::metrics::Metrics;
 use crate::metrics::kubernetes::KubernetesMetricsLayer;
+use crate::store::Store;
 
 /// Which executor `auto` picks, and the words for the first log line.
 pub(super) fn choose_executor(
@@ -97,6 +99,67 @@ pub(super) fn find_runner(
             "the local executor runs every task through the runner, and none was found next to the dispatcher or on PATH: build it (cargo build --release -p runner) or pass --runner-path"
         )
     })
+}
+
+/// Who the local executor's tasks run as: as root, a user per tenant; else the
+/// dispatcher's own user, which it only accepts for one tenant on loopback unless
+/// `--local-executor-shared-user` says otherwise.
+pub(super) async fn local_task_users(args: &ServeArgs, store: &Store) -> anyhow::Result<TaskUsers> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(TaskUsers::PerTenant {
+            uid_base: args.local_task_uid_base,
+        });
+    }
+    if args.local_executor_shared_user {
+        tracing::warn!(
+            target: super::LOG_TARGET,
+            "local tasks run as the dispatcher's own user (--local-executor-shared-user): they can read its database, its report-token key and each other's files"
+        );
+        return Ok(TaskUsers::Shared { more_tenants: true });
+    }
+    let tenants = store.tenant_count().await.context("counting tenants")?;
+    if let Some(refusal) = isolation::shared_user_refusal(args.listen, tenants) {
+        anyhow::bail!(refusal);
+    }
+    Ok(TaskUsers::Shared {
+        more_tenants: false,
+    })
+}
+
+/// With a user per tenant, checks that the first of those users can run `runner` in
+/// `workdir`: that the dispatcher may change user, and that every folder above both is
+/// open to other users.
+pub(super) async fn check_task_users(
+    runner: &Path,
+    workdir: &Path,
+    users: TaskUsers,
+) -> anyhow::Result<()> {
+    let TaskUsers::PerTenant { uid_base } = users else {
+        return Ok(());
+    };
+    let ran = tokio::process::Command::new(runner)
+        .arg("--version")
+        .env_clear()
+        .current_dir(workdir)
+        .uid(uid_base)
+        .gid(uid_base)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    let problem = match ran {
+        Ok(output) if output.status.success() => return Ok(()),
+        Ok(output) => format!(
+            "it exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+        Err(error) => error.to_string(),
+    };
+    anyhow::bail!(
+        "the local executor runs each tenant's tasks as a user of its own (from --local-task-uid-base {uid_base}), and user {uid_base} cannot run {} in {}: {problem}. Every folder above both must be open to other users (o+x), and the dispatcher needs CAP_SETUID, CAP_SETGID, CAP_CHOWN and CAP_KILL",
+        runner.display(),
+        workdir.display()
+    )
 }
 
 #[cfg(test)]

@@ -8,13 +8,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-use super::executor::{choose_executor, find_runner, kube_client};
+use super::executor::{
+    check_task_users, choose_executor, find_runner, kube_client, local_task_users,
+};
 use super::{LOG_TARGET, healthcheck, redact, settings};
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
 use crate::launcher::{
-    Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor, QuotaWaits,
+    Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor, QuotaWaits, isolation,
 };
 use crate::lifecycle::{Lifecycle, RetrySettings};
 use crate::metrics::Metrics;
@@ -29,6 +31,10 @@ use crate::watcher::Watcher;
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Everything this process creates (the SQLite file and its journals, the local work
+    // folders, secrets) is its own alone unless it says otherwise; local tasks inherit
+    // the mask, so their files are their user's alone too.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let (executor_choice, why) = choose_executor(
         args.executor,
         args.kubeconfig.as_deref(),
@@ -115,8 +121,13 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             config::program_search_path().as_deref(),
         )?;
         tracing::info!(target: LOG_TARGET, runner = %runner.display(), "local tasks run through this runner");
-        let local = LocalExecutor::new(lifecycle.clone(), args.local_workdir.clone())
-            .with_runner(runner, report_issuer.clone());
+        let users = local_task_users(&args, &store).await?;
+        let workdir = isolation::prepare_root(&args.local_workdir, users)?;
+        check_task_users(&runner, &workdir, users).await?;
+        tracing::info!(target: LOG_TARGET, workdir = %workdir.display(), users = ?users, "local tasks run in this folder");
+        let local = LocalExecutor::new(lifecycle.clone(), workdir)
+            .with_runner(runner, report_issuer.clone())
+            .with_users(users);
         if args.roles.contains(&Role::Launcher) {
             lifecycle.end_orphaned_local_attempts().await;
         }
@@ -194,6 +205,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         follow_poll: Duration::from_millis(250),
         report_tokens,
         snapshot: Arc::new(settings::snapshot_config(&args)),
+        reports: settings::report_limits(&args),
     };
     let router = if args.roles.contains(&Role::Api) {
         api::router(state)

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use crate::api::ReportLimits;
 use crate::config::ServeArgs;
 use crate::launcher::job_spec::{LaunchConfig, RunnerInjection};
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::placement::PlacementCatalog;
+use crate::store::ReportAllowance;
 use crate::task::submission::{Limits, ShmRule};
 use crate::watcher::lease::LeaseConfig;
 
@@ -22,6 +24,19 @@ pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
             without_memory_request: args.placement.shm_without_memory,
         },
         ..Limits::default()
+    }
+}
+
+/// What the report endpoint takes from one task attempt.
+pub(super) fn report_limits(args: &ServeArgs) -> ReportLimits {
+    ReportLimits {
+        allowance: ReportAllowance {
+            max_reports: args.runner.max_reports_per_attempt,
+            max_bytes: args.runner.max_report_bytes_per_attempt,
+            after_end: jiff::SignedDuration::try_from(args.runner.reports_after_end)
+                .unwrap_or(jiff::SignedDuration::MAX),
+        },
+        max_cost_usd: args.runner.max_report_cost_usd,
     }
 }
 
@@ -83,7 +98,8 @@ mod tests {
 
     use clap::Parser as _;
 
-    use super::{instance, launch_config, lease, limits, snapshot_config};
+    use super::{instance, launch_config, lease, limits, report_limits, snapshot_config};
+    use crate::api::ReportLimits;
     use crate::config::{Cli, Command, ServeArgs};
     use crate::launcher::job_spec::LaunchConfig;
     use crate::metrics::snapshot::SnapshotConfig;
@@ -106,6 +122,7 @@ mod tests {
         let catalog = PlacementCatalog::default();
         assert_eq!(launch_config(&args, &catalog), LaunchConfig::default());
         assert_eq!(limits(&args, &catalog), Limits::default());
+        assert_eq!(report_limits(&args), ReportLimits::default());
         let snapshot = snapshot_config(&args);
         assert_eq!(snapshot.max_age, SnapshotConfig::default().max_age);
         assert_eq!(

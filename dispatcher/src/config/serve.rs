@@ -7,17 +7,24 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::values::{duration_default, parse_duration, parse_fraction};
+use super::values::{duration_default, parse_dollars, parse_duration, parse_fraction};
 use super::{DatabaseArgs, ExecutorChoice, Role};
+use crate::api::ReportLimits;
 use crate::cost::Prices;
 use crate::launcher::job_spec::{
     DEFAULT_HEARTBEAT, DEFAULT_NAMESPACE, DEFAULT_RUN_AS_USER, DEFAULT_RUNNER_IMAGE,
     DEFAULT_TTL_AFTER_FINISHED, ImagePullPolicy,
 };
 use crate::metrics::snapshot::SnapshotConfig;
+use crate::store::ReportAllowance;
 use crate::task::Memory;
 use crate::task::retry::{MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, RetryDefaults};
 use crate::task::submission::ShmRule;
+
+/// The first user id of the local executor's tasks (as root): far above the ids of
+/// people and system services, and below the ranges container runtimes and systemd
+/// hand out.
+const DEFAULT_TASK_UID_BASE: u32 = 2_000_000_000;
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -120,6 +127,19 @@ pub struct ServeArgs {
         default_value = "agent-bus-work"
     )]
     pub local_workdir: PathBuf,
+    /// As root, the local executor runs each tenant's tasks as user and group id BASE + n,
+    /// n being the tenant's slot (given once per tenant, never reused); the ids need no
+    /// /etc/passwd entries.
+    #[arg(long, env = "AGENT_BUS_LOCAL_TASK_UID_BASE", default_value_t = DEFAULT_TASK_UID_BASE,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub local_task_uid_base: u32,
+    /// Let a dispatcher that is not root run local tasks of more than one tenant, or
+    /// listen beyond loopback, although every task then runs as the dispatcher's own user
+    /// and can read its database, its report-token key and the other tasks' files.
+    /// Without it, such a dispatcher refuses to start (and to run tasks of a second
+    /// tenant created meanwhile).
+    #[arg(long, env = "AGENT_BUS_LOCAL_EXECUTOR_SHARED_USER")]
+    pub local_executor_shared_user: bool,
     #[command(flatten)]
     pub placement: PlacementArgs,
     #[command(flatten)]
@@ -262,6 +282,19 @@ pub struct RunnerArgs {
     /// Also fail such a task (and delete its Job) instead of only showing the reason.
     #[arg(long, env = "AGENT_BUS_FAIL_ON_HEARTBEAT_LOST")]
     pub fail_on_heartbeat_lost: bool,
+    /// Progress and usage reports one task attempt may send; more get 429.
+    #[arg(long, env = "AGENT_BUS_MAX_REPORTS_PER_ATTEMPT", default_value_t = ReportAllowance::default().max_reports)]
+    pub max_reports_per_attempt: u64,
+    /// Bytes of progress and usage reports one task attempt may send; more get 429.
+    #[arg(long, env = "AGENT_BUS_MAX_REPORT_BYTES_PER_ATTEMPT", default_value_t = ReportAllowance::default().max_bytes)]
+    pub max_report_bytes_per_attempt: u64,
+    /// The most dollars one usage report may carry; more get 422.
+    #[arg(long, env = "AGENT_BUS_MAX_REPORT_COST_USD", default_value_t = ReportLimits::default().max_cost_usd, value_parser = parse_dollars)]
+    pub max_report_cost_usd: f64,
+    /// How long after its attempt ended a runner may still report (its last reports);
+    /// later reports get 409.
+    #[arg(long, env = "AGENT_BUS_REPORTS_AFTER_END", value_parser = parse_duration, default_value = "2m")]
+    pub reports_after_end: Duration,
 }
 
 #[cfg(test)]

@@ -38,6 +38,14 @@ pub(super) fn parse_gpu_quota(text: &str) -> Result<(String, u32), String> {
     Ok((class.to_owned(), count))
 }
 
+/// Dollars: a finite number, 0 or more.
+pub(super) fn parse_dollars(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+        _ => Err(format!("'{text}' is not a number of dollars (0 or more)")),
+    }
+}
+
 pub(super) fn parse_fraction(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(value) if value > 0.0 && value <= 1.0 => Ok(value),

@@ -6,7 +6,11 @@
 //! class) and the last lines of output, and stops the process on cancel.
 //!
 //! Invariants: the child gets a clean environment (the task's variables, PATH, HOME and
-//! the runner's AGENT_BUS_* variables, never the dispatcher's own secrets); one process
+//! the runner's AGENT_BUS_* variables, never the dispatcher's own secrets); as root, it
+//! runs as its tenant's own user in a folder only that user can enter (see
+//! [`super::isolation`]), and without root it serves one tenant unless told otherwise;
+//! the termination log the task could have replaced is read without following links
+//! and bounded; one process
 //! per task attempt; the recorded outcome is a compare-and-set from `running`, so a
 //! cancel that won the race is never overwritten; a runner that does not stop within its
 //! own timeout and grace is killed; the runner's own `started` report may move the task
@@ -25,6 +29,7 @@ use tokio::sync::oneshot;
 use protocol::{TerminationSummary, env as runner_env};
 
 use super::LaunchOutcome;
+use super::isolation::{self, TaskUser, TaskUsers};
 use super::job_spec::DEADLINE_MARGIN_SECONDS;
 use crate::lifecycle::Lifecycle;
 use crate::report::{ReportIssuer, outcome_of};
@@ -43,6 +48,9 @@ pub struct LocalExecutor {
     workdir: PathBuf,
     runner: Option<LocalRunner>,
     running: Arc<Mutex<HashMap<TaskId, oneshot::Sender<()>>>>,
+    users: TaskUsers,
+    /// Each tenant's task user, once read from the store (it never changes).
+    known_users: Arc<Mutex<HashMap<String, TaskUser>>>,
 }
 
 /// The runner binary and where it reports.
@@ -70,6 +78,64 @@ impl LocalExecutor {
             workdir,
             runner: None,
             running: Arc::default(),
+            users: TaskUsers::Shared { more_tenants: true },
+            known_users: Arc::default(),
+        }
+    }
+
+    /// Runs tasks as `users` in `workdir` as [`isolation::prepare_root`] left it.
+    #[must_use]
+    pub fn with_users(mut self, users: TaskUsers) -> Self {
+        self.users = users;
+        self
+    }
+
+    /// The user a task of `task`'s tenant runs as (`None`: the dispatcher's own), or
+    /// why it may not run.
+    async fn task_user(&self, task: &Task) -> Result<Option<TaskUser>, LaunchOutcome> {
+        match self.users {
+            TaskUsers::Shared { more_tenants: true } => Ok(None),
+            TaskUsers::Shared {
+                more_tenants: false,
+            } => {
+                // Tenants can be created while the dispatcher runs: count at each launch.
+                let tenants = self
+                    .lifecycle
+                    .store()
+                    .tenant_count()
+                    .await
+                    .map_err(|e| LaunchOutcome::Transient(e.to_string()))?;
+                match isolation::too_many_tenants(tenants) {
+                    Some(refusal) => Err(LaunchOutcome::Rejected(refusal)),
+                    None => Ok(None),
+                }
+            }
+            TaskUsers::PerTenant { uid_base } => {
+                let known = self
+                    .known_users
+                    .lock()
+                    .ok()
+                    .and_then(|users| users.get(&task.tenant).copied());
+                if let Some(user) = known {
+                    return Ok(Some(user));
+                }
+                let slot = self
+                    .lifecycle
+                    .store()
+                    .local_task_slot(&task.tenant)
+                    .await
+                    .map_err(|e| LaunchOutcome::Transient(e.to_string()))?;
+                let user = TaskUser::of_slot(uid_base, slot).ok_or_else(|| {
+                    LaunchOutcome::Rejected(format!(
+                        "no user id is left for tenant '{}' (slot {slot} above --local-task-uid-base {uid_base})",
+                        task.tenant
+                    ))
+                })?;
+                if let Ok(mut users) = self.known_users.lock() {
+                    users.insert(task.tenant.clone(), user);
+                }
+                Ok(Some(user))
+            }
         }
     }
 
@@ -90,10 +156,24 @@ impl LocalExecutor {
                 "the local executor needs a command (it runs no image entrypoint)".to_owned(),
             );
         };
-        let dir = self.workdir.join(format!("{}-{}", task.id, task.attempt));
-        if let Err(error) = tokio::fs::create_dir_all(&dir).await {
-            return LaunchOutcome::Transient(format!("creating {}: {error}", dir.display()));
-        }
+        let user = match self.task_user(task).await {
+            Ok(user) => user,
+            Err(refused) => return refused,
+        };
+        let (root, tenant) = (self.workdir.clone(), task.tenant.clone());
+        let name = format!("{}-{}", task.id, task.attempt);
+        let prepared = tokio::task::spawn_blocking(move || {
+            isolation::attempt_folder(&root, &tenant, &name, user)
+        })
+        .await;
+        let dir = match prepared {
+            Ok(Ok(dir)) => dir,
+            Ok(Err(error @ isolation::IsolationError::TenantName(_))) => {
+                return LaunchOutcome::Rejected(error.to_string());
+            }
+            Ok(Err(error)) => return LaunchOutcome::Transient(error.to_string()),
+            Err(error) => return LaunchOutcome::Transient(error.to_string()),
+        };
         // Absolute: the runner runs in the task's folder, not the dispatcher's.
         let termination_log = std::path::absolute(dir.join("termination-log"))
             .unwrap_or_else(|_| dir.join("termination-log"));
@@ -136,6 +216,10 @@ impl LocalExecutor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(user) = user {
+            // As root, the standard library also drops the supplementary groups.
+            command.uid(user.uid).gid(user.gid);
+        }
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
@@ -218,9 +302,8 @@ impl LocalExecutor {
                     ))
                 })
                 .unwrap_or_default();
-            let summary = tokio::fs::read_to_string(&termination_log)
+            let summary = read_termination_log(&termination_log)
                 .await
-                .ok()
                 .and_then(|text| TerminationSummary::from_message(&text));
             if let Some(summary) = &summary
                 && let Err(error) = executor
@@ -293,6 +376,28 @@ impl LocalExecutor {
             let _ = sender.send(());
         }
     }
+}
+
+/// The runner's summary as the task's user left it: the task could have put a link, a
+/// FIFO or a huge file there, so it is opened without following links or waiting, and
+/// only a regular file's first bytes (as many as a termination message may have) are read.
+async fn read_termination_log(path: &std::path::Path) -> Option<String> {
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(path)
+        .await
+        .ok()?;
+    if !file.metadata().await.ok()?.is_file() {
+        return None;
+    }
+    let mut text = Vec::new();
+    file.take(protocol::TERMINATION_MESSAGE_LIMIT as u64)
+        .read_to_end(&mut text)
+        .await
+        .ok()?;
+    String::from_utf8(text).ok()
 }
 
 /// The command's output without the runner's own `runner:` log lines (which pods keep in

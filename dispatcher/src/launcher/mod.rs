@@ -18,6 +18,7 @@
 //!   launcher that dies mid-launch leaves the entry for another to claim.
 
 mod fair;
+pub mod isolation;
 pub mod job_spec;
 pub mod kubernetes;
 pub mod local;

@@ -40,6 +40,14 @@ pub struct RunnerView {
     pub usage: Vec<Usage>,
     /// The sum of `usage[].cost_usd`.
     pub usage_cost_usd: f64,
+    /// The usage leaves out reports past the most the view reads
+    /// (`store::MAX_USAGE_REPORTS_READ`); the task's LLM cost counts them all.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub usage_truncated: bool,
+    /// Reports the current attempt's runner had stored (heartbeats are not stored).
+    pub reports_stored: u64,
+    /// The bytes of its progress and usage reports (bounded per attempt).
+    pub report_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<OutcomeView>,
 }
@@ -119,6 +127,9 @@ pub fn runner_view(
         progress: None,
         usage: Vec::new(),
         usage_cost_usd: 0.0,
+        usage_truncated: false,
+        reports_stored: 0,
+        report_bytes: 0,
         outcome: None,
     };
     let mut usage: BTreeMap<String, Usage> = BTreeMap::new();
@@ -172,10 +183,45 @@ pub fn runner_view(
             "termination_message",
         ));
     }
-    view.usage = usage.into_values().collect();
+    view.usage = bounded_usage(usage);
     // A fold from +0.0: `sum()` of no floats is -0.0, which would show as "-0.0".
     view.usage_cost_usd = view.usage.iter().fold(0.0, |total, u| total + u.cost_usd);
     Some(view)
+}
+
+/// The most models the view lists; the rest are summed as one entry [`OTHER_MODELS`].
+pub const MAX_MODELS_SHOWN: usize = 50;
+/// The model name of that entry.
+pub const OTHER_MODELS: &str = "(other models)";
+
+/// The usage per model, the models with the highest cost first when there are more
+/// than [`MAX_MODELS_SHOWN`], the rest summed into one entry; else by model name.
+fn bounded_usage(usage: BTreeMap<String, Usage>) -> Vec<Usage> {
+    let mut all: Vec<Usage> = usage.into_values().collect();
+    if all.len() <= MAX_MODELS_SHOWN {
+        return all;
+    }
+    all.sort_by(|a, b| {
+        b.cost_usd
+            .total_cmp(&a.cost_usd)
+            .then(a.model.cmp(&b.model))
+    });
+    let rest = all.split_off(MAX_MODELS_SHOWN - 1);
+    let other = rest.iter().fold(
+        Usage {
+            model: OTHER_MODELS.to_owned(),
+            ..Usage::default()
+        },
+        |mut total, u| {
+            total.calls = total.calls.saturating_add(u.calls);
+            total.input_tokens = total.input_tokens.saturating_add(u.input_tokens);
+            total.output_tokens = total.output_tokens.saturating_add(u.output_tokens);
+            total.cost_usd += u.cost_usd;
+            total
+        },
+    );
+    all.push(other);
+    all
 }
 
 #[cfg(test)]
@@ -259,6 +305,27 @@ mod tests {
             no_usage.usage_cost_usd.is_sign_positive(),
             "0.0, never -0.0"
         );
+    }
+
+    #[test]
+    fn the_usage_list_is_bounded_and_keeps_the_costliest_models() {
+        let reports: Vec<_> = (0..80_u32)
+            .map(|i| {
+                report(
+                    1,
+                    u64::from(i) + 1,
+                    usage(&format!("m{i:02}"), 1, f64::from(i)),
+                )
+            })
+            .collect();
+        let view = runner_view(1, &reports, None).unwrap();
+        assert_eq!(view.usage.len(), super::MAX_MODELS_SHOWN);
+        assert_eq!(view.usage[0].model, "m79");
+        let other = view.usage.last().unwrap();
+        assert_eq!(other.model, super::OTHER_MODELS);
+        assert_eq!(other.calls, 80 - 49);
+        let total: f64 = (0..80).map(f64::from).sum();
+        assert!((view.usage_cost_usd - total).abs() < 1e-6);
     }
 
     #[test]

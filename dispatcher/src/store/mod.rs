@@ -48,6 +48,7 @@
 mod attempts;
 mod error;
 mod events;
+mod local_users;
 mod quotas;
 mod reports;
 mod row;
@@ -71,7 +72,8 @@ pub use crate::cost::{Budget, BudgetAction};
 pub use events::TaskEvent;
 pub use quotas::{ACTIVE, WaitFigures};
 pub use reports::{
-    LastHeartbeat, Recorded, StoredBody, StoredReport, TERMINATION_SEQUENCE, UnreportedUsage,
+    Exhausted, LastHeartbeat, MAX_USAGE_REPORTS_READ, Recorded, Recording, ReportAllowance,
+    ReportSummary, StoredBody, StoredReport, TERMINATION_SEQUENCE, UnreportedUsage,
 };
 pub use spend::{ActiveTask, GroupBy, QueueFigures, UsageGroup};
 pub use tasks::{Idempotency, Inserted, ListFilter, NewTask};
@@ -179,6 +181,12 @@ impl Store {
         let url = match backend {
             Backend::Postgres => url.to_owned(),
             Backend::Sqlite => {
+                let file = sqlite_file(url);
+                if let Some(file) = &file {
+                    private_file(file, true)
+                        .map_err(sqlx::Error::Io)
+                        .during(during)?;
+                }
                 let url = sqlite_url(url);
                 // WAL lets readers run beside the writer. It is a property of the file,
                 // so it is set once, on a connection of its own, before the pool opens.
@@ -188,6 +196,17 @@ impl Store {
                     .await
                     .during(during)?;
                 connection.close().await.during(during)?;
+                // SQLite makes its journals with the database file's mode, but files made
+                // before (by an older dispatcher, or with a looser umask) keep theirs.
+                if let Some(file) = &file {
+                    for suffix in ["-wal", "-shm", "-journal"] {
+                        let mut journal = file.clone().into_os_string();
+                        journal.push(suffix);
+                        private_file(std::path::Path::new(&journal), false)
+                            .map_err(sqlx::Error::Io)
+                            .during(during)?;
+                    }
+                }
                 url
             }
         };
@@ -293,6 +312,40 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 }
 
 /// `sqlite://PATH` with `mode=rwc` (create the file if missing) unless a mode is given.
+/// The file an SQLite URL names (`sqlite://agent-bus.db`, `sqlite:///var/lib/x.db`,
+/// `sqlite:x.db?mode=rwc`); `None` for an in-memory database.
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    (!path.is_empty() && !path.contains(":memory:")).then(|| std::path::PathBuf::from(path))
+}
+
+/// Makes `path` readable and writable by this process's user only (0600), creating it
+/// empty first when `create` (SQLite takes an empty file as a new database). The
+/// database holds the report-token key and the tenants' key hashes, and local tasks run
+/// on the same machine.
+fn private_file(path: &std::path::Path, create: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    if create {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 fn sqlite_url(url: &str) -> String {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     if path.ends_with(":memory:") || query.split('&').any(|pair| pair.starts_with("mode=")) {
@@ -306,7 +359,28 @@ fn sqlite_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Backend, sqlite_url};
+    use super::{Backend, sqlite_file, sqlite_url};
+
+    #[test]
+    fn the_sqlite_file_is_found_in_every_url_form() {
+        for (url, file) in [
+            ("sqlite://agent-bus.db", Some("agent-bus.db")),
+            (
+                "sqlite:///var/lib/agent-bus/state.db",
+                Some("/var/lib/agent-bus/state.db"),
+            ),
+            ("sqlite:x.db?mode=rwc", Some("x.db")),
+            ("sqlite::memory:", None),
+            ("sqlite://:memory:", None),
+            ("postgres://h/db", None),
+        ] {
+            assert_eq!(
+                sqlite_file(url),
+                file.map(std::path::PathBuf::from),
+                "{url}"
+            );
+        }
+    }
 
     #[test]
     fn the_scheme_picks_the_backend() {

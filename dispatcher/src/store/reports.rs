@@ -7,7 +7,10 @@
 //! attempt's heartbeat; a replacement pod of the same attempt numbers its reports from
 //! its own start ([`protocol::first_sequence`]), so its progress, usage and outcome are
 //! kept beside the first pod's, and its termination summary is compared with its own
-//! usage reports only.
+//! usage reports only;
+//! - an attempt takes reports until a while after it ended ([`ReportAllowance`]), and at
+//!   most so many progress and usage reports (count and bytes) and so many started and
+//!   finished ones: a batch past either is refused whole, nothing of it stored.
 
 use protocol::{Heartbeat, Report, ReportBody, TerminationSummary, Usage};
 use tracing::instrument;
@@ -36,6 +39,177 @@ pub struct StoredReport {
     pub sequence: u64,
     pub received_at: jiff::Timestamp,
     pub body: StoredBody,
+}
+
+/// What one task attempt's runner may report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportAllowance {
+    /// Progress and usage reports stored per attempt.
+    pub max_reports: u64,
+    /// Their stored size (JSON bytes) per attempt.
+    pub max_bytes: u64,
+    /// How long after its attempt ended a runner may still report (its final flush).
+    pub after_end: jiff::SignedDuration,
+}
+
+impl ReportAllowance {
+    /// Started and finished reports stored per attempt: one of each per pod, and an
+    /// attempt only gets a replacement pod after an eviction or a lost node.
+    pub const MAX_LIFECYCLE_REPORTS: u64 = 16;
+}
+
+impl Default for ReportAllowance {
+    fn default() -> Self {
+        Self {
+            max_reports: 10_000,
+            max_bytes: 16 * 1024 * 1024,
+            after_end: jiff::SignedDuration::from_mins(2),
+        }
+    }
+}
+
+/// Which part of its allowance a refused batch would have gone past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exhausted {
+    /// Progress and usage reports, at most this many.
+    Reports(u64),
+    /// Their bytes, at most this many.
+    Bytes(u64),
+    /// Started and finished reports, at most this many.
+    LifecycleReports(u64),
+}
+
+/// What became of a batch of reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recording {
+    Recorded(Recorded),
+    /// No such task.
+    NoTask,
+    /// The attempt ended at `ended_at`, longer ago than the allowance's `after_end`, or
+    /// it has not begun (`None`).
+    AttemptOver {
+        ended_at: Option<jiff::Timestamp>,
+    },
+    /// The batch would take the attempt past its allowance; nothing of it was stored.
+    Exhausted(Exhausted),
+}
+
+impl Recording {
+    /// What was recorded, if the batch was.
+    #[must_use]
+    pub fn recorded(self) -> Option<Recorded> {
+        match self {
+            Self::Recorded(recorded) => Some(recorded),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `attempt` of `task` still takes reports at `now`: until `after_end` past its
+/// end. An earlier attempt ended when the current one was queued (or before).
+fn attempt_open(
+    task: &Task,
+    attempt: u32,
+    now: jiff::Timestamp,
+    after_end: jiff::SignedDuration,
+) -> Result<(), Option<jiff::Timestamp>> {
+    let ended_at = if attempt > task.attempt {
+        return Err(None);
+    } else if attempt < task.attempt {
+        task.timeline.queued_at.unwrap_or(task.updated_at)
+    } else if task.state.is_terminal() {
+        task.timeline.finished_at.unwrap_or(task.updated_at)
+    } else {
+        return Ok(());
+    };
+    if now.duration_since(ended_at) > after_end {
+        Err(Some(ended_at))
+    } else {
+        Ok(())
+    }
+}
+
+/// Adds a batch's new reports to its attempt's totals unless that goes past `allowance`;
+/// which limit it would pass otherwise.
+async fn count_against_allowance(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: TaskId,
+    attempt: u32,
+    added: Totals,
+    allowance: &ReportAllowance,
+) -> std::result::Result<Option<Exhausted>, sqlx::Error> {
+    if added == Totals::default() {
+        return Ok(None);
+    }
+    let current: Option<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT reports, bytes, lifecycle_reports FROM attempt_report_totals \
+         WHERE task_id = $1 AND attempt = $2",
+    )
+    .bind(id.to_string())
+    .bind(attempt as i32)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let (reports, bytes, lifecycle) = current.unwrap_or_default();
+    let sum = |stored: i64, new: u64| {
+        u64::try_from(stored)
+            .unwrap_or_default()
+            .saturating_add(new)
+    };
+    let after = Totals {
+        reports: sum(reports, added.reports),
+        bytes: sum(bytes, added.bytes),
+        lifecycle: sum(lifecycle, added.lifecycle),
+    };
+    if added.reports > 0 && after.reports > allowance.max_reports {
+        return Ok(Some(Exhausted::Reports(allowance.max_reports)));
+    }
+    if added.bytes > 0 && after.bytes > allowance.max_bytes {
+        return Ok(Some(Exhausted::Bytes(allowance.max_bytes)));
+    }
+    if added.lifecycle > 0 && after.lifecycle > ReportAllowance::MAX_LIFECYCLE_REPORTS {
+        return Ok(Some(Exhausted::LifecycleReports(
+            ReportAllowance::MAX_LIFECYCLE_REPORTS,
+        )));
+    }
+    let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    // The write takes the row's lock (PostgreSQL) or the database's (SQLite's BEGIN
+    // IMMEDIATE), and the guard checks again against what is stored then, so two batches
+    // at once never pass the allowance together.
+    let written = sqlx::query(
+        "INSERT INTO attempt_report_totals (task_id, attempt, reports, bytes, lifecycle_reports) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (task_id, attempt) DO UPDATE SET \
+             reports = attempt_report_totals.reports + excluded.reports, \
+             bytes = attempt_report_totals.bytes + excluded.bytes, \
+             lifecycle_reports = attempt_report_totals.lifecycle_reports + excluded.lifecycle_reports \
+         WHERE (excluded.reports = 0 OR attempt_report_totals.reports + excluded.reports <= $6) \
+           AND (excluded.bytes = 0 OR attempt_report_totals.bytes + excluded.bytes <= $7) \
+           AND (excluded.lifecycle_reports = 0 \
+                OR attempt_report_totals.lifecycle_reports + excluded.lifecycle_reports <= $8)",
+    )
+    .bind(id.to_string())
+    .bind(attempt as i32)
+    .bind(as_i64(added.reports))
+    .bind(as_i64(added.bytes))
+    .bind(as_i64(added.lifecycle))
+    .bind(as_i64(allowance.max_reports))
+    .bind(as_i64(allowance.max_bytes))
+    .bind(as_i64(ReportAllowance::MAX_LIFECYCLE_REPORTS))
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok((written == 0).then_some(Exhausted::Reports(allowance.max_reports)))
+}
+
+/// Reports new to the store, as they count against the allowance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Totals {
+    /// Progress and usage.
+    reports: u64,
+    /// Their JSON bytes.
+    bytes: u64,
+    /// Started and finished.
+    lifecycle: u64,
 }
 
 /// What recording a batch did.
@@ -108,6 +282,11 @@ fn usage_beyond(totals: &[Usage], reported: &[Usage]) -> Vec<Usage> {
         })
         .collect()
 }
+
+/// The most models of a termination summary whose unreported usage counts.
+const MAX_SUMMARY_MODELS: usize = 64;
+/// The most unreported dollars a termination summary adds per model.
+const MAX_SUMMARY_DOLLARS_PER_MODEL: f64 = 1e9;
 
 /// The dollars of a usage report that count: a finite, positive `cost_usd` (the API
 /// refuses others; a summary read from a pod is not checked).
@@ -187,6 +366,50 @@ async fn task_in(
 /// The stored kind of usage reports.
 const KIND_USAGE: &str = "usage";
 
+/// The most usage reports the task view folds (over all attempts).
+pub const MAX_USAGE_REPORTS_READ: usize = 20_000;
+
+/// A `task_reports` row as read: attempt, sequence, kind, body, received at.
+type ReportRow = (i32, i64, String, String, i64);
+
+/// The reports the task view folds, and how many the current attempt stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportSummary {
+    /// By attempt and sequence.
+    pub reports: Vec<StoredReport>,
+    /// More usage reports were stored than were read.
+    pub usage_truncated: bool,
+    /// Reports the current attempt stored (heartbeats are not stored).
+    pub stored: u64,
+    /// The bytes of its progress and usage reports.
+    pub stored_bytes: u64,
+}
+
+fn stored_report(
+    id: TaskId,
+    (attempt, sequence, kind, body, received_at): ReportRow,
+) -> Result<StoredReport> {
+    let record = || format!("report {sequence} of task {id}");
+    let body = if kind == TERMINATION_KIND {
+        StoredBody::Termination(
+            serde_json::from_str(&body)
+                .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+        )
+    } else {
+        let report: Report = serde_json::from_str(&body)
+            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?;
+        StoredBody::Runner(report.body)
+    };
+    Ok(StoredReport {
+        attempt: u32::try_from(attempt)
+            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+        sequence: u64::try_from(sequence)
+            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+        received_at: row::timestamp(received_at, &record)?,
+        body,
+    })
+}
+
 fn kind_of(body: &ReportBody) -> &'static str {
     match body {
         ReportBody::Started(_) => "started",
@@ -207,16 +430,24 @@ impl Store {
         id: TaskId,
         attempt: u32,
         reports: &[Report],
-    ) -> Result<Option<Recorded>> {
+        allowance: &ReportAllowance,
+    ) -> Result<Recording> {
         self.timed("record_reports", async {
             let during = || format!("recording reports of task {id} attempt {attempt}");
             let now = now_millis();
             let mut tx = self.begin_write().await.during(during)?;
             let Some(task) = task_in(&mut tx, id).await.during(during)?.transpose()? else {
                 tx.rollback().await.during(during)?;
-                return Ok(None);
+                return Ok(Recording::NoTask);
             };
+            if let Err(ended_at) =
+                attempt_open(&task, attempt, jiff::Timestamp::now(), allowance.after_end)
+            {
+                tx.rollback().await.during(during)?;
+                return Ok(Recording::AttemptOver { ended_at });
+            }
             let current = task.attempt == attempt;
+            let mut added = Totals::default();
             let (mut accepted, mut duplicates, mut started) = (0, 0, false);
             let mut new_usage = Vec::new();
             let mut new = Vec::new();
@@ -238,17 +469,34 @@ impl Store {
                     body,
                     at: now,
                 };
+                let bytes = stored.body.len() as u64;
                 let inserted = insert_once(&mut tx, stored).await.during(during)?;
                 if inserted == 0 {
                     duplicates += 1;
                 } else {
                     accepted += 1;
+                    if matches!(
+                        report.body,
+                        ReportBody::Started(_) | ReportBody::Finished(_)
+                    ) {
+                        added.lifecycle += 1;
+                    } else {
+                        added.reports += 1;
+                        added.bytes += bytes;
+                    }
                     started |= current && matches!(report.body, ReportBody::Started(_));
                     if let ReportBody::Usage(usage) = &report.body {
                         new_usage.push(usage);
                     }
                     new.push(position);
                 }
+            }
+            if let Some(exhausted) = count_against_allowance(&mut tx, id, attempt, added, allowance)
+                .await
+                .during(during)?
+            {
+                tx.rollback().await.during(during)?;
+                return Ok(Recording::Exhausted(exhausted));
             }
             let llm_dollars: f64 = new_usage.iter().map(|u| billable(u.cost_usd)).sum();
             add_llm_cost(&mut tx, id, llm_dollars)
@@ -282,7 +530,7 @@ impl Store {
                 .during(during)?;
             }
             tx.commit().await.during(during)?;
-            Ok(Some(Recorded {
+            Ok(Recording::Recorded(Recorded {
                 accepted,
                 duplicates,
                 started,
@@ -346,6 +594,12 @@ impl Store {
                     })
                     .collect();
                 unreported = usage_beyond(&summary.usage, &reported);
+                // The summary comes from a file the workload can write: its figures count,
+                // but never enough of them, or large enough, to make a sum infinite.
+                unreported.truncate(MAX_SUMMARY_MODELS);
+                for usage in &mut unreported {
+                    usage.cost_usd = usage.cost_usd.min(MAX_SUMMARY_DOLLARS_PER_MODEL);
+                }
                 let dollars: f64 = unreported.iter().map(|u| u.cost_usd).sum();
                 add_llm_cost(&mut tx, id, dollars).await.during(during)?;
                 if !unreported.is_empty() {
@@ -362,10 +616,12 @@ impl Store {
     }
 
     /// Every stored report of task `id` (heartbeats excluded), by attempt and sequence.
+    /// Unbounded but for the per-attempt allowance: for tests and tools; the API reads
+    /// [`Store::report_summary`].
     pub async fn reports(&self, id: TaskId) -> Result<Vec<StoredReport>> {
         self.timed("reports", async {
             let during = || format!("reading the reports of task {id}");
-            let rows: Vec<(i32, i64, String, String, i64)> = sqlx::query_as(
+            let rows: Vec<ReportRow> = sqlx::query_as(
                 "SELECT attempt, sequence, kind, body, received_at FROM task_reports \
                  WHERE task_id = $1 ORDER BY attempt, sequence",
             )
@@ -373,29 +629,79 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .during(during)?;
-            rows.into_iter()
-                .map(|(attempt, sequence, kind, body, received_at)| {
-                    let record = || format!("report {sequence} of task {id}");
-                    let body = if kind == TERMINATION_KIND {
-                        StoredBody::Termination(
-                            serde_json::from_str(&body)
-                                .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
-                        )
-                    } else {
-                        let report: Report = serde_json::from_str(&body)
-                            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?;
-                        StoredBody::Runner(report.body)
-                    };
-                    Ok(StoredReport {
-                        attempt: u32::try_from(attempt)
-                            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
-                        sequence: u64::try_from(sequence)
-                            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
-                        received_at: row::timestamp(received_at, &record)?,
-                        body,
-                    })
-                })
-                .collect()
+            rows.into_iter().map(|row| stored_report(id, row)).collect()
+        })
+        .await
+    }
+
+    /// What the task view folds for `attempt` (the current one) of task `id`: the usage
+    /// reports of every attempt (at most [`MAX_USAGE_REPORTS_READ`]), the started and
+    /// finished reports and termination summary of `attempt`, its latest progress, and
+    /// its totals. A bounded read whatever the runner sent.
+    pub async fn report_summary(&self, id: TaskId, attempt: u32) -> Result<ReportSummary> {
+        self.timed("report_summary", async {
+            let during = || format!("reading the report summary of task {id}");
+            let mut usage: Vec<ReportRow> = sqlx::query_as(
+                "SELECT attempt, sequence, kind, body, received_at FROM task_reports \
+                 WHERE task_id = $1 AND kind = $2 ORDER BY attempt, sequence LIMIT $3",
+            )
+            .bind(id.to_string())
+            .bind(KIND_USAGE)
+            .bind(i64::try_from(MAX_USAGE_REPORTS_READ).unwrap_or(i64::MAX) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .during(during)?;
+            let usage_truncated = usage.len() > MAX_USAGE_REPORTS_READ;
+            usage.truncate(MAX_USAGE_REPORTS_READ);
+            let mut rows: Vec<ReportRow> = sqlx::query_as(
+                "SELECT attempt, sequence, kind, body, received_at FROM task_reports \
+                 WHERE task_id = $1 AND attempt = $2 AND kind IN ($3, $4, $5) \
+                 ORDER BY sequence LIMIT $6",
+            )
+            .bind(id.to_string())
+            .bind(attempt as i32)
+            .bind("started")
+            .bind("finished")
+            .bind(TERMINATION_KIND)
+            .bind(i64::try_from(ReportAllowance::MAX_LIFECYCLE_REPORTS).unwrap_or(i64::MAX) + 1)
+            .fetch_all(&self.pool)
+            .await
+            .during(during)?;
+            let progress: Option<ReportRow> = sqlx::query_as(
+                "SELECT attempt, sequence, kind, body, received_at FROM task_reports \
+                 WHERE task_id = $1 AND attempt = $2 AND kind = $3 \
+                 ORDER BY sequence DESC LIMIT 1",
+            )
+            .bind(id.to_string())
+            .bind(attempt as i32)
+            .bind("progress")
+            .fetch_optional(&self.pool)
+            .await
+            .during(during)?;
+            let totals: Option<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT reports, bytes, lifecycle_reports FROM attempt_report_totals \
+                 WHERE task_id = $1 AND attempt = $2",
+            )
+            .bind(id.to_string())
+            .bind(attempt as i32)
+            .fetch_optional(&self.pool)
+            .await
+            .during(during)?;
+            rows.extend(usage);
+            rows.extend(progress);
+            rows.sort_by_key(|row| (row.0, row.1));
+            let reports = rows
+                .into_iter()
+                .map(|row| stored_report(id, row))
+                .collect::<Result<Vec<_>>>()?;
+            let (stored, bytes, lifecycle) = totals.unwrap_or_default();
+            let count = |n: i64| u64::try_from(n).unwrap_or_default();
+            Ok(ReportSummary {
+                reports,
+                usage_truncated,
+                stored: count(stored) + count(lifecycle),
+                stored_bytes: count(bytes),
+            })
         })
         .await
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use dispatcher::api::{self, AppState};
+use dispatcher::api::{self, AppState, ReportLimits};
 use dispatcher::cost::Prices;
 use dispatcher::launcher::job_spec::LaunchConfig;
 use dispatcher::launcher::{Canceller, LocalExecutor};
@@ -60,6 +60,7 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
             max_age: Duration::ZERO,
             ..SnapshotConfig::default()
         }),
+        reports: ReportLimits::default(),
     };
     configure(&mut state);
     TestApi {

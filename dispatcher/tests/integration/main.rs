@@ -21,6 +21,7 @@ mod task;
 
 mod api;
 mod cluster;
+mod isolation;
 mod local;
 mod observability;
 mod outage;

@@ -96,6 +96,22 @@ impl Runner {
         self
     }
 
+    /// Runs the runner (and so the command) as the unprivileged user 65534 when the tests
+    /// run as root, so the command has no capability that would let it past the checks
+    /// the kernel makes between two processes of one user (ptrace access). Without
+    /// root, the tests' own user is already such a user.
+    pub fn unprivileged(mut self) -> Self {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        use std::os::unix::process::CommandExt as _;
+        let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+        if root {
+            // The runner writes its termination log into the temp folder.
+            std::fs::set_permissions(&self.dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+            self.command.uid(65534).gid(65534);
+        }
+        self
+    }
+
     /// Somewhere else than the temp folder's `termination-log`.
     pub fn termination_log(mut self, path: impl Into<PathBuf>) -> Self {
         self.termination_log = path.into();

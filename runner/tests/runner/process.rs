@@ -260,6 +260,26 @@ fn the_command_gets_the_report_file_but_not_the_token() {
 }
 
 #[test]
+fn the_command_cannot_read_the_token_from_the_runners_proc_files() {
+    // The runner is the command's parent and runs as the same user: without the
+    // runner's PR_SET_DUMPABLE 0, `cat /proc/$PPID/environ` prints the token.
+    let out = Runner::new()
+        .unprivileged()
+        .env("AGENT_BUS_REPORT_TOKEN", "secret-token")
+        .sh(r#"
+            grep -q '^Name:.*runner' /proc/$PPID/status || { echo "parent is not the runner"; exit 7; }
+            cat /proc/self/environ > /dev/null || { echo "own environ unreadable"; exit 6; }
+            if cat /proc/$PPID/environ > /dev/null 2>&1; then echo "read the runner's environ"; exit 9; fi
+            if (exec 3< /proc/$PPID/mem) 2> /dev/null; then echo "opened the runner's mem"; exit 8; fi
+            if tr '\0' '\n' < /proc/$PPID/environ 2> /dev/null | grep -q secret-token; then exit 10; fi
+            echo protected
+        "#)
+        .run();
+    assert_eq!(out.code(), 0, "{}{}", out.stdout(), out.stderr());
+    assert!(out.stdout().contains("protected"), "{}", out.stdout());
+}
+
+#[test]
 fn nvml_absent_is_one_log_line_and_the_run_succeeds() {
     let out = Runner::new().sh("echo fine").run();
     assert_eq!(out.code(), 0);

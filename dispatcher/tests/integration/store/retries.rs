@@ -5,7 +5,7 @@
 use dispatcher::cost::{Budget, BudgetAction, Prices};
 use dispatcher::lifecycle::Lifecycle;
 use dispatcher::metrics::Metrics;
-use dispatcher::store::Store;
+use dispatcher::store::{ReportAllowance, Store};
 use dispatcher::task::lifecycle::{Ending, Move};
 use dispatcher::task::retry::{RetryAction, RetryPolicy};
 use dispatcher::task::{AttemptOutcome, Reason, Task, TaskState};
@@ -175,9 +175,10 @@ async fn case_a_spent_budget_ends_the_task_instead_of_a_retry(store: Store) {
         }),
     };
     store
-        .record_reports(running.id, 1, &[usage])
+        .record_reports(running.id, 1, &[usage], &ReportAllowance::default())
         .await
         .unwrap()
+        .recorded()
         .unwrap();
     let ended = lifecycle
         .apply(running.id, TaskState::Running, exited(1))
@@ -237,9 +238,11 @@ async fn case_a_replacement_pod_of_the_same_attempt_is_kept_apart(store: Store) 
             running.id,
             1,
             &[progress(first, 40.0), usage(first + 1, 1.0)],
+            &ReportAllowance::default(),
         )
         .await
         .unwrap()
+        .recorded()
         .unwrap();
     assert_eq!(recorded.accepted, 2);
     let recorded = store
@@ -247,9 +250,11 @@ async fn case_a_replacement_pod_of_the_same_attempt_is_kept_apart(store: Store) 
             running.id,
             1,
             &[progress(second, 10.0), usage(second + 1, 0.5)],
+            &ReportAllowance::default(),
         )
         .await
         .unwrap()
+        .recorded()
         .unwrap();
     assert_eq!(
         (recorded.accepted, recorded.duplicates),

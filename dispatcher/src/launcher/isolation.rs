@@ -1,0 +1,295 @@
+//! Who the local executor's tasks run as, and the folders they run in.
+//!
+//! As root, each tenant's tasks run as a user and group of their own: uid = gid =
+//! `--local-task-uid-base` + the tenant's slot (given once per tenant name and never
+//! to another, see `Store::local_task_slot`), with no supplementary groups (the standard
+//! library drops them when it changes the uid as root). No `/etc/passwd` entry is
+//! needed. The folders:
+//!
+//! ```text
+//! <work root>/                     root, 0711: anyone may pass, nobody but root lists or writes
+//!   <tenant>/                      root, group = the tenant's, 0710: only its tasks pass
+//!     <task id>-<attempt>/         the tenant's user, 0700: the task's HOME and working folder
+//! ```
+//!
+//! Invariants: no task can write where the dispatcher creates, changes the owner of or
+//! reads a path by name, except inside its own attempt folder, whose termination log is
+//! read without following links and bounded; so a task cannot plant a link that makes
+//! the dispatcher act on another file. Without root, every task runs as the dispatcher's
+//! own user, which isolates nothing: the dispatcher then serves one tenant on loopback
+//! only unless `--local-executor-shared-user` says otherwise
+//! ([`shared_user_refusal`]).
+
+use std::fs::{DirBuilder, Permissions};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+/// Who tasks run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskUsers {
+    /// The dispatcher is root: each tenant's tasks run as `uid_base + slot`.
+    PerTenant { uid_base: u32 },
+    /// Tasks run as the dispatcher's own user; `more_tenants` when
+    /// `--local-executor-shared-user` accepts that for more than one tenant.
+    Shared { more_tenants: bool },
+}
+
+/// The user and group one task runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The highest user id handed out: 2^32 - 2 and - 1 mean "no id" to the kernel.
+const MAX_TASK_UID: u32 = u32::MAX - 2;
+
+impl TaskUser {
+    /// The user of the tenant in `slot` above `uid_base`; `None` past the id range.
+    #[must_use]
+    pub fn of_slot(uid_base: u32, slot: u32) -> Option<Self> {
+        uid_base
+            .checked_add(slot)
+            .filter(|uid| *uid <= MAX_TASK_UID && *uid != 0)
+            .map(|uid| Self { uid, gid: uid })
+    }
+}
+
+/// Why a folder could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum IsolationError {
+    #[error("preparing {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{} is writable by other users (mode {mode:o}): the local executor's work folder (--local-workdir) must not be",
+        path.display()
+    )]
+    OpenRoot { path: PathBuf, mode: u32 },
+    #[error("{} is not a folder (a link or a file is in the way)", path.display())]
+    NotAFolder { path: PathBuf },
+    #[error("tenant name '{0}' cannot name a folder")]
+    TenantName(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IsolationError + '_ {
+    move |source| IsolationError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Why a dispatcher that is not root must not serve (`None`: it may): it listens
+/// beyond loopback, or it has more than one tenant, and `--local-executor-shared-user`
+/// was not given.
+#[must_use]
+pub fn shared_user_refusal(listen: SocketAddr, tenants: u64) -> Option<String> {
+    if !listen.ip().is_loopback() {
+        Some(refusal(&format!("it listens on {listen}, beyond loopback")))
+    } else {
+        too_many_tenants(tenants)
+    }
+}
+
+/// Why a dispatcher that is not root must not run a task (`None`: it may), for
+/// `tenants` tenants and no `--local-executor-shared-user`.
+#[must_use]
+pub fn too_many_tenants(tenants: u64) -> Option<String> {
+    (tenants > 1).then(|| refusal(&format!("it has {tenants} tenants")))
+}
+
+fn refusal(why: &str) -> String {
+    format!(
+        "the local executor refuses to serve: the dispatcher is not root, so every task would run as the dispatcher's own user and could read its database, its report-token key and every other task's files, and {why}. Run it as root (each tenant's tasks then run as a user of their own), listen on loopback with one tenant, or pass --local-executor-shared-user to accept tasks sharing one user"
+    )
+}
+
+/// Creates the work root (if missing) and makes it root's 0711 when tasks get users of
+/// their own; refuses a folder others may write to. Returns it absolute.
+pub fn prepare_root(path: &Path, users: TaskUsers) -> Result<PathBuf, IsolationError> {
+    let path = std::path::absolute(path).map_err(io(path))?;
+    let created = match DirBuilder::new().mode(0o700).create(&path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&path)
+                .map_err(io(&path))?;
+            true
+        }
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let meta = std::fs::symlink_metadata(&path).map_err(io(&path))?;
+    if !meta.is_dir() {
+        return Err(IsolationError::NotAFolder { path });
+    }
+    let mode = meta.mode() & 0o7777;
+    if !created && mode & 0o022 != 0 {
+        return Err(IsolationError::OpenRoot { path, mode });
+    }
+    if let TaskUsers::PerTenant { .. } = users {
+        std::os::unix::fs::chown(&path, Some(0), Some(0)).map_err(io(&path))?;
+        std::fs::set_permissions(&path, Permissions::from_mode(0o711)).map_err(io(&path))?;
+    }
+    Ok(path)
+}
+
+/// Creates `path` as a folder with `mode` unless it is one already; a link or a file in
+/// its place is refused.
+fn folder(path: &Path, mode: u32) -> Result<(), IsolationError> {
+    match DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(path).map_err(io(path))?;
+            if meta.is_dir() {
+                Ok(())
+            } else {
+                Err(IsolationError::NotAFolder {
+                    path: path.to_owned(),
+                })
+            }
+        }
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// The folder attempt `name` of a task of `tenant` runs in, under `root` (from
+/// [`prepare_root`]): created if missing, owned by `user` when tasks have users of
+/// their own.
+pub fn attempt_folder(
+    root: &Path,
+    tenant: &str,
+    name: &str,
+    user: Option<TaskUser>,
+) -> Result<PathBuf, IsolationError> {
+    let component = |text: &str| {
+        !(text.is_empty() || text == "." || text == ".." || text.contains(['/', '\0']))
+    };
+    if !component(tenant) {
+        return Err(IsolationError::TenantName(tenant.to_owned()));
+    }
+    if !component(name) {
+        return Err(IsolationError::TenantName(name.to_owned()));
+    }
+    let tenant_dir = root.join(tenant);
+    let dir = tenant_dir.join(name);
+    match user {
+        Some(user) => {
+            folder(&tenant_dir, 0o710)?;
+            // Set every time: a folder made before this tenant had its user, or by an
+            // older dispatcher, is put right.
+            std::os::unix::fs::chown(&tenant_dir, Some(0), Some(user.gid))
+                .map_err(io(&tenant_dir))?;
+            std::fs::set_permissions(&tenant_dir, Permissions::from_mode(0o710))
+                .map_err(io(&tenant_dir))?;
+            folder(&dir, 0o700)?;
+            std::fs::set_permissions(&dir, Permissions::from_mode(0o700)).map_err(io(&dir))?;
+            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).map_err(io(&dir))?;
+        }
+        None => {
+            folder(&tenant_dir, 0o700)?;
+            folder(&dir, 0o700)?;
+        }
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::{
+        IsolationError, TaskUser, TaskUsers, attempt_folder, prepare_root, shared_user_refusal,
+    };
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn without_root_one_tenant_on_loopback_is_served_and_anything_more_is_refused() {
+        assert_eq!(shared_user_refusal(addr("127.0.0.1:8080"), 1), None);
+        assert_eq!(shared_user_refusal(addr("[::1]:8080"), 0), None);
+        let beyond = shared_user_refusal(addr("0.0.0.0:8080"), 1).unwrap();
+        assert!(beyond.contains("listens on 0.0.0.0:8080"), "{beyond}");
+        assert!(beyond.contains("--local-executor-shared-user"), "{beyond}");
+        let tenants = shared_user_refusal(addr("127.0.0.1:8080"), 2).unwrap();
+        assert!(tenants.contains("it has 2 tenants"), "{tenants}");
+        assert!(
+            tenants.contains("--local-executor-shared-user"),
+            "{tenants}"
+        );
+    }
+
+    #[test]
+    fn task_users_stay_in_the_id_range() {
+        assert_eq!(
+            TaskUser::of_slot(2_000_000_000, 3),
+            Some(TaskUser {
+                uid: 2_000_000_003,
+                gid: 2_000_000_003
+            })
+        );
+        assert_eq!(
+            TaskUser::of_slot(u32::MAX - 3, 1),
+            Some(TaskUser {
+                uid: u32::MAX - 2,
+                gid: u32::MAX - 2
+            })
+        );
+        assert_eq!(TaskUser::of_slot(u32::MAX - 3, 2), None);
+        assert_eq!(TaskUser::of_slot(u32::MAX, 1), None);
+        assert_eq!(TaskUser::of_slot(0, 0), None, "never root");
+    }
+
+    #[test]
+    fn folders_refuse_links_open_roots_and_odd_names() {
+        let base =
+            std::env::temp_dir().join(format!("agent-bus-iso-{}", uuid::Uuid::new_v4().simple()));
+        let root = prepare_root(
+            &base.join("work"),
+            TaskUsers::Shared {
+                more_tenants: false,
+            },
+        )
+        .unwrap();
+        let dir = attempt_folder(&root, "acme", "t-1", None).unwrap();
+        assert_eq!(dir, root.join("acme").join("t-1"));
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        // Again: the same folder.
+        assert_eq!(attempt_folder(&root, "acme", "t-1", None).unwrap(), dir);
+        std::os::unix::fs::symlink("/etc", root.join("acme").join("t-2")).unwrap();
+        assert!(matches!(
+            attempt_folder(&root, "acme", "t-2", None),
+            Err(IsolationError::NotAFolder { .. })
+        ));
+        for bad in ["", "..", "a/b"] {
+            assert!(matches!(
+                attempt_folder(&root, bad, "t-1", None),
+                Err(IsolationError::TenantName(_))
+            ));
+        }
+        let open = base.join("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .unwrap();
+        assert!(matches!(
+            prepare_root(
+                &open,
+                TaskUsers::Shared {
+                    more_tenants: false
+                }
+            ),
+            Err(IsolationError::OpenRoot { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}
