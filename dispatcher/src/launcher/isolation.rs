@@ -89,10 +89,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IsolationError + '_ {
 /// was not given.
 #[must_use]
 pub fn shared_user_refusal(listen: SocketAddr, tenants: u64) -> Option<String> {
-    if !listen.ip().is_loopback() {
-        Some(refusal(&format!("it listens on {listen}, beyond loopback")))
-    } else {
+    if listen.ip().is_loopback() {
         too_many_tenants(tenants)
+    } else {
+        Some(refusal(&format!("it listens on {listen}, beyond loopback")))
     }
 }
 
@@ -180,24 +180,20 @@ pub fn attempt_folder(
     }
     let tenant_dir = root.join(tenant);
     let dir = tenant_dir.join(name);
-    match user {
-        Some(user) => {
-            folder(&tenant_dir, 0o710)?;
-            // Set every time: a folder made before this tenant had its user, or by an
-            // older dispatcher, is put right.
-            std::os::unix::fs::chown(&tenant_dir, Some(0), Some(user.gid))
-                .map_err(io(&tenant_dir))?;
-            std::fs::set_permissions(&tenant_dir, Permissions::from_mode(0o710))
-                .map_err(io(&tenant_dir))?;
-            folder(&dir, 0o700)?;
-            std::fs::set_permissions(&dir, Permissions::from_mode(0o700)).map_err(io(&dir))?;
-            std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).map_err(io(&dir))?;
-        }
-        None => {
-            folder(&tenant_dir, 0o700)?;
-            folder(&dir, 0o700)?;
-        }
-    }
+    let Some(user) = user else {
+        folder(&tenant_dir, 0o700)?;
+        folder(&dir, 0o700)?;
+        return Ok(dir);
+    };
+    folder(&tenant_dir, 0o710)?;
+    // Set every time: a folder made before this tenant had its user, or by an older
+    // dispatcher, is put right.
+    std::os::unix::fs::chown(&tenant_dir, Some(0), Some(user.gid)).map_err(io(&tenant_dir))?;
+    std::fs::set_permissions(&tenant_dir, Permissions::from_mode(0o710))
+        .map_err(io(&tenant_dir))?;
+    folder(&dir, 0o700)?;
+    std::fs::set_permissions(&dir, Permissions::from_mode(0o700)).map_err(io(&dir))?;
+    std::os::unix::fs::chown(&dir, Some(user.uid), Some(user.gid)).map_err(io(&dir))?;
     Ok(dir)
 }
 

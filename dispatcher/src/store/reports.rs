@@ -82,7 +82,7 @@ pub enum Exhausted {
 /// What became of a batch of reports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Recording {
-    Recorded(Recorded),
+    Recorded(Box<Recorded>),
     /// No such task.
     NoTask,
     /// The attempt ended at `ended_at`, longer ago than the allowance's `after_end`, or
@@ -99,7 +99,7 @@ impl Recording {
     #[must_use]
     pub fn recorded(self) -> Option<Recorded> {
         match self {
-            Self::Recorded(recorded) => Some(recorded),
+            Self::Recorded(recorded) => Some(*recorded),
             _ => None,
         }
     }
@@ -530,13 +530,13 @@ impl Store {
                 .during(during)?;
             }
             tx.commit().await.during(during)?;
-            Ok(Recording::Recorded(Recorded {
+            Ok(Recording::Recorded(Box::new(Recorded {
                 accepted,
                 duplicates,
                 started,
                 task,
                 new,
-            }))
+            })))
         })
         .await
     }

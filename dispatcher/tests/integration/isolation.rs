@@ -180,7 +180,7 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
     assert!(stderr.contains("it has 2 tenants"), "{stderr}");
 
     // The flag accepts it: the dispatcher serves.
-    let _serving = as_nobody(&[
+    let serving = as_nobody(&[
         "serve",
         "--executor",
         "local",
@@ -196,7 +196,7 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
         Duration::from_secs(30),
     )
     .await;
-    drop(_serving);
+    drop(serving);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
