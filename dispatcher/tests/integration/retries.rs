@@ -105,11 +105,12 @@ async fn a_task_always_exiting_7_with_two_retries_fails_at_attempt_3() {
 #[tokio::test]
 async fn a_flaky_task_succeeds_at_its_second_attempt() {
     let local = Local::start().await;
-    // Fails the first time (it leaves a marker beside its attempt's folder, its HOME,
-    // which is absolute: it still holds after the `cd`), succeeds the next.
+    // Fails the first time (it leaves a marker named after its task in the shared temp
+    // folder: its tenant's folder, above its attempt's, is not its to write), succeeds
+    // the next.
     let id = local
         .submit(json!({"name": "flaky", "image": "busybox",
-                       "command": ["sh", "-c", "cd /; if [ -f \"$HOME/../ran-once\" ]; then exit 0; fi; touch \"$HOME/../ran-once\" || exit 9; exit 1"],
+                       "command": ["sh", "-c", "cd /; m=/tmp/ran-once-$AGENT_BUS_TASK_ID; if [ -f \"$m\" ]; then rm -f \"$m\"; exit 0; fi; touch \"$m\" || exit 9; exit 1"],
                        "max_retries": 3, "retry_policy": {"backoff_seconds": 1}}))
         .await;
     let task = local.wait_until_over(&id).await;
