@@ -93,6 +93,7 @@ macro_rules! both_backends {
 
 mod support;
 
+mod allowance;
 mod queries;
 mod quotas;
 mod retries;
