@@ -4,7 +4,8 @@
 //! - hermetic (no environment needed): `api`, `observability` and the SQLite halves of
 //!   the store cases (`store::sqlite`, `*::sqlite`), the in-process queue
 //!   (`queue::memory_backend`), and `local` (the `dispatcher` binary with the local
-//!   executor on an SQLite file);
+//!   executor on an SQLite file), and `isolation` (the same, as root: tasks as users of
+//!   their own, the report endpoint's refusals);
 //! - on the test environment (`eval "$(tests/env/up)"`): the PostgreSQL halves
 //!   (`*::postgres`), Redis (`queue::redis_*`), `outage` (a PostgreSQL server of its
 //!   own), `cluster` (end to end on the control plane).
