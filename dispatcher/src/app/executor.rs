@@ -110,6 +110,11 @@ pub(super) async fn local_task_users(args: &ServeArgs, store: &Store) -> anyhow:
             uid_base: args.local_task_uid_base,
         });
     }
+    // Tasks run as this user: keep them out of this process's environment (database
+    // and Redis URLs with passwords, --report-secret) and memory, as the runner does.
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(target: super::LOG_TARGET, %error, "cannot make the dispatcher non-dumpable: local tasks may read its environment");
+    }
     if args.local_executor_shared_user {
         tracing::warn!(
             target: super::LOG_TARGET,

@@ -159,6 +159,7 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
     assert!(stderr.contains("beyond loopback"), "{stderr}");
     assert!(stderr.contains("--local-executor-shared-user"), "{stderr}");
 
+    let mut keys = Vec::new();
     for tenant in ["acme", "beta"] {
         let output = as_nobody(&["tenant", "create", tenant])
             .output()
@@ -169,6 +170,7 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        keys.push(String::from_utf8(output.stdout).unwrap().trim().to_owned());
     }
     let loopback = format!("127.0.0.1:{port}");
     let output = as_nobody(&["serve", "--executor", "local", "--listen", &loopback])
@@ -179,7 +181,8 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("it has 2 tenants"), "{stderr}");
 
-    // The flag accepts it: the dispatcher serves.
+    // The flag accepts it: the dispatcher serves, and keeps its own environment (its
+    // database URL, a report secret) from the tasks that share its user.
     let serving = as_nobody(&[
         "serve",
         "--executor",
@@ -190,12 +193,40 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
     ])
     .spawn()
     .unwrap();
-    crate::common::wait_until_ready(
-        &reqwest::Client::new(),
-        &format!("http://{loopback}"),
-        Duration::from_secs(30),
-    )
+    let http = reqwest::Client::new();
+    let base = format!("http://{loopback}");
+    crate::common::wait_until_ready(&http, &base, Duration::from_secs(30)).await;
+    let pid = serving.id().unwrap();
+    let script = format!("if cat /proc/{pid}/environ > /dev/null 2>&1; then exit 3; fi");
+    let submitted: Value = http
+        .post(format!("{base}/v1/tasks"))
+        .bearer_auth(&keys[1])
+        .json(&json!({"name": "snoop", "image": "unused", "command": ["sh", "-c", script]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap().to_owned();
+    let task = poll_until("the task to end", Duration::from_secs(30), || async {
+        let task: Value = http
+            .get(format!("{base}/v1/tasks/{id}"))
+            .bearer_auth(&keys[1])
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        if task["state"] == "succeeded" || task["state"] == "failed" {
+            Ok(task)
+        } else {
+            Err(task.to_string())
+        }
+    })
     .await;
+    assert_eq!(task["state"], "succeeded", "{task}");
     drop(serving);
     let _ = std::fs::remove_dir_all(&dir);
 }
