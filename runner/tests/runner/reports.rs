@@ -217,8 +217,8 @@ fn a_receiver_that_never_comes_up_costs_at_most_the_final_flush() {
 }
 
 #[test]
-fn unauthorized_and_forbidden_stop_retries() {
-    for status in [401, 403] {
+fn unauthorized_forbidden_and_attempt_over_stop_retries() {
+    for status in [401, 403, 409] {
         let receiver = Receiver::start();
         receiver.answer(Answer::Status(status));
         let run = Runner::new()
@@ -246,6 +246,64 @@ fn unauthorized_and_forbidden_stop_retries() {
         assert!(refused[0].contains(&status.to_string()));
         assert!(out.termination().undelivered_reports >= 2);
     }
+}
+
+#[test]
+fn an_exhausted_allowance_sheds_progress_and_usage_but_keeps_started_and_finished() {
+    let receiver = Receiver::start();
+    receiver.answer(Answer::Status(429));
+    let out = Runner::new()
+        .report_to(&receiver)
+        .args(["--heartbeat-seconds", "0", "--final-flush-seconds", "2"])
+        .sh(r#"
+            echo "progress 10 one" >> "$AGENT_BUS_REPORT_FILE"
+            echo "usage model=m calls=1 cost_usd=0.5" >> "$AGENT_BUS_REPORT_FILE"
+            sleep 0.5
+            exit 4
+        "#)
+        .run();
+    assert_eq!(
+        out.code(),
+        4,
+        "the command's exit code, whatever the dispatcher says"
+    );
+    let requests = receiver.requests();
+    assert!(requests.len() >= 2, "{requests:?}");
+    // A refused progress or usage report is never sent again; started and finished are.
+    let mut sent = std::collections::BTreeMap::<u64, (bool, usize)>::new();
+    for report in requests
+        .iter()
+        .filter_map(|r| r.batch.as_ref())
+        .flat_map(|b| b.reports.iter())
+    {
+        let kept = matches!(
+            report.body,
+            ReportBody::Started(_) | ReportBody::Finished(_)
+        );
+        sent.entry(report.sequence).or_insert((kept, 0)).1 += 1;
+    }
+    assert!(
+        sent.values().all(|&(kept, times)| kept || times == 1),
+        "{sent:?}"
+    );
+    assert!(
+        sent.values().filter(|&&(kept, _)| !kept).count() >= 1,
+        "{sent:?}"
+    );
+    assert!(
+        sent.values().any(|&(kept, times)| kept && times >= 2),
+        "{sent:?}"
+    );
+    let refused: Vec<_> = out
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("429"))
+        .collect();
+    assert_eq!(refused.len(), 1, "one log line: {refused:?}");
+    // The usage still reaches the dispatcher through the termination summary.
+    let summary = out.termination();
+    assert_eq!(summary.usage.len(), 1);
+    assert!(summary.undelivered_reports >= 2, "{summary:?}");
 }
 
 #[test]
