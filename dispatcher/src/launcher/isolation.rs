@@ -137,6 +137,14 @@ pub fn prepare_root(path: &Path, users: TaskUsers) -> Result<PathBuf, IsolationE
     if let TaskUsers::PerTenant { .. } = users {
         std::os::unix::fs::chown(&path, Some(0), Some(0)).map_err(io(&path))?;
         std::fs::set_permissions(&path, Permissions::from_mode(0o711)).map_err(io(&path))?;
+    } else {
+        // A root left by a dispatcher that ran as root is not ours to write in: say so
+        // now rather than at every launch.
+        nix::unistd::access(
+            &path,
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        )
+        .map_err(|errno| io(&path)(std::io::Error::from(errno)))?;
     }
     Ok(path)
 }
