@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod placement;
 pub mod queue;
 pub mod report;
+pub mod secrets;
 pub mod store;
 pub mod task;
 pub mod watcher;

@@ -1,5 +1,6 @@
-//! The REST API (v1): submit, read, list, cancel and follow tasks; health probes; the
-//! OpenAPI document. `router(state)` is the whole API, testable without a socket.
+//! The REST API (v1): submit, read, list, cancel and follow tasks; write, list and delete
+//! the tenant's secrets (never read their values); health probes; the OpenAPI document.
+//! `router(state)` is the whole API, testable without a socket.
 //!
 //! Invariants:
 //! - every `/v1` query is scoped to the tenant of the bearer key; another tenant's task is
@@ -16,6 +17,7 @@ pub mod error;
 pub mod extract;
 pub mod openapi;
 pub mod reports;
+pub mod secrets;
 pub mod tasks;
 pub mod usage;
 
@@ -38,6 +40,7 @@ use crate::metrics::Metrics;
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::queue::Queue;
 use crate::report::ReportTokens;
+use crate::secrets::SecretStore;
 use crate::store::Store;
 use crate::task::submission::Limits;
 
@@ -56,6 +59,8 @@ pub struct AppState {
     pub canceller: Canceller,
     /// Checked by `/readyz` besides the store and the queue.
     pub cluster: Option<kube::Client>,
+    /// The tenants' secrets (`/v1/secrets`), and what task references are checked against.
+    pub secrets: SecretStore,
     pub max_body_bytes: usize,
     /// How often a followed event stream polls the store.
     pub follow_poll: Duration,
@@ -105,6 +110,13 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/internal/v1/tasks/{id}/attempts/{attempt}/reports",
             post(reports::receive),
+        )
+        .route("/v1/secrets", get(secrets::list))
+        .route(
+            "/v1/secrets/{name}",
+            get(secrets::get_one)
+                .put(secrets::put)
+                .delete(secrets::delete),
         )
         .route("/v1/usage", get(usage::usage))
         .route("/openapi.json", get(openapi::document))

@@ -229,6 +229,7 @@ pub async fn submit(
         serde_json::to_vec(&submission).map_err(|e| ApiError::Internal(e.to_string()))?;
     let request_hash = hex::encode(Sha256::digest(&canonical));
     let spec = validate(submission, &state.limits, &tenant.name)?;
+    super::secrets::check_references(&state, &tenant.name, &spec).await?;
     let mut task = Task::new(tenant.name.clone(), spec);
     let queue_ttl = task
         .spec

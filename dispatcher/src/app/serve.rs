@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
 use crate::report::{ReportEndpoint, ReportIssuer, ReportTokens};
+use crate::secrets::{KubernetesSecrets, LocalSecrets, SecretStore};
 use crate::store::Store;
 use crate::watcher::Watcher;
 
@@ -99,16 +100,28 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokens: report_tokens.clone(),
     });
 
-    let (executor, canceller, cluster) = if executor_choice == ExecutorChoice::Kubernetes {
+    // The tenants' secrets live where the executor hands them to tasks: Secrets in the
+    // tasks namespace (a `secretKeyRef` in the Job), or owner-only files beside the
+    // local executor.
+    let (executor, canceller, cluster, secrets) = if executor_choice == ExecutorChoice::Kubernetes {
         let client = kube_client(args.kubeconfig.as_ref(), &metrics).await?;
         let kubernetes =
             KubernetesExecutor::new(client.clone(), launch.clone(), report_issuer.clone());
+        let secrets =
+            SecretStore::Kubernetes(KubernetesSecrets::new(client.clone(), &launch.namespace));
         (
             Executor::Kubernetes(kubernetes.clone()),
             Canceller::Kubernetes(kubernetes),
             Some(client),
+            secrets,
         )
     } else {
+        let secrets = LocalSecrets::open(args.local_secrets_dir.clone()).with_context(|| {
+            format!(
+                "opening the local secret store {}",
+                args.local_secrets_dir.display()
+            )
+        })?;
         let runner = find_runner(
             args.runner.runner_path.as_deref(),
             std::env::current_exe().ok().as_deref(),
@@ -116,7 +129,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?;
         tracing::info!(target: LOG_TARGET, runner = %runner.display(), "local tasks run through this runner");
         let local = LocalExecutor::new(lifecycle.clone(), args.local_workdir.clone())
-            .with_runner(runner, report_issuer.clone());
+            .with_runner(runner, report_issuer.clone())
+            .with_secrets(secrets.clone());
         if args.roles.contains(&Role::Launcher) {
             lifecycle.end_orphaned_local_attempts().await;
         }
@@ -124,6 +138,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Executor::Local(local.clone()),
             Canceller::Local(local),
             None,
+            SecretStore::Local(secrets),
         )
     };
 
@@ -190,6 +205,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         launch,
         canceller,
         cluster,
+        secrets,
         max_body_bytes: args.max_body_bytes,
         follow_poll: Duration::from_millis(250),
         report_tokens,

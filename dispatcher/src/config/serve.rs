@@ -120,6 +120,15 @@ pub struct ServeArgs {
         default_value = "agent-bus-work"
     )]
     pub local_workdir: PathBuf,
+    /// Where the local executor keeps the tenants' secrets (`PUT /v1/secrets/{name}`):
+    /// one file per secret, readable by the dispatcher's user only (folders 0700, files
+    /// 0600). With the Kubernetes executor, secrets are Secrets in --namespace instead.
+    #[arg(
+        long,
+        env = "AGENT_BUS_LOCAL_SECRETS_DIR",
+        default_value = "agent-bus-secrets"
+    )]
+    pub local_secrets_dir: PathBuf,
     #[command(flatten)]
     pub placement: PlacementArgs,
     #[command(flatten)]

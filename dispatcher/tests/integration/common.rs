@@ -18,6 +18,7 @@ use dispatcher::lifecycle::Lifecycle;
 use dispatcher::metrics::Metrics;
 use dispatcher::queue::{MemoryQueue, Queue};
 use dispatcher::report::ReportTokens;
+use dispatcher::secrets::{LocalSecrets, SecretStore};
 use dispatcher::store::Store;
 use dispatcher::task::TaskState;
 use dispatcher::task::lifecycle::{Ending, Move};
@@ -51,8 +52,9 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
         queue: queue.clone(),
         limits: Arc::new(Limits::default()),
         launch: Arc::new(LaunchConfig::default()),
-        canceller: Canceller::Local(LocalExecutor::new(lifecycle, workdir)),
+        canceller: Canceller::Local(LocalExecutor::new(lifecycle, workdir.clone())),
         cluster: None,
+        secrets: SecretStore::Local(LocalSecrets::open(workdir.join("secrets")).unwrap()),
         max_body_bytes: 64 * 1024,
         follow_poll: Duration::from_millis(50),
         report_tokens: ReportTokens::new(TEST_REPORT_KEY),

@@ -4,7 +4,7 @@
 //! - hermetic (no environment needed): `api`, `observability` and the SQLite halves of
 //!   the store cases (`store::sqlite`, `*::sqlite`), the in-process queue
 //!   (`queue::memory_backend`), and `local` (the `dispatcher` binary with the local
-//!   executor on an SQLite file);
+//!   executor on an SQLite file), `secrets` (and its `local_*` end to end);
 //! - on the test environment (`eval "$(tests/env/up)"`): the PostgreSQL halves
 //!   (`*::postgres`), Redis (`queue::redis_*`), `outage` (a PostgreSQL server of its
 //!   own), `cluster` (end to end on the control plane).
@@ -28,4 +28,5 @@ mod queue;
 mod quota;
 mod retries;
 mod schema;
+mod secrets;
 mod store;

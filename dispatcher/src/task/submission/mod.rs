@@ -15,9 +15,11 @@ use super::retry::{
     MAX_MEMORY_FACTOR, MAX_RULES, Mutation, RetryAction, RetryPolicy, RetryRule,
 };
 use super::workload;
-use super::{GpuRequest, Resources, Scratch, TaskSpec, VolumeMount, WorkloadRequest};
-use crate::k8s::names::is_label_name;
+use super::{
+    EnvValue, GpuRequest, Resources, Scratch, SecretRef, TaskSpec, VolumeMount, WorkloadRequest,
+};
 pub use crate::k8s::names::{is_class_name, is_dns_label};
+use crate::k8s::names::{is_label_name, is_secret_key};
 mod limits;
 
 pub use limits::{Limits, MAX_QUEUE_TTL_SECONDS, ShmRule};
@@ -33,8 +35,10 @@ pub struct Submission {
     pub command: Vec<String>,
     #[serde(default)]
     pub args: Vec<String>,
+    /// Each value a string, or `{"secret": NAME, "key": KEY}`: a key of one of the
+    /// tenant's secrets, set when the command starts and never stored with the task.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     #[serde(default)]
     pub resources: ResourcesInput,
     pub timeout_seconds: Option<u32>,
@@ -463,7 +467,7 @@ fn check_strings(field: &str, values: &[String], limits: &Limits) -> Result<(), 
     Ok(())
 }
 
-fn check_env(env: &BTreeMap<String, String>, limits: &Limits) -> Result<(), FieldError> {
+fn check_env(env: &BTreeMap<String, EnvValue>, limits: &Limits) -> Result<(), FieldError> {
     if env.len() > limits.max_env_entries {
         return Err(FieldError::new(
             "env",
@@ -490,17 +494,43 @@ fn check_env(env: &BTreeMap<String, String>, limits: &Limits) -> Result<(), Fiel
                 format!("names starting with {RESERVED_ENV_PREFIX} are reserved for agent-bus"),
             ));
         }
-        if value.len() > limits.max_env_value_bytes {
-            return Err(FieldError::new(
-                field,
-                format!("value must be at most {} bytes", limits.max_env_value_bytes),
-            ));
+        check_env_value(field, value, limits)?;
+    }
+    Ok(())
+}
+
+/// A plain value's size and characters, or a secret reference's syntax (whether the
+/// secret and its key exist is the API's check: it needs the secret store).
+fn check_env_value(field: String, value: &EnvValue, limits: &Limits) -> Result<(), FieldError> {
+    match value {
+        EnvValue::Plain(value) => {
+            if value.len() > limits.max_env_value_bytes {
+                return Err(FieldError::new(
+                    field,
+                    format!("value must be at most {} bytes", limits.max_env_value_bytes),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(FieldError::new(
+                    field,
+                    "value must not contain NUL characters",
+                ));
+            }
         }
-        if value.contains('\0') {
-            return Err(FieldError::new(
-                field,
-                "value must not contain NUL characters",
-            ));
+        EnvValue::Secret(SecretRef { secret, key }) => {
+            if !is_dns_label(secret) {
+                return Err(FieldError::new(
+                    format!("{field}.secret"),
+                    "must be a secret name: 1 to 63 lowercase letters, digits or '-', \
+                     starting and ending with a letter or digit",
+                ));
+            }
+            if !is_secret_key(key) {
+                return Err(FieldError::new(
+                    format!("{field}.key"),
+                    "must be a secret key: 1 to 253 letters, digits, '-', '_' or '.'",
+                ));
+            }
         }
     }
     Ok(())

@@ -525,3 +525,39 @@ fn a_retry_policy_is_kept_as_written() {
     );
     assert_eq!(serde_json::from_value::<RetryPolicy>(json).unwrap(), policy);
 }
+
+#[test]
+fn secret_references_are_checked_for_syntax_and_kept_as_references() {
+    use crate::task::{EnvValue, SecretRef};
+    let reference = |secret: &str, key: &str| {
+        EnvValue::Secret(SecretRef {
+            secret: secret.into(),
+            key: key.into(),
+        })
+    };
+    let with_ref = |secret: &str, key: &str| {
+        submission().with(|s| {
+            s.env
+                .insert("OPENAI_API_KEY".into(), reference(secret, key));
+        })
+    };
+    let spec = validate(with_ref("openai", "token").0, &Limits::default(), "acme").unwrap();
+    assert_eq!(spec.env["OPENAI_API_KEY"], reference("openai", "token"));
+    for (secret, key, field) in [
+        ("OpenAI", "token", "env.OPENAI_API_KEY.secret"),
+        ("", "token", "env.OPENAI_API_KEY.secret"),
+        ("openai", "a/b", "env.OPENAI_API_KEY.key"),
+        ("openai", "..", "env.OPENAI_API_KEY.key"),
+    ] {
+        assert_eq!(
+            with_ref(secret, key).field_error().field,
+            field,
+            "{secret} {key}"
+        );
+    }
+    // The variable's name is checked the same, whatever its value.
+    let bad_name = submission().with(|s| {
+        s.env.insert("MY VAR".into(), reference("openai", "token"));
+    });
+    assert_eq!(bad_name.field_error().field, "env.MY VAR");
+}

@@ -207,3 +207,4 @@ mod placement;
 mod quota;
 mod recovery;
 mod retries;
+mod secrets;
