@@ -5,6 +5,7 @@
 use k8s_openapi::api::core::v1::Secret;
 
 use super::*;
+use crate::secrets::PLAIN;
 
 const VALUE: &str = "s3cret-4b2e9d61-cluster";
 
@@ -61,7 +62,7 @@ async fn a_secret_reference_reaches_the_job_as_a_secret_key_ref_and_its_value_no
         let (_, listed) = dispatcher.send(&acme, reqwest::Method::GET, "/v1/secrets", None).await;
         assert_eq!(listed["items"][0]["name"], "openai", "{listed}");
         let body = json!({"name": "uses-secret", "image": "registry.invalid/x:1", "command": ["python", "call.py"],
-            "env": {"OPENAI_API_KEY": {"secret": "openai", "key": "token"}, "MODE": "fast"}});
+            "env": {"OPENAI_API_KEY": {"secret": "openai", "key": "token"}, "MODE": PLAIN}});
         let (status, refused) = dispatcher.post(&globex, "/v1/tasks", &body, None).await;
         assert_eq!(status, 422, "{refused}");
         assert_eq!(refused["error"]["field"], "env.OPENAI_API_KEY");
@@ -83,7 +84,7 @@ async fn a_secret_reference_reaches_the_job_as_a_secret_key_ref_and_its_value_no
             (selector.name.as_str(), selector.key.as_str(), selector.optional),
             ("ab-secret.acme.openai", "token", Some(false))
         );
-        assert_eq!(env.iter().find(|e| e.name == "MODE").unwrap().value.as_deref(), Some("fast"));
+        assert_eq!(env.iter().find(|e| e.name == "MODE").unwrap().value.as_deref(), Some(PLAIN));
         let job_text = serde_json::to_string(&jobs[0]).unwrap();
         assert!(!job_text.contains(VALUE), "the value is in the Job");
 
@@ -92,7 +93,7 @@ async fn a_secret_reference_reaches_the_job_as_a_secret_key_ref_and_its_value_no
             assert!(!answer.to_string().contains(VALUE), "the value in {answer}");
         }
         assert_eq!(done["env"]["OPENAI_API_KEY"], json!({"secret": "openai", "key": "token"}));
-        crate::secrets::assert_nowhere_in_the_database(&setup.db.url, VALUE).await;
+        crate::secrets::assert_nowhere_in_the_database(&setup.db.url, VALUE, PLAIN).await;
 
         // Deleted: the Secret goes, and new references to it are refused.
         let (status, _) = dispatcher.send(&acme, reqwest::Method::DELETE, "/v1/secrets/openai", None).await;
