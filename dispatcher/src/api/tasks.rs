@@ -229,7 +229,9 @@ pub async fn submit(
         serde_json::to_vec(&submission).map_err(|e| ApiError::Internal(e.to_string()))?;
     let request_hash = hex::encode(Sha256::digest(&canonical));
     let spec = validate(submission, &state.limits, &tenant.name)?;
-    super::secrets::check_references(&state, &tenant.name, &spec).await?;
+    // Whether the secrets the task references exist (and have the keys); refused below,
+    // unless the request replays one accepted before a secret was deleted.
+    let references = super::secrets::check_references(&state, &tenant.name, &spec).await;
     let mut task = Task::new(tenant.name.clone(), spec);
     let queue_ttl = task
         .spec
@@ -243,6 +245,7 @@ pub async fn submit(
     let estimate = state.lifecycle.prices().estimate(&task);
 
     if query.dry_run {
+        references?;
         let job =
             build_job(&task, &state.launch, None).map_err(|e| ApiError::Internal(e.to_string()))?;
         let job = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -258,9 +261,11 @@ pub async fn submit(
 
     let idempotency = key.map(|key| Idempotency { key, request_hash });
     let new = NewTask { task, idempotency };
-    // A retry of a submission accepted before a budget was spent is a replay, not a new
-    // task: it gets its task back rather than a 402 that says it was refused.
-    let replayed = if tenant.budget.action == BudgetAction::Refuse && tenant.budget.is_set() {
+    // A retry of a submission accepted before a budget was spent (or a secret it
+    // references was deleted) is a replay, not a new task: it gets its task back rather
+    // than a 402 or 422 that says it was refused.
+    let budget_may_refuse = tenant.budget.action == BudgetAction::Refuse && tenant.budget.is_set();
+    let replayed = if budget_may_refuse || references.is_err() {
         state.store().existing_replay(&new).await?
     } else {
         None
@@ -268,6 +273,7 @@ pub async fn submit(
     let inserted = if let Some(replayed) = replayed {
         replayed
     } else {
+        references?;
         refuse_over_budget(&state, &tenant).await?;
         state.store().insert_task(new).await?
     };

@@ -289,6 +289,35 @@ async fn a_task_runs_with_its_secret_and_the_value_appears_nowhere(db: Db) {
     }
     assert_nowhere_in_the_database(&url, VALUE, PLAIN).await;
     let _ = std::fs::remove_dir_all(dir);
+
+    // A request accepted before its secret was deleted replays; a new one is refused.
+    let body = task(json!({"TOKEN": reference})).to_string();
+    let submit = |idempotency: &'static str| {
+        let body = body.clone();
+        let api = api.clone();
+        let acme = acme.clone();
+        async move {
+            api.call(
+                Method::POST,
+                "/v1/tasks",
+                Some(&acme),
+                Some(&body),
+                &[("idempotency-key", idempotency)],
+            )
+            .await
+        }
+    };
+    let (status, _, first) = submit("before-the-delete").await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    let (status, _) = api.delete_secret(&acme, "openai").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, headers, replayed) = submit("before-the-delete").await;
+    assert_eq!(status, StatusCode::OK, "{replayed}");
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(replayed["id"], first["id"]);
+    let (status, _, refused) = submit("after-the-delete").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(field(&refused), "env.TOKEN");
 }
 
 /// Fails if `value` is in any row of any table of the database at `url` (PostgreSQL: each
