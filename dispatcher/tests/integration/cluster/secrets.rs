@@ -104,3 +104,36 @@ async fn a_secret_reference_reaches_the_job_as_a_secret_key_ref_and_its_value_no
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_task_whose_secret_was_deleted_before_launch_fails_without_a_job() {
+    testsupport::needs_env!(Cluster, Postgres, Redis);
+    with_environment("e2e-secret-gone", |setup| async move {
+        let acme = setup.tenant("acme").await;
+        // Only the API: the task stays queued while its secret is deleted.
+        let mut api = setup.start_with("api-only", &["--roles", "api"]).await;
+        let put = json!({"data": {"token": VALUE}});
+        let (status, _) = api.send(&acme, reqwest::Method::PUT, "/v1/secrets/openai", Some(&put)).await;
+        assert_eq!(status, 201);
+        let body = json!({"name": "too-late", "image": "registry.invalid/x:1", "command": ["true"], "max_retries": 2,
+            "env": {"OPENAI_API_KEY": {"secret": "openai", "key": "token"}}});
+        let (status, task) = api.post(&acme, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        let (status, _) = api.send(&acme, reqwest::Method::DELETE, "/v1/secrets/openai", None).await;
+        assert_eq!(status, 204);
+        api.kill();
+
+        let dispatcher = setup.start().await;
+        let failed = dispatcher.wait_for_state(&acme, &id, &["failed", "succeeded"]).await;
+        assert_eq!(failed["state"], "failed", "{failed}");
+        assert_eq!(failed["reason"], "launch_rejected", "{failed}");
+        assert_eq!(
+            failed["message"],
+            "env.OPENAI_API_KEY: secret 'openai' does not exist (PUT /v1/secrets/openai first)"
+        );
+        assert_eq!(failed["attempt"], 1, "not retried: {failed}");
+        assert!(jobs_of(&setup.ns, &id).await.is_empty(), "no Job was made");
+    })
+    .await;
+}
