@@ -160,9 +160,8 @@ impl LocalSecrets {
     /// made); anything else is refused rather than joined into a path.
     fn tenant_dir(&self, tenant: &str) -> Result<PathBuf, SecretError> {
         if !is_dns_label(tenant) {
-            return Err(SecretError::Foreign {
-                tenant: tenant.to_owned(),
-                what: "a tenant name that is no RFC 1123 label".to_owned(),
+            return Err(SecretError::BadName {
+                what: format!("tenant name {tenant:?}"),
             });
         }
         Ok(self.root.join(tenant))
@@ -172,8 +171,7 @@ impl LocalSecrets {
         // Secret names are checked by the API (RFC 1123 labels); check again before a
         // name becomes a path.
         if !is_dns_label(name) {
-            return Err(SecretError::Foreign {
-                tenant: tenant.to_owned(),
+            return Err(SecretError::BadName {
                 what: format!("secret name {name:?}"),
             });
         }

@@ -70,6 +70,10 @@ pub enum SecretError {
     /// made by hand in the tasks namespace): left alone.
     #[error("{what} exists but was not written by agent-bus for tenant {tenant}; left alone")]
     Foreign { tenant: String, what: String },
+    /// A tenant or secret name that is no RFC 1123 label reached a store (the API and
+    /// `tenant create` refuse them): refused rather than made into a path or name.
+    #[error("{what} is no RFC 1123 label")]
+    BadName { what: String },
     /// The Kubernetes API answered with an error or could not be reached.
     #[error("kubernetes, {operation} of secret {name}: {source}")]
     Kubernetes {

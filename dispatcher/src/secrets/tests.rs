@@ -278,7 +278,7 @@ async fn the_local_store_tightens_its_folder_and_refuses_path_tricks() {
     for (tenant, name) in [("../acme", "x"), ("acme", "../x"), ("acme", "a/b")] {
         let result = store.get(tenant, name).await;
         assert!(
-            matches!(result, Err(SecretError::Foreign { .. })),
+            matches!(result, Err(SecretError::BadName { .. })),
             "{tenant} {name}"
         );
     }

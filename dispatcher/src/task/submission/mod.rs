@@ -528,7 +528,7 @@ fn check_env_value(field: String, value: &EnvValue, limits: &Limits) -> Result<(
             if !is_secret_key(key) {
                 return Err(FieldError::new(
                     format!("{field}.key"),
-                    "must be a secret key: 1 to 253 letters, digits, '-', '_' or '.'",
+                    "must be a secret key: 1 to 253 letters, digits, '-', '_' or '.' (not '.' or '..')",
                 ));
             }
         }
