@@ -8,6 +8,8 @@
 //! - a task is stored before it is enqueued, and a 201 means it is stored: if the enqueue
 //!   fails, the queue reconciler enqueues it later;
 //! - nothing a client sends yields a 500;
+//! - a secret's values go from `PUT /v1/secrets/{name}` into the secret store only: no
+//!   answer, log line or stored row holds one, and a task holds only references;
 //! - `/internal/v1` is for runners: it takes only per-attempt report tokens, never tenant
 //!   keys, and a token speaks for its own task attempt only (403 otherwise).
 
