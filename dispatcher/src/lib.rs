@@ -21,6 +21,7 @@ pub mod queue;
 pub mod report;
 pub mod store;
 pub mod task;
+mod tls;
 pub mod watcher;
 
 #[cfg(test)]

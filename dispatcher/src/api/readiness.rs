@@ -111,7 +111,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_share_one_check() {
-        let readiness = Arc::new(Readiness::new(Duration::from_secs(60)));
+        let readiness = Arc::new(Readiness::new(Duration::from_mins(1)));
         let runs = Arc::new(AtomicUsize::new(0));
         let callers: Vec<_> = (0..50)
             .map(|_| {
@@ -162,7 +162,7 @@ mod tests {
         };
         let runs = Arc::new(AtomicUsize::new(0));
         let failing = readiness
-            .failing(counted(&runs, Duration::from_secs(3600), &[]))
+            .failing(counted(&runs, Duration::from_hours(1), &[]))
             .await;
         assert_eq!(
             failing,

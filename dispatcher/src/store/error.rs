@@ -36,11 +36,13 @@ pub enum StoreError {
     /// trusted CA or does not name the host, or the CA file is unreadable. Not a passing
     /// outage: retrying will not help until the configuration or the certificate changes.
     #[error(
-        "TLS to the database failed while {during}: {source} (the server's certificate must \
+        "TLS to the database failed while {during}: {cause} (the server's certificate must \
          be signed by the CA file of sslrootcert, or by a public CA without it, and with \
          sslmode=verify-full name the host of the URL)"
     )]
-    Tls { during: String, source: sqlx::Error },
+    // `cause`, not `source`: the message holds it already, and an error chain printed
+    // with its sources would say it twice.
+    Tls { during: String, cause: sqlx::Error },
     /// The database URL does not parse.
     #[error("the database URL is not valid: {source}")]
     InvalidUrl { source: sqlx::Error },

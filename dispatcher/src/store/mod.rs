@@ -244,12 +244,23 @@ impl Store {
             })
             .connect(&url)
             .await
-            .map_err(|source| match source {
-                sqlx::Error::Tls(_) => StoreError::Tls {
-                    during: during(),
-                    source,
-                },
-                source => StoreError::sqlx(during(), source),
+            .map_err(|source| {
+                // A handshake the settings' CA or host name refuses fails as an I/O error
+                // with rustls' error inside; `sqlx::Error::Tls` is a CA file it could not
+                // use.
+                let tls_failed = match &source {
+                    sqlx::Error::Tls(_) => true,
+                    sqlx::Error::Io(io) => crate::tls::rustls_cause(io).is_some(),
+                    _ => false,
+                };
+                if tls_failed {
+                    StoreError::Tls {
+                        during: during(),
+                        cause: source,
+                    }
+                } else {
+                    StoreError::sqlx(during(), source)
+                }
             })?;
         Ok(Self {
             pool,

@@ -3,8 +3,6 @@
 //! URL's host. redis-rs is built without `tls-rustls-insecure`, and `#insecure` is refused
 //! here before it could reach it.
 
-use std::sync::Arc;
-
 use redis::{Client, ConnectionAddr, IntoConnectionInfo as _, TlsCertificates};
 
 use crate::queue::{QueueError, Result};
@@ -34,29 +32,11 @@ pub(super) fn client(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Client> {
 /// error somewhere among its causes), else unchanged.
 pub(super) fn explained(error: QueueError) -> QueueError {
     if let QueueError::Unavailable { source, .. } = &error
-        && let Some(tls) = rustls_cause(source)
+        && let Some(tls) = crate::tls::rustls_cause(source)
     {
         return QueueError::Tls {
             detail: tls.to_string(),
         };
     }
     error
-}
-
-/// rustls' error among the causes of `error`. redis-rs keeps an I/O error behind an `Arc`
-/// and `io::Error` keeps its cause behind `get_ref` (its `source` skips it), so both are
-/// looked into as well as `source`.
-fn rustls_cause<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    if let Some(tls) = error.downcast_ref::<rustls::Error>() {
-        return Some(tls);
-    }
-    if let Some(shared) = error.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
-        return rustls_cause(shared.as_ref());
-    }
-    if let Some(io) = error.downcast_ref::<std::io::Error>()
-        && let Some(inner) = io.get_ref()
-    {
-        return rustls_cause(inner);
-    }
-    error.source().and_then(rustls_cause)
 }
