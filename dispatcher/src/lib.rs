@@ -22,6 +22,7 @@ pub mod report;
 pub mod secrets;
 pub mod store;
 pub mod task;
+mod tls;
 pub mod watcher;
 
 #[cfg(test)]

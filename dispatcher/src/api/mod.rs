@@ -1,6 +1,7 @@
 //! The REST API (v1): submit, read, list, cancel and follow tasks; write, list and delete
 //! the tenant's secrets (never read their values); health probes; the OpenAPI document.
-//! `router(state)` is the whole API, testable without a socket.
+//! `router(state)` is the whole API, testable without a socket;
+//! `metrics_router(state)` is what the separate metrics listener serves.
 //!
 //! Invariants:
 //! - every `/v1` query is scoped to the tenant of the bearer key; another tenant's task is
@@ -11,13 +12,19 @@
 //! - a secret's values go from `PUT /v1/secrets/{name}` into the secret store only: no
 //!   answer, log line or stored row holds one, and a task holds only references;
 //! - `/internal/v1` is for runners: it takes only per-attempt report tokens, never tenant
-//!   keys, and a token speaks for its own task attempt only (403 otherwise).
+//!   keys, and a token speaks for its own task attempt only (403 otherwise);
+//! - `/metrics` (every tenant's names, spend and models) is never on the api's listener,
+//!   only on the metrics listener (`--metrics-listen`), which deployments keep off the
+//!   Ingress and away from task pods; `/healthz` and `/readyz` are on both;
+//! - `/readyz` checks its dependencies at most about once a second per process
+//!   ([`readiness`]).
 
 pub mod attempts;
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod openapi;
+pub mod readiness;
 pub mod reports;
 pub mod secrets;
 pub mod tasks;
@@ -70,6 +77,8 @@ pub struct AppState {
     pub report_tokens: ReportTokens,
     /// How `/metrics` reads the state gauges.
     pub snapshot: Arc<SnapshotConfig>,
+    /// The last `/readyz` check, shared by both listeners.
+    pub readiness: Arc<readiness::Readiness>,
 }
 
 impl AppState {
@@ -101,7 +110,8 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The whole HTTP API.
+/// The whole HTTP API and the probes: what the api's listener (`--listen`) serves. No
+/// `/metrics` here (see [`metrics_router`]).
 pub fn router(state: AppState) -> Router {
     let max_body = state.max_body_bytes;
     let router = Router::new()
@@ -126,13 +136,17 @@ pub fn router(state: AppState) -> Router {
     observed(router, state)
 }
 
-/// `/healthz`, `/readyz` and `/metrics` on `router`, with the layers every response gets:
-/// request ids, a span per request, and the HTTP metrics.
+/// What the metrics listener (`--metrics-listen`) serves: `/metrics` and the probes.
+pub fn metrics_router(state: AppState) -> Router {
+    observed(Router::new().route("/metrics", get(metrics_text)), state)
+}
+
+/// `/healthz` and `/readyz` on `router`, with the layers every response gets: request
+/// ids, a span per request, and the HTTP metrics.
 pub fn observed(router: Router<AppState>, state: AppState) -> Router {
     router
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics().clone(),
             count_request,
@@ -214,20 +228,11 @@ pub async fn healthz() -> Json<Health> {
 }
 
 /// Ready: the store, the queue and (with the Kubernetes executor) the API server answer.
+/// The answer may be up to a second old: the dependencies are checked at most about once
+/// a second per process, and concurrent callers share one check.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let mut failing = Vec::new();
-    if let Err(e) = state.store().ping().await {
-        failing.push(format!("store: {e}"));
-    }
-    if let Err(e) = state.queue.ping().await {
-        failing.push(format!("queue: {e}"));
-    }
-    if let Some(client) = &state.cluster
-        && let Err(e) = client.apiserver_version().await
-    {
-        failing.push(format!("kubernetes: {e}"));
-    }
+    let failing = state.readiness.failing(|| check_dependencies(&state)).await;
     if failing.is_empty() {
         (
             StatusCode::OK,
@@ -245,4 +250,30 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             }),
         )
     }
+}
+
+/// One check of every dependency: a line per failing one. Counted in
+/// `agent_bus_readiness_checks_total`.
+async fn check_dependencies(state: &AppState) -> Vec<String> {
+    let mut failing = Vec::new();
+    if let Err(e) = state.store().ping().await {
+        failing.push(format!("store: {e}"));
+    }
+    if let Err(e) = state.queue.ping().await {
+        failing.push(format!("queue: {e}"));
+    }
+    if let Some(client) = &state.cluster
+        && let Err(e) = client.apiserver_version().await
+    {
+        failing.push(format!("kubernetes: {e}"));
+    }
+    state
+        .metrics()
+        .http()
+        .readiness_check(if failing.is_empty() {
+            crate::metrics::ReadinessResult::Ready
+        } else {
+            crate::metrics::ReadinessResult::Unready
+        });
+    failing
 }

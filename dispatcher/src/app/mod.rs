@@ -40,12 +40,22 @@ pub fn init_logging(args: &LogArgs) {
 /// Runs one command to its end. `healthcheck` is answered by [`healthcheck::run`] before
 /// this, with its own exit code.
 pub async fn run(command: Command) -> anyhow::Result<()> {
+    install_crypto_provider();
     match command {
         Command::Serve(args) => serve::serve(*args).await,
         Command::Healthcheck(_) => Ok(()), // answered in `main`, before logging matters
         Command::Migrate(database) => tenant::migrate(&database).await,
         Command::Tenant(command) => tenant::run(command).await,
     }
+}
+
+/// Makes ring rustls' process-wide provider, the one kube-rs and sqlx name for themselves:
+/// redis-rs asks rustls for the default, which must be installed before the first `rediss://`
+/// connection (rustls would otherwise pick one from its crate features, and panic if more
+/// than one were compiled in).
+fn install_crypto_provider() {
+    // Err means a provider is installed already: nothing to do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A URL without its password, for logs and errors.

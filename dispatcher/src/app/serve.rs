@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::executor::{choose_executor, find_runner, kube_client};
 use super::{LOG_TARGET, healthcheck, redact, settings};
+use crate::api::readiness::Readiness;
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
@@ -196,8 +197,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = signal_sender.send(true);
     });
 
-    // Every role answers /healthz and /readyz (its Kubernetes probes); only the api role
-    // serves the REST API.
+    // Every role answers /healthz and /readyz (its Kubernetes probes) on --listen; only
+    // the api role serves the REST API there. /metrics is only on --metrics-listen.
     let state = AppState {
         lifecycle: lifecycle.clone(),
         queue: queue.clone(),
@@ -210,7 +211,9 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         follow_poll: Duration::from_millis(250),
         report_tokens,
         snapshot: Arc::new(settings::snapshot_config(&args)),
+        readiness: Arc::new(Readiness::default()),
     };
+    let metrics_router = api::metrics_router(state.clone());
     let router = if args.roles.contains(&Role::Api) {
         api::router(state)
     } else {
@@ -218,30 +221,58 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(target: LOG_TARGET, listen = %args.listen, roles = ?args.roles, "api listening");
-    let mut api_shutdown = shutdown.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = api_shutdown.wait_for(|stop| *stop).await;
-        })
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
-        .context("serving the api")?;
+        .with_context(|| {
+            format!(
+                "listening for metrics on {} (--metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
+    let metrics_address = metrics_listener.local_addr().unwrap_or(args.metrics_listen);
+    tracing::info!(target: LOG_TARGET, listen = %args.listen, metrics_listen = %metrics_address, roles = ?args.roles, "api listening");
+    let stopped = |mut shutdown: watch::Receiver<bool>| async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let api_server =
+        axum::serve(listener, router).with_graceful_shutdown(stopped(shutdown.clone()));
+    let metrics_server = axum::serve(metrics_listener, metrics_router)
+        .with_graceful_shutdown(stopped(shutdown.clone()));
+    let served = tokio::try_join!(
+        async { api_server.await.context("serving the api") },
+        async { metrics_server.await.context("serving the metrics") },
+    );
     let _ = shutdown_sender.send(true);
     while roles.join_next().await.is_some() {}
+    served?;
     tracing::info!(target: LOG_TARGET, "dispatcher stopped");
     Ok(())
 }
 
-/// Redis when `--redis-url` is given, else the in-process queue.
+/// Redis when `--redis-url` is given (trusting `--redis-ca-file` for `rediss://`), else
+/// the in-process queue.
 async fn connect_queue(args: &ServeArgs) -> anyhow::Result<Queue> {
     if let Some(url) = &args.redis_url {
+        let ca = match &args.redis_ca_file {
+            Some(path) => Some(std::fs::read(path).with_context(|| {
+                format!(
+                    "reading the Redis CA file {} (--redis-ca-file)",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
         Ok(Queue::from(
-            RedisQueue::connect(url, &args.redis_prefix, "launchers")
+            RedisQueue::connect_trusting(url, ca, &args.redis_prefix, "launchers")
                 .await
                 .with_context(|| format!("connecting to redis {}", redact(url)))?,
         ))
     } else {
+        anyhow::ensure!(
+            args.redis_ca_file.is_none(),
+            "--redis-ca-file needs --redis-url (a rediss:// URL)"
+        );
         if args.roles.len() < 3 {
             tracing::warn!(
                 target: LOG_TARGET,

@@ -19,17 +19,31 @@ use crate::task::Memory;
 use crate::task::retry::{MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, RetryDefaults};
 use crate::task::submission::ShmRule;
 
+/// Where the metrics listener listens by default: loopback only, on a port no other part
+/// of agent-bus or its docker-compose set (Prometheus takes 9090 there) uses.
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address the HTTP API listens on.
     #[arg(long, env = "AGENT_BUS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Address the metrics listener serves `/metrics` on (and `/healthz`, `/readyz`).
+    /// The metrics name every tenant, queue and model: keep this address off the Ingress
+    /// and out of task pods' reach. Port 0 picks a free port (logged).
+    #[arg(long, env = "AGENT_BUS_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Redis for the queue (`redis://host:port`); without it, an in-process queue is used
     /// (single dispatcher process only).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// PEM file of the CA (or CAs) that signed the Redis server's certificate, for a
+    /// `rediss://` URL: the certificate is checked against it instead of the public roots
+    /// built in, and must name the URL's host. Needs --redis-url.
+    #[arg(long, env = "AGENT_BUS_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key the dispatcher writes.
     #[arg(long, env = "AGENT_BUS_REDIS_PREFIX", default_value = "agent-bus:")]
     pub redis_prefix: String,

@@ -528,6 +528,9 @@ async fn health_and_openapi(store: Store) {
     );
     let (status, _, body) = api.call(Method::GET, "/readyz", None, None, &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The metrics are on the metrics listener only.
+    let (status, _, _) = api.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, headers, doc) = api
         .call(Method::GET, "/openapi.json", None, None, &[])
         .await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
+use dispatcher::api::readiness::Readiness;
 use dispatcher::api::{self, AppState};
 use dispatcher::cost::Prices;
 use dispatcher::launcher::job_spec::LaunchConfig;
@@ -29,7 +30,10 @@ use tower::ServiceExt as _;
 /// An API under test and what it stands on.
 #[derive(Clone)]
 pub(crate) struct TestApi {
+    /// The api's listener.
     pub router: Router,
+    /// The metrics listener (`/metrics` and the probes).
+    pub metrics_router: Router,
     pub store: Store,
     pub queue: Queue,
     pub state: AppState,
@@ -62,10 +66,13 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
             max_age: Duration::ZERO,
             ..SnapshotConfig::default()
         }),
+        // Every `/readyz` checks again: tests change dependencies under it.
+        readiness: Arc::new(Readiness::new(Duration::ZERO)),
     };
     configure(&mut state);
     TestApi {
         router: api::router(state.clone()),
+        metrics_router: api::metrics_router(state.clone()),
         store,
         queue,
         state,
@@ -212,7 +219,10 @@ pub(crate) fn task_body(name: &str) -> Value {
 pub(crate) struct LocalDispatcher {
     pub child: tokio::process::Child,
     pub dir: std::path::PathBuf,
+    /// The api's listener.
     pub base: String,
+    /// The metrics listener (`/metrics` and the probes).
+    pub metrics: String,
     pub key: String,
     pub http: reqwest::Client,
 }
@@ -303,7 +313,16 @@ pub(crate) async fn start_local_dispatcher_with(
     let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     let port = testsupport::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut serve = vec!["serve", "--executor", "local", "--listen", &listen];
+    let metrics = format!("127.0.0.1:{}", testsupport::free_port());
+    let mut serve = vec![
+        "serve",
+        "--executor",
+        "local",
+        "--listen",
+        &listen,
+        "--metrics-listen",
+        &metrics,
+    ];
     serve.extend_from_slice(serve_flags);
     let child = command(&serve)
         .stdout(std::process::Stdio::inherit())
@@ -315,6 +334,7 @@ pub(crate) async fn start_local_dispatcher_with(
         child,
         dir,
         base: format!("http://127.0.0.1:{port}"),
+        metrics: format!("http://{metrics}"),
         key,
         http: reqwest::Client::new(),
     };

@@ -243,6 +243,9 @@ async fn through_dispatcher(client: &Client, args: &Args, suffix: &str) -> anyho
             "kubernetes",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            // A free port: a bench beside other dispatchers must not collide on the default.
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--namespace",
             &namespace,
         ])

@@ -22,7 +22,10 @@ const KEEP_JOBS: &[&str] = &["--keep-finished-jobs", "10m"];
 /// A dispatcher process under test.
 struct Dispatcher {
     child: tokio::process::Child,
+    /// The api's listener.
     base: String,
+    /// The metrics listener.
+    metrics: String,
     http: reqwest::Client,
 }
 
@@ -90,12 +93,15 @@ impl Setup {
     ) -> Dispatcher {
         let port = testsupport::free_port();
         let listen = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{}", testsupport::free_port());
         let mut args = vec![
             "serve",
             "--executor",
             "kubernetes",
             "--listen",
             &listen,
+            "--metrics-listen",
+            &metrics,
             "--reconcile-interval",
             "1",
             "--launching-stale-after",
@@ -113,6 +119,7 @@ impl Setup {
         let dispatcher = Dispatcher {
             child,
             base: format!("http://{listen}"),
+            metrics: format!("http://{metrics}"),
             http: reqwest::Client::new(),
         };
         crate::common::wait_until_ready(&dispatcher.http, &dispatcher.base, CLUSTER_TIMEOUT).await;

@@ -304,7 +304,8 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                 assert!(key.status.success());
                 let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
                 let listen = format!("127.0.0.1:{}", testsupport::free_port());
-                let _dispatcher = command(&["serve", "--executor", "kubernetes", "--listen", &listen, "--reconcile-interval", "1", "--launching-stale-after", "2"])
+                let metrics_listen = format!("127.0.0.1:{}", testsupport::free_port());
+                let _dispatcher = command(&["serve", "--executor", "kubernetes", "--listen", &listen, "--metrics-listen", &metrics_listen, "--reconcile-interval", "1", "--launching-stale-after", "2"])
                     .stdout(Stdio::inherit())
                     .stderr(Stdio::inherit())
                     .spawn()
