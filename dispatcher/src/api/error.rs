@@ -23,6 +23,8 @@ pub enum ApiError {
     BadReportToken(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("tenant '{tenant}' is disabled: its requests are refused until an operator enables it")]
+    TenantDisabled { tenant: String },
     #[error("task not found")]
     NotFound,
     #[error("the Idempotency-Key '{key}' was already used with a different request body")]
@@ -66,6 +68,7 @@ impl ApiError {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::TenantDisabled { .. } => (StatusCode::FORBIDDEN, "tenant_disabled"),
             Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::IdempotencyConflict { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")

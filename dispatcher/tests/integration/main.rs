@@ -28,4 +28,5 @@ mod queue;
 mod quota;
 mod retries;
 mod schema;
+mod security;
 mod store;
