@@ -366,7 +366,7 @@ mod tests {
 
     #[test]
     fn secrets_are_kept_as_secrets_and_debug_never_prints_them() {
-        use secrecy::ExposeSecret as _;
+        use secrecy::ExposeSecret;
         let args = serve(&[
             "--database-url",
             "postgres://u:hunter2@h/db",
@@ -380,7 +380,7 @@ mod tests {
             "postgres://u:hunter2@h/db"
         );
         assert_eq!(
-            args.redis_url.as_ref().map(|url| url.expose_secret()),
+            args.redis_url.as_ref().map(ExposeSecret::expose_secret),
             Some("redis://:hunter2@h")
         );
         let debug = format!("{args:?}");

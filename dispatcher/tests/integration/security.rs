@@ -30,7 +30,7 @@ fn with(field: &str, value: Value) -> Value {
 async fn only_allowed_keys_safe_env_and_bounded_resources_are_accepted(store: Store) {
     // The defaults: no label or annotation at all.
     let defaults = api_on(store.clone(), |state| {
-        state.limits = Arc::new(Limits::default())
+        state.limits = Arc::new(Limits::default());
     })
     .await;
     let key = defaults.tenant("acme", 100).await;

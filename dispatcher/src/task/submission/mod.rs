@@ -640,13 +640,13 @@ fn check_qualified_key(field: &str, key: &str) -> Result<(), FieldError> {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        if !keys::is_dns_subdomain(prefix) {
-            return Err(FieldError::new(
-                field,
-                "key prefix must be a DNS subdomain of at most 253 characters",
-            ));
-        }
+    if let Some(prefix) = prefix
+        && !keys::is_dns_subdomain(prefix)
+    {
+        return Err(FieldError::new(
+            field,
+            "key prefix must be a DNS subdomain of at most 253 characters",
+        ));
     }
     if !is_label_name(name) {
         return Err(FieldError::new(

@@ -106,13 +106,16 @@ async fn only_allowed_labels_and_annotations_reach_a_job() {
         assert_eq!(labels["example.com/team"], "vision");
         assert_eq!(labels["agent-bus.io/tenant"], "acme");
         assert_eq!(annotations["example.com/owner"], "ml");
+        // Besides ours and the tenant's, only what the Job controller adds itself.
         let foreign: Vec<&String> = labels
             .keys()
             .chain(annotations.keys())
             .filter(|k| {
                 !(k.starts_with("example.com/")
                     || k.starts_with("agent-bus.io/")
-                    || k.starts_with("app.kubernetes.io/"))
+                    || k.starts_with("app.kubernetes.io/")
+                    || k.starts_with("batch.kubernetes.io/")
+                    || ["controller-uid", "job-name"].contains(&k.as_str()))
             })
             .collect();
         assert!(foreign.is_empty(), "{foreign:?}");
