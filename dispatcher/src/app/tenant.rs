@@ -271,10 +271,55 @@ fn budget_of(args: &BudgetArgs) -> anyhow::Result<Budget> {
 
 #[cfg(test)]
 mod tests {
-    use super::{budget_of, quota_of};
+    use super::{budget_of, quota_of, status_line, tenant_table};
     use crate::config::BudgetArgs;
     use crate::cost::{Budget, BudgetAction};
+    use crate::store::Tenant;
     use crate::task::quota::TenantQuota;
+
+    #[test]
+    fn the_tenant_table_has_one_aligned_row_per_tenant() {
+        let created: jiff::Timestamp = "2026-12-02T08:00:00Z".parse().unwrap();
+        let acme = Tenant {
+            name: "acme".into(),
+            max_queued_tasks: 1000,
+            created_at: created,
+            budget: Budget::default(),
+            default_queue_ttl_seconds: None,
+            disabled_at: None,
+        };
+        let globex = Tenant {
+            name: "globex".into(),
+            max_queued_tasks: 5,
+            budget: Budget {
+                daily_dollars: Some(10.0),
+                monthly_dollars: None,
+                action: BudgetAction::Refuse,
+            },
+            default_queue_ttl_seconds: Some(600),
+            disabled_at: Some("2026-12-02T09:30:00Z".parse().unwrap()),
+            ..acme.clone()
+        };
+        let quota = TenantQuota {
+            max_running: Some(2),
+            max_gpus: [("a100".to_owned(), 4)].into(),
+        };
+        let table = tenant_table(&[
+            (acme.clone(), TenantQuota::default()),
+            (globex.clone(), quota),
+        ]);
+        assert_eq!(
+            table,
+            "NAME    CREATED               DISABLED              MAX QUEUED  QUEUE TTL  BUDGET DAY/MONTH  QUOTA\n\
+             acme    2026-12-02T08:00:00Z  -                     1000        -          -                 -\n\
+             globex  2026-12-02T08:00:00Z  2026-12-02T09:30:00Z  5           600s       $10/- (refuse)    max-running=2 max-gpus a100=4\n"
+        );
+        assert_eq!(status_line(&acme), "acme: enabled");
+        assert_eq!(
+            status_line(&globex),
+            "globex: disabled since 2026-12-02T09:30:00Z"
+        );
+    }
 
     fn args(daily: Option<f64>, monthly: Option<f64>) -> BudgetArgs {
         BudgetArgs {
