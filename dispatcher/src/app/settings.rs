@@ -33,7 +33,8 @@ pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
 }
 
 /// Checks the flags that must agree with each other: shm is memory, so no task may ask
-/// for more shm than memory.
+/// for more shm than memory, and the shm a task gets without asking is within what it
+/// could ask for.
 pub(super) fn check(args: &ServeArgs) -> Result<(), String> {
     let submissions = &args.submissions;
     if submissions.max_task_shm > submissions.max_task_memory {
@@ -41,6 +42,17 @@ pub(super) fn check(args: &ServeArgs) -> Result<(), String> {
             "--max-task-shm {} is more than --max-task-memory {}: /dev/shm is memory",
             submissions.max_task_shm, submissions.max_task_memory
         ));
+    }
+    for (flag, size) in [
+        ("--shm-cap", args.placement.shm_cap),
+        ("--shm-without-memory", args.placement.shm_without_memory),
+    ] {
+        if size > submissions.max_task_shm {
+            return Err(format!(
+                "{flag} {size} is more than --max-task-shm {}",
+                submissions.max_task_shm
+            ));
+        }
     }
     Ok(())
 }
@@ -172,6 +184,13 @@ mod tests {
         assert_eq!(retry_defaults(&args).max_memory.to_string(), "64Gi");
         let too_much_shm = serve(&["--max-task-memory", "8Gi", "--max-task-shm", "16Gi"]);
         assert!(check(&too_much_shm).unwrap_err().contains("--max-task-shm"));
+        let default_shm_too_big = serve(&["--max-task-shm", "8Gi"]);
+        assert!(
+            check(&default_shm_too_big)
+                .unwrap_err()
+                .starts_with("--shm-cap 16Gi")
+        );
+        assert_eq!(check(&serve(&[])), Ok(()));
         for bad in [
             ["--tenant-annotation-prefixes", "kueue.x-k8s.io/"],
             ["--tenant-label-prefixes", "agent-bus.io/"],
