@@ -1,9 +1,10 @@
 //! What a tenant may not do and what an operator can do about a tenant, through the API
 //! (`router().oneshot()`, on both stores) and the real `dispatcher` binary: labels and
 //! annotations only under the operator's prefixes, reserved environment variables and
-//! oversize resources refused with a 422 naming the field; `--help` and connection errors
-//! without the passwords of the environment; `tenant list`, `rotate-key` (the old key is
-//! refused at once), `disable` (403) and `enable`.
+//! oversize resources refused with a 422 naming the field (also by the embedded
+//! default's binary); `--help` and connection errors without the passwords of the
+//! environment; `tenant list`, `rotate-key` (the old key is refused at once), `disable`
+//! (403) and `enable`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
@@ -284,6 +285,28 @@ async fn tenant_commands_list_rotate_disable_and_enable() {
     };
     let old = dispatcher.key.clone();
     assert_eq!(status(old.clone(), "/v1/tasks").await.0, 200);
+
+    // The embedded default refuses what a tenant may not send, as the API tests show.
+    for (body, field) in [
+        (
+            with("env", json!({"LD_PRELOAD": "/tmp/x.so"})),
+            "env.LD_PRELOAD",
+        ),
+        (with("resources", json!({"cpu": "100000"})), "resources.cpu"),
+        (with("labels", json!({"team": "ml"})), "labels.team"),
+    ] {
+        let response = dispatcher
+            .http
+            .post(format!("{}/v1/tasks", dispatcher.base))
+            .bearer_auth(&old)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 422);
+        let value: Value = response.json().await.unwrap();
+        assert_eq!(value["error"]["field"], field, "{value}");
+    }
 
     let (ok, new, stderr) =
         run_dispatcher(&dispatcher.dir, &["tenant", "rotate-key", "acme"]).await;
