@@ -385,11 +385,6 @@ mod tests {
         );
         let debug = format!("{args:?}");
         assert!(!debug.contains("hunter2"), "{debug}");
-        // The default is a plain path, and parses as one.
-        assert_eq!(
-            serve(&[]).database.database_url.expose_secret(),
-            "sqlite://agent-bus.db"
-        );
     }
 
     #[test]
