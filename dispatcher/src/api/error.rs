@@ -24,6 +24,8 @@ pub enum ApiError {
     BadReportToken(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("tenant '{tenant}' is disabled: its requests are refused until an operator enables it")]
+    TenantDisabled { tenant: String },
     #[error("task not found")]
     NotFound,
     /// No secret of that name for this tenant (another tenant's is the same answer).
@@ -70,6 +72,7 @@ impl ApiError {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::TenantDisabled { .. } => (StatusCode::FORBIDDEN, "tenant_disabled"),
             Self::NotFound | Self::SecretNotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::IdempotencyConflict { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")

@@ -55,6 +55,8 @@ use crate::task::submission::Limits;
 
 pub use auth::{hash_api_key, new_api_key};
 pub use error::ApiError;
+/// The secret type of [`new_api_key`], for callers that hand the key on.
+pub use secrecy::{ExposeSecret, SecretString};
 
 /// What the handlers share.
 #[derive(Clone)]

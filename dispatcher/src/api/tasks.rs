@@ -210,6 +210,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 200, description = "Replay of an earlier request with the same Idempotency-Key, or a dry run", body = TaskView),
         (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
         (status = 402, description = "A budget of the tenant with action `refuse` is spent", body = super::error::ErrorBody),
+        (status = 403, description = "The tenant is disabled (code `tenant_disabled`; every endpoint of a disabled tenant answers so)", body = super::error::ErrorBody),
         (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
         (status = 429, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody),
     ),

@@ -555,7 +555,7 @@ mod tests {
             .cpu("500m")
             .memory("1Gi")
             .env("MODE", "fast")
-            .label("team", "vision")
+            .label("example.com/team", "vision")
             .obj();
         insta::assert_yaml_snapshot!(job(&task));
     }

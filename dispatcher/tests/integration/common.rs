@@ -11,7 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use dispatcher::api::readiness::Readiness;
-use dispatcher::api::{self, AppState};
+use dispatcher::api::{self, AppState, ExposeSecret as _};
 use dispatcher::cost::Prices;
 use dispatcher::launcher::job_spec::LaunchConfig;
 use dispatcher::launcher::{Canceller, LocalExecutor};
@@ -42,6 +42,16 @@ pub(crate) struct TestApi {
 /// The report-token key of test APIs, so tests can mint tokens the API accepts.
 pub(crate) const TEST_REPORT_KEY: &[u8] = b"agent-bus test report key, 32+ bytes long";
 
+/// The submission limits of test APIs: the defaults, with `example.com/` labels and
+/// annotations allowed (the defaults allow none), as the cluster tests' dispatchers.
+pub(crate) fn test_limits() -> Limits {
+    Limits {
+        label_prefixes: vec!["example.com/".parse().unwrap()],
+        annotation_prefixes: vec!["example.com/".parse().unwrap()],
+        ..Limits::default()
+    }
+}
+
 /// Builds the API on `store`, with an in-process queue and the local canceller.
 pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) -> TestApi {
     store.migrate().await.unwrap();
@@ -54,7 +64,7 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
     let mut state = AppState {
         lifecycle: lifecycle.clone(),
         queue: queue.clone(),
-        limits: Arc::new(Limits::default()),
+        limits: Arc::new(test_limits()),
         launch: Arc::new(LaunchConfig::default()),
         canceller: Canceller::Local(LocalExecutor::new(lifecycle, workdir.clone())),
         cluster: None,
@@ -145,7 +155,7 @@ impl TestApi {
 
     /// Creates a tenant and returns its API key.
     pub(crate) async fn tenant(&self, name: &str, max_queued: u32) -> String {
-        let key = api::new_api_key();
+        let key = api::new_api_key().expose_secret().to_owned();
         self.store
             .create_tenant(name, &api::hash_api_key(&key), max_queued)
             .await

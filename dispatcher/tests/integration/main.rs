@@ -32,5 +32,6 @@ mod quota;
 mod retries;
 mod schema;
 mod secrets;
+mod security;
 mod store;
 mod tls;

@@ -46,7 +46,12 @@ impl Setup {
             .env("AGENT_BUS_REDIS_PREFIX", &self.redis.prefix)
             .env("AGENT_BUS_NAMESPACE", &self.ns.name)
             .env("AGENT_BUS_LOG", "warn")
-            .env("AGENT_BUS_ALLOW_ANNOTATION_PREFIXES", "agent-bus.io/test-")
+            // kwok reads agent-bus.io/test-* annotations; example.com/ is the tenants'.
+            .env(
+                "AGENT_BUS_TENANT_ANNOTATION_PREFIXES",
+                "agent-bus.io/test-,example.com/",
+            )
+            .env("AGENT_BUS_TENANT_LABEL_PREFIXES", "example.com/")
             .env("AGENT_BUS_UNSCHEDULABLE_AFTER", "1")
             .kill_on_drop(true);
         command
@@ -215,3 +220,4 @@ mod quota;
 mod recovery;
 mod retries;
 mod secrets;
+mod security;

@@ -98,4 +98,5 @@ mod quotas;
 mod retries;
 mod submissions;
 mod tasks;
+mod tenants;
 mod transitions;
