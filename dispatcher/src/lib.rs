@@ -19,8 +19,10 @@ pub mod metrics;
 pub mod placement;
 pub mod queue;
 pub mod report;
+pub mod secrets;
 pub mod store;
 pub mod task;
+mod tls;
 pub mod watcher;
 
 #[cfg(test)]

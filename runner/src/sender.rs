@@ -293,7 +293,10 @@ impl Sender {
 }
 
 fn send_loop(target: &Target, inner: &Inner) {
+    // No proxy: ureq would take one from ALL_PROXY/HTTP(S)_PROXY, which the task's
+    // environment (the tenant's) sets, and the reports carry the report token.
     let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(5)))
         .user_agent(concat!("agent-bus-runner/", env!("CARGO_PKG_VERSION")))

@@ -1,8 +1,11 @@
-//! Bearer API keys: a key is shown once, at `dispatcher tenant create`; only its SHA-256
-//! is stored, and every request's key is hashed and looked up.
+//! Bearer API keys: a key is shown once, at `dispatcher tenant create` or `tenant
+//! rotate-key`; only its SHA-256 is stored, and every request's key is hashed and looked
+//! up, with no cache: a replaced key gets 401 and a disabled tenant 403 from the next
+//! request on.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use secrecy::SecretString;
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
@@ -11,11 +14,12 @@ use crate::store::Tenant;
 /// Prefix of every key, so leaked keys are recognisable by secret scanners.
 const KEY_PREFIX: &str = "ab_";
 
-/// A new random API key: the prefix and 64 hex digits (256 bits from the OS generator).
+/// A new random API key: the prefix and 64 hex digits (256 bits from the OS generator),
+/// as a secret (zeroed when dropped, never printed by `Debug`).
 #[must_use]
-pub fn new_api_key() -> String {
+pub fn new_api_key() -> SecretString {
     let bytes: [u8; 32] = rand::random();
-    format!("{KEY_PREFIX}{}", hex::encode(bytes))
+    SecretString::from(format!("{KEY_PREFIX}{}", hex::encode(bytes)))
 }
 
 /// The stored form of a key.
@@ -54,21 +58,30 @@ impl FromRequestParts<AppState> for Authenticated {
             .ok_or(ApiError::Unauthorized)?;
         // Every log line of the request names its tenant.
         tracing::Span::current().record("tenant", tenant.name.as_str());
+        if tenant.disabled_at.is_some() {
+            return Err(ApiError::TenantDisabled {
+                tenant: tenant.name,
+            });
+        }
         Ok(Self(tenant))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::{hash_api_key, new_api_key};
 
     #[test]
     fn keys_are_random_and_hashes_stable() {
         let (a, b) = (new_api_key(), new_api_key());
+        assert_eq!(format!("{a:?}"), "SecretBox<str>([REDACTED])");
+        let (a, b) = (a.expose_secret(), b.expose_secret());
         assert_ne!(a, b);
         assert!(a.starts_with("ab_") && a.len() == 67);
-        assert_eq!(hash_api_key(&a), hash_api_key(&a));
-        assert_ne!(hash_api_key(&a), hash_api_key(&b));
+        assert_eq!(hash_api_key(a), hash_api_key(a));
+        assert_ne!(hash_api_key(a), hash_api_key(b));
         assert_eq!(hash_api_key("x").len(), 64);
     }
 }

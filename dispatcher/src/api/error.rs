@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::queue::QueueError;
+use crate::secrets::SecretError;
 use crate::store::StoreError;
 use crate::task::submission::FieldError;
 
@@ -23,8 +24,13 @@ pub enum ApiError {
     BadReportToken(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("tenant '{tenant}' is disabled: its requests are refused until an operator enables it")]
+    TenantDisabled { tenant: String },
     #[error("task not found")]
     NotFound,
+    /// No secret of that name for this tenant (another tenant's is the same answer).
+    #[error("secret not found")]
+    SecretNotFound,
     #[error("the Idempotency-Key '{key}' was already used with a different request body")]
     IdempotencyConflict { key: String },
     #[error("the tenant already has {limit} queued tasks, its quota; wait for some to start")]
@@ -72,7 +78,8 @@ impl ApiError {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
-            Self::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            Self::TenantDisabled { .. } => (StatusCode::FORBIDDEN, "tenant_disabled"),
+            Self::NotFound | Self::SecretNotFound => (StatusCode::NOT_FOUND, "not_found"),
             Self::IdempotencyConflict { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
@@ -118,6 +125,27 @@ impl From<crate::lifecycle::Error> for ApiError {
             crate::lifecycle::Error::Contended { .. } => Self::Unavailable {
                 what: "cancellation (the task keeps changing state)",
             },
+        }
+    }
+}
+
+impl From<SecretError> for ApiError {
+    fn from(error: SecretError) -> Self {
+        match error {
+            error @ SecretError::TooMany { .. } => {
+                Self::Invalid(FieldError::new("name", error.to_string()))
+            }
+            SecretError::Kubernetes {
+                source: kube::Error::Api(ref status),
+                ..
+            } if status.code < 500 && status.code != 429 => Self::Internal(error.to_string()),
+            error @ SecretError::Kubernetes { .. } => {
+                tracing::warn!(error = %error, "secret store unavailable");
+                Self::Unavailable {
+                    what: "the secret store",
+                }
+            }
+            error => Self::Internal(error.to_string()),
         }
     }
 }

@@ -1,5 +1,7 @@
-//! The REST API (v1): submit, read, list, cancel and follow tasks; health probes; the
-//! OpenAPI document. `router(state)` is the whole API, testable without a socket.
+//! The REST API (v1): submit, read, list, cancel and follow tasks; write, list and delete
+//! the tenant's secrets (never read their values); health probes; the OpenAPI document.
+//! `router(state)` is the whole API, testable without a socket;
+//! `metrics_router(state)` is what the separate metrics listener serves.
 //!
 //! Invariants:
 //! - every `/v1` query is scoped to the tenant of the bearer key; another tenant's task is
@@ -7,15 +9,24 @@
 //! - a task is stored before it is enqueued, and a 201 means it is stored: if the enqueue
 //!   fails, the queue reconciler enqueues it later;
 //! - nothing a client sends yields a 500;
+//! - a secret's values go from `PUT /v1/secrets/{name}` into the secret store only: no
+//!   answer, log line or stored row holds one, and a task holds only references;
 //! - `/internal/v1` is for runners: it takes only per-attempt report tokens, never tenant
-//!   keys, and a token speaks for its own task attempt only (403 otherwise).
+//!   keys, and a token speaks for its own task attempt only (403 otherwise);
+//! - `/metrics` (every tenant's names, spend and models) is never on the api's listener,
+//!   only on the metrics listener (`--metrics-listen`), which deployments keep off the
+//!   Ingress and away from task pods; `/healthz` and `/readyz` are on both;
+//! - `/readyz` checks its dependencies at most about once a second per process
+//!   ([`readiness`]).
 
 pub mod attempts;
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod openapi;
+pub mod readiness;
 pub mod reports;
+pub mod secrets;
 pub mod tasks;
 pub mod usage;
 
@@ -38,12 +49,15 @@ use crate::metrics::Metrics;
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::queue::Queue;
 use crate::report::ReportTokens;
+use crate::secrets::SecretStore;
 use crate::store::Store;
 use crate::task::submission::Limits;
 
 pub use auth::{hash_api_key, new_api_key};
 pub use error::ApiError;
 pub use reports::ReportLimits;
+/// The secret type of [`new_api_key`], for callers that hand the key on.
+pub use secrecy::{ExposeSecret, SecretString};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -57,6 +71,8 @@ pub struct AppState {
     pub canceller: Canceller,
     /// Checked by `/readyz` besides the store and the queue.
     pub cluster: Option<kube::Client>,
+    /// The tenants' secrets (`/v1/secrets`), and what task references are checked against.
+    pub secrets: SecretStore,
     pub max_body_bytes: usize,
     /// How often a followed event stream polls the store.
     pub follow_poll: Duration,
@@ -66,6 +82,8 @@ pub struct AppState {
     pub snapshot: Arc<SnapshotConfig>,
     /// What the report endpoint takes from one task attempt.
     pub reports: ReportLimits,
+    /// The last `/readyz` check, shared by both listeners.
+    pub readiness: Arc<readiness::Readiness>,
 }
 
 impl AppState {
@@ -97,7 +115,8 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The whole HTTP API.
+/// The whole HTTP API and the probes: what the api's listener (`--listen`) serves. No
+/// `/metrics` here (see [`metrics_router`]).
 pub fn router(state: AppState) -> Router {
     let max_body = state.max_body_bytes;
     let router = Router::new()
@@ -109,19 +128,30 @@ pub fn router(state: AppState) -> Router {
             "/internal/v1/tasks/{id}/attempts/{attempt}/reports",
             post(reports::receive),
         )
+        .route("/v1/secrets", get(secrets::list))
+        .route(
+            "/v1/secrets/{name}",
+            get(secrets::get_one)
+                .put(secrets::put)
+                .delete(secrets::delete),
+        )
         .route("/v1/usage", get(usage::usage))
         .route("/openapi.json", get(openapi::document))
         .layer(DefaultBodyLimit::max(max_body));
     observed(router, state)
 }
 
-/// `/healthz`, `/readyz` and `/metrics` on `router`, with the layers every response gets:
-/// request ids, a span per request, and the HTTP metrics.
+/// What the metrics listener (`--metrics-listen`) serves: `/metrics` and the probes.
+pub fn metrics_router(state: AppState) -> Router {
+    observed(Router::new().route("/metrics", get(metrics_text)), state)
+}
+
+/// `/healthz` and `/readyz` on `router`, with the layers every response gets: request
+/// ids, a span per request, and the HTTP metrics.
 pub fn observed(router: Router<AppState>, state: AppState) -> Router {
     router
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
         .layer(axum::middleware::from_fn_with_state(
             state.metrics().clone(),
             count_request,
@@ -203,20 +233,11 @@ pub async fn healthz() -> Json<Health> {
 }
 
 /// Ready: the store, the queue and (with the Kubernetes executor) the API server answer.
+/// The answer may be up to a second old: the dependencies are checked at most about once
+/// a second per process, and concurrent callers share one check.
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let mut failing = Vec::new();
-    if let Err(e) = state.store().ping().await {
-        failing.push(format!("store: {e}"));
-    }
-    if let Err(e) = state.queue.ping().await {
-        failing.push(format!("queue: {e}"));
-    }
-    if let Some(client) = &state.cluster
-        && let Err(e) = client.apiserver_version().await
-    {
-        failing.push(format!("kubernetes: {e}"));
-    }
+    let failing = state.readiness.failing(|| check_dependencies(&state)).await;
     if failing.is_empty() {
         (
             StatusCode::OK,
@@ -234,4 +255,30 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             }),
         )
     }
+}
+
+/// One check of every dependency: a line per failing one. Counted in
+/// `agent_bus_readiness_checks_total`.
+async fn check_dependencies(state: &AppState) -> Vec<String> {
+    let mut failing = Vec::new();
+    if let Err(e) = state.store().ping().await {
+        failing.push(format!("store: {e}"));
+    }
+    if let Err(e) = state.queue.ping().await {
+        failing.push(format!("queue: {e}"));
+    }
+    if let Some(client) = &state.cluster
+        && let Err(e) = client.apiserver_version().await
+    {
+        failing.push(format!("kubernetes: {e}"));
+    }
+    state
+        .metrics()
+        .http()
+        .readiness_check(if failing.is_empty() {
+            crate::metrics::ReadinessResult::Ready
+        } else {
+            crate::metrics::ReadinessResult::Unready
+        });
+    failing
 }

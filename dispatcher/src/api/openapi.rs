@@ -14,6 +14,10 @@ use utoipa::{Modify, OpenApi};
         super::tasks::list,
         super::tasks::cancel,
         super::tasks::events,
+        super::secrets::put,
+        super::secrets::list,
+        super::secrets::get_one,
+        super::secrets::delete,
         super::reports::receive,
         super::usage::usage,
         super::healthz,
@@ -22,6 +26,7 @@ use utoipa::{Modify, OpenApi};
     modifiers(&BearerAuth),
     tags(
         (name = "tasks", description = "Task submission and tracking"),
+        (name = "secrets", description = "Tenants' secrets for their tasks' environment: written, listed by key, deleted; values are never returned"),
         (name = "usage", description = "Spend and budgets"),
         (name = "internal", description = "Reports of the runner inside each task's pod"),
     )

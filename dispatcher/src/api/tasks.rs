@@ -210,6 +210,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         (status = 200, description = "Replay of an earlier request with the same Idempotency-Key, or a dry run", body = TaskView),
         (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
         (status = 402, description = "A budget of the tenant with action `refuse` is spent", body = super::error::ErrorBody),
+        (status = 403, description = "The tenant is disabled (code `tenant_disabled`; every endpoint of a disabled tenant answers so)", body = super::error::ErrorBody),
         (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
         (status = 429, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody),
     ),
@@ -229,6 +230,9 @@ pub async fn submit(
         serde_json::to_vec(&submission).map_err(|e| ApiError::Internal(e.to_string()))?;
     let request_hash = hex::encode(Sha256::digest(&canonical));
     let spec = validate(submission, &state.limits, &tenant.name)?;
+    // Whether the secrets the task references exist (and have the keys); refused below,
+    // unless the request replays one accepted before a secret was deleted.
+    let references = super::secrets::check_references(&state, &tenant.name, &spec).await;
     let mut task = Task::new(tenant.name.clone(), spec);
     let queue_ttl = task
         .spec
@@ -242,6 +246,7 @@ pub async fn submit(
     let estimate = state.lifecycle.prices().estimate(&task);
 
     if query.dry_run {
+        references?;
         let job =
             build_job(&task, &state.launch, None).map_err(|e| ApiError::Internal(e.to_string()))?;
         let job = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -257,9 +262,11 @@ pub async fn submit(
 
     let idempotency = key.map(|key| Idempotency { key, request_hash });
     let new = NewTask { task, idempotency };
-    // A retry of a submission accepted before a budget was spent is a replay, not a new
-    // task: it gets its task back rather than a 402 that says it was refused.
-    let replayed = if tenant.budget.action == BudgetAction::Refuse && tenant.budget.is_set() {
+    // A retry of a submission accepted before a budget was spent (or a secret it
+    // references was deleted) is a replay, not a new task: it gets its task back rather
+    // than a 402 or 422 that says it was refused.
+    let budget_may_refuse = tenant.budget.action == BudgetAction::Refuse && tenant.budget.is_set();
+    let replayed = if budget_may_refuse || references.is_err() {
         state.store().existing_replay(&new).await?
     } else {
         None
@@ -267,6 +274,7 @@ pub async fn submit(
     let inserted = if let Some(replayed) = replayed {
         replayed
     } else {
+        references?;
         refuse_over_budget(&state, &tenant).await?;
         state.store().insert_task(new).await?
     };

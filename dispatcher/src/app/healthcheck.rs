@@ -5,9 +5,9 @@
 //!   exits 0 on `200`, 1 otherwise, printing one line that says why. It is the container
 //!   image's `HEALTHCHECK` and the Helm chart's `helm test` hook, so neither needs a shell,
 //!   curl or wget in the image.
-//! - [`probe_router`] serves only `/healthz`, `/readyz` and `/metrics`: a process that runs
-//!   the launcher or watcher role without the api still answers its Kubernetes probes and
-//!   its scrapes.
+//! - [`probe_router`] serves only `/healthz` and `/readyz`: a process that runs the
+//!   launcher or watcher role without the api still answers its Kubernetes probes on
+//!   `--listen` (its scrapes go to the metrics listener, as every role's).
 
 use std::fmt::Write as _;
 use std::process::ExitCode;

@@ -40,6 +40,7 @@ pub fn init_logging(args: &LogArgs) {
 /// Runs one command to its end. `healthcheck` is answered by [`healthcheck::run`] before
 /// this, with its own exit code.
 pub async fn run(command: Command) -> anyhow::Result<()> {
+    install_crypto_provider();
     match command {
         Command::Serve(args) => serve::serve(*args).await,
         Command::Healthcheck(_) => Ok(()), // answered in `main`, before logging matters
@@ -48,43 +49,85 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// A URL without its password, for logs and errors.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
+/// Makes ring rustls' process-wide provider, the one kube-rs and sqlx name for themselves:
+/// redis-rs asks rustls for the default, which must be installed before the first `rediss://`
+/// connection (rustls would otherwise pick one from its crate features, and panic if more
+/// than one were compiled in).
+fn install_crypto_provider() {
+    // Err means a provider is installed already: nothing to do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Query parameters of a database or Redis URL whose value is a secret.
+const SECRET_PARAMETERS: [&str; 4] = ["password", "sslpassword", "pass", "token"];
+
+/// `url` without its secrets, for logs and errors: the password of its user part and
+/// the values of password-like query parameters become `***`. A text that does not parse
+/// as a URL keeps only its scheme and what follows its last '@', or nothing.
+fn redact_url(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return match (text.split_once("://"), text.rsplit_once('@')) {
+            (Some((scheme, _)), Some((_, host))) => format!("{scheme}://***@{host}"),
+            (Some((scheme, _)), None) => format!("{scheme}://…"),
+            _ => "(not a url)".to_owned(),
+        };
+    };
+    if url.password().is_some() {
+        // Fails only for URLs that cannot have a user part, which then has no password.
+        let _ = url.set_password(Some("***"));
     }
+    let secret = |name: &str| SECRET_PARAMETERS.contains(&name.to_ascii_lowercase().as_str());
+    if url.query_pairs().any(|(name, _)| secret(&name)) {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if secret(&name) {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact;
+    use super::redact_url;
 
     #[test]
-    fn redact_hides_the_password_only() {
+    fn redact_url_hides_passwords_only() {
         for (url, shown) in [
             (
                 "postgres://agent:s3cret@db:5432/agent_bus",
                 "postgres://agent:***@db:5432/agent_bus",
             ),
             ("redis://:s3cret@redis:6379", "redis://:***@redis:6379"),
+            (
+                "rediss://default:s3cret@redis:6380/0",
+                "rediss://default:***@redis:6380/0",
+            ),
             // A password holding '@' or ':' is hidden whole.
             ("postgres://u:p@ss:w@db/x", "postgres://u:***@db/x"),
+            (
+                "postgres://agent@db/agent_bus?password=s3cret&sslmode=verify-full",
+                "postgres://agent@db/agent_bus?password=***&sslmode=verify-full",
+            ),
             (
                 "postgres://agent@db/agent_bus",
                 "postgres://agent@db/agent_bus",
             ),
             ("redis://redis:6379", "redis://redis:6379"),
             ("sqlite://agent-bus.db", "sqlite://agent-bus.db"),
-            ("not a url @ all", "not a url @ all"),
+            ("not a url @ s3cret", "(not a url)"),
+            ("postgres://u:s3cret@[bad/x", "postgres://***@[bad/x"),
         ] {
-            assert_eq!(redact(url), shown, "{url}");
+            let redacted = redact_url(url);
+            assert_eq!(redacted, shown, "{url}");
+            assert!(!redacted.contains("s3cret"), "{url}");
         }
     }
 }

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::watch;
 
 use super::executor::{
     check_task_users, choose_executor, find_runner, kube_client, local_task_users,
 };
-use super::{LOG_TARGET, healthcheck, redact, settings};
+use super::{LOG_TARGET, healthcheck, redact_url, settings};
+use crate::api::readiness::Readiness;
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
@@ -23,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
 use crate::report::{ReportEndpoint, ReportIssuer, ReportTokens};
+use crate::secrets::{KubernetesSecrets, LocalSecrets, SecretStore};
 use crate::store::Store;
 use crate::watcher::Watcher;
 
@@ -46,18 +49,12 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "local"
     };
     tracing::info!(target: LOG_TARGET, executor = executor_name, why = %why, roles = ?args.roles, "dispatcher starting");
+    settings::check(&args).map_err(anyhow::Error::msg)?;
 
-    let store = Store::connect(
-        &args.database.database_url,
-        args.database.database_max_connections,
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "connecting to the database {}",
-            redact(&args.database.database_url)
-        )
-    })?;
+    let database_url = args.database.database_url.expose_secret();
+    let store = Store::connect(database_url, args.database.database_max_connections)
+        .await
+        .with_context(|| format!("connecting to the database {}", redact_url(database_url)))?;
     store.migrate().await.context("applying migrations")?;
     let instance = settings::instance(&args);
     let queue = connect_queue(&args).await?;
@@ -80,14 +77,14 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = store.observed_by(Arc::new(metrics.clone()));
     let lifecycle =
         Lifecycle::new(store.clone(), metrics.clone(), prices).with_retries(RetrySettings {
-            defaults: args.retry.defaults(),
+            defaults: settings::retry_defaults(&args),
             gpu_classes: catalog.gpu_classes.clone(),
         });
     let queue = queue.observed(metrics.clone());
     let limits = Arc::new(settings::limits(&args, &catalog));
     let launch = Arc::new(settings::launch_config(&args, &catalog));
 
-    let report_tokens = report_tokens(&store, args.runner.report_secret.as_deref()).await?;
+    let report_tokens = report_tokens(&store, args.runner.report_secret.as_ref()).await?;
     let report_base = match &args.runner.report_url {
         Some(url) => Some(url.clone()),
         None if executor_choice == ExecutorChoice::Local => Some(format!("http://{}", args.listen)),
@@ -105,16 +102,28 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokens: report_tokens.clone(),
     });
 
-    let (executor, canceller, cluster) = if executor_choice == ExecutorChoice::Kubernetes {
+    // The tenants' secrets live where the executor hands them to tasks: Secrets in the
+    // tasks namespace (a `secretKeyRef` in the Job), or owner-only files beside the
+    // local executor.
+    let (executor, canceller, cluster, secrets) = if executor_choice == ExecutorChoice::Kubernetes {
         let client = kube_client(args.kubeconfig.as_ref(), &metrics).await?;
         let kubernetes =
             KubernetesExecutor::new(client.clone(), launch.clone(), report_issuer.clone());
+        let secrets =
+            SecretStore::Kubernetes(KubernetesSecrets::new(client.clone(), &launch.namespace));
         (
             Executor::Kubernetes(kubernetes.clone()),
             Canceller::Kubernetes(kubernetes),
             Some(client),
+            secrets,
         )
     } else {
+        let secrets = LocalSecrets::open(args.local_secrets_dir.clone()).with_context(|| {
+            format!(
+                "opening the local secret store {}",
+                args.local_secrets_dir.display()
+            )
+        })?;
         let runner = find_runner(
             args.runner.runner_path.as_deref(),
             std::env::current_exe().ok().as_deref(),
@@ -127,7 +136,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(target: LOG_TARGET, workdir = %workdir.display(), users = ?users, "local tasks run in this folder");
         let local = LocalExecutor::new(lifecycle.clone(), workdir)
             .with_runner(runner, report_issuer.clone())
-            .with_users(users);
+            .with_users(users)
+            .with_secrets(secrets.clone());
         if args.roles.contains(&Role::Launcher) {
             lifecycle.end_orphaned_local_attempts().await;
         }
@@ -135,6 +145,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Executor::Local(local.clone()),
             Canceller::Local(local),
             None,
+            SecretStore::Local(secrets),
         )
     };
 
@@ -192,8 +203,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = signal_sender.send(true);
     });
 
-    // Every role answers /healthz and /readyz (its Kubernetes probes); only the api role
-    // serves the REST API.
+    // Every role answers /healthz and /readyz (its Kubernetes probes) on --listen; only
+    // the api role serves the REST API there. /metrics is only on --metrics-listen.
     let state = AppState {
         lifecycle: lifecycle.clone(),
         queue: queue.clone(),
@@ -201,12 +212,15 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         launch,
         canceller,
         cluster,
+        secrets,
         max_body_bytes: args.max_body_bytes,
         follow_poll: Duration::from_millis(250),
         report_tokens,
         snapshot: Arc::new(settings::snapshot_config(&args)),
         reports: settings::report_limits(&args),
+        readiness: Arc::new(Readiness::default()),
     };
+    let metrics_router = api::metrics_router(state.clone());
     let router = if args.roles.contains(&Role::Api) {
         api::router(state)
     } else {
@@ -214,30 +228,59 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    tracing::info!(target: LOG_TARGET, listen = %args.listen, roles = ?args.roles, "api listening");
-    let mut api_shutdown = shutdown.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            let _ = api_shutdown.wait_for(|stop| *stop).await;
-        })
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
-        .context("serving the api")?;
+        .with_context(|| {
+            format!(
+                "listening for metrics on {} (--metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
+    let metrics_address = metrics_listener.local_addr().unwrap_or(args.metrics_listen);
+    tracing::info!(target: LOG_TARGET, listen = %args.listen, metrics_listen = %metrics_address, roles = ?args.roles, "api listening");
+    let stopped = |mut shutdown: watch::Receiver<bool>| async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let api_server =
+        axum::serve(listener, router).with_graceful_shutdown(stopped(shutdown.clone()));
+    let metrics_server = axum::serve(metrics_listener, metrics_router)
+        .with_graceful_shutdown(stopped(shutdown.clone()));
+    let served = tokio::try_join!(
+        async { api_server.await.context("serving the api") },
+        async { metrics_server.await.context("serving the metrics") },
+    );
     let _ = shutdown_sender.send(true);
     while roles.join_next().await.is_some() {}
+    served?;
     tracing::info!(target: LOG_TARGET, "dispatcher stopped");
     Ok(())
 }
 
-/// Redis when `--redis-url` is given, else the in-process queue.
+/// Redis when `--redis-url` is given (trusting `--redis-ca-file` for `rediss://`), else
+/// the in-process queue.
 async fn connect_queue(args: &ServeArgs) -> anyhow::Result<Queue> {
     if let Some(url) = &args.redis_url {
+        let url = url.expose_secret();
+        let ca = match &args.redis_ca_file {
+            Some(path) => Some(std::fs::read(path).with_context(|| {
+                format!(
+                    "reading the Redis CA file {} (--redis-ca-file)",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
         Ok(Queue::from(
-            RedisQueue::connect(url, &args.redis_prefix, "launchers")
+            RedisQueue::connect_trusting(url, ca, &args.redis_prefix, "launchers")
                 .await
-                .with_context(|| format!("connecting to redis {}", redact(url)))?,
+                .with_context(|| format!("connecting to redis {}", redact_url(url)))?,
         ))
     } else {
+        anyhow::ensure!(
+            args.redis_ca_file.is_none(),
+            "--redis-ca-file needs --redis-url (a rediss:// URL)"
+        );
         if args.roles.len() < 3 {
             tracing::warn!(
                 target: LOG_TARGET,
@@ -268,19 +311,24 @@ async fn wait_for_signal() {
 
 /// The report-token signer: the configured secret, or the one every replica shares
 /// through the database (generated by whichever started first).
-async fn report_tokens(store: &Store, secret: Option<&str>) -> anyhow::Result<ReportTokens> {
+async fn report_tokens(
+    store: &Store,
+    secret: Option<&SecretString>,
+) -> anyhow::Result<ReportTokens> {
     if let Some(secret) = secret {
         anyhow::ensure!(
-            secret.len() >= 32,
+            secret.expose_secret().len() >= 32,
             "--report-secret must be at least 32 characters"
         );
-        return Ok(ReportTokens::new(secret.as_bytes()));
+        return Ok(ReportTokens::new(secret.expose_secret().as_bytes()));
     }
-    let generated = store
-        .setting_or_create("report_token_key", || {
-            hex::encode(rand::random::<[u8; 32]>())
-        })
-        .await
-        .context("reading the report-token key")?;
-    Ok(ReportTokens::new(generated.as_bytes()))
+    let generated = SecretString::from(
+        store
+            .setting_or_create("report_token_key", || {
+                hex::encode(rand::random::<[u8; 32]>())
+            })
+            .await
+            .context("reading the report-token key")?,
+    );
+    Ok(ReportTokens::new(generated.expose_secret().as_bytes()))
 }

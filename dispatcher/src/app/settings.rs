@@ -9,14 +9,21 @@ use crate::launcher::job_spec::{LaunchConfig, RunnerInjection};
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::placement::PlacementCatalog;
 use crate::store::ReportAllowance;
+use crate::task::retry::RetryDefaults;
 use crate::task::submission::{Limits, ShmRule};
 use crate::watcher::lease::LeaseConfig;
 
 /// What submissions are checked against.
 pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
+    let submissions = &args.submissions;
     Limits {
         gpu_classes: catalog.gpu_classes.capacities(),
-        allowed_annotation_prefixes: args.allow_annotation_prefix.clone(),
+        label_prefixes: submissions.tenant_label_prefixes.clone(),
+        annotation_prefixes: submissions.tenant_annotation_prefixes.clone(),
+        max_cpu: submissions.max_task_cpu,
+        max_memory: submissions.max_task_memory,
+        max_gpus: submissions.max_task_gpus,
+        max_shm: submissions.max_task_shm,
         volume_claims: catalog.volume_claims.clone(),
         shm_rule: ShmRule {
             fraction: args.placement.shm_fraction,
@@ -37,6 +44,41 @@ pub(super) fn report_limits(args: &ServeArgs) -> ReportLimits {
                 .unwrap_or(jiff::SignedDuration::MAX),
         },
         max_cost_usd: args.runner.max_report_cost_usd,
+    }
+}
+
+/// Checks the flags that must agree with each other: shm is memory, so no task may ask
+/// for more shm than memory, and the shm a task gets without asking is within what it
+/// could ask for.
+pub(super) fn check(args: &ServeArgs) -> Result<(), String> {
+    let submissions = &args.submissions;
+    if submissions.max_task_shm > submissions.max_task_memory {
+        return Err(format!(
+            "--max-task-shm {} is more than --max-task-memory {}: /dev/shm is memory",
+            submissions.max_task_shm, submissions.max_task_memory
+        ));
+    }
+    for (flag, size) in [
+        ("--shm-cap", args.placement.shm_cap),
+        ("--shm-without-memory", args.placement.shm_without_memory),
+    ] {
+        if size > submissions.max_task_shm {
+            return Err(format!(
+                "{flag} {size} is more than --max-task-shm {}",
+                submissions.max_task_shm
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The retry defaults of the flags, growing memory after `oom` never past what one task
+/// may request (a larger retry could never be scheduled).
+pub(super) fn retry_defaults(args: &ServeArgs) -> RetryDefaults {
+    let defaults = args.retry.defaults();
+    RetryDefaults {
+        max_memory: defaults.max_memory.min(args.submissions.max_task_memory),
+        ..defaults
     }
 }
 
@@ -98,7 +140,10 @@ mod tests {
 
     use clap::Parser as _;
 
-    use super::{instance, launch_config, lease, limits, report_limits, snapshot_config};
+    use super::{
+        check, instance, launch_config, lease, limits, report_limits, retry_defaults,
+        snapshot_config,
+    };
     use crate::api::ReportLimits;
     use crate::config::{Cli, Command, ServeArgs};
     use crate::launcher::job_spec::LaunchConfig;
@@ -129,6 +174,55 @@ mod tests {
             snapshot.queued_too_long,
             SnapshotConfig::default().queued_too_long
         );
+    }
+
+    #[test]
+    fn the_task_maxima_reach_the_limits_and_agree() {
+        let args = serve(&[
+            "--max-task-cpu",
+            "8",
+            "--max-task-memory",
+            "64Gi",
+            "--max-task-gpus",
+            "4",
+            "--max-task-shm",
+            "32Gi",
+            "--tenant-label-prefixes",
+            "example.com/,team.example.com/",
+        ]);
+        let limits = limits(&args, &PlacementCatalog::default());
+        assert_eq!(limits.max_cpu.to_string(), "8");
+        assert_eq!(limits.max_memory.to_string(), "64Gi");
+        assert_eq!(
+            (limits.max_gpus, limits.max_shm.to_string()),
+            (4, "32Gi".to_owned())
+        );
+        assert_eq!(limits.label_prefixes.len(), 2);
+        assert!(limits.annotation_prefixes.is_empty());
+        assert_eq!(check(&args), Ok(()));
+        // A retry after oom grows memory at most to the task maximum.
+        assert_eq!(retry_defaults(&args).max_memory.to_string(), "64Gi");
+        let too_much_shm = serve(&["--max-task-memory", "8Gi", "--max-task-shm", "16Gi"]);
+        assert!(check(&too_much_shm).unwrap_err().contains("--max-task-shm"));
+        let default_shm_too_big = serve(&["--max-task-shm", "8Gi"]);
+        assert!(
+            check(&default_shm_too_big)
+                .unwrap_err()
+                .starts_with("--shm-cap 16Gi")
+        );
+        assert_eq!(check(&serve(&[])), Ok(()));
+        for bad in [
+            ["--tenant-annotation-prefixes", "kueue.x-k8s.io/"],
+            ["--tenant-label-prefixes", "agent-bus.io/"],
+            ["--tenant-label-prefixes", "team"],
+            ["--max-task-gpus", "0"],
+            ["--max-task-cpu", "lots"],
+        ] {
+            let error = Cli::try_parse_from([&["dispatcher", "serve"][..], &bad].concat())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(bad[0]), "{bad:?}: {error}");
+        }
     }
 
     #[test]

@@ -1,28 +1,77 @@
-//! `dispatcher migrate` and the `tenant` commands (create, budget, quota, queue-ttl): each
-//! opens the store, applies the migrations and makes one change. Owns turning the budget
-//! flags into a [`Budget`] and the quota flags into a [`TenantQuota`].
+//! `dispatcher migrate` and the `tenant` commands (create, list, rotate-key, disable,
+//! enable, budget, quota, queue-ttl): each opens the store, applies the migrations and
+//! makes one change. Owns turning the budget flags into a [`Budget`] and the quota flags
+//! into a [`TenantQuota`], and the table `tenant list` prints. No command prints a key
+//! other than the new one it made.
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
+use secrecy::ExposeSecret as _;
 
-use super::LOG_TARGET;
+use super::{LOG_TARGET, redact_url};
 use crate::api;
 use crate::config::{BudgetArgs, DatabaseArgs, TenantCommand};
 use crate::cost::Budget;
-use crate::store::Store;
+use crate::store::{Store, Tenant};
 use crate::task::quota::TenantQuota;
 use crate::task::submission::is_dns_label;
 
+/// The store `database` names, migrated; the error names the database without its
+/// password.
+async fn open(database: &DatabaseArgs) -> anyhow::Result<Store> {
+    let url = database.database_url.expose_secret();
+    let store = Store::connect(url, database.database_max_connections)
+        .await
+        .with_context(|| format!("connecting to the database {}", redact_url(url)))?;
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
+}
+
 /// `dispatcher migrate`.
 pub(super) async fn migrate(database: &DatabaseArgs) -> anyhow::Result<()> {
-    let store = Store::connect(&database.database_url, database.database_max_connections).await?;
-    store.migrate().await?;
+    open(database).await?;
     tracing::info!(target: LOG_TARGET, "migrations applied");
     Ok(())
 }
 
-/// `dispatcher tenant create|budget|quota|queue-ttl`.
+/// `dispatcher tenant …`.
 pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
     match command {
+        TenantCommand::List { database } => {
+            let store = open(&database).await?;
+            let mut tenants = Vec::new();
+            for tenant in store.tenants().await? {
+                let quota = store.tenant_quota(&tenant.name).await?;
+                tenants.push((tenant, quota));
+            }
+            print!("{}", tenant_table(&tenants));
+            Ok(())
+        }
+        TenantCommand::RotateKey { name, database } => {
+            let store = open(&database).await?;
+            let key = api::new_api_key();
+            store
+                .replace_api_key(&name, &api::hash_api_key(key.expose_secret()))
+                .await?;
+            tracing::info!(target: LOG_TARGET, tenant = %name, "api key replaced; the old key is refused");
+            println!("{}", key.expose_secret());
+            Ok(())
+        }
+        TenantCommand::Disable { name, database } => {
+            let store = open(&database).await?;
+            let tenant = store
+                .set_tenant_disabled(&name, Some(jiff::Timestamp::now()))
+                .await?;
+            tracing::info!(target: LOG_TARGET, tenant = %name, "tenant disabled: its key is refused and its queued tasks wait");
+            println!("{}", status_line(&tenant));
+            Ok(())
+        }
+        TenantCommand::Enable { name, database } => {
+            let store = open(&database).await?;
+            let tenant = store.set_tenant_disabled(&name, None).await?;
+            tracing::info!(target: LOG_TARGET, tenant = %name, "tenant enabled");
+            println!("{}", status_line(&tenant));
+            Ok(())
+        }
         TenantCommand::Create {
             name,
             max_queued_tasks,
@@ -36,12 +85,14 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
                 );
             }
             let budget = budget_of(&budget)?;
-            let store =
-                Store::connect(&database.database_url, database.database_max_connections).await?;
-            store.migrate().await?;
+            let store = open(&database).await?;
             let key = api::new_api_key();
             store
-                .create_tenant(&name, &api::hash_api_key(&key), max_queued_tasks)
+                .create_tenant(
+                    &name,
+                    &api::hash_api_key(key.expose_secret()),
+                    max_queued_tasks,
+                )
                 .await?;
             if budget.is_set() {
                 store.set_budget(&name, &budget).await?;
@@ -52,7 +103,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
                     .await?;
             }
             tracing::info!(target: LOG_TARGET, tenant = %name, "tenant created");
-            println!("{key}");
+            println!("{}", key.expose_secret());
             Ok(())
         }
         TenantCommand::Budget {
@@ -61,9 +112,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             database,
         } => {
             let budget = budget_of(&budget)?;
-            let store =
-                Store::connect(&database.database_url, database.database_max_connections).await?;
-            store.migrate().await?;
+            let store = open(&database).await?;
             store.set_budget(&name, &budget).await?;
             tracing::info!(target: LOG_TARGET, tenant = %name, ?budget, "budget set");
             Ok(())
@@ -75,9 +124,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             clear,
             database,
         } => {
-            let store =
-                Store::connect(&database.database_url, database.database_max_connections).await?;
-            store.migrate().await?;
+            let store = open(&database).await?;
             let current = store.tenant_quota(&name).await?;
             let quota = quota_of(current.clone(), max_running, &max_gpus, clear)?;
             if quota != current {
@@ -92,14 +139,80 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             seconds,
             database,
         } => {
-            let store =
-                Store::connect(&database.database_url, database.database_max_connections).await?;
-            store.migrate().await?;
+            let store = open(&database).await?;
             store.set_default_queue_ttl(&name, seconds).await?;
             tracing::info!(target: LOG_TARGET, tenant = %name, ?seconds, "default queue TTL set");
             Ok(())
         }
     }
+}
+
+/// `acme: enabled` or `acme: disabled since <time>`.
+fn status_line(tenant: &Tenant) -> String {
+    match tenant.disabled_at {
+        Some(at) => format!("{}: disabled since {at}", tenant.name),
+        None => format!("{}: enabled", tenant.name),
+    }
+}
+
+/// What `tenant list` prints: one row per tenant, columns aligned, no secrets.
+fn tenant_table(tenants: &[(Tenant, TenantQuota)]) -> String {
+    let dollars = |amount: Option<f64>| amount.map_or_else(|| "-".to_owned(), |d| format!("${d}"));
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "CREATED".to_owned(),
+        "DISABLED".to_owned(),
+        "MAX QUEUED".to_owned(),
+        "QUEUE TTL".to_owned(),
+        "BUDGET DAY/MONTH".to_owned(),
+        "QUOTA".to_owned(),
+    ]];
+    for (tenant, quota) in tenants {
+        rows.push([
+            tenant.name.clone(),
+            tenant.created_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            tenant.disabled_at.map_or_else(
+                || "-".to_owned(),
+                |at| at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            ),
+            tenant.max_queued_tasks.to_string(),
+            tenant
+                .default_queue_ttl_seconds
+                .map_or_else(|| "-".to_owned(), |s| format!("{s}s")),
+            if tenant.budget.is_set() {
+                format!(
+                    "{}/{} ({})",
+                    dollars(tenant.budget.daily_dollars),
+                    dollars(tenant.budget.monthly_dollars),
+                    tenant.budget.action.as_str()
+                )
+            } else {
+                "-".to_owned()
+            },
+            if quota.is_set() {
+                quota.to_string()
+            } else {
+                "-".to_owned()
+            },
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// The most GPU classes one quota may list.
@@ -158,10 +271,55 @@ fn budget_of(args: &BudgetArgs) -> anyhow::Result<Budget> {
 
 #[cfg(test)]
 mod tests {
-    use super::{budget_of, quota_of};
+    use super::{budget_of, quota_of, status_line, tenant_table};
     use crate::config::BudgetArgs;
     use crate::cost::{Budget, BudgetAction};
+    use crate::store::Tenant;
     use crate::task::quota::TenantQuota;
+
+    #[test]
+    fn the_tenant_table_has_one_aligned_row_per_tenant() {
+        let created: jiff::Timestamp = "2026-12-02T08:00:00Z".parse().unwrap();
+        let acme = Tenant {
+            name: "acme".into(),
+            max_queued_tasks: 1000,
+            created_at: created,
+            budget: Budget::default(),
+            default_queue_ttl_seconds: None,
+            disabled_at: None,
+        };
+        let globex = Tenant {
+            name: "globex".into(),
+            max_queued_tasks: 5,
+            budget: Budget {
+                daily_dollars: Some(10.0),
+                monthly_dollars: None,
+                action: BudgetAction::Refuse,
+            },
+            default_queue_ttl_seconds: Some(600),
+            disabled_at: Some("2026-12-02T09:30:00Z".parse().unwrap()),
+            ..acme.clone()
+        };
+        let quota = TenantQuota {
+            max_running: Some(2),
+            max_gpus: [("a100".to_owned(), 4)].into(),
+        };
+        let table = tenant_table(&[
+            (acme.clone(), TenantQuota::default()),
+            (globex.clone(), quota),
+        ]);
+        assert_eq!(
+            table,
+            "NAME    CREATED               DISABLED              MAX QUEUED  QUEUE TTL  BUDGET DAY/MONTH  QUOTA\n\
+             acme    2026-12-02T08:00:00Z  -                     1000        -          -                 -\n\
+             globex  2026-12-02T08:00:00Z  2026-12-02T09:30:00Z  5           600s       $10/- (refuse)    max-running=2 max-gpus a100=4\n"
+        );
+        assert_eq!(status_line(&acme), "acme: enabled");
+        assert_eq!(
+            status_line(&globex),
+            "globex: disabled since 2026-12-02T09:30:00Z"
+        );
+    }
 
     fn args(daily: Option<f64>, monthly: Option<f64>) -> BudgetArgs {
         BudgetArgs {

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use secrecy::SecretString;
 
 use crate::cost::BudgetAction;
 use crate::task::submission::MAX_QUEUE_TTL_SECONDS;
@@ -18,7 +19,7 @@ use crate::task::submission::MAX_QUEUE_TTL_SECONDS;
 mod serve;
 mod values;
 
-pub use serve::{CostArgs, PlacementArgs, RunnerArgs, ServeArgs};
+pub use serve::{CostArgs, PlacementArgs, RunnerArgs, ServeArgs, SubmissionArgs};
 pub use values::{parse_duration, program_search_path};
 
 /// agent-bus dispatcher: REST task submission, durable state, queue, and one Kubernetes
@@ -62,6 +63,36 @@ pub struct HealthcheckArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
+    /// Lists the tenants: name, creation, whether disabled, queue and budget limits (no
+    /// keys: only their hashes are stored).
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Replaces a tenant's API key and prints the new one, alone, on stdout; the old key
+    /// is refused (401) from the next request on.
+    RotateKey {
+        /// The tenant's name.
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Disables a tenant: every request with its key gets 403 and its queued tasks are
+    /// held (state queued, reason tenant_quota) until it is enabled; tasks already
+    /// launched run to their end.
+    Disable {
+        /// The tenant's name.
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Enables a disabled tenant again: its key works and its held tasks are launched.
+    Enable {
+        /// The tenant's name.
+        name: String,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
     /// Creates a tenant and prints its new API key, alone, on stdout (only a hash of the
     /// key is stored: keep it, it cannot be shown again).
     Create {
@@ -148,9 +179,10 @@ pub struct BudgetArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// Where state lives: `postgres://user@host:port/db` or `sqlite://PATH` (the file is
-    /// created if missing).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://agent-bus.db")]
-    pub database_url: String,
+    /// created if missing). Its value (it may hold a password) is never shown in --help.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://agent-bus.db",
+          hide_env_values = true, value_parser = values::secret)]
+    pub database_url: SecretString,
     /// Connections in the database pool.
     #[arg(long, env = "AGENT_BUS_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,

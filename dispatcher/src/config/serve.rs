@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use secrecy::SecretString;
 
-use super::values::{duration_default, parse_dollars, parse_duration, parse_fraction};
+use super::values::{self, duration_default, parse_dollars, parse_duration, parse_fraction};
 use super::{DatabaseArgs, ExecutorChoice, Role};
 use crate::api::ReportLimits;
 use crate::cost::Prices;
@@ -17,9 +18,13 @@ use crate::launcher::job_spec::{
 };
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::store::ReportAllowance;
-use crate::task::Memory;
 use crate::task::retry::{MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, RetryDefaults};
-use crate::task::submission::ShmRule;
+use crate::task::submission::{KeyPrefix, Limits, ShmRule};
+use crate::task::{Cpu, Memory};
+
+/// Where the metrics listener listens by default: loopback only, on a port no other part
+/// of agent-bus or its docker-compose set (Prometheus takes 9090 there) uses.
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
 
 /// The first user id of the local executor's tasks (as root): far above the ids of
 /// people and system services, and below the ranges container runtimes and systemd
@@ -31,12 +36,23 @@ pub struct ServeArgs {
     /// Address the HTTP API listens on.
     #[arg(long, env = "AGENT_BUS_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Address the metrics listener serves `/metrics` on (and `/healthz`, `/readyz`).
+    /// The metrics name every tenant, queue and model: keep this address off the Ingress
+    /// and out of task pods' reach. Port 0 picks a free port (logged).
+    #[arg(long, env = "AGENT_BUS_METRICS_LISTEN", default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Redis for the queue (`redis://host:port`); without it, an in-process queue is used
-    /// (single dispatcher process only).
-    #[arg(long, env = "REDIS_URL")]
-    pub redis_url: Option<String>,
+    /// (single dispatcher process only). Its value (it may hold a password) is never
+    /// shown in --help.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true, value_parser = values::secret)]
+    pub redis_url: Option<SecretString>,
+    /// PEM file of the CA (or CAs) that signed the Redis server's certificate, for a
+    /// `rediss://` URL: the certificate is checked against it instead of the public roots
+    /// built in, and must name the URL's host. Needs --redis-url.
+    #[arg(long, env = "AGENT_BUS_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     /// Prefix of every Redis key the dispatcher writes.
     #[arg(long, env = "AGENT_BUS_REDIS_PREFIX", default_value = "agent-bus:")]
     pub redis_prefix: String,
@@ -111,15 +127,6 @@ pub struct ServeArgs {
     /// Namespace of that Lease (default: the tasks namespace).
     #[arg(long, env = "AGENT_BUS_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// Annotation key prefixes tenants may set although they are in a reserved domain.
-    /// Only for the test environment, whose kwok reads `agent-bus.io/test-*` pod
-    /// annotations; never set it in production.
-    #[arg(
-        long,
-        env = "AGENT_BUS_ALLOW_ANNOTATION_PREFIXES",
-        value_delimiter = ','
-    )]
-    pub allow_annotation_prefix: Vec<String>,
     /// Work folder of the local executor (one sub-folder per task attempt).
     #[arg(
         long,
@@ -140,6 +147,17 @@ pub struct ServeArgs {
     /// tenant created meanwhile).
     #[arg(long, env = "AGENT_BUS_LOCAL_EXECUTOR_SHARED_USER")]
     pub local_executor_shared_user: bool,
+    /// Where the local executor keeps the tenants' secrets (`PUT /v1/secrets/{name}`):
+    /// one file per secret, readable by the dispatcher's user only (folders 0700, files
+    /// 0600). With the Kubernetes executor, secrets are Secrets in --namespace instead.
+    #[arg(
+        long,
+        env = "AGENT_BUS_LOCAL_SECRETS_DIR",
+        default_value = "agent-bus-secrets"
+    )]
+    pub local_secrets_dir: PathBuf,
+    #[command(flatten)]
+    pub submissions: SubmissionArgs,
     #[command(flatten)]
     pub placement: PlacementArgs,
     #[command(flatten)]
@@ -148,6 +166,52 @@ pub struct ServeArgs {
     pub cost: CostArgs,
     #[command(flatten)]
     pub retry: RetryArgs,
+}
+
+/// What a tenant's submission may ask for (see the README's quickstart): which labels and
+/// annotations reach its pod, and the most resources one task may request.
+#[derive(Debug, Clone, Args)]
+pub struct SubmissionArgs {
+    /// Label key prefixes tenants may use, comma-separated: a DNS subdomain and '/'
+    /// (`example.com/`), optionally with the start of the name (`example.com/team-`).
+    /// By default none: every tenant label is refused (422). Keys without a prefix and
+    /// kubernetes.io, k8s.io, *.x-k8s.io and agent-bus.io (with their subdomains) are
+    /// refused whatever is listed here.
+    #[arg(
+        long,
+        env = "AGENT_BUS_TENANT_LABEL_PREFIXES",
+        value_delimiter = ',',
+        value_name = "PREFIX"
+    )]
+    pub tenant_label_prefixes: Vec<KeyPrefix>,
+    /// Annotation key prefixes tenants may use, comma-separated, as for
+    /// --tenant-label-prefixes. By default none: runtime, CNI, service-mesh and secret
+    /// injector annotations (`io.kubernetes.cri-o.*`, `k8s.v1.cni.cncf.io/`,
+    /// `sidecar.istio.io/`, `vault.hashicorp.com/`) are refused unless listed. The one
+    /// reserved prefix that may be listed is `agent-bus.io/test-`, which the test
+    /// environment's kwok reads; never list it in production.
+    #[arg(
+        long,
+        env = "AGENT_BUS_TENANT_ANNOTATION_PREFIXES",
+        value_delimiter = ',',
+        value_name = "PREFIX"
+    )]
+    pub tenant_annotation_prefixes: Vec<KeyPrefix>,
+    /// The most CPU one task may request (a Kubernetes quantity); more is refused (422).
+    #[arg(long, env = "AGENT_BUS_MAX_TASK_CPU", default_value_t = Limits::DEFAULT_MAX_CPU)]
+    pub max_task_cpu: Cpu,
+    /// The most memory one task may request; more is refused (422).
+    #[arg(long, env = "AGENT_BUS_MAX_TASK_MEMORY", default_value_t = Limits::DEFAULT_MAX_MEMORY)]
+    pub max_task_memory: Memory,
+    /// The most GPUs one task may request, of any class (a class whose nodes hold fewer
+    /// refuses more than they hold).
+    #[arg(long, env = "AGENT_BUS_MAX_TASK_GPUS", default_value_t = Limits::DEFAULT_MAX_GPUS,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub max_task_gpus: u32,
+    /// The largest /dev/shm one task may ask for; at most --max-task-memory (shm is
+    /// memory).
+    #[arg(long, env = "AGENT_BUS_MAX_TASK_SHM", default_value_t = Limits::DEFAULT_MAX_SHM)]
+    pub max_task_shm: Memory,
 }
 
 /// How failed attempts are retried when a task's own retry policy does not say (see
@@ -256,8 +320,8 @@ pub struct RunnerArgs {
     pub report_url: Option<String>,
     /// Key that signs report tokens, at least 32 characters, the same on every replica
     /// (default: one generated once and kept in the database).
-    #[arg(long, env = "AGENT_BUS_REPORT_SECRET", hide_env_values = true)]
-    pub report_secret: Option<String>,
+    #[arg(long, env = "AGENT_BUS_REPORT_SECRET", hide_env_values = true, value_parser = values::secret)]
+    pub report_secret: Option<SecretString>,
     /// Image of the init container that copies the runner into each pod.
     #[arg(long, env = "AGENT_BUS_RUNNER_IMAGE", default_value = DEFAULT_RUNNER_IMAGE)]
     pub runner_image: String,
@@ -354,6 +418,29 @@ mod tests {
         assert_eq!(args.runner.heartbeat_timeout, Duration::from_secs(90));
         assert_eq!(args.keep_finished_jobs, Duration::ZERO);
         assert_eq!(args.cluster_quota_retry_max, Duration::from_mins(1));
+    }
+
+    #[test]
+    fn secrets_are_kept_as_secrets_and_debug_never_prints_them() {
+        use secrecy::ExposeSecret;
+        let args = serve(&[
+            "--database-url",
+            "postgres://u:hunter2@h/db",
+            "--redis-url",
+            "redis://:hunter2@h",
+            "--report-secret",
+            "hunter2hunter2hunter2hunter2hunter2",
+        ]);
+        assert_eq!(
+            args.database.database_url.expose_secret(),
+            "postgres://u:hunter2@h/db"
+        );
+        assert_eq!(
+            args.redis_url.as_ref().map(ExposeSecret::expose_secret),
+            Some("redis://:hunter2@h")
+        );
+        let debug = format!("{args:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::ValueEnum;
 use clap::builder::PossibleValue;
+use secrecy::SecretString;
 
 use crate::cost::BudgetAction;
 use crate::launcher::job_spec::ImagePullPolicy;
@@ -21,6 +22,14 @@ macro_rules! duration_default {
     }};
 }
 pub(super) use duration_default;
+
+/// A secret flag value (a URL with a password, a key), kept as a [`SecretString`]: zeroed
+/// when dropped and never printed by `Debug`.
+// clap's value parsers take a function returning a `Result`.
+#[allow(clippy::unnecessary_wraps)]
+pub(super) fn secret(text: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(text))
+}
 
 /// A GPU quota of one class, `CLASS=N`: a GPU class name and a count.
 pub(super) fn parse_gpu_quota(text: &str) -> Result<(String, u32), String> {

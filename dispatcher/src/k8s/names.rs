@@ -1,6 +1,6 @@
 //! Kubernetes name rules the dispatcher checks before anything reaches the API server:
-//! RFC 1123 labels (tenants, queues, task names), class and claim names, and the name
-//! part of label and annotation keys. Pure functions, shared by submission validation,
+//! RFC 1123 labels (tenants, queues, task names, secret names), class and claim names, the
+//! name part of label and annotation keys, and the keys of a Secret's data. Pure functions, shared by submission validation,
 //! the placement catalogue and the Job builder.
 
 /// RFC 1123 label: lowercase alphanumerics and '-', starting and ending alphanumeric,
@@ -45,9 +45,45 @@ pub fn is_label_name(value: &str) -> bool {
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
+/// A key of a Secret's (or ConfigMap's) data: 1 to 253 letters, digits, '-', '_' or '.',
+/// and not `.` or `..` (Kubernetes' own rule, so every key agent-bus accepts can be
+/// stored in a Secret and referenced by a `secretKeyRef`).
+#[must_use]
+pub fn is_secret_key(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 253
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && value != "."
+        && value != ".."
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{is_class_name, is_dns_label, is_label_name};
+    use super::{is_class_name, is_dns_label, is_label_name, is_secret_key};
+
+    #[test]
+    fn secret_keys_follow_kubernetes_data_keys() {
+        for (key, valid) in [
+            ("token", true),
+            ("OPENAI_API_KEY", true),
+            ("tls.crt", true),
+            (".hidden", true),
+            ("-", true),
+            (".", false),
+            ("..", false),
+            ("", false),
+            ("a/b", false),
+            ("a b", false),
+            ("é", false),
+        ] {
+            assert_eq!(is_secret_key(key), valid, "{key:?}");
+        }
+        assert!(is_secret_key(&"k".repeat(253)));
+        assert!(!is_secret_key(&"k".repeat(254)));
+    }
 
     #[test]
     fn names_follow_their_rules() {

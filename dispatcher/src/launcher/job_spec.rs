@@ -12,7 +12,9 @@
 //!   copied into the pod by an init container from the agent-bus image, so any glibc
 //!   image reports heartbeats, usage and its real failure class;
 //! - shared memory counts against the memory the pod asks for: `/dev/shm` is a
-//!   memory-backed volume, so the request is the task's memory plus its shm size.
+//!   memory-backed volume, so the request is the task's memory plus its shm size;
+//! - a secret reference becomes a `secretKeyRef` to the tenant's own Secret: the Job
+//!   never holds a secret's value.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,18 +23,20 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EphemeralVolumeSource,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    EphemeralVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
-    SecurityContext, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
+    SecretKeySelector, SecurityContext, Toleration, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use protocol::env as runner_env;
 
 use crate::placement::GpuClasses;
-use crate::task::{Task, TaskId};
+use crate::secrets::kubernetes as kubernetes_secrets;
+use crate::task::{EnvValue, SecretRef, Task, TaskId};
 
 /// Labels every Job and pod of ours carries.
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -187,6 +191,24 @@ fn env_var(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// A variable the kubelet sets from the tenant's Secret when the container starts; a
+/// missing Secret or key keeps the container from starting (`optional: false`), which
+/// the watcher reads as a failed launch.
+fn secret_env_var(name: &str, tenant: &str, reference: &SecretRef) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: kubernetes_secrets::object_name(tenant, &reference.secret),
+                key: reference.key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.to_owned(),
@@ -268,7 +290,10 @@ pub fn build_job(
     let mut env: Vec<EnvVar> = spec
         .env
         .iter()
-        .map(|(name, value)| env_var(name, value.clone()))
+        .map(|(name, value)| match value {
+            EnvValue::Plain(value) => env_var(name, value.clone()),
+            EnvValue::Secret(reference) => secret_env_var(name, &task.tenant, reference),
+        })
         .collect();
     // Validation refuses tenant variables starting with AGENT_BUS_, so these cannot clash.
     env.extend([
@@ -530,7 +555,17 @@ mod tests {
             .cpu("500m")
             .memory("1Gi")
             .env("MODE", "fast")
-            .label("team", "vision")
+            .label("example.com/team", "vision")
+            .obj();
+        insta::assert_yaml_snapshot!(job(&task));
+    }
+
+    #[test]
+    fn secret_references_become_secret_key_refs() {
+        let task = TaskFixture::new()
+            .env("MODE", "fast")
+            .secret_env("OPENAI_API_KEY", "openai", "token")
+            .secret_env("HF_TOKEN", "hugging-face", "hf.token")
             .obj();
         insta::assert_yaml_snapshot!(job(&task));
     }

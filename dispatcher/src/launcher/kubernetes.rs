@@ -1,5 +1,9 @@
 //! The Kubernetes executor: creates the Job of a claimed task, and deletes it on cancel.
 //!
+//! A task whose secret references no longer resolve (the secret was deleted after the
+//! submit) fails its launch with a message naming the variable and the secret, and no Job
+//! is made.
+//!
 //! Invariant: exactly one Job per attempt. The name is a function of task id and attempt,
 //! so a create after a crash collides (409); a collision with a Job carrying the same
 //! task and attempt labels is success, anything else is a rejection.
@@ -17,12 +21,15 @@ use kube::api::{DeleteParams, PostParams};
 use super::LaunchOutcome;
 use super::job_spec::{LABEL_ATTEMPT, LABEL_TASK_ID, LaunchConfig, build_job, job_name};
 use crate::report::ReportIssuer;
+use crate::secrets::{KubernetesSecrets, SecretStore};
 use crate::task::Task;
 
 /// Creates and deletes task Jobs in one namespace.
 #[derive(Clone)]
 pub struct KubernetesExecutor {
     jobs: Api<Job>,
+    /// Where the tenants' Secrets are: checked before a Job that references them is made.
+    secrets: SecretStore,
     config: std::sync::Arc<LaunchConfig>,
     /// `None`: no report URL is configured; runners run commands but report nowhere.
     reports: Option<ReportIssuer>,
@@ -90,6 +97,10 @@ impl KubernetesExecutor {
         reports: Option<ReportIssuer>,
     ) -> Self {
         Self {
+            secrets: SecretStore::Kubernetes(KubernetesSecrets::new(
+                client.clone(),
+                &config.namespace,
+            )),
             jobs: Api::namespaced(client, &config.namespace),
             config,
             reports,
@@ -108,6 +119,21 @@ impl KubernetesExecutor {
             Err(error) => return LaunchOutcome::Rejected(error.to_string()),
         };
         let name = job_name(&task.id, task.attempt);
+        // A secret deleted (or rewritten without the key) since the submit would only
+        // show as a pod that cannot start: fail the launch now, naming it. (A deletion
+        // after the Job is made is the watcher's: the container cannot be configured.)
+        match self
+            .secrets
+            .first_unresolved(&task.tenant, &task.spec.env)
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(unresolved)) => {
+                tracing::info!(job = %name, variable = %unresolved.variable, secret = %unresolved.secret, "a referenced secret is gone; the launch fails");
+                return LaunchOutcome::Rejected(format!("{}: {unresolved}", unresolved.field()));
+            }
+            Err(error) => return LaunchOutcome::Transient(error.to_string()),
+        }
         let mut delay = Duration::from_millis(200);
         for attempt in 1..=TRANSIENT_ATTEMPTS {
             match self.jobs.create(&PostParams::default(), &job).await {

@@ -6,11 +6,13 @@
 //! class) and the last lines of output, and stops the process on cancel.
 //!
 //! Invariants: the child gets a clean environment (the task's variables, PATH, HOME and
-//! the runner's AGENT_BUS_* variables, never the dispatcher's own secrets); as root, it
-//! runs as its tenant's own user in a folder only that user can enter (see
-//! [`super::isolation`]), and without root it serves one tenant unless told otherwise;
-//! the termination log the task could have replaced is read without following links
-//! and bounded; one process
+//! the runner's AGENT_BUS_* variables, never the dispatcher's own secrets); the values
+//! of the task's secret references are read from the local secret store at launch and
+//! go into that environment only (a secret gone since the submit fails the launch,
+//! `launch_rejected`, naming it); as root, it runs as its tenant's own user in a folder
+//! only that user can enter (see [`super::isolation`]), and without root it serves one
+//! tenant unless told otherwise; the termination log the task could have replaced is
+//! read without following links and bounded; one process
 //! per task attempt; the recorded outcome is a compare-and-set from `running`, so a
 //! cancel that won the race is never overwritten; a runner that does not stop within its
 //! own timeout and grace is killed; the runner's own `started` report may move the task
@@ -22,6 +24,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret as _, SecretString};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::process::Command;
 use tokio::sync::oneshot;
@@ -33,9 +36,10 @@ use super::isolation::{self, TaskUser, TaskUsers};
 use super::job_spec::DEADLINE_MARGIN_SECONDS;
 use crate::lifecycle::Lifecycle;
 use crate::report::{ReportIssuer, outcome_of};
+use crate::secrets::LocalSecrets;
 use crate::task::lifecycle::{Ending, Move};
 use crate::task::retry::FailureClass;
-use crate::task::{Reason, Task, TaskId, TaskState};
+use crate::task::{EnvValue, Reason, Task, TaskId, TaskState};
 
 /// How much of the output's end is kept for the task's message.
 const OUTPUT_TAIL_BYTES: usize = 2048;
@@ -47,6 +51,8 @@ pub struct LocalExecutor {
     lifecycle: Lifecycle,
     workdir: PathBuf,
     runner: Option<LocalRunner>,
+    /// Where the values of the tasks' secret references are read at launch.
+    secrets: Option<LocalSecrets>,
     running: Arc<Mutex<HashMap<TaskId, oneshot::Sender<()>>>>,
     users: TaskUsers,
     /// Each tenant's task user, once read from the store (it never changes).
@@ -77,6 +83,7 @@ impl LocalExecutor {
             lifecycle,
             workdir,
             runner: None,
+            secrets: None,
             running: Arc::default(),
             users: TaskUsers::Shared { more_tenants: true },
             known_users: Arc::default(),
@@ -147,6 +154,43 @@ impl LocalExecutor {
         self
     }
 
+    /// Reads the values of tasks' secret references from `secrets`. Without it, a task
+    /// that references a secret fails its launch.
+    #[must_use]
+    pub fn with_secrets(mut self, secrets: LocalSecrets) -> Self {
+        self.secrets = Some(secrets);
+        self
+    }
+
+    /// The values of `task`'s secret references by variable, or why the launch fails:
+    /// `Err(Rejected)` when a secret or key is gone since the submit (naming the
+    /// variable and the secret; retrying cannot help), `Err(Transient)` when the store
+    /// could not be read.
+    async fn secret_values(
+        &self,
+        task: &Task,
+    ) -> Result<Vec<(String, SecretString)>, LaunchOutcome> {
+        if task.spec.env.values().all(|value| value.secret().is_none()) {
+            return Ok(Vec::new());
+        }
+        let Some(secrets) = &self.secrets else {
+            return Err(LaunchOutcome::Rejected(
+                "the task references secrets and this executor has no secret store".to_owned(),
+            ));
+        };
+        match secrets.resolve(&task.tenant, &task.spec.env).await {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(unresolved)) => {
+                tracing::info!(variable = %unresolved.variable, secret = %unresolved.secret, "a referenced secret is gone; the launch fails");
+                Err(LaunchOutcome::Rejected(format!(
+                    "{}: {unresolved}",
+                    unresolved.field()
+                )))
+            }
+            Err(error) => Err(LaunchOutcome::Transient(error.to_string())),
+        }
+    }
+
     /// Starts the process of a claimed (`launching`) task and records it `running`.
     #[tracing::instrument(skip_all, fields(task_id = %task.id, attempt = task.attempt))]
     pub async fn launch(&self, task: &Task) -> LaunchOutcome {
@@ -155,6 +199,10 @@ impl LocalExecutor {
             return LaunchOutcome::Rejected(
                 "the local executor needs a command (it runs no image entrypoint)".to_owned(),
             );
+        };
+        let secret_values = match self.secret_values(task).await {
+            Ok(values) => values,
+            Err(outcome) => return outcome,
         };
         let user = match self.task_user(task).await {
             Ok(user) => user,
@@ -211,7 +259,21 @@ impl LocalExecutor {
             .current_dir(&dir)
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", &dir)
-            .envs(&task.spec.env)
+            .envs(
+                task.spec
+                    .env
+                    .iter()
+                    .filter_map(|(name, value)| match value {
+                        EnvValue::Plain(value) => Some((name, value)),
+                        EnvValue::Secret(_) => None,
+                    }),
+            )
+            // The values go into the child's environment and nowhere else.
+            .envs(
+                secret_values
+                    .iter()
+                    .map(|(name, value)| (name, value.expose_secret())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,6 +1,7 @@
 //! The HTTP API as its clients see it: requests answered, by method, route template and
 //! status, and the time to answer them. A 5xx (outside the probes and `/metrics`) is also
-//! an error of component `api`.
+//! an error of component `api`. Also the dependency checks behind `/readyz` (at most
+//! about one a second per process, however often it is asked).
 
 use std::time::Duration;
 
@@ -45,6 +46,21 @@ impl HttpMethod {
     }
 }
 
+label_values! {
+    /// What one readiness check found.
+    pub enum ReadinessResult {
+        /// Every dependency answered.
+        Ready => "ready",
+        /// At least one did not.
+        Unready => "unready",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadinessLabels {
+    result: ReadinessResult,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: HttpMethod,
@@ -65,6 +81,7 @@ const PROBE_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 pub(super) struct HttpFamilies {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram>,
+    readiness_checks: Family<ReadinessLabels, Counter>,
 }
 
 impl HttpFamilies {
@@ -72,6 +89,7 @@ impl HttpFamilies {
         let families = Self {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
+            readiness_checks: Family::default(),
         };
         registrar.counter(
             "http_requests",
@@ -84,6 +102,12 @@ impl HttpFamilies {
             &["method", "route"],
             "Time to answer an HTTP request, by method and route template",
             families.request_duration.clone(),
+        );
+        registrar.counter(
+            "readiness_checks",
+            &["result"],
+            "Dependency checks (store, queue, Kubernetes API server) made to answer /readyz, by result; answers in between reuse the last check",
+            families.readiness_checks.clone(),
         );
         families
     }
@@ -120,5 +144,15 @@ impl HttpMetrics<'_> {
             self.metrics
                 .error(ErrorComponent::Api, format!("http_{}", status.as_u16()));
         }
+    }
+
+    /// One dependency check behind `/readyz`.
+    pub fn readiness_check(&self, result: ReadinessResult) {
+        self.metrics
+            .inner
+            .http
+            .readiness_checks
+            .get_or_create(&ReadinessLabels { result })
+            .inc();
     }
 }

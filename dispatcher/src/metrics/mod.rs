@@ -46,7 +46,7 @@ use prometheus_client::registry::Registry;
 
 pub use self::cost::CostResource;
 pub use self::errors::ErrorComponent;
-pub use self::http::HttpMetrics;
+pub use self::http::{HttpMetrics, ReadinessResult};
 pub use self::kubernetes::{JobDeletion, KubernetesMetrics, KubernetesVerb, WatchedObject};
 pub use self::labels::{MAX_LABEL_VALUES, OTHER};
 pub use self::queue::QueueOperation;

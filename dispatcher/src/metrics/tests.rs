@@ -166,6 +166,7 @@ fn populated() -> Metrics {
         axum::http::StatusCode::CREATED,
         Duration::from_millis(20),
     );
+    http.readiness_check(super::ReadinessResult::Ready);
     metrics.error(ErrorComponent::Api, "http_500");
 
     let tasks = metrics.tasks();

@@ -33,8 +33,11 @@
 //! Errors: [`QueueError::Unavailable`] when Redis cannot be reached, the connection broke
 //! or a reply timed out (retry later; the next call reconnects);
 //! [`QueueError::Command`] when Redis refused a command; [`QueueError::InvalidUrl`] for a
-//! Redis URL that does not parse; [`QueueError::InvalidReceipt`] for an ack whose receipt
-//! this backend never issued. The in-memory queue only ever returns the last.
+//! Redis URL that does not parse; [`QueueError::InsecureTls`], [`QueueError::TlsSettings`]
+//! and [`QueueError::Tls`] for TLS that would skip the certificate check, cannot be set up,
+//! or failed the check (`rediss://`, see docs/TLS.md); [`QueueError::InvalidReceipt`] for
+//! an ack whose receipt this backend never issued. The in-memory queue only ever returns
+//! the last.
 
 mod memory;
 mod redis_streams;
@@ -106,6 +109,25 @@ pub enum QueueError {
     /// The Redis URL does not parse (the URL itself is left out: it may hold a password).
     #[error("invalid redis url: {source}")]
     InvalidUrl { source: redis::RedisError },
+    /// `rediss://…#insecure`: TLS without checking the server's certificate.
+    #[error(
+        "a rediss:// URL ending in #insecure turns off the check of the server's \
+         certificate, which agent-bus never does: remove #insecure (and give the server's \
+         CA with --redis-ca-file if a private CA signed it)"
+    )]
+    InsecureTls,
+    /// The TLS settings cannot be used: a CA file for a URL that is not `rediss://`, or a
+    /// CA file that holds no certificate.
+    #[error("redis TLS settings: {source}")]
+    TlsSettings { source: redis::RedisError },
+    /// The TLS handshake with Redis failed: its certificate is not signed by a trusted CA
+    /// or does not name the URL's host. Retrying will not help until the configuration or
+    /// the certificate changes.
+    #[error(
+        "TLS to redis failed: {detail} (the server's certificate must be signed by the CA \
+         of --redis-ca-file, or by a public CA without it, and name the host of the URL)"
+    )]
+    Tls { detail: String },
     /// An ack with a receipt that this backend never issued.
     #[error("invalid receipt '{receipt}' for queue '{queue}': {expected}")]
     InvalidReceipt {

@@ -25,6 +25,27 @@ pub enum StoreError {
     },
     #[error("unsupported database url scheme '{scheme}': expected postgres:// or sqlite://")]
     UnsupportedUrl { scheme: String },
+    /// The database URL asks for TLS without checking the server's certificate.
+    #[error(
+        "sslmode=require encrypts without checking the database server's certificate, so \
+         anyone on the way can read and change the traffic: use sslmode=verify-full (with \
+         sslrootcert=/path/to/ca.pem for a private CA), or sslmode=verify-ca"
+    )]
+    UnverifiedTls,
+    /// The TLS handshake with the database failed: its certificate is not signed by a
+    /// trusted CA or does not name the host, or the CA file is unreadable. Not a passing
+    /// outage: retrying will not help until the configuration or the certificate changes.
+    #[error(
+        "TLS to the database failed while {during}: {cause} (the server's certificate must \
+         be signed by the CA file of sslrootcert, or by a public CA without it, and with \
+         sslmode=verify-full name the host of the URL)"
+    )]
+    // `cause`, not `source`: the message holds it already, and an error chain printed
+    // with its sources would say it twice.
+    Tls { during: String, cause: sqlx::Error },
+    /// The database URL does not parse.
+    #[error("the database URL is not valid: {source}")]
+    InvalidUrl { source: sqlx::Error },
     #[error("tenant '{tenant}' already exists")]
     TenantExists { tenant: String },
     #[error("the api key of new tenant '{tenant}' is already another tenant's")]

@@ -42,8 +42,14 @@
 //! Errors: [`StoreError::Unavailable`] means the database could not be reached or stayed
 //! busy (retry later; the API answers 503); `TenantExists`, `ApiKeyInUse`,
 //! `UnknownTenant`, `QuotaExceeded`, `OverQuota`, `IdempotencyConflict`, `TaskExists`, `NotQueued` and
-//! `IllegalTransition` are refusals with nothing written; the rest are bugs or a broken
-//! database.
+//! `IllegalTransition` are refusals with nothing written; `UnverifiedTls`, `Tls` and
+//! `InvalidUrl` are configurations that cannot work (TLS without a certificate check, a
+//! certificate the settings do not trust, a URL that does not parse); the rest are bugs or
+//! a broken database.
+//!
+//! TLS to PostgreSQL is rustls (ring) as the URL's `sslmode` and `sslrootcert` say; a
+//! certificate is checked whenever TLS is asked for (`sslmode=require`, which checks
+//! nothing, is refused). See docs/TLS.md.
 
 mod attempts;
 mod error;
@@ -136,6 +142,26 @@ impl fmt::Display for Backend {
     }
 }
 
+/// Refuses a PostgreSQL URL whose `sslmode` (or `PGSSLMODE`, which sqlx reads when the URL
+/// names none) asks for TLS without verification: `require` checks no certificate, so it
+/// only looks safe.
+fn refuse_unverified_tls(url: &str) -> Result<()> {
+    use std::str::FromStr as _;
+
+    use sqlx::postgres::{PgConnectOptions, PgSslMode};
+
+    let options =
+        PgConnectOptions::from_str(url).map_err(|source| StoreError::InvalidUrl { source })?;
+    match options.get_ssl_mode() {
+        PgSslMode::Require => Err(StoreError::UnverifiedTls),
+        PgSslMode::Disable
+        | PgSslMode::Allow
+        | PgSslMode::Prefer
+        | PgSslMode::VerifyCa
+        | PgSslMode::VerifyFull => Ok(()),
+    }
+}
+
 /// The dispatcher's durable state. Cheap to clone: clones share one connection pool.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -174,12 +200,21 @@ impl<T> During<T> for std::result::Result<T, sqlx::Error> {
 impl Store {
     /// Connects to `url` (`postgres://…`, `sqlite://PATH`) with a pool of at most
     /// `max_connections`. An SQLite file is created if missing and switched to WAL.
+    ///
+    /// PostgreSQL speaks TLS as the URL's `sslmode` says (libpq's names; `prefer` when it
+    /// names none): `verify-full` checks the server's certificate against the CA file of
+    /// `sslrootcert` (or the Mozilla roots without it) and that it names the URL's host;
+    /// `verify-ca` skips the host check; `require`, which checks nothing, is refused
+    /// ([`StoreError::UnverifiedTls`]).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
         let during = || format!("connecting to the {backend} database");
         let url = match backend {
-            Backend::Postgres => url.to_owned(),
+            Backend::Postgres => {
+                refuse_unverified_tls(url)?;
+                url.to_owned()
+            }
             Backend::Sqlite => {
                 let file = sqlite_file(url);
                 if let Some(file) = &file {
@@ -228,7 +263,24 @@ impl Store {
             })
             .connect(&url)
             .await
-            .during(during)?;
+            .map_err(|source| {
+                // A handshake the settings' CA or host name refuses fails as an I/O error
+                // with rustls' error inside; `sqlx::Error::Tls` is a CA file it could not
+                // use.
+                let tls_failed = match &source {
+                    sqlx::Error::Tls(_) => true,
+                    sqlx::Error::Io(io) => crate::tls::rustls_cause(io).is_some(),
+                    _ => false,
+                };
+                if tls_failed {
+                    StoreError::Tls {
+                        during: during(),
+                        cause: source,
+                    }
+                } else {
+                    StoreError::sqlx(during(), source)
+                }
+            })?;
         Ok(Self {
             pool,
             backend,

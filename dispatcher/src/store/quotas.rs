@@ -20,7 +20,7 @@ use sqlx::{Any, Row as _, Transaction};
 
 use super::row::{self, millis, task_columns};
 use super::{During as _, Result, Store, StoreError};
-use crate::task::quota::{self, Ask, Candidate, QueuePosition, TenantQuota, Usage};
+use crate::task::quota::{self, Ask, Candidate, OverQuota, QueuePosition, TenantQuota, Usage};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
 /// The states whose tasks hold a Job or a process: what a running quota limits.
@@ -164,15 +164,23 @@ impl Store {
         let spec: TaskSpec = serde_json::from_str(&spec)
             .map_err(|e| StoreError::corrupt(record(), format!("column spec: {e}")))?;
         // The lock: claims of one tenant wait here for each other.
-        let max_running: Option<(Option<i64>,)> = sqlx::query_as(
-            "UPDATE tenants SET last_claimed_at = $2 WHERE name = $1 RETURNING max_running",
+        let limits: Option<(Option<i64>, Option<i64>)> = sqlx::query_as(
+            "UPDATE tenants SET last_claimed_at = $2 WHERE name = $1 \
+             RETURNING max_running, disabled_at",
         )
         .bind(&tenant)
         .bind(at)
         .fetch_optional(&mut **tx)
         .await
         .during(during)?;
-        let max_running = max_running.and_then(|(max,)| max);
+        let (max_running, disabled_at) = limits.unwrap_or((None, None));
+        // A disabled tenant's tasks wait, held like tasks over a quota, until it is enabled.
+        if disabled_at.is_some() {
+            return Err(StoreError::OverQuota {
+                task_id: id,
+                source: OverQuota::Disabled { tenant },
+            });
+        }
         let ask = Ask {
             gpus: spec
                 .resources
@@ -260,7 +268,8 @@ impl Store {
             let during = || format!("choosing the next tenant of queue '{queue}'");
             let rows = sqlx::query(
                 "SELECT n.name, n.last_claimed_at, \
-                 CAST(CASE WHEN n.max_running IS NULL THEN 0 \
+                 CAST(CASE WHEN n.disabled_at IS NOT NULL THEN 1 \
+                 WHEN n.max_running IS NULL THEN 0 \
                  WHEN (SELECT COUNT(*) FROM tasks a WHERE a.tenant = n.name \
                  AND a.state IN ($5, $6, $7)) >= n.max_running THEN 1 ELSE 0 END AS BIGINT) \
                  AS at_quota, \
@@ -306,7 +315,8 @@ impl Store {
         self.timed("held_with_room", async {
             let during = || "listing tasks held by a tenant quota".to_owned();
             let tenants: Vec<(String,)> = sqlx::query_as(
-                "SELECT n.name FROM tenants n WHERE EXISTS (SELECT 1 FROM tasks h \
+                "SELECT n.name FROM tenants n WHERE n.disabled_at IS NULL \
+                 AND EXISTS (SELECT 1 FROM tasks h \
                  WHERE h.state = $1 AND h.reason = $2 AND h.tenant = n.name)",
             )
             .bind(TaskState::Queued.as_str())

@@ -45,7 +45,7 @@ pub(super) use attempt_columns;
 macro_rules! tenant_columns {
     () => {
         "name, max_queued_tasks, created_at, daily_budget_dollars, monthly_budget_dollars, \
-         budget_action, default_queue_ttl_seconds"
+         budget_action, default_queue_ttl_seconds, disabled_at"
     };
 }
 pub(super) use tenant_columns;
@@ -232,6 +232,9 @@ pub(super) fn tenant(row: &AnyRow) -> Result<Tenant> {
                     StoreError::corrupt(record(), format!("column default_queue_ttl_seconds: {e}"))
                 })
             })
+            .transpose()?,
+        disabled_at: get::<Option<i64>>(row, "disabled_at", &record)?
+            .map(|at| timestamp(at, &record))
             .transpose()?,
         budget: Budget {
             daily_dollars: get(row, "daily_budget_dollars", &record)?,

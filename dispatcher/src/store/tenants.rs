@@ -1,4 +1,8 @@
-//! Tenants: who may submit, with a hashed API key and a limit on waiting tasks.
+//! Tenants: who may submit, with a hashed API key and a limit on waiting tasks; an
+//! operator lists them, replaces a key and disables or enables a tenant.
+//!
+//! Invariants: a key is looked up by its hash on every request (there is no cache), so a
+//! replaced key or a disabled tenant takes effect on the next request.
 
 use super::{During as _, Result, Store, StoreError, is_unique_violation, now_millis, row};
 use crate::store::Budget;
@@ -13,6 +17,8 @@ pub struct Tenant {
     pub budget: Budget,
     /// The queue TTL of its tasks that ask for none; `None`: they wait as long as it takes.
     pub default_queue_ttl_seconds: Option<u32>,
+    /// When an operator disabled it: its key is refused and its queued tasks wait.
+    pub disabled_at: Option<jiff::Timestamp>,
 }
 
 impl Store {
@@ -43,6 +49,7 @@ impl Store {
                 created_at: row::timestamp(created_at, &during)?,
                 budget: Budget::default(),
                 default_queue_ttl_seconds: None,
+                disabled_at: None,
             }),
             Err(error) if is_unique_violation(&error) => {
                 let name_taken: Option<i64> =
@@ -113,6 +120,85 @@ impl Store {
                 });
             }
             Ok(())
+        })
+        .await
+    }
+
+    /// Every tenant, by name.
+    pub async fn tenants(&self) -> Result<Vec<Tenant>> {
+        self.timed("tenants", async {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                tenant_columns!(),
+                " FROM tenants ORDER BY name"
+            ))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| "listing tenants".to_owned())?;
+            rows.iter().map(row::tenant).collect()
+        })
+        .await
+    }
+
+    /// Replaces the API key of `name` by the one hashing to `api_key_hash`: the old key is
+    /// refused from the next request on. [`StoreError::UnknownTenant`] if there is no
+    /// such tenant, [`StoreError::ApiKeyInUse`] if another tenant has that hash.
+    pub async fn replace_api_key(&self, name: &str, api_key_hash: &str) -> Result<()> {
+        self.timed("replace_api_key", async {
+            let updated = sqlx::query("UPDATE tenants SET api_key_hash = $2 WHERE name = $1")
+                .bind(name)
+                .bind(api_key_hash)
+                .execute(&self.pool)
+                .await;
+            match updated {
+                Ok(done) if done.rows_affected() == 0 => Err(StoreError::UnknownTenant {
+                    tenant: name.to_owned(),
+                }),
+                Ok(_) => Ok(()),
+                Err(error) if is_unique_violation(&error) => Err(StoreError::ApiKeyInUse {
+                    tenant: name.to_owned(),
+                }),
+                Err(error) => Err(StoreError::sqlx(
+                    format!("replacing the api key of tenant '{name}'"),
+                    error,
+                )),
+            }
+        })
+        .await
+    }
+
+    /// Disables `name` as of `at` (its key is refused, its queued tasks are not launched),
+    /// or with `None` enables it again. Disabling a disabled tenant keeps the first time.
+    /// [`StoreError::UnknownTenant`] if there is no such tenant.
+    pub async fn set_tenant_disabled(
+        &self,
+        name: &str,
+        at: Option<jiff::Timestamp>,
+    ) -> Result<Tenant> {
+        self.timed("set_tenant_disabled", async {
+            let updated = match at {
+                Some(at) => sqlx::query(
+                    "UPDATE tenants SET disabled_at = COALESCE(disabled_at, $2) WHERE name = $1",
+                )
+                .bind(name)
+                .bind(row::millis(at)),
+                None => {
+                    sqlx::query("UPDATE tenants SET disabled_at = NULL WHERE name = $1").bind(name)
+                }
+            }
+            .execute(&self.pool)
+            .await
+            .during(|| format!("disabling or enabling tenant '{name}'"))?;
+            if updated.rows_affected() == 0 {
+                return Err(StoreError::UnknownTenant {
+                    tenant: name.to_owned(),
+                });
+            }
+            self.tenant(name)
+                .await?
+                .ok_or_else(|| StoreError::UnknownTenant {
+                    tenant: name.to_owned(),
+                })
         })
         .await
     }

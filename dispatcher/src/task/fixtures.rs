@@ -188,6 +188,17 @@ impl TaskFixture {
         self
     }
 
+    /// `name` takes its value from `key` of the tenant's secret `secret`.
+    #[must_use]
+    pub fn secret_env(mut self, name: &str, secret: &str, key: &str) -> Self {
+        let reference = super::SecretRef {
+            secret: secret.into(),
+            key: key.into(),
+        };
+        self.0.spec.env.insert(name.into(), reference.into());
+        self
+    }
+
     #[must_use]
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.0.spec.labels.insert(key.into(), value.into());

@@ -7,6 +7,7 @@
 //! - a [`TaskSpec`] only exists validated (see [`submission`]), so every later stage can
 //!   trust its names, quantities and limits.
 
+pub mod env;
 #[cfg(test)]
 pub mod fixtures;
 pub mod lifecycle;
@@ -23,6 +24,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use env::{EnvValue, SecretRef};
 pub use quantity::{Cpu, Memory};
 
 /// A task's identity: a UUIDv7, so ids sort by creation time (newest-first listing and
@@ -278,7 +280,8 @@ pub struct TaskSpec {
     pub image: String,
     pub command: Vec<String>,
     pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
+    /// Plain values, and references to keys of the tenant's secrets (never their values).
+    pub env: BTreeMap<String, EnvValue>,
     pub resources: Resources,
     pub timeout_seconds: u32,
     pub max_retries: u32,

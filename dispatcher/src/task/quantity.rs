@@ -43,6 +43,15 @@ pub struct Memory {
 }
 
 impl Cpu {
+    /// `n` whole cores (at least one).
+    #[must_use]
+    pub const fn from_cores(n: u64) -> Self {
+        let n = if n == 0 { 1 } else { n };
+        Self {
+            millicores: n.saturating_mul(1000),
+        }
+    }
+
     #[must_use]
     pub fn from_millicores(millicores: u64) -> Option<Self> {
         (millicores > 0).then_some(Self { millicores })

@@ -78,6 +78,9 @@ pub struct Ask {
 /// Why a quota does not admit a task, worded for the task's `message`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OverQuota {
+    /// An operator disabled the tenant: none of its tasks start until it is enabled.
+    #[error("tenant '{tenant}' is disabled; its tasks start when an operator enables it")]
+    Disabled { tenant: String },
     #[error(
         "tenant '{tenant}' runs {running} of its {max} tasks allowed at once; it starts when one ends"
     )]
@@ -144,7 +147,7 @@ pub fn admissible(tenant: &str, quota: &TenantQuota, usage: &Usage, held: &[Ask]
                     *held = held.saturating_add(*count);
                 }
             }
-            Err(OverQuota::Running { .. }) => break,
+            Err(OverQuota::Running { .. } | OverQuota::Disabled { .. }) => break,
             Err(OverQuota::Gpus { .. }) => {}
         }
     }

@@ -212,6 +212,28 @@ fn another_class_could_help(message: &str) -> bool {
 const IMAGE_PULL_FAILURES: [&str; 3] =
     ["ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"];
 
+/// The kubelet's waiting reason for a container it cannot configure: with agent-bus, a
+/// Secret (or key) a `secretKeyRef` names is gone, since the tenant deleted its secret
+/// (or rewrote it without the key) after the Job was made. The kubelet keeps trying, but
+/// nothing the task can do brings the secret back: the attempt fails at once.
+const CONTAINER_CONFIG_ERROR: &str = "CreateContainerConfigError";
+
+/// The task's message for a container the kubelet cannot configure, from the kubelet's
+/// own (`secret "ab-secret.acme.openai" not found`, `couldn't find key token in Secret
+/// ns/ab-secret.acme.openai`).
+fn container_config_message(kubelet: Option<&str>) -> String {
+    let detail = kubelet.map(str::trim).filter(|m| !m.is_empty());
+    let hint = if detail.is_some_and(|m| m.contains("ab-secret.")) {
+        " (a secret the task references was deleted, or rewritten without the key, after the task was submitted)"
+    } else {
+        ""
+    };
+    match detail {
+        Some(detail) => format!("the task's container cannot be configured: {detail}{hint}"),
+        None => "the task's container cannot be configured (CreateContainerConfigError)".to_owned(),
+    }
+}
+
 /// Decides for `task`, given its current attempt's Job (if it exists) and that Job's pods.
 /// An ending names the node the pod ran on, and a timeout of a pod that was never
 /// scheduled is classed `unschedulable`.
@@ -283,17 +305,29 @@ fn decide_from_status(
         let Some(status) = pod.status.as_ref() else {
             continue;
         };
-        let waiting_reason = status
+        let waiting = status
             .container_statuses
             .iter()
             .flatten()
             .filter(|s| s.name == TASK_CONTAINER)
-            .find_map(|s| s.state.as_ref()?.waiting.as_ref()?.reason.clone());
-        if let Some(reason) = waiting_reason.filter(|r| IMAGE_PULL_FAILURES.contains(&r.as_str())) {
+            .find_map(|s| s.state.as_ref()?.waiting.clone());
+        let Some(waiting) = waiting else {
+            continue;
+        };
+        let reason = waiting.reason.unwrap_or_default();
+        if IMAGE_PULL_FAILURES.contains(&reason.as_str()) {
             return ended(
                 TaskState::Failed,
                 Some(Reason::ImagePull),
                 Some(format!("image {}: {reason}", task.spec.image)),
+                None,
+            );
+        }
+        if reason == CONTAINER_CONFIG_ERROR {
+            return ended(
+                TaskState::Failed,
+                Some(Reason::LaunchRejected),
+                Some(container_config_message(waiting.message.as_deref())),
                 None,
             );
         }
@@ -578,6 +612,64 @@ mod tests {
                 expected,
                 "from {state} with {job:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_container_whose_secret_is_gone_fails_the_attempt_naming_it() {
+        let active = job(&json!([]));
+        let waiting = |message: Option<&str>| {
+            let mut waiting = json!({"reason": "CreateContainerConfigError"});
+            if let Some(message) = message {
+                waiting["message"] = json!(message);
+            }
+            pod(
+                &json!({"phase": "Pending", "containerStatuses": [{"name": "task", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"waiting": waiting}}]}),
+            )
+        };
+        let hint = " (a secret the task references was deleted, or rewritten without the key, after the task was submitted)";
+        for (kubelet, expected) in [
+            (
+                Some(r#"secret "ab-secret.acme.openai" not found"#),
+                format!(
+                    r#"the task's container cannot be configured: secret "ab-secret.acme.openai" not found{hint}"#
+                ),
+            ),
+            (
+                Some("couldn't find key token in Secret agent-bus-tasks/ab-secret.acme.openai"),
+                format!(
+                    "the task's container cannot be configured: couldn't find key token in Secret agent-bus-tasks/ab-secret.acme.openai{hint}"
+                ),
+            ),
+            (
+                Some(r#"configmap "x" not found"#),
+                r#"the task's container cannot be configured: configmap "x" not found"#.to_owned(),
+            ),
+            (
+                None,
+                "the task's container cannot be configured (CreateContainerConfigError)".to_owned(),
+            ),
+        ] {
+            let pod = waiting(kubelet);
+            for state in [TaskState::Launched, TaskState::Launching] {
+                let decision = decided(state, Some(&active), &[&pod]);
+                let Decision::Move(Move::Ended(ending)) = decision else {
+                    panic!("expected an ending, got {decision:?}");
+                };
+                assert_eq!(ending.state, TaskState::Failed);
+                assert_eq!(ending.reason, Some(Reason::LaunchRejected));
+                // The failure class of launch_rejected, which the default policy never retries.
+                assert_eq!(
+                    crate::task::retry::FailureClass::of_reason(ending.reason),
+                    crate::task::retry::FailureClass::LaunchRejected
+                );
+                assert_eq!(
+                    ending.message.as_deref(),
+                    Some(expected.as_str()),
+                    "{kubelet:?}"
+                );
+            }
         }
     }
 

@@ -48,7 +48,7 @@ async fn submit_then_read(store: Store) {
     let body = json!({
         "name": "train", "image": "pytorch/pytorch:2.4.0", "command": ["python", "train.py"],
         "env": {"EPOCHS": "3"}, "resources": {"cpu": "0.5", "memory": "1Gi", "gpu": {"count": 2, "class": "a100"}},
-        "timeout_seconds": 600, "max_retries": 1, "priority": 5, "queue": "gpu", "labels": {"team": "vision"},
+        "timeout_seconds": 600, "max_retries": 1, "priority": 5, "queue": "gpu", "labels": {"example.com/team": "vision"},
         "annotations": {"example.com/owner": "ml"}
     });
     let (status, _, created) = api
@@ -198,7 +198,11 @@ async fn invalid_fields_are_422_naming_the_field(store: Store) {
             "env",
         ),
         (
-            with(&|b| b["labels"] = json!({"team": "x".repeat(64)})),
+            with(&|b| b["labels"] = json!({"example.com/team": "x".repeat(64)})),
+            "labels.example.com/team",
+        ),
+        (
+            with(&|b| b["labels"] = json!({"team": "vision"})),
             "labels.team",
         ),
         (with(&|b| b["command"] = json!("not a list")), "command"),
@@ -381,7 +385,7 @@ async fn list_pages_newest_first_with_a_stable_cursor(store: Store) {
     let mut submitted = Vec::new();
     for i in 0..7 {
         let mut body = task_body(&format!("t{i}"));
-        body["labels"] = json!({"parity": if i % 2 == 0 { "even" } else { "odd" }});
+        body["labels"] = json!({"example.com/parity": if i % 2 == 0 { "even" } else { "odd" }});
         body["queue"] = json!(if i < 3 { "a" } else { "b" });
         submitted.push(
             api.submit(&key, &body).await.1["id"]
@@ -409,7 +413,9 @@ async fn list_pages_newest_first_with_a_stable_cursor(store: Store) {
     }
     submitted.reverse();
     assert_eq!(seen, submitted, "every task once, newest first");
-    let (_, odd) = api.get(&key, "/v1/tasks?label=parity%3Dodd").await;
+    let (_, odd) = api
+        .get(&key, "/v1/tasks?label=example.com%2Fparity%3Dodd")
+        .await;
     assert_eq!(odd["items"].as_array().unwrap().len(), 3);
     let (_, queue_a) = api.get(&key, "/v1/tasks?queue=a").await;
     assert_eq!(queue_a["items"].as_array().unwrap().len(), 3);
@@ -528,6 +534,9 @@ async fn health_and_openapi(store: Store) {
     );
     let (status, _, body) = api.call(Method::GET, "/readyz", None, None, &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The metrics are on the metrics listener only.
+    let (status, _, _) = api.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, headers, doc) = api
         .call(Method::GET, "/openapi.json", None, None, &[])
         .await;

@@ -10,7 +10,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use dispatcher::api::{self, AppState, ReportLimits};
+use dispatcher::api::readiness::Readiness;
+use dispatcher::api::{self, AppState, ExposeSecret as _, ReportLimits};
 use dispatcher::cost::Prices;
 use dispatcher::launcher::job_spec::LaunchConfig;
 use dispatcher::launcher::{Canceller, LocalExecutor};
@@ -18,6 +19,7 @@ use dispatcher::lifecycle::Lifecycle;
 use dispatcher::metrics::Metrics;
 use dispatcher::queue::{MemoryQueue, Queue};
 use dispatcher::report::ReportTokens;
+use dispatcher::secrets::{LocalSecrets, SecretStore};
 use dispatcher::store::Store;
 use dispatcher::task::TaskState;
 use dispatcher::task::lifecycle::{Ending, Move};
@@ -28,7 +30,10 @@ use tower::ServiceExt as _;
 /// An API under test and what it stands on.
 #[derive(Clone)]
 pub(crate) struct TestApi {
+    /// The api's listener.
     pub router: Router,
+    /// The metrics listener (`/metrics` and the probes).
+    pub metrics_router: Router,
     pub store: Store,
     pub queue: Queue,
     pub state: AppState,
@@ -36,6 +41,16 @@ pub(crate) struct TestApi {
 
 /// The report-token key of test APIs, so tests can mint tokens the API accepts.
 pub(crate) const TEST_REPORT_KEY: &[u8] = b"agent-bus test report key, 32+ bytes long";
+
+/// The submission limits of test APIs: the defaults, with `example.com/` labels and
+/// annotations allowed (the defaults allow none), as the cluster tests' dispatchers.
+pub(crate) fn test_limits() -> Limits {
+    Limits {
+        label_prefixes: vec!["example.com/".parse().unwrap()],
+        annotation_prefixes: vec!["example.com/".parse().unwrap()],
+        ..Limits::default()
+    }
+}
 
 /// Builds the API on `store`, with an in-process queue and the local canceller.
 pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) -> TestApi {
@@ -49,10 +64,11 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
     let mut state = AppState {
         lifecycle: lifecycle.clone(),
         queue: queue.clone(),
-        limits: Arc::new(Limits::default()),
+        limits: Arc::new(test_limits()),
         launch: Arc::new(LaunchConfig::default()),
-        canceller: Canceller::Local(LocalExecutor::new(lifecycle, workdir)),
+        canceller: Canceller::Local(LocalExecutor::new(lifecycle, workdir.clone())),
         cluster: None,
+        secrets: SecretStore::Local(LocalSecrets::open(workdir.join("secrets")).unwrap()),
         max_body_bytes: 64 * 1024,
         follow_poll: Duration::from_millis(50),
         report_tokens: ReportTokens::new(TEST_REPORT_KEY),
@@ -61,10 +77,13 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
             ..SnapshotConfig::default()
         }),
         reports: ReportLimits::default(),
+        // Every `/readyz` checks again: tests change dependencies under it.
+        readiness: Arc::new(Readiness::new(Duration::ZERO)),
     };
     configure(&mut state);
     TestApi {
         router: api::router(state.clone()),
+        metrics_router: api::metrics_router(state.clone()),
         store,
         queue,
         state,
@@ -137,7 +156,7 @@ impl TestApi {
 
     /// Creates a tenant and returns its API key.
     pub(crate) async fn tenant(&self, name: &str, max_queued: u32) -> String {
-        let key = api::new_api_key();
+        let key = api::new_api_key().expose_secret().to_owned();
         self.store
             .create_tenant(name, &api::hash_api_key(&key), max_queued)
             .await
@@ -211,7 +230,10 @@ pub(crate) fn task_body(name: &str) -> Value {
 pub(crate) struct LocalDispatcher {
     pub child: tokio::process::Child,
     pub dir: std::path::PathBuf,
+    /// The api's listener.
     pub base: String,
+    /// The metrics listener (`/metrics` and the probes).
+    pub metrics: String,
     pub key: String,
     pub http: reqwest::Client,
 }
@@ -302,7 +324,16 @@ pub(crate) async fn start_local_dispatcher_with(
     let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
     let port = testsupport::free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut serve = vec!["serve", "--executor", "local", "--listen", &listen];
+    let metrics = format!("127.0.0.1:{}", testsupport::free_port());
+    let mut serve = vec![
+        "serve",
+        "--executor",
+        "local",
+        "--listen",
+        &listen,
+        "--metrics-listen",
+        &metrics,
+    ];
     serve.extend_from_slice(serve_flags);
     let child = command(&serve)
         .stdout(std::process::Stdio::inherit())
@@ -314,6 +345,7 @@ pub(crate) async fn start_local_dispatcher_with(
         child,
         dir,
         base: format!("http://127.0.0.1:{port}"),
+        metrics: format!("http://{metrics}"),
         key,
         http: reqwest::Client::new(),
     };

@@ -4,11 +4,13 @@
 //! - hermetic (no environment needed): `api`, `observability` and the SQLite halves of
 //!   the store cases (`store::sqlite`, `*::sqlite`), the in-process queue
 //!   (`queue::memory_backend`), and `local` (the `dispatcher` binary with the local
-//!   executor on an SQLite file), and `isolation` (the same, as root: tasks as users of
-//!   their own, the report endpoint's refusals);
+//!   executor on an SQLite file), `secrets` (and its `local_*` end to end), `listeners`
+//!   (its api and metrics listeners), and `isolation` (the local executor as root: tasks
+//!   as users of their own, the report endpoint's refusals);
 //! - on the test environment (`eval "$(tests/env/up)"`): the PostgreSQL halves
 //!   (`*::postgres`), Redis (`queue::redis_*`), `outage` (a PostgreSQL server of its
-//!   own), `cluster` (end to end on the control plane).
+//!   own), `cluster` (end to end on the control plane), `tls` (TLS to both datastores;
+//!   its refusals of unchecked TLS settings need nothing).
 //!
 //! A test that needs the environment says so first with `testsupport::needs_env!`: it
 //! skips with one `skipped: …` line without it, and fails under `make test`
@@ -23,6 +25,7 @@ mod task;
 mod api;
 mod cluster;
 mod isolation;
+mod listeners;
 mod local;
 mod observability;
 mod outage;
@@ -30,4 +33,7 @@ mod queue;
 mod quota;
 mod retries;
 mod schema;
+mod secrets;
+mod security;
 mod store;
+mod tls;

@@ -47,8 +47,19 @@ async fn a_database_outage_is_a_clear_503_and_service_resumes_after_it() {
         body["error"]["message"],
         "the database is unavailable; try again shortly"
     );
-    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
-    assert_eq!(ready.status().as_u16(), 503);
+    // `/readyz` may answer from a check made before the outage for up to a second.
+    poll_until("/readyz to say 503", Duration::from_secs(10), || async {
+        let ready = http
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        match ready.status().as_u16() {
+            503 => Ok(()),
+            other => Err(format!("{other}")),
+        }
+    })
+    .await;
 
     postgres.start_again();
     let created = poll_until(

@@ -205,7 +205,7 @@ async fn quota_holds_the_second_task_with_a_queue_position() {
     // The waiting-on-quota gauge is empty again.
     let metrics = local
         .http
-        .get(format!("{}/metrics", local.base))
+        .get(format!("{}/metrics", local.metrics))
         .send()
         .await
         .unwrap()
@@ -245,6 +245,7 @@ async fn a_single_task_is_not_starved_by_another_tenants_backlog() {
     // the stored tasks the (new, empty) in-process queue lacks.
     let port = testsupport::free_port();
     let listen = format!("127.0.0.1:{port}");
+    let metrics = format!("127.0.0.1:{}", testsupport::free_port());
     let launcher = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
         .args([
             "serve",
@@ -252,6 +253,8 @@ async fn a_single_task_is_not_starved_by_another_tenants_backlog() {
             "local",
             "--listen",
             &listen,
+            "--metrics-listen",
+            &metrics,
             "--launch-concurrency",
             "1",
             "--reconcile-interval",
@@ -269,6 +272,7 @@ async fn a_single_task_is_not_starved_by_another_tenants_backlog() {
         child: launcher,
         dir,
         base: format!("http://127.0.0.1:{port}"),
+        metrics: format!("http://{metrics}"),
         key,
         http,
     };

@@ -337,3 +337,31 @@ fn a_killed_command_reports_signal_and_its_stderr_tail() {
     assert_eq!(f.outcome.failure_class, Some(FailureClass::Signal));
     assert_eq!(f.outcome.stderr_tail.as_deref(), Some("about to die"));
 }
+
+/// A proxy the task's environment names never sees the reports (and their token): the
+/// runner talks to the report endpoint directly.
+#[test]
+fn reports_ignore_the_proxies_of_the_environment() {
+    let receiver = Receiver::start();
+    let proxy = format!("http://127.0.0.1:{}", Receiver::reserve_port());
+    let mut run = Runner::new().report_to(&receiver);
+    for name in [
+        "ALL_PROXY",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "http_proxy",
+        "https_proxy",
+    ] {
+        run = run.env(name, &proxy);
+    }
+    let out = run.cmd(["true"]).run();
+    assert_eq!(out.code(), 0, "{}", out.stderr());
+    let delivered = receiver.delivered();
+    assert_eq!(
+        kinds(&delivered).last(),
+        Some(&"finished"),
+        "{:?}",
+        kinds(&delivered)
+    );
+}

@@ -229,6 +229,7 @@ async fn through_dispatcher(client: &Client, args: &Args, suffix: &str) -> anyho
     let store = Store::connect(&database_url, 4).await?;
     store.migrate().await?;
     let key = dispatcher::api::new_api_key();
+    let key = dispatcher::api::ExposeSecret::expose_secret(&key).to_owned();
     store
         .create_tenant("bench", &dispatcher::api::hash_api_key(&key), 1_000_000)
         .await?;
@@ -243,6 +244,9 @@ async fn through_dispatcher(client: &Client, args: &Args, suffix: &str) -> anyho
             "kubernetes",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            // A free port: a bench beside other dispatchers must not collide on the default.
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--namespace",
             &namespace,
         ])

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 mod connection;
+mod tls;
 
 use super::{Delivery, QueueDepth, QueueEntry, QueueError, Result, distinct};
 use crate::task::TaskId;
@@ -128,7 +129,19 @@ impl RedisQueue {
     /// Connects to the server at `url`; every key the queue touches starts with
     /// `key_prefix`, and launchers read through the consumer group `group`.
     pub async fn connect(url: &str, key_prefix: &str, group: &str) -> Result<Self> {
-        let client = Client::open(url).map_err(|source| QueueError::InvalidUrl { source })?;
+        Self::connect_trusting(url, None, key_prefix, group).await
+    }
+
+    /// [`RedisQueue::connect`]; a `rediss://` URL speaks TLS and checks the server's
+    /// certificate against `ca_pem` (PEM certificates) when given, else against the
+    /// Mozilla roots, and that it names the URL's host. `#insecure` is refused.
+    pub async fn connect_trusting(
+        url: &str,
+        ca_pem: Option<Vec<u8>>,
+        key_prefix: &str,
+        group: &str,
+    ) -> Result<Self> {
+        let client = tls::client(url, ca_pem)?;
         let queue = Self {
             inner: Arc::new(Inner {
                 client,
@@ -140,7 +153,7 @@ impl RedisQueue {
                 rotation: AtomicUsize::new(0),
             }),
         };
-        queue.ping().await?;
+        queue.ping().await.map_err(tls::explained)?;
         Ok(queue)
     }
 

@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use super::KeyPrefix;
 use crate::placement::{GpuClasses, SharedClaim};
-use crate::task::Memory;
+use crate::task::{Cpu, Memory};
 
 /// The longest queue TTL a task or a tenant default may ask for: a week.
 pub const MAX_QUEUE_TTL_SECONDS: u32 = 7 * 24 * 3600;
@@ -27,13 +28,23 @@ pub struct Limits {
     /// GPU classes the cluster offers, with the most GPUs one node of the class holds
     /// (by default those of [`GpuClasses::default`]).
     pub gpu_classes: BTreeMap<String, u32>,
-    /// Annotation key prefixes tenants may use even inside a reserved domain (the test
-    /// environment's `agent-bus.io/test-`); empty in production.
-    pub allowed_annotation_prefixes: Vec<String>,
+    /// Label key prefixes tenants may use (none by default: every label is refused).
+    pub label_prefixes: Vec<KeyPrefix>,
+    /// Annotation key prefixes tenants may use (none by default).
+    pub annotation_prefixes: Vec<KeyPrefix>,
+    /// The most CPU one task may request.
+    pub max_cpu: Cpu,
+    /// The most memory one task may request.
+    pub max_memory: Memory,
+    /// The most GPUs one task may request, whatever its class (a class's nodes may hold
+    /// fewer, which is checked too).
+    pub max_gpus: u32,
     /// Shared claims by name, with the tenants allowed to mount them.
     pub volume_claims: BTreeMap<String, SharedClaim>,
     pub max_volumes: usize,
     pub max_scratch: Memory,
+    /// The largest `/dev/shm` one task may ask for (memory-backed: it counts against the
+    /// pod's memory, so it is at most [`Limits::max_memory`]).
     pub max_shm: Memory,
     pub shm_rule: ShmRule,
 }
@@ -82,6 +93,19 @@ impl ShmRule {
     }
 }
 
+impl Limits {
+    /// The defaults of the per-task maxima (and of their `--max-task-*` flags), sized for
+    /// one large node: 64 cores and 512Gi hold the biggest single task of a common 8-GPU
+    /// server (an 8xA100 fine-tune asks for about 32 cores and 256Gi), and no node holds
+    /// more than 8 GPUs. Anything larger could never be scheduled and would sit
+    /// `launched` until its timeout; an operator with larger nodes raises them.
+    pub const DEFAULT_MAX_CPU: Cpu = Cpu::from_cores(64);
+    pub const DEFAULT_MAX_MEMORY: Memory = gib(512);
+    pub const DEFAULT_MAX_GPUS: u32 = 8;
+    /// Half the memory maximum: shm is memory the task's processes share.
+    pub const DEFAULT_MAX_SHM: Memory = gib(256);
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -97,11 +121,15 @@ impl Default for Limits {
             max_annotations_bytes: 64 * 1024,
             max_priority: 1000,
             gpu_classes: GpuClasses::default().capacities(),
-            allowed_annotation_prefixes: Vec::new(),
+            label_prefixes: Vec::new(),
+            annotation_prefixes: Vec::new(),
+            max_cpu: Limits::DEFAULT_MAX_CPU,
+            max_memory: Limits::DEFAULT_MAX_MEMORY,
+            max_gpus: Limits::DEFAULT_MAX_GPUS,
             volume_claims: BTreeMap::new(),
             max_volumes: 8,
             max_scratch: gib(1024),
-            max_shm: gib(256),
+            max_shm: Limits::DEFAULT_MAX_SHM,
             shm_rule: ShmRule::default(),
         }
     }

@@ -1,6 +1,8 @@
 //! A tenant's submission as it arrives (`POST /v1/tasks`), and the rules that turn it into
 //! a [`TaskSpec`]. Every refusal names the field (as a JSON path such as `env.MY VAR` or
 //! `resources.gpu.class`) and the rule it broke, so a client can fix it without guessing.
+//! Which keys and names a tenant may set at all is `keys`'s decision; how much it may
+//! ask for is [`Limits`].
 //!
 //! Invariants: [`validate`] is pure and total; whatever it accepts can be turned into a
 //! Kubernetes Job without further checks on names, label syntax, quantities or sizes.
@@ -15,11 +17,15 @@ use super::retry::{
     MAX_MEMORY_FACTOR, MAX_RULES, Mutation, RetryAction, RetryPolicy, RetryRule,
 };
 use super::workload;
-use super::{GpuRequest, Resources, Scratch, TaskSpec, VolumeMount, WorkloadRequest};
-use crate::k8s::names::is_label_name;
+use super::{
+    EnvValue, GpuRequest, Resources, Scratch, SecretRef, TaskSpec, VolumeMount, WorkloadRequest,
+};
 pub use crate::k8s::names::{is_class_name, is_dns_label};
+use crate::k8s::names::{is_label_name, is_secret_key};
+mod keys;
 mod limits;
 
+pub use keys::{KeyPrefix, RESERVED_DOMAINS, RESERVED_ENV, TEST_PREFIX, reserved_env_name};
 pub use limits::{Limits, MAX_QUEUE_TTL_SECONDS, ShmRule};
 
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
@@ -33,8 +39,13 @@ pub struct Submission {
     pub command: Vec<String>,
     #[serde(default)]
     pub args: Vec<String>,
+    /// Environment variables of the task: each value a string, or
+    /// `{"secret": NAME, "key": KEY}`, a key of one of the tenant's secrets, set when the
+    /// command starts and never stored with the task. Names the runtime, the loader or the
+    /// runner act on are refused: `AGENT_BUS_*`, `NVIDIA_*`, `CUDA_VISIBLE_DEVICES`, `LD_*`,
+    /// `GCONV_PATH`, `GLIBC_TUNABLES`, `LOCALDOMAIN`, `RES_OPTIONS`, `HOSTALIASES`.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     #[serde(default)]
     pub resources: ResourcesInput,
     pub timeout_seconds: Option<u32>,
@@ -47,15 +58,21 @@ pub struct Submission {
     pub queue_ttl_seconds: Option<u32>,
     pub priority: Option<i32>,
     pub queue: Option<String>,
+    /// Labels of the task and its pod: only keys under a prefix the operator allows
+    /// (`--tenant-label-prefixes`; none by default), never unprefixed keys or
+    /// kubernetes.io, k8s.io, *.x-k8s.io and agent-bus.io ones.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Annotations of the pod, under the same rule with the operator's
+    /// `--tenant-annotation-prefixes`.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
     /// `ml`, `cv`, `cpu` or `auto` (the default: decided from the GPU request, the image
     /// and the command).
     pub workload: Option<WorkloadRequest>,
-    /// Size of `/dev/shm`, e.g. `8Gi`. By default ML and CV tasks get a share of their
-    /// memory request (see the shm rule in the configuration), others the runtime default.
+    /// Size of `/dev/shm`, e.g. `8Gi`, at most the operator's maximum (`--max-task-shm`,
+    /// 256Gi by default). By default ML and CV tasks get a share of their memory request
+    /// (see the shm rule in the configuration), others the runtime default.
     pub shm: Option<String>,
     /// Shared PersistentVolumeClaims to mount.
     #[serde(default)]
@@ -89,7 +106,11 @@ pub struct ScratchInput {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesInput {
+    /// CPU request and limit, a Kubernetes quantity (`500m`, `4`); at most the operator's
+    /// per-task maximum (`--max-task-cpu`, 64 cores by default).
     pub cpu: Option<String>,
+    /// Memory request and limit (`512Mi`, `32Gi`); at most the operator's per-task
+    /// maximum (`--max-task-memory`, 512Gi by default).
     pub memory: Option<String>,
     pub gpu: Option<GpuInput>,
 }
@@ -97,6 +118,8 @@ pub struct ResourcesInput {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuInput {
+    /// At least 1; at most what one node of the class holds and the operator's per-task
+    /// maximum (`--max-task-gpus`, 8 by default).
     pub count: u32,
     pub class: String,
     /// Default `true`: a task no node of `class` can take in time moves to the class's
@@ -164,14 +187,6 @@ impl FieldError {
 
 /// The queue a task lands in when the submission names none.
 pub const DEFAULT_QUEUE: &str = "default";
-
-/// Label and annotation prefix domains (and their subdomains) that belong to agent-bus or
-/// Kubernetes; a tenant setting them could impersonate another task or change how the
-/// cluster treats the pod.
-const RESERVED_DOMAINS: [&str; 3] = ["agent-bus.io", "kubernetes.io", "k8s.io"];
-
-/// Environment variables the runner sets; a tenant may not override them.
-const RESERVED_ENV_PREFIX: &str = "AGENT_BUS_";
 
 /// Paths a volume may not be mounted at or under: the runner's folder, and the kernel's.
 const RESERVED_MOUNT_PATHS: [&str; 4] = ["/agent-bus", "/dev", "/proc", "/sys"];
@@ -463,7 +478,7 @@ fn check_strings(field: &str, values: &[String], limits: &Limits) -> Result<(), 
     Ok(())
 }
 
-fn check_env(env: &BTreeMap<String, String>, limits: &Limits) -> Result<(), FieldError> {
+fn check_env(env: &BTreeMap<String, EnvValue>, limits: &Limits) -> Result<(), FieldError> {
     if env.len() > limits.max_env_entries {
         return Err(FieldError::new(
             "env",
@@ -484,23 +499,46 @@ fn check_env(env: &BTreeMap<String, String>, limits: &Limits) -> Result<(), Fiel
                 "name must be letters, digits and '_', not starting with a digit, at most 256 characters",
             ));
         }
-        if name.starts_with(RESERVED_ENV_PREFIX) {
-            return Err(FieldError::new(
-                field,
-                format!("names starting with {RESERVED_ENV_PREFIX} are reserved for agent-bus"),
-            ));
+        if let Some(why) = reserved_env_name(name) {
+            return Err(FieldError::new(field, why));
         }
-        if value.len() > limits.max_env_value_bytes {
-            return Err(FieldError::new(
-                field,
-                format!("value must be at most {} bytes", limits.max_env_value_bytes),
-            ));
+        check_env_value(field, value, limits)?;
+    }
+    Ok(())
+}
+
+/// A plain value's size and characters, or a secret reference's syntax (whether the
+/// secret and its key exist is the API's check: it needs the secret store).
+fn check_env_value(field: String, value: &EnvValue, limits: &Limits) -> Result<(), FieldError> {
+    match value {
+        EnvValue::Plain(value) => {
+            if value.len() > limits.max_env_value_bytes {
+                return Err(FieldError::new(
+                    field,
+                    format!("value must be at most {} bytes", limits.max_env_value_bytes),
+                ));
+            }
+            if value.contains('\0') {
+                return Err(FieldError::new(
+                    field,
+                    "value must not contain NUL characters",
+                ));
+            }
         }
-        if value.contains('\0') {
-            return Err(FieldError::new(
-                field,
-                "value must not contain NUL characters",
-            ));
+        EnvValue::Secret(SecretRef { secret, key }) => {
+            if !is_dns_label(secret) {
+                return Err(FieldError::new(
+                    format!("{field}.secret"),
+                    "must be a secret name: 1 to 63 lowercase letters, digits or '-', \
+                     starting and ending with a letter or digit",
+                ));
+            }
+            if !is_secret_key(key) {
+                return Err(FieldError::new(
+                    format!("{field}.key"),
+                    "must be a secret key: 1 to 253 letters, digits, '-', '_' or '.' (not '.' or '..')",
+                ));
+            }
         }
     }
     Ok(())
@@ -512,11 +550,33 @@ fn check_resources(input: ResourcesInput, limits: &Limits) -> Result<Resources, 
         .map(|text| text.parse::<Cpu>())
         .transpose()
         .map_err(|e| FieldError::new("resources.cpu", e.to_string()))?;
+    if let Some(cpu) = cpu
+        && cpu > limits.max_cpu
+    {
+        return Err(FieldError::new(
+            "resources.cpu",
+            format!(
+                "must be at most {}, the most one task may ask for",
+                limits.max_cpu
+            ),
+        ));
+    }
     let memory = input
         .memory
         .map(|text| text.parse::<Memory>())
         .transpose()
         .map_err(|e| FieldError::new("resources.memory", e.to_string()))?;
+    if let Some(memory) = memory
+        && memory > limits.max_memory
+    {
+        return Err(FieldError::new(
+            "resources.memory",
+            format!(
+                "must be at most {}, the most one task may ask for",
+                limits.max_memory
+            ),
+        ));
+    }
     let gpu = match input.gpu {
         None => None,
         Some(gpu) => {
@@ -537,6 +597,15 @@ fn check_resources(input: ResourcesInput, limits: &Limits) -> Result<Resources, 
                     format!(
                         "must be between 1 and {per_node}, the most one {} node holds",
                         gpu.class
+                    ),
+                ));
+            }
+            if gpu.count > limits.max_gpus {
+                return Err(FieldError::new(
+                    "resources.gpu.count",
+                    format!(
+                        "must be between 1 and {}, the most GPUs one task may ask for",
+                        limits.max_gpus
                     ),
                 ));
             }
@@ -562,6 +631,8 @@ fn check_labels(labels: &BTreeMap<String, String>, limits: &Limits) -> Result<()
     for (key, value) in labels {
         let field = format!("labels.{key}");
         check_qualified_key(&field, key)?;
+        keys::check_key("label", key, &limits.label_prefixes)
+            .map_err(|message| FieldError::new(&field, message))?;
         if !(value.is_empty() || is_label_name(value)) {
             return Err(FieldError::new(
                 field,
@@ -584,44 +655,28 @@ fn check_annotations(
         ));
     }
     for key in annotations.keys() {
-        if limits
-            .allowed_annotation_prefixes
-            .iter()
-            .any(|prefix| key.starts_with(prefix.as_str()))
-        {
-            continue;
-        }
-        check_qualified_key(&format!("annotations.{key}"), key)?;
+        let field = format!("annotations.{key}");
+        check_qualified_key(&field, key)?;
+        keys::check_key("annotation", key, &limits.annotation_prefixes)
+            .map_err(|message| FieldError::new(&field, message))?;
     }
     Ok(())
 }
 
+/// Kubernetes key syntax (an optional DNS-subdomain prefix and '/', then a name); which
+/// keys a tenant may use is [`keys::check_key`]'s decision.
 fn check_qualified_key(field: &str, key: &str) -> Result<(), FieldError> {
     let (prefix, name) = match key.rsplit_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        let valid_prefix =
-            !prefix.is_empty() && prefix.len() <= 253 && prefix.split('.').all(is_dns_label);
-        if !valid_prefix {
-            return Err(FieldError::new(
-                field,
-                "key prefix must be a DNS subdomain of at most 253 characters",
-            ));
-        }
-        let reserved = RESERVED_DOMAINS.iter().any(|domain| {
-            prefix == *domain
-                || prefix
-                    .strip_suffix(domain)
-                    .is_some_and(|sub| sub.ends_with('.'))
-        });
-        if reserved {
-            return Err(FieldError::new(
-                field,
-                format!("key prefix {prefix}/ is reserved"),
-            ));
-        }
+    if let Some(prefix) = prefix
+        && !keys::is_dns_subdomain(prefix)
+    {
+        return Err(FieldError::new(
+            field,
+            "key prefix must be a DNS subdomain of at most 253 characters",
+        ));
     }
     if !is_label_name(name) {
         return Err(FieldError::new(

@@ -18,9 +18,11 @@ fn shared(name: &str, tenants: &[&str], writable: bool) -> (String, SharedClaim)
 }
 
 /// Limits with three shared claims: models (everyone, read-only), datasets (globex
-/// only), scratch-a (acme, writable).
+/// only), scratch-a (acme, writable), and `example.com/` labels and annotations allowed.
 fn limits_with_claims() -> Limits {
     Limits {
+        label_prefixes: vec!["example.com/".parse().unwrap()],
+        annotation_prefixes: vec!["example.com/".parse().unwrap()],
         volume_claims: [
             shared("models", &["*"], false),
             shared("datasets", &["globex"], true),
@@ -312,7 +314,11 @@ fn every_refusal_names_its_field() {
             "env.AGENT_BUS_TOKEN",
         ),
         (submission().env("BIG", &"x".repeat(40_000)), "env.BIG"),
-        (submission().label("team", &"x".repeat(64)), "labels.team"),
+        (
+            submission().label("example.com/team", &"x".repeat(64)),
+            "labels.example.com/team",
+        ),
+        (submission().label("team", "ml"), "labels.team"),
         (
             submission().label("agent-bus.io/task-id", "x"),
             "labels.agent-bus.io/task-id",
@@ -399,52 +405,203 @@ fn every_refusal_names_its_field() {
     }
 }
 
-#[test]
-fn allowed_annotation_prefixes_open_only_what_they_name() {
-    let limits = Limits {
-        allowed_annotation_prefixes: vec!["agent-bus.io/test-".into()],
+/// Limits as the test environment sets them: `example.com/` labels and annotations, and
+/// the kwok test annotations.
+fn limits_with_prefixes() -> Limits {
+    Limits {
+        label_prefixes: vec![
+            "example.com/".parse().unwrap(),
+            "mykubernetes.io/".parse().unwrap(),
+        ],
+        annotation_prefixes: vec![
+            "example.com/".parse().unwrap(),
+            "agent-bus.io/test-".parse().unwrap(),
+        ],
         ..Limits::default()
-    };
-    let with = |key: &str| {
+    }
+}
+
+#[test]
+fn only_allowed_annotations_and_labels_pass() {
+    let annotated = |key: &str| {
         submission().with(|s| {
             s.annotations.insert(key.into(), "3".into());
         })
     };
-    assert!(validate(with("agent-bus.io/test-exit-code").0, &limits, "acme").is_ok());
+    let allowed = limits_with_prefixes();
+    for key in ["example.com/owner", "agent-bus.io/test-exit-code"] {
+        let spec = validate(annotated(key).0, &allowed, "acme").unwrap();
+        assert_eq!(spec.annotations[key], "3");
+    }
+    let spec = validate(
+        submission()
+            .label("example.com/team", "ml")
+            .label("mykubernetes.io/team", "ml")
+            .0,
+        &allowed,
+        "acme",
+    )
+    .unwrap();
     assert_eq!(
-        validate(with("agent-bus.io/task-id").0, &limits, "acme")
-            .unwrap_err()
-            .field,
-        "annotations.agent-bus.io/task-id"
+        spec.labels.len(),
+        2,
+        "a lookalike of a reserved domain is not reserved"
     );
-    assert!(
-        validate(
-            with("agent-bus.io/test-exit-code").0,
-            &Limits::default(),
-            "acme"
-        )
-        .is_err()
-    );
+
+    // (key, what the refusal says) under the test environment's prefixes, then with the
+    // defaults (nothing allowed).
+    let refused = [
+        ("owner", "without a DNS prefix"),
+        ("io.kubernetes.cri-o.Devices", "without a DNS prefix"),
+        ("io.kubernetes.cri-o.userns-mode", "without a DNS prefix"),
+        ("k8s.v1.cni.cncf.io/networks", "not under a prefix"),
+        ("sidecar.istio.io/inject", "not under a prefix"),
+        ("vault.hashicorp.com/agent-inject", "not under a prefix"),
+        ("kueue.x-k8s.io/priority-class", "reserved"),
+        ("kueue.x-k8s.io/queue-name", "reserved"),
+        ("cluster-autoscaler.kubernetes.io/safe-to-evict", "reserved"),
+        ("kubernetes.io/psp", "reserved"),
+        ("agent-bus.io/task-id", "reserved"),
+        ("agent-bus.io/tenant", "reserved"),
+        ("ml.example.com/owner", "not under a prefix"),
+    ];
+    for (key, says) in refused {
+        for limits in [&allowed, &Limits::default()] {
+            let error = validate(annotated(key).0, limits, "acme").unwrap_err();
+            assert_eq!(error.field, format!("annotations.{key}"), "{error}");
+            let label_error = validate(submission().label(key, "x").0, limits, "acme").unwrap_err();
+            assert_eq!(label_error.field, format!("labels.{key}"), "{label_error}");
+            assert!(error.message.contains(says), "{key}: {error}");
+        }
+    }
+    // The defaults allow nothing, the test prefix included, and say so.
+    for key in ["example.com/owner", "agent-bus.io/test-exit-code"] {
+        let error = validate(annotated(key).0, &Limits::default(), "acme").unwrap_err();
+        assert!(
+            error.message.contains("allows no tenant annotations"),
+            "{error}"
+        );
+    }
+    let error = validate(
+        submission().label("example.com/team", "ml").0,
+        &Limits::default(),
+        "acme",
+    )
+    .unwrap_err();
+    assert_eq!(error.field, "labels.example.com/team");
+    assert!(error.message.contains("allows no tenant labels"), "{error}");
 }
 
 #[test]
-fn lookalike_domains_are_not_reserved() {
+fn reserved_environment_variables_are_refused_by_name() {
+    for name in [
+        "AGENT_BUS_REPORT_TOKEN",
+        "NVIDIA_VISIBLE_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "CUDA_VISIBLE_DEVICES",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "GCONV_PATH",
+        "GLIBC_TUNABLES",
+        "LOCALDOMAIN",
+        "RES_OPTIONS",
+        "HOSTALIASES",
+    ] {
+        let error = submission().env(name, "x").field_error();
+        assert_eq!(error.field, format!("env.{name}"), "{error}");
+        assert!(error.message.contains("reserved"), "{error}");
+    }
     let spec = validate(
-        submission().label("mykubernetes.io/team", "ml").0,
+        submission()
+            .env("MALLOC_ARENA_MAX", "2")
+            .env("NCCL_DEBUG", "INFO")
+            .env("CUDA_HOME", "/usr/local/cuda")
+            .0,
         &Limits::default(),
         "acme",
-    );
-    assert!(spec.is_ok(), "{spec:?}");
+    )
+    .unwrap();
+    assert_eq!(spec.env.len(), 3);
+}
+
+#[test]
+fn resources_are_bounded_per_task() {
+    let limits = Limits {
+        max_cpu: "8".parse().unwrap(),
+        max_memory: "64Gi".parse().unwrap(),
+        max_gpus: 2,
+        max_shm: "32Gi".parse().unwrap(),
+        ..Limits::default()
+    };
+    let at_the_bounds = submission()
+        .with(|s| {
+            s.resources.cpu = Some("8".into());
+            s.resources.memory = Some("64Gi".into());
+            s.shm = Some("32Gi".into());
+        })
+        .gpu(2, "a100");
+    assert!(validate(at_the_bounds.0, &limits, "acme").is_ok());
+    let cases: Vec<(Fixture, &str, &str)> = vec![
+        (
+            submission().with(|s| s.resources.cpu = Some("8001m".into())),
+            "resources.cpu",
+            "at most 8",
+        ),
+        (
+            submission().with(|s| s.resources.memory = Some("65Gi".into())),
+            "resources.memory",
+            "at most 64Gi",
+        ),
+        (
+            submission().gpu(3, "a100"),
+            "resources.gpu.count",
+            "between 1 and 2",
+        ),
+        (
+            submission().with(|s| s.shm = Some("33Gi".into())),
+            "shm",
+            "at most 32Gi",
+        ),
+    ];
+    for (fixture, field, says) in cases {
+        let error = validate(fixture.0, &limits, "acme").unwrap_err();
+        assert_eq!(error.field, field, "{error}");
+        assert!(error.message.contains(says), "{error}");
+    }
+    // With the defaults: 100000 CPUs, 1Ti of memory and 16 GPUs are refused.
+    for (fixture, field) in [
+        (
+            submission().with(|s| s.resources.cpu = Some("100000".into())),
+            "resources.cpu",
+        ),
+        (
+            submission().with(|s| s.resources.memory = Some("1Ti".into())),
+            "resources.memory",
+        ),
+    ] {
+        assert_eq!(fixture.field_error().field, field);
+    }
+    let sixteen = Limits {
+        gpu_classes: [("big".to_owned(), 16)].into(),
+        ..Limits::default()
+    };
+    let error = validate(submission().gpu(16, "big").0, &sixteen, "acme").unwrap_err();
+    assert_eq!(error.field, "resources.gpu.count");
+    assert!(error.message.contains("between 1 and 8"), "{error}");
 }
 
 #[test]
 fn too_many_entries_are_refused() {
     let many_env = (0..129).fold(submission(), |f, i| f.env(&format!("V{i}"), "x"));
     assert_eq!(many_env.field_error().field, "env");
-    let many_labels = (0..33).fold(submission(), |f, i| f.label(&format!("l{i}"), "x"));
+    let many_labels = (0..33).fold(submission(), |f, i| {
+        f.label(&format!("example.com/l{i}"), "x")
+    });
     assert_eq!(many_labels.field_error().field, "labels");
     let big_annotations = submission().with(|s| {
-        s.annotations.insert("note".into(), "x".repeat(70_000));
+        s.annotations
+            .insert("example.com/note".into(), "x".repeat(70_000));
     });
     assert_eq!(big_annotations.field_error().field, "annotations");
 }
@@ -524,4 +681,40 @@ fn a_retry_policy_is_kept_as_written() {
         ]})
     );
     assert_eq!(serde_json::from_value::<RetryPolicy>(json).unwrap(), policy);
+}
+
+#[test]
+fn secret_references_are_checked_for_syntax_and_kept_as_references() {
+    use crate::task::{EnvValue, SecretRef};
+    let reference = |secret: &str, key: &str| {
+        EnvValue::Secret(SecretRef {
+            secret: secret.into(),
+            key: key.into(),
+        })
+    };
+    let with_ref = |secret: &str, key: &str| {
+        submission().with(|s| {
+            s.env
+                .insert("OPENAI_API_KEY".into(), reference(secret, key));
+        })
+    };
+    let spec = validate(with_ref("openai", "token").0, &Limits::default(), "acme").unwrap();
+    assert_eq!(spec.env["OPENAI_API_KEY"], reference("openai", "token"));
+    for (secret, key, field) in [
+        ("OpenAI", "token", "env.OPENAI_API_KEY.secret"),
+        ("", "token", "env.OPENAI_API_KEY.secret"),
+        ("openai", "a/b", "env.OPENAI_API_KEY.key"),
+        ("openai", "..", "env.OPENAI_API_KEY.key"),
+    ] {
+        assert_eq!(
+            with_ref(secret, key).field_error().field,
+            field,
+            "{secret} {key}"
+        );
+    }
+    // The variable's name is checked the same, whatever its value.
+    let bad_name = submission().with(|s| {
+        s.env.insert("MY VAR".into(), reference("openai", "token"));
+    });
+    assert_eq!(bad_name.field_error().field, "env.MY VAR");
 }

@@ -107,7 +107,7 @@ async fn expensive_gpu_tasks_raise_the_cost_alert_in_alertmanager() {
 
         let rules = with_setting(&repo_file("deploy/prometheus/agent-bus.rules.yml"), "for", "1s");
         std::fs::write(work.join("agent-bus.rules.yml"), rules).unwrap();
-        let target = dispatcher.base.trim_start_matches("http://");
+        let target = dispatcher.metrics.trim_start_matches("http://");
         let prometheus_config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
              rule_files: [{rules}]\n\

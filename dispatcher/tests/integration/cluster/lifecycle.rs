@@ -10,7 +10,7 @@ async fn a_task_becomes_one_labelled_job_and_succeeds() {
         let key = setup.tenant("acme").await;
         let dispatcher = setup.start_keeping_jobs().await;
         let body = json!({"name": "train", "image": "registry.invalid/train:1", "command": ["python", "train.py"],
-            "resources": {"cpu": "1", "memory": "2Gi", "gpu": {"count": 1, "class": "a100"}}, "queue": "gpu", "labels": {"team": "vision"}});
+            "resources": {"cpu": "1", "memory": "2Gi", "gpu": {"count": 1, "class": "a100"}}, "queue": "gpu", "labels": {"example.com/team": "vision"}});
         let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
         assert_eq!(status, 201, "{task}");
         let id = task["id"].as_str().unwrap().to_owned();
@@ -26,7 +26,7 @@ async fn a_task_becomes_one_labelled_job_and_succeeds() {
         assert_eq!(labels["agent-bus.io/tenant"], "acme");
         assert_eq!(labels["agent-bus.io/queue"], "gpu");
         assert_eq!(labels["agent-bus.io/attempt"], "1");
-        assert_eq!(labels["team"], "vision");
+        assert_eq!(labels["example.com/team"], "vision");
         assert_eq!(done["job"]["name"], job.metadata.name.clone().unwrap());
         let pod_spec = job.spec.clone().unwrap().template.spec.unwrap();
         assert_eq!(pod_spec.node_selector.unwrap()["accelerator"], "nvidia-tesla-a100");

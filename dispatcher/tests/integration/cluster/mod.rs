@@ -22,7 +22,10 @@ const KEEP_JOBS: &[&str] = &["--keep-finished-jobs", "10m"];
 /// A dispatcher process under test.
 struct Dispatcher {
     child: tokio::process::Child,
+    /// The api's listener.
     base: String,
+    /// The metrics listener.
+    metrics: String,
     http: reqwest::Client,
 }
 
@@ -43,7 +46,12 @@ impl Setup {
             .env("AGENT_BUS_REDIS_PREFIX", &self.redis.prefix)
             .env("AGENT_BUS_NAMESPACE", &self.ns.name)
             .env("AGENT_BUS_LOG", "warn")
-            .env("AGENT_BUS_ALLOW_ANNOTATION_PREFIXES", "agent-bus.io/test-")
+            // kwok reads agent-bus.io/test-* annotations; example.com/ is the tenants'.
+            .env(
+                "AGENT_BUS_TENANT_ANNOTATION_PREFIXES",
+                "agent-bus.io/test-,example.com/",
+            )
+            .env("AGENT_BUS_TENANT_LABEL_PREFIXES", "example.com/")
             .env("AGENT_BUS_UNSCHEDULABLE_AFTER", "1")
             .kill_on_drop(true);
         command
@@ -90,12 +98,15 @@ impl Setup {
     ) -> Dispatcher {
         let port = testsupport::free_port();
         let listen = format!("127.0.0.1:{port}");
+        let metrics = format!("127.0.0.1:{}", testsupport::free_port());
         let mut args = vec![
             "serve",
             "--executor",
             "kubernetes",
             "--listen",
             &listen,
+            "--metrics-listen",
+            &metrics,
             "--reconcile-interval",
             "1",
             "--launching-stale-after",
@@ -113,6 +124,7 @@ impl Setup {
         let dispatcher = Dispatcher {
             child,
             base: format!("http://{listen}"),
+            metrics: format!("http://{metrics}"),
             http: reqwest::Client::new(),
         };
         crate::common::wait_until_ready(&dispatcher.http, &dispatcher.base, CLUSTER_TIMEOUT).await;
@@ -207,3 +219,5 @@ mod placement;
 mod quota;
 mod recovery;
 mod retries;
+mod secrets;
+mod security;

@@ -8,8 +8,11 @@ async fn a_pod_no_node_can_hold_shows_the_reason_unschedulable() {
     testsupport::needs_env!(Cluster, Postgres, Redis);
     with_environment("e2e-stuck", |setup| async move {
         let key = setup.tenant("acme").await;
-        let dispatcher = setup.start().await;
-        // Every node has 64 CPUs.
+        // Every node has 64 CPUs; the per-task maximum (64 by default) is raised above
+        // them, as an operator who misjudged the nodes would.
+        let dispatcher = setup
+            .start_with("dispatcher-under-test", &["--max-task-cpu", "1000"])
+            .await;
         let body = json!({"name": "too-big", "image": "registry.invalid/x:1", "command": ["true"], "resources": {"cpu": "100"}});
         let (_, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
         let id = task["id"].as_str().unwrap().to_owned();

@@ -345,7 +345,7 @@ async fn a_cancelled_tasks_job_is_deleted_once_the_delete_is_allowed_even_across
         let first = cancel_a_long_task(&dispatcher, &setup.ns, &key).await;
         let metrics = dispatcher
             .http
-            .get(format!("{}/metrics", dispatcher.base))
+            .get(format!("{}/metrics", dispatcher.metrics))
             .send()
             .await
             .unwrap()

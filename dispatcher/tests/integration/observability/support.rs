@@ -184,9 +184,16 @@ pub(crate) fn assert_close(actual: f64, expected: f64, tolerance: f64, what: &st
     );
 }
 
-/// `GET /metrics`, which needs no key; checks the status and the content type.
+/// `GET /metrics` on the metrics listener, which needs no key; checks the status and the
+/// content type.
 pub(crate) async fn scrape(api: &TestApi) -> String {
-    let (status, headers, body) = api.call(Method::GET, "/metrics", None, None, &[]).await;
+    let metrics_listener = TestApi {
+        router: api.metrics_router.clone(),
+        ..api.clone()
+    };
+    let (status, headers, body) = metrics_listener
+        .call(Method::GET, "/metrics", None, None, &[])
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let content_type = headers
         .get("content-type")

@@ -99,4 +99,5 @@ mod quotas;
 mod retries;
 mod submissions;
 mod tasks;
+mod tenants;
 mod transitions;

@@ -62,6 +62,76 @@ fn the_chart_lints_with_each_values_file_and_refuses_unknown_keys() {
     );
 }
 
+#[test]
+fn a_private_datastore_ca_is_mounted_into_every_role_and_names_the_redis_ca_file() {
+    testsupport::needs_env!(Program("helm"));
+    let names = Names::defaults();
+    let rendered = objects(&helm_template_set(
+        &names,
+        None,
+        &[
+            "datastoreTls.caConfigMap=datastore-ca",
+            "datastoreTls.redisCaKey=redis-ca.pem",
+        ],
+    ));
+    for deployment in dispatcher_deployments(&rendered) {
+        let name = &deployment["metadata"]["name"];
+        let container = dispatcher_container(deployment).unwrap();
+        assert_eq!(
+            env_value(container, "AGENT_BUS_REDIS_CA_FILE"),
+            "/etc/agent-bus-ca/redis-ca.pem",
+            "{name}"
+        );
+        let mount = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "datastore-ca")
+            .unwrap_or_else(|| panic!("{name}: no datastore-ca mount"));
+        assert_eq!(mount["mountPath"], "/etc/agent-bus-ca");
+        assert_eq!(mount["readOnly"], true);
+        let volume = deployment["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "datastore-ca")
+            .unwrap();
+        assert_eq!(volume["configMap"]["name"], "datastore-ca", "{name}");
+    }
+    // Without the values nothing is mounted and no CA file is named.
+    for deployment in dispatcher_deployments(&objects(&helm_template(&names, None))) {
+        let container = dispatcher_container(deployment).unwrap();
+        let env = container["env"].to_string();
+        assert!(!env.contains("AGENT_BUS_REDIS_CA_FILE"), "{env}");
+    }
+    // Contradicting or incomplete settings are refused, naming the values.
+    let chart = repo_root().join("helm/agent-bus");
+    for (sets, says) in [
+        (
+            &["datastoreTls.caConfigMap=a", "datastoreTls.caSecret=b"][..],
+            "set caSecret or caConfigMap, not both",
+        ),
+        (
+            &["datastoreTls.redisCaKey=redis-ca.pem"][..],
+            "datastoreTls.redisCaKey needs",
+        ),
+    ] {
+        let mut args = vec![
+            "template",
+            "x",
+            chart.to_str().unwrap(),
+            "--kube-version",
+            "v1.34.4",
+        ];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let out = run_status(tool("helm"), &args, None);
+        assert!(!out.success, "{sets:?}");
+        assert!(out.stderr.contains(says), "{sets:?}: {}", out.stderr);
+    }
+}
+
 /// The dotted paths of the keys that values.yaml documents (a `# --` comment above them).
 fn documented_values(text: &str) -> Vec<String> {
     let mut stack: Vec<(usize, String)> = Vec::new();

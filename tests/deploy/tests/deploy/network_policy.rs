@@ -263,3 +263,191 @@ fn task_pods_reach_the_api_at_the_report_url_through_both_network_policies() {
         );
     }
 }
+
+/// The container port named `name` of the dispatcher container of `deployment`.
+fn named_port(deployment: &Value, name: &str) -> i64 {
+    dispatcher_container(deployment).unwrap()["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("no container port {name}"))["containerPort"]
+        .as_i64()
+        .unwrap()
+}
+
+/// Whether some ingress rule of the policies governing `pod` lets `peer` in on `port`.
+fn ingress_allows(objects: &[Value], pod: &PodAt, peer: &PodAt, port: i64) -> bool {
+    policies_for(objects, pod, "Ingress").iter().any(|policy| {
+        policy["spec"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|rule| {
+                rule_allows_port(rule, port)
+                    && rule["from"].as_array().is_none_or(|from| {
+                        from.iter().any(|p| peer_includes(p, pod.namespace, peer))
+                    })
+            })
+    })
+}
+
+/// For one rendered installation: every role serves `/metrics` on its own port named
+/// `metrics` (AGENT_BUS_METRICS_LISTEN), apart from the api's; task pods cannot reach it
+/// (the dispatcher's ingress is restricted and no rule lets the tasks namespace in on it)
+/// while Prometheus' namespace can; a ServiceMonitor, where there is one, scrapes that
+/// port; an Ingress, where there is one, routes only `/v1` and `/openapi.json`.
+fn assert_metrics_stay_inside(source: &str, objects: &[Value], prometheus_namespace: &str) {
+    let deployments = dispatcher_deployments(objects);
+    assert_eq!(deployments.len(), 3, "{source}");
+    let tasks_namespace = env_value(
+        dispatcher_container(deployments[0]).unwrap(),
+        "AGENT_BUS_NAMESPACE",
+    )
+    .to_owned();
+    let task_labels = json!({"app.kubernetes.io/managed-by": "agent-bus"});
+    let task_pod = PodAt {
+        namespace: &tasks_namespace,
+        labels: &task_labels,
+    };
+    let no_labels = json!({});
+    let prometheus = PodAt {
+        namespace: prometheus_namespace,
+        labels: &no_labels,
+    };
+    for deployment in &deployments {
+        let name = &deployment["metadata"]["name"];
+        let container = dispatcher_container(deployment).unwrap();
+        let metrics_port = named_port(deployment, "metrics");
+        assert_ne!(
+            metrics_port,
+            named_port(deployment, "http"),
+            "{source} {name}"
+        );
+        assert_eq!(
+            env_value(container, "AGENT_BUS_METRICS_LISTEN"),
+            format!("0.0.0.0:{metrics_port}"),
+            "{source} {name}"
+        );
+        let pod = PodAt {
+            namespace: deployment["metadata"]["namespace"].as_str().unwrap(),
+            labels: &deployment["spec"]["template"]["metadata"]["labels"],
+        };
+        assert!(
+            !policies_for(objects, &pod, "Ingress").is_empty(),
+            "{source} {name}: ingress is not restricted"
+        );
+        assert!(
+            !ingress_allows(objects, &pod, &task_pod, metrics_port),
+            "{source} {name}: task pods may reach the metrics port {metrics_port}"
+        );
+        assert!(
+            ingress_allows(objects, &pod, &prometheus, metrics_port),
+            "{source} {name}: {prometheus_namespace} may not reach the metrics port"
+        );
+    }
+
+    for monitor in objects.iter().filter(|o| o["kind"] == "ServiceMonitor") {
+        let endpoints = monitor["spec"]["endpoints"].as_array().unwrap();
+        assert_eq!(endpoints.len(), 1, "{source}");
+        let selector = json!({"matchLabels": monitor["spec"]["selector"]["matchLabels"]});
+        let services: Vec<&Value> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Service" && selects(&selector, &o["metadata"]["labels"]))
+            .collect();
+        assert_eq!(
+            services.len(),
+            1,
+            "{source}: the ServiceMonitor selects one Service"
+        );
+        let port = services[0]["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == endpoints[0]["port"])
+            .unwrap_or_else(|| {
+                panic!("{source}: the Service has no port {}", endpoints[0]["port"])
+            });
+        assert_eq!(port["targetPort"], "metrics", "{source}");
+        assert_eq!(endpoints[0]["path"], "/metrics", "{source}");
+    }
+
+    for ingress in objects.iter().filter(|o| o["kind"] == "Ingress") {
+        let mut paths: Vec<(String, String)> = ingress["spec"]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|rule| rule["http"]["paths"].as_array().unwrap().iter())
+            .map(|path| {
+                (
+                    path["path"].as_str().unwrap().to_owned(),
+                    path["pathType"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                ("/openapi.json".to_owned(), "Exact".to_owned()),
+                ("/v1".to_owned(), "Prefix".to_owned()),
+            ],
+            "{source}: the Ingress routes more than the public API"
+        );
+        assert!(ingress["spec"]["defaultBackend"].is_null(), "{source}");
+    }
+}
+
+#[test]
+fn metrics_have_their_own_port_that_task_pods_and_the_ingress_never_reach() {
+    testsupport::needs_env!(Program("kubectl"), Program("helm"));
+    let defaults = Names::defaults();
+    let renamed = Names::unique("deploy-metrics");
+    let installations = [
+        (
+            "helm (default values)",
+            helm_template(&defaults, None),
+            "monitoring",
+        ),
+        (
+            "helm -f values-prod.yaml, renamed",
+            helm_template(&renamed, Some("values-prod.yaml")),
+            "monitoring",
+        ),
+        (
+            "helm, Prometheus elsewhere, another port",
+            helm_template_set(
+                &renamed,
+                Some("values-prod.yaml"),
+                &[
+                    "networkPolicy.metricsNamespaces={prom}",
+                    "monitoring.port=9100",
+                ],
+            ),
+            "prom",
+        ),
+        (
+            "manifests/overlays/dev",
+            kustomize("dev", &defaults),
+            "monitoring",
+        ),
+        (
+            "manifests/overlays/prod, renamed",
+            kustomize("prod", &renamed),
+            "monitoring",
+        ),
+    ];
+    for (source, rendered, prometheus) in &installations {
+        assert_metrics_stay_inside(source, &objects(rendered), prometheus);
+    }
+    // The production renderings do have what the checks above look at.
+    for (source, rendered, _) in [&installations[1], &installations[4]] {
+        let objects = objects(rendered);
+        for kind in ["Ingress", "ServiceMonitor"] {
+            assert!(
+                objects.iter().any(|o| o["kind"] == kind),
+                "{source} has no {kind}"
+            );
+        }
+    }
+}

@@ -40,13 +40,24 @@ pub(crate) fn assert_rbac(names: &Names) {
         (&["watch", "pods", "-n", t], "yes"),
         (&["get", "pods", "--subresource=log", "-n", t], "yes"),
         (&["list", "events", "-n", t], "yes"),
+        // The tenants' secrets, in the tasks namespace only.
+        (&["get", "secrets", "-n", t], "yes"),
+        (&["list", "secrets", "-n", t], "yes"),
+        (&["create", "secrets", "-n", t], "yes"),
+        (&["update", "secrets", "-n", t], "yes"),
+        (&["delete", "secrets", "-n", t], "yes"),
         (&["get", "leases.coordination.k8s.io", "-n", d], "yes"),
         (&["create", "leases.coordination.k8s.io", "-n", d], "yes"),
         (&["update", "leases.coordination.k8s.io", "-n", d], "yes"),
         // Nothing else.
-        (&["get", "secrets", "-n", t], "no"),
+        (&["watch", "secrets", "-n", t], "no"),
+        (&["patch", "secrets", "-n", t], "no"),
+        (&["deletecollection", "secrets", "-n", t], "no"),
         (&["get", "secrets", "-n", d], "no"),
         (&["list", "secrets", "-n", d], "no"),
+        (&["create", "secrets", "-n", d], "no"),
+        (&["get", "secrets", "-n", "default"], "no"),
+        (&["list", "secrets", "--all-namespaces"], "no"),
         (&["create", "pods", "--subresource=exec", "-n", t], "no"),
         (&["get", "pods", "--subresource=exec", "-n", t], "no"),
         (&["create", "pods", "-n", t], "no"),
@@ -293,7 +304,8 @@ async fn the_restricted_tasks_namespace_refuses_unhardened_pods_and_admits_the_d
                 assert!(key.status.success());
                 let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
                 let listen = format!("127.0.0.1:{}", testsupport::free_port());
-                let _dispatcher = command(&["serve", "--executor", "kubernetes", "--listen", &listen, "--reconcile-interval", "1", "--launching-stale-after", "2"])
+                let metrics_listen = format!("127.0.0.1:{}", testsupport::free_port());
+                let _dispatcher = command(&["serve", "--executor", "kubernetes", "--listen", &listen, "--metrics-listen", &metrics_listen, "--reconcile-interval", "1", "--launching-stale-after", "2"])
                     .stdout(Stdio::inherit())
                     .stderr(Stdio::inherit())
                     .spawn()
