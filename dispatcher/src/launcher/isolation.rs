@@ -189,7 +189,13 @@ pub fn attempt_folder(
     let tenant_dir = root.join(tenant);
     let dir = tenant_dir.join(name);
     let Some(user) = user else {
-        folder(&tenant_dir, 0o700)?;
+        // Sharing the dispatcher's user isolates nothing; an executor built without
+        // `prepare_root` (tests of the executor alone) has its root made here.
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&tenant_dir)
+            .map_err(io(&tenant_dir))?;
         folder(&dir, 0o700)?;
         return Ok(dir);
     };
