@@ -225,6 +225,14 @@ pub(crate) fn task_body(name: &str) -> Value {
     serde_json::json!({"name": name, "image": "busybox:1.36", "command": ["true"]})
 }
 
+/// The text of `GET {metrics}/metrics` on a dispatcher's metrics listener, which must
+/// answer 200 (so an assertion on its lines can never pass on an error page).
+pub(crate) async fn scrape(http: &reqwest::Client, metrics: &str) -> String {
+    let response = http.get(format!("{metrics}/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {metrics}/metrics");
+    response.text().await.unwrap()
+}
+
 /// A `dispatcher serve --executor local` process in a fresh working folder, with tenant
 /// `acme` created first.
 pub(crate) struct LocalDispatcher {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use testsupport::poll_until;
 
-use crate::common::{run_dispatcher, start_local_dispatcher_with};
+use crate::common::{run_dispatcher, scrape, start_local_dispatcher_with};
 use crate::local::Local;
 
 /// Root runs tasks as users of their own; without it these cases cannot show anything.
@@ -330,15 +330,8 @@ async fn reports_are_refused_after_the_end_past_the_allowance_and_above_the_cost
         assert_eq!(status, 422, "{body}");
         assert_eq!(body["error"]["field"], "reports[0].cost_usd");
     }
-    let metrics = local
-        .http
-        .get(format!("{}/metrics", local.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&local.http, &local.metrics).await;
+    assert!(metrics.contains("agent_bus_"), "{metrics}");
     let infinite: Vec<&str> = metrics
         .lines()
         .filter(|l| !l.starts_with('#') && (l.contains("Inf") || l.contains("NaN")))

@@ -6,18 +6,11 @@
 
 use std::time::Duration;
 
-use crate::common::start_local_dispatcher;
+use crate::common::{scrape, start_local_dispatcher};
 
 /// `agent_bus_readiness_checks_total` summed over its results.
 async fn readiness_checks(http: &reqwest::Client, metrics: &str) -> f64 {
-    let text = http
-        .get(format!("{metrics}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(http, metrics).await;
     text.lines()
         .filter(|line| line.starts_with("agent_bus_readiness_checks_total{"))
         .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap())

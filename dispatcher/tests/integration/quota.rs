@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use testsupport::poll_until;
 
 use crate::common::{
-    LocalDispatcher, run_dispatcher as dispatcher, start_local_dispatcher,
+    LocalDispatcher, run_dispatcher as dispatcher, scrape, start_local_dispatcher,
     start_local_dispatcher_with,
 };
 
@@ -203,15 +203,7 @@ async fn quota_holds_the_second_task_with_a_queue_position() {
         "the held task launched only once the first had ended: {first} {second}"
     );
     // The waiting-on-quota gauge is empty again.
-    let metrics = local
-        .http
-        .get(format!("{}/metrics", local.metrics))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&local.http, &local.metrics).await;
     assert!(
         !metrics.contains("agent_bus_tasks_waiting_on_quota{"),
         "{metrics}"

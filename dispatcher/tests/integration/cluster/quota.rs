@@ -5,6 +5,7 @@
 //! allows it (also across a kill -9).
 
 use super::*;
+use crate::common::scrape;
 
 use k8s_openapi::api::core::v1::{LimitRange, ResourceQuota, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -343,15 +344,7 @@ async fn a_cancelled_tasks_job_is_deleted_once_the_delete_is_allowed_even_across
 
         // The fault lifts while the dispatcher runs: its sweeps retry until the Job is gone.
         let first = cancel_a_long_task(&dispatcher, &setup.ns, &key).await;
-        let metrics = dispatcher
-            .http
-            .get(format!("{}/metrics", dispatcher.metrics))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = scrape(&dispatcher.http, &dispatcher.metrics).await;
         assert!(
             metrics.contains(r#"agent_bus_errors_total{component="watcher",kind="job_delete"}"#),
             "{metrics}"
