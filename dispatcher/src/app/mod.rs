@@ -17,7 +17,11 @@ mod serve;
 mod settings;
 mod tenant;
 
-use crate::config::{Command, LogArgs, LogFormat};
+use anyhow::Context as _;
+use secrecy::ExposeSecret as _;
+
+use crate::config::{Command, DatabaseArgs, LogArgs, LogFormat};
+use crate::store::Store;
 
 /// The target of the app's log lines: the binary's, as when they were logged in `main`.
 const LOG_TARGET: &str = "dispatcher";
@@ -56,6 +60,17 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
 fn install_crypto_provider() {
     // Err means a provider is installed already: nothing to do.
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The store `database` names, migrated; the error names the database without its
+/// password. What `serve`, `migrate` and the `tenant` commands open.
+async fn open_store(database: &DatabaseArgs) -> anyhow::Result<Store> {
+    let url = database.database_url.expose_secret();
+    let store = Store::connect(url, database.database_max_connections)
+        .await
+        .with_context(|| format!("connecting to the database {}", redact_url(url)))?;
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
 }
 
 /// Query parameters of a database or Redis URL whose value is a secret.

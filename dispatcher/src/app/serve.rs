@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::executor::{
     check_task_users, choose_executor, find_runner, kube_client, local_task_users,
 };
-use super::{LOG_TARGET, healthcheck, redact_url, settings};
+use super::{LOG_TARGET, healthcheck, open_store, redact_url, settings};
 use crate::api::readiness::Readiness;
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
@@ -51,11 +51,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(target: LOG_TARGET, executor = executor_name, why = %why, roles = ?args.roles, "dispatcher starting");
     settings::check(&args).map_err(anyhow::Error::msg)?;
 
-    let database_url = args.database.database_url.expose_secret();
-    let store = Store::connect(database_url, args.database.database_max_connections)
-        .await
-        .with_context(|| format!("connecting to the database {}", redact_url(database_url)))?;
-    store.migrate().await.context("applying migrations")?;
+    let store = open_store(&args.database).await?;
     let instance = settings::instance(&args);
     let queue = connect_queue(&args).await?;
 

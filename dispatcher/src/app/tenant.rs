@@ -4,31 +4,20 @@
 //! into a [`TenantQuota`], and the table `tenant list` prints. No command prints a key
 //! other than the new one it made.
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use secrecy::ExposeSecret as _;
 
-use super::{LOG_TARGET, redact_url};
+use super::{LOG_TARGET, open_store};
 use crate::api;
 use crate::config::{BudgetArgs, DatabaseArgs, TenantCommand};
 use crate::cost::Budget;
-use crate::store::{Store, Tenant};
+use crate::store::Tenant;
 use crate::task::quota::TenantQuota;
 use crate::task::submission::is_dns_label;
 
-/// The store `database` names, migrated; the error names the database without its
-/// password.
-async fn open(database: &DatabaseArgs) -> anyhow::Result<Store> {
-    let url = database.database_url.expose_secret();
-    let store = Store::connect(url, database.database_max_connections)
-        .await
-        .with_context(|| format!("connecting to the database {}", redact_url(url)))?;
-    store.migrate().await.context("applying migrations")?;
-    Ok(store)
-}
-
 /// `dispatcher migrate`.
 pub(super) async fn migrate(database: &DatabaseArgs) -> anyhow::Result<()> {
-    open(database).await?;
+    open_store(database).await?;
     tracing::info!(target: LOG_TARGET, "migrations applied");
     Ok(())
 }
@@ -37,7 +26,7 @@ pub(super) async fn migrate(database: &DatabaseArgs) -> anyhow::Result<()> {
 pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
     match command {
         TenantCommand::List { database } => {
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             let mut tenants = Vec::new();
             for tenant in store.tenants().await? {
                 let quota = store.tenant_quota(&tenant.name).await?;
@@ -47,7 +36,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TenantCommand::RotateKey { name, database } => {
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             let key = api::new_api_key();
             store
                 .replace_api_key(&name, &api::hash_api_key(key.expose_secret()))
@@ -57,7 +46,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TenantCommand::Disable { name, database } => {
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             let tenant = store
                 .set_tenant_disabled(&name, Some(jiff::Timestamp::now()))
                 .await?;
@@ -66,7 +55,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TenantCommand::Enable { name, database } => {
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             let tenant = store.set_tenant_disabled(&name, None).await?;
             tracing::info!(target: LOG_TARGET, tenant = %name, "tenant enabled");
             println!("{}", status_line(&tenant));
@@ -85,7 +74,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
                 );
             }
             let budget = budget_of(&budget)?;
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             let key = api::new_api_key();
             store
                 .create_tenant(
@@ -112,7 +101,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             database,
         } => {
             let budget = budget_of(&budget)?;
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             store.set_budget(&name, &budget).await?;
             tracing::info!(target: LOG_TARGET, tenant = %name, ?budget, "budget set");
             Ok(())
@@ -124,7 +113,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             clear,
             database,
         } => {
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             let current = store.tenant_quota(&name).await?;
             let quota = quota_of(current.clone(), max_running, &max_gpus, clear)?;
             if quota != current {
@@ -139,7 +128,7 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             seconds,
             database,
         } => {
-            let store = open(&database).await?;
+            let store = open_store(&database).await?;
             store.set_default_queue_ttl(&name, seconds).await?;
             tracing::info!(target: LOG_TARGET, tenant = %name, ?seconds, "default queue TTL set");
             Ok(())
