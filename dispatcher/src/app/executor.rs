@@ -131,6 +131,30 @@ pub(super) async fn local_task_users(args: &ServeArgs, store: &Store) -> anyhow:
     })
 }
 
+/// The local executor's work folder: the configured one, else `agent-bus-work` in the
+/// current folder, unless tasks run as users of their own and other users cannot reach
+/// it (a clone in root's 0700 home: `make run` as root), then `/var/lib/agent-bus/work`.
+pub(super) fn local_workdir(configured: Option<&Path>, users: TaskUsers) -> PathBuf {
+    const BESIDE: &str = "agent-bus-work";
+    const SYSTEM: &str = "/var/lib/agent-bus/work";
+    if let Some(path) = configured {
+        return path.to_owned();
+    }
+    let beside = std::path::absolute(BESIDE).unwrap_or_else(|_| PathBuf::from(BESIDE));
+    if let TaskUsers::PerTenant { .. } = users
+        && let Some(closed) = isolation::closed_to_others(&beside)
+    {
+        tracing::info!(
+            target: super::LOG_TARGET,
+            closed = %closed.display(),
+            workdir = SYSTEM,
+            "task users cannot reach {BESIDE} here: local tasks work under {SYSTEM} (--local-workdir chooses)"
+        );
+        return PathBuf::from(SYSTEM);
+    }
+    PathBuf::from(BESIDE)
+}
+
 /// With a user per tenant, checks that the first of those users can run `runner` in
 /// `workdir`: that the dispatcher may change user, and that every folder above both is
 /// open to other users.
@@ -160,8 +184,15 @@ pub(super) async fn check_task_users(
         ),
         Err(error) => error.to_string(),
     };
+    let advice = match isolation::closed_to_others(workdir) {
+        Some(closed) => format!(
+            "{} is closed to other users, so no task user reaches the work folder below it: pass --local-workdir in a folder others may pass (o+x), for example /var/lib/agent-bus/work",
+            closed.display()
+        ),
+        None => "every folder above both must be open to other users (o+x), and the dispatcher needs CAP_SETUID, CAP_SETGID, CAP_CHOWN and CAP_KILL".to_owned(),
+    };
     anyhow::bail!(
-        "the local executor runs each tenant's tasks as a user of its own (from --local-task-uid-base {uid_base}), and user {uid_base} cannot run {} in {}: {problem}. Every folder above both must be open to other users (o+x), and the dispatcher needs CAP_SETUID, CAP_SETGID, CAP_CHOWN and CAP_KILL",
+        "the local executor runs each tenant's tasks as a user of its own (from --local-task-uid-base {uid_base}), and user {uid_base} cannot run {} in {}: {problem}. {advice}",
         runner.display(),
         workdir.display()
     )

@@ -10,7 +10,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::watch;
 
 use super::executor::{
-    check_task_users, choose_executor, find_runner, kube_client, local_task_users,
+    check_task_users, choose_executor, find_runner, kube_client, local_task_users, local_workdir,
 };
 use super::{LOG_TARGET, healthcheck, open_store, redact_url, settings};
 use crate::api::readiness::Readiness;
@@ -127,7 +127,9 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )?;
         tracing::info!(target: LOG_TARGET, runner = %runner.display(), "local tasks run through this runner");
         let users = local_task_users(&args, &store).await?;
-        let workdir = isolation::prepare_root(&args.local_workdir, users)?;
+        let workdir =
+            isolation::prepare_root(&local_workdir(args.local_workdir.as_deref(), users), users)?;
+        let runner = isolation::install_runner(&workdir, &runner, users)?;
         check_task_users(&runner, &workdir, users).await?;
         tracing::info!(target: LOG_TARGET, workdir = %workdir.display(), users = ?users, "local tasks run in this folder");
         let local = LocalExecutor::new(lifecycle.clone(), workdir)

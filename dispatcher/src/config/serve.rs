@@ -127,13 +127,12 @@ pub struct ServeArgs {
     /// Namespace of that Lease (default: the tasks namespace).
     #[arg(long, env = "AGENT_BUS_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// Work folder of the local executor (one sub-folder per task attempt).
-    #[arg(
-        long,
-        env = "AGENT_BUS_LOCAL_WORKDIR",
-        default_value = "agent-bus-work"
-    )]
-    pub local_workdir: PathBuf,
+    /// Work folder of the local executor (one sub-folder per task attempt). Default:
+    /// `agent-bus-work` in the current folder; as root, when other users cannot reach
+    /// that (a home folder that is 0700), /var/lib/agent-bus/work, since each tenant's
+    /// tasks run as a user of its own and must reach their folders.
+    #[arg(long, env = "AGENT_BUS_LOCAL_WORKDIR")]
+    pub local_workdir: Option<PathBuf>,
     /// As root, the local executor runs each tenant's tasks as user and group id BASE + n,
     /// n being the tenant's slot (given once per tenant, never reused); the ids need no
     /// /etc/passwd entries.

@@ -149,6 +149,46 @@ pub fn prepare_root(path: &Path, users: TaskUsers) -> Result<PathBuf, IsolationE
     Ok(path)
 }
 
+/// The runner's copy in the work root, where every task user can run it (`.runner`:
+/// tenant names are RFC 1123 labels, so no tenant folder has this name).
+const RUNNER_COPY: &str = ".runner";
+
+/// With a user per tenant, copies `runner` into `root` (from [`prepare_root`]) as root's
+/// 0755 and returns the copy, so tasks can run it wherever the build put it (a target
+/// folder under a home that is 0700, for one); tasks cannot change it, since the root
+/// is root's 0711. Shared: `runner` as it is. The copy is written beside and renamed
+/// over the last one, so a task starting meanwhile runs one or the other, never half.
+pub fn install_runner(
+    root: &Path,
+    runner: &Path,
+    users: TaskUsers,
+) -> Result<PathBuf, IsolationError> {
+    if let TaskUsers::Shared { .. } = users {
+        return Ok(runner.to_owned());
+    }
+    let copy = root.join(RUNNER_COPY);
+    let partial = root.join(format!("{RUNNER_COPY}.{}", std::process::id()));
+    std::fs::copy(runner, &partial).map_err(io(runner))?;
+    std::os::unix::fs::chown(&partial, Some(0), Some(0)).map_err(io(&partial))?;
+    std::fs::set_permissions(&partial, Permissions::from_mode(0o755)).map_err(io(&partial))?;
+    std::fs::rename(&partial, &copy).map_err(io(&copy))?;
+    Ok(copy)
+}
+
+/// The first folder from `/` down to `path` that other users may not pass (no o+x),
+/// if any: a task user cannot reach a work root below it.
+#[must_use]
+pub fn closed_to_others(path: &Path) -> Option<PathBuf> {
+    path.ancestors()
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .find(|folder| {
+            std::fs::metadata(folder).is_ok_and(|meta| meta.is_dir() && meta.mode() & 0o001 == 0)
+        })
+        .map(Path::to_owned)
+}
+
 /// Creates `path` as a folder with `mode` unless it is one already; a link or a file in
 /// its place is refused.
 fn folder(path: &Path, mode: u32) -> Result<(), IsolationError> {
@@ -217,7 +257,8 @@ mod tests {
     use std::os::unix::fs::MetadataExt as _;
 
     use super::{
-        IsolationError, TaskUser, TaskUsers, attempt_folder, prepare_root, shared_user_refusal,
+        IsolationError, TaskUser, TaskUsers, attempt_folder, closed_to_others, install_runner,
+        prepare_root, shared_user_refusal,
     };
 
     fn addr(text: &str) -> SocketAddr {
@@ -300,6 +341,60 @@ mod tests {
             ),
             Err(IsolationError::OpenRoot { .. })
         ));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn the_first_folder_closed_to_others_is_named() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let base =
+            std::env::temp_dir().join(format!("agent-bus-iso-{}", uuid::Uuid::new_v4().simple()));
+        let inner = base.join("home").join("clone").join("agent-bus-work");
+        std::fs::create_dir_all(&inner).unwrap();
+        assert_eq!(closed_to_others(&inner), None);
+        let home = base.join("home");
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(closed_to_others(&inner), Some(home));
+        // A path that does not exist yet is judged by the folders that do.
+        assert_eq!(closed_to_others(&base.join("missing").join("work")), None);
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn a_shared_user_runs_the_runner_where_it_is_and_task_users_run_roots_copy() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let base =
+            std::env::temp_dir().join(format!("agent-bus-iso-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&base).unwrap();
+        let runner = base.join("runner");
+        std::fs::write(&runner, "#!/bin/sh\n").unwrap();
+        let shared = TaskUsers::Shared {
+            more_tenants: false,
+        };
+        let root = prepare_root(&base.join("work"), shared).unwrap();
+        assert_eq!(install_runner(&root, &runner, shared).unwrap(), runner);
+        if nix::unistd::geteuid().is_root() {
+            let users = TaskUsers::PerTenant {
+                uid_base: 2_000_000_000,
+            };
+            let root = prepare_root(&base.join("work"), users).unwrap();
+            for _ in 0..2 {
+                let copy = install_runner(&root, &runner, users).unwrap();
+                assert_eq!(copy, root.join(".runner"));
+                let meta = std::fs::metadata(&copy).unwrap();
+                assert_eq!((meta.uid(), meta.permissions().mode() & 0o7777), (0, 0o755));
+                assert_eq!(std::fs::read(&copy).unwrap(), b"#!/bin/sh\n");
+            }
+            let names: Vec<_> = std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(
+                names,
+                [std::ffi::OsString::from(".runner")],
+                "no partial copy left"
+            );
+        }
         let _ = std::fs::remove_dir_all(&base);
     }
 }

@@ -107,7 +107,22 @@ impl Runner {
         if root {
             // The runner writes its termination log into the temp folder.
             std::fs::set_permissions(&self.dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
-            self.command.uid(65534).gid(65534);
+            // The build may sit where user 65534 cannot pass (CI keeps it under root's
+            // 0700 home): that user runs a copy in the temp folder, with the same
+            // arguments and environment.
+            let copy = self.dir.path("runner");
+            std::fs::copy(env!("CARGO_BIN_EXE_runner"), &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let mut command = Command::new(&copy);
+            command.args(self.command.get_args());
+            for (name, value) in self.command.get_envs() {
+                match value {
+                    Some(value) => command.env(name, value),
+                    None => command.env_remove(name),
+                };
+            }
+            command.uid(65534).gid(65534);
+            self.command = command;
         }
         self
     }
