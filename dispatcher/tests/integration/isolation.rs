@@ -127,6 +127,17 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // Nobody runs copies: the build may sit where other users cannot pass (CI keeps it
+    // under root's 0700 home). The runner goes beside the dispatcher, where serve finds it.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_dispatcher"));
+    for name in ["dispatcher", "runner"] {
+        let copy = bin.join(name);
+        std::fs::copy(built.with_file_name(name), &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dispatcher = bin.join("dispatcher");
     let as_nobody = |args: &[&str]| {
         let mut command = tokio::process::Command::new("setpriv");
         command
@@ -138,7 +149,7 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
                 "--clear-groups",
                 "--",
             ])
-            .arg(env!("CARGO_BIN_EXE_dispatcher"))
+            .arg(&dispatcher)
             .args(args)
             .current_dir(&dir)
             .env("AGENT_BUS_LOG", "warn")
