@@ -117,11 +117,24 @@ pub fn prepare_root(path: &Path, users: TaskUsers) -> Result<PathBuf, IsolationE
         Ok(()) => true,
         Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(&path)
-                .map_err(io(&path))?;
+            // The folders made above it are 0755 whatever the umask (the dispatcher's is
+            // 077): task users must pass them.
+            let mut missing: Vec<&Path> = path
+                .ancestors()
+                .take_while(|folder| {
+                    std::fs::symlink_metadata(folder)
+                        .is_err_and(|e| e.kind() == ErrorKind::NotFound)
+                })
+                .collect();
+            missing.reverse();
+            for folder in missing {
+                match DirBuilder::new().mode(0o755).create(folder) {
+                    Ok(()) => std::fs::set_permissions(folder, Permissions::from_mode(0o755))
+                        .map_err(io(folder))?,
+                    Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(io(folder)(e)),
+                }
+            }
             true
         }
         Err(e) => return Err(io(&path)(e)),
@@ -341,6 +354,31 @@ mod tests {
             ),
             Err(IsolationError::OpenRoot { .. })
         ));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn folders_made_above_the_work_root_are_open_to_pass() {
+        let base =
+            std::env::temp_dir().join(format!("agent-bus-iso-{}", uuid::Uuid::new_v4().simple()));
+        // The dispatcher's umask is 077 and the modes are set explicitly for that; a
+        // test cannot change the umask without reaching the other tests' threads.
+        let root = prepare_root(
+            &base.join("lib").join("work"),
+            TaskUsers::Shared {
+                more_tenants: false,
+            },
+        )
+        .unwrap();
+        for folder in [base.clone(), base.join("lib")] {
+            assert_eq!(
+                std::fs::metadata(&folder).unwrap().mode() & 0o777,
+                0o755,
+                "{}",
+                folder.display()
+            );
+        }
+        assert_eq!(closed_to_others(root.parent().unwrap()), None);
         let _ = std::fs::remove_dir_all(&base);
     }
 
