@@ -192,7 +192,12 @@ pub(crate) struct ListArgs {
     #[arg(long)]
     pub(crate) queue: Option<String>,
     /// Only tasks with this label, KEY=VALUE.
-    #[arg(short = 'l', long = "selector", alias = "label", value_name = "KEY=VALUE")]
+    #[arg(
+        short = 'l',
+        long = "selector",
+        alias = "label",
+        value_name = "KEY=VALUE"
+    )]
     pub(crate) selector: Option<String>,
     /// Show at most this many tasks (pages of the API are followed).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
@@ -278,9 +283,26 @@ mod tests {
     #[test]
     fn submit_takes_repeatable_flags_and_the_command_after_dashes() {
         let cli = Cli::try_parse_from([
-            "agent-bus", "submit", "--gpu", "a100:2", "--env", "A=1", "-e", "B=x=y",
-            "--env-secret", "K=s:k", "--timeout", "5m", "--priority", "-3", "-l", "a.io/b=c",
-            "--", "python", "-c", "print(1)",
+            "agent-bus",
+            "submit",
+            "--gpu",
+            "a100:2",
+            "--env",
+            "A=1",
+            "-e",
+            "B=x=y",
+            "--env-secret",
+            "K=s:k",
+            "--timeout",
+            "5m",
+            "--priority",
+            "-3",
+            "-l",
+            "a.io/b=c",
+            "--",
+            "python",
+            "-c",
+            "print(1)",
         ])
         .unwrap();
         let Command::Submit(args) = cli.command else {
@@ -318,9 +340,15 @@ mod tests {
 
     #[test]
     fn global_flags_go_anywhere() {
-        let cli =
-            Cli::try_parse_from(["agent-bus", "list", "--server", "http://x:1", "--token", "k"])
-                .unwrap();
+        let cli = Cli::try_parse_from([
+            "agent-bus",
+            "list",
+            "--server",
+            "http://x:1",
+            "--token",
+            "k",
+        ])
+        .unwrap();
         assert_eq!(cli.server.as_deref(), Some("http://x:1"));
         assert_eq!(cli.token.as_deref(), Some("k"));
     }

@@ -62,7 +62,8 @@ pub(crate) fn run(cli: Cli, typed: Typed) -> Result<u8> {
             wait(&client, &id, wait_options(&args))
         }
         Command::Cancel { id } => {
-            let task = client()?.post_json(&format!("{}/cancel", task_path(&id)?), &[], &[], None)?;
+            let task =
+                client()?.post_json(&format!("{}/cancel", task_path(&id)?), &[], &[], None)?;
             let state = task["state"].as_str().unwrap_or_default();
             let text = if state == "cancelled" {
                 format!("task {id} cancelled\n")
@@ -84,7 +85,13 @@ pub(crate) fn run(cli: Cli, typed: Typed) -> Result<u8> {
             let path = config_path.ok_or_else(|| {
                 Error::usage("no config file: set HOME or XDG_CONFIG_HOME, or pass --config")
             })?;
-            config(&path, command, cli.server.as_ref(), cli.token.as_ref(), typed)
+            config(
+                &path,
+                command,
+                cli.server.as_ref(),
+                cli.token.as_ref(),
+                typed,
+            )
         }
     }
 }
@@ -159,7 +166,10 @@ fn submit(client: &Client, args: SubmitArgs) -> Result<u8> {
     };
     let answer = client.post_json("/v1/tasks", &query, &headers, Some(&body))?;
     if args.dry_run {
-        write_out(&view::structured(&answer, args.output != Some(Format::Json))?)?;
+        write_out(&view::structured(
+            &answer,
+            args.output != Some(Format::Json),
+        )?)?;
         return Ok(exit::OK);
     }
     let id = answer["id"].as_str().unwrap_or_default().to_owned();
@@ -268,12 +278,11 @@ fn events(client: &Client, id: &str, follow: bool, output: Option<Format>) -> Re
         }
         let mut text = String::new();
         for item in answer["items"].as_array().into_iter().flatten() {
-            let event: StateEvent = serde_json::from_value(item.clone()).map_err(|e| {
-                Error::Protocol {
+            let event: StateEvent =
+                serde_json::from_value(item.clone()).map_err(|e| Error::Protocol {
                     server: client.server().to_owned(),
                     detail: format!("an event this client cannot read: {e}"),
-                }
-            })?;
+                })?;
             text.push_str(&state_line(&event, true));
         }
         write_out(&text)?;
@@ -344,7 +353,10 @@ fn config(
     let mut file = ConfigFile::load(path)?;
     match command {
         ConfigCommand::SetContext { name } => {
-            let context = file.contexts.entry(name.clone()).or_insert_with(Context::default);
+            let context = file
+                .contexts
+                .entry(name.clone())
+                .or_insert_with(Context::default);
             if typed.server {
                 context.server = server.cloned();
             }
@@ -375,12 +387,18 @@ fn config(
                             String::new()
                         },
                         name.clone(),
-                        context.server.clone().unwrap_or_else(|| DEFAULT_SERVER.to_owned()),
+                        context
+                            .server
+                            .clone()
+                            .unwrap_or_else(|| DEFAULT_SERVER.to_owned()),
                         if context.token.is_some() { "yes" } else { "no" }.to_owned(),
                     ]
                 })
                 .collect();
-            write_out(&view::plain_table(&["CURRENT", "NAME", "SERVER", "TOKEN"], rows))?;
+            write_out(&view::plain_table(
+                &["CURRENT", "NAME", "SERVER", "TOKEN"],
+                rows,
+            ))?;
         }
         ConfigCommand::CurrentContext => match &file.current_context {
             Some(name) => write_out(&format!("{name}\n"))?,

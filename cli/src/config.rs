@@ -159,10 +159,20 @@ mod tests {
     fn a_flag_or_variable_wins_over_the_context() {
         let ctx = context("http://ctx:1", "ctx-key");
         let (server, token) = resolve(None, None, Some(&ctx)).unwrap();
-        assert_eq!((server.as_str(), token.0.as_str()), ("http://ctx:1", "ctx-key"));
-        let (server, token) =
-            resolve(Some("http://flag:2".into()), Some("flag-key".into()), Some(&ctx)).unwrap();
-        assert_eq!((server.as_str(), token.0.as_str()), ("http://flag:2", "flag-key"));
+        assert_eq!(
+            (server.as_str(), token.0.as_str()),
+            ("http://ctx:1", "ctx-key")
+        );
+        let (server, token) = resolve(
+            Some("http://flag:2".into()),
+            Some("flag-key".into()),
+            Some(&ctx),
+        )
+        .unwrap();
+        assert_eq!(
+            (server.as_str(), token.0.as_str()),
+            ("http://flag:2", "flag-key")
+        );
         let (server, _) = resolve(None, Some("k".into()), None).unwrap();
         assert_eq!(server, DEFAULT_SERVER);
         let error = resolve(None, None, None).unwrap_err();

@@ -65,12 +65,17 @@ fn usage_error(error: &clap::Error) -> ExitCode {
             ExitCode::from(exit::USAGE)
         }
         _ => {
+            // clap's first paragraph (the message and, e.g., the missing arguments), as
+            // one line; its usage block and tips are left out.
             let rendered = error.render().to_string();
-            let first = rendered
+            let paragraph: Vec<&str> = rendered
                 .lines()
-                .find(|line| !line.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+                .map(str::trim)
+                .skip_while(|line| line.is_empty())
+                .take_while(|line| !line.is_empty())
+                .collect();
+            let joined = paragraph.join(" ");
+            let first = joined.strip_prefix("error: ").unwrap_or(&joined);
             write_err(&format!(
                 "agent-bus: error: {first} (see agent-bus --help)\n"
             ));

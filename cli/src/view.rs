@@ -268,7 +268,11 @@ pub(crate) fn task_summary(task: &Task, now: jiff::Timestamp) -> String {
         lines.push(("Resources", resources.join(", ")));
     }
     if !task.labels.is_empty() {
-        let labels: Vec<String> = task.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> = task
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         lines.push(("Labels", labels.join(",")));
     }
     if let Some(seconds) = task.timeout_seconds {
@@ -343,7 +347,11 @@ fn shell_words(words: &[&str]) -> String {
 
 /// `usage`: the groups as a table, then the totals and the budgets.
 pub(crate) fn usage_text(usage: &Value) -> String {
-    let group = if usage["group_by"] == "day" { "DAY" } else { "QUEUE" };
+    let group = if usage["group_by"] == "day" {
+        "DAY"
+    } else {
+        "QUEUE"
+    };
     let rows = usage["groups"]
         .as_array()
         .into_iter()
@@ -443,10 +451,10 @@ mod tests {
         assert_eq!(
             task_table(&tasks, now(), false),
             "\
-NAME   ID             STATE                ATTEMPT  AGE   DURATION  COST   GPU
-train  019adf00-aaaa  running              1        5m    1m30s     $1.50  h100:2
-hello  019adf00-bbbb  failed (exit_code)   2        1d3h  2s        $0     -
-waits  019adf00-cccc  queued               0        10s   -         $0     -
+NAME   ID             STATE               ATTEMPT  AGE   DURATION  COST   GPU
+train  019adf00-aaaa  running             1        5m    1m30s     $1.50  h100:2
+hello  019adf00-bbbb  failed (exit_code)  2        1d3h  2s        $0     -
+waits  019adf00-cccc  queued              0        10s   -         $0     -
 "
         );
         let wide = task_table(&tasks[..1], now(), true);
@@ -469,7 +477,10 @@ waits  019adf00-cccc  queued               0        10s   -         $0     -
         }))
         .unwrap();
         let text = task_summary(&task, now());
-        assert!(text.contains("State:         failed (exit_code)\n"), "{text}");
+        assert!(
+            text.contains("State:         failed (exit_code)\n"),
+            "{text}"
+        );
         assert!(text.contains("Exit code:     3\n"), "{text}");
         assert!(
             text.contains(r"Command:       sh -c 'echo it'\''s; exit 3'"),

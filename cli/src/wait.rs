@@ -2,7 +2,8 @@
 //! (`GET /v1/tasks/{id}/events?follow=true&include=progress,logs`), writes its log lines
 //! to standard output or standard error by their stream, its state changes to standard
 //! error, a progress bar from its reported progress (on a terminal only), and returns the
-//! exit code the task's end maps to ([`crate::exit::for_task`]).
+//! exit code the task's end maps to ([`crate::exit::for_task`]). A dispatcher that cannot
+//! be reached at the start is an error at once.
 //!
 //! Invariants: the task's end is read from `GET /v1/tasks/{id}` after the stream closes,
 //! never assumed from the stream; a stream that breaks or closes before the end
@@ -84,12 +85,14 @@ pub(crate) fn wait(client: &Client, id: &str, options: WaitOptions) -> Result<u8
     let mut include = true;
     let mut lost_since: Option<Instant> = None;
     let mut backoff = FIRST_BACKOFF;
+    let mut connected = false;
     loop {
         let mut query = vec![("follow", "true".to_owned())];
         if include {
             query.push(("include", "progress,logs".to_owned()));
         }
         let outcome = client.stream(&path, &query).and_then(|reader| {
+            connected = true;
             lost_since = None;
             backoff = FIRST_BACKOFF;
             follow(client, reader, &mut shown, &screen, options)
@@ -101,7 +104,9 @@ pub(crate) fn wait(client: &Client, id: &str, options: WaitOptions) -> Result<u8
                 include = false;
                 continue;
             }
-            Err(e) if e.is_transient() => Some(e),
+            // Reconnecting is for a stream that was there: a dispatcher that cannot be
+            // reached at all is an error at once.
+            Err(e) if e.is_transient() && connected => Some(e),
             Err(e) => {
                 screen.clear();
                 return Err(e);
@@ -199,7 +204,10 @@ fn follow(
 /// `[15:02:03Z] failed (exit_code, exit code 3) attempt 1`, and the output tail the
 /// dispatcher keeps in the message when no log lines were streamed.
 pub(crate) fn state_line(state: &StateEvent, logs_streamed: bool) -> String {
-    let time = state.at.get(11..19).map_or_else(String::new, |t| format!("[{t}Z] "));
+    let time = state
+        .at
+        .get(11..19)
+        .map_or_else(String::new, |t| format!("[{t}Z] "));
     let mut detail = Vec::new();
     if let Some(reason) = &state.reason {
         detail.push(reason.clone());
@@ -350,7 +358,12 @@ mod tests {
     #[test]
     fn a_reconnection_shows_nothing_twice() {
         let mut shown = Shown::default();
-        let first = [state(1, "queued"), state(2, "running"), log(1, "a"), log(1, "b")];
+        let first = [
+            state(1, "queued"),
+            state(2, "running"),
+            log(1, "a"),
+            log(1, "b"),
+        ];
         let mut delivered = Delivered::default();
         assert!(first.iter().all(|e| shown.is_new(&mut delivered, e)));
         // The server replays the history on the next connection, then goes on.
