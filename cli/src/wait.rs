@@ -41,6 +41,8 @@ struct Shown {
     last_state: Option<i64>,
     lines: BTreeMap<u32, u64>,
     any_log: bool,
+    /// The final state change, held back until every log line was shown.
+    last: Option<StateEvent>,
 }
 
 /// What one connection delivered so far.
@@ -166,12 +168,16 @@ fn follow(
         if !shown.is_new(&mut delivered, &event) {
             return true;
         }
-        let shown_ok = match &event {
-            TaskEvent::State(state) if options.states => {
-                screen.note(&state_line(state, shown.any_log));
+        let shown_ok = match event {
+            TaskEvent::State(state) if exit::for_task(&state.to, state.exit_code).is_some() => {
+                shown.last = Some(state);
                 Ok(())
             }
-            TaskEvent::Log(log) => screen.log(log),
+            TaskEvent::State(state) if options.states => {
+                screen.note(&state_line(&state, true));
+                Ok(())
+            }
+            TaskEvent::Log(log) => screen.log(&log),
             TaskEvent::Progress(progress) => {
                 screen.progress(progress.percent, progress.message.as_deref());
                 Ok(())
@@ -293,23 +299,25 @@ impl Screen {
         }
     }
 
-    /// The bar goes; a final line when the last state change was not shown.
+    /// The bar goes, and the final state change is shown (from the task when the stream
+    /// did not carry it), with the output tail the dispatcher keeps in its message when no
+    /// log lines were streamed.
     fn finish(&self, task: &Value, shown: &Shown, options: WaitOptions) {
         self.clear();
-        let final_shown = shown.last_state.is_some();
-        if options.states && !final_shown {
-            let state = StateEvent {
-                id: 0,
-                attempt: task["attempt"].as_u64().unwrap_or_default() as u32,
-                from: None,
-                to: task["state"].as_str().unwrap_or_default().to_owned(),
-                reason: task["reason"].as_str().map(str::to_owned),
-                message: task["message"].as_str().map(str::to_owned),
-                exit_code: task["exit_code"].as_i64(),
-                at: task["finished_at"].as_str().unwrap_or_default().to_owned(),
-            };
-            self.note(&state_line(&state, shown.any_log));
+        if !options.states {
+            return;
         }
+        let state = shown.last.clone().unwrap_or_else(|| StateEvent {
+            id: 0,
+            attempt: task["attempt"].as_u64().unwrap_or_default() as u32,
+            from: None,
+            to: task["state"].as_str().unwrap_or_default().to_owned(),
+            reason: task["reason"].as_str().map(str::to_owned),
+            message: task["message"].as_str().map(str::to_owned),
+            exit_code: task["exit_code"].as_i64(),
+            at: task["finished_at"].as_str().unwrap_or_default().to_owned(),
+        });
+        self.note(&state_line(&state, shown.any_log));
     }
 }
 
