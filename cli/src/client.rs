@@ -31,7 +31,10 @@ pub(crate) struct Client {
     server: String,
     token: Token,
     calls: ureq::Agent,
+    /// Event streams: the server's keep-alives keep them from going quiet.
     streams: ureq::Agent,
+    /// Followed logs: plain text, quiet while the task is.
+    quiet_streams: ureq::Agent,
 }
 
 /// The API key; never printed (`Debug` redacts it).
@@ -70,6 +73,7 @@ impl Client {
             token,
             calls: agent(Some(CALL_TIMEOUT), None),
             streams: agent(None, Some(STREAM_READ_TIMEOUT)),
+            quiet_streams: agent(None, None),
         })
     }
 
@@ -123,10 +127,21 @@ impl Client {
         self.json(self.checked(response, path)?)
     }
 
-    /// `GET path?query` as a stream of bytes (Server-Sent Events, followed logs).
-    pub(crate) fn stream(&self, path: &str, query: Query<'_>) -> Result<impl BufRead + use<>> {
-        let response = self
-            .streams
+    /// `GET path?query` as a stream of bytes: Server-Sent Events, which carry
+    /// keep-alives, so silence is a lost stream; or, `quiet`, followed logs, which may be
+    /// silent as long as the task is.
+    pub(crate) fn stream(
+        &self,
+        path: &str,
+        query: Query<'_>,
+        quiet: bool,
+    ) -> Result<impl BufRead + use<>> {
+        let agent = if quiet {
+            &self.quiet_streams
+        } else {
+            &self.streams
+        };
+        let response = agent
             .get(self.url(path))
             .header("authorization", self.bearer())
             .query_pairs(query.iter().map(|(k, v)| (*k, v.as_str())))
@@ -220,14 +235,18 @@ pub(crate) fn api_error(server: &str, path: &str, status: u16, body: &str) -> Er
             server: server.to_owned(),
             detail: message,
         },
-        404 if path.starts_with("/v1/tasks/") => Error::NoSuchTask {
-            id: path
-                .trim_start_matches("/v1/tasks/")
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_owned(),
-        },
+        404 if path.starts_with("/v1/tasks/")
+            && detail.is_none_or(|d| d["code"].is_null() || d["code"] == "not_found") =>
+        {
+            Error::NoSuchTask {
+                id: path
+                    .trim_start_matches("/v1/tasks/")
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            }
+        }
         502..=504 => Error::Unreachable {
             server: server.to_owned(),
             detail: message,

@@ -263,7 +263,11 @@ fn logs(client: &Client, args: &LogsArgs) -> Result<u8> {
     if args.follow {
         query.push(("follow", "true".to_owned()));
     }
-    let reader = client.stream(&format!("{}/logs", task_path(&args.id)?), &query)?;
+    let reader = client.stream(
+        &format!("{}/logs", task_path(&args.id)?),
+        &query,
+        args.follow,
+    )?;
     copy_stream(client, reader)?;
     Ok(exit::OK)
 }
@@ -288,7 +292,7 @@ fn events(client: &Client, id: &str, follow: bool, output: Option<Format>) -> Re
         write_out(&text)?;
         return Ok(exit::OK);
     }
-    let reader = client.stream(&path, &[("follow", "true".to_owned())])?;
+    let reader = client.stream(&path, &[("follow", "true".to_owned())], false)?;
     let mut failure = None;
     let read = read_events(reader, |event| {
         let data = event.data.clone();

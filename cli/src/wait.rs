@@ -93,7 +93,7 @@ pub(crate) fn wait(client: &Client, id: &str, options: WaitOptions) -> Result<u8
         if include {
             query.push(("include", "progress,logs".to_owned()));
         }
-        let outcome = client.stream(&path, &query).and_then(|reader| {
+        let outcome = client.stream(&path, &query, false).and_then(|reader| {
             connected = true;
             lost_since = None;
             backoff = FIRST_BACKOFF;
