@@ -62,13 +62,21 @@ pub(crate) fn run(cli: Cli, typed: Typed) -> Result<u8> {
             wait(&client, &id, wait_options(&args))
         }
         Command::Cancel { id } => {
-            let task =
-                client()?.post_json(&format!("{}/cancel", task_path(&id)?), &[], &[], None)?;
-            let state = task["state"].as_str().unwrap_or_default();
-            let text = if state == "cancelled" {
-                format!("task {id} cancelled\n")
-            } else {
-                format!("task {id} had already ended: {state}\n")
+            let client = client()?;
+            let path = task_path(&id)?;
+            // The answer is the task either way; read first to tell the two apart.
+            let before = client.get_json(&path, &[])?;
+            let text = match before["state"].as_str() {
+                Some(state) if exit::for_task(state, None).is_some() => {
+                    format!("task {id} had already ended: {state}\n")
+                }
+                _ => {
+                    let task = client.post_json(&format!("{path}/cancel"), &[], &[], None)?;
+                    format!(
+                        "task {id} {}\n",
+                        task["state"].as_str().unwrap_or("cancelled")
+                    )
+                }
             };
             write_out(&text)?;
             Ok(exit::OK)

@@ -179,7 +179,7 @@ fn a_yaml_task_file_with_flags_on_top_and_json_output() {
 
 #[test]
 fn list_shows_a_kubectl_like_table_and_follows_pages() {
-    let bus = Dispatcher::start();
+    let bus = Dispatcher::start_with(&["--tenant-label-prefixes", "example.com/"]);
     let first = bus
         .run(&[
             "submit", "--name", "first", "--image", "unused", "--", "true",
@@ -187,8 +187,17 @@ fn list_shows_a_kubectl_like_table_and_follows_pages() {
         .ok();
     let second = bus
         .run(&[
-            "submit", "--name", "second", "--image", "unused", "--cpu", "1", "--label", "x=y",
-            "--", "true",
+            "submit",
+            "--name",
+            "second",
+            "--image",
+            "unused",
+            "--cpu",
+            "1",
+            "--label",
+            "example.com/team=ml",
+            "--",
+            "true",
         ])
         .ok();
     let (first, second) = (first.trim(), second.trim());
@@ -461,8 +470,8 @@ fn completion_and_help() {
         command
     })
     .ok();
-    assert!(script.contains("_agent-bus()"), "{script}");
-    assert!(script.contains("complete -F _agent-bus"), "{script}");
+    assert!(script.starts_with("_agent__bus() {"), "{script}");
+    assert!(script.contains("complete -F _agent__bus "), "{script}");
     for shell in ["zsh", "fish"] {
         let mut command = cli_command(&dir);
         command.args(["completion", shell]);
