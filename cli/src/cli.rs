@@ -9,6 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::exit;
 use crate::submit::{EnvSecret, Gpu, parse_env_secret, parse_gpu, parse_pair, parse_seconds};
 
+/// The heading the flags every command takes are listed under.
+const GLOBAL: &str = "Global options";
+
 /// agent-bus: submit tasks to an agent-bus dispatcher, follow their logs and states, and
 /// wait for them to end.
 ///
@@ -19,7 +22,7 @@ use crate::submit::{EnvSecret, Gpu, parse_env_secret, parse_gpu, parse_pair, par
 #[command(name = "agent-bus", version, after_help = exit::HELP, max_term_width = 100)]
 pub(crate) struct Cli {
     /// The dispatcher's URL, e.g. https://bus.example.com.
-    #[arg(long, global = true, env = "AGENT_BUS_URL", value_name = "URL")]
+    #[arg(long, global = true, env = "AGENT_BUS_URL", value_name = "URL", help_heading = GLOBAL)]
     pub(crate) server: Option<String>,
     /// The tenant's API key (its value is never shown in --help).
     #[arg(
@@ -27,15 +30,16 @@ pub(crate) struct Cli {
         global = true,
         env = "AGENT_BUS_TOKEN",
         hide_env_values = true,
-        value_name = "KEY"
+        value_name = "KEY",
+        help_heading = GLOBAL
     )]
     pub(crate) token: Option<String>,
     /// The config file [default: $XDG_CONFIG_HOME/agent-bus/config.yaml, else
     /// ~/.config/agent-bus/config.yaml].
-    #[arg(long, global = true, env = "AGENT_BUS_CONFIG", value_name = "PATH")]
+    #[arg(long, global = true, env = "AGENT_BUS_CONFIG", value_name = "PATH", help_heading = GLOBAL)]
     pub(crate) config: Option<PathBuf>,
     /// Use this context of the config file instead of its current one.
-    #[arg(long, global = true, value_name = "NAME")]
+    #[arg(long, global = true, value_name = "NAME", help_heading = GLOBAL)]
     pub(crate) context: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -152,6 +156,7 @@ pub(crate) struct SubmitArgs {
     /// The task's time limit, e.g. 3600, 90s, 30m, 2h (timeout_seconds).
     #[arg(long, value_name = "DURATION", value_parser = parse_seconds)]
     pub(crate) timeout: Option<u32>,
+    /// The queue [default: default].
     #[arg(long)]
     pub(crate) queue: Option<String>,
     /// Higher runs first within its queue.
