@@ -78,7 +78,8 @@ fn submit_wait_shows_the_output_of_the_task_by_stream() {
 
 #[test]
 fn logs_prints_the_output_of_a_finished_task() {
-    // needs the logs branch: GET /v1/tasks/{id}/logs.
+    // needs the logs branch: GET /v1/tasks/{id}/logs. One stream only: the runner reads
+    // stdout and stderr apart, so their relative order is whatever it saw.
     let bus = Dispatcher::start();
     let id = bus
         .run(&[
@@ -88,7 +89,7 @@ fn logs_prints_the_output_of_a_finished_task() {
             "--",
             "sh",
             "-c",
-            "echo a; echo b >&2; echo c",
+            "echo a; echo b; echo c",
         ])
         .ok();
     let id = id.trim();
@@ -102,10 +103,12 @@ fn logs_prints_the_output_of_a_finished_task() {
         stamped
             .lines()
             .nth(1)
-            .is_some_and(|l| l.ends_with(" stderr b")),
+            .is_some_and(|l| l.ends_with(" stdout b")),
         "{stamped}"
     );
     assert_eq!(bus.run(&["logs", id, "-f"]).ok(), "a\nb\nc\n");
+    let line = bus.run(&["logs", id, "--attempt", "5"]).error(REFUSED);
+    assert!(line.contains("attempt"), "{line}");
 }
 
 #[test]
