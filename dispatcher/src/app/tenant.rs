@@ -140,15 +140,12 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             };
             let store = open_store(&database).await?;
             store.set_tenant_webhook(&name, webhook.as_ref()).await?;
-            match &webhook {
-                Some(webhook) => {
-                    tracing::info!(target: LOG_TARGET, tenant = %name, url = %webhook.url, "default webhook set");
-                    println!("{name}: {}", webhook_line(webhook));
-                }
-                None => {
-                    tracing::info!(target: LOG_TARGET, tenant = %name, "default webhook cleared");
-                    println!("{name}: no default webhook");
-                }
+            if let Some(webhook) = &webhook {
+                tracing::info!(target: LOG_TARGET, tenant = %name, url = %webhook.url, "default webhook set");
+                println!("{name}: {}", webhook_line(webhook));
+            } else {
+                tracing::info!(target: LOG_TARGET, tenant = %name, "default webhook cleared");
+                println!("{name}: no default webhook");
             }
             Ok(())
         }

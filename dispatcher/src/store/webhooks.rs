@@ -158,19 +158,14 @@ pub(super) async fn enqueue_delivery(
     let Some((event, event_type)) = event_of(from, task.state) else {
         return Ok(None);
     };
-    let target = match &task.spec.webhook {
-        Some(webhook) => Some(webhook.clone()),
-        None => {
-            let row =
-                sqlx::query("SELECT webhook_url, webhook_events FROM tenants WHERE name = $1")
-                    .bind(&task.tenant)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            match row {
-                Some(row) => tenant_webhook_of(&row),
-                None => None,
-            }
-        }
+    let target = if let Some(webhook) = &task.spec.webhook {
+        Some(webhook.clone())
+    } else {
+        sqlx::query("SELECT webhook_url, webhook_events FROM tenants WHERE name = $1")
+            .bind(&task.tenant)
+            .fetch_optional(&mut **tx)
+            .await?
+            .and_then(|row| tenant_webhook_of(&row))
     };
     let Some(target) = target.filter(|target| target.wants(event)) else {
         return Ok(None);

@@ -191,7 +191,7 @@ async fn wait_for_delivery(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    poll_until(what, Duration::from_secs(60), || async {
+    poll_until(what, Duration::from_mins(1), || async {
         let list = dispatcher
             .get_as(&dispatcher.key, &format!("/v1/tasks/{id}/webhooks"))
             .await?;

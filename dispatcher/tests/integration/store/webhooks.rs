@@ -163,7 +163,7 @@ async fn case_claims_are_exclusive_until_the_lease_runs_out(store: Store) {
     let (delivery, attempts) = &store.task_deliveries(hooked.id, 100).await.unwrap()[0];
     assert_eq!(delivery.state, DeliveryState::Delivered);
     assert_eq!(
-        delivery.delivered_at.map(|t| t.as_millisecond()),
+        delivery.delivered_at.map(jiff::Timestamp::as_millisecond),
         Some(after.as_millisecond())
     );
     assert_eq!(attempts.len(), 1);
