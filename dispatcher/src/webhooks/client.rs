@@ -3,15 +3,27 @@
 //! the host resolved and its addresses checked before anything is sent, and the client
 //! connects only to addresses its own resolver checked again ([`GuardedResolver`]), so a
 //! second answer of the name's DNS (rebinding) cannot lead it elsewhere. No redirects
-//! are followed, no proxy is used, timeouts are short and the answer's body is not read.
+//! are followed (hyper's client follows none), no proxy is used, timeouts are short and
+//! the answer's body is not read.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::TokioExecutor;
 
 use crate::task::webhook::{Destinations, check_url};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Connector = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
 
 /// What one attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,13 +48,20 @@ struct GuardedResolver {
     destinations: Arc<Destinations>,
 }
 
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
+impl tower::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let destinations = self.destinations.clone();
         Box::pin(async move {
             let allowed = allowed_addresses(&destinations, name.as_str(), 0).await?;
-            let addrs: Addrs = Box::new(allowed.into_iter());
-            Ok(addrs)
+            Ok(allowed.into_iter())
         })
     }
 }
@@ -53,7 +72,7 @@ async fn allowed_addresses(
     destinations: &Destinations,
     host: &str,
     port: u16,
-) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Vec<SocketAddr>, BoxError> {
     let mut refusal = None;
     let mut allowed = Vec::new();
     for address in tokio::net::lookup_host((host, port)).await? {
@@ -74,8 +93,9 @@ async fn allowed_addresses(
 /// Sends deliveries. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
-    http: reqwest::Client,
+    http: HyperClient<Connector, Full<Bytes>>,
     destinations: Arc<Destinations>,
+    timeout: Duration,
 }
 
 /// How a delivery is sent: the signed headers and the body.
@@ -91,7 +111,7 @@ pub struct Request<'a> {
 impl Client {
     /// A client for `destinations` whose requests take at most `timeout` (connecting at
     /// most half of it). TLS is rustls (ring) trusting the Mozilla roots.
-    pub fn new(destinations: Destinations, timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(destinations: Destinations, timeout: Duration) -> Result<Self, rustls::Error> {
         let destinations = Arc::new(destinations);
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -99,23 +119,24 @@ impl Client {
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
-        .with_safe_default_protocol_versions()
-        .map(|builder| builder.with_root_certificates(roots).with_no_client_auth());
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(timeout)
-            .connect_timeout(timeout / 2)
-            .user_agent(concat!("agent-bus-webhooks/", env!("CARGO_PKG_VERSION")))
-            .dns_resolver(Arc::new(GuardedResolver {
-                destinations: destinations.clone(),
-            }));
-        if let Ok(tls) = tls {
-            builder = builder.tls_backend_preconfigured(tls);
-        }
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver {
+            destinations: destinations.clone(),
+        });
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout / 2));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let http = HyperClient::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
-            http: builder.build()?,
+            http,
             destinations,
+            timeout,
         })
     }
 
@@ -134,33 +155,51 @@ impl Client {
         // Names are checked here too, so that a refused one is a refusal (recorded, not
         // retried) rather than a connection error; the resolver checks again what the
         // connection really uses.
-        if host.parse::<std::net::IpAddr>().is_err()
-            && let Err(error) = allowed_addresses(&self.destinations, &host, 0).await
-        {
-            return match error.downcast::<Refused>() {
-                Ok(refused) => Outcome::Refused(refused.0),
-                Err(error) => Outcome::Failed {
-                    status: None,
-                    error: format!("resolving {host}: {error}"),
-                },
+        if host.parse::<std::net::IpAddr>().is_err() {
+            let lookup = tokio::time::timeout(
+                self.timeout,
+                allowed_addresses(&self.destinations, &host, 0),
+            )
+            .await;
+            let failed = match lookup {
+                Ok(Ok(_)) => None,
+                Ok(Err(error)) => Some(error),
+                Err(_) => Some(format!("resolving {host} timed out").into()),
             };
+            if let Some(error) = failed {
+                return match error.downcast::<Refused>() {
+                    Ok(refused) => Outcome::Refused(refused.0),
+                    Err(error) => Outcome::Failed {
+                        status: None,
+                        error: format!("resolving {host}: {error}"),
+                    },
+                };
+            }
         }
-        let sent = self
-            .http
-            .post(request.url)
+        let built = http::Request::post(request.url)
             .header("content-type", "application/json")
+            .header(
+                "user-agent",
+                concat!("agent-bus-webhooks/", env!("CARGO_PKG_VERSION")),
+            )
             .header("webhook-id", request.id)
             .header("webhook-timestamp", request.timestamp.to_string())
             .header("webhook-signature", request.signature)
-            .body(request.body.to_owned())
-            .send()
-            .await;
-        match sent {
+            .body(Full::new(Bytes::from(request.body.to_owned())));
+        let built = match built {
+            Ok(built) => built,
+            Err(error) => return Outcome::Refused(format!("destination refused: {error}")),
+        };
+        match tokio::time::timeout(self.timeout, self.http.request(built)).await {
+            Err(_) => Outcome::Failed {
+                status: None,
+                error: format!("no answer within {}s", self.timeout.as_secs()),
+            },
             // The body is never read: dropping the answer closes the connection.
-            Ok(answer) if answer.status().is_success() => Outcome::Delivered {
+            Ok(Ok(answer)) if answer.status().is_success() => Outcome::Delivered {
                 status: answer.status().as_u16(),
             },
-            Ok(answer) => {
+            Ok(Ok(answer)) => {
                 let status = answer.status();
                 let error = if status.is_redirection() {
                     format!("answered {status} (redirects are not followed)")
@@ -172,7 +211,7 @@ impl Client {
                     error,
                 }
             }
-            Err(error) => match refusal_in(&error) {
+            Ok(Err(error)) => match refusal_in(&error) {
                 Some(why) => Outcome::Refused(why),
                 None => Outcome::Failed {
                     status: None,
@@ -195,15 +234,10 @@ fn refusal_in(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
-/// `error` with its causes, on one line (reqwest's own message is only "error sending
-/// request").
-fn describe(error: &reqwest::Error) -> String {
-    let mut text = if error.is_timeout() {
-        "timed out".to_owned()
-    } else {
-        error.to_string()
-    };
-    let mut cause = std::error::Error::source(error);
+/// `error` with its causes, on one line, at most 500 characters.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
     while let Some(current) = cause {
         text.push_str(": ");
         text.push_str(&current.to_string());

@@ -103,8 +103,8 @@ pub fn after_failure(
 /// Why the worker cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("building the webhook HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error("building the webhook HTTP client's TLS settings: {0}")]
+    Tls(#[from] rustls::Error),
 }
 
 /// Empties the outbox. Cheap to clone.
