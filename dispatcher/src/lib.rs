@@ -24,6 +24,7 @@ pub mod store;
 pub mod task;
 mod tls;
 pub mod watcher;
+pub mod webhooks;
 
 #[cfg(test)]
 mod layout_tests;

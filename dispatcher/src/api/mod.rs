@@ -29,6 +29,7 @@ pub mod reports;
 pub mod secrets;
 pub mod tasks;
 pub mod usage;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +59,7 @@ pub use error::ApiError;
 pub use reports::ReportLimits;
 /// The secret type of [`new_api_key`], for callers that hand the key on.
 pub use secrecy::{ExposeSecret, SecretString};
+pub use tasks::task_renderer;
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -124,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/events", get(tasks::events))
+        .route("/v1/tasks/{id}/webhooks", get(webhooks::list))
         .route(
             "/internal/v1/tasks/{id}/attempts/{attempt}/reports",
             post(reports::receive),

@@ -14,6 +14,7 @@ use utoipa::{Modify, OpenApi};
         super::tasks::list,
         super::tasks::cancel,
         super::tasks::events,
+        super::webhooks::list,
         super::secrets::put,
         super::secrets::list,
         super::secrets::get_one,

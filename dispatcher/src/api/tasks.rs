@@ -18,9 +18,9 @@ use super::attempts::{AttemptView, attempts_of};
 use super::auth::Authenticated;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::{ApiError, AppState};
-use crate::cost::{Estimate, TaskCost};
+use crate::cost::{Estimate, Prices, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
-use crate::lifecycle::Cancelled;
+use crate::lifecycle::{Cancelled, TaskRenderer};
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
 use crate::store::{BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant};
@@ -116,10 +116,26 @@ pub struct JobRef {
 
 impl TaskView {
     fn new(task: Task, state: &AppState, runner: Option<RunnerView>) -> Self {
+        let namespace = state
+            .cluster
+            .is_some()
+            .then_some(state.launch.namespace.as_str());
+        Self::of(task, state.lifecycle.prices(), namespace, runner)
+    }
+
+    /// `task` as the API shows it, priced at `prices`, its Job in `job_namespace` (with
+    /// the Kubernetes executor).
+    #[must_use]
+    pub fn of(
+        task: Task,
+        prices: &Prices,
+        job_namespace: Option<&str>,
+        runner: Option<RunnerView>,
+    ) -> Self {
         let launched = !matches!(task.state, TaskState::Queued | TaskState::Launching);
-        let cost = TaskCost::of(&task, state.lifecycle.prices(), jiff::Timestamp::now());
-        let job = (state.cluster.is_some() && launched).then(|| JobRef {
-            namespace: state.launch.namespace.clone(),
+        let cost = TaskCost::of(&task, prices, jiff::Timestamp::now());
+        let job = job_namespace.filter(|_| launched).map(|namespace| JobRef {
+            namespace: namespace.to_owned(),
             name: job_name(&task.id, task.attempt),
         });
         Self {
@@ -164,6 +180,17 @@ impl TaskView {
         self.cost_estimate = Some(estimate);
         self
     }
+}
+
+/// What webhook deliveries carry as `data`: the task as `GET /v1/tasks/{id}` shows it,
+/// without what that reads from elsewhere (`attempts`, `runner`, `queue_position`,
+/// `estimated_start`).
+#[must_use]
+pub fn task_renderer(prices: Prices, job_namespace: Option<String>) -> TaskRenderer {
+    TaskRenderer::new(move |task| {
+        let view = TaskView::of(task.clone(), &prices, job_namespace.as_deref(), None);
+        serde_json::to_value(view).unwrap_or_default()
+    })
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -335,7 +362,11 @@ async fn refuse_over_budget(state: &AppState, tenant: &Tenant) -> Result<(), Api
     )))
 }
 
-async fn owned_task(state: &AppState, tenant: &str, id: TaskId) -> Result<Task, ApiError> {
+pub(super) async fn owned_task(
+    state: &AppState,
+    tenant: &str,
+    id: TaskId,
+) -> Result<Task, ApiError> {
     state
         .store()
         .get_task(tenant, id)

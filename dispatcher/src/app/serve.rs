@@ -1,5 +1,6 @@
 //! `dispatcher serve`: connects the store and the queue, picks the executor, starts the
-//! launcher and watcher roles this process runs, serves the API (or only the probes),
+//! launcher and watcher roles this process runs and the webhook deliverer every process
+//! runs, serves the API (or only the probes),
 //! and stops everything on SIGTERM or Ctrl-C.
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::report::{ReportEndpoint, ReportIssuer, ReportTokens};
 use crate::secrets::{KubernetesSecrets, LocalSecrets, SecretStore};
 use crate::store::Store;
 use crate::watcher::Watcher;
+use crate::webhooks::Deliverer;
 
 /// How often each process looks for queued tasks past their queue TTL: a task expires
 /// within this of its deadline.
@@ -71,14 +73,20 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let metrics = Metrics::new(executor_name);
     let store = store.observed_by(Arc::new(metrics.clone()));
-    let lifecycle =
-        Lifecycle::new(store.clone(), metrics.clone(), prices).with_retries(RetrySettings {
+    let launch = Arc::new(settings::launch_config(&args, &catalog));
+    // Webhook deliveries carry the task as the API shows it.
+    let renderer = api::task_renderer(
+        prices.clone(),
+        (executor_choice == ExecutorChoice::Kubernetes).then(|| launch.namespace.clone()),
+    );
+    let lifecycle = Lifecycle::new(store.clone(), metrics.clone(), prices)
+        .with_retries(RetrySettings {
             defaults: settings::retry_defaults(&args),
             gpu_classes: catalog.gpu_classes.clone(),
-        });
+        })
+        .with_task_renderer(renderer);
     let queue = queue.observed(metrics.clone());
     let limits = Arc::new(settings::limits(&args, &catalog));
-    let launch = Arc::new(settings::launch_config(&args, &catalog));
 
     let report_tokens = report_tokens(&store, args.runner.report_secret.as_ref()).await?;
     let report_base = match &args.runner.report_url {
@@ -156,6 +164,15 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .run_expiry(EXPIRY_INTERVAL, shutdown.clone()),
     );
+
+    // Every role delivers webhooks: the outbox is in the store, and leases keep one
+    // sender per delivery whatever the number of processes.
+    let deliverer = Deliverer::new(
+        store.clone(),
+        metrics.clone(),
+        settings::delivery_settings(&args),
+    )?;
+    roles.spawn(deliverer.run(shutdown.clone()));
 
     if args.roles.contains(&Role::Launcher) {
         let launcher = Launcher {

@@ -11,7 +11,9 @@ use crate::placement::PlacementCatalog;
 use crate::store::ReportAllowance;
 use crate::task::retry::RetryDefaults;
 use crate::task::submission::{Limits, ShmRule};
+use crate::task::webhook::Destinations;
 use crate::watcher::lease::LeaseConfig;
+use crate::webhooks::DeliverySettings;
 
 /// What submissions are checked against.
 pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
@@ -30,7 +32,39 @@ pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
             cap: args.placement.shm_cap,
             without_memory_request: args.placement.shm_without_memory,
         },
+        webhook_destinations: webhook_destinations(args),
         ..Limits::default()
+    }
+}
+
+/// Where webhooks may point: the hosts of `--webhook-allowed-hosts` (lowercase, IPv6
+/// without brackets), or any public address without it.
+pub(super) fn webhook_destinations(args: &ServeArgs) -> Destinations {
+    let hosts: Vec<String> = args
+        .webhooks
+        .webhook_allowed_hosts
+        .iter()
+        .map(|host| {
+            host.trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase()
+        })
+        .filter(|host| !host.is_empty())
+        .collect();
+    Destinations {
+        allowed_hosts: (!hosts.is_empty()).then_some(hosts),
+    }
+}
+
+/// How webhook deliveries are sent and retried.
+pub(super) fn delivery_settings(args: &ServeArgs) -> DeliverySettings {
+    let webhooks = &args.webhooks;
+    DeliverySettings {
+        destinations: webhook_destinations(args),
+        timeout: webhooks.webhook_timeout.max(Duration::from_secs(1)),
+        retry_for: webhooks.webhook_retry_for,
+        backoff: webhooks.webhook_backoff.max(Duration::from_secs(1)),
     }
 }
 

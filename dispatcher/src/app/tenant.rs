@@ -1,8 +1,10 @@
 //! `dispatcher migrate` and the `tenant` commands (create, list, rotate-key, disable,
-//! enable, budget, quota, queue-ttl): each opens the store, applies the migrations and
-//! makes one change. Owns turning the budget flags into a [`Budget`] and the quota flags
-//! into a [`TenantQuota`], and the table `tenant list` prints. No command prints a key
-//! other than the new one it made.
+//! enable, budget, quota, queue-ttl, set-webhook, webhook-secret): each opens the store,
+//! applies the migrations and makes one change. Owns turning the budget flags into a
+//! [`Budget`], the quota flags into a [`TenantQuota`] and the webhook flags into a
+//! [`WebhookSpec`], and the table `tenant list` prints. No command prints an API key
+//! other than the new one it made; `webhook-secret` prints the tenant's webhook secret
+//! (receivers need it to verify, and it is kept in the database to sign).
 
 use anyhow::bail;
 use secrecy::ExposeSecret as _;
@@ -14,6 +16,8 @@ use crate::cost::Budget;
 use crate::store::Tenant;
 use crate::task::quota::TenantQuota;
 use crate::task::submission::is_dns_label;
+use crate::task::webhook::{WebhookSpec, check_events, check_url_form};
+use crate::webhooks;
 
 /// `dispatcher migrate`.
 pub(super) async fn migrate(database: &DatabaseArgs) -> anyhow::Result<()> {
@@ -123,6 +127,43 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             println!("{name}: {quota}");
             Ok(())
         }
+        TenantCommand::SetWebhook {
+            name,
+            url,
+            events,
+            clear,
+            database,
+        } => {
+            let webhook = match url {
+                Some(url) if !clear => Some(webhook_of(url, events)?),
+                _ => None,
+            };
+            let store = open_store(&database).await?;
+            store.set_tenant_webhook(&name, webhook.as_ref()).await?;
+            if let Some(webhook) = &webhook {
+                tracing::info!(target: LOG_TARGET, tenant = %name, url = %webhook.url, "default webhook set");
+                println!("{name}: {}", webhook_line(webhook));
+            } else {
+                tracing::info!(target: LOG_TARGET, tenant = %name, "default webhook cleared");
+                println!("{name}: no default webhook");
+            }
+            Ok(())
+        }
+        TenantCommand::WebhookSecret {
+            name,
+            rotate,
+            database,
+        } => {
+            let store = open_store(&database).await?;
+            let secret = store
+                .webhook_secret(&name, rotate, webhooks::sign::new_secret)
+                .await?;
+            if rotate {
+                tracing::info!(target: LOG_TARGET, tenant = %name, "webhook secret replaced; the next attempts are signed with the new one");
+            }
+            println!("{secret}");
+            Ok(())
+        }
         TenantCommand::QueueTtl {
             name,
             seconds,
@@ -134,6 +175,23 @@ pub(super) async fn run(command: TenantCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The default webhook `--url` and `--events` describe. Only the URL's form is checked
+/// here (scheme, length, host, no user information): whether its host and addresses are
+/// allowed depends on `serve`'s `--webhook-allowed-hosts`, and the deliverer checks that
+/// when sending (a refusal shows on the delivery).
+fn webhook_of(url: String, events: Vec<String>) -> anyhow::Result<WebhookSpec> {
+    check_url_form(&url).map_err(|why| anyhow::anyhow!("--url: {why}"))?;
+    let events = check_events((!events.is_empty()).then_some(events))
+        .map_err(|why| anyhow::anyhow!("--events: {why}"))?;
+    Ok(WebhookSpec { url, events })
+}
+
+/// `https://… (terminal, started)`.
+fn webhook_line(webhook: &WebhookSpec) -> String {
+    let events: Vec<&str> = webhook.events.iter().map(|e| e.as_str()).collect();
+    format!("{} ({})", webhook.url, events.join(", "))
 }
 
 /// `acme: enabled` or `acme: disabled since <time>`.

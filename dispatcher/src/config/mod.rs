@@ -19,7 +19,7 @@ use crate::task::submission::MAX_QUEUE_TTL_SECONDS;
 mod serve;
 mod values;
 
-pub use serve::{CostArgs, PlacementArgs, RunnerArgs, ServeArgs, SubmissionArgs};
+pub use serve::{CostArgs, PlacementArgs, RunnerArgs, ServeArgs, SubmissionArgs, WebhookArgs};
 pub use values::{parse_duration, program_search_path};
 
 /// agent-bus dispatcher: REST task submission, durable state, queue, and one Kubernetes
@@ -117,6 +117,35 @@ pub enum TenantCommand {
         name: String,
         #[command(flatten)]
         budget: BudgetArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Sets a tenant's default webhook (used by its tasks that name none), or clears it
+    /// with --clear; prints the webhook. See docs/WEBHOOKS.md.
+    SetWebhook {
+        /// The tenant's name.
+        name: String,
+        /// `http` or `https` URL deliveries are POSTed to.
+        #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+        url: Option<String>,
+        /// The events sent: terminal (the default), started, retrying.
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+        /// Removes the default webhook.
+        #[arg(long)]
+        clear: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Prints a tenant's webhook signing secret (`whsec_…`, creating it if it has none);
+    /// receivers verify deliveries with it. --rotate replaces it first: deliveries are
+    /// signed with the new one from the next attempt on.
+    WebhookSecret {
+        /// The tenant's name.
+        name: String,
+        /// Replace the secret with a new one.
+        #[arg(long)]
+        rotate: bool,
         #[command(flatten)]
         database: DatabaseArgs,
     },

@@ -165,6 +165,30 @@ pub struct ServeArgs {
     pub cost: CostArgs,
     #[command(flatten)]
     pub retry: RetryArgs,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+}
+
+/// Webhook deliveries (docs/WEBHOOKS.md): where they may go, and how long they are tried.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookArgs {
+    /// Hosts webhooks may point to, comma-separated (names or IP literals): only these,
+    /// at whatever address they resolve to, private ones included (how an in-cluster
+    /// receiver is allowed). Without it, any host whose addresses are public: loopback,
+    /// private, link-local (cloud metadata), CGNAT, multicast and unspecified addresses
+    /// are refused.
+    #[arg(long, env = "AGENT_BUS_WEBHOOK_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub webhook_allowed_hosts: Vec<String>,
+    /// How long one delivery request may take (connecting takes at most half of it).
+    #[arg(long, env = "AGENT_BUS_WEBHOOK_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub webhook_timeout: Duration,
+    /// How long a delivery is retried (exponential backoff with jitter) before it is
+    /// given up.
+    #[arg(long, env = "AGENT_BUS_WEBHOOK_RETRY_FOR", value_parser = parse_duration, default_value = "24h")]
+    pub webhook_retry_for: Duration,
+    /// The wait before the first retry; each retry waits twice as long, at most an hour.
+    #[arg(long, env = "AGENT_BUS_WEBHOOK_BACKOFF", value_parser = parse_duration, default_value = "5s")]
+    pub webhook_backoff: Duration,
 }
 
 /// What a tenant's submission may ask for (see the README's quickstart): which labels and

@@ -1,7 +1,9 @@
 //! The one writer of task state: every move of every task goes through [`Lifecycle`],
 //! which plans it with the pure state machine ([`crate::task::lifecycle`]), has the store
 //! commit it (a compare-and-set with its event, in one transaction), settles the cost of
-//! a task that ends ([`crate::cost`]), and then logs and counts the committed change.
+//! a task that ends ([`crate::cost`]), has the webhook delivery the change makes written
+//! in the same transaction (its body rendered here, [`notify`]), and then logs and counts
+//! the committed change.
 //!
 //! Invariants:
 //! - nothing else calls [`Store::transition`] or [`Store::record_note`] (a test reads the source
@@ -16,7 +18,10 @@
 //! rejected), the local executor (started, ended, lost at restart), the watcher (what
 //! Jobs and pods show, fallbacks, lost heartbeats, notes).
 
+mod notify;
 mod observe;
+
+pub use notify::TaskRenderer;
 
 use std::sync::Arc;
 
@@ -105,6 +110,8 @@ pub struct Lifecycle {
     metrics: Metrics,
     prices: Arc<Prices>,
     retries: Arc<RetrySettings>,
+    /// Makes the `data` of webhook deliveries.
+    renderer: TaskRenderer,
 }
 
 impl Lifecycle {
@@ -116,7 +123,16 @@ impl Lifecycle {
             metrics,
             prices: Arc::new(prices),
             retries: Arc::new(RetrySettings::default()),
+            renderer: TaskRenderer::default(),
         }
+    }
+
+    /// Webhook deliveries carry the task as `renderer` shows it (by default a summary;
+    /// the API's view when the process serves it).
+    #[must_use]
+    pub fn with_task_renderer(mut self, renderer: TaskRenderer) -> Self {
+        self.renderer = renderer;
+        self
     }
 
     /// Judges failed attempts with `settings` (by default [`RetrySettings::default`]).
@@ -165,11 +181,17 @@ impl Lifecycle {
     async fn commit(&self, id: TaskId, step: crate::task::lifecycle::Step) -> Result<Option<Task>> {
         let (from, at) = (step.from, step.at);
         let prices = &self.prices;
+        let renderer = &self.renderer;
+        let render =
+            |task: &Task, event_type: &'static str| notify::body(renderer, task, event_type, at);
         let moved = self
             .store
-            .transition(id, &step, |task| {
-                Some(task.spent.earlier_attempts.plus(&prices.settle(task, at)))
-            })
+            .transition(
+                id,
+                &step,
+                |task| Some(task.spent.earlier_attempts.plus(&prices.settle(task, at))),
+                &render,
+            )
             .await?;
         if let Some(task) = &moved {
             observe::transition(&self.metrics, from, task, at.as_millisecond());

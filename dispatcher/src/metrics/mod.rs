@@ -4,7 +4,7 @@
 //! [`http`] (`metrics.http()`), [`tasks`] (`metrics.tasks()`), [`queue`]
 //! (`metrics.queue_operation`), [`kubernetes`] (`metrics.kubernetes()` and the client
 //! layer), [`store`] (`metrics.store_query`), [`errors`] (`metrics.error`), [`reports`]
-//! (`metrics.reports()`), [`cost`] (`metrics.cost`), [`gauges`] with [`snapshot`] (the
+//! (`metrics.reports()`), [`cost`] (`metrics.cost`), [`webhooks`] (`metrics.webhooks()`), [`gauges`] with [`snapshot`] (the
 //! state read from the store at scrape time) and [`process`].
 //!
 //! Invariants:
@@ -35,6 +35,7 @@ mod store_operations;
 pub mod tasks;
 #[cfg(test)]
 mod tests;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -56,6 +57,7 @@ pub use self::registry::{
 pub use self::reports::{ReportKind, ReportMetrics};
 pub use self::store::PoolState;
 pub use self::tasks::{LaunchFailure, LaunchInFlight, Stage, TaskMetrics};
+pub use self::webhooks::{DeliveryResult, WebhookMetrics};
 
 type FloatCounter = Counter<f64, AtomicU64>;
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -78,6 +80,7 @@ struct Inner {
     errors: errors::ErrorFamilies,
     reports: reports::ReportFamilies,
     cost: cost::CostFamilies,
+    webhooks: webhooks::WebhookFamilies,
     gauges: gauges::StateGauges,
     process: process::ProcessFamilies,
     bounded: labels::BoundedValues,
@@ -113,6 +116,7 @@ impl Metrics {
         let errors = errors::ErrorFamilies::register(&mut registrar);
         let reports = reports::ReportFamilies::register(&mut registrar);
         let cost = cost::CostFamilies::register(&mut registrar);
+        let webhooks = webhooks::WebhookFamilies::register(&mut registrar);
         let gauges = gauges::StateGauges::register(&mut registrar);
         let process = process::ProcessFamilies::register(&mut registrar, executor);
         let described = registrar.into_described();
@@ -128,6 +132,7 @@ impl Metrics {
                 errors,
                 reports,
                 cost,
+                webhooks,
                 gauges,
                 process,
                 bounded: labels::BoundedValues::default(),
@@ -165,6 +170,12 @@ impl Metrics {
     #[must_use]
     pub fn reports(&self) -> ReportMetrics<'_> {
         ReportMetrics { metrics: self }
+    }
+
+    /// Records webhook delivery attempts.
+    #[must_use]
+    pub fn webhooks(&self) -> WebhookMetrics<'_> {
+        WebhookMetrics { metrics: self }
     }
 
     /// `value` itself while `label` has seen fewer than [`MAX_LABEL_VALUES`] distinct

@@ -254,6 +254,14 @@ fn populated() -> Metrics {
         memory: 0.125,
     };
     metrics.compute_cost("acme", "gpu", &compute);
+    for result in [
+        super::DeliveryResult::Delivered,
+        super::DeliveryResult::Retried,
+        super::DeliveryResult::GivenUp,
+        super::DeliveryResult::Refused,
+    ] {
+        metrics.webhooks().attempt(result);
+    }
 
     let gauges = &metrics.inner.gauges;
     for state in TaskState::ALL {

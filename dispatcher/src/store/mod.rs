@@ -10,12 +10,14 @@
 //! [`tenants`](Store::create_tenant), [`tasks`](Store::insert_task) and their queries,
 //! [`transitions`](Store::transition) and notes, [`quotas`](Store::tenant_quota) and the
 //! fair choice, [`events`](Store::events), runner
-//! [`reports`](Store::record_reports), [`spend`](Store::usage) and budgets.
+//! [`reports`](Store::record_reports), [`spend`](Store::usage) and budgets, the
+//! [`webhook outbox`](Store::claim_deliveries) and the tenants' webhook settings.
 //!
 //! Invariants:
 //! - every state change is a compare-and-set (`UPDATE … WHERE id = $1 AND state =
-//!   $expected`) that writes its [`TaskEvent`] row in the same transaction: a task's state
-//!   and its history never disagree, and nothing is ever half-written;
+//!   $expected`) that writes its [`TaskEvent`] row (and the webhook delivery it makes, if
+//!   any) in the same transaction: a task's state, its history and its outbox never
+//!   disagree, and nothing is ever half-written;
 //! - a step that [`TaskState::can_move_to`] forbids is refused before anything is written;
 //!   a note ([`Store::record_note`]: why a task waits, without a state change) is the same CAS
 //!   on the state, with its event, and never touches a terminal task;
@@ -62,6 +64,7 @@ mod spend;
 mod tasks;
 mod tenants;
 mod transitions;
+mod webhooks;
 
 use std::fmt;
 use std::sync::Arc;
@@ -84,6 +87,9 @@ pub use reports::{
 pub use spend::{ActiveTask, GroupBy, QueueFigures, UsageGroup};
 pub use tasks::{Idempotency, Inserted, ListFilter, NewTask};
 pub use tenants::Tenant;
+pub use webhooks::{
+    AfterAttempt, Claimed, Delivery, DeliveryAttempt, DeliveryState, KEPT_ATTEMPTS,
+};
 
 use row::millis;
 

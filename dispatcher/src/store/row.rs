@@ -60,7 +60,7 @@ pub(super) fn timestamp(millis: i64, record: &dyn Fn() -> String) -> Result<jiff
         .map_err(|e| StoreError::corrupt(record(), e.to_string()))
 }
 
-fn get<'r, T>(row: &'r AnyRow, column: &str, record: &dyn Fn() -> String) -> Result<T>
+pub(super) fn get<'r, T>(row: &'r AnyRow, column: &str, record: &dyn Fn() -> String) -> Result<T>
 where
     T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
 {

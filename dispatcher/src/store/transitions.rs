@@ -1,7 +1,8 @@
 //! State changes and notes: the compare-and-set primitive the lifecycle
 //! ([`crate::lifecycle`]) moves tasks with. It writes what a [`Step`] says: the state,
 //! reason, message, exit code, attempt, GPU class and stage timestamps as values chosen in
-//! Rust, the settled compute cost of a task that ends, and the event row, in one
+//! Rust, the settled compute cost of a task that ends, the event row and the webhook
+//! delivery the change makes (if the task's or its tenant's webhook wants it), in one
 //! transaction.
 
 use std::fmt::Write as _;
@@ -19,7 +20,9 @@ use crate::task::{AttemptRecord, Breakdown, Reason, Task, TaskId, TaskState};
 impl Store {
     /// Compare-and-set: moves task `id` from `step.from` to `step.to`, writes the step's
     /// values and the event, in one transaction. When the task ends, `settle` prices it
-    /// as it is now (its compute cost is fixed in the same transaction). `Ok(None)`
+    /// as it is now (its compute cost is fixed in the same transaction); a change a
+    /// webhook is told of leaves a delivery in the outbox whose body `render` makes from
+    /// the moved task and the event type, in the same transaction. `Ok(None)`
     /// (nothing written) when the task does not exist or is not in `step.from`;
     /// [`StoreError::OverQuota`] (nothing written) when the step is for tasks within their
     /// tenant's quota only and this one is not; [`StoreError::IllegalTransition`] (nothing written) when `step.from` may never move
@@ -30,6 +33,7 @@ impl Store {
         id: TaskId,
         step: &Step,
         settle: impl FnOnce(&Task) -> Option<Breakdown> + Send,
+        render: &(dyn Fn(&Task, &'static str) -> String + Sync),
     ) -> Result<Option<Task>> {
         self.timed("transition", async {
             let (from, to) = (step.from, step.to);
@@ -100,6 +104,9 @@ impl Store {
                 insert_attempt(&mut tx, id, ended).await.during(during)?;
             }
             insert_event(&mut tx, id, Some(from), &task, now)
+                .await
+                .during(during)?;
+            super::webhooks::enqueue_delivery(&mut tx, from, &task, now, render)
                 .await
                 .during(during)?;
             tx.commit().await.during(during)?;

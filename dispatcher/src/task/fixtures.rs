@@ -49,6 +49,7 @@ impl TaskFixture {
                 shm: None,
                 volumes: Vec::new(),
                 scratch: None,
+                webhook: None,
             },
             state: TaskState::Queued,
             reason: None,
@@ -208,6 +209,16 @@ impl TaskFixture {
     #[must_use]
     pub fn annotation(mut self, key: &str, value: &str) -> Self {
         self.0.spec.annotations.insert(key.into(), value.into());
+        self
+    }
+
+    /// Its webhook: `url`, told of `events` (`terminal`, `started`, `retrying`).
+    #[must_use]
+    pub fn webhook(mut self, url: &str, events: &[&str]) -> Self {
+        self.0.spec.webhook = Some(super::webhook::WebhookSpec {
+            url: url.into(),
+            events: events.iter().map(|event| event.parse().unwrap()).collect(),
+        });
         self
     }
 

@@ -15,6 +15,7 @@ pub mod quantity;
 pub mod quota;
 pub mod retry;
 pub mod submission;
+pub mod webhook;
 pub mod workload;
 
 use std::collections::BTreeMap;
@@ -310,6 +311,10 @@ pub struct TaskSpec {
     pub volumes: Vec<VolumeMount>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scratch: Option<Scratch>,
+    /// Where the task's state changes are POSTed (Standard Webhooks, see
+    /// docs/WEBHOOKS.md); `None`: the tenant's default webhook, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<webhook::WebhookSpec>,
 }
 
 /// Why a task is in its state; travels with the state into the API, events and metrics.

@@ -37,3 +37,4 @@ mod secrets;
 mod security;
 mod store;
 mod tls;
+mod webhooks;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::KeyPrefix;
 use crate::placement::{GpuClasses, SharedClaim};
+use crate::task::webhook::Destinations;
 use crate::task::{Cpu, Memory};
 
 /// The longest queue TTL a task or a tenant default may ask for: a week.
@@ -47,6 +48,8 @@ pub struct Limits {
     /// pod's memory, so it is at most [`Limits::max_memory`]).
     pub max_shm: Memory,
     pub shm_rule: ShmRule,
+    /// Where webhooks may point (`--webhook-allowed-hosts`).
+    pub webhook_destinations: Destinations,
 }
 
 /// How big `/dev/shm` is for an ML or CV task that does not say.
@@ -131,6 +134,7 @@ impl Default for Limits {
             max_scratch: gib(1024),
             max_shm: Limits::DEFAULT_MAX_SHM,
             shm_rule: ShmRule::default(),
+            webhook_destinations: Destinations::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ use super::retry::{
     Factor, FailureClass, MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, MAX_MATCHES_PER_RULE,
     MAX_MEMORY_FACTOR, MAX_RULES, Mutation, RetryAction, RetryPolicy, RetryRule,
 };
+use super::webhook::{WebhookInput, check_webhook};
 use super::workload;
 use super::{
     EnvValue, GpuRequest, Resources, Scratch, SecretRef, TaskSpec, VolumeMount, WorkloadRequest,
@@ -79,6 +80,12 @@ pub struct Submission {
     pub volumes: Vec<VolumeInput>,
     /// A per-task scratch volume, created with the pod and deleted with it.
     pub scratch: Option<ScratchInput>,
+    /// Where the task's state changes are POSTed, signed with the tenant's webhook
+    /// secret (docs/WEBHOOKS.md); by default the tenant's webhook, if any.
+    // Left out when absent, so the idempotency hash of a submission without one is the
+    // same as before webhooks existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookInput>,
 }
 
 /// A shared claim to mount, as written by the tenant.
@@ -257,6 +264,11 @@ pub fn validate(
     check_dns_label("queue", &queue)?;
     check_labels(&submission.labels, limits)?;
     check_annotations(&submission.annotations, limits)?;
+    let webhook = submission
+        .webhook
+        .map(|input| check_webhook(input, &limits.webhook_destinations))
+        .transpose()
+        .map_err(|(field, message)| FieldError::new(field, message))?;
 
     let argv: Vec<String> = submission
         .command
@@ -308,6 +320,7 @@ pub fn validate(
         shm,
         volumes,
         scratch,
+        webhook,
     })
 }
 

@@ -37,6 +37,7 @@ async fn crashes_between_claim_and_create_and_after_create_leave_one_job_per_tas
                         id,
                         &Step::new(TaskState::Queued, TaskState::Launching),
                         |_| None,
+                        &|_, _| String::new(),
                     )
                     .await
                     .unwrap()

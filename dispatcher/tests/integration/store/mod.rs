@@ -101,3 +101,4 @@ mod submissions;
 mod tasks;
 mod tenants;
 mod transitions;
+mod webhooks;

@@ -55,15 +55,18 @@ async fn case_overdue_queued_tasks_are_those_past_their_deadline(store: Store) {
     claim.claimable_only = true;
     assert_eq!(
         store
-            .transition(overdue.id, &claim, |_| None)
+            .transition(overdue.id, &claim, |_| None, &|_, _| String::new())
             .await
             .unwrap(),
         None
     );
-    let claimed = store.transition(later.id, &claim, |_| None).await.unwrap();
+    let claimed = store
+        .transition(later.id, &claim, |_| None, &|_, _| String::new())
+        .await
+        .unwrap();
     assert_eq!(claimed.map(|task| task.state), Some(TaskState::Launching));
     let claimed = store
-        .transition(forever.id, &claim, |_| None)
+        .transition(forever.id, &claim, |_| None, &|_, _| String::new())
         .await
         .unwrap();
     assert_eq!(claimed.map(|task| task.state), Some(TaskState::Launching));

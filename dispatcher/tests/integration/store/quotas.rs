@@ -36,7 +36,9 @@ fn claim() -> Step {
 }
 
 async fn claim_of(store: &Store, task: &Task) -> Result<Option<Task>, StoreError> {
-    store.transition(task.id, &claim(), |_| None).await
+    store
+        .transition(task.id, &claim(), |_| None, &|_, _| String::new())
+        .await
 }
 
 async fn hold(store: &Store, task: &Task) {
@@ -305,6 +307,7 @@ async fn case_held_tasks_come_back_when_their_tenant_has_room(store: Store) {
                 task.id,
                 &Step::new(TaskState::Queued, TaskState::Cancelled),
                 |_| None,
+                &|_, _| String::new(),
             )
             .await
             .unwrap()

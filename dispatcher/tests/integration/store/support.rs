@@ -95,7 +95,12 @@ pub(crate) async fn walk(store: &Store, task: &Task, path: &[TaskState]) -> Task
     let mut current = task.clone();
     for &to in path {
         current = store
-            .transition(current.id, &Step::new(current.state, to), |_| None)
+            .transition(
+                current.id,
+                &Step::new(current.state, to),
+                |_| None,
+                &|_, _| String::new(),
+            )
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("{} -> {to} did not apply", current.state));

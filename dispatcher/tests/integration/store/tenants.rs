@@ -79,7 +79,10 @@ async fn case_a_disabled_tenants_tasks_wait_until_it_is_enabled(store: Store) {
     ));
 
     // Its task is not claimed (nothing is written), another tenant's is.
-    match store.transition(first.id, &claim(), |_| None).await {
+    match store
+        .transition(first.id, &claim(), |_| None, &|_, _| String::new())
+        .await
+    {
         Err(StoreError::OverQuota {
             task_id,
             source: OverQuota::Disabled { tenant },
@@ -92,7 +95,7 @@ async fn case_a_disabled_tenants_tasks_wait_until_it_is_enabled(store: Store) {
     );
     assert!(
         store
-            .transition(other.id, &claim(), |_| None)
+            .transition(other.id, &claim(), |_| None, &|_, _| String::new())
             .await
             .unwrap()
             .is_some()
@@ -125,7 +128,7 @@ async fn case_a_disabled_tenants_tasks_wait_until_it_is_enabled(store: Store) {
     assert_eq!(ids(&store.held_with_room().await.unwrap()), [first.id]);
     assert!(
         store
-            .transition(first.id, &claim(), |_| None)
+            .transition(first.id, &claim(), |_| None, &|_, _| String::new())
             .await
             .unwrap()
             .is_some()

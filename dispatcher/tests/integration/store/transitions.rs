@@ -26,6 +26,7 @@ async fn case_a_transition_writes_its_event(store: Store) {
             queued.id,
             &Step::new(TaskState::Queued, TaskState::Launching).message("claimed by launcher-0"),
             |_| None,
+            &|_, _| String::new(),
         )
         .await
         .unwrap()
@@ -62,6 +63,7 @@ async fn case_a_transition_from_the_wrong_state_writes_nothing(store: Store) {
             queued.id,
             &Step::new(TaskState::Launching, TaskState::Launched),
             |_| None,
+            &|_, _| String::new(),
         )
         .await
         .unwrap();
@@ -74,6 +76,7 @@ async fn case_a_transition_from_the_wrong_state_writes_nothing(store: Store) {
             TaskId::new(),
             &Step::new(TaskState::Queued, TaskState::Launching),
             |_| None,
+            &|_, _| String::new(),
         )
         .await
         .unwrap();
@@ -89,6 +92,7 @@ async fn case_an_illegal_transition_is_refused(store: Store) {
             queued.id,
             &Step::new(TaskState::Queued, TaskState::Succeeded),
             |_| None,
+            &|_, _| String::new(),
         )
         .await
         .unwrap_err();
@@ -113,6 +117,7 @@ async fn case_an_illegal_transition_is_refused(store: Store) {
             done.id,
             &Step::new(TaskState::Cancelled, TaskState::Queued),
             |_| None,
+            &|_, _| String::new(),
         )
         .await
         .unwrap_err();
@@ -134,6 +139,7 @@ async fn case_concurrent_claims_of_one_task_have_one_winner(store: Store) {
                     &Step::new(TaskState::Queued, TaskState::Launching)
                         .message(format!("launcher-{n}")),
                     |_| None,
+                    &|_, _| String::new(),
                 )
                 .await
         })
@@ -247,6 +253,7 @@ async fn case_events_tell_the_story_in_order(store: Store) {
                 .message("apiserver timeout")
                 .attempt(2),
             |_| None,
+            &|_, _| String::new(),
         )
         .await
         .unwrap()
@@ -269,6 +276,7 @@ async fn case_events_tell_the_story_in_order(store: Store) {
                 .message("Traceback: ZeroDivisionError")
                 .exit_code(3),
             |_| None,
+            &|_, _| String::new(),
         )
         .await
         .unwrap()
