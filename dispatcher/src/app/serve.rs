@@ -157,6 +157,13 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .run_expiry(EXPIRY_INTERVAL, shutdown.clone()),
     );
 
+    // Every role purges task output past --log-retention (a repeated delete is harmless).
+    roles.spawn(crate::report::retention::run_log_retention(
+        store.clone(),
+        args.runner.log_retention,
+        shutdown.clone(),
+    ));
+
     if args.roles.contains(&Role::Launcher) {
         let launcher = Launcher {
             lifecycle: lifecycle.clone(),
