@@ -303,10 +303,13 @@ impl Shipper {
         for line in lines {
             state.buffer.push(stream, &time, line);
         }
+        // The shipping thread sleeps without a deadline while nothing waits: wake it for
+        // the first line (it then sleeps until that line is due) and for a full batch.
+        let first = state.oldest.is_none();
         state.oldest.get_or_insert_with(Instant::now);
         let full = state.buffer.bytes() >= BATCH_BYTES;
         drop(state);
-        if full {
+        if first || full {
             inner.changed.notify_all();
         }
     }
@@ -400,9 +403,12 @@ fn ship_loop(url: &str, token: Option<&str>, inner: &Inner) {
         let count = batch.len();
         let outcome = post(&agent, url, token, batch, timeout);
         let mut state = inner.lock();
-        let verdict = outcome.as_ref().map(|(status, _)| verdict(*status));
-        match (outcome, verdict) {
-            (Ok((_, receipt)), Ok(Verdict::Delivered)) => {
+        let judged = match &outcome {
+            Ok((status, _)) => Some(verdict(*status)),
+            Err(_) => None,
+        };
+        match (outcome, judged) {
+            (Ok((_, receipt)), Some(Verdict::Delivered)) => {
                 state.buffer.remove_front(count, false);
                 failures = 0;
                 next_try = Instant::now();
@@ -414,14 +420,16 @@ fn ship_loop(url: &str, token: Option<&str>, inner: &Inner) {
                     state.done = true;
                 }
             }
-            (Ok((status, _)), Ok(Verdict::Stop)) => {
-                crate::log!("log lines refused with HTTP {status}; no further lines are sent");
+            (Ok((status, _)), Some(Verdict::Stop)) => {
+                crate::log!(
+                    "output lines not accepted (HTTP {status}); no further lines are shipped"
+                );
                 state.buffer.drop_all();
                 state.done = true;
             }
-            (Ok((status, _)), Ok(Verdict::DropBatch)) => {
+            (Ok((status, _)), Some(Verdict::DropBatch)) => {
                 if !warned {
-                    crate::log!("a batch of log lines was refused with HTTP {status}; dropped");
+                    crate::log!("a batch of output lines was not accepted (HTTP {status}); dropped");
                     warned = true;
                 }
                 state.buffer.remove_front(count, true);

@@ -112,11 +112,17 @@ pub async fn receive(
         .record_logs(id, attempt, &lines, &limits)
         .await?
     {
-        LogRecording::Recorded(recorded) => Ok(Json(LogReceipt {
+        LogRecording::Recorded(recorded) => {
+            state
+                .metrics()
+                .reports()
+                .log_lines(recorded.accepted, recorded.refused);
+            Ok(Json(LogReceipt {
             accepted: recorded.accepted,
             duplicates: recorded.duplicates,
             capped: recorded.capped,
-        })),
+            }))
+        }
         LogRecording::NoTask => Err(ApiError::NotFound),
         LogRecording::AttemptOver { ended_at: Some(at) } => Err(ApiError::AttemptOver(format!(
             "attempt {attempt} of task {id} ended at {at}; its output is no longer taken"
@@ -139,7 +145,7 @@ pub struct LogsQuery {
     #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
     pub tail: Option<String>,
     /// Only lines at or after this time (RFC 3339).
-    #[param(value_type = Option<String>, format = DateTime)]
+    #[param(value_type = Option<String>)]
     pub since: Option<String>,
     /// Prefix each line with its time (RFC 3339) and stream: `<time> <stdout|stderr> `.
     #[param(value_type = Option<bool>)]

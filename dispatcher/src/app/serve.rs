@@ -160,6 +160,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Every role purges task output past --log-retention (a repeated delete is harmless).
     roles.spawn(crate::report::retention::run_log_retention(
         store.clone(),
+        metrics.clone(),
         args.runner.log_retention,
         shutdown.clone(),
     ));

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Lines deleted per statement.
@@ -22,6 +23,7 @@ pub fn sweep_interval(retention: Duration) -> Duration {
 /// `shutdown`.
 pub async fn run_log_retention(
     store: Store,
+    metrics: Metrics,
     retention: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -30,7 +32,11 @@ pub async fn run_log_retention(
     while !*shutdown.borrow() {
         let now = jiff::Timestamp::now();
         let cutoff = now.checked_sub(retention).unwrap_or(jiff::Timestamp::MIN);
-        let pause = match store.purge_logs(cutoff, PURGE_BATCH).await {
+        let purged = store.purge_logs(cutoff, PURGE_BATCH).await;
+        if let Ok(deleted) = purged {
+            metrics.reports().log_lines_purged(deleted);
+        }
+        let pause = match purged {
             Ok(deleted) if deleted >= u64::from(PURGE_BATCH) => BETWEEN_BATCHES,
             Ok(deleted) => {
                 if deleted > 0 {
