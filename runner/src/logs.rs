@@ -35,7 +35,7 @@ pub const BATCH_BYTES: usize = 64 * 1024;
 /// …or once the oldest waiting line is this old.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// The most lines per POST.
-pub const MAX_BATCH_LINES: usize = 2000;
+pub const MAX_BATCH_LINES: usize = 1000;
 /// Bytes of lines kept while the dispatcher does not take them.
 pub const DEFAULT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// Longest single request.

@@ -29,7 +29,7 @@ use crate::store::{LogCursor, LogRecording, NewLogLine, StoredLogLine, StoredPro
 use crate::task::submission::FieldError;
 use crate::task::{Task, TaskId};
 
-/// The most lines one batch may carry (the runner sends at most 2000).
+/// The most lines one batch may carry (the runner sends at most 1000).
 pub const MAX_BATCH_LINES: usize = 5000;
 /// The longest line taken (the runner cuts lines at 16 KiB and adds a short marker).
 pub const MAX_LINE_BYTES: usize = 32 * 1024;
