@@ -429,7 +429,9 @@ fn ship_loop(url: &str, token: Option<&str>, inner: &Inner) {
             }
             (Ok((status, _)), Some(Verdict::DropBatch)) => {
                 if !warned {
-                    crate::log!("a batch of output lines was not accepted (HTTP {status}); dropped");
+                    crate::log!(
+                        "a batch of output lines was not accepted (HTTP {status}); dropped"
+                    );
                     warned = true;
                 }
                 state.buffer.remove_front(count, true);

@@ -118,9 +118,9 @@ pub async fn receive(
                 .reports()
                 .log_lines(recorded.accepted, recorded.refused);
             Ok(Json(LogReceipt {
-            accepted: recorded.accepted,
-            duplicates: recorded.duplicates,
-            capped: recorded.capped,
+                accepted: recorded.accepted,
+                duplicates: recorded.duplicates,
+                capped: recorded.capped,
             }))
         }
         LogRecording::NoTask => Err(ApiError::NotFound),
@@ -197,7 +197,10 @@ impl LogsQuery {
                     .ok()
                     .filter(|n| (1..=MAX_TAIL).contains(n))
                     .ok_or_else(|| {
-                        FieldError::new("tail", format!("must be a whole number from 1 to {MAX_TAIL}"))
+                        FieldError::new(
+                            "tail",
+                            format!("must be a whole number from 1 to {MAX_TAIL}"),
+                        )
                     })
             })
             .transpose()?;
@@ -206,7 +209,10 @@ impl LogsQuery {
             .as_deref()
             .map(|value| {
                 value.parse::<jiff::Timestamp>().map_err(|_| {
-                    FieldError::new("since", "must be an RFC 3339 time, e.g. 2026-01-02T15:04:05Z")
+                    FieldError::new(
+                        "since",
+                        "must be an RFC 3339 time, e.g. 2026-01-02T15:04:05Z",
+                    )
                 })
             })
             .transpose()?;
@@ -393,7 +399,10 @@ impl Include {
         };
         let items: Vec<&str> = value.split(',').map(str::trim).collect();
         if items.len() > MAX_INCLUDE_ITEMS {
-            return Err(FieldError::new("include", "must be a comma list of progress, logs"));
+            return Err(FieldError::new(
+                "include",
+                "must be a comma list of progress, logs",
+            ));
         }
         for item in items {
             match item {
@@ -472,10 +481,17 @@ mod tests {
 
     #[test]
     fn bad_lines_name_their_field() {
-        let field = |lines: Vec<LogLine>| check_batch(&LogBatch { lines }).map(|_| ()).map_err(|e| e.field);
+        let field = |lines: Vec<LogLine>| {
+            check_batch(&LogBatch { lines })
+                .map(|_| ())
+                .map_err(|e| e.field)
+        };
         let t = "2026-12-02T10:00:00Z";
         assert_eq!(field(vec![line(1, t, "ok")]), Ok(()));
-        assert_eq!(field(vec![line(0, t, "x")]), Err("lines[0].sequence".into()));
+        assert_eq!(
+            field(vec![line(0, t, "x")]),
+            Err("lines[0].sequence".into())
+        );
         assert_eq!(
             field(vec![line(1, t, "ok"), line(2, "yesterday", "x")]),
             Err("lines[1].time".into())
@@ -509,8 +525,18 @@ mod tests {
     #[test]
     fn bad_query_values_name_their_parameter() {
         assert!(query(&[]).is_ok());
-        let ok = query(&[("attempt", "2"), ("tail", "10000"), ("since", "2026-12-02T10:00:00Z"), ("timestamps", "true"), ("follow", "false")]).unwrap();
-        assert_eq!((ok.attempt, ok.tail, ok.timestamps, ok.follow), (Some(2), Some(10_000), true, false));
+        let ok = query(&[
+            ("attempt", "2"),
+            ("tail", "10000"),
+            ("since", "2026-12-02T10:00:00Z"),
+            ("timestamps", "true"),
+            ("follow", "false"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (ok.attempt, ok.tail, ok.timestamps, ok.follow),
+            (Some(2), Some(10_000), true, false)
+        );
         for (name, value) in [
             ("attempt", "0"),
             ("attempt", "-1"),
@@ -523,7 +549,11 @@ mod tests {
             ("timestamps", "yes"),
             ("follow", "2"),
         ] {
-            assert_eq!(query(&[(name, value)]), Err(name.to_owned()), "{name}={value}");
+            assert_eq!(
+                query(&[(name, value)]),
+                Err(name.to_owned()),
+                "{name}={value}"
+            );
         }
     }
 
@@ -532,11 +562,17 @@ mod tests {
         assert_eq!(Include::parse(None), Ok(Include::default()));
         assert_eq!(
             Include::parse(Some("logs, progress")),
-            Ok(Include { progress: true, logs: true })
+            Ok(Include {
+                progress: true,
+                logs: true
+            })
         );
         assert_eq!(Include::parse(Some("logs")).map(|i| i.logs), Ok(true));
         assert_eq!(Include::parse(Some("stdout")).unwrap_err().field, "include");
-        assert_eq!(Include::parse(Some(&",".repeat(20))).unwrap_err().field, "include");
+        assert_eq!(
+            Include::parse(Some(&",".repeat(20))).unwrap_err().field,
+            "include"
+        );
     }
 
     #[test]
@@ -549,6 +585,9 @@ mod tests {
             line: "boom".into(),
         };
         assert_eq!(format_line(&stored, false), "boom\n");
-        assert_eq!(format_line(&stored, true), "2026-12-02T10:00:00.5Z stderr boom\n");
+        assert_eq!(
+            format_line(&stored, true),
+            "2026-12-02T10:00:00.5Z stderr boom\n"
+        );
     }
 }

@@ -152,7 +152,9 @@ impl ReportMetrics<'_> {
             (LogLineOutcome::Capped, capped),
         ] {
             if count > 0 {
-                family.get_or_create(&LogLineLabels { outcome }).inc_by(count);
+                family
+                    .get_or_create(&LogLineLabels { outcome })
+                    .inc_by(count);
             }
         }
     }

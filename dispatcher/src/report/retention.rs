@@ -62,8 +62,17 @@ mod tests {
 
     #[test]
     fn the_sweep_runs_a_tenth_of_the_retention_within_bounds() {
-        assert_eq!(sweep_interval(Duration::from_hours(168)), Duration::from_mins(10));
-        assert_eq!(sweep_interval(Duration::from_mins(10)), Duration::from_mins(1));
-        assert_eq!(sweep_interval(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(
+            sweep_interval(Duration::from_hours(168)),
+            Duration::from_mins(10)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_mins(10)),
+            Duration::from_mins(1)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_secs(2)),
+            Duration::from_secs(1)
+        );
     }
 }

@@ -45,7 +45,9 @@ pub enum LogRecording {
     /// No such task.
     NoTask,
     /// The attempt ended longer ago than `after_end` (or has not begun: `None`).
-    AttemptOver { ended_at: Option<jiff::Timestamp> },
+    AttemptOver {
+        ended_at: Option<jiff::Timestamp>,
+    },
 }
 
 /// What recording a batch did.
@@ -125,7 +127,8 @@ type LogRow = (i32, i64, String, i64, String);
 fn stored_line(id: TaskId, (attempt, sequence, stream, at, line): LogRow) -> Result<StoredLogLine> {
     let record = || format!("log line {sequence} of task {id}");
     Ok(StoredLogLine {
-        attempt: u32::try_from(attempt).map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
+        attempt: u32::try_from(attempt)
+            .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
         sequence: u64::try_from(sequence)
             .map_err(|e| StoreError::corrupt(record(), e.to_string()))?,
         stream: stream_of(&stream)

@@ -73,7 +73,13 @@ fn batch(lines: &[(u64, &str, &str)]) -> String {
 async fn post_lines(api: &TestApi, id: &str, attempt: u32, body: &str) -> (StatusCode, Value) {
     let url = format!("/internal/v1/tasks/{id}/attempts/{attempt}/logs");
     let (status, _, value) = api
-        .call(Method::POST, &url, Some(&token_for(id, attempt)), Some(body), &[])
+        .call(
+            Method::POST,
+            &url,
+            Some(&token_for(id, attempt)),
+            Some(body),
+            &[],
+        )
         .await;
     (status, value)
 }
@@ -95,7 +101,11 @@ async fn get_text(api: &TestApi, key: &str, uri: &str) -> (StatusCode, String, S
     let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024 * 1024)
         .await
         .unwrap();
-    (status, content_type, String::from_utf8(bytes.to_vec()).unwrap())
+    (
+        status,
+        content_type,
+        String::from_utf8(bytes.to_vec()).unwrap(),
+    )
 }
 
 async fn lines_are_kept_in_order_and_read_back_every_way(store: Store) {
@@ -105,23 +115,44 @@ async fn lines_are_kept_in_order_and_read_back_every_way(store: Store) {
     let id = running_task(&api, &key, "talkative").await;
 
     let (status, _, before) = get_text(&api, &key, &format!("/v1/tasks/{id}/logs")).await;
-    assert_eq!((status, before.as_str()), (StatusCode::OK, ""), "no line yet: an empty body");
+    assert_eq!(
+        (status, before.as_str()),
+        (StatusCode::OK, ""),
+        "no line yet: an empty body"
+    );
 
-    let first = batch(&[(1, "stdout", "out 1"), (2, "stderr", "err 1"), (3, "stdout", "out 2")]);
+    let first = batch(&[
+        (1, "stdout", "out 1"),
+        (2, "stderr", "err 1"),
+        (3, "stdout", "out 2"),
+    ]);
     let (status, receipt) = post_lines(&api, &id, 1, &first).await;
     assert_eq!(status, StatusCode::OK, "{receipt}");
-    assert_eq!(receipt, json!({"accepted": 3, "duplicates": 0, "capped": false}));
+    assert_eq!(
+        receipt,
+        json!({"accepted": 3, "duplicates": 0, "capped": false})
+    );
     // A resent batch (a lost response) stores nothing twice.
     let (_, receipt) = post_lines(&api, &id, 1, &first).await;
-    assert_eq!(receipt, json!({"accepted": 0, "duplicates": 3, "capped": false}));
+    assert_eq!(
+        receipt,
+        json!({"accepted": 0, "duplicates": 3, "capped": false})
+    );
     let (status, receipt) = post_lines(
         &api,
         &id,
         1,
-        &batch(&[(4, "stderr", "err 2"), (5, "stdout", "ünïcode ✓"), (6, "stdout", "")]),
+        &batch(&[
+            (4, "stderr", "err 2"),
+            (5, "stdout", "ünïcode ✓"),
+            (6, "stdout", ""),
+        ]),
     )
     .await;
-    assert_eq!((status, receipt["accepted"].as_u64()), (StatusCode::OK, Some(3)));
+    assert_eq!(
+        (status, receipt["accepted"].as_u64()),
+        (StatusCode::OK, Some(3))
+    );
     end_task(&api, &id).await;
 
     let logs = format!("/v1/tasks/{id}/logs");
@@ -137,10 +168,19 @@ async fn lines_are_kept_in_order_and_read_back_every_way(store: Store) {
     );
     let (_, _, text) = get_text(&api, &key, &format!("{logs}?tail=3")).await;
     assert_eq!(text, "err 2\nünïcode ✓\n\n");
-    let (_, _, text) = get_text(&api, &key, &format!("{logs}?since=2026-12-02T10:00:03.250Z")).await;
+    let (_, _, text) = get_text(
+        &api,
+        &key,
+        &format!("{logs}?since=2026-12-02T10:00:03.250Z"),
+    )
+    .await;
     assert_eq!(text, "out 2\nerr 2\nünïcode ✓\n\n");
-    let (_, _, text) =
-        get_text(&api, &key, &format!("{logs}?since=2026-12-02T10:00:02Z&tail=1&attempt=1")).await;
+    let (_, _, text) = get_text(
+        &api,
+        &key,
+        &format!("{logs}?since=2026-12-02T10:00:02Z&tail=1&attempt=1"),
+    )
+    .await;
     assert_eq!(text, "\n");
     let (_, _, text) = get_text(&api, &key, &format!("{logs}?follow=true")).await;
     assert_eq!(
@@ -168,7 +208,13 @@ async fn lines_are_kept_in_order_and_read_back_every_way(store: Store) {
     // The route checks its token: another attempt's is refused.
     let url = format!("/internal/v1/tasks/{id}/attempts/1/logs");
     let (status, _, _) = api
-        .call(Method::POST, &url, Some(&token_for(&id, 2)), Some(&first), &[])
+        .call(
+            Method::POST,
+            &url,
+            Some(&token_for(&id, 2)),
+            Some(&first),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let (status, body) = post_lines(&api, &id, 1, &batch(&[(0, "stdout", "x")])).await;
@@ -190,13 +236,24 @@ async fn the_cap_keeps_a_marker_and_stops_the_runner(store: Store) {
         &api,
         &id,
         1,
-        &batch(&[(1, "stdout", "0123456789"), (2, "stdout", "abcdefghij"), (3, "stdout", "past the cap"), (4, "stderr", "also past")]),
+        &batch(&[
+            (1, "stdout", "0123456789"),
+            (2, "stdout", "abcdefghij"),
+            (3, "stdout", "past the cap"),
+            (4, "stderr", "also past"),
+        ]),
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{receipt}");
-    assert_eq!(receipt, json!({"accepted": 2, "duplicates": 0, "capped": true}));
+    assert_eq!(
+        receipt,
+        json!({"accepted": 2, "duplicates": 0, "capped": true})
+    );
     let (_, receipt) = post_lines(&api, &id, 1, &batch(&[(5, "stdout", "later")])).await;
-    assert_eq!(receipt, json!({"accepted": 0, "duplicates": 0, "capped": true}));
+    assert_eq!(
+        receipt,
+        json!({"accepted": 0, "duplicates": 0, "capped": true})
+    );
     let (_, _, text) = get_text(&api, &key, &format!("/v1/tasks/{id}/logs")).await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 3, "{text}");
@@ -205,8 +262,16 @@ async fn the_cap_keeps_a_marker_and_stops_the_runner(store: Store) {
         lines[2].contains("reached its cap of 20 bytes (--max-log-bytes-per-attempt)"),
         "{text}"
     );
-    let (_, _, text) = get_text(&api, &key, &format!("/v1/tasks/{id}/logs?timestamps=true&tail=1")).await;
-    assert!(text.contains(" stderr [agent-bus: "), "the marker is on stderr: {text}");
+    let (_, _, text) = get_text(
+        &api,
+        &key,
+        &format!("/v1/tasks/{id}/logs?timestamps=true&tail=1"),
+    )
+    .await;
+    assert!(
+        text.contains(" stderr [agent-bus: "),
+        "the marker is on stderr: {text}"
+    );
 }
 
 async fn follow_sends_lines_as_they_come_and_ends_with_the_attempt(store: Store) {
@@ -291,19 +356,34 @@ async fn the_event_stream_includes_progress_and_lines(store: Store) {
     let key = api.tenant("acme", 10).await;
     let id = running_task(&api, &key, "evented").await;
     let (status, body) = api
-        .get(&key, &format!("/v1/tasks/{id}/events?follow=true&include=progress,stdout"))
+        .get(
+            &key,
+            &format!("/v1/tasks/{id}/events?follow=true&include=progress,stdout"),
+        )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "include");
 
-    post_lines(&api, &id, 1, &batch(&[(1, "stdout", "hello"), (2, "stderr", "warn")])).await;
+    post_lines(
+        &api,
+        &id,
+        1,
+        &batch(&[(1, "stdout", "hello"), (2, "stderr", "warn")]),
+    )
+    .await;
     let reports = json!({"reports": [
         {"sequence": 10, "sent_at": "2026-12-02T10:00:01Z", "kind": "progress", "percent": 42.0, "message": "epoch 2/5"}
     ]})
     .to_string();
     let url = format!("/internal/v1/tasks/{id}/attempts/1/reports");
     let (status, _, _) = api
-        .call(Method::POST, &url, Some(&token_for(&id, 1)), Some(&reports), &[])
+        .call(
+            Method::POST,
+            &url,
+            Some(&token_for(&id, 1)),
+            Some(&reports),
+            &[],
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     end_task(&api, &id).await;
@@ -336,13 +416,18 @@ async fn the_event_stream_includes_progress_and_lines(store: Store) {
     assert_eq!(logs[1]["stream"], "stderr");
     assert_eq!(
         data("progress"),
-        [json!({"attempt": 1, "percent": 42.0, "message": "epoch 2/5", "time": "2026-12-02T10:00:01Z"})]
+        [
+            json!({"attempt": 1, "percent": 42.0, "message": "epoch 2/5", "time": "2026-12-02T10:00:01Z"})
+        ]
     );
     let states: Vec<Value> = data("state").iter().map(|e| e["to"].clone()).collect();
     assert_eq!(states.last(), Some(&json!("succeeded")), "{text}");
     // Without include, only states.
     let (_, _, text) = get_text(&api, &key, &format!("/v1/tasks/{id}/events?follow=true")).await;
-    assert!(!text.contains("event: log") && text.contains("event: state"), "{text}");
+    assert!(
+        !text.contains("event: log") && text.contains("event: state"),
+        "{text}"
+    );
 }
 
 on_both_stores!(
@@ -384,13 +469,19 @@ async fn the_embedded_default_keeps_stdout_and_stderr_in_order() {
         text.lines()
             .filter_map(|line| {
                 let (_time, rest) = line.split_once(' ')?;
-                rest.strip_prefix(stream)?.strip_prefix(' ').map(str::to_owned)
+                rest.strip_prefix(stream)?
+                    .strip_prefix(' ')
+                    .map(str::to_owned)
             })
             .collect()
     };
     // Each stream in order; the two pipes are read side by side, so their interleaving
     // is the order the runner read them in.
-    assert_eq!(of("stdout"), ["out 1", "out 2", "out 3", "no newline"], "{text}");
+    assert_eq!(
+        of("stdout"),
+        ["out 1", "out 2", "out 3", "no newline"],
+        "{text}"
+    );
     assert_eq!(of("stderr"), ["err 1", "err 2", "err 3"], "{text}");
     assert_eq!(text.lines().count(), 7, "{text}");
     // `tail` without timestamps: the last line read, as the task wrote it.

@@ -39,7 +39,10 @@ fn output_lines_arrive_in_order_before_the_finished_report() {
     let mut sorted = sequences.clone();
     sorted.sort_unstable();
     sorted.dedup();
-    assert_eq!(sequences, sorted, "numbered in the order read, sent in order");
+    assert_eq!(
+        sequences, sorted,
+        "numbered in the order read, sent in order"
+    );
     for line in &lines {
         line.time.parse::<jiff::Timestamp>().unwrap();
     }
