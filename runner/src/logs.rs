@@ -21,6 +21,7 @@
 //! ended has its lines stored (unless the flush ran out of time).
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -86,9 +87,10 @@ impl LineCutter {
         let mut text = String::from_utf8_lossy(&raw).into_owned();
         let cut = std::mem::take(&mut self.cut);
         if cut > 0 {
-            text.push_str(&format!(
+            let _ = write!(
+                text,
                 " [agent-bus: line cut at {MAX_LINE_BYTES} bytes, {cut} more bytes not kept]"
-            ));
+            );
         }
         text
     }

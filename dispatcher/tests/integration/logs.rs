@@ -295,7 +295,7 @@ async fn follow_sends_lines_as_they_come_and_ends_with_the_attempt(store: Store)
             match tokio::time::timeout_at(deadline, body.next()).await {
                 Ok(Some(chunk)) => received.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap()),
                 Ok(None) => panic!("the stream ended early: {received:?}"),
-                Err(_) => panic!("no {want:?} within 10 s: {received:?}"),
+                Err(elapsed) => panic!("no {want:?} ({elapsed}): {received:?}"),
             }
         }
     };
@@ -420,8 +420,8 @@ async fn the_event_stream_includes_progress_and_lines(store: Store) {
             json!({"attempt": 1, "percent": 42.0, "message": "epoch 2/5", "time": "2026-12-02T10:00:01Z"})
         ]
     );
-    let states: Vec<Value> = data("state").iter().map(|e| e["to"].clone()).collect();
-    assert_eq!(states.last(), Some(&json!("succeeded")), "{text}");
+    let moves: Vec<Value> = data("state").iter().map(|e| e["to"].clone()).collect();
+    assert_eq!(moves.last(), Some(&json!("succeeded")), "{text}");
     // Without include, only states.
     let (_, _, text) = get_text(&api, &key, &format!("/v1/tasks/{id}/events?follow=true")).await;
     assert!(
