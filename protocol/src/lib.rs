@@ -289,6 +289,70 @@ pub fn first_sequence(started_ms: i64) -> u64 {
         .clamp(1, i64::MAX as u64)
 }
 
+/// What one POST of log lines carries (to `{report URL's attempt}/logs`, the sibling of
+/// `/reports`, with the same token): the task's output lines in the order the runner
+/// read them.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogBatch {
+    pub lines: Vec<LogLine>,
+}
+
+/// One line of the task's output, without its newline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogLine {
+    /// Grows by one per line of a runner process, from [`first_sequence`] like reports':
+    /// the idempotency key together with task and attempt, and the order of the lines.
+    pub sequence: u64,
+    pub stream: LogStream,
+    /// When the runner read the line, RFC 3339.
+    pub time: String,
+    /// The text (invalid UTF-8 replaced; a very long line cut, with a marker).
+    pub line: String,
+}
+
+/// Which output a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+/// The dispatcher's answer to a [`LogBatch`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogReceipt {
+    /// Lines new to the dispatcher.
+    pub accepted: u64,
+    /// Lines it already had (a resent batch).
+    pub duplicates: u64,
+    /// The attempt's log reached the dispatcher's cap: lines past it are not kept, so
+    /// the runner stops sending them.
+    #[serde(default)]
+    pub capped: bool,
+}
+
+/// The log URL of an attempt, from its report URL: `…/reports` → `…/logs`.
+#[must_use]
+pub fn log_url(report_url: &str) -> Option<String> {
+    report_url
+        .strip_suffix("/reports")
+        .map(|base| format!("{base}/logs"))
+}
+
 impl TerminationSummary {
     /// The summary as compact JSON within [`TERMINATION_MESSAGE_LIMIT`] bytes: the
     /// stderr tail shrinks first, then the usage list, then the GPU summary.

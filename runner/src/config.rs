@@ -16,6 +16,7 @@ pub mod runner_env {
     pub const TERMINATION_LOG: &str = "AGENT_BUS_TERMINATION_LOG";
     pub const FINAL_FLUSH_SECONDS: &str = "AGENT_BUS_FINAL_FLUSH_SECONDS";
     pub const BUFFER_LIMIT: &str = "AGENT_BUS_BUFFER_LIMIT";
+    pub const LOG_BUFFER_BYTES: &str = "AGENT_BUS_LOG_BUFFER_BYTES";
     pub const NVML_LIBRARY: &str = "AGENT_BUS_NVML_LIBRARY";
 }
 
@@ -92,6 +93,10 @@ pub struct RunArgs {
     /// Reports kept while the dispatcher is unreachable.
     #[arg(long, env = runner_env::BUFFER_LIMIT, default_value_t = 10_000)]
     pub buffer_limit: usize,
+    /// Bytes of output lines kept while the dispatcher does not take them; lines past it
+    /// are dropped (a marker line says how many).
+    #[arg(long, env = runner_env::LOG_BUFFER_BYTES, default_value_t = crate::logs::DEFAULT_BUFFER_BYTES)]
+    pub log_buffer_bytes: usize,
     /// The NVML library loaded at run time.
     #[arg(long, env = runner_env::NVML_LIBRARY, default_value = "libnvidia-ml.so.1")]
     pub nvml_library: String,

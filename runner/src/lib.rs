@@ -5,7 +5,8 @@
 //! is the workload's side of the line protocol.
 //!
 //! Modules: [`run`] (one run, start to finish), [`child`] (process, signals, waiting),
-//! [`output`] (pass-through, CUDA OOM scan, stderr tail), [`lines`] (the line protocol),
+//! [`output`] (pass-through, CUDA OOM scan, stderr tail), [`logs`] (shipping output
+//! lines to the dispatcher), [`lines`] (the line protocol),
 //! [`sender`] (buffered delivery), [`gpu`] (NVML), [`classify`] (failure classes),
 //! [`config`] (the command line).
 
@@ -27,6 +28,7 @@ pub mod classify;
 pub mod config;
 pub mod gpu;
 pub mod lines;
+pub mod logs;
 pub mod output;
 pub mod run;
 pub mod sender;

@@ -1,6 +1,7 @@
-//! The command's standard output and error: copied byte for byte to the runner's own,
-//! scanned for CUDA out-of-memory messages on the way, with a bounded tail of stderr
-//! kept for the finished report.
+//! The command's standard output and error: copied byte for byte to the runner's own
+//! (what `kubectl logs` shows), scanned for CUDA out-of-memory messages on the way, with
+//! a bounded tail of stderr kept for the finished report, and split into lines shipped to
+//! the dispatcher ([`crate::logs`]).
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -123,6 +124,8 @@ pub fn tail_text(bytes: &[u8]) -> Option<String> {
 pub struct Shared {
     pub cuda_oom: AtomicBool,
     pub stderr_tail: Mutex<Tail>,
+    /// Where the output's lines go besides the runner's own output.
+    pub logs: crate::logs::Shipper,
 }
 
 impl Shared {
@@ -145,6 +148,15 @@ impl Shared {
 pub enum Stream {
     Stdout,
     Stderr,
+}
+
+impl Stream {
+    fn log_stream(self) -> protocol::LogStream {
+        match self {
+            Self::Stdout => protocol::LogStream::Stdout,
+            Self::Stderr => protocol::LogStream::Stderr,
+        }
+    }
 }
 
 /// Starts a thread copying `source` to the runner's own `stream` until end of file.
@@ -177,12 +189,13 @@ fn copy<R: Read>(mut source: R, stream: Stream, mut stdout: Option<File>, shared
     let mut buf = vec![0_u8; 64 * 1024];
     let mut scanner = OomScanner::default();
     let mut writable = true;
+    let mut cutter = crate::logs::LineCutter::default();
     loop {
         let n = match source.read(&mut buf) {
-            Ok(0) => return,
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return,
+            Err(_) => break,
         };
         let chunk = &buf[..n];
         if writable {
@@ -203,6 +216,10 @@ fn copy<R: Read>(mut source: R, stream: Stream, mut stdout: Option<File>, shared
         if scanner.feed(chunk) {
             shared.cuda_oom.store(true, Ordering::Relaxed);
         }
+        shared.logs.push(stream.log_stream(), cutter.push(chunk));
+    }
+    if let Some(last) = cutter.finish() {
+        shared.logs.push(stream.log_stream(), vec![last]);
     }
 }
 

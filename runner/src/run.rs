@@ -255,7 +255,10 @@ pub fn run(args: &RunArgs) -> u8 {
         )
     });
 
-    let shared = Arc::new(output::Shared::default());
+    let shared = Arc::new(output::Shared {
+        logs: log_shipper(args, first_sequence),
+        ..output::Shared::default()
+    });
     let copies: Vec<_> = [
         output::spawn_copy(spawned.stdout, Stream::Stdout, Arc::clone(&shared)),
         output::spawn_copy(spawned.stderr, Stream::Stderr, Arc::clone(&shared)),
@@ -395,6 +398,12 @@ pub fn run(args: &RunArgs) -> u8 {
         std::thread::sleep(Duration::from_millis(10));
     }
     poll_report_file(report_file.as_mut(), &mut reports, &mut warnings);
+    // Every line before `finished`: a task seen ended has its output stored. Half the
+    // final flush time at most, so the reports keep theirs.
+    let undelivered_lines = shared.logs.flush(args.final_flush_seconds / 2);
+    if undelivered_lines > 0 {
+        crate::log!("{undelivered_lines} output lines were not delivered to the dispatcher");
+    }
     let stats = gpu.map(gpu::Monitor::finish);
     let oom_kills_after = classify::current_oom_kill_count();
 
@@ -434,6 +443,20 @@ pub fn run(args: &RunArgs) -> u8 {
     };
     finish(args, &reports, summary, report_file.as_ref());
     (exit_code & 0xff) as u8
+}
+
+/// The shipper of the command's output lines: to the attempt's `/logs`, the sibling of
+/// its report URL, with the same token; none without a report URL.
+fn log_shipper(args: &RunArgs, first_sequence: u64) -> crate::logs::Shipper {
+    match args.report_url.as_deref().and_then(protocol::log_url) {
+        Some(url) => crate::logs::Shipper::start(
+            url,
+            args.report_token.clone().filter(|t| !t.is_empty()),
+            args.log_buffer_bytes,
+            first_sequence,
+        ),
+        None => crate::logs::Shipper::disabled(),
+    }
 }
 
 fn send_started(reports: &mut Reports, gpus: Vec<GpuDevice>) {

@@ -169,17 +169,17 @@ pub fn verdict(status: u16) -> Verdict {
 
 /// A small xorshift for jitter; quality hardly matters, independence between runners does.
 #[derive(Debug)]
-struct Jitter(u64);
+pub(crate) struct Jitter(u64);
 
 impl Jitter {
-    fn seeded() -> Self {
+    pub(crate) fn seeded() -> Self {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         Self(u64::from(nanos) ^ (u64::from(std::process::id()) << 32) | 1)
     }
 
-    fn next(&mut self) -> f64 {
+    pub(crate) fn next(&mut self) -> f64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;

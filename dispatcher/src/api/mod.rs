@@ -1,4 +1,5 @@
-//! The REST API (v1): submit, read, list, cancel and follow tasks; write, list and delete
+//! The REST API (v1): submit, read, list, cancel and follow tasks, read their output;
+//! write, list and delete
 //! the tenant's secrets (never read their values); health probes; the OpenAPI document.
 //! `router(state)` is the whole API, testable without a socket;
 //! `metrics_router(state)` is what the separate metrics listener serves.
@@ -23,6 +24,7 @@ pub mod attempts;
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod logs;
 pub mod openapi;
 pub mod readiness;
 pub mod reports;
@@ -127,6 +129,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/events", get(tasks::events))
         .route("/v1/tasks/{id}/webhooks", get(webhooks::list))
+        .route("/v1/tasks/{id}/logs", get(logs::read))
+        .route(
+            "/internal/v1/tasks/{id}/attempts/{attempt}/logs",
+            post(logs::receive),
+        )
         .route(
             "/internal/v1/tasks/{id}/attempts/{attempt}/reports",
             post(reports::receive),

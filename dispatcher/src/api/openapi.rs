@@ -20,6 +20,8 @@ use utoipa::{Modify, OpenApi};
         super::secrets::get_one,
         super::secrets::delete,
         super::reports::receive,
+        super::logs::read,
+        super::logs::receive,
         super::usage::usage,
         super::healthz,
         super::readyz,

@@ -52,6 +52,8 @@ pub struct ReportLimits {
     pub allowance: ReportAllowance,
     /// The most dollars one usage report may carry.
     pub max_cost_usd: f64,
+    /// Bytes of output lines kept per attempt (not part of the report allowance).
+    pub max_log_bytes: u64,
 }
 
 impl Default for ReportLimits {
@@ -59,6 +61,18 @@ impl Default for ReportLimits {
         Self {
             allowance: ReportAllowance::default(),
             max_cost_usd: 1000.0,
+            max_log_bytes: crate::store::LogLimits::default().max_bytes,
+        }
+    }
+}
+
+impl ReportLimits {
+    /// What the log route takes: its own cap, and the reports' time after the end.
+    #[must_use]
+    pub fn logs(&self) -> crate::store::LogLimits {
+        crate::store::LogLimits {
+            max_bytes: self.max_log_bytes,
+            after_end: self.allowance.after_end,
         }
     }
 }

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use super::attempts::{AttemptView, attempts_of};
 use super::auth::Authenticated;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
+use super::logs::{Include, LogEventView, ProgressEventView};
 use super::{ApiError, AppState};
 use crate::cost::{Estimate, Prices, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
@@ -532,6 +533,9 @@ pub struct EventsQuery {
     /// Stream new events as Server-Sent Events until the task finishes.
     #[serde(default)]
     pub follow: bool,
+    /// With follow: also send the runner's progress reports (`event: progress`) and the
+    /// task's output lines (`event: log`); a comma list of `progress`, `logs`.
+    pub include: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -572,10 +576,12 @@ pub struct EventList {
 }
 
 /// The task's state history; with `follow=true`, a Server-Sent Events stream (`event:
-/// state`, data: one event as JSON) that ends when the task is finished.
+/// state`, data: one event as JSON) that ends when the task is finished. With
+/// `include=progress,logs` the stream also carries `event: progress` and `event: log`
+/// items, and ends once every output line of the task was sent too.
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
     params(("id" = String, Path, description = "Task id"), EventsQuery),
-    responses((status = 200, description = "The history; with follow=true a text/event-stream of the same items", body = EventList), (status = 404, body = super::error::ErrorBody)),
+    responses((status = 200, description = "The history; with follow=true a text/event-stream of the same items (and, with include, `progress` items as ProgressEventView and `log` items as LogEventView)", body = EventList), (status = 404, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn events(
     State(state): State<AppState>,
@@ -583,6 +589,7 @@ pub async fn events(
     TaskIdPath(id): TaskIdPath,
     QueryParams(query): QueryParams<EventsQuery>,
 ) -> Result<Response, ApiError> {
+    let include = Include::parse(query.include.as_deref())?;
     let task = owned_task(&state, &tenant.name, id).await?;
     if !query.follow {
         let items = state
@@ -594,7 +601,7 @@ pub async fn events(
             .collect();
         return Ok(Json(EventList { items }).into_response());
     }
-    let stream = follow_stream(state, tenant.name, task.id);
+    let stream = follow_stream(state, tenant.name, task.id, include);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -604,41 +611,123 @@ struct Follow {
     state: AppState,
     tenant: String,
     id: TaskId,
+    include: Include,
     after: Option<i64>,
-    pending: VecDeque<EventView>,
+    /// The last progress report and output line sent: (attempt, sequence).
+    progress_after: Option<(u32, u64)>,
+    log_after: Option<(u32, u64)>,
+    pending: VecDeque<SseEvent>,
     done: bool,
 }
 
+/// Items of each kind read from the store per poll.
+const FOLLOW_PAGE: u32 = 500;
+
+fn sse_json<T: Serialize>(kind: &'static str, item: &T) -> SseEvent {
+    SseEvent::default()
+        .event(kind)
+        .data(serde_json::to_string(item).unwrap_or_default())
+}
+
+impl Follow {
+    /// One read of each kind followed; whether every kind came back short of a page (all
+    /// of it read), or `None` when a read failed.
+    async fn poll(&mut self) -> Option<bool> {
+        let store = self.state.store();
+        let mut complete = true;
+        match store.events(self.id, self.after).await {
+            Ok(events) => {
+                if let Some(last) = events.last() {
+                    self.after = Some(last.id);
+                }
+                for event in events.into_iter().map(EventView::from) {
+                    let id = event.id.to_string();
+                    self.pending.push_back(sse_json("state", &event).id(id));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(task_id = %self.id, error = %error, "follow: reading events failed");
+                return None;
+            }
+        }
+        if self.include.progress {
+            match store
+                .progress_of_task(self.id, self.progress_after, FOLLOW_PAGE)
+                .await
+            {
+                Ok(items) => {
+                    complete &= items.len() < FOLLOW_PAGE as usize;
+                    if let Some(last) = items.last() {
+                        self.progress_after = Some((last.attempt, last.sequence));
+                    }
+                    self.pending.extend(
+                        items
+                            .into_iter()
+                            .map(|p| sse_json("progress", &ProgressEventView::from(p))),
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(task_id = %self.id, error = %error, "follow: reading progress failed");
+                    return None;
+                }
+            }
+        }
+        if self.include.logs {
+            match store
+                .log_lines_of_task(self.id, self.log_after, FOLLOW_PAGE)
+                .await
+            {
+                Ok(lines) => {
+                    complete &= lines.len() < FOLLOW_PAGE as usize;
+                    if let Some(last) = lines.last() {
+                        self.log_after = Some((last.attempt, last.sequence));
+                    }
+                    self.pending.extend(
+                        lines
+                            .into_iter()
+                            .map(|l| sse_json("log", &LogEventView::from(l))),
+                    );
+                }
+                Err(error) => {
+                    tracing::warn!(task_id = %self.id, error = %error, "follow: reading output failed");
+                    return None;
+                }
+            }
+        }
+        Some(complete)
+    }
+}
+
 /// Events as they are written, polling the store (any process may write them), until the
-/// task is terminal and every event up to that point was sent.
+/// task is terminal and every event (and included item) up to that point was sent.
 fn follow_stream(
     state: AppState,
     tenant: String,
     id: TaskId,
+    include: Include,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let start = Follow {
         state,
         tenant,
         id,
+        include,
         after: None,
+        progress_after: None,
+        log_after: None,
         pending: VecDeque::default(),
         done: false,
     };
     futures::stream::unfold(start, |mut follow| async move {
         loop {
-            if let Some(event) = follow.pending.pop_front() {
-                let data = serde_json::to_string(&event).unwrap_or_default();
-                let sse = SseEvent::default()
-                    .event("state")
-                    .id(event.id.to_string())
-                    .data(data);
+            if let Some(sse) = follow.pending.pop_front() {
                 return Some((Ok(sse), follow));
             }
             if follow.done {
                 return None;
             }
-            // Read the state first: events written before a terminal state is seen are
-            // then certainly in the next read.
+            // Read the state first: items written before a terminal state is seen are
+            // then certainly in the next reads (the runner's last output lines are
+            // stored before its finished report).
             let terminal = match follow
                 .state
                 .store()
@@ -652,19 +741,8 @@ fn follow_stream(
                     false
                 }
             };
-            match follow.state.store().events(follow.id, follow.after).await {
-                Ok(events) => {
-                    if let Some(last) = events.last() {
-                        follow.after = Some(last.id);
-                    }
-                    follow
-                        .pending
-                        .extend(events.into_iter().map(EventView::from));
-                    follow.done = terminal;
-                }
-                Err(error) => {
-                    tracing::warn!(task_id = %follow.id, error = %error, "follow: reading events failed");
-                }
+            if let Some(complete) = follow.poll().await {
+                follow.done = terminal && complete;
             }
             if follow.pending.is_empty() && !follow.done {
                 tokio::time::sleep(follow.state.follow_poll).await;

@@ -173,6 +173,13 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         settings::delivery_settings(&args),
     )?;
     roles.spawn(deliverer.run(shutdown.clone()));
+    // Every role purges task output past --log-retention (a repeated delete is harmless).
+    roles.spawn(crate::report::retention::run_log_retention(
+        store.clone(),
+        metrics.clone(),
+        args.runner.log_retention,
+        shutdown.clone(),
+    ));
 
     if args.roles.contains(&Role::Launcher) {
         let launcher = Launcher {

@@ -78,6 +78,7 @@ pub(super) fn report_limits(args: &ServeArgs) -> ReportLimits {
                 .unwrap_or(jiff::SignedDuration::MAX),
         },
         max_cost_usd: args.runner.max_report_cost_usd,
+        max_log_bytes: args.runner.max_log_bytes_per_attempt,
     }
 }
 

@@ -17,7 +17,7 @@ use crate::launcher::job_spec::{
     DEFAULT_TTL_AFTER_FINISHED, ImagePullPolicy,
 };
 use crate::metrics::snapshot::SnapshotConfig;
-use crate::store::ReportAllowance;
+use crate::store::{LogLimits, ReportAllowance};
 use crate::task::retry::{MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, RetryDefaults};
 use crate::task::submission::{KeyPrefix, Limits, ShmRule};
 use crate::task::{Cpu, Memory};
@@ -382,6 +382,14 @@ pub struct RunnerArgs {
     /// later reports get 409.
     #[arg(long, env = "AGENT_BUS_REPORTS_AFTER_END", value_parser = parse_duration, default_value = "2m")]
     pub reports_after_end: Duration,
+    /// Bytes of output lines kept per task attempt (separate from the report
+    /// allowance); past it a marker line says the rest was not kept (docs/LOGS.md).
+    #[arg(long, env = "AGENT_BUS_MAX_LOG_BYTES_PER_ATTEMPT", default_value_t = LogLimits::default().max_bytes)]
+    pub max_log_bytes_per_attempt: u64,
+    /// How long the output lines of a task are kept after it ended; a periodic sweep
+    /// deletes older ones.
+    #[arg(long, env = "AGENT_BUS_LOG_RETENTION", value_parser = parse_duration, default_value = "168h")]
+    pub log_retention: Duration,
 }
 
 #[cfg(test)]

@@ -44,6 +44,19 @@ label_values! {
     }
 }
 
+label_values! {
+    /// What became of a shipped output line.
+    pub enum LogLineOutcome {
+        Stored => "stored",
+        Capped => "capped",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LogLineLabels {
+    outcome: LogLineOutcome,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: ReportKind,
@@ -67,6 +80,8 @@ pub(super) struct ReportFamilies {
     reports: Family<KindLabels, Counter>,
     llm_calls: Family<ModelLabels, Counter>,
     llm_tokens: Family<TokenLabels, Counter>,
+    log_lines: Family<LogLineLabels, Counter>,
+    log_lines_purged: Counter,
 }
 
 impl ReportFamilies {
@@ -75,6 +90,8 @@ impl ReportFamilies {
             reports: Family::default(),
             llm_calls: Family::default(),
             llm_tokens: Family::default(),
+            log_lines: Family::default(),
+            log_lines_purged: Counter::default(),
         };
         registrar.counter(
             "runner_reports",
@@ -93,6 +110,18 @@ impl ReportFamilies {
             &["tenant", "model", "direction"],
             "LLM tokens reported by runners, by tenant, model and direction (input, output)",
             families.llm_tokens.clone(),
+        );
+        registrar.counter(
+            "task_log_lines",
+            &["outcome"],
+            "Task output lines runners shipped, by outcome (stored; capped: not kept, past the attempt's --max-log-bytes-per-attempt)",
+            families.log_lines.clone(),
+        );
+        registrar.counter(
+            "task_log_lines_purged",
+            &[],
+            "Task output lines deleted by the retention sweep (--log-retention)",
+            families.log_lines_purged.clone(),
         );
         families
     }
@@ -113,6 +142,26 @@ impl ReportMetrics<'_> {
             .reports
             .get_or_create(&KindLabels { kind })
             .inc();
+    }
+
+    /// Output lines of a batch: `stored` new ones, `capped` not kept for the cap.
+    pub fn log_lines(&self, stored: u64, capped: u64) {
+        let family = &self.metrics.inner.reports.log_lines;
+        for (outcome, count) in [
+            (LogLineOutcome::Stored, stored),
+            (LogLineOutcome::Capped, capped),
+        ] {
+            if count > 0 {
+                family
+                    .get_or_create(&LogLineLabels { outcome })
+                    .inc_by(count);
+            }
+        }
+    }
+
+    /// Output lines the retention sweep deleted.
+    pub fn log_lines_purged(&self, count: u64) {
+        self.metrics.inner.reports.log_lines_purged.inc_by(count);
     }
 
     /// LLM usage newly reported by a task of `tenant` in `queue`: its calls, its tokens

@@ -1,9 +1,11 @@
-//! The dispatcher's side of the runner: report tokens, the report URL of an attempt, and
-//! the view of what a task's runner said (folded from the stored reports, pure).
+//! The dispatcher's side of the runner: report tokens, the report URL of an attempt, the
+//! view of what a task's runner said (folded from the stored reports, pure), and the
+//! retention sweep of the output lines it shipped.
 //!
 //! Invariants: a token is valid for exactly one (task, attempt) until its expiry; the
 //! view of a task depends only on its stored reports and last heartbeat.
 
+pub mod retention;
 pub mod token;
 pub mod view;
 

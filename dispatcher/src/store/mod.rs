@@ -10,8 +10,9 @@
 //! [`tenants`](Store::create_tenant), [`tasks`](Store::insert_task) and their queries,
 //! [`transitions`](Store::transition) and notes, [`quotas`](Store::tenant_quota) and the
 //! fair choice, [`events`](Store::events), runner
-//! [`reports`](Store::record_reports), [`spend`](Store::usage) and budgets, the
-//! [`webhook outbox`](Store::claim_deliveries) and the tenants' webhook settings.
+//! [`reports`](Store::record_reports), output [`logs`](Store::record_logs),
+//! [`spend`](Store::usage) and budgets, the [`webhook outbox`](Store::claim_deliveries)
+//! and the tenants' webhook settings.
 //!
 //! Invariants:
 //! - every state change is a compare-and-set (`UPDATE … WHERE id = $1 AND state =
@@ -57,6 +58,7 @@ mod attempts;
 mod error;
 mod events;
 mod local_users;
+mod logs;
 mod quotas;
 mod reports;
 mod row;
@@ -79,6 +81,9 @@ pub use error::{Result, StoreError};
 // The budget types moved to `cost`; re-exported while callers still name them here.
 pub use crate::cost::{Budget, BudgetAction};
 pub use events::TaskEvent;
+pub use logs::{
+    LogCursor, LogLimits, LogRecording, LogsRecorded, NewLogLine, StoredLogLine, StoredProgress,
+};
 pub use quotas::{ACTIVE, WaitFigures};
 pub use reports::{
     Exhausted, LastHeartbeat, MAX_USAGE_REPORTS_READ, Recorded, Recording, ReportAllowance,

@@ -107,7 +107,7 @@ impl Recording {
 
 /// Whether `attempt` of `task` still takes reports at `now`: until `after_end` past its
 /// end. An earlier attempt ended when the current one was queued (or before).
-fn attempt_open(
+pub(super) fn attempt_open(
     task: &Task,
     attempt: u32,
     now: jiff::Timestamp,
@@ -348,7 +348,7 @@ async fn insert_once(
 
 /// Task `id` as `tx` sees it: `None` if it does not exist, an error if its row does not
 /// decode.
-async fn task_in(
+pub(super) async fn task_in(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     id: TaskId,
 ) -> std::result::Result<Option<Result<Task>>, sqlx::Error> {

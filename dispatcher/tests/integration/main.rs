@@ -27,6 +27,7 @@ mod cluster;
 mod isolation;
 mod listeners;
 mod local;
+mod logs;
 mod observability;
 mod outage;
 mod queue;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use protocol::{Finished, Report, ReportBatch, ReportBody, TerminationSummary};
+use protocol::{Finished, LogBatch, LogLine, Report, ReportBatch, ReportBody, TerminationSummary};
 
 /// How long any single condition may take before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -320,6 +320,14 @@ pub struct Request {
     pub status: u16,
     /// `None` when the body was not a report batch.
     pub batch: Option<ReportBatch>,
+    /// The body of a POST to the `/logs` sibling route.
+    pub logs: Option<LogBatch>,
+}
+
+impl Request {
+    fn is_logs(&self) -> bool {
+        self.path.ends_with("/logs")
+    }
 }
 
 #[derive(Debug)]
@@ -388,8 +396,27 @@ impl Receiver {
         self.state.lock().unwrap().answer = answer;
     }
 
+    /// The POSTs of reports (not of output lines), in arrival order.
     pub fn requests(&self) -> Vec<Request> {
+        self.all_requests()
+            .into_iter()
+            .filter(|r| !r.is_logs())
+            .collect()
+    }
+
+    /// Every POST, reports and output lines, in arrival order.
+    pub fn all_requests(&self) -> Vec<Request> {
         self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Every output line of every accepted (2xx) `/logs` batch, in arrival order.
+    pub fn shipped(&self) -> Vec<LogLine> {
+        self.all_requests()
+            .into_iter()
+            .filter(|r| r.is_logs() && (200..300).contains(&r.status))
+            .filter_map(|r| r.logs)
+            .flat_map(|b| b.lines)
+            .collect()
     }
 
     /// Every report of every accepted (2xx) batch, in arrival order.
@@ -458,6 +485,7 @@ fn serve(conn: TcpStream, state: &Mutex<ReceiverState>) {
                 authorization,
                 status,
                 batch: serde_json::from_slice(&body).ok(),
+                logs: serde_json::from_slice(&body).ok(),
             });
             status
         };

@@ -3,6 +3,7 @@
 //!
 //! - `process`: exit codes, output, signals, timeout, spawn failures, classification;
 //! - `reports`: reports to a receiver (heartbeats, progress, usage, refusals, retries);
+//! - `logs`: the command's output lines shipped to the receiver's `/logs` route;
 //! - `report_command`: the `runner report` subcommand;
 //! - `gpu`: the NVML path with a fake library built with `cc` (skips without one);
 //! - `old_userland`: the glibc 2.31 build in a Debian bullseye root; needs
@@ -15,6 +16,7 @@
 mod common;
 
 mod gpu;
+mod logs;
 mod old_userland;
 mod process;
 mod report_command;

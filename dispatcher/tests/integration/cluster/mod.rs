@@ -215,6 +215,7 @@ async fn jobs_of(ns: &TestNamespace, task_id: &str) -> Vec<Job> {
 
 mod cost_alert;
 mod lifecycle;
+mod logs;
 mod placement;
 mod quota;
 mod recovery;

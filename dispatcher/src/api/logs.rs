@@ -1,0 +1,593 @@
+//! Task output: `POST /internal/v1/tasks/{id}/attempts/{attempt}/logs`, where the runner
+//! ships its command's output lines (report token, like `/reports`), and
+//! `GET /v1/tasks/{id}/logs`, where the task's tenant reads them as `text/plain`, once or
+//! followed until the attempt ends. Also the `include=progress,logs` items of the
+//! followed event stream.
+//!
+//! Bounds: a batch has at most [`MAX_BATCH_LINES`] lines of at most [`MAX_LINE_BYTES`]
+//! (422 naming the field); an attempt keeps at most `--max-log-bytes-per-attempt`
+//! ([`crate::store::LogLimits`]), which is also what one read can return; a read goes to
+//! the store a page of [`PAGE`] lines at a time, holding no connection between pages
+//! (nor while a follow waits for new lines).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use protocol::{LogBatch, LogReceipt};
+use serde::{Deserialize, Serialize};
+
+use super::auth::Authenticated;
+use super::extract::{JsonBody, QueryParams, TaskIdPath};
+use super::reports::ReportingAttempt;
+use super::{ApiError, AppState};
+use crate::store::{LogCursor, LogRecording, NewLogLine, StoredLogLine, StoredProgress};
+use crate::task::submission::FieldError;
+use crate::task::{Task, TaskId};
+
+/// The most lines one batch may carry (the runner sends at most 1000).
+pub const MAX_BATCH_LINES: usize = 5000;
+/// The longest line taken (the runner cuts lines at 16 KiB and adds a short marker).
+pub const MAX_LINE_BYTES: usize = 32 * 1024;
+/// The longest `time` (an RFC 3339 time is about 30 bytes).
+const MAX_TIME_BYTES: usize = 64;
+/// The most lines `tail` may ask for.
+pub const MAX_TAIL: u32 = 10_000;
+/// Lines read from the store at a time.
+pub const PAGE: u32 = 1000;
+
+fn check_batch(batch: &LogBatch) -> Result<Vec<NewLogLine>, FieldError> {
+    if batch.lines.len() > MAX_BATCH_LINES {
+        return Err(FieldError::new(
+            "lines",
+            format!("must have at most {MAX_BATCH_LINES} entries"),
+        ));
+    }
+    batch
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(index, line)| {
+            let field = |name: &str| format!("lines[{index}].{name}");
+            if line.sequence == 0 || line.sequence > i64::MAX as u64 {
+                return Err(FieldError::new(
+                    field("sequence"),
+                    "must be between 1 and 2^63-1",
+                ));
+            }
+            if line.line.len() > MAX_LINE_BYTES {
+                return Err(FieldError::new(
+                    field("line"),
+                    format!("must be at most {MAX_LINE_BYTES} bytes"),
+                ));
+            }
+            let at = (line.time.len() <= MAX_TIME_BYTES)
+                .then(|| line.time.parse::<jiff::Timestamp>().ok())
+                .flatten()
+                .ok_or_else(|| FieldError::new(field("time"), "must be an RFC 3339 time"))?;
+            Ok(NewLogLine {
+                sequence: line.sequence,
+                stream: line.stream,
+                at,
+                line: line.line.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Takes a batch of the task's output lines from its runner.
+#[utoipa::path(
+    post,
+    path = "/internal/v1/tasks/{id}/attempts/{attempt}/logs",
+    operation_id = "postLogs",
+    params(("id" = String, Path, description = "Task id"), ("attempt" = u32, Path, description = "Attempt number")),
+    request_body = LogBatch,
+    security(("report_token" = [])),
+    responses(
+        (status = 200, body = LogReceipt, description = "Stored (or already stored, or past the cap: `capped`)"),
+        (status = 400, body = super::error::ErrorBody, description = "Malformed JSON"),
+        (status = 401, body = super::error::ErrorBody, description = "No token, a forged or expired one"),
+        (status = 403, body = super::error::ErrorBody, description = "The token belongs to another task or attempt"),
+        (status = 404, body = super::error::ErrorBody, description = "No such task"),
+        (status = 409, body = super::error::ErrorBody, description = "The attempt ended (longer ago than its final reports may take)"),
+        (status = 413, body = super::error::ErrorBody, description = "The body is larger than the dispatcher takes"),
+        (status = 422, body = super::error::ErrorBody, description = "A line breaks a rule"),
+        (status = 503, body = super::error::ErrorBody, description = "The database is unavailable"),
+    ),
+    tag = "internal"
+)]
+pub async fn receive(
+    State(state): State<AppState>,
+    ReportingAttempt { id, attempt }: ReportingAttempt,
+    JsonBody(batch): JsonBody<LogBatch>,
+) -> Result<Json<LogReceipt>, ApiError> {
+    let lines = check_batch(&batch)?;
+    let limits = state.reports.logs();
+    match state
+        .store()
+        .record_logs(id, attempt, &lines, &limits)
+        .await?
+    {
+        LogRecording::Recorded(recorded) => {
+            state
+                .metrics()
+                .reports()
+                .log_lines(recorded.accepted, recorded.refused);
+            Ok(Json(LogReceipt {
+                accepted: recorded.accepted,
+                duplicates: recorded.duplicates,
+                capped: recorded.capped,
+            }))
+        }
+        LogRecording::NoTask => Err(ApiError::NotFound),
+        LogRecording::AttemptOver { ended_at: Some(at) } => Err(ApiError::AttemptOver(format!(
+            "attempt {attempt} of task {id} ended at {at}; its output is no longer taken"
+        ))),
+        LogRecording::AttemptOver { ended_at: None } => Err(ApiError::AttemptOver(format!(
+            "task {id} has no attempt {attempt}"
+        ))),
+    }
+}
+
+/// The query of `GET /v1/tasks/{id}/logs`. Values are read as text and checked here, so
+/// a bad one is a 422 naming its parameter.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// The attempt whose output to read (default: the task's latest).
+    #[param(value_type = Option<u32>, minimum = 1)]
+    pub attempt: Option<String>,
+    /// Only the last N lines (1 to 10000).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    pub tail: Option<String>,
+    /// Only lines at or after this time (RFC 3339).
+    #[param(value_type = Option<String>)]
+    pub since: Option<String>,
+    /// Prefix each line with its time (RFC 3339) and stream: `<time> <stdout|stderr> `.
+    #[param(value_type = Option<bool>)]
+    pub timestamps: Option<String>,
+    /// Keep the response open, sending new lines as they are stored, until the attempt
+    /// has ended and every line was sent.
+    #[param(value_type = Option<bool>)]
+    pub follow: Option<String>,
+}
+
+/// A checked [`LogsQuery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogRequest {
+    pub attempt: Option<u32>,
+    pub tail: Option<u32>,
+    pub since: Option<jiff::Timestamp>,
+    pub timestamps: bool,
+    pub follow: bool,
+}
+
+fn flag(name: &str, value: Option<&str>) -> Result<bool, FieldError> {
+    match value {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1" | "") => Ok(true),
+        Some(_) => Err(FieldError::new(name, "must be true or false")),
+    }
+}
+
+impl LogsQuery {
+    /// The request, or the parameter that breaks its rule.
+    pub fn check(&self) -> Result<LogRequest, FieldError> {
+        let attempt = self
+            .attempt
+            .as_deref()
+            .map(|value| {
+                value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|a| *a >= 1)
+                    .ok_or_else(|| FieldError::new("attempt", "must be a whole number >= 1"))
+            })
+            .transpose()?;
+        let tail = self
+            .tail
+            .as_deref()
+            .map(|value| {
+                value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=MAX_TAIL).contains(n))
+                    .ok_or_else(|| {
+                        FieldError::new(
+                            "tail",
+                            format!("must be a whole number from 1 to {MAX_TAIL}"),
+                        )
+                    })
+            })
+            .transpose()?;
+        let since = self
+            .since
+            .as_deref()
+            .map(|value| {
+                value.parse::<jiff::Timestamp>().map_err(|_| {
+                    FieldError::new(
+                        "since",
+                        "must be an RFC 3339 time, e.g. 2026-01-02T15:04:05Z",
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(LogRequest {
+            attempt,
+            tail,
+            since,
+            timestamps: flag("timestamps", self.timestamps.as_deref())?,
+            follow: flag("follow", self.follow.as_deref())?,
+        })
+    }
+}
+
+/// One line of the answer: as the task wrote it, or with its time and stream first.
+#[must_use]
+pub fn format_line(line: &StoredLogLine, timestamps: bool) -> String {
+    if timestamps {
+        format!("{} {} {}\n", line.at, line.stream.as_str(), line.line)
+    } else {
+        format!("{}\n", line.line)
+    }
+}
+
+/// Whether `attempt` of `task` is over: a later attempt began, or the task ended.
+fn attempt_ended(task: &Task, attempt: u32) -> bool {
+    task.attempt > attempt || task.state.is_terminal()
+}
+
+/// The task's output, `text/plain`, in the order the runner read it.
+#[utoipa::path(get, path = "/v1/tasks/{id}/logs", tag = "tasks", operation_id = "getTaskLogs",
+    params(("id" = String, Path, description = "Task id"), LogsQuery),
+    responses(
+        (status = 200, description = "One line per output line, `\\n`-terminated; empty before the attempt wrote any. With follow=true the response stays open until the attempt ended and every line was sent.", body = String, content_type = "text/plain"),
+        (status = 401, body = super::error::ErrorBody, description = "No key, or a key that is not valid"),
+        (status = 403, body = super::error::ErrorBody, description = "The tenant is disabled"),
+        (status = 404, body = super::error::ErrorBody, description = "No such task (another tenant's is the same answer)"),
+        (status = 422, body = super::error::ErrorBody, description = "A query parameter breaks its rule (named in `field`), or the attempt is beyond the task's latest"),
+        (status = 503, body = super::error::ErrorBody, description = "The database is unavailable"),
+    ),
+    security(("bearer" = [])))]
+pub async fn read(
+    State(state): State<AppState>,
+    Authenticated(tenant): Authenticated,
+    TaskIdPath(id): TaskIdPath,
+    QueryParams(query): QueryParams<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let request = query.check()?;
+    let task = state
+        .store()
+        .get_task(&tenant.name, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let attempt = match request.attempt {
+        Some(a) if a > task.attempt => {
+            return Err(FieldError::new(
+                "attempt",
+                format!("task {id} has {} attempts so far", task.attempt),
+            )
+            .into());
+        }
+        Some(a) => a,
+        None => task.attempt,
+    };
+    let mut first = VecDeque::new();
+    let mut cursor = LogCursor {
+        after: None,
+        since: request.since,
+    };
+    if let Some(count) = request.tail {
+        let lines = state
+            .store()
+            .log_tail(id, attempt, request.since, count)
+            .await?;
+        if let Some(last) = lines.last() {
+            cursor.after = Some((attempt, last.sequence));
+        }
+        first.extend(lines);
+    }
+    let read = LogRead {
+        state,
+        tenant: tenant.name,
+        id,
+        attempt,
+        cursor,
+        request,
+        pending: first,
+        tail_only: request.tail.is_some() && !request.follow,
+        done: false,
+    };
+    let body = Body::from_stream(log_stream(read));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+struct LogRead {
+    state: AppState,
+    tenant: String,
+    id: TaskId,
+    attempt: u32,
+    cursor: LogCursor,
+    request: LogRequest,
+    pending: VecDeque<StoredLogLine>,
+    /// A plain `tail`: the lines read up front are the whole answer.
+    tail_only: bool,
+    done: bool,
+}
+
+/// Pages of lines as text. Without follow: until a page comes back short. With follow:
+/// the attempt's state is read before each page, and once it had ended before a page
+/// that came back short, every line was sent.
+fn log_stream(read: LogRead) -> impl futures::Stream<Item = Result<Bytes, Infallible>> {
+    futures::stream::unfold(read, |mut read| async move {
+        loop {
+            if !read.pending.is_empty() {
+                let mut text = String::new();
+                while let Some(line) = read.pending.pop_front() {
+                    text.push_str(&format_line(&line, read.request.timestamps));
+                }
+                return Some((Ok(Bytes::from(text)), read));
+            }
+            if read.done || read.tail_only {
+                return None;
+            }
+            let ended = if read.request.follow {
+                match read.state.store().get_task(&read.tenant, read.id).await {
+                    Ok(Some(task)) => attempt_ended(&task, read.attempt),
+                    Ok(None) => true,
+                    Err(error) => {
+                        tracing::warn!(task_id = %read.id, error = %error, "logs: reading the task failed");
+                        false
+                    }
+                }
+            } else {
+                true
+            };
+            match read
+                .state
+                .store()
+                .log_lines(read.id, read.attempt, read.cursor, PAGE)
+                .await
+            {
+                Ok(lines) => {
+                    if let Some(last) = lines.last() {
+                        read.cursor.after = Some((read.attempt, last.sequence));
+                    }
+                    read.done = ended && lines.len() < PAGE as usize;
+                    read.pending.extend(lines);
+                }
+                Err(error) => {
+                    tracing::warn!(task_id = %read.id, error = %error, "logs: reading lines failed");
+                    // A plain read ends (the body stops short); a follow tries again.
+                    read.done = !read.request.follow;
+                }
+            }
+            if read.pending.is_empty() && !read.done {
+                tokio::time::sleep(read.state.follow_poll).await;
+            }
+        }
+    })
+}
+
+/// What the followed event stream includes besides state events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Include {
+    pub progress: bool,
+    pub logs: bool,
+}
+
+/// The most items `include` may list.
+const MAX_INCLUDE_ITEMS: usize = 8;
+
+impl Include {
+    /// `progress,logs` (either, both, in any order; empty items ignored).
+    pub fn parse(value: Option<&str>) -> Result<Self, FieldError> {
+        let mut include = Self::default();
+        let Some(value) = value else {
+            return Ok(include);
+        };
+        let items: Vec<&str> = value.split(',').map(str::trim).collect();
+        if items.len() > MAX_INCLUDE_ITEMS {
+            return Err(FieldError::new(
+                "include",
+                "must be a comma list of progress, logs",
+            ));
+        }
+        for item in items {
+            match item {
+                "progress" => include.progress = true,
+                "logs" => include.logs = true,
+                "" => {}
+                _ => {
+                    return Err(FieldError::new(
+                        "include",
+                        "must be a comma list of progress, logs",
+                    ));
+                }
+            }
+        }
+        Ok(include)
+    }
+}
+
+/// `event: log` of the followed event stream.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct LogEventView {
+    pub attempt: u32,
+    pub stream: protocol::LogStream,
+    /// RFC 3339.
+    pub time: String,
+    pub line: String,
+}
+
+impl From<StoredLogLine> for LogEventView {
+    fn from(line: StoredLogLine) -> Self {
+        Self {
+            attempt: line.attempt,
+            stream: line.stream,
+            time: line.at.to_string(),
+            line: line.line,
+        }
+    }
+}
+
+/// `event: progress` of the followed event stream.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ProgressEventView {
+    pub attempt: u32,
+    pub percent: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// RFC 3339.
+    pub time: String,
+}
+
+impl From<StoredProgress> for ProgressEventView {
+    fn from(progress: StoredProgress) -> Self {
+        Self {
+            attempt: progress.attempt,
+            percent: progress.percent,
+            message: progress.message,
+            time: progress.at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use protocol::{LogBatch, LogLine, LogStream};
+
+    use super::*;
+
+    fn line(sequence: u64, time: &str, text: &str) -> LogLine {
+        LogLine {
+            sequence,
+            stream: LogStream::Stdout,
+            time: time.to_owned(),
+            line: text.to_owned(),
+        }
+    }
+
+    #[test]
+    fn bad_lines_name_their_field() {
+        let field = |lines: Vec<LogLine>| {
+            check_batch(&LogBatch { lines })
+                .map(|_| ())
+                .map_err(|e| e.field)
+        };
+        let t = "2026-12-02T10:00:00Z";
+        assert_eq!(field(vec![line(1, t, "ok")]), Ok(()));
+        assert_eq!(
+            field(vec![line(0, t, "x")]),
+            Err("lines[0].sequence".into())
+        );
+        assert_eq!(
+            field(vec![line(1, t, "ok"), line(2, "yesterday", "x")]),
+            Err("lines[1].time".into())
+        );
+        assert_eq!(
+            field(vec![line(1, t, &"x".repeat(MAX_LINE_BYTES + 1))]),
+            Err("lines[0].line".into())
+        );
+        assert_eq!(
+            field(vec![line(1, t, ""); MAX_BATCH_LINES + 1]),
+            Err("lines".into())
+        );
+    }
+
+    fn query(pairs: &[(&str, &str)]) -> Result<LogRequest, String> {
+        let mut q = LogsQuery::default();
+        for (k, v) in pairs {
+            let v = Some((*v).to_owned());
+            match *k {
+                "attempt" => q.attempt = v,
+                "tail" => q.tail = v,
+                "since" => q.since = v,
+                "timestamps" => q.timestamps = v,
+                "follow" => q.follow = v,
+                _ => unreachable!(),
+            }
+        }
+        q.check().map_err(|e| e.field)
+    }
+
+    #[test]
+    fn bad_query_values_name_their_parameter() {
+        assert!(query(&[]).is_ok());
+        let ok = query(&[
+            ("attempt", "2"),
+            ("tail", "10000"),
+            ("since", "2026-12-02T10:00:00Z"),
+            ("timestamps", "true"),
+            ("follow", "false"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (ok.attempt, ok.tail, ok.timestamps, ok.follow),
+            (Some(2), Some(10_000), true, false)
+        );
+        for (name, value) in [
+            ("attempt", "0"),
+            ("attempt", "-1"),
+            ("attempt", "x"),
+            ("tail", "0"),
+            ("tail", "10001"),
+            ("tail", "ten"),
+            ("since", "yesterday"),
+            ("since", "2026-12-02"),
+            ("timestamps", "yes"),
+            ("follow", "2"),
+        ] {
+            assert_eq!(
+                query(&[(name, value)]),
+                Err(name.to_owned()),
+                "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn include_takes_progress_and_logs_only() {
+        assert_eq!(Include::parse(None), Ok(Include::default()));
+        assert_eq!(
+            Include::parse(Some("logs, progress")),
+            Ok(Include {
+                progress: true,
+                logs: true
+            })
+        );
+        assert_eq!(Include::parse(Some("logs")).map(|i| i.logs), Ok(true));
+        assert_eq!(Include::parse(Some("stdout")).unwrap_err().field, "include");
+        assert_eq!(
+            Include::parse(Some(&",".repeat(20))).unwrap_err().field,
+            "include"
+        );
+    }
+
+    #[test]
+    fn lines_come_plain_or_with_time_and_stream() {
+        let stored = StoredLogLine {
+            attempt: 1,
+            sequence: 7,
+            stream: LogStream::Stderr,
+            at: "2026-12-02T10:00:00.5Z".parse().unwrap(),
+            line: "boom".into(),
+        };
+        assert_eq!(format_line(&stored, false), "boom\n");
+        assert_eq!(
+            format_line(&stored, true),
+            "2026-12-02T10:00:00.5Z stderr boom\n"
+        );
+    }
+}
