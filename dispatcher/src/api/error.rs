@@ -90,9 +90,8 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::TenantDisabled { .. } => (StatusCode::FORBIDDEN, "tenant_disabled"),
             Self::NotFound | Self::SecretNotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Self::IdempotencyConflict { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
-            }
+            // The request is valid; the key's earlier request conflicts with it.
+            Self::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_key_reused"),
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BudgetExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "budget_exceeded"),

@@ -71,7 +71,7 @@ pub const OPENAPI_VERSION: &str = "3.0.3";
         super::healthz,
         super::readyz,
     ),
-    components(schemas(super::error::ErrorBody)),
+    components(schemas(super::error::ErrorBody, super::usage::GroupByParam)),
     tags(
         (name = "tasks", description = "Task submission and tracking"),
         (name = "secrets", description = "Tenants' secrets for their tasks' environment: written, listed by key, deleted; values are never returned"),

@@ -221,9 +221,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
             headers(("idempotent-replayed" = String, description = "`true` on a replay"))),
         (status = 400, description = "The body is not JSON (code `malformed_json`)", body = super::error::ErrorBody),
         (status = 402, description = "A budget of the tenant with action `refuse` is spent (code `budget_exceeded`)", body = super::error::ErrorBody),
-        (status = 409, description = "An environment variable references a secret or key the tenant does not have (code `secret_not_found`, field `env.<VAR>`)", body = super::error::ErrorBody),
+        (status = 409, description = "An environment variable references a secret or key the tenant does not have (code `secret_not_found`, field `env.<VAR>`); or the Idempotency-Key was used with another body (code `idempotency_key_reused`)", body = super::error::ErrorBody),
         (status = 413, description = "The body is larger than `--max-body-bytes` (code `payload_too_large`)", body = super::error::ErrorBody),
-        (status = 422, description = "A field breaks a rule, named in `field` (code `invalid_field`); or the Idempotency-Key was used with another body (code `idempotency_key_reused`)", body = super::error::ErrorBody),
+        (status = 422, description = "A field breaks a rule, named in `field` (code `invalid_field`)", body = super::error::ErrorBody),
         (status = 429, description = "The tenant's queued tasks are at its quota (code `quota_exceeded`)", body = super::error::ErrorBody),
     ),
     security(("bearer" = []))
@@ -551,6 +551,18 @@ impl From<TaskEvent> for EventView {
     }
 }
 
+/// One Server-Sent Event of a followed stream, for the document (keep-alive comments
+/// are not events).
+#[derive(Debug, utoipa::ToSchema)]
+pub struct StateSseEvent {
+    /// The event type: `state`.
+    pub event: String,
+    /// The state event's id.
+    pub id: Option<String>,
+    /// One `EventView` as JSON.
+    pub data: String,
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventList {
     pub items: Vec<EventView>,
@@ -562,7 +574,7 @@ pub struct EventList {
     params(("id" = String, Path, description = "Task id"), EventsQuery),
     responses(
         (status = 200, description = "The history as JSON; with follow=true a Server-Sent Events stream of the same items (`event: state`, `id:` the event's id, `data:` one `EventView` as JSON), with keep-alive comments, that ends when the task has ended",
-            content((EventList = "application/json"), (String = "text/event-stream"))),
+            content((EventList = "application/json"), (StateSseEvent = "text/event-stream"))),
         (status = 404, description = "No such task of this tenant (code `not_found`)", body = super::error::ErrorBody),
         (status = 422, description = "A query parameter breaks a rule (field `query`)", body = super::error::ErrorBody),
     ),
