@@ -28,11 +28,11 @@ use serde_json::{Map, Value, json};
 use utoipa::OpenApi;
 
 use super::{ApiError, AppState};
+use crate::secrets;
 use crate::task::retry::{
     MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, MAX_MATCHES_PER_RULE, MAX_MEMORY_FACTOR,
     MAX_RULES,
 };
-use crate::secrets;
 use crate::task::submission::{Limits, RESERVED_ENV};
 
 /// An RFC 1123 label (task, queue and secret names).
@@ -47,8 +47,7 @@ const SECRET_KEY: &str = "^(?!\\.\\.?$)[-._a-zA-Z0-9]+$";
 /// An absolute path of letters, digits, `-`, `_`, `.`, without `.`, `..` or empty parts
 /// and without a trailing `/`, not at or under the reserved `/agent-bus`, `/dev`,
 /// `/proc` and `/sys`.
-const MOUNT_PATH: &str =
-    "^(?!/(agent-bus|dev|proc|sys)(/|$))(/(?!\\.\\.?(/|$))[-._a-zA-Z0-9]+)+$";
+const MOUNT_PATH: &str = "^(?!/(agent-bus|dev|proc|sys)(/|$))(/(?!\\.\\.?(/|$))[-._a-zA-Z0-9]+)+$";
 
 /// The OpenAPI version served (see the module docs for why not 3.1).
 pub const OPENAPI_VERSION: &str = "3.0.3";
@@ -136,16 +135,34 @@ fn shared_responses(doc: &mut Value) {
         })
     };
     let tenant = [
-        ("401", "No API key, or one no tenant holds (code `unauthorized`)"),
+        (
+            "401",
+            "No API key, or one no tenant holds (code `unauthorized`)",
+        ),
         ("403", "The tenant is disabled (code `tenant_disabled`)"),
-        ("500", "An internal error (code `internal`; the details are in the dispatcher's log under the response's `x-request-id`)"),
-        ("503", "The database or queue is unavailable (code `unavailable`, with `Retry-After`)"),
+        (
+            "500",
+            "An internal error (code `internal`; the details are in the dispatcher's log under the response's `x-request-id`)",
+        ),
+        (
+            "503",
+            "The database or queue is unavailable (code `unavailable`, with `Retry-After`)",
+        ),
     ];
     let runner = [
-        ("401", "No report token, or a forged or expired one (code `unauthorized`)"),
-        ("403", "The token belongs to another task or attempt (code `forbidden`)"),
+        (
+            "401",
+            "No report token, or a forged or expired one (code `unauthorized`)",
+        ),
+        (
+            "403",
+            "The token belongs to another task or attempt (code `forbidden`)",
+        ),
         ("500", "An internal error (code `internal`)"),
-        ("503", "The database is unavailable (code `unavailable`, with `Retry-After`)"),
+        (
+            "503",
+            "The database is unavailable (code `unavailable`, with `Retry-After`)",
+        ),
     ];
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
@@ -207,8 +224,7 @@ fn object_at<'a>(doc: &'a mut Value, key: &str) -> Option<&'a mut Map<String, Va
 
 /// Merges `constraints` into the schema of `name.property`.
 fn constrain(doc: &mut Value, name: &str, field: &str, constraints: Value) {
-    if let (Some(schema), Value::Object(constraints)) = (property(doc, name, field), constraints)
-    {
+    if let (Some(schema), Value::Object(constraints)) = (property(doc, name, field), constraints) {
         schema.extend(constraints);
     }
 }
@@ -287,12 +303,7 @@ fn state_limits(doc: &mut Value, limits: &Limits) {
     if limits.volume_claims.is_empty() {
         constrain(doc, sub, "volumes", json!({"maxItems": 0}));
     } else {
-        constrain(
-            doc,
-            sub,
-            "volumes",
-            json!({"maxItems": limits.max_volumes}),
-        );
+        constrain(doc, sub, "volumes", json!({"maxItems": limits.max_volumes}));
         constrain(
             doc,
             "VolumeInput",
@@ -372,10 +383,9 @@ fn static_rules(doc: &mut Value) {
             .iter_mut()
             .find(|v| v.get("type") == Some(&json!("string")))?
             .as_object_mut()
-    }) {
-        if let Value::Object(rule) = no_nul {
-            plain.extend(rule);
-        }
+    }) && let Value::Object(rule) = no_nul
+    {
+        plain.extend(rule);
     }
     constrain(
         doc,
@@ -487,17 +497,15 @@ fn env_name_pattern() -> String {
             None => format!("{name}$"),
         })
         .collect();
-    format!(
-        "^(?!({}))[A-Za-z_][A-Za-z0-9_]*$",
-        reserved.join("|")
-    )
+    format!("^(?!({}))[A-Za-z_][A-Za-z0-9_]*$", reserved.join("|"))
 }
 
 /// A GPU request names a known class and at most as many GPUs as one node of that class
 /// holds (and the operator's per-task maximum): one variant of `GpuInput` per distinct
 /// maximum, each with its classes.
 fn gpu_limits(doc: &mut Value, limits: &Limits) {
-    let mut by_max: std::collections::BTreeMap<u32, Vec<&String>> = Default::default();
+    let mut by_max: std::collections::BTreeMap<u32, Vec<&String>> =
+        std::collections::BTreeMap::new();
     for (class, per_node) in &limits.gpu_classes {
         by_max
             .entry((*per_node).min(limits.max_gpus))
@@ -675,7 +683,11 @@ fn parameters_30(parameters: &mut Value) {
 }
 
 fn content_30(content: &mut Value) {
-    for media in content.as_object_mut().into_iter().flat_map(|c| c.values_mut()) {
+    for media in content
+        .as_object_mut()
+        .into_iter()
+        .flat_map(|c| c.values_mut())
+    {
         if let Some(schema) = media.get_mut("schema") {
             schema_30(schema);
         }
@@ -777,16 +789,14 @@ fn schema_30(schema: &mut Value) {
     object.remove("contentMediaType");
     object.remove("contentEncoding");
     object.remove("$schema");
-    if object.contains_key("$ref") && object.len() > 1 {
-        if let Some(reference) = object.remove("$ref") {
-            let members = object
-                .entry("allOf")
-                .or_insert_with(|| json!([]))
-                .as_array_mut();
-            if let Some(members) = members {
-                members.insert(0, json!({"$ref": reference}));
-            }
-        }
+    if object.len() > 1
+        && let Some(reference) = object.remove("$ref")
+        && let Some(members) = object
+            .entry("allOf")
+            .or_insert_with(|| json!([]))
+            .as_array_mut()
+    {
+        members.insert(0, json!({"$ref": reference}));
     }
 }
 
@@ -797,6 +807,7 @@ mod tests {
 
     use super::{Limits, document, document_text, number_range, quantity_pattern, to_openapi_30};
 
+    #[allow(clippy::needless_pass_by_value)] // called with json!(…) temporaries
     fn converted(schema: Value) -> Value {
         let mut doc = json!({"openapi": "3.1.0", "components": {"schemas": {"S": schema}}});
         to_openapi_30(&mut doc);
@@ -811,7 +822,9 @@ mod tests {
             json!({"type": "string", "nullable": true, "maxLength": 3})
         );
         assert_eq!(
-            converted(json!({"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/T"}], "description": "d"})),
+            converted(
+                json!({"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/T"}], "description": "d"})
+            ),
             json!({"allOf": [{"$ref": "#/components/schemas/T"}], "nullable": true, "description": "d"})
         );
         assert_eq!(
@@ -823,7 +836,9 @@ mod tests {
             json!({"allOf": [{"$ref": "#/components/schemas/T"}], "description": "d"})
         );
         assert_eq!(
-            converted(json!({"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {"type": "string"}})),
+            converted(
+                json!({"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {"type": "string"}})
+            ),
             json!({"type": "object", "additionalProperties": {"type": "string"}})
         );
         assert_eq!(
@@ -835,11 +850,15 @@ mod tests {
             json!({"type": "number", "minimum": 1, "exclusiveMinimum": true})
         );
         assert_eq!(
-            converted(json!({"type": "object", "properties": {"a": {"type": ["integer", "null"]}}, "additionalProperties": {"type": ["string", "null"]}})),
+            converted(
+                json!({"type": "object", "properties": {"a": {"type": ["integer", "null"]}}, "additionalProperties": {"type": ["string", "null"]}})
+            ),
             json!({"type": "object", "properties": {"a": {"type": "integer", "nullable": true}}, "additionalProperties": {"type": "string", "nullable": true}})
         );
         assert_eq!(
-            converted(json!({"type": "array", "items": {"type": "string", "contentMediaType": "text/plain"}})),
+            converted(
+                json!({"type": "array", "items": {"type": "string", "contentMediaType": "text/plain"}})
+            ),
             json!({"type": "array", "items": {"type": "string"}})
         );
         assert_eq!(
@@ -851,6 +870,7 @@ mod tests {
 
     /// Every 3.1-only form is gone from the served document.
     #[test]
+    #[allow(clippy::items_after_statements)]
     fn the_document_is_openapi_30() {
         let doc = document(&Limits::default()).unwrap();
         assert_eq!(doc["openapi"], "3.0.3");
@@ -860,9 +880,15 @@ mod tests {
                     if let Some(Value::Array(_)) = map.get("type") {
                         panic!("type array at {path}");
                     }
-                    assert!(map.get("type") != Some(&json!("null")), "null type at {path}");
+                    assert!(
+                        map.get("type") != Some(&json!("null")),
+                        "null type at {path}"
+                    );
                     assert!(!map.contains_key("const"), "const at {path}");
-                    assert!(!map.contains_key("propertyNames"), "propertyNames at {path}");
+                    assert!(
+                        !map.contains_key("propertyNames"),
+                        "propertyNames at {path}"
+                    );
                     if map.contains_key("$ref") {
                         assert_eq!(map.len(), 1, "$ref with siblings at {path}");
                     }
@@ -937,12 +963,25 @@ mod tests {
         for max in [1, 7, 9, 10, 19, 64, 100, 512, 1000, 64000, 65535, 524_288] {
             let pattern = Regex::new(&format!("^(?:{})$", number_range(max))).unwrap();
             for n in 0..=(max + 1200) {
-                assert_eq!(pattern.is_match(&n.to_string()), (1..=max).contains(&n), "{n} against 1..={max}: {pattern}");
+                assert_eq!(
+                    pattern.is_match(&n.to_string()),
+                    (1..=max).contains(&n),
+                    "{n} against 1..={max}: {pattern}"
+                );
             }
             assert!(!pattern.is_match("01"));
         }
         let cpu = Regex::new(&quantity_pattern(&[("", 64), ("m", 64000)])).unwrap();
-        for (text, ok) in [("1", true), ("64", true), ("65", false), ("500m", true), ("64000m", true), ("64001m", false), ("0", false), ("1.5", false)] {
+        for (text, ok) in [
+            ("1", true),
+            ("64", true),
+            ("65", false),
+            ("500m", true),
+            ("64000m", true),
+            ("64001m", false),
+            ("0", false),
+            ("1.5", false),
+        ] {
             assert_eq!(cpu.is_match(text), ok, "{text}");
         }
     }

@@ -178,7 +178,7 @@ pub struct SubmitQuery {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum SubmitAnswer {
-    DryRun(DryRun),
+    DryRun(Box<DryRun>),
     Replayed(Box<TaskView>),
 }
 

@@ -115,7 +115,9 @@ pub async fn usage(
     // shortened to its last days; the answer's `from` and `to` say what was summed.
     let to = to.max(from);
     let longest = jiff::SignedDuration::from_hours(MAX_RANGE_DAYS * 24);
-    let from = to.checked_sub(longest).map_or(from, |earliest| from.max(earliest));
+    let from = to
+        .checked_sub(longest)
+        .map_or(from, |earliest| from.max(earliest));
     let (group_by, group_name) = match query.group_by.as_deref() {
         None | Some("queue") => (GroupBy::Queue, "queue"),
         Some("day") => (GroupBy::Day, "day"),

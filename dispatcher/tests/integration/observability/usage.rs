@@ -372,16 +372,35 @@ async fn usage_rejects_bad_ranges_and_keeps_tenants_apart(db: Db) {
     // Each bound is checked alone: an empty range has no usage, and a range longer than
     // 400 days is shortened to its last 400 (the answer says what it summed).
     for (query, from, to) in [
-        ("?from=2026-11-02&to=2026-11-01", "2026-11-01T00:00:00Z", "2026-11-01T00:00:00Z"),
-        ("?from=2026-11-01&to=2026-11-01", "2026-11-01T00:00:00Z", "2026-11-01T00:00:00Z"),
-        ("?from=2020-01-01&to=2026-01-01", "2024-11-27T00:00:00Z", "2026-01-01T00:00:00Z"),
+        (
+            "?from=2026-11-02&to=2026-11-01",
+            "2026-11-02T00:00:00Z",
+            "2026-11-02T00:00:00Z",
+        ),
+        (
+            "?from=2026-11-01&to=2026-11-01",
+            "2026-11-01T00:00:00Z",
+            "2026-11-01T00:00:00Z",
+        ),
+        (
+            "?from=2020-01-01&to=2026-01-01",
+            "2024-11-27T00:00:00Z",
+            "2026-01-01T00:00:00Z",
+        ),
     ] {
         let (status, body) = api.get(&acme, &format!("/v1/usage{query}")).await;
         assert_eq!(status, StatusCode::OK, "{query}: {body}");
-        assert_eq!((body["from"].as_str(), body["to"].as_str()), (Some(from), Some(to)), "{query}: {body}");
+        assert_eq!(
+            (body["from"].as_str(), body["to"].as_str()),
+            (Some(from), Some(to)),
+            "{query}: {body}"
+        );
     }
     let (_, empty) = api
-        .get(&acme, "/v1/usage?from=2026-11-02&to=2026-11-01&group_by=day")
+        .get(
+            &acme,
+            "/v1/usage?from=2026-11-02&to=2026-11-01&group_by=day",
+        )
         .await;
     assert_eq!(empty["groups"], serde_json::json!([]), "{empty}");
     for key in [None, Some("ab_not-a-key")] {
