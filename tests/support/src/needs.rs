@@ -73,7 +73,10 @@ impl fmt::Display for Missing {
                 )
             }
             Need::Var(name @ "AGENT_BUS_SCHEMATHESIS") => {
-                write!(f, "{name} is not set (export it from tests/env/schemathesis)")
+                write!(
+                    f,
+                    "{name} is not set (export it from tests/env/schemathesis)"
+                )
             }
             Need::Var(name) => write!(f, "{name} is not set"),
             Need::Program(name) => write!(f, "{name} is not on PATH"),
