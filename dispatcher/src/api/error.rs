@@ -18,6 +18,15 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("{0}")]
     Invalid(FieldError),
+    /// A well-formed request the tenant's current state refuses: a reference to a
+    /// secret (or key) it does not have (`secret_not_found`), or one secret more than it
+    /// may keep (`too_many_secrets`). 409 names the field like a 422, but says the
+    /// request itself is valid: it may succeed once the state changes.
+    #[error("{error}")]
+    Conflict {
+        code: &'static str,
+        error: FieldError,
+    },
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("{0}")]
@@ -74,15 +83,15 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field"),
+            Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::Unauthorized | Self::BadReportToken(_) => {
                 (StatusCode::UNAUTHORIZED, "unauthorized")
             }
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::TenantDisabled { .. } => (StatusCode::FORBIDDEN, "tenant_disabled"),
             Self::NotFound | Self::SecretNotFound => (StatusCode::NOT_FOUND, "not_found"),
-            Self::IdempotencyConflict { .. } => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
-            }
+            // The request is valid; the key's earlier request conflicts with it.
+            Self::IdempotencyConflict { .. } => (StatusCode::CONFLICT, "idempotency_key_reused"),
             Self::QuotaExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BudgetExceeded(_) => (StatusCode::PAYMENT_REQUIRED, "budget_exceeded"),
@@ -132,9 +141,10 @@ impl From<crate::lifecycle::Error> for ApiError {
 impl From<SecretError> for ApiError {
     fn from(error: SecretError) -> Self {
         match error {
-            error @ SecretError::TooMany { .. } => {
-                Self::Invalid(FieldError::new("name", error.to_string()))
-            }
+            error @ SecretError::TooMany { .. } => Self::Conflict {
+                code: "too_many_secrets",
+                error: FieldError::new("name", error.to_string()),
+            },
             SecretError::Kubernetes {
                 source: kube::Error::Api(ref status),
                 ..
@@ -161,7 +171,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let (message, field) = match &self {
-            Self::Invalid(error) => (error.message.clone(), Some(error.field.clone())),
+            Self::Invalid(error) | Self::Conflict { error, .. } => {
+                (error.message.clone(), Some(error.field.clone()))
+            }
             Self::Internal(detail) => {
                 tracing::error!(detail = %detail, "internal error");
                 (self.to_string(), None)

@@ -146,7 +146,7 @@ pub fn router(state: AppState) -> Router {
                 .delete(secrets::delete),
         )
         .route("/v1/usage", get(usage::usage))
-        .route("/openapi.json", get(openapi::document))
+        .route("/openapi.json", get(openapi::serve))
         .layer(DefaultBodyLimit::max(max_body));
     observed(router, state)
 }
@@ -234,7 +234,7 @@ pub struct Health {
 }
 
 /// Alive: the process answers.
-#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/healthz", tag = "probes", operation_id = "healthz", responses((status = 200, body = Health)))]
 pub async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok",
@@ -245,7 +245,7 @@ pub async fn healthz() -> Json<Health> {
 /// Ready: the store, the queue and (with the Kubernetes executor) the API server answer.
 /// The answer may be up to a second old: the dependencies are checked at most about once
 /// a second per process, and concurrent callers share one check.
-#[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = Health)))]
+#[utoipa::path(get, path = "/readyz", tag = "probes", operation_id = "readyz", responses((status = 200, description = "Ready", body = Health), (status = 503, description = "A dependency does not answer; `failing` says which", body = Health)))]
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let failing = state.readiness.failing(|| check_dependencies(&state)).await;
     if failing.is_empty() {

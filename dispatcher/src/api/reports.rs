@@ -232,14 +232,17 @@ fn exhausted_message(exhausted: Exhausted) -> String {
 #[utoipa::path(
     post,
     path = "/internal/v1/tasks/{id}/attempts/{attempt}/reports",
+    operation_id = "postReport",
     params(("id" = String, Path, description = "Task id"), ("attempt" = u32, Path, description = "Attempt number")),
     request_body = ReportBatch,
     security(("report_token" = [])),
     responses(
         (status = 200, body = ReportReceipt, description = "Stored (or already stored)"),
+        (status = 400, body = super::error::ErrorBody, description = "The body is not JSON (code `malformed_json`)"),
         (status = 401, body = super::error::ErrorBody, description = "No token, a forged or expired one"),
         (status = 403, body = super::error::ErrorBody, description = "The token belongs to another task or attempt"),
         (status = 404, body = super::error::ErrorBody, description = "No such task"),
+        (status = 413, body = super::error::ErrorBody, description = "The body is larger than `--max-body-bytes` (code `payload_too_large`)"),
         (status = 409, body = super::error::ErrorBody, description = "The attempt ended (longer ago than its final reports may take)"),
         (status = 422, body = super::error::ErrorBody, description = "A report breaks a rule"),
         (status = 429, body = super::error::ErrorBody, description = "The attempt has sent as many reports as it may"),

@@ -84,16 +84,16 @@ impl<S: Send + Sync> FromRequestParts<S> for SecretNamePath {
 
 /// Writes a secret: creates it, or replaces all of its data.
 #[utoipa::path(
-    put, path = "/v1/secrets/{name}", tag = "secrets",
-    params(("name" = String, Path, description = "Secret name: an RFC 1123 label")),
+    put, path = "/v1/secrets/{name}", tag = "secrets", operation_id = "putSecret",
+    params(("name" = String, Path, description = "Secret name: an RFC 1123 label", min_length = 1, max_length = 63, pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")),
     request_body = SecretInput,
     responses(
         (status = 201, description = "Created", body = SecretView),
         (status = 200, description = "Replaced", body = SecretView),
-        (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
-        (status = 413, body = super::error::ErrorBody),
-        (status = 422, description = "A bad name (`name`), key or value (`data.<key>`), or the tenant keeps the most secrets allowed (`name`)", body = super::error::ErrorBody),
-        (status = 503, body = super::error::ErrorBody),
+        (status = 400, description = "The body is not JSON (code `malformed_json`)", body = super::error::ErrorBody),
+        (status = 413, description = "The body is larger than `--max-body-bytes` (code `payload_too_large`)", body = super::error::ErrorBody),
+        (status = 409, description = "The tenant keeps the most secrets allowed (code `too_many_secrets`, field `name`)", body = super::error::ErrorBody),
+        (status = 422, description = "A bad name (`name`), key or value (`data.<key>`)", body = super::error::ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -118,9 +118,8 @@ pub async fn put(
 }
 
 /// Lists the tenant's secrets and their keys.
-#[utoipa::path(get, path = "/v1/secrets", tag = "secrets",
-    responses((status = 200, body = SecretList), (status = 401, body = super::error::ErrorBody),
-        (status = 503, body = super::error::ErrorBody)),
+#[utoipa::path(get, path = "/v1/secrets", tag = "secrets", operation_id = "listSecrets",
+    responses((status = 200, body = SecretList)),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -133,10 +132,9 @@ pub async fn list(
 }
 
 /// Reads one secret's keys (never its values).
-#[utoipa::path(get, path = "/v1/secrets/{name}", tag = "secrets",
+#[utoipa::path(get, path = "/v1/secrets/{name}", tag = "secrets", operation_id = "getSecret",
     params(("name" = String, Path, description = "Secret name")),
-    responses((status = 200, body = SecretView), (status = 404, body = super::error::ErrorBody),
-        (status = 503, body = super::error::ErrorBody)),
+    responses((status = 200, body = SecretView), (status = 404, description = "No such secret of this tenant (code `not_found`)", body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_one(
     State(state): State<AppState>,
@@ -156,10 +154,9 @@ pub async fn get_one(
 
 /// Deletes a secret. Tasks that reference it and have not started fail at launch
 /// (`launch_rejected`, naming the secret).
-#[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "secrets",
+#[utoipa::path(delete, path = "/v1/secrets/{name}", tag = "secrets", operation_id = "deleteSecret",
     params(("name" = String, Path, description = "Secret name")),
-    responses((status = 204, description = "Deleted"), (status = 404, body = super::error::ErrorBody),
-        (status = 503, body = super::error::ErrorBody)),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "No such secret of this tenant (code `not_found`)", body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
@@ -177,7 +174,7 @@ pub async fn delete(
     }
 }
 
-/// 422 naming `env.<VAR>` when a secret reference of `spec` names a secret `tenant` does
+/// 409 (`secret_not_found`) naming `env.<VAR>` when a secret reference of `spec` names a secret `tenant` does
 /// not have, or a key that secret lacks.
 pub(super) async fn check_references(
     state: &AppState,
@@ -186,6 +183,9 @@ pub(super) async fn check_references(
 ) -> Result<(), ApiError> {
     match state.secrets.first_unresolved(tenant, &spec.env).await? {
         None => Ok(()),
-        Some(unresolved) => Err(FieldError::new(unresolved.field(), unresolved.to_string()).into()),
+        Some(unresolved) => Err(ApiError::Conflict {
+            code: "secret_not_found",
+            error: FieldError::new(unresolved.field(), unresolved.to_string()),
+        }),
     }
 }

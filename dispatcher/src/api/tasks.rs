@@ -202,6 +202,15 @@ pub struct SubmitQuery {
     pub dry_run: bool,
 }
 
+/// The two 200 answers of a submit, for the document: a replay or a dry run.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum SubmitAnswer {
+    DryRun(Box<DryRun>),
+    Replayed(Box<TaskView>),
+}
+
+/// What `POST /v1/tasks?dry_run=true` answers: nothing is stored.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DryRun {
     pub task: TaskView,
@@ -230,17 +239,20 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Submits a task.
 #[utoipa::path(
-    post, path = "/v1/tasks", tag = "tasks",
-    params(SubmitQuery, ("Idempotency-Key" = Option<String>, Header, description = "Same key and body return the original task")),
+    post, path = "/v1/tasks", tag = "tasks", operation_id = "submitTask",
+    params(SubmitQuery, ("Idempotency-Key" = Option<String>, Header, description = "Same key and body return the original task: 1 to 255 printable ASCII characters", min_length = 1, max_length = 255, pattern = "^[!-~]+$")),
     request_body = Submission,
     responses(
-        (status = 201, description = "Stored and queued", body = TaskView),
-        (status = 200, description = "Replay of an earlier request with the same Idempotency-Key, or a dry run", body = TaskView),
-        (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody),
-        (status = 402, description = "A budget of the tenant with action `refuse` is spent", body = super::error::ErrorBody),
-        (status = 403, description = "The tenant is disabled (code `tenant_disabled`; every endpoint of a disabled tenant answers so)", body = super::error::ErrorBody),
-        (status = 413, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody),
-        (status = 429, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody),
+        (status = 201, description = "Stored and queued: always the `TaskView` of the new task (declared as the 200's schema, so that generators that want one success type per operation can read it)", body = SubmitAnswer,
+            headers(("location" = String, description = "The task's URL, `/v1/tasks/{id}`"))),
+        (status = 200, description = "A dry run (`DryRun`: the task as it would be and its Job), or the replay of an earlier request with the same Idempotency-Key (the task, with header `idempotent-replayed: true`)", body = SubmitAnswer,
+            headers(("idempotent-replayed" = String, description = "`true` on a replay"))),
+        (status = 400, description = "The body is not JSON (code `malformed_json`)", body = super::error::ErrorBody),
+        (status = 402, description = "A budget of the tenant with action `refuse` is spent (code `budget_exceeded`)", body = super::error::ErrorBody),
+        (status = 409, description = "An environment variable references a secret or key the tenant does not have (code `secret_not_found`, field `env.<VAR>`); or the Idempotency-Key was used with another body (code `idempotency_key_reused`)", body = super::error::ErrorBody),
+        (status = 413, description = "The body is larger than `--max-body-bytes` (code `payload_too_large`)", body = super::error::ErrorBody),
+        (status = 422, description = "A field breaks a rule, named in `field` (code `invalid_field`)", body = super::error::ErrorBody),
+        (status = 429, description = "The tenant's queued tasks are at its quota (code `quota_exceeded`)", body = super::error::ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -376,9 +388,9 @@ pub(super) async fn owned_task(
 }
 
 /// Reads one task.
-#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks", operation_id = "getTask",
     params(("id" = String, Path, description = "Task id")),
-    responses((status = 200, body = TaskView), (status = 404, body = super::error::ErrorBody)),
+    responses((status = 200, body = TaskView), (status = 404, description = "No such task of this tenant (code `not_found`)", body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_one(
     State(state): State<AppState>,
@@ -428,14 +440,18 @@ pub async fn get_one(
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only tasks in this state.
+    #[param(value_type = Option<TaskState>)]
     pub state: Option<String>,
     /// Only tasks of this queue.
     pub queue: Option<String>,
     /// Only tasks with this label, as `key=value`.
+    #[param(pattern = "=")]
     pub label: Option<String>,
     /// Page size, 1 to 500 (default 50).
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(format = Uuid)]
     pub cursor: Option<String>,
 }
 
@@ -448,8 +464,8 @@ pub struct TaskPage {
 }
 
 /// Lists the tenant's tasks, newest first.
-#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", params(ListQuery),
-    responses((status = 200, body = TaskPage), (status = 422, body = super::error::ErrorBody)),
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", operation_id = "listTasks", params(ListQuery),
+    responses((status = 200, body = TaskPage), (status = 422, description = "A query parameter breaks a rule, named in `field`", body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -503,9 +519,9 @@ pub async fn list(
 }
 
 /// Cancels a task: idempotent; a finished task is returned as it is.
-#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", operation_id = "cancelTask",
     params(("id" = String, Path, description = "Task id")),
-    responses((status = 200, body = TaskView), (status = 404, body = super::error::ErrorBody)),
+    responses((status = 200, body = TaskView), (status = 404, description = "No such task of this tenant (code `not_found`)", body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn cancel(
     State(state): State<AppState>,
@@ -570,6 +586,18 @@ impl From<TaskEvent> for EventView {
     }
 }
 
+/// One Server-Sent Event of a followed stream, for the document (keep-alive comments
+/// are not events).
+#[derive(Debug, utoipa::ToSchema)]
+pub struct StateSseEvent {
+    /// The event type: `state`.
+    pub event: String,
+    /// The state event's id.
+    pub id: Option<String>,
+    /// One `EventView` as JSON.
+    pub data: String,
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EventList {
     pub items: Vec<EventView>,
@@ -579,9 +607,14 @@ pub struct EventList {
 /// state`, data: one event as JSON) that ends when the task is finished. With
 /// `include=progress,logs` the stream also carries `event: progress` and `event: log`
 /// items, and ends once every output line of the task was sent too.
-#[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks",
+#[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks", operation_id = "getTaskEvents",
     params(("id" = String, Path, description = "Task id"), EventsQuery),
-    responses((status = 200, description = "The history; with follow=true a text/event-stream of the same items (and, with include, `progress` items as ProgressEventView and `log` items as LogEventView)", body = EventList), (status = 404, body = super::error::ErrorBody), (status = 422, body = super::error::ErrorBody)),
+    responses(
+        (status = 200, description = "The history as JSON; with follow=true a Server-Sent Events stream of the same items (`event: state`, `id:` the event's id, `data:` one `EventView` as JSON), with keep-alive comments, that ends when the task has ended; with include, also `event: progress` items (data: one `ProgressEventView`) and `event: log` items (data: one `LogEventView`)",
+            content((EventList = "application/json"), (StateSseEvent = "text/event-stream"))),
+        (status = 404, description = "No such task of this tenant (code `not_found`)", body = super::error::ErrorBody),
+        (status = 422, description = "A query parameter breaks a rule (field `query`, or `include`)", body = super::error::ErrorBody),
+    ),
     security(("bearer" = [])))]
 pub async fn events(
     State(state): State<AppState>,

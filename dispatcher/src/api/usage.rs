@@ -1,5 +1,7 @@
 //! `GET /v1/usage`: a tenant's spend over a time range, grouped by queue or UTC day, with
-//! its budgets and what it has spent of them.
+//! its budgets and what it has spent of them. A range covers at most 400 days (so at
+//! most 400 day groups): a longer one is shortened to its last 400 days, and the answer's
+//! `from` and `to` say what was summed.
 
 use axum::Json;
 use axum::extract::State;
@@ -19,12 +21,25 @@ const MAX_RANGE_DAYS: i64 = 400;
 #[into_params(parameter_in = Query)]
 pub struct UsageQuery {
     /// Start, inclusive: RFC 3339 (`2026-11-01T00:00:00Z`) or a UTC date (`2026-11-01`).
-    /// Default: the start of the current UTC month.
+    /// Default: the start of the current UTC month. At most 400 days before `to`: an
+    /// earlier one counts from there.
+    #[param(format = DateTime)]
     pub from: Option<String>,
-    /// End, exclusive, in the same forms. Default: now.
+    /// End, exclusive, in the same forms. Default: now. One before `from` is an empty
+    /// range.
+    #[param(format = DateTime)]
     pub to: Option<String>,
     /// `queue` (default) or `day`.
+    #[param(value_type = Option<GroupByParam>)]
     pub group_by: Option<String>,
+}
+
+/// How `GET /v1/usage` groups, for the document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupByParam {
+    Queue,
+    Day,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -73,9 +88,9 @@ fn instant(field: &str, text: &str) -> Result<jiff::Timestamp, ApiError> {
 }
 
 /// The tenant's spend.
-#[utoipa::path(get, path = "/v1/usage", tag = "usage", params(UsageQuery),
-    responses((status = 200, body = Usage), (status = 401, body = super::error::ErrorBody),
-        (status = 422, body = super::error::ErrorBody)),
+#[utoipa::path(get, path = "/v1/usage", tag = "usage", operation_id = "getUsage", params(UsageQuery),
+    responses((status = 200, body = Usage),
+        (status = 422, description = "A query parameter breaks a rule, named in `field`", body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn usage(
     State(state): State<AppState>,
@@ -95,16 +110,14 @@ pub async fn usage(
         .map(|text| instant("to", text))
         .transpose()?
         .unwrap_or(now);
-    if from >= to {
-        return Err(FieldError::new("to", format!("must be after from ({from})")).into());
-    }
-    if (to.as_second() - from.as_second()) > MAX_RANGE_DAYS * 86_400 {
-        return Err(FieldError::new(
-            "to",
-            format!("the range may cover at most {MAX_RANGE_DAYS} days"),
-        )
-        .into());
-    }
+    // Each of `from` and `to` is checked alone (the OpenAPI document can state that): an
+    // empty range has no usage, and a longer one than the most one answer covers is
+    // shortened to its last days; the answer's `from` and `to` say what was summed.
+    let to = to.max(from);
+    let longest = jiff::SignedDuration::from_hours(MAX_RANGE_DAYS * 24);
+    let from = to
+        .checked_sub(longest)
+        .map_or(from, |earliest| from.max(earliest));
     let (group_by, group_name) = match query.group_by.as_deref() {
         None | Some("queue") => (GroupBy::Queue, "queue"),
         Some("day") => (GroupBy::Day, "day"),

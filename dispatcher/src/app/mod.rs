@@ -50,6 +50,13 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::Healthcheck(_) => Ok(()), // answered in `main`, before logging matters
         Command::Migrate(database) => tenant::migrate(&database).await,
         Command::Tenant(command) => tenant::run(command).await,
+        Command::Openapi => {
+            let limits = crate::task::submission::Limits::default();
+            let text = crate::api::openapi::document_text(&limits)
+                .context("rendering the OpenAPI document")?;
+            print!("{text}");
+            Ok(())
+        }
     }
 }
 

@@ -45,6 +45,10 @@ pub enum Command {
     /// Asks a running dispatcher's probe endpoint and exits 0 when it answers 200, 1
     /// otherwise, with one line saying why: a container health check with no shell tools.
     Healthcheck(HealthcheckArgs),
+    /// Prints the OpenAPI 3.0.3 document of the API with the default limits (what
+    /// `docs/openapi.json` holds: `dispatcher openapi > docs/openapi.json`); a running
+    /// dispatcher serves its own limits at `/openapi.json`.
+    Openapi,
 }
 
 #[derive(Debug, Clone, Args)]

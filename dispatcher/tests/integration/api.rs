@@ -288,7 +288,7 @@ async fn idempotency_key_replays_and_conflicts(store: Store) {
             &headers,
         )
         .await;
-    assert_eq!(conflict, StatusCode::UNPROCESSABLE_ENTITY, "{value}");
+    assert_eq!(conflict, StatusCode::CONFLICT, "{value}");
     assert_eq!(value["error"]["code"], "idempotency_key_reused");
 
     // 50 concurrent requests with one new key: one task.

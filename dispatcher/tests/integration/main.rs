@@ -6,7 +6,9 @@
 //!   (`queue::memory_backend`), and `local` (the `dispatcher` binary with the local
 //!   executor on an SQLite file), `secrets` (and its `local_*` end to end), `listeners`
 //!   (its api and metrics listeners), and `isolation` (the local executor as root: tasks
-//!   as users of their own, the report endpoint's refusals);
+//!   as users of their own, the report endpoint's refusals), `openapi` (the served
+//!   document against `docs/openapi.json`; Schemathesis against it needs
+//!   `AGENT_BUS_SCHEMATHESIS`);
 //! - on the test environment (`eval "$(tests/env/up)"`): the PostgreSQL halves
 //!   (`*::postgres`), Redis (`queue::redis_*`), `outage` (a PostgreSQL server of its
 //!   own), `cluster` (end to end on the control plane), `tls` (TLS to both datastores;
@@ -29,6 +31,7 @@ mod listeners;
 mod local;
 mod logs;
 mod observability;
+mod openapi;
 mod outage;
 mod queue;
 mod quota;

@@ -226,7 +226,8 @@ async fn a_task_runs_with_its_secret_and_the_value_appears_nowhere(db: Db) {
     ];
     for (key, env, message) in refused {
         let (status, body) = api.submit(key, &task(env)).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert_eq!(body["error"]["code"], "secret_not_found");
         assert_eq!(field(&body), "env.TOKEN");
         assert_eq!(body["error"]["message"], message);
     }
@@ -316,7 +317,7 @@ async fn a_task_runs_with_its_secret_and_the_value_appears_nowhere(db: Db) {
     assert_eq!(headers["idempotent-replayed"], "true");
     assert_eq!(replayed["id"], first["id"]);
     let (status, _, refused) = submit("after-the-delete").await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(status, StatusCode::CONFLICT, "{refused}");
     assert_eq!(field(&refused), "env.TOKEN");
 }
 

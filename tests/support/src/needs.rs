@@ -72,6 +72,12 @@ impl fmt::Display for Missing {
                     "{name} is not set (export it from tests/env/bullseye-root)"
                 )
             }
+            Need::Var(name @ "AGENT_BUS_SCHEMATHESIS") => {
+                write!(
+                    f,
+                    "{name} is not set (export it from tests/env/schemathesis)"
+                )
+            }
             Need::Var(name) => write!(f, "{name} is not set"),
             Need::Program(name) => write!(f, "{name} is not on PATH"),
             Need::PostgresBinaries => {

@@ -140,7 +140,8 @@ pub struct GpuInput {
 pub struct RetryPolicyInput {
     /// The first backoff in seconds (0 to 3600); each further attempt doubles it.
     pub backoff_seconds: Option<u32>,
-    /// The longest backoff in seconds (at least `backoff_seconds`, at most a day).
+    /// The longest backoff in seconds (1 to a day; one below `backoff_seconds` counts as
+    /// `backoff_seconds`).
     pub max_backoff_seconds: Option<u32>,
     /// At most 16, checked in order; the first that matches decides.
     #[serde(default)]
@@ -715,17 +716,15 @@ fn check_retry_policy(input: RetryPolicyInput) -> Result<RetryPolicy, FieldError
             format!("must be between 0 and {MAX_BACKOFF_SECONDS} seconds"),
         ));
     }
-    if let Some(cap) = input.max_backoff_seconds {
-        let floor = input.backoff_seconds.unwrap_or(0).max(1);
-        if cap < floor || cap > MAX_BACKOFF_CAP_SECONDS {
-            return Err(FieldError::new(
-                "retry_policy.max_backoff_seconds",
-                format!(
-                    "must be between {floor} (backoff_seconds, and at least 1) and \
-                     {MAX_BACKOFF_CAP_SECONDS} seconds"
-                ),
-            ));
-        }
+    // A cap below `backoff_seconds` counts as `backoff_seconds` (`retry::backoff`): a
+    // rule of one field, as the OpenAPI document can state it.
+    if let Some(cap) = input.max_backoff_seconds
+        && !(1..=MAX_BACKOFF_CAP_SECONDS).contains(&cap)
+    {
+        return Err(FieldError::new(
+            "retry_policy.max_backoff_seconds",
+            format!("must be between 1 and {MAX_BACKOFF_CAP_SECONDS} seconds"),
+        ));
     }
     if input.rules.len() > MAX_RULES {
         return Err(FieldError::new(
