@@ -64,7 +64,7 @@ async fn a_secret_reference_reaches_the_job_as_a_secret_key_ref_and_its_value_no
         let body = json!({"name": "uses-secret", "image": "registry.invalid/x:1", "command": ["python", "call.py"],
             "env": {"OPENAI_API_KEY": {"secret": "openai", "key": "token"}, "MODE": PLAIN}});
         let (status, refused) = dispatcher.post(&globex, "/v1/tasks", &body, None).await;
-        assert_eq!(status, 422, "{refused}");
+        assert_eq!(status, 409, "{refused}");
         assert_eq!(refused["error"]["field"], "env.OPENAI_API_KEY");
 
         let (status, task) = dispatcher.post(&acme, "/v1/tasks", &body, None).await;
