@@ -100,7 +100,7 @@ async fn a_secret_reference_reaches_the_job_as_a_secret_key_ref_and_its_value_no
         assert_eq!(status, 204);
         assert!(secrets.get_opt("ab-secret.acme.openai").await.unwrap().is_none());
         let (status, refused) = dispatcher.post(&acme, "/v1/tasks", &body, None).await;
-        assert_eq!(status, 422, "{refused}");
+        assert_eq!(status, 409, "{refused}");
     })
     .await;
 }
