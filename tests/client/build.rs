@@ -30,10 +30,12 @@ fn main() {
 /// Workaround for progenitor 0.15 (the newest on crates.io): an optional (`required:
 /// false`) header parameter whose schema is also `nullable` becomes an
 /// `Option<Option<&T>>` argument, and the generated code calls `to_string()` on the inner
-/// `Option`, which does not compile. A header has no `null` value (absent means absent), so
-/// on headers `nullable` adds nothing to `required: false`; this drops it from the copy
-/// progenitor reads, and only there: the served document is unchanged. Remove it once
-/// progenitor generates `Option<&T>` for such headers.
+/// `Option`, which does not compile. progenitor's authors fixed it on the document side
+/// instead (oxidecomputer/dropshot#1328, "Header parameters may not be null/nullable":
+/// OpenAPI 3.0.3 says absence is `required: false`, and a header has no `null`). utoipa
+/// still writes `nullable` for our `Option<String>` Idempotency-Key, so this drops it from
+/// the copy progenitor reads, and only there. Remove it once the served document stops
+/// marking optional headers `nullable`.
 fn drop_nullable_from_optional_headers(document: &mut serde_json::Value) {
     let Some(paths) = document
         .get_mut("paths")
