@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use protocol::{LogBatch, LogLine, LogReceipt, LogStream};
 
-use crate::sender::{Verdict, backoff, verdict};
+use crate::sender::{Verdict, backoff, request_timeout, verdict, wait_for_change};
 
 /// The longest line shipped; the rest of a longer line is cut (and counted).
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
@@ -39,8 +39,6 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub const MAX_BATCH_LINES: usize = 1000;
 /// Bytes of lines kept while the dispatcher does not take them.
 pub const DEFAULT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
-/// Longest single request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a line costs in the buffer besides its text (sequence, time, bookkeeping).
 const LINE_OVERHEAD: usize = 64;
 
@@ -382,24 +380,9 @@ fn ship_loop(url: &str, token: Option<&str>, inner: &Inner) {
                 .into_iter()
                 .flatten()
                 .min();
-                state = match wake {
-                    Some(at) => {
-                        inner
-                            .changed
-                            .wait_timeout(state, at.saturating_duration_since(now))
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0
-                    }
-                    None => inner
-                        .changed
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner),
-                };
+                state = wait_for_change(&inner.changed, state, wake, now);
             }
-            let timeout = state.flush_by.map_or(REQUEST_TIMEOUT, |by| {
-                by.saturating_duration_since(Instant::now())
-                    .min(REQUEST_TIMEOUT)
-            });
+            let timeout = request_timeout(state.flush_by);
             (state.buffer.batch(), timeout)
         };
         let count = batch.len();

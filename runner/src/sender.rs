@@ -327,24 +327,9 @@ fn send_loop(target: &Target, inner: &Inner) {
                 } else {
                     Some(state.flush_by.map_or(next_try, |by| by.min(next_try)))
                 };
-                state = match wake {
-                    Some(at) => {
-                        inner
-                            .changed
-                            .wait_timeout(state, at.saturating_duration_since(now))
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0
-                    }
-                    None => inner
-                        .changed
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner),
-                };
+                state = wait_for_change(&inner.changed, state, wake, now);
             }
-            let timeout = state.flush_by.map_or(REQUEST_TIMEOUT, |by| {
-                by.saturating_duration_since(Instant::now())
-                    .min(REQUEST_TIMEOUT)
-            });
+            let timeout = request_timeout(state.flush_by);
             (state.buffer.batch(BATCH_SIZE), timeout)
         };
         let sequences: Vec<u64> = batch.iter().map(|r| r.sequence).collect();
@@ -449,6 +434,35 @@ fn post(
         .limit(64 * 1024)
         .read_to_vec();
     Ok((response.status().as_u16(), retry_after))
+}
+
+/// Sleeps on `changed` until it is notified or `wake` comes (forever without one), and
+/// gives the lock back; a poisoned lock is taken as it is (the state stays consistent:
+/// every writer changes it in one step).
+pub(crate) fn wait_for_change<'a, T>(
+    changed: &Condvar,
+    state: MutexGuard<'a, T>,
+    wake: Option<Instant>,
+    now: Instant,
+) -> MutexGuard<'a, T> {
+    match wake {
+        Some(at) => {
+            changed
+                .wait_timeout(state, at.saturating_duration_since(now))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        }
+        None => changed.wait(state).unwrap_or_else(PoisonError::into_inner),
+    }
+}
+
+/// How long one request may take: [`REQUEST_TIMEOUT`], or less when the final flush must
+/// be over by `flush_by`.
+pub(crate) fn request_timeout(flush_by: Option<Instant>) -> Duration {
+    flush_by.map_or(REQUEST_TIMEOUT, |by| {
+        by.saturating_duration_since(Instant::now())
+            .min(REQUEST_TIMEOUT)
+    })
 }
 
 #[cfg(test)]
