@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use protocol::{LogBatch, LogLine, LogReceipt, LogStream};
 
-use crate::sender::{Verdict, backoff, request_timeout, verdict, wait_for_change};
+use crate::sender::{
+    Verdict, backoff, report_agent, request_timeout, verdict, wait_for_change, wait_while,
+};
 
 /// The longest line shipped; the rest of a longer line is cut (and counted).
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
@@ -328,31 +330,15 @@ impl Shipper {
         }
         state.flush_by = Some(deadline);
         inner.changed.notify_all();
-        while !state.done && !state.buffer.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = inner
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        state = wait_while(&inner.changed, state, deadline, |state| {
+            !state.done && !state.buffer.is_empty()
+        });
         state.buffer.undelivered()
     }
 }
 
 fn ship_loop(url: &str, token: Option<&str>, inner: &Inner) {
-    // No proxy, as for reports: the task's environment sets them, and the POST carries
-    // the report token.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .proxy(None)
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(5)))
-        .user_agent(concat!("agent-bus-runner/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+    let agent = report_agent();
     let mut jitter = crate::sender::Jitter::seeded();
     let mut failures: u32 = 0;
     let mut next_try = Instant::now();

@@ -277,31 +277,15 @@ impl Sender {
         let mut state = inner.lock();
         state.flush_by = Some(deadline);
         inner.changed.notify_all();
-        while !state.done && !state.buffer.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            state = inner
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        state = wait_while(&inner.changed, state, deadline, |state| {
+            !state.done && !state.buffer.is_empty()
+        });
         state.buffer.undelivered()
     }
 }
 
 fn send_loop(target: &Target, inner: &Inner) {
-    // No proxy: ureq would take one from ALL_PROXY/HTTP(S)_PROXY, which the task's
-    // environment (the tenant's) sets, and the reports carry the report token.
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .proxy(None)
-        .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(5)))
-        .user_agent(concat!("agent-bus-runner/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+    let agent = report_agent();
     let mut jitter = Jitter::seeded();
     let mut failures: u32 = 0;
     let mut next_try = Instant::now();
@@ -434,6 +418,39 @@ fn post(
         .limit(64 * 1024)
         .read_to_vec();
     Ok((response.status().as_u16(), retry_after))
+}
+
+/// The HTTP client of the runner's posts to the dispatcher (reports and log lines). No
+/// proxy: ureq would take one from ALL_PROXY/HTTP(S)_PROXY, which the task's environment
+/// (the tenant's) sets, and the posts carry the report token.
+pub(crate) fn report_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .user_agent(concat!("agent-bus-runner/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into()
+}
+
+/// Sleeps on `changed` while `waiting` holds of the state, until `deadline` at the latest.
+pub(crate) fn wait_while<'a, T>(
+    changed: &Condvar,
+    mut state: MutexGuard<'a, T>,
+    deadline: Instant,
+    waiting: impl Fn(&T) -> bool,
+) -> MutexGuard<'a, T> {
+    while waiting(&state) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        state = changed
+            .wait_timeout(state, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    state
 }
 
 /// Sleeps on `changed` until it is notified or `wake` comes (forever without one), and
