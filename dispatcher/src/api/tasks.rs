@@ -623,6 +623,14 @@ pub async fn events(
     QueryParams(query): QueryParams<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let include = Include::parse(query.include.as_deref())?;
+    if !query.follow && (include.progress || include.logs) {
+        // The history lists state changes only; accepting `include` there would ignore it.
+        return Err(FieldError::new(
+            "include",
+            "only with follow=true (the history lists state changes; GET /v1/tasks/{id}/logs reads the lines)",
+        )
+        .into());
+    }
     let task = owned_task(&state, &tenant.name, id).await?;
     if !query.follow {
         let items = state

@@ -363,6 +363,12 @@ async fn the_event_stream_includes_progress_and_lines(store: Store) {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "include");
+    // The history (no follow) lists state changes only: include is refused, not ignored.
+    let (status, body) = api
+        .get(&key, &format!("/v1/tasks/{id}/events?include=logs"))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["field"], "include");
 
     post_lines(
         &api,
