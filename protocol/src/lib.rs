@@ -188,6 +188,8 @@ pub struct Finished {
 /// Why a command failed, as the runner sees it from inside the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+// The dispatcher's own `FailureClass` (of retry rules) has the plain name in the document.
+#[cfg_attr(feature = "openapi", schema(as = RunnerFailureClass))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureClass {
     /// The command exited non-zero on its own.

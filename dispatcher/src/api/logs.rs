@@ -144,7 +144,9 @@ pub struct LogsQuery {
     /// Only the last N lines (1 to 10000).
     #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
     pub tail: Option<String>,
-    /// Only lines at or after this time (RFC 3339).
+    /// Only lines at or after this time (RFC 3339 with seconds and an offset, e.g.
+    /// `2026-01-02T15:04:05Z`).
+    // Its format and pattern: `openapi::query_rules`.
     #[param(value_type = Option<String>)]
     pub since: Option<String>,
     /// Prefix each line with its time (RFC 3339) and stream: `<time> <stdout|stderr> `.
@@ -168,10 +170,93 @@ pub struct LogRequest {
 
 fn flag(name: &str, value: Option<&str>) -> Result<bool, FieldError> {
     match value {
-        None | Some("false" | "0") => Ok(false),
-        Some("true" | "1" | "") => Ok(true),
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
         Some(_) => Err(FieldError::new(name, "must be true or false")),
     }
+}
+
+/// What `since` takes, as the OpenAPI document states it (with `format: date-time`): an
+/// RFC 3339 time with seconds, at most nine fractional digits and an offset.
+pub const SINCE_PATTERN: &str = "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})$";
+
+/// Whether `value` has the shape of [`SINCE_PATTERN`] (checked by hand: the pattern is
+/// for readers of the document; the unit tests hold the two equal).
+fn has_since_shape(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .is_some_and(|part| part.iter().all(u8::is_ascii_digit))
+    };
+    let fixed = digits(0..4)
+        && bytes.get(4) == Some(&b'-')
+        && digits(5..7)
+        && bytes.get(7) == Some(&b'-')
+        && digits(8..10)
+        && matches!(bytes.get(10), Some(b'T' | b't'))
+        && digits(11..13)
+        && bytes.get(13) == Some(&b':')
+        && digits(14..16)
+        && bytes.get(16) == Some(&b':')
+        && digits(17..19);
+    if !fixed {
+        return false;
+    }
+    let mut rest = &bytes[19..];
+    if let Some(fraction) = rest.strip_prefix(b".") {
+        let count = fraction.iter().take_while(|b| b.is_ascii_digit()).count();
+        if !(1..=9).contains(&count) {
+            return false;
+        }
+        rest = &fraction[count..];
+    }
+    match rest {
+        [b'Z' | b'z'] => true,
+        [b'+' | b'-', h1, h2, b':', m1, m2] => [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit()),
+        _ => false,
+    }
+}
+
+/// `since` as a time: an RFC 3339 time of [`SINCE_PATTERN`]'s shape that names a real
+/// date, time and offset (hours below 24, minutes below 60; a leap second counts as the
+/// second before it). One beyond the range of times (year 9999 at a negative offset) is
+/// the latest time: no line is that late.
+fn parse_since(value: &str) -> Result<jiff::Timestamp, FieldError> {
+    let invalid = || {
+        FieldError::new(
+            "since",
+            "must be an RFC 3339 time with seconds and an offset, e.g. 2026-01-02T15:04:05Z",
+        )
+    };
+    if !has_since_shape(value) {
+        return Err(invalid());
+    }
+    let (civil, offset) =
+        value.split_at(value.len() - if value.ends_with(['Z', 'z']) { 1 } else { 6 });
+    let offset = match offset.as_bytes() {
+        [b'Z' | b'z'] => 0,
+        [sign, h1, h2, b':', m1, m2] => {
+            let hours = i32::from(h1 - b'0') * 10 + i32::from(h2 - b'0');
+            let minutes = i32::from(m1 - b'0') * 10 + i32::from(m2 - b'0');
+            if hours > 23 || minutes > 59 {
+                return Err(invalid());
+            }
+            let seconds = (hours * 60 + minutes) * 60;
+            if *sign == b'-' { -seconds } else { seconds }
+        }
+        _ => return Err(invalid()),
+    };
+    // jiff reads a leap second (`:60`) as `:59`, as RFC 3339 readers may.
+    let civil: jiff::civil::DateTime = civil.parse().map_err(|_| invalid())?;
+    let offset = jiff::tz::Offset::from_seconds(offset).map_err(|_| invalid())?;
+    Ok(offset
+        .to_timestamp(civil)
+        .unwrap_or(if offset.seconds() < 0 {
+            jiff::Timestamp::MAX
+        } else {
+            jiff::Timestamp::MIN
+        }))
 }
 
 impl LogsQuery {
@@ -204,18 +289,7 @@ impl LogsQuery {
                     })
             })
             .transpose()?;
-        let since = self
-            .since
-            .as_deref()
-            .map(|value| {
-                value.parse::<jiff::Timestamp>().map_err(|_| {
-                    FieldError::new(
-                        "since",
-                        "must be an RFC 3339 time, e.g. 2026-01-02T15:04:05Z",
-                    )
-                })
-            })
-            .transpose()?;
+        let since = self.since.as_deref().map(parse_since).transpose()?;
         Ok(LogRequest {
             attempt,
             tail,
@@ -249,7 +323,8 @@ fn attempt_ended(task: &Task, attempt: u32) -> bool {
         (status = 401, body = super::error::ErrorBody, description = "No key, or a key that is not valid"),
         (status = 403, body = super::error::ErrorBody, description = "The tenant is disabled"),
         (status = 404, body = super::error::ErrorBody, description = "No such task (another tenant's is the same answer)"),
-        (status = 422, body = super::error::ErrorBody, description = "A query parameter breaks its rule (named in `field`), or the attempt is beyond the task's latest"),
+        (status = 409, body = super::error::ErrorBody, description = "The attempt has not begun (yet): it is beyond the task's latest (code `attempt_not_started`, field `attempt`)"),
+        (status = 422, body = super::error::ErrorBody, description = "A query parameter breaks its rule (named in `field`)"),
         (status = 503, body = super::error::ErrorBody, description = "The database is unavailable"),
     ),
     security(("bearer" = [])))]
@@ -266,12 +341,15 @@ pub async fn read(
         .await?
         .ok_or(ApiError::NotFound)?;
     let attempt = match request.attempt {
+        // A valid request that may succeed later: the attempt has not begun yet.
         Some(a) if a > task.attempt => {
-            return Err(FieldError::new(
-                "attempt",
-                format!("task {id} has {} attempts so far", task.attempt),
-            )
-            .into());
+            return Err(ApiError::Conflict {
+                code: "attempt_not_started",
+                error: FieldError::new(
+                    "attempt",
+                    format!("task {id} has {} attempts so far", task.attempt),
+                ),
+            });
         }
         Some(a) => a,
         None => task.attempt,
@@ -387,37 +465,31 @@ pub struct Include {
     pub logs: bool,
 }
 
-/// The most items `include` may list.
-const MAX_INCLUDE_ITEMS: usize = 8;
-
 impl Include {
-    /// `progress,logs` (either, both, in any order; empty items ignored).
+    /// Whether anything besides state events is included.
+    #[must_use]
+    pub fn any(self) -> bool {
+        self.progress || self.logs
+    }
+
+    /// The values `include` takes, as the OpenAPI document lists them.
+    pub const VALUES: [&'static str; 4] = ["progress", "logs", "progress,logs", "logs,progress"];
+
+    /// One of [`Self::VALUES`].
     pub fn parse(value: Option<&str>) -> Result<Self, FieldError> {
-        let mut include = Self::default();
-        let Some(value) = value else {
-            return Ok(include);
-        };
-        let items: Vec<&str> = value.split(',').map(str::trim).collect();
-        if items.len() > MAX_INCLUDE_ITEMS {
-            return Err(FieldError::new(
-                "include",
-                "must be a comma list of progress, logs",
-            ));
-        }
-        for item in items {
-            match item {
-                "progress" => include.progress = true,
-                "logs" => include.logs = true,
-                "" => {}
-                _ => {
-                    return Err(FieldError::new(
-                        "include",
-                        "must be a comma list of progress, logs",
-                    ));
-                }
+        let (progress, logs) = match value {
+            None => (false, false),
+            Some("progress") => (true, false),
+            Some("logs") => (false, true),
+            Some("progress,logs" | "logs,progress") => (true, true),
+            Some(_) => {
+                return Err(FieldError::new(
+                    "include",
+                    "must be progress, logs, or both separated by a comma",
+                ));
             }
-        }
-        Ok(include)
+        };
+        Ok(Self { progress, logs })
     }
 }
 
@@ -547,7 +619,10 @@ mod tests {
             ("since", "yesterday"),
             ("since", "2026-12-02"),
             ("timestamps", "yes"),
+            ("timestamps", "1"),
+            ("timestamps", ""),
             ("follow", "2"),
+            ("follow", "0"),
         ] {
             assert_eq!(
                 query(&[(name, value)]),
@@ -560,18 +635,82 @@ mod tests {
     #[test]
     fn include_takes_progress_and_logs_only() {
         assert_eq!(Include::parse(None), Ok(Include::default()));
+        for value in Include::VALUES {
+            let include = Include::parse(Some(value)).unwrap();
+            assert_eq!(
+                (include.progress, include.logs),
+                (value.contains("progress"), value.contains("logs")),
+                "{value}"
+            );
+        }
+        for value in [
+            "stdout",
+            "",
+            "logs, progress",
+            "logs,",
+            ",logs",
+            "logs,logs",
+            "progress,logs,progress",
+            "__main__",
+        ] {
+            assert_eq!(
+                Include::parse(Some(value)).unwrap_err().field,
+                "include",
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn since_takes_what_its_pattern_states() {
+        let pattern = regex::Regex::new(SINCE_PATTERN).unwrap();
+        let cases = [
+            ("2026-12-02T10:00:00Z", true),
+            ("2026-12-02t10:00:00z", true),
+            ("2026-12-02T10:00:00.5+05:30", true),
+            ("2026-12-02T10:00:00.123456789-00:00", true),
+            ("2026-12-31T23:59:60Z", true),
+            ("0000-01-01T00:00:00+23:59", true),
+            ("9999-12-31T23:59:59-23:59", true),
+            ("2026-12-02T10:00:00.1234567891Z", false),
+            ("2026-12-02T10:00Z", false),
+            ("2026-12-02 10:00:00Z", false),
+            ("2026-12-02T10:00:00+0530", false),
+            ("2026-12-02T10:00:00", false),
+            ("2026-12-02T10:00:00.Z", false),
+            ("2026-12-02", false),
+            ("", false),
+            ("yesterday", false),
+            ("\u{663}026-12-02T10:00:00Z", false),
+        ];
+        for (value, shaped) in cases {
+            assert_eq!(pattern.is_match(value), shaped, "pattern: {value}");
+            assert_eq!(super::has_since_shape(value), shaped, "shape: {value}");
+            assert_eq!(query(&[("since", value)]).is_ok(), shaped, "parse: {value}");
+        }
+        // Shaped, but no such date, hour or offset.
+        for value in [
+            "2026-02-30T10:00:00Z",
+            "2026-12-02T24:00:00Z",
+            "2026-12-02T10:00:00+24:00",
+            "2026-12-02T10:00:00+05:60",
+        ] {
+            assert!(pattern.is_match(value));
+            assert_eq!(
+                query(&[("since", value)]),
+                Err("since".to_owned()),
+                "{value}"
+            );
+        }
+        let at = |value| super::parse_since(value).unwrap();
         assert_eq!(
-            Include::parse(Some("logs, progress")),
-            Ok(Include {
-                progress: true,
-                logs: true
-            })
+            at("2026-12-02T10:00:00.5+05:30").to_string(),
+            "2026-12-02T04:30:00.5Z"
         );
-        assert_eq!(Include::parse(Some("logs")).map(|i| i.logs), Ok(true));
-        assert_eq!(Include::parse(Some("stdout")).unwrap_err().field, "include");
+        assert_eq!(at("9999-12-31T23:59:59-23:59"), jiff::Timestamp::MAX);
         assert_eq!(
-            Include::parse(Some(&",".repeat(20))).unwrap_err().field,
-            "include"
+            at("2026-12-31T23:59:60Z").to_string(),
+            "2026-12-31T23:59:59Z"
         );
     }
 

@@ -27,6 +27,7 @@ use axum::extract::State;
 use serde_json::{Map, Value, json};
 use utoipa::OpenApi;
 
+use super::logs::{Include, SINCE_PATTERN};
 use super::{ApiError, AppState};
 use crate::secrets;
 use crate::task::retry::{
@@ -34,6 +35,7 @@ use crate::task::retry::{
     MAX_RULES,
 };
 use crate::task::submission::{Limits, RESERVED_ENV};
+use crate::task::webhook::{self, WebhookEvent};
 
 /// An RFC 1123 label (task, queue and secret names).
 const DNS_LABEL: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -91,6 +93,7 @@ pub fn document(limits: &Limits) -> Result<Value, serde_json::Error> {
     security_schemes(&mut doc);
     shared_responses(&mut doc);
     state_limits(&mut doc, limits);
+    query_rules(&mut doc);
     to_openapi_30(&mut doc);
     Ok(doc)
 }
@@ -232,6 +235,29 @@ fn constrain(doc: &mut Value, name: &str, field: &str, constraints: Value) {
     }
 }
 
+/// The schema of query parameter `name` of `GET path`.
+fn query_parameter<'a>(doc: &'a mut Value, path: &str, name: &str) -> Option<&'a mut Value> {
+    doc.get_mut("paths")?
+        .get_mut(path)?
+        .get_mut("get")?
+        .get_mut("parameters")?
+        .as_array_mut()?
+        .iter_mut()
+        .find(|p| p.get("name") == Some(&json!(name)) && p.get("in") == Some(&json!("query")))?
+        .get_mut("schema")
+}
+
+/// What query values the API takes, where a Rust type cannot say it: `since` is a
+/// date-time of [`SINCE_PATTERN`]'s shape, `include` one of [`Include::VALUES`].
+fn query_rules(doc: &mut Value) {
+    if let Some(schema) = query_parameter(doc, "/v1/tasks/{id}/logs", "since") {
+        *schema = json!({"type": "string", "format": "date-time", "pattern": SINCE_PATTERN});
+    }
+    if let Some(schema) = query_parameter(doc, "/v1/tasks/{id}/events", "include") {
+        *schema = json!({"type": "string", "enum": Include::VALUES});
+    }
+}
+
 /// The operator's limits, as the submission's schema states them: the same bounds
 /// `task::submission::validate` checks, so a client (or schemathesis) learns them from
 /// the document. What JSON Schema cannot say (the byte totals of `command` and `args`,
@@ -330,6 +356,19 @@ fn state_limits(doc: &mut Value, limits: &Limits) {
         "ResourcesInput",
         "memory",
         json!({"pattern": memory(limits.max_memory.bytes())}),
+    );
+    constrain(
+        doc,
+        "WebhookInput",
+        "url",
+        json!({"maxLength": webhook::MAX_URL_BYTES, "pattern": webhook::url_pattern()}),
+    );
+    constrain(
+        doc,
+        "WebhookInput",
+        "events",
+        json!({"minItems": 1, "maxItems": WebhookEvent::ALL.len(), "uniqueItems": true,
+               "items": {"type": "string", "enum": WebhookEvent::ALL.map(WebhookEvent::as_str)}}),
     );
     constrain(
         doc,
@@ -959,6 +998,36 @@ mod tests {
         ] {
             assert!(ids.iter().any(|i| i == id), "{id} missing from {ids:?}");
         }
+    }
+
+    /// utoipa names a component after its type and keeps the last of two types of one
+    /// name: the retry rules' classes were once declared as the runner's.
+    #[test]
+    fn each_failure_class_has_its_own_component() {
+        let doc = document(&Limits::default()).unwrap();
+        let names = |component: &str| -> Vec<String> {
+            doc["components"]["schemas"][component]["enum"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let retry: Vec<String> = crate::task::retry::FailureClass::ALL
+            .iter()
+            .map(|class| {
+                serde_json::to_value(class)
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(names("FailureClass"), retry);
+        assert!(names("RunnerFailureClass").contains(&"gpu_xid".to_owned()));
+        let items =
+            &doc["components"]["schemas"]["RetryRule"]["properties"]["on_failure_classes"]["items"];
+        assert_eq!(items["$ref"], "#/components/schemas/FailureClass");
     }
 
     #[test]

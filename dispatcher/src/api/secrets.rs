@@ -21,12 +21,14 @@ use crate::task::submission::FieldError;
 /// The body of `PUT /v1/secrets/{name}`: the whole of the secret's data (keys left out
 /// are removed).
 #[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct SecretInput {
     /// 1 to 64 keys (letters, digits, '-', '_', '.'; at most 253 characters), each value
     /// at most 64 KiB, 256 KiB in all.
     pub data: BTreeMap<String, String>,
 }
+
+crate::task::submission::objects::objects_only!(deserialize: SecretInput);
 
 /// Keys only: a body's values never reach a log.
 impl std::fmt::Debug for SecretInput {

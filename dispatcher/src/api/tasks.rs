@@ -549,8 +549,10 @@ pub struct EventsQuery {
     /// Stream new events as Server-Sent Events until the task finishes.
     #[serde(default)]
     pub follow: bool,
-    /// With follow: also send the runner's progress reports (`event: progress`) and the
-    /// task's output lines (`event: log`); a comma list of `progress`, `logs`.
+    /// Also send the runner's progress reports (`event: progress`) and the task's output
+    /// lines (`event: log`): `progress`, `logs`, or both separated by a comma. The answer
+    /// is then the Server-Sent Events stream, which without `follow` ends once everything
+    /// so far was sent.
     pub include: Option<String>,
 }
 
@@ -605,12 +607,13 @@ pub struct EventList {
 
 /// The task's state history; with `follow=true`, a Server-Sent Events stream (`event:
 /// state`, data: one event as JSON) that ends when the task is finished. With
-/// `include=progress,logs` the stream also carries `event: progress` and `event: log`
-/// items, and ends once every output line of the task was sent too.
+/// `include=progress,logs` the answer is that stream with `event: progress` and `event:
+/// log` items too; it ends once every output line of the task was sent as well, or,
+/// without `follow`, once everything written so far was sent.
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks", operation_id = "getTaskEvents",
     params(("id" = String, Path, description = "Task id"), EventsQuery),
     responses(
-        (status = 200, description = "The history as JSON; with follow=true a Server-Sent Events stream of the same items (`event: state`, `id:` the event's id, `data:` one `EventView` as JSON), with keep-alive comments, that ends when the task has ended; with include, also `event: progress` items (data: one `ProgressEventView`) and `event: log` items (data: one `LogEventView`)",
+        (status = 200, description = "The history as JSON; with follow=true or include a Server-Sent Events stream of the same items (`event: state`, `id:` the event's id, `data:` one `EventView` as JSON), with keep-alive comments, that ends when the task has ended (follow=true) or once everything so far was sent; with include, also `event: progress` items (data: one `ProgressEventView`) and `event: log` items (data: one `LogEventView`)",
             content((EventList = "application/json"), (StateSseEvent = "text/event-stream"))),
         (status = 404, description = "No such task of this tenant (code `not_found`)", body = super::error::ErrorBody),
         (status = 422, description = "A query parameter breaks a rule (field `query`, or `include`)", body = super::error::ErrorBody),
@@ -623,16 +626,10 @@ pub async fn events(
     QueryParams(query): QueryParams<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let include = Include::parse(query.include.as_deref())?;
-    if !query.follow && (include.progress || include.logs) {
-        // The history lists state changes only; accepting `include` there would ignore it.
-        return Err(FieldError::new(
-            "include",
-            "only with follow=true (the history lists state changes; GET /v1/tasks/{id}/logs reads the lines)",
-        )
-        .into());
-    }
     let task = owned_task(&state, &tenant.name, id).await?;
-    if !query.follow {
+    // The JSON history lists state changes only: with `include` the answer is the
+    // stream, which without `follow` ends once everything so far was sent.
+    if !query.follow && !include.any() {
         let items = state
             .store()
             .events(task.id, None)
@@ -642,7 +639,7 @@ pub async fn events(
             .collect();
         return Ok(Json(EventList { items }).into_response());
     }
-    let stream = follow_stream(state, tenant.name, task.id, include);
+    let stream = follow_stream(state, tenant.name, task.id, include, query.follow);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -653,6 +650,8 @@ struct Follow {
     tenant: String,
     id: TaskId,
     include: Include,
+    /// Whether to wait for more once everything so far was sent (until the task ends).
+    follow: bool,
     after: Option<i64>,
     /// The last progress report and output line sent: (attempt, sequence).
     progress_after: Option<(u32, u64)>,
@@ -740,18 +739,21 @@ impl Follow {
 }
 
 /// Events as they are written, polling the store (any process may write them), until the
-/// task is terminal and every event (and included item) up to that point was sent.
+/// task is terminal (or, without `follow`, at once) and every event (and included item)
+/// up to that point was sent.
 fn follow_stream(
     state: AppState,
     tenant: String,
     id: TaskId,
     include: Include,
+    follow: bool,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let start = Follow {
         state,
         tenant,
         id,
         include,
+        follow,
         after: None,
         progress_after: None,
         log_after: None,
@@ -783,7 +785,7 @@ fn follow_stream(
                 }
             };
             if let Some(complete) = follow.poll().await {
-                follow.done = terminal && complete;
+                follow.done = (terminal || !follow.follow) && complete;
             }
             if follow.pending.is_empty() && !follow.done {
                 tokio::time::sleep(follow.state.follow_poll).await;

@@ -26,6 +26,7 @@ pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
         max_memory: submissions.max_task_memory,
         max_gpus: submissions.max_task_gpus,
         max_shm: submissions.max_task_shm,
+        max_queue_ttl_seconds: submissions.max_task_queue_ttl_seconds,
         volume_claims: catalog.volume_claims.clone(),
         shm_rule: ShmRule {
             fraction: args.placement.shm_fraction,

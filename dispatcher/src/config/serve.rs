@@ -19,7 +19,7 @@ use crate::launcher::job_spec::{
 use crate::metrics::snapshot::SnapshotConfig;
 use crate::store::{LogLimits, ReportAllowance};
 use crate::task::retry::{MAX_BACKOFF_CAP_SECONDS, MAX_BACKOFF_SECONDS, RetryDefaults};
-use crate::task::submission::{KeyPrefix, Limits, ShmRule};
+use crate::task::submission::{KeyPrefix, Limits, MAX_QUEUE_TTL_SECONDS, ShmRule};
 use crate::task::{Cpu, Memory};
 
 /// Where the metrics listener listens by default: loopback only, on a port no other part
@@ -235,6 +235,12 @@ pub struct SubmissionArgs {
     /// memory).
     #[arg(long, env = "AGENT_BUS_MAX_TASK_SHM", default_value_t = Limits::DEFAULT_MAX_SHM)]
     pub max_task_shm: Memory,
+    /// The longest queue TTL one task may ask for (`queue_ttl_seconds`), in seconds; more
+    /// is refused (422). A tenant's default queue TTL is the operator's own choice and
+    /// is not held to it.
+    #[arg(long, env = "AGENT_BUS_MAX_TASK_QUEUE_TTL_SECONDS", default_value_t = MAX_QUEUE_TTL_SECONDS,
+          value_parser = super::queue_ttl_seconds())]
+    pub max_task_queue_ttl_seconds: u32,
 }
 
 /// How failed attempts are retried when a task's own retry policy does not say (see

@@ -171,6 +171,16 @@ async fn invalid_fields_are_422_naming_the_field(store: Store) {
             "timeout_seconds",
         ),
         (with(&|b| b["gpus"] = json!(1)), "gpus"),
+        // serde's derive would read an array as the struct's fields in order.
+        (
+            with(&|b| b["retry_policy"] = json!([null, null])),
+            "retry_policy",
+        ),
+        (
+            with(&|b| b["resources"] = json!({"gpu": [1, "a100"]})),
+            "resources.gpu",
+        ),
+        (with(&|b| b["webhook"] = json!(["http://x"])), "webhook"),
         (
             with(&|b| b.as_object_mut().unwrap().remove("image").map_or((), drop)),
             "image",

@@ -306,6 +306,16 @@ pub(crate) async fn start_local_dispatcher_with(
     database_url: &str,
     serve_flags: &[&str],
 ) -> LocalDispatcher {
+    start_local_dispatcher_for(database_url, &[], serve_flags).await
+}
+
+/// [`start_local_dispatcher_with`], its tenant `acme` made with `tenant_flags` too
+/// (`--queue-ttl-seconds 1`, …).
+pub(crate) async fn start_local_dispatcher_for(
+    database_url: &str,
+    tenant_flags: &[&str],
+    serve_flags: &[&str],
+) -> LocalDispatcher {
     let dir =
         std::env::temp_dir().join(format!("agent-bus-local-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -320,7 +330,7 @@ pub(crate) async fn start_local_dispatcher_with(
             .env_remove("KUBECONFIG");
         command
     };
-    let output = command(&["tenant", "create", "acme"])
+    let output = command(&[&["tenant", "create", "acme"], tenant_flags].concat())
         .output()
         .await
         .unwrap();

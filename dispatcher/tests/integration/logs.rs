@@ -192,13 +192,21 @@ async fn lines_are_kept_in_order_and_read_back_every_way(store: Store) {
     let (status, _, body) = get_text(&api, &other_key, &logs).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     // Bad values name their parameter.
+    // An attempt that has not begun is a valid request the task's state refuses.
+    let (status, body) = api.get(&key, &format!("{logs}?attempt=2")).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        (&body["error"]["code"], &body["error"]["field"]),
+        (&json!("attempt_not_started"), &json!("attempt"))
+    );
     for (query, field) in [
         ("attempt=0", "attempt"),
-        ("attempt=2", "attempt"),
         ("tail=0", "tail"),
         ("tail=10001", "tail"),
         ("since=yesterday", "since"),
+        ("since=2026-12-02T10:00Z", "since"),
         ("timestamps=maybe", "timestamps"),
+        ("timestamps=1", "timestamps"),
         ("follow=2", "follow"),
     ] {
         let (status, body) = api.get(&key, &format!("{logs}?{query}")).await;
@@ -363,12 +371,14 @@ async fn the_event_stream_includes_progress_and_lines(store: Store) {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "include");
-    // The history (no follow) lists state changes only: include is refused, not ignored.
-    let (status, body) = api
-        .get(&key, &format!("/v1/tasks/{id}/events?include=logs"))
-        .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(body["error"]["field"], "include");
+    // Only the values the document lists: no spaces, no empty or repeated items.
+    for include in ["logs,%20progress", "logs,", "logs,logs", ""] {
+        let (status, body) = api
+            .get(&key, &format!("/v1/tasks/{id}/events?include={include}"))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{include}");
+        assert_eq!(body["error"]["field"], "include");
+    }
 
     post_lines(
         &api,
@@ -392,6 +402,15 @@ async fn the_event_stream_includes_progress_and_lines(store: Store) {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    // Without follow, the stream of everything so far, ended although the task runs.
+    let (status, _, text) =
+        get_text(&api, &key, &format!("/v1/tasks/{id}/events?include=logs")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text.matches("event: log\n").count(), 2, "{text}");
+    assert!(
+        text.contains("event: state") && !text.contains("event: progress"),
+        "{text}"
+    );
     end_task(&api, &id).await;
     let (_, _, text) = get_text(
         &api,

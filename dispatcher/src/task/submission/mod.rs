@@ -25,6 +25,19 @@ pub use crate::k8s::names::{is_class_name, is_dns_label};
 use crate::k8s::names::{is_label_name, is_secret_key};
 mod keys;
 mod limits;
+pub mod objects;
+
+objects::objects_only!(
+    Submission,
+    VolumeInput,
+    ScratchInput,
+    ResourcesInput,
+    GpuInput,
+    RetryPolicyInput,
+    RetryRuleInput,
+    MutationInput,
+    WebhookInput,
+);
 
 pub use keys::{KeyPrefix, RESERVED_DOMAINS, RESERVED_ENV, TEST_PREFIX, reserved_env_name};
 pub use limits::{Limits, MAX_QUEUE_TTL_SECONDS, ShmRule};
@@ -32,7 +45,7 @@ pub use limits::{Limits, MAX_QUEUE_TTL_SECONDS, ShmRule};
 /// The JSON body of a submission. Unknown fields are refused, so a misspelt option is an
 /// error instead of being silently ignored.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct Submission {
     pub name: String,
     pub image: String,
@@ -90,7 +103,7 @@ pub struct Submission {
 
 /// A shared claim to mount, as written by the tenant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct VolumeInput {
     pub claim: String,
     /// Absolute path; by default `/mnt/<claim>`.
@@ -101,7 +114,7 @@ pub struct VolumeInput {
 
 /// A scratch volume, as written by the tenant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct ScratchInput {
     /// e.g. `100Gi`.
     pub size: String,
@@ -111,7 +124,7 @@ pub struct ScratchInput {
 
 /// Resources as written by the tenant: quantities are strings until validated.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct ResourcesInput {
     /// CPU request and limit, a Kubernetes quantity (`500m`, `4`); at most the operator's
     /// per-task maximum (`--max-task-cpu`, 64 cores by default).
@@ -123,7 +136,7 @@ pub struct ResourcesInput {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct GpuInput {
     /// At least 1; at most what one node of the class holds and the operator's per-task
     /// maximum (`--max-task-gpus`, 8 by default).
@@ -136,7 +149,7 @@ pub struct GpuInput {
 
 /// A retry policy as written by the tenant.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct RetryPolicyInput {
     /// The first backoff in seconds (0 to 3600); each further attempt doubles it.
     pub backoff_seconds: Option<u32>,
@@ -150,7 +163,7 @@ pub struct RetryPolicyInput {
 
 /// One retry rule as written by the tenant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct RetryRuleInput {
     /// `retry`, `fail` or `ignore` (retry without counting the attempt).
     pub action: RetryAction,
@@ -166,7 +179,7 @@ pub struct RetryRuleInput {
 
 /// What a retry changes, as written by the tenant.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, remote = "Self")]
 pub struct MutationInput {
     /// Memory times this factor (above 1, at most 4).
     pub memory_factor: Option<f64>,

@@ -614,6 +614,33 @@ fn unknown_fields_are_refused_by_the_wire_shape() {
 }
 
 #[test]
+fn structs_are_read_from_objects_only_never_from_arrays() {
+    for body in [
+        r#"["a", "b"]"#,
+        r#"{"name":"a","image":"b","retry_policy":[null,null]}"#,
+        r#"{"name":"a","image":"b","resources":{"gpu":[1,"a100"]}}"#,
+        r#"{"name":"a","image":"b","volumes":[["data"]]}"#,
+        r#"{"name":"a","image":"b","scratch":["1Gi"]}"#,
+        r#"{"name":"a","image":"b","webhook":["http://x"]}"#,
+        r#"{"name":"a","image":"b","retry_policy":{"rules":[["retry"]]}}"#,
+    ] {
+        let error = serde_json::from_str::<Submission>(body).unwrap_err();
+        assert!(
+            error.to_string().contains("invalid type: sequence"),
+            "{body}: {error}"
+        );
+    }
+    let submission: Submission = serde_json::from_str(
+        r#"{"name":"a","image":"b","retry_policy":{"backoff_seconds":1,"rules":[{"action":"fail","mutate":{}}]}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        serde_json::from_value::<Submission>(serde_json::to_value(&submission).unwrap()).unwrap(),
+        submission
+    );
+}
+
+#[test]
 fn a_queue_ttl_is_kept_within_its_bounds() {
     for ttl in [1, 60, 7 * 24 * 3600] {
         let spec = validate(

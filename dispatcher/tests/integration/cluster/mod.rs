@@ -222,3 +222,4 @@ mod recovery;
 mod retries;
 mod secrets;
 mod security;
+mod views;
