@@ -1,7 +1,6 @@
 //! The `agent-bus` binary against a real dispatcher on the embedded defaults (SQLite, the
-//! in-process queue, the local executor): no test environment needed. Tests marked
-//! `// needs the logs branch` read the task's output through `GET /v1/tasks/{id}/logs`
-//! and the event stream's `include=logs`, which land with the logs work.
+//! in-process queue, the local executor): no test environment needed (the progress bar
+//! test needs util-linux's `script` for a terminal, and skips without it).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -57,7 +56,7 @@ fn submit_wait_exits_with_the_exit_code_of_the_task() {
 
 #[test]
 fn submit_wait_shows_the_output_of_the_task_by_stream() {
-    // needs the logs branch: the log lines come through the event stream's include=logs.
+    // The log lines come through the event stream's include=logs.
     let bus = Dispatcher::start();
     let ran = bus.run(&[
         "submit",
@@ -78,7 +77,7 @@ fn submit_wait_shows_the_output_of_the_task_by_stream() {
 
 #[test]
 fn logs_prints_the_output_of_a_finished_task() {
-    // needs the logs branch: GET /v1/tasks/{id}/logs. One stream only: the runner reads
+    // GET /v1/tasks/{id}/logs. One stream only: the runner reads
     // stdout and stderr apart, so their relative order is whatever it saw.
     let bus = Dispatcher::start();
     let id = bus
@@ -495,4 +494,101 @@ fn completion_and_help() {
         "--help never shows the token"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A task that reports progress 40 ("epoch 2/5"), then prints `tick` lines until `marker`
+/// exists (a minute at most).
+fn progress_task(marker: &std::path::Path) -> String {
+    format!(
+        "echo \"progress 40 epoch 2/5\" >> \"$AGENT_BUS_REPORT_FILE\"; i=0; \
+         until test -e {m} || test $i -ge 200; do echo tick; sleep 0.3; i=$((i+1)); done; \
+         test -e {m}",
+        m = marker.display()
+    )
+}
+
+/// On a terminal, `submit --wait` draws a bar from the task's progress reports; piped, it
+/// draws none. `script` (util-linux) gives it a terminal. The task goes on until the test
+/// has seen what it waits for, so nothing depends on timing.
+#[test]
+fn a_progress_bar_is_drawn_on_a_terminal_only() {
+    testsupport::needs_env!(Program("script"));
+    let bus = Dispatcher::start();
+
+    // On a terminal.
+    let marker = bus.dir.join("seen-on-terminal");
+    let run_sh = bus.dir.join("run.sh");
+    std::fs::write(
+        &run_sh,
+        format!(
+            "#!/bin/sh\nexec '{}' --server '{}' --token '{}' submit --image unused --wait -- sh -c '{}'\n",
+            support::AGENT_BUS,
+            bus.base,
+            bus.key,
+            progress_task(&marker)
+        ),
+    )
+    .unwrap();
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qfec", &format!("sh {}", run_sh.display()), "/dev/null"])
+        .current_dir(&bus.dir)
+        .env_remove("AGENT_BUS_URL")
+        .env_remove("AGENT_BUS_TOKEN")
+        .env_remove("AGENT_BUS_CONFIG")
+        .env("XDG_CONFIG_HOME", bus.dir.join("config"))
+        .env("TERM", "xterm")
+        .stdin(Stdio::null());
+    let terminal = Spawned::new(script);
+    // script copies the terminal to its standard output: the bar, then a tick line.
+    terminal.await_stdout(" 40% epoch 2/5", Duration::from_secs(30));
+    std::fs::write(&marker, "").unwrap();
+    let ran = terminal.finish(support::RUN_DEADLINE);
+    assert_eq!(ran.code, 0, "{ran:?}");
+
+    // Piped: the same task, no bar.
+    let marker = bus.dir.join("seen-piped");
+    let piped = Spawned::new(bus.cli(&[
+        "submit",
+        "--image",
+        "unused",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        &progress_task(&marker),
+    ]));
+    piped.await_stdout("tick", Duration::from_secs(30));
+    let id = piped.stderr_text();
+    let id = id
+        .split_whitespace()
+        .find(|word| word.len() == 36 && word.matches('-').count() == 4)
+        .unwrap_or_else(|| panic!("no task id in {id}"))
+        .to_owned();
+    // The progress is stored; the CLI reads it before any tick written later.
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    poll_until("the progress report", Duration::from_secs(30), || {
+        let mut response = agent
+            .get(format!(
+                "{}/v1/tasks/{id}/events?include=progress",
+                bus.base
+            ))
+            .header("Authorization", format!("Bearer {}", bus.key))
+            .call()
+            .ok()?;
+        let text = response.body_mut().read_to_string().ok()?;
+        text.contains("event: progress").then_some(())
+    });
+    let ticks = piped.stdout_text().matches("tick").count();
+    piped.await_stdout_count("tick", ticks + 2, Duration::from_secs(30));
+    std::fs::write(&marker, "").unwrap();
+    let ran = piped.finish(support::RUN_DEADLINE);
+    assert_eq!(ran.code, 0, "{ran:?}");
+    assert!(
+        !ran.stderr.contains('%') && !ran.stderr.contains('\r'),
+        "{ran:?}"
+    );
 }

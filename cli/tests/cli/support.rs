@@ -258,6 +258,30 @@ impl Spawned {
         );
     }
 
+    /// Waits until the standard output so far contains `text`.
+    pub(crate) fn await_stdout(&self, text: &str, timeout: Duration) {
+        self.await_stdout_count(text, 1, timeout);
+    }
+
+    /// Waits until the standard output so far contains `text` `count` times.
+    pub(crate) fn await_stdout_count(&self, text: &str, count: usize, timeout: Duration) {
+        poll_until(
+            &format!("'{text}' {count} times on agent-bus's standard output"),
+            timeout,
+            || (self.stdout.lock().unwrap().matches(text).count() >= count).then_some(()),
+        );
+    }
+
+    /// The standard output so far.
+    pub(crate) fn stdout_text(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// The standard error so far.
+    pub(crate) fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
     /// Waits for the end, up to `deadline`.
     pub(crate) fn finish(mut self, deadline: Duration) -> Ran {
         let started = Instant::now();
