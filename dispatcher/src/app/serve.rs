@@ -170,7 +170,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let deliverer = Deliverer::new(
         store.clone(),
         metrics.clone(),
-        settings::delivery_settings(&args),
+        settings::delivery_settings(&args)?,
     )?;
     roles.spawn(deliverer.run(shutdown.clone()));
     // Every role purges task output past --log-retention (a repeated delete is harmless).

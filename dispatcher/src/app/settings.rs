@@ -58,15 +58,33 @@ pub(super) fn webhook_destinations(args: &ServeArgs) -> Destinations {
     }
 }
 
-/// How webhook deliveries are sent and retried.
-pub(super) fn delivery_settings(args: &ServeArgs) -> DeliverySettings {
+/// How webhook deliveries are sent and retried; fails when `--webhook-ca-file` cannot be
+/// read or holds no certificate.
+pub(super) fn delivery_settings(args: &ServeArgs) -> anyhow::Result<DeliverySettings> {
     let webhooks = &args.webhooks;
-    DeliverySettings {
+    let extra_roots = match &webhooks.webhook_ca_file {
+        None => Vec::new(),
+        Some(path) => {
+            use rustls::pki_types::CertificateDer;
+            use rustls::pki_types::pem::PemObject as _;
+            let roots = CertificateDer::pem_file_iter(path)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|e| anyhow::anyhow!("--webhook-ca-file {}: {e}", path.display()))?;
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "--webhook-ca-file {}: no PEM certificate in it",
+                path.display()
+            );
+            roots
+        }
+    };
+    Ok(DeliverySettings {
         destinations: webhook_destinations(args),
         timeout: webhooks.webhook_timeout.max(Duration::from_secs(1)),
         retry_for: webhooks.webhook_retry_for,
         backoff: webhooks.webhook_backoff.max(Duration::from_secs(1)),
-    }
+        extra_roots,
+    })
 }
 
 /// What the report endpoint takes from one task attempt.

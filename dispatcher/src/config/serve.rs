@@ -189,6 +189,10 @@ pub struct WebhookArgs {
     /// The wait before the first retry; each retry waits twice as long, at most an hour.
     #[arg(long, env = "AGENT_BUS_WEBHOOK_BACKOFF", value_parser = parse_duration, default_value = "5s")]
     pub webhook_backoff: Duration,
+    /// PEM certificates trusted for `https` deliveries besides the Mozilla roots: the CA
+    /// of an in-cluster receiver (allowed with --webhook-allowed-hosts).
+    #[arg(long, env = "AGENT_BUS_WEBHOOK_CA_FILE", value_name = "PATH")]
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 /// What a tenant's submission may ask for (see the README's quickstart): which labels and

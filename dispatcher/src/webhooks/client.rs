@@ -110,12 +110,20 @@ pub struct Request<'a> {
 
 impl Client {
     /// A client for `destinations` whose requests take at most `timeout` (connecting at
-    /// most half of it). TLS is rustls (ring) trusting the Mozilla roots.
-    pub fn new(destinations: Destinations, timeout: Duration) -> Result<Self, rustls::Error> {
+    /// most half of it). TLS is rustls (ring) trusting the Mozilla roots and
+    /// `extra_roots`.
+    pub fn new(
+        destinations: Destinations,
+        timeout: Duration,
+        extra_roots: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Self, rustls::Error> {
         let destinations = Arc::new(destinations);
-        let roots = rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
+        for root in extra_roots {
+            roots.add(root.clone())?;
+        }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))

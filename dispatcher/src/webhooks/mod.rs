@@ -45,6 +45,8 @@ pub struct DeliverySettings {
     pub retry_for: Duration,
     /// The wait before the first retry (doubled for each next one).
     pub backoff: Duration,
+    /// Certificates trusted for `https` besides the Mozilla roots (`--webhook-ca-file`).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl Default for DeliverySettings {
@@ -54,6 +56,7 @@ impl Default for DeliverySettings {
             timeout: Duration::from_secs(10),
             retry_for: Duration::from_hours(24),
             backoff: Duration::from_secs(5),
+            extra_roots: Vec::new(),
         }
     }
 }
@@ -118,7 +121,11 @@ pub struct Deliverer {
 
 impl Deliverer {
     pub fn new(store: Store, metrics: Metrics, settings: DeliverySettings) -> Result<Self, Error> {
-        let client = Client::new(settings.destinations.clone(), settings.timeout)?;
+        let client = Client::new(
+            settings.destinations.clone(),
+            settings.timeout,
+            &settings.extra_roots,
+        )?;
         Ok(Self {
             store,
             metrics,

@@ -3,7 +3,8 @@
 //! tenant webhook-secret` prints; a receiver that is down, then failing, then up gets the
 //! delivery with the same id every time; a kill -9 loses nothing; redirects are not
 //! followed; and without `--webhook-allowed-hosts` every internal destination is refused,
-//! at submit or when sending, with the reason in `GET /v1/tasks/{id}/webhooks`.
+//! at submit or when sending, with the reason in `GET /v1/tasks/{id}/webhooks`; an https
+//! receiver with a private CA is reached once the operator trusts it (`--webhook-ca-file`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::VecDeque;
@@ -556,4 +557,125 @@ async fn internal_destinations_are_refused_without_an_allow_list() {
         metrics.contains("agent_bus_webhook_deliveries_total{result=\"refused\"} 4"),
         "{metrics}"
     );
+}
+
+/// An https receiver (Python's http.server behind its ssl module) with the test
+/// environment's server certificate, which a CA made for the test signed and which names
+/// 127.0.0.1. Prints `ready`, then one JSON line per request; answers 200.
+const HTTPS_RECEIVER: &str = r#"
+import http.server, json, ssl, sys
+port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", "0"))).decode()
+        print(json.dumps({"path": self.path, "id": self.headers.get("webhook-id", ""),
+                          "timestamp": self.headers.get("webhook-timestamp", ""),
+                          "signature": self.headers.get("webhook-signature", ""),
+                          "body": body}), flush=True)
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(cert, key)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print("ready", flush=True)
+server.serve_forever()
+"#;
+
+/// Deliveries over https: a receiver whose certificate no Mozilla root signed is
+/// refused with the certificate error, retried, and delivered once the operator trusts
+/// its CA with `--webhook-ca-file`.
+#[tokio::test]
+async fn https_receivers_are_trusted_through_the_operators_ca() {
+    testsupport::needs_env!(Var("AGENT_BUS_TEST_CA"), Program("python3"));
+    use tokio::io::AsyncBufReadExt as _;
+
+    let ca = testsupport::env_var("AGENT_BUS_TEST_CA").unwrap();
+    let tls_dir = std::path::Path::new(&ca).parent().unwrap().to_owned();
+    let port = testsupport::free_port();
+    let mut receiver = tokio::process::Command::new("python3")
+        .args(["-c", HTTPS_RECEIVER, &port.to_string()])
+        .arg(tls_dir.join("server.crt"))
+        .arg(tls_dir.join("server.key"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ready.as_deref(), Some("ready"));
+
+    let database_url = "sqlite://agent-bus.db";
+    let mut dispatcher = start_local_dispatcher_with(database_url, &LOOPBACK_FLAGS).await;
+    let (ok, secret, _) = cli(
+        &dispatcher,
+        database_url,
+        &["tenant", "webhook-secret", "acme"],
+    )
+    .await;
+    assert!(ok);
+    let url = format!("https://127.0.0.1:{port}/secure");
+    let id = dispatcher
+        .submit_as(&dispatcher.key, &task_with_webhook("tls", &url))
+        .await;
+    wait_until_over(&dispatcher, &id).await;
+    let refused = wait_for_delivery(&dispatcher, &id, "a refused attempt", |d| {
+        d["attempt_count"].as_u64() >= Some(1)
+    })
+    .await;
+    assert_eq!(refused["state"], "pending", "retried: {refused}");
+    let error = refused["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("certificate"), "{refused}");
+
+    let mut flags = LOOPBACK_FLAGS.to_vec();
+    flags.extend(["--webhook-ca-file", ca.as_str()]);
+    kill_and_restart(&mut dispatcher, database_url, &flags).await;
+    let delivered = wait_for_delivery(&dispatcher, &id, "the delivery over https", |d| {
+        d["state"] == "delivered"
+    })
+    .await;
+    // The first request the receiver saw through is the delivery, signed.
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let got: Value = serde_json::from_str(&line).unwrap();
+    let received = Received {
+        path: got["path"].as_str().unwrap().to_owned(),
+        id: got["id"].as_str().unwrap().to_owned(),
+        timestamp: got["timestamp"].as_str().unwrap().to_owned(),
+        signature: got["signature"].as_str().unwrap().to_owned(),
+        body: got["body"].as_str().unwrap().to_owned(),
+    };
+    assert_eq!(received.path, "/secure");
+    assert_eq!(received.id, delivered["id"].as_str().unwrap());
+    assert!(verifies(&secret, &received));
+
+    // A file without a certificate is refused at start, naming the flag.
+    let empty = dispatcher.dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(["serve", "--executor", "local", "--webhook-ca-file"])
+        .arg(&empty)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .current_dir(&dispatcher.dir)
+        .env("DATABASE_URL", database_url)
+        .env_remove("REDIS_URL")
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--webhook-ca-file"), "{stderr}");
 }
