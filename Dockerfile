@@ -13,9 +13,18 @@
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
+# The base images, as build arguments: where no registry is reachable (the test suite),
+# they are made locally from Debian's packages (tests/env/image, docs/DOCKER.md).
+ARG BUILD_IMAGE=rust:${RUST_VERSION}-${DEBIAN_RELEASE}
+ARG RUNTIME_IMAGE=debian:${DEBIAN_RELEASE}-slim
+# Where the runtime stage takes /out/dispatcher and /out/runner from: the build stage
+# below, or an image that already holds them (the test suite passes one made of the
+# binaries its own build produced, so the workspace is not compiled twice; the build
+# stage is then skipped as unused).
+ARG BINARIES=build
 
 # --- build ---------------------------------------------------------------------------
-FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
+FROM ${BUILD_IMAGE} AS build
 # ziglang and cargo-zigbuild from PyPI, in a venv (bookworm's Python refuses a system-wide
 # pip install); the versions tests/env/versions.env pins for tests/env/build-runner, which
 # builds the same runner for the test suite (a test keeps the two equal).
@@ -33,12 +42,14 @@ WORKDIR /src
 # .dockerignore keeps everything else out. The cache mounts keep the registry, the target
 # folder and zig's cache between builds.
 COPY Cargo.toml Cargo.lock ./
+COPY cli cli
 COPY dispatcher dispatcher
 COPY protocol protocol
 COPY runner runner
-COPY tests/support tests/support
-COPY tests/deploy tests/deploy
 COPY tests/benchmark tests/benchmark
+COPY tests/client tests/client
+COPY tests/deploy tests/deploy
+COPY tests/support tests/support
 # The runner's target is the build machine's architecture with a glibc version suffix:
 # x86_64-unknown-linux-gnu.2.31 on amd64 (the only one tested).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -50,11 +61,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -D -m 0755 target/release/dispatcher /out/dispatcher \
     && install -D -m 0755 "target/${runner_target}/release/runner" /out/runner
 
+FROM ${BINARIES} AS binaries
+
 # --- runtime -------------------------------------------------------------------------
 # debian-slim rather than distroless: the image's default, the local executor (docker run,
 # docker compose), runs task commands inside this container, which needs a shell and
 # coreutils. On Kubernetes nothing here needs them (see docs/DOCKER.md).
-FROM debian:${DEBIAN_RELEASE}-slim AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="agent-bus" \
       org.opencontainers.image.description="agent-bus dispatcher and runner" \
@@ -67,8 +80,8 @@ RUN apt-get update \
     && groupadd --gid 65532 agent-bus \
     && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /var/lib/agent-bus --shell /usr/sbin/nologin agent-bus \
     && install -d -o 65532 -g 65532 -m 0750 /var/lib/agent-bus
-COPY --from=build /out/dispatcher /usr/local/bin/dispatcher
-COPY --from=build /out/runner /usr/local/bin/runner
+COPY --from=binaries /out/dispatcher /usr/local/bin/dispatcher
+COPY --from=binaries /out/runner /usr/local/bin/runner
 # The embedded default keeps its SQLite file and local work folder here.
 WORKDIR /var/lib/agent-bus
 USER 65532:65532

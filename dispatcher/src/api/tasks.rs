@@ -651,7 +651,7 @@ struct Follow {
     id: TaskId,
     include: Include,
     /// Whether to wait for more once everything so far was sent (until the task ends).
-    follow: bool,
+    keep_open: bool,
     after: Option<i64>,
     /// The last progress report and output line sent: (attempt, sequence).
     progress_after: Option<(u32, u64)>,
@@ -753,7 +753,7 @@ fn follow_stream(
         tenant,
         id,
         include,
-        follow,
+        keep_open: follow,
         after: None,
         progress_after: None,
         log_after: None,
@@ -785,7 +785,7 @@ fn follow_stream(
                 }
             };
             if let Some(complete) = follow.poll().await {
-                follow.done = (terminal || !follow.follow) && complete;
+                follow.done = (terminal || !follow.keep_open) && complete;
             }
             if follow.pending.is_empty() && !follow.done {
                 tokio::time::sleep(follow.state.follow_poll).await;

@@ -46,7 +46,7 @@ pub fn init_logging(args: &LogArgs) {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     install_crypto_provider();
     match command {
-        Command::Serve(args) => serve::serve(*args).await,
+        Command::Serve(args) => Box::pin(serve::serve(*args)).await,
         Command::Healthcheck(_) => Ok(()), // answered in `main`, before logging matters
         Command::Migrate(database) => tenant::migrate(&database).await,
         Command::Tenant(command) => tenant::run(command).await,

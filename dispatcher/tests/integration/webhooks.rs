@@ -18,6 +18,7 @@ use hmac::{Hmac, Mac as _};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use testsupport::poll_until;
+use tokio::io::AsyncBufReadExt as _;
 
 use crate::common::{LocalDispatcher, start_local_dispatcher_with, wait_until_ready};
 
@@ -594,8 +595,6 @@ server.serve_forever()
 #[tokio::test]
 async fn https_receivers_are_trusted_through_the_operators_ca() {
     testsupport::needs_env!(Var("AGENT_BUS_TEST_CA"), Program("python3"));
-    use tokio::io::AsyncBufReadExt as _;
-
     let ca = testsupport::env_var("AGENT_BUS_TEST_CA").unwrap();
     let tls_dir = std::path::Path::new(&ca).parent().unwrap().to_owned();
     let port = testsupport::free_port();
@@ -650,16 +649,16 @@ async fn https_receivers_are_trusted_through_the_operators_ca() {
         .unwrap()
         .unwrap();
     let got: Value = serde_json::from_str(&line).unwrap();
-    let received = Received {
+    let delivery = Received {
         path: got["path"].as_str().unwrap().to_owned(),
         id: got["id"].as_str().unwrap().to_owned(),
         timestamp: got["timestamp"].as_str().unwrap().to_owned(),
         signature: got["signature"].as_str().unwrap().to_owned(),
         body: got["body"].as_str().unwrap().to_owned(),
     };
-    assert_eq!(received.path, "/secure");
-    assert_eq!(received.id, delivered["id"].as_str().unwrap());
-    assert!(verifies(&secret, &received));
+    assert_eq!(delivery.path, "/secure");
+    assert_eq!(delivery.id, delivered["id"].as_str().unwrap());
+    assert!(verifies(&secret, &delivery));
 
     // A file without a certificate is refused at start, naming the flag.
     let empty = dispatcher.dir.join("empty.pem");

@@ -175,3 +175,156 @@ fn docker_compose_passes_the_compose_loader_with_limits_and_health_checks() {
     assert!(!refused.success);
     assert!(refused.stderr.contains("restrat"), "{}", refused.stderr);
 }
+
+/// `buildah` on the storage `tests/env/image` keeps its images in.
+fn buildah(storage: &str, args: &[&str]) -> Output {
+    let runroot = format!("{storage}.run");
+    let mut all = vec![
+        "--root",
+        storage,
+        "--runroot",
+        &runroot,
+        "--storage-driver",
+        "vfs",
+    ];
+    all.extend_from_slice(args);
+    run("buildah", &all, None)
+}
+
+/// The seed's ceiling for the image.
+const MAX_IMAGE_BYTES: u64 = 800 * 1000 * 1000;
+
+/// The image, built for real from the Dockerfile by buildah (`tests/env/image`: base images
+/// made from Debian's packages, the binaries this test run built, cached by content hash),
+/// then inspected and run: non-root user, entrypoint, command, health check, OCI labels,
+/// size, and `dispatcher --version` and the runner inside it.
+#[test]
+fn the_image_builds_from_the_dockerfile_and_runs_its_binaries() {
+    // The glibc 2.31 runner (tests/env/build-runner) is the image's runner.
+    testsupport::needs_env!(Var("AGENT_BUS_RUNNER_GLIBC231"));
+    let runner = std::env::var("AGENT_BUS_RUNNER_GLIBC231").unwrap();
+    let dispatcher = dispatcher_binary();
+    let built = run(
+        repo_root().join("tests/env/image"),
+        &[dispatcher.to_str().unwrap(), &runner],
+        None,
+    );
+    let value = |key: &str| {
+        built
+            .stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("tests/env/image printed no {key}: {}", built.stdout))
+            .to_owned()
+    };
+    let (image, storage) = (value("AGENT_BUS_IMAGE"), value("AGENT_BUS_IMAGE_STORAGE"));
+    assert_eq!(image, "localhost/agent-bus:dev");
+
+    let inspected: Value =
+        serde_json::from_str(&buildah(&storage, &["inspect", "--type", "image", &image]).stdout)
+            .unwrap();
+    let config = &inspected["Docker"]["config"];
+    assert_eq!(config["User"], "65532:65532");
+    assert_eq!(config["Entrypoint"], json!(["/usr/local/bin/dispatcher"]));
+    assert_eq!(config["Cmd"], json!(["serve"]));
+    assert_eq!(config["WorkingDir"], "/var/lib/agent-bus");
+    assert_eq!(config["ExposedPorts"], json!({"8080/tcp": {}}));
+    assert_eq!(
+        config["Healthcheck"]["Test"],
+        json!([
+            "CMD",
+            "/usr/local/bin/dispatcher",
+            "healthcheck",
+            "--url",
+            "http://127.0.0.1:8080/readyz"
+        ])
+    );
+    let labels = &config["Labels"];
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(labels["org.opencontainers.image.title"], "agent-bus");
+    assert_eq!(labels["org.opencontainers.image.version"], version);
+    assert_eq!(labels["org.opencontainers.image.licenses"], "Apache-2.0");
+    assert!(labels["org.opencontainers.image.source"].is_string());
+
+    let images: Value =
+        serde_json::from_str(&buildah(&storage, &["images", "--json", &image]).stdout).unwrap();
+    // buildah shows it as go-units does: three significant digits, powers of 1000.
+    let shown = images[0]["size"].as_str().unwrap();
+    let (amount, unit) = shown.split_once(' ').unwrap();
+    let factor = match unit {
+        "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => panic!("size {shown}"),
+    };
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a few hundred MB
+    let size = (amount.parse::<f64>().unwrap() * factor) as u64;
+    eprintln!("image {image}: {shown}");
+    assert!(
+        size <= MAX_IMAGE_BYTES,
+        "{size} bytes, more than {MAX_IMAGE_BYTES}"
+    );
+
+    // Its binaries run inside it, as its user (chroot isolation: no container runtime).
+    let container = buildah(&storage, &["from", "--quiet", &image])
+        .stdout
+        .trim()
+        .to_owned();
+    let inside = |command: &[&str]| {
+        let mut args = vec!["run", "--isolation", "chroot", &container, "--"];
+        args.extend_from_slice(command);
+        buildah(&storage, &args)
+    };
+    let id = inside(&["id", "-u"]);
+    let dispatcher_version = inside(&["/usr/local/bin/dispatcher", "--version"]);
+    let runner_version = inside(&["/usr/local/bin/runner", "--version"]);
+    let installed = inside(&[
+        "sh",
+        "-c",
+        "/usr/local/bin/runner install /tmp/bin && /tmp/bin/runner --version",
+    ]);
+    buildah(&storage, &["rm", &container]);
+    assert_eq!(id.stdout.trim(), "65532");
+    assert_eq!(
+        dispatcher_version.stdout.trim(),
+        format!("dispatcher {version}")
+    );
+    assert_eq!(runner_version.stdout.trim(), format!("runner {version}"));
+    assert_eq!(
+        installed.stdout.trim(),
+        format!("runner {version}"),
+        "{}",
+        installed.stderr
+    );
+}
+
+/// The build stage copies every workspace member (cargo loads them all to build one), and
+/// `.dockerignore` lets each into the context: a new member once broke the build.
+#[test]
+fn the_build_stage_copies_every_workspace_member() {
+    let manifest = std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap();
+    // `members = ["cli", "dispatcher", …]` on one line, as the workspace writes it.
+    let members: Vec<&str> = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("members = ["))
+        .unwrap()
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    assert!(members.contains(&"dispatcher"), "{members:?}");
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let ignore = std::fs::read_to_string(repo_root().join(".dockerignore")).unwrap();
+    for member in members {
+        assert!(
+            dockerfile
+                .lines()
+                .any(|l| l.trim() == format!("COPY {member} {member}")),
+            "the Dockerfile does not copy workspace member {member}"
+        );
+        assert!(
+            ignore.lines().any(|l| l.trim() == format!("!{member}/")),
+            ".dockerignore keeps workspace member {member} out"
+        );
+    }
+}
