@@ -514,8 +514,9 @@ fn script(container: &Value) -> String {
     command[2].as_str().unwrap().to_owned()
 }
 
-/// The rendered `helm test` pod cannot run on this cluster (kwok plays the kubelet: pods
-/// run no process, and it would report the test pod as passed without running it), so its
+/// The rendered `helm test` pod cannot run on this cluster: kwok plays the kubelet, so
+/// pods run no process, and it keeps a test pod `Running` for ever (`helm test` on a dev
+/// install times out with `-test-readyz` still `Running`). So its
 /// two scripts run here, as they are, against the real dispatcher launching into the
 /// cluster: the tenant script with the dispatcher binary and the database, the submit
 /// script with curl against the api. Only the paths (`/usr/local/bin/dispatcher`,
