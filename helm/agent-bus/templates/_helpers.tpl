@@ -154,3 +154,13 @@ sets one (the first path segment is a registry when it has a `.` or `:` or is
 {{- fail "tasks.namespace must differ from the release namespace: the task Jobs run under a stricter policy than the dispatcher" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The PromQL label matchers that select the dispatchers' series: monitoring.prometheusRule.jobSelector,
+else job="<monitoring.job>" (the job label the ServiceMonitor sets). The alert rules and
+the dashboard ConfigMap use it; so should any other query the chart renders (a
+Prometheus scaler's, for example).
+*/}}
+{{- define "agent-bus.jobSelector" -}}
+{{- .Values.monitoring.prometheusRule.jobSelector | default (printf "job=%q" .Values.monitoring.job) }}
+{{- end }}
