@@ -44,6 +44,7 @@ mod alerts;
 mod chart;
 mod conventions;
 mod docker;
+mod helm_test;
 mod network_policy;
 mod placement;
 mod rbac;
