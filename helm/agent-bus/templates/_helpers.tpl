@@ -32,6 +32,49 @@ helm.sh/chart: {{ include "agent-bus.chart" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: agent-bus
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The labels of every object with more on top (`extra` wins on a shared key, so a
+`release` in both commonLabels and a ServiceMonitor's labels is written once). Call with
+(dict "root" $ "extra" {...}); "component" adds app.kubernetes.io/component.
+*/}}
+{{- define "agent-bus.labelsWith" -}}
+{{- $labels := fromYaml (include "agent-bus.labels" .root) }}
+{{- with .component }}{{ $_ := set $labels "app.kubernetes.io/component" . }}{{ end }}
+{{- toYaml (merge (deepCopy (.extra | default dict)) $labels) }}
+{{- end }}
+
+{{/*
+Labels of a pod template: the selector labels, the role (`component`), then the role's
+podLabels and commonLabels (the schema keeps both off the chart's own label keys, so
+nothing is written twice). Call with (dict "root" $ "component" "api" "podLabels" {...}).
+*/}}
+{{- define "agent-bus.podLabels" -}}
+{{ include "agent-bus.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- with merge (dict) (.podLabels | default dict) (.root.Values.commonLabels | default dict) }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+imagePullSecrets of every pod: the chart's, then global.imagePullSecrets (names or
+{name: ...}, as bitnami charts take them).
+*/}}
+{{- define "agent-bus.imagePullSecrets" -}}
+{{- $secrets := list }}
+{{- range .Values.imagePullSecrets }}{{ $secrets = append $secrets . }}{{ end }}
+{{- range ((.Values.global | default dict).imagePullSecrets | default list) }}
+{{- if kindIs "string" . }}{{ $secrets = append $secrets (dict "name" .) }}{{ else }}{{ $secrets = append $secrets . }}{{ end }}
+{{- end }}
+{{- with $secrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* Labels that select the dispatcher's pods (add app.kubernetes.io/component per role). */}}
@@ -50,10 +93,30 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The image reference: the digest wins over the tag; the tag defaults to appVersion. */}}
 {{- define "agent-bus.image" -}}
+{{- $repository := include "agent-bus.imageRepository" . }}
 {{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+image.repository, with its registry replaced by global.imageRegistry when a parent chart
+sets one (the first path segment is a registry when it has a `.` or `:` or is
+`localhost`, as Docker reads references).
+*/}}
+{{- define "agent-bus.imageRepository" -}}
+{{- $registry := (.Values.global | default dict).imageRegistry | default "" }}
+{{- if $registry }}
+{{- $parts := splitList "/" .Values.image.repository }}
+{{- $first := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $first) (contains ":" $first) (eq $first "localhost")) }}
+{{- $parts = rest $parts }}
+{{- end }}
+{{- printf "%s/%s" (trimSuffix "/" $registry) (join "/" $parts) }}
+{{- else }}
+{{- .Values.image.repository }}
 {{- end }}
 {{- end }}
 
@@ -90,4 +153,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if eq .Values.tasks.namespace .Release.Namespace }}
 {{- fail "tasks.namespace must differ from the release namespace: the task Jobs run under a stricter policy than the dispatcher" }}
 {{- end }}
+{{- end }}
+
+{{/*
+The PromQL label matchers that select the dispatchers' series: monitoring.prometheusRule.jobSelector,
+else job="<monitoring.job>" (the job label the ServiceMonitor sets). The alert rules and
+the dashboard ConfigMap use it; so should any other query the chart renders (a
+Prometheus scaler's, for example).
+*/}}
+{{- define "agent-bus.jobSelector" -}}
+{{- .Values.monitoring.prometheusRule.jobSelector | default (printf "job=%q" .Values.monitoring.job) }}
 {{- end }}

@@ -108,7 +108,11 @@ fn the_chart_and_the_overlays_agree_on_rbac_probes_security_and_resources() {
         dispatcher: "agent-bus".to_owned(),
         tasks: "agent-bus-tasks".to_owned(),
     };
-    for (overlay, values) in [("dev", "values-dev.yaml"), ("prod", "values-prod.yaml")] {
+    for (overlay, values) in [
+        ("dev", "values-dev.yaml"),
+        ("staging", "values-staging.yaml"),
+        ("prod", "values-prod.yaml"),
+    ] {
         let kustomized = contract(&objects(&kustomize(overlay, &names)));
         let charted = contract(&objects(&helm_template(&names, Some(values))));
         let mut differences = Vec::new();
@@ -144,17 +148,22 @@ fn the_runner_image_follows_the_dispatchers_image_and_the_report_secret_is_optio
     };
     // Kustomize: what `kustomize edit set image ghcr.io/agent-bus/agent-bus=registry.example.com/agent-bus:9.9.9`
     // writes into an overlay changes both images.
-    for overlay in ["dev", "prod"] {
+    for overlay in ["dev", "staging", "prod"] {
         let rendered = kustomize_edited(&format!("overlays/{overlay}"), &names, |copy| {
             let file = copy.join(format!("overlays/{overlay}/kustomization.yaml"));
             let text = std::fs::read_to_string(&file).unwrap();
-            let tag = if overlay == "dev" { "dev" } else { "0.1.0" };
+            // What the overlay sets: dev names the locally built image, the others a tag.
+            let set = if overlay == "dev" {
+                "    newName: localhost/agent-bus\n    newTag: dev\n"
+            } else {
+                "    newTag: 0.1.0\n"
+            };
             let edited = text.replacen(
-                &format!("    newTag: {tag}\n"),
+                set,
                 "    newName: registry.example.com/agent-bus\n    newTag: 9.9.9\n",
                 1,
             );
-            assert_ne!(edited, text, "{overlay}: no `newTag: {tag}` line");
+            assert_ne!(edited, text, "{overlay}: no `{set}` lines");
             std::fs::write(&file, edited).unwrap();
         });
         for pair in images(&objects(&rendered)) {

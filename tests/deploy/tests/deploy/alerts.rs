@@ -8,15 +8,19 @@ use serde_json::Value;
 
 const RULES: &str = "deploy/prometheus/agent-bus.rules.yml";
 const RULE_TESTS: &str = "deploy/prometheus/tests";
-const RUNBOOKS: &str = "https://github.com/agent-bus/agent-bus/blob/main/docs/OBSERVABILITY.md#";
+const RUNBOOKS: &str = "https://github.com/agent-bus/agent-bus/blob/main/docs/RUNBOOK.md#";
+const RUNBOOK_DOC: &str = "docs/RUNBOOK.md";
+/// How every selector of the rules names the dispatchers' series (the chart replaces it).
+const JOB: &str = r#"job="agent-bus""#;
 
-/// The alerts docs/OBSERVABILITY.md documents and the end-to-end test drives.
-const ALERTS: [&str; 15] = [
+/// The alerts docs/OBSERVABILITY.md and docs/RUNBOOK.md document.
+const ALERTS: [&str; 16] = [
     "AgentBusDispatcherDown",
     "AgentBusHighApiErrorRate",
     "AgentBusLaunchFailures",
     "AgentBusRetryStorm",
     "AgentBusHighTaskFailureRate",
+    "AgentBusTasksFailingAcrossQueues",
     "AgentBusTasksQueuedTooLong",
     "AgentBusTasksUnschedulable",
     "AgentBusHeartbeatLost",
@@ -99,6 +103,62 @@ fn unknown_names(
     unknown
 }
 
+/// `value` with every `(from, to)` replaced in each of its strings.
+fn replaced(value: &Value, replacements: &[(&str, &str)]) -> Value {
+    match value {
+        Value::String(text) => Value::String(
+            replacements
+                .iter()
+                .fold(text.clone(), |text, (from, to)| text.replace(from, to)),
+        ),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|i| replaced(i, replacements)).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), replaced(v, replacements)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Every string in `value`.
+fn all_strings(value: &Value, found: &mut Vec<String>) {
+    match value {
+        Value::String(text) => found.push(text.clone()),
+        Value::Array(items) => items.iter().for_each(|i| all_strings(i, found)),
+        Value::Object(map) => map.values().for_each(|v| all_strings(v, found)),
+        _ => {}
+    }
+}
+
+/// The selectors of a PromQL expression that do not name [`JOB`]: every `agent_bus_…`
+/// metric and `up` must be followed by `{…}` holding it, so that the chart's job selector
+/// reaches every series the rules read.
+fn selectors_without_job(promql: &str) -> Vec<String> {
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut missing = Vec::new();
+    for needle in ["agent_bus_", "up{"] {
+        for (start, _) in promql.match_indices(needle) {
+            if promql[..start].chars().next_back().is_some_and(is_name) {
+                continue;
+            }
+            let end = promql[start..]
+                .find(|c: char| !is_name(c))
+                .map_or(promql.len(), |n| start + n);
+            let selector = promql[end..]
+                .strip_prefix('{')
+                .and_then(|rest| rest.split_once('}'))
+                .map(|(inside, _)| inside);
+            if !selector.is_some_and(|inside| inside.contains(JOB)) {
+                missing.push(promql[start..end].to_owned());
+            }
+        }
+    }
+    missing
+}
+
 /// Every PromQL text of a Grafana dashboard: the targets' `expr`, the variables' `query`
 /// and `definition`.
 fn dashboard_promql(value: &Value, found: &mut Vec<String>) {
@@ -162,16 +222,98 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
         dispatcher: "agent-bus".to_owned(),
         tasks: "agent-bus-tasks".to_owned(),
     };
-    assert_eq!(
-        prometheus_rule_groups(&kustomize("prod", &names)),
-        groups,
-        "manifests/overlays/prod"
+    for overlay in ["staging", "prod"] {
+        assert_eq!(
+            prometheus_rule_groups(&kustomize(overlay, &names)),
+            groups,
+            "manifests/overlays/{overlay}"
+        );
+    }
+    for values in ["values-staging.yaml", "values-prod.yaml"] {
+        assert_eq!(
+            prometheus_rule_groups(&helm_template(&names, Some(values))),
+            groups,
+            "helm/agent-bus with {values}"
+        );
+    }
+    // The chart takes the job selector and the runbooks' address from its values: the
+    // source's groups with both replaced, in expressions and in the annotations' quoted
+    // queries, and still valid rules.
+    let selector = r#"job="dispatchers",cluster="eu-1""#;
+    let escaped = selector.replace('"', "\\\"");
+    let runbooks = "https://wiki.example.com/runbooks/agent-bus";
+    let custom = prometheus_rule_groups(&helm_template_extra(
+        &names,
+        Some("values-prod.yaml"),
+        &format!(
+            "monitoring:\n  prometheusRule:\n    jobSelector: '{selector}'\n    runbookBaseUrl: {runbooks}\n"
+        ),
+    ));
+    let expected = replaced(
+        &groups,
+        &[
+            (JOB, selector),
+            (r#"job=\"agent-bus\""#, &escaped),
+            (RUNBOOKS, &format!("{runbooks}#")),
+        ],
     );
+    assert_ne!(expected, groups);
     assert_eq!(
-        prometheus_rule_groups(&helm_template(&names, Some("values-prod.yaml"))),
-        groups,
-        "helm/agent-bus with values-prod.yaml"
+        custom, expected,
+        "helm/agent-bus with a jobSelector and runbookBaseUrl"
     );
+    let mut strings = Vec::new();
+    all_strings(&custom, &mut strings);
+    for text in &strings {
+        assert!(
+            !text.contains("agent-bus\\\"") && !text.contains(JOB),
+            "left: {text}"
+        );
+        assert!(
+            !text.contains("docs/RUNBOOK.md"),
+            "a runbook link was left: {text}"
+        );
+    }
+    // monitoring.job alone moves the selector and the ServiceMonitor's job label together.
+    let renamed = helm_template_set(&names, Some("values-prod.yaml"), &["monitoring.job=ab"]);
+    assert_eq!(
+        prometheus_rule_groups(&renamed),
+        replaced(
+            &groups,
+            &[
+                (JOB, r#"job="ab""#),
+                (r#"job=\"agent-bus\""#, r#"job=\"ab\""#)
+            ]
+        )
+    );
+    let monitor: Value = serde_yaml_ng::from_str(
+        &yaml_docs(&renamed)
+            .into_iter()
+            .find(|doc| kind_of(doc) == "ServiceMonitor")
+            .unwrap(),
+    )
+    .unwrap();
+    let relabelings = &monitor["spec"]["endpoints"][0]["relabelings"];
+    assert!(
+        relabelings
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["targetLabel"] == "job" && r["replacement"] == "ab"),
+        "{relabelings}"
+    );
+    let file = std::env::temp_dir().join(format!(
+        "agent-bus-rules-{}.yml",
+        testsupport::unique_suffix()
+    ));
+    std::fs::write(&file, serde_json::json!({"groups": custom}).to_string()).unwrap();
+    let out = run(
+        tool("promtool"),
+        &["check", "rules", file.to_str().unwrap()],
+        None,
+    );
+    std::fs::remove_file(&file).unwrap();
+    assert!(out.stdout.contains("SUCCESS"), "{}", out.stdout);
 
     // Each alert: the documented set, labels, runbook anchor, a promtool test, and its
     // `for:` on a line of its own (the end-to-end test shortens them with a regex).
@@ -194,9 +336,15 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
             recorded.insert(record.to_owned());
         }
     }
+    let runbook = std::fs::read_to_string(repo_root().join(RUNBOOK_DOC)).unwrap();
     let mut alert_rules = 0;
     for rule in &rules {
         let expr = rule["expr"].as_str().unwrap();
+        let unselected = selectors_without_job(expr);
+        assert!(
+            unselected.is_empty(),
+            "{RULES}: {unselected:?} without {JOB} in {expr}"
+        );
         let unknown = unknown_names(expr, &exposed, &recorded);
         assert!(
             unknown.is_empty(),
@@ -230,6 +378,14 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
             );
         }
         assert!(rule["for"].is_string(), "{alert}: no for");
+        // Its runbook: a section of docs/RUNBOOK.md with the three parts.
+        let section = runbook
+            .split("\n## ")
+            .find(|section| section.lines().next() == Some(alert))
+            .unwrap_or_else(|| panic!("{RUNBOOK_DOC} has no `## {alert}` section"));
+        for part in ["**What it means.**", "**How to check.**", "**What to do.**"] {
+            assert!(section.contains(part), "{RUNBOOK_DOC} {alert}: no {part}");
+        }
         for annotation in annotations.as_object().unwrap().values() {
             let text = annotation.as_str().unwrap();
             let unknown = unknown_names(text, &exposed, &recorded);

@@ -11,7 +11,12 @@ fn the_chart_lints_with_each_values_file_and_refuses_unknown_keys() {
     testsupport::needs_env!(Program("helm"));
     let chart = repo_root().join("helm/agent-bus");
     let chart = chart.to_str().unwrap();
-    for values in [None, Some("values-dev.yaml"), Some("values-prod.yaml")] {
+    for values in [
+        None,
+        Some("values-dev.yaml"),
+        Some("values-staging.yaml"),
+        Some("values-prod.yaml"),
+    ] {
         let mut args = vec!["lint", "--strict", chart];
         let path;
         if let Some(values) = values {
@@ -199,7 +204,12 @@ fn every_value_is_documented_in_the_chart_readme() {
 fn the_chart_passes_a_server_side_dry_run_with_each_values_file() {
     testsupport::needs_env!(Cluster, Program("kubectl"), Program("helm"));
     ensure_crds();
-    for values in [None, Some("values-dev.yaml"), Some("values-prod.yaml")] {
+    for values in [
+        None,
+        Some("values-dev.yaml"),
+        Some("values-staging.yaml"),
+        Some("values-prod.yaml"),
+    ] {
         let names = Names::unique("deploy-chart-dry");
         let rendered = helm_template(&names, values);
         let outcome = std::panic::catch_unwind(|| server_side_dry_run(&rendered, &names));
@@ -220,7 +230,7 @@ fn the_chart_passes_a_server_side_dry_run_with_each_values_file() {
         ] {
             assert!(kinds.contains(&kind), "{values:?}: no {kind} in {kinds:?}");
         }
-        if values == Some("values-prod.yaml") {
+        if matches!(values, Some("values-prod.yaml" | "values-staging.yaml")) {
             for kind in [
                 "ExternalSecret",
                 "ServiceMonitor",
@@ -230,11 +240,11 @@ fn the_chart_passes_a_server_side_dry_run_with_each_values_file() {
                 "PodDisruptionBudget",
                 "PersistentVolumeClaim",
             ] {
-                assert!(kinds.contains(&kind), "prod: no {kind} in {kinds:?}");
+                assert!(kinds.contains(&kind), "{values:?}: no {kind} in {kinds:?}");
             }
             assert!(
                 !kinds.contains(&"Secret"),
-                "prod takes its Secret from the ExternalSecret"
+                "{values:?} takes its Secret from the ExternalSecret"
             );
         }
     }

@@ -12,6 +12,12 @@
 //!   (`kubectl auth can-i`), and the real dispatcher binary, running with that
 //!   ServiceAccount's token, launches a task whose Job is admitted in the `restricted`
 //!   tasks namespace, under its ResourceQuota and LimitRange;
+//! - the chart works as operators use it: as a subchart with `global` values, with common
+//!   and pod labels, priority classes and extra volumes and environment, its ServiceMonitor
+//!   and PrometheusRule selected by kube-prometheus-stack's `release` label, the Grafana
+//!   dashboard as a sidecar ConfigMap, an Ingress for the public API only, the dev image,
+//!   and `helm test`'s submit -> Job script run against the real dispatcher;
+//! - dev, staging and prod (values files and overlays) each lint, dry-run and agree;
 //! - the chart and the overlays agree on RBAC rules, probes, security contexts and
 //!   resources, and the alert rules agree in their three copies and pass their promtool
 //!   tests; the Alertmanager example routes as documented and the Grafana dashboard names
@@ -36,7 +42,9 @@ mod support;
 mod agreement;
 mod alerts;
 mod chart;
+mod conventions;
 mod docker;
+mod helm_test;
 mod network_policy;
 mod placement;
 mod rbac;

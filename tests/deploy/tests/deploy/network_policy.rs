@@ -232,6 +232,14 @@ fn task_pods_reach_the_api_at_the_report_url_through_both_network_policies() {
             kustomize("dev", &renamed),
         ),
         (
+            "helm -f values-staging.yaml, renamed",
+            helm_template(&renamed, Some("values-staging.yaml")),
+        ),
+        (
+            "manifests/overlays/staging, renamed",
+            kustomize("staging", &renamed),
+        ),
+        (
             "manifests/overlays/prod, renamed",
             kustomize("prod", &renamed),
         ),
@@ -429,6 +437,16 @@ fn metrics_have_their_own_port_that_task_pods_and_the_ingress_never_reach() {
         (
             "manifests/overlays/dev",
             kustomize("dev", &defaults),
+            "monitoring",
+        ),
+        (
+            "helm -f values-staging.yaml, renamed",
+            helm_template(&renamed, Some("values-staging.yaml")),
+            "monitoring",
+        ),
+        (
+            "manifests/overlays/staging, renamed",
+            kustomize("staging", &renamed),
             "monitoring",
         ),
         (

@@ -27,11 +27,16 @@ fn the_shipped_placement_file_is_the_dispatchers_own_and_the_dispatcher_accepts_
             helm_template(&names, Some("values-dev.yaml")),
         ),
         (
+            "helm/agent-bus -f values-staging.yaml",
+            helm_template(&names, Some("values-staging.yaml")),
+        ),
+        (
             "helm/agent-bus -f values-prod.yaml",
             helm_template(&names, Some("values-prod.yaml")),
         ),
         ("manifests/base", kustomize_edited("base", &names, |_| {})),
         ("manifests/overlays/dev", kustomize("dev", &names)),
+        ("manifests/overlays/staging", kustomize("staging", &names)),
         ("manifests/overlays/prod", kustomize("prod", &names)),
     ];
     for (source, rendered) in &shipped {

@@ -90,7 +90,7 @@ pub(crate) fn assert_rbac(names: &Names) {
 async fn the_overlays_pass_a_server_side_dry_run() {
     testsupport::needs_env!(Cluster, Program("kubectl"));
     ensure_crds();
-    for overlay in ["dev", "prod"] {
+    for overlay in ["dev", "staging", "prod"] {
         let names = Names::unique(&format!("deploy-kust-{overlay}"));
         let rendered = kustomize(overlay, &names);
         // The default names are gone from every place a namespace is named.
@@ -154,7 +154,7 @@ async fn the_overlays_pass_a_server_side_dry_run() {
 }
 
 /// Applies the dev overlay for real into `names`.
-fn apply_dev_overlay(names: &Names) -> String {
+pub(crate) fn apply_dev_overlay(names: &Names) -> String {
     let rendered = kustomize("dev", names);
     create_namespaces(&rendered, names);
     let out = kubectl(&["apply", "-f", "-"], Some(&rendered));
@@ -179,7 +179,7 @@ async fn the_dispatchers_service_account_may_do_what_it_needs_and_nothing_more()
 
 /// A kubeconfig that authenticates as the dispatcher's ServiceAccount, with a token from
 /// the TokenRequest API, so the dispatcher below runs with exactly the Role's permissions.
-fn service_account_kubeconfig(names: &Names, dir: &Path) -> PathBuf {
+pub(crate) fn service_account_kubeconfig(names: &Names, dir: &Path) -> PathBuf {
     let token = kubectl(
         &[
             "create",

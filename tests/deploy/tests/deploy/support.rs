@@ -305,6 +305,44 @@ pub(crate) fn helm_template_set(names: &Names, values: Option<&str>, sets: &[&st
     helm(&args).stdout
 }
 
+/// `helm template` as above, with one more values file holding `extra` (YAML), given last
+/// so it wins: for values `--set` cannot spell (quotes, commas, lists of objects).
+pub(crate) fn helm_template_extra(names: &Names, values: Option<&str>, extra: &str) -> String {
+    let file = std::env::temp_dir().join(format!("agent-bus-values-{}.yaml", unique_suffix()));
+    std::fs::write(&file, extra).unwrap();
+    let chart = repo_root().join("helm/agent-bus");
+    let tasks = format!("tasks.namespace={}", names.tasks);
+    let mut args = vec![
+        "template",
+        "agent-bus",
+        chart.to_str().unwrap(),
+        "--namespace",
+        &names.dispatcher,
+        "--kube-version",
+        "v1.34.4",
+        "--set",
+        &tasks,
+    ];
+    let values_path;
+    if let Some(values) = values {
+        values_path = chart.join(values);
+        args.extend(["-f", values_path.to_str().unwrap()]);
+    }
+    args.extend(["-f", file.to_str().unwrap()]);
+    let out = run_status(tool("helm"), &args, None);
+    std::fs::remove_file(&file).unwrap();
+    assert!(out.success, "helm template with {extra}: {}", out.stderr);
+    out.stdout
+}
+
+/// Rendered YAML as JSON objects, parsed here (no cluster needed, CRD kinds included).
+pub(crate) fn parsed(rendered: &str) -> Vec<Value> {
+    yaml_docs(rendered)
+        .iter()
+        .map(|doc| serde_yaml_ng::from_str(doc).unwrap())
+        .collect()
+}
+
 /// Creates the namespaces for real (as `restricted` as the installation asks, labelled as
 /// test namespaces): the rendered Namespace objects, and for the chart, whose release
 /// namespace is not one of its objects, a `restricted` release namespace.
