@@ -381,3 +381,69 @@ async fn helm_install_with_the_dev_values_creates_every_object() {
     })
     .await;
 }
+
+/// Webhook delivery settings reach every role as the dispatcher's variables, and a
+/// receivers' CA ConfigMap is mounted where `AGENT_BUS_WEBHOOK_CA_FILE` points; without
+/// values, no variable is set (the dispatcher's defaults hold).
+#[test]
+fn webhook_settings_and_the_receivers_ca_reach_every_role() {
+    testsupport::needs_env!(Program("helm"));
+    let names = Names::defaults();
+    let rendered = objects(&helm_template_set(
+        &names,
+        None,
+        &[
+            "webhooks.allowedHosts={hooks.internal.svc,example.com}",
+            "webhooks.timeout=5s",
+            "webhooks.retryFor=2h",
+            "webhooks.backoff=2s",
+            "webhooks.caConfigMap=hooks-ca",
+        ],
+    ));
+    for deployment in dispatcher_deployments(&rendered) {
+        let name = &deployment["metadata"]["name"];
+        let container = dispatcher_container(deployment).unwrap();
+        for (variable, value) in [
+            (
+                "AGENT_BUS_WEBHOOK_ALLOWED_HOSTS",
+                "hooks.internal.svc,example.com",
+            ),
+            ("AGENT_BUS_WEBHOOK_TIMEOUT", "5s"),
+            ("AGENT_BUS_WEBHOOK_RETRY_FOR", "2h"),
+            ("AGENT_BUS_WEBHOOK_BACKOFF", "2s"),
+            (
+                "AGENT_BUS_WEBHOOK_CA_FILE",
+                "/etc/agent-bus-webhook-ca/ca.crt",
+            ),
+        ] {
+            assert_eq!(env_value(container, variable), value, "{name}");
+        }
+        assert!(
+            container["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| {
+                    m["name"] == "webhook-ca" && m["mountPath"] == "/etc/agent-bus-webhook-ca"
+                }),
+            "{name}"
+        );
+        let volumes = deployment["spec"]["template"]["spec"]["volumes"].to_string();
+        assert!(volumes.contains("hooks-ca"), "{name}: {volumes}");
+    }
+    // The variables the chart sets are the dispatcher's own.
+    let help = run(dispatcher_binary(), &["serve", "--help"], None).stdout;
+    for variable in [
+        "AGENT_BUS_WEBHOOK_ALLOWED_HOSTS",
+        "AGENT_BUS_WEBHOOK_TIMEOUT",
+        "AGENT_BUS_WEBHOOK_RETRY_FOR",
+        "AGENT_BUS_WEBHOOK_BACKOFF",
+        "AGENT_BUS_WEBHOOK_CA_FILE",
+    ] {
+        assert!(help.contains(variable), "{variable}");
+    }
+    for deployment in dispatcher_deployments(&objects(&helm_template(&names, None))) {
+        let env = dispatcher_container(deployment).unwrap()["env"].to_string();
+        assert!(!env.contains("AGENT_BUS_WEBHOOK"), "{env}");
+    }
+}
