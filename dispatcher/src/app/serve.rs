@@ -54,6 +54,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings::check(&args).map_err(anyhow::Error::msg)?;
 
     let store = open_store(&args.database).await?;
+    warn_of_durability_risks(&store).await;
     let instance = settings::instance(&args);
     let queue = connect_queue(&args).await?;
 
@@ -353,4 +354,20 @@ async fn report_tokens(
             .context("reading the report-token key")?,
     );
     Ok(ReportTokens::new(generated.expose_secret().as_bytes()))
+}
+
+/// Says, as a warning, when the database acknowledges commits it can lose in a crash: a
+/// user's 201 would then be a promise the store may not keep. Not fatal (test and
+/// throwaway installs choose it), and a database that cannot say is not refused either.
+async fn warn_of_durability_risks(store: &Store) {
+    match store.durability_risks().await {
+        Ok(risks) => {
+            for risk in risks {
+                tracing::warn!(target: LOG_TARGET, setting = risk.setting(), "commits are not durable: {risk}");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(target: LOG_TARGET, %error, "cannot read the database's durability settings");
+        }
+    }
 }

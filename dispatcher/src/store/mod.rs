@@ -55,6 +55,7 @@
 //! nothing, is refused). See docs/TLS.md.
 
 mod attempts;
+mod durability;
 mod error;
 mod events;
 mod local_users;
@@ -77,6 +78,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Transaction};
 
 pub use crate::cost::{Spend, SpendParts};
+pub use durability::DurabilityRisk;
 pub use error::{Result, StoreError};
 // The budget types moved to `cost`; re-exported while callers still name them here.
 pub use crate::cost::{Budget, BudgetAction};

@@ -94,6 +94,7 @@ macro_rules! both_backends {
 mod support;
 
 mod allowance;
+mod durability;
 mod queries;
 mod quotas;
 mod retries;
