@@ -11,7 +11,7 @@
 //!   `AGENT_BUS_SCHEMATHESIS`);
 //! - on the test environment (`eval "$(tests/env/up)"`): the PostgreSQL halves
 //!   (`*::postgres`), Redis (`queue::redis_*`), `outage` (a PostgreSQL server of its
-//!   own), `cluster` (end to end on the control plane), `tls` (TLS to both datastores;
+//!   own), `failover` (two Redis servers of its own, one demoted under a dispatcher), `cluster` (end to end on the control plane), `tls` (TLS to both datastores;
 //!   its refusals of unchecked TLS settings need nothing).
 //!
 //! A test that needs the environment says so first with `testsupport::needs_env!`: it
@@ -26,6 +26,7 @@ mod task;
 
 mod api;
 mod cluster;
+mod failover;
 mod isolation;
 mod listeners;
 mod local;

@@ -101,7 +101,11 @@ impl RedisQueue {
     }
 }
 
-/// The server could not be reached or did not answer in time; retrying later may work.
+/// The server could not be reached, did not answer in time, or cannot serve the queue
+/// now; retrying later, on a new connection, may work. `READONLY` is a primary demoted
+/// to a replica (a failover): the address may lead to the new primary once the
+/// connection is opened again, so it is dropped like a broken one. `LOADING` is a server
+/// still reading its data after a restart.
 pub(super) fn is_unavailable(error: &RedisError) -> bool {
     error.is_io_error()
         || error.is_timeout()
@@ -112,6 +116,7 @@ pub(super) fn is_unavailable(error: &RedisError) -> bool {
             ErrorKind::ClusterConnectionNotFound
                 | ErrorKind::Server(
                     ServerErrorKind::BusyLoading
+                        | ServerErrorKind::ReadOnly
                         | ServerErrorKind::MasterDown
                         | ServerErrorKind::TryAgain
                         | ServerErrorKind::ClusterDown

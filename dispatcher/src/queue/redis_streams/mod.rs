@@ -47,6 +47,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const BLOCK_GRACE: Duration = Duration::from_secs(5);
 /// Idle blocking-read connections kept for reuse.
 const IDLE_BLOCKING_CONNECTIONS: usize = 8;
+/// The key (after the prefix) readiness writes to learn that the server takes writes.
+const READINESS_KEY: &str = "readyz";
+/// How long that key lives: it is rewritten by every check, and gone soon after the last.
+const READINESS_KEY_TTL_MILLIS: u64 = 60_000;
 /// Entries per XRANGE page when listing a stream.
 const RANGE_PAGE: usize = 500;
 /// The cursor that starts and ends an XAUTOCLAIM scan.
@@ -157,8 +161,14 @@ impl RedisQueue {
         Ok(queue)
     }
 
+    /// Whether the queue can be used now: the server answers and takes writes. `PING`
+    /// alone is not enough: a primary demoted to a replica answers it but refuses every
+    /// queue command with `READONLY`, so readiness writes a short-lived key of its own.
     pub(super) async fn ping(&self) -> Result<()> {
-        let _: String = self.query("ping", "", &redis::cmd("PING")).await?;
+        let key = format!("{}{READINESS_KEY}", self.inner.prefix);
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(1).arg("PX").arg(READINESS_KEY_TTL_MILLIS);
+        let _: String = self.query("ping", &key, &set).await?;
         Ok(())
     }
 
