@@ -58,6 +58,9 @@ pub enum ApiError {
     ReportsExhausted(String),
     #[error("{what} is unavailable; try again shortly")]
     Unavailable { what: &'static str },
+    /// More requests are being handled than `--max-in-flight-requests` allows.
+    #[error("the dispatcher is handling {max_in_flight} requests, its limit; try again shortly")]
+    Overloaded { max_in_flight: usize },
     #[error("internal error")]
     Internal(String),
 }
@@ -98,6 +101,7 @@ impl ApiError {
             Self::AttemptOver(_) => (StatusCode::CONFLICT, "attempt_over"),
             Self::ReportsExhausted(_) => (StatusCode::TOO_MANY_REQUESTS, "reports_exhausted"),
             Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -191,10 +195,19 @@ impl IntoResponse for ApiError {
             }),
         )
             .into_response();
-        if matches!(self, Self::Unavailable { .. }) {
-            response
-                .headers_mut()
-                .insert("retry-after", HeaderValue::from_static("5"));
+        match self {
+            Self::Unavailable { .. } => {
+                response
+                    .headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("5"));
+            }
+            // Shedding is brief by nature: the slots free as requests finish.
+            Self::Overloaded { .. } => {
+                response
+                    .headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         response
     }

@@ -18,8 +18,12 @@
 //!   only on the metrics listener (`--metrics-listen`), which deployments keep off the
 //!   Ingress and away from task pods; `/healthz` and `/readyz` are on both;
 //! - `/readyz` checks its dependencies at most about once a second per process
-//!   ([`readiness`]).
+//!   ([`readiness`]);
+//! - at most `--max-in-flight-requests` API requests are handled at once; more are
+//!   answered 503 `overloaded` with `Retry-After` at once ([`admission`]); the probes
+//!   and `/metrics` are never shed.
 
+pub mod admission;
 pub mod attempts;
 pub mod auth;
 pub mod error;
@@ -88,6 +92,8 @@ pub struct AppState {
     pub reports: ReportLimits,
     /// The last `/readyz` check, shared by both listeners.
     pub readiness: Arc<readiness::Readiness>,
+    /// How many API requests run at once; more are shed.
+    pub admission: admission::Admission,
 }
 
 impl AppState {
@@ -147,7 +153,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/usage", get(usage::usage))
         .route("/openapi.json", get(openapi::serve))
-        .layer(DefaultBodyLimit::max(max_body));
+        .layer(DefaultBodyLimit::max(max_body))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission::admit,
+        ));
     observed(router, state)
 }
 

@@ -14,6 +14,7 @@ use super::executor::{
     check_task_users, choose_executor, find_runner, kube_client, local_task_users, local_workdir,
 };
 use super::{LOG_TARGET, healthcheck, open_store, redact_url, settings};
+use crate::api::admission::Admission;
 use crate::api::readiness::Readiness;
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
@@ -242,6 +243,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         snapshot: Arc::new(settings::snapshot_config(&args)),
         reports: settings::report_limits(&args),
         readiness: Arc::new(Readiness::default()),
+        admission: Admission::new(args.max_in_flight_requests),
     };
     let metrics_router = api::metrics_router(state.clone());
     let router = if args.roles.contains(&Role::Api) {

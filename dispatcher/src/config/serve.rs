@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "AGENT_BUS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// API requests handled at once by this process; one more is answered 503
+    /// `overloaded` with `Retry-After: 1` at once instead of waiting (the probes and
+    /// /metrics are never refused).
+    #[arg(long, env = "AGENT_BUS_MAX_IN_FLIGHT_REQUESTS", default_value_t = crate::api::admission::DEFAULT_MAX_IN_FLIGHT, value_parser = values::parse_in_flight_limit)]
+    pub max_in_flight_requests: usize,
     /// Job creations in flight at once, per launcher.
     #[arg(long, env = "AGENT_BUS_LAUNCH_CONCURRENCY", default_value_t = 32)]
     pub launch_concurrency: usize,

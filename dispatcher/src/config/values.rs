@@ -64,6 +64,16 @@ pub(super) fn parse_fraction(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A number of requests handled at once: 1 to 1,000,000.
+pub(super) fn parse_in_flight_limit(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(limit) if (1..=1_000_000).contains(&limit) => Ok(limit),
+        _ => Err(format!(
+            "'{text}' is not a number of requests between 1 and 1000000"
+        )),
+    }
+}
+
 /// A duration as flags and variables write it: whole seconds (`120`, as always) or a
 /// friendly duration (`2m`, `1h 30m`, `24h`), to the second.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -82,6 +82,7 @@ pub(super) struct HttpFamilies {
     requests: Family<RequestLabels, Counter>,
     request_duration: Family<RouteLabels, Histogram>,
     readiness_checks: Family<ReadinessLabels, Counter>,
+    shed: Counter,
 }
 
 impl HttpFamilies {
@@ -90,6 +91,7 @@ impl HttpFamilies {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
             readiness_checks: Family::default(),
+            shed: Counter::default(),
         };
         registrar.counter(
             "http_requests",
@@ -108,6 +110,12 @@ impl HttpFamilies {
             &["result"],
             "Dependency checks (store, queue, Kubernetes API server) made to answer /readyz, by result; answers in between reuse the last check",
             families.readiness_checks.clone(),
+        );
+        registrar.counter(
+            "http_requests_shed",
+            &[],
+            "API requests answered 503 overloaded at once because --max-in-flight-requests were being handled",
+            families.shed.clone(),
         );
         families
     }
@@ -144,6 +152,11 @@ impl HttpMetrics<'_> {
             self.metrics
                 .error(ErrorComponent::Api, format!("http_{}", status.as_u16()));
         }
+    }
+
+    /// One request shed: answered 503 `overloaded` without being handled.
+    pub fn shed(&self) {
+        self.metrics.inner.http.shed.inc();
     }
 
     /// One dependency check behind `/readyz`.

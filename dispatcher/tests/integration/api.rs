@@ -20,6 +20,7 @@ on_both_stores!(
     invalid_fields_are_422_naming_the_field,
     oversized_bodies_are_413,
     full_quota_is_429,
+    requests_beyond_the_in_flight_limit_are_shed_at_once,
     idempotency_key_replays_and_conflicts,
     dry_run_returns_the_job_and_stores_nothing,
     list_pages_newest_first_with_a_stable_cursor,
@@ -264,6 +265,65 @@ async fn full_quota_is_429(store: Store) {
     let (status, value) = api.submit(&key, &task_body("t3")).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{value}");
     assert_eq!(value["error"]["code"], "quota_exceeded");
+}
+
+async fn requests_beyond_the_in_flight_limit_are_shed_at_once(store: Store) {
+    let api = api_on(store, |state| {
+        state.admission = dispatcher::api::admission::Admission::new(2);
+    })
+    .await;
+    let key = api.tenant("acme", 10).await;
+    // Two requests in flight fill the slots.
+    let first = api.state.admission.try_take().unwrap();
+    let _second = api.state.admission.try_take().unwrap();
+
+    let (status, headers, value) = api
+        .call(
+            Method::POST,
+            "/v1/tasks",
+            Some(&key),
+            Some(&task_body("shed").to_string()),
+            &[],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{value}");
+    assert_eq!(value["error"]["code"], "overloaded", "{value}");
+    assert!(
+        value["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("handling 2 requests, its limit"),
+        "{value}"
+    );
+    assert_eq!(headers["retry-after"], "1");
+    // A shed submit did nothing.
+    let (_, listed) = api.get(&key, "/v1/tasks").await;
+    assert_eq!(listed["error"]["code"], "overloaded", "{listed}");
+    // The probes are never shed: the dispatcher is alive and ready, only busy.
+    let (status, _, _) = api.call(Method::GET, "/readyz", None, None, &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let metrics = api.call(Method::GET, "/metrics", None, None, &[]).await;
+    assert_eq!(
+        metrics.0,
+        StatusCode::NOT_FOUND,
+        "no /metrics on the api router"
+    );
+
+    // A finished request frees its slot.
+    drop(first);
+    assert_eq!(
+        api.submit(&key, &task_body("admitted")).await.0,
+        StatusCode::CREATED
+    );
+    let (status, listed) = api.get(&key, "/v1/tasks").await;
+    assert_eq!(status, StatusCode::OK);
+    let names: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|task| task["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["admitted"]);
 }
 
 async fn idempotency_key_replays_and_conflicts(store: Store) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
+use dispatcher::api::admission::Admission;
 use dispatcher::api::readiness::Readiness;
 use dispatcher::api::{self, AppState, ExposeSecret as _, ReportLimits};
 use dispatcher::cost::Prices;
@@ -79,6 +80,7 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
         reports: ReportLimits::default(),
         // Every `/readyz` checks again: tests change dependencies under it.
         readiness: Arc::new(Readiness::new(Duration::ZERO)),
+        admission: Admission::default(),
     };
     configure(&mut state);
     TestApi {

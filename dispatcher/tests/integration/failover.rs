@@ -111,7 +111,7 @@ async fn readiness(dispatcher: &LocalDispatcher) -> Result<(u16, String), String
 async fn wait_until_succeeded(dispatcher: &LocalDispatcher, id: &str) {
     poll_until(
         &format!("task {id} to succeed"),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
         || async {
             let task: Value = dispatcher
                 .get_as(&dispatcher.key, &format!("/v1/tasks/{id}"))
