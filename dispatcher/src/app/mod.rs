@@ -73,7 +73,11 @@ fn install_crypto_provider() {
 /// password. What `serve`, `migrate` and the `tenant` commands open.
 async fn open_store(database: &DatabaseArgs) -> anyhow::Result<Store> {
     let url = database.database_url.expose_secret();
-    let store = Store::connect(url, database.database_max_connections)
+    let limits = crate::store::SessionLimits {
+        statement_timeout: database.database_statement_timeout,
+        lock_timeout: database.database_lock_timeout,
+    };
+    let store = Store::connect_with(url, database.database_max_connections, limits)
         .await
         .with_context(|| format!("connecting to the database {}", redact_url(url)))?;
     store.migrate().await.context("applying migrations")?;

@@ -219,6 +219,13 @@ pub struct DatabaseArgs {
     /// Connections in the database pool.
     #[arg(long, env = "AGENT_BUS_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
+    /// PostgreSQL: the longest one statement may run before the server cancels it (and
+    /// the request gets 503); 0 for no limit. Migrations run without it.
+    #[arg(long, env = "AGENT_BUS_DATABASE_STATEMENT_TIMEOUT", value_parser = values::parse_duration, default_value = "30s")]
+    pub database_statement_timeout: Duration,
+    /// PostgreSQL: the longest a statement waits for a row or table lock; 0 for no limit.
+    #[arg(long, env = "AGENT_BUS_DATABASE_LOCK_TIMEOUT", value_parser = values::parse_duration, default_value = "10s")]
+    pub database_lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

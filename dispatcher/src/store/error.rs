@@ -128,7 +128,9 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
 }
 
 /// PostgreSQL: connection exceptions (class 08), shutdown and crash recovery (57P01..03),
-/// too many connections and other resource shortages (class 53). SQLite: busy or locked
+/// too many connections and other resource shortages (class 53), a statement cancelled by
+/// `statement_timeout` (57014) and a lock not had within `lock_timeout` (55P03): the
+/// request may succeed when retried. SQLite: busy or locked
 /// past the busy timeout (primary codes 5 and 6, whatever the extended code).
 fn is_unavailable_code(error: &dyn DatabaseError) -> bool {
     let Some(code) = error.code() else {
@@ -141,5 +143,5 @@ fn is_unavailable_code(error: &dyn DatabaseError) -> bool {
     }
     code.starts_with("08")
         || code.starts_with("53")
-        || matches!(&*code, "57P01" | "57P02" | "57P03")
+        || matches!(&*code, "57P01" | "57P02" | "57P03" | "57014" | "55P03")
 }

@@ -58,6 +58,7 @@ mod attempts;
 mod durability;
 mod error;
 mod events;
+mod limits;
 mod local_users;
 mod logs;
 mod quotas;
@@ -80,6 +81,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection as _, Transaction};
 pub use crate::cost::{Spend, SpendParts};
 pub use durability::DurabilityRisk;
 pub use error::{Result, StoreError};
+pub use limits::SessionLimits;
 // The budget types moved to `cost`; re-exported while callers still name them here.
 pub use crate::cost::{Budget, BudgetAction};
 pub use events::TaskEvent;
@@ -220,13 +222,23 @@ impl Store {
     /// `verify-ca` skips the host check; `require`, which checks nothing, is refused
     /// ([`StoreError::UnverifiedTls`]).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        Self::connect_with(url, max_connections, SessionLimits::NONE).await
+    }
+
+    /// [`Store::connect`], every PostgreSQL session under `limits` (SQLite has no such
+    /// settings; its busy timeout bounds lock waits).
+    pub async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        limits: SessionLimits,
+    ) -> Result<Store> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
         let during = || format!("connecting to the {backend} database");
         let url = match backend {
             Backend::Postgres => {
                 refuse_unverified_tls(url)?;
-                url.to_owned()
+                limits.in_url(url)?
             }
             Backend::Sqlite => {
                 let file = sqlite_file(url);
@@ -334,13 +346,35 @@ impl Store {
         self.backend
     }
 
-    /// Brings the schema up to date; running it again is a no-op.
+    /// Brings the schema up to date; running it again is a no-op. On PostgreSQL it runs
+    /// on a session of its own without the statement and lock timeouts: a migration may
+    /// rewrite a large table, and it must not be cancelled halfway by a limit meant for
+    /// requests.
     pub async fn migrate(&self) -> Result<()> {
-        self.backend
-            .migrator()
-            .run(&self.pool)
-            .await
-            .map_err(|source| StoreError::migrate(self.backend, source))
+        let migrator = self.backend.migrator();
+        let failed = |source| StoreError::migrate(self.backend, source);
+        match self.backend {
+            Backend::Sqlite => migrator.run(&self.pool).await.map_err(failed),
+            Backend::Postgres => {
+                let during = || "preparing a session for the migrations".to_owned();
+                let mut session = self.pool.acquire().await.during(during)?;
+                sqlx::raw_sql(limits::UNLIMITED)
+                    .execute(&mut *session)
+                    .await
+                    .during(during)?;
+                let migrated = migrator.run(&mut *session).await.map_err(failed);
+                // Back to the limits the session started with; a session that cannot be
+                // reset is closed rather than returned to the pool without them.
+                if sqlx::raw_sql(limits::AS_STARTED)
+                    .execute(&mut *session)
+                    .await
+                    .is_err()
+                {
+                    session.detach();
+                }
+                migrated
+            }
+        }
     }
 
     /// A round trip to the database (readiness).

@@ -95,6 +95,7 @@ mod support;
 
 mod allowance;
 mod durability;
+mod limits;
 mod queries;
 mod quotas;
 mod retries;
