@@ -460,3 +460,19 @@ impl Store {
         .await
     }
 }
+
+/// Adds `change` (+1 or -1) to `tenant`'s count of queued tasks, in the transaction that
+/// stores the task entering or leaving the queued state: the count the submit's quota
+/// check reads instead of counting the queue (migration 0011).
+pub(super) async fn count_queued(
+    tx: &mut Transaction<'static, Any>,
+    tenant: &str,
+    change: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query("UPDATE tenants SET queued_tasks = queued_tasks + $2 WHERE name = $1")
+        .bind(tenant)
+        .bind(change)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

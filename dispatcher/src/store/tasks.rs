@@ -169,18 +169,23 @@ impl Store {
             };
 
             let mut tx = self.begin_write().await.during(during)?;
+            // The tenant's row, locked: its queued-task counter is read and written
+            // under the lock, so concurrent submits cannot both take the last place.
             let lock_tenant = match self.backend {
                 Backend::Postgres => {
-                    "SELECT max_queued_tasks FROM tenants WHERE name = $1 FOR NO KEY UPDATE"
+                    "SELECT max_queued_tasks, queued_tasks FROM tenants WHERE name = $1 \
+                     FOR NO KEY UPDATE"
                 }
-                Backend::Sqlite => "SELECT max_queued_tasks FROM tenants WHERE name = $1",
+                Backend::Sqlite => {
+                    "SELECT max_queued_tasks, queued_tasks FROM tenants WHERE name = $1"
+                }
             };
-            let limit: Option<i64> = sqlx::query_scalar(lock_tenant)
+            let counted: Option<(i64, i64)> = sqlx::query_as(lock_tenant)
                 .bind(&task.tenant)
                 .fetch_optional(&mut *tx)
                 .await
                 .during(during)?;
-            let Some(limit) = limit else {
+            let Some((limit, queued)) = counted else {
                 return Err(StoreError::UnknownTenant {
                     tenant: task.tenant,
                 });
@@ -192,13 +197,6 @@ impl Store {
                 return Ok(replayed);
             }
 
-            let queued: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE tenant = $1 AND state = $2")
-                    .bind(&task.tenant)
-                    .bind(TaskState::Queued.as_str())
-                    .fetch_one(&mut *tx)
-                    .await
-                    .during(during)?;
             if queued >= limit {
                 return Err(StoreError::QuotaExceeded {
                     tenant: task.tenant,
@@ -253,6 +251,9 @@ impl Store {
                 ));
             }
 
+            super::quotas::count_queued(&mut tx, &task.tenant, 1)
+                .await
+                .during(during)?;
             for (key, value) in &task.spec.labels {
                 sqlx::query("INSERT INTO task_labels (task_id, key, value) VALUES ($1, $2, $3)")
                     .bind(id.to_string())

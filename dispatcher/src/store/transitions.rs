@@ -84,6 +84,13 @@ impl Store {
                 return Ok(None);
             };
             let mut task = row::task(&updated)?;
+            let queued_change =
+                i64::from(to == TaskState::Queued) - i64::from(from == TaskState::Queued);
+            if queued_change != 0 {
+                super::quotas::count_queued(&mut tx, &task.tenant, queued_change)
+                    .await
+                    .during(during)?;
+            }
             if task.state.is_terminal()
                 && let Some(compute) = settle(&task)
             {

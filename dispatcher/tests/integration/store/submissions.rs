@@ -153,8 +153,38 @@ async fn case_the_quota_counts_queued_tasks(store: Store) {
     assert_eq!(replay, Inserted::Replayed(first.clone()));
 
     // Once a task leaves the queue, there is room again.
-    walk(&store, &first, &[TaskState::Launching]).await;
+    let first = walk(&store, &first, &[TaskState::Launching]).await;
+    let third = task("small").create(&store).await;
+
+    // The count the check reads follows every move into and out of the queue: a task
+    // back in the queue (a launch to retry) takes its place again, a cancelled one frees
+    // it, and a task that ends without having been queued changes nothing.
+    let first = walk(&store, &first, &[TaskState::Queued]).await;
+    assert!(matches!(
+        store.insert_task(task("small").obj()).await,
+        Err(StoreError::QuotaExceeded { limit: 2, .. })
+    ));
+    walk(&store, &third, &[TaskState::Cancelled]).await;
+    assert!(matches!(
+        store.insert_task(task("small").obj()).await,
+        Err(StoreError::QuotaExceeded { limit: 2, .. })
+    ));
+    walk(
+        &store,
+        &first,
+        &[
+            TaskState::Launching,
+            TaskState::Launched,
+            TaskState::Running,
+            TaskState::Failed,
+        ],
+    )
+    .await;
     task("small").create(&store).await;
+    assert!(matches!(
+        store.insert_task(task("small").obj()).await,
+        Err(StoreError::QuotaExceeded { limit: 2, .. })
+    ));
 }
 
 async fn case_the_quota_holds_under_concurrent_submissions(store: Store) {
