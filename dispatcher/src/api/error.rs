@@ -58,6 +58,11 @@ pub enum ApiError {
     ReportsExhausted(String),
     #[error("{what} is unavailable; try again shortly")]
     Unavailable { what: &'static str },
+    /// The tenant holds as many followed streams open as `--max-streams-per-tenant` allows.
+    #[error(
+        "this tenant already follows {limit} streams in this dispatcher process, its limit; close one or try again later"
+    )]
+    TooManyStreams { limit: usize },
     /// More requests are being handled than `--max-in-flight-requests` allows.
     #[error("the dispatcher is handling {max_in_flight} requests, its limit; try again shortly")]
     Overloaded { max_in_flight: usize },
@@ -102,6 +107,7 @@ impl ApiError {
             Self::ReportsExhausted(_) => (StatusCode::TOO_MANY_REQUESTS, "reports_exhausted"),
             Self::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::TooManyStreams { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_streams"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -206,6 +212,11 @@ impl IntoResponse for ApiError {
                 response
                     .headers_mut()
                     .insert("retry-after", HeaderValue::from_static("1"));
+            }
+            Self::TooManyStreams { .. } => {
+                response
+                    .headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("10"));
             }
             _ => {}
         }

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::Authenticated;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::reports::ReportingAttempt;
+use super::streams::StreamSlot;
 use super::{ApiError, AppState};
 use crate::store::{LogCursor, LogRecording, NewLogLine, StoredLogLine, StoredProgress};
 use crate::task::submission::FieldError;
@@ -319,12 +320,13 @@ fn attempt_ended(task: &Task, attempt: u32) -> bool {
 #[utoipa::path(get, path = "/v1/tasks/{id}/logs", tag = "tasks", operation_id = "getTaskLogs",
     params(("id" = String, Path, description = "Task id"), LogsQuery),
     responses(
-        (status = 200, description = "One line per output line, `\\n`-terminated; empty before the attempt wrote any. With follow=true the response stays open until the attempt ended and every line was sent.", body = String, content_type = "text/plain"),
+        (status = 200, description = "One line per output line, `\\n`-terminated; empty before the attempt wrote any. With follow=true the response stays open until the attempt ended and every line was sent (or --max-stream-duration, 1 h by default, passed: read on with `since`).", body = String, content_type = "text/plain"),
         (status = 401, body = super::error::ErrorBody, description = "No key, or a key that is not valid"),
         (status = 403, body = super::error::ErrorBody, description = "The tenant is disabled"),
         (status = 404, body = super::error::ErrorBody, description = "No such task (another tenant's is the same answer)"),
         (status = 409, body = super::error::ErrorBody, description = "The attempt has not begun (yet): it is beyond the task's latest (code `attempt_not_started`, field `attempt`)"),
         (status = 422, body = super::error::ErrorBody, description = "A query parameter breaks its rule (named in `field`)"),
+        (status = 429, body = super::error::ErrorBody, description = "With follow=true: the tenant already follows --max-streams-per-tenant streams in this process (code `too_many_streams`, with `Retry-After`)"),
         (status = 503, body = super::error::ErrorBody, description = "The database is unavailable"),
     ),
     security(("bearer" = [])))]
@@ -369,7 +371,14 @@ pub async fn read(
         }
         first.extend(lines);
     }
+    let slot = if request.follow {
+        let until = tokio::time::Instant::now() + state.streams.max_duration();
+        Some((state.streams.open(&tenant.name)?, until))
+    } else {
+        None
+    };
     let read = LogRead {
+        slot,
         state,
         tenant: tenant.name,
         id,
@@ -392,6 +401,8 @@ pub async fn read(
 }
 
 struct LogRead {
+    /// A followed read's place among its tenant's streams, and when it ends at the latest.
+    slot: Option<(StreamSlot, tokio::time::Instant)>,
     state: AppState,
     tenant: String,
     id: TaskId,
@@ -418,6 +429,14 @@ fn log_stream(read: LogRead) -> impl futures::Stream<Item = Result<Bytes, Infall
                 return Some((Ok(Bytes::from(text)), read));
             }
             if read.done || read.tail_only {
+                return None;
+            }
+            if read
+                .slot
+                .as_ref()
+                .is_some_and(|(_, until)| tokio::time::Instant::now() >= *until)
+            {
+                // Past --max-stream-duration: the client reconnects for the rest.
                 return None;
             }
             let ended = if read.request.follow {

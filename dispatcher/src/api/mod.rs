@@ -21,7 +21,9 @@
 //!   ([`readiness`]);
 //! - at most `--max-in-flight-requests` API requests are handled at once; more are
 //!   answered 503 `overloaded` with `Retry-After` at once ([`admission`]); the probes
-//!   and `/metrics` are never shed.
+//!   and `/metrics` are never shed;
+//! - a tenant follows at most `--max-streams-per-tenant` streams per process, each for at
+//!   most `--max-stream-duration` ([`streams`]).
 
 pub mod admission;
 pub mod attempts;
@@ -33,6 +35,7 @@ pub mod openapi;
 pub mod readiness;
 pub mod reports;
 pub mod secrets;
+pub mod streams;
 pub mod tasks;
 pub mod usage;
 pub mod webhooks;
@@ -94,6 +97,8 @@ pub struct AppState {
     pub readiness: Arc<readiness::Readiness>,
     /// How many API requests run at once; more are shed.
     pub admission: admission::Admission,
+    /// The followed streams open, by tenant, and how long one may last.
+    pub streams: Arc<streams::OpenStreams>,
 }
 
 impl AppState {

@@ -18,6 +18,7 @@ use super::attempts::{AttemptView, attempts_of};
 use super::auth::Authenticated;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::logs::{Include, LogEventView, ProgressEventView};
+use super::streams::StreamSlot;
 use super::{ApiError, AppState};
 use crate::cost::{Estimate, Prices, TaskCost};
 use crate::launcher::job_spec::{build_job, job_name};
@@ -613,10 +614,11 @@ pub struct EventList {
 #[utoipa::path(get, path = "/v1/tasks/{id}/events", tag = "tasks", operation_id = "getTaskEvents",
     params(("id" = String, Path, description = "Task id"), EventsQuery),
     responses(
-        (status = 200, description = "The history as JSON; with follow=true or include a Server-Sent Events stream of the same items (`event: state`, `id:` the event's id, `data:` one `EventView` as JSON), with keep-alive comments, that ends when the task has ended (follow=true) or once everything so far was sent; with include, also `event: progress` items (data: one `ProgressEventView`) and `event: log` items (data: one `LogEventView`)",
+        (status = 200, description = "The history as JSON; with follow=true or include a Server-Sent Events stream of the same items (`event: state`, `id:` the event's id, `data:` one `EventView` as JSON), with keep-alive comments, that ends when the task has ended (follow=true; or after --max-stream-duration, 1 h by default: reconnect for the rest) or once everything so far was sent; with include, also `event: progress` items (data: one `ProgressEventView`) and `event: log` items (data: one `LogEventView`)",
             content((EventList = "application/json"), (StateSseEvent = "text/event-stream"))),
         (status = 404, description = "No such task of this tenant (code `not_found`)", body = super::error::ErrorBody),
         (status = 422, description = "A query parameter breaks a rule (field `query`, or `include`)", body = super::error::ErrorBody),
+        (status = 429, description = "With follow=true: the tenant already follows --max-streams-per-tenant streams in this process (code `too_many_streams`, with `Retry-After`)", body = super::error::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn events(
@@ -639,7 +641,13 @@ pub async fn events(
             .collect();
         return Ok(Json(EventList { items }).into_response());
     }
-    let stream = follow_stream(state, tenant.name, task.id, include, query.follow);
+    // Only a followed stream stays open (and polls); a snapshot ends at once.
+    let slot = if query.follow {
+        Some(state.streams.open(&tenant.name)?)
+    } else {
+        None
+    };
+    let stream = follow_stream(state, tenant.name, task.id, include, slot);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -652,6 +660,8 @@ struct Follow {
     include: Include,
     /// Whether to wait for more once everything so far was sent (until the task ends).
     keep_open: bool,
+    /// A followed stream's place among its tenant's, and when it ends at the latest.
+    slot: Option<(StreamSlot, tokio::time::Instant)>,
     after: Option<i64>,
     /// The last progress report and output line sent: (attempt, sequence).
     progress_after: Option<(u32, u64)>,
@@ -739,21 +749,24 @@ impl Follow {
 }
 
 /// Events as they are written, polling the store (any process may write them), until the
-/// task is terminal (or, without `follow`, at once) and every event (and included item)
-/// up to that point was sent.
+/// task is terminal (or, without a followed stream's `slot`, at once) and every event (and
+/// included item) up to that point was sent, or a followed stream reached
+/// `--max-stream-duration`.
 fn follow_stream(
     state: AppState,
     tenant: String,
     id: TaskId,
     include: Include,
-    follow: bool,
+    slot: Option<StreamSlot>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let until = tokio::time::Instant::now() + state.streams.max_duration();
     let start = Follow {
         state,
         tenant,
         id,
         include,
-        keep_open: follow,
+        keep_open: slot.is_some(),
+        slot: slot.map(|slot| (slot, until)),
         after: None,
         progress_after: None,
         log_after: None,
@@ -766,6 +779,14 @@ fn follow_stream(
                 return Some((Ok(sse), follow));
             }
             if follow.done {
+                return None;
+            }
+            if follow
+                .slot
+                .as_ref()
+                .is_some_and(|(_, until)| tokio::time::Instant::now() >= *until)
+            {
+                // Past --max-stream-duration: the client reconnects for the rest.
                 return None;
             }
             // Read the state first: items written before a terminal state is seen are

@@ -16,6 +16,7 @@ use super::executor::{
 use super::{LOG_TARGET, healthcheck, open_store, redact_url, settings};
 use crate::api::admission::Admission;
 use crate::api::readiness::Readiness;
+use crate::api::streams::OpenStreams;
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
@@ -244,6 +245,10 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         reports: settings::report_limits(&args),
         readiness: Arc::new(Readiness::default()),
         admission: Admission::new(args.max_in_flight_requests),
+        streams: Arc::new(OpenStreams::new(
+            args.max_streams_per_tenant,
+            args.max_stream_duration,
+        )),
     };
     let metrics_router = api::metrics_router(state.clone());
     let router = if args.roles.contains(&Role::Api) {

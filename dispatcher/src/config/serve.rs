@@ -83,8 +83,16 @@ pub struct ServeArgs {
     /// API requests handled at once by this process; one more is answered 503
     /// `overloaded` with `Retry-After: 1` at once instead of waiting (the probes and
     /// /metrics are never refused).
-    #[arg(long, env = "AGENT_BUS_MAX_IN_FLIGHT_REQUESTS", default_value_t = crate::api::admission::DEFAULT_MAX_IN_FLIGHT, value_parser = values::parse_in_flight_limit)]
+    #[arg(long, env = "AGENT_BUS_MAX_IN_FLIGHT_REQUESTS", default_value_t = crate::api::admission::DEFAULT_MAX_IN_FLIGHT, value_parser = values::parse_count_limit)]
     pub max_in_flight_requests: usize,
+    /// Followed streams (`events?follow=true`, `logs?follow=true`) one tenant may hold
+    /// open in this process; one more is refused with 429 `too_many_streams`.
+    #[arg(long, env = "AGENT_BUS_MAX_STREAMS_PER_TENANT", default_value_t = crate::api::streams::DEFAULT_MAX_PER_TENANT, value_parser = values::parse_count_limit)]
+    pub max_streams_per_tenant: usize,
+    /// How long one followed stream may stay open; it then ends and the client
+    /// reconnects (the CLI does).
+    #[arg(long, env = "AGENT_BUS_MAX_STREAM_DURATION", value_parser = parse_duration, default_value = duration_default!(crate::api::streams::DEFAULT_MAX_DURATION))]
+    pub max_stream_duration: Duration,
     /// Job creations in flight at once, per launcher.
     #[arg(long, env = "AGENT_BUS_LAUNCH_CONCURRENCY", default_value_t = 32)]
     pub launch_concurrency: usize,

@@ -64,12 +64,12 @@ pub(super) fn parse_fraction(text: &str) -> Result<f64, String> {
     }
 }
 
-/// A number of requests handled at once: 1 to 1,000,000.
-pub(super) fn parse_in_flight_limit(text: &str) -> Result<usize, String> {
+/// A limit on things open or in flight at once (requests, streams): 1 to 1,000,000.
+pub(super) fn parse_count_limit(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {
         Ok(limit) if (1..=1_000_000).contains(&limit) => Ok(limit),
         _ => Err(format!(
-            "'{text}' is not a number of requests between 1 and 1000000"
+            "'{text}' is not a whole number between 1 and 1000000"
         )),
     }
 }

@@ -12,6 +12,7 @@ use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use dispatcher::api::admission::Admission;
 use dispatcher::api::readiness::Readiness;
+use dispatcher::api::streams::OpenStreams;
 use dispatcher::api::{self, AppState, ExposeSecret as _, ReportLimits};
 use dispatcher::cost::Prices;
 use dispatcher::launcher::job_spec::LaunchConfig;
@@ -81,6 +82,7 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
         // Every `/readyz` checks again: tests change dependencies under it.
         readiness: Arc::new(Readiness::new(Duration::ZERO)),
         admission: Admission::default(),
+        streams: Arc::new(OpenStreams::default()),
     };
     configure(&mut state);
     TestApi {

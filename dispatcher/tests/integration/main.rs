@@ -27,6 +27,7 @@ mod task;
 mod api;
 mod cluster;
 mod failover;
+mod followed;
 mod isolation;
 mod listeners;
 mod local;
