@@ -119,6 +119,12 @@ const DEFAULT_QUEUE: &str = crate::task::submission::DEFAULT_QUEUE;
 const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
 /// A delivery unacknowledged this long belongs to a dead launcher.
 const ABANDONED_AFTER: Duration = Duration::from_secs(30);
+/// How long a consumer that holds no delivery stays in the group without reading: far
+/// longer than any live launcher's blocking read, so only the consumers of processes
+/// gone are forgotten (and one that was not makes itself again by reading).
+const FORGET_CONSUMERS_AFTER: Duration = Duration::from_hours(1);
+/// How often a launcher looks for such consumers (XINFO on every stream it reads).
+const FORGET_CONSUMERS_EVERY: Duration = Duration::from_mins(10);
 
 impl Launcher {
     /// Runs until `shutdown` turns true: receives and launches, and reconciles every
@@ -129,6 +135,7 @@ impl Launcher {
         let mut next_reconcile = tokio::time::Instant::now();
         let mut next_release = tokio::time::Instant::now();
         let mut next_reoffer = tokio::time::Instant::now();
+        let mut next_forget = tokio::time::Instant::now() + FORGET_CONSUMERS_EVERY;
         let mut offered = std::collections::HashMap::new();
         tracing::info!(consumer = %self.consumer, "launcher started");
         while !*shutdown.borrow() {
@@ -141,6 +148,10 @@ impl Launcher {
             if tokio::time::Instant::now() >= next_release {
                 self.release_due_retries(&mut queues).await;
                 next_release = tokio::time::Instant::now() + RELEASE_INTERVAL;
+            }
+            if tokio::time::Instant::now() >= next_forget {
+                self.forget_idle_consumers(&queues).await;
+                next_forget = tokio::time::Instant::now() + FORGET_CONSUMERS_EVERY;
             }
             if tokio::time::Instant::now() >= next_reoffer {
                 self.reoffer_held(&mut offered, &mut queues).await;
@@ -395,6 +406,25 @@ impl Launcher {
             }
             Err(error) => {
                 tracing::warn!(error = %error, "reconcile: claiming abandoned deliveries failed");
+            }
+        }
+    }
+
+    /// Forgets the consumers of launchers long gone (every process is one) once they
+    /// hold nothing: Redis would keep them forever.
+    async fn forget_idle_consumers(&self, queues: &BTreeSet<String>) {
+        let names: Vec<String> = queues.iter().cloned().collect();
+        match self
+            .queue
+            .forget_idle_consumers(&names, &self.consumer, FORGET_CONSUMERS_AFTER)
+            .await
+        {
+            Ok(0) => {}
+            Ok(forgotten) => {
+                tracing::info!(forgotten, "forgot the queue consumers of launchers gone")
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "forgetting idle queue consumers failed");
             }
         }
     }

@@ -22,6 +22,7 @@ label_values! {
         Ack => "ack",
         Reclaim => "reclaim",
         Pending => "pending",
+        ForgetConsumers => "forget_consumers",
         Ping => "ping",
     }
 }

@@ -269,6 +269,26 @@ impl Queue {
         .await
     }
 
+    /// Forgets the consumers of `queues` other than `consumer` that hold no delivery and
+    /// have not read for `idle` (Redis: XGROUP DELCONSUMER): every launcher that ever ran
+    /// left one, and Redis keeps them, listed by every XINFO, forever. A live consumer
+    /// that was forgotten is made again by its next read. The number forgotten.
+    pub async fn forget_idle_consumers(
+        &self,
+        queues: &[String],
+        consumer: &str,
+        idle: Duration,
+    ) -> Result<usize> {
+        self.timed(QueueOperation::ForgetConsumers, async {
+            match &self.backend {
+                Backend::Redis(queue) => queue.forget_idle_consumers(queues, consumer, idle).await,
+                // The in-process queue keeps no consumers.
+                Backend::Memory(_) => Ok(0),
+            }
+        })
+        .await
+    }
+
     /// Task ids currently waiting or delivered-but-unacked in `queue` (for the reconciler).
     pub async fn pending_task_ids(&self, queue: &str) -> Result<HashSet<TaskId>> {
         self.timed(QueueOperation::Pending, async {

@@ -673,3 +673,66 @@ async fn redis_ping_answers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn redis_forgets_the_idle_consumers_that_hold_nothing() {
+    testsupport::needs_env!(Redis);
+    with_redis_keyspace(|space| async move {
+        let queue = redis_queue(&space).await;
+        let name = format!("consumers-{}", TaskId::new().simple());
+        let queues = names(&[name.as_str()]);
+        for _ in 0..3 {
+            queue.enqueue(&entry(&name, 0)).await.unwrap();
+        }
+        // "gone" read and acked (a launcher that exited cleanly), "crashed" holds a
+        // delivery it never acked, "me" is the launcher asking.
+        let acked = receive_now(&queue, &[name.as_str()], "gone", 1).await;
+        queue.ack(&acked[0]).await.unwrap();
+        receive_now(&queue, &[name.as_str()], "crashed", 1).await;
+        let mine = receive_now(&queue, &[name.as_str()], "me", 1).await;
+        queue.ack(&mine[0]).await.unwrap();
+
+        // Nobody has been idle for an hour yet.
+        assert_eq!(
+            queue
+                .forget_idle_consumers(&queues, "me", Duration::from_hours(1))
+                .await
+                .unwrap(),
+            0
+        );
+        let forgotten = queue
+            .forget_idle_consumers(&queues, "me", Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(forgotten >= 1, "{forgotten}");
+
+        let mut connection = space.connection().await.unwrap();
+        let key = format!("{}q:{name}:normal", space.prefix);
+        let consumers: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&key)
+            .arg(GROUP)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let mut left: Vec<(String, usize)> = consumers
+            .consumers
+            .into_iter()
+            .map(|consumer| (consumer.name, consumer.pending))
+            .collect();
+        left.sort();
+        // The one holding a delivery stays (its entry is claimed after 30 s, then it
+        // goes too); the asker stays.
+        assert_eq!(left, [("crashed".to_owned(), 1), ("me".to_owned(), 0)]);
+        // Streams and groups that do not exist yet are no error.
+        let unknown = names(&[&format!("never-used-{}", TaskId::new().simple())]);
+        assert_eq!(
+            queue
+                .forget_idle_consumers(&unknown, "me", Duration::ZERO)
+                .await
+                .unwrap(),
+            0
+        );
+    })
+    .await;
+}

@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamRangeReply, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamRangeReply, StreamReadReply,
+};
 use redis::{Client, Cmd, RedisError, RedisResult};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -267,6 +269,50 @@ impl RedisQueue {
         self.pipe_raw::<()>(&transaction)
             .await?
             .map_err(|source| self.failure("ack", &key, source))
+    }
+
+    pub(super) async fn forget_idle_consumers(
+        &self,
+        queues: &[String],
+        consumer: &str,
+        idle: Duration,
+    ) -> Result<usize> {
+        let min_idle = usize::try_from(idle.as_millis()).unwrap_or(usize::MAX);
+        let mut forgotten = 0;
+        for queue in distinct(queues) {
+            for band in Band::ALL {
+                let stream = self.stream(&queue, band);
+                let mut xinfo = redis::cmd("XINFO");
+                xinfo
+                    .arg("CONSUMERS")
+                    .arg(&stream.key)
+                    .arg(&self.inner.group);
+                let reply: StreamInfoConsumersReply = match self.query_raw(&xinfo).await? {
+                    Ok(reply) => reply,
+                    // No stream or no group yet: no consumers either.
+                    Err(e) if group_missing(&e) || no_such_key(&e) => continue,
+                    Err(e) => return Err(self.failure("forget consumers", &stream.key, e)),
+                };
+                for idle_one in reply
+                    .consumers
+                    .iter()
+                    .filter(|c| c.name != consumer && c.pending == 0 && c.idle >= min_idle)
+                {
+                    let mut delconsumer = redis::cmd("XGROUP");
+                    delconsumer
+                        .arg("DELCONSUMER")
+                        .arg(&stream.key)
+                        .arg(&self.inner.group)
+                        .arg(&idle_one.name);
+                    let _: i64 = self
+                        .query("forget consumers", &stream.key, &delconsumer)
+                        .await?;
+                    debug!(consumer = %idle_one.name, stream = %stream.key, "forgot an idle consumer");
+                    forgotten += 1;
+                }
+            }
+        }
+        Ok(forgotten)
     }
 
     pub(super) async fn claim_abandoned(
@@ -650,6 +696,11 @@ fn keys(streams: &[Stream]) -> String {
 /// stream was deleted.
 fn group_missing(error: &RedisError) -> bool {
     matches!(error.code(), Some("NOGROUP" | "UNBLOCKED"))
+}
+
+/// XINFO's answer for a stream that does not exist (`ERR no such key`).
+fn no_such_key(error: &RedisError) -> bool {
+    error.code() == Some("ERR") && error.to_string().contains("no such key")
 }
 
 #[cfg(test)]
