@@ -421,7 +421,7 @@ impl Launcher {
         {
             Ok(0) => {}
             Ok(forgotten) => {
-                tracing::info!(forgotten, "forgot the queue consumers of launchers gone")
+                tracing::info!(forgotten, "forgot the queue consumers of launchers gone");
             }
             Err(error) => {
                 tracing::warn!(error = %error, "forgetting idle queue consumers failed");

@@ -281,7 +281,7 @@ impl RedisQueue {
         let mut forgotten = 0;
         for queue in distinct(queues) {
             for band in Band::ALL {
-                let stream = self.stream(&queue, band);
+                let stream = self.stream(queue, band);
                 let mut xinfo = redis::cmd("XINFO");
                 xinfo
                     .arg("CONSUMERS")
