@@ -27,6 +27,7 @@ use crate::lifecycle::{Lifecycle, RetrySettings};
 use crate::metrics::Metrics;
 use crate::placement::PlacementCatalog;
 use crate::queue::{MemoryQueue, Queue, RedisQueue};
+use crate::report::retention::{Sweep, run_retention};
 use crate::report::{ReportEndpoint, ReportIssuer, ReportTokens};
 use crate::secrets::{KubernetesSecrets, LocalSecrets, SecretStore};
 use crate::store::Store;
@@ -176,11 +177,21 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         settings::delivery_settings(&args)?,
     )?;
     roles.spawn(deliverer.run(shutdown.clone()));
-    // Every role purges task output past --log-retention (a repeated delete is harmless).
-    roles.spawn(crate::report::retention::run_log_retention(
+    // Every role purges task output past --log-retention and ended tasks past
+    // --task-retention (a repeated delete is harmless).
+    roles.spawn(run_retention(
+        Sweep::Logs,
         store.clone(),
         metrics.clone(),
-        args.runner.log_retention,
+        Some(args.runner.log_retention),
+        shutdown.clone(),
+    ));
+    roles.spawn(run_retention(
+        Sweep::Tasks,
+        store.clone(),
+        metrics.clone(),
+        // 0 keeps tasks forever.
+        (!args.runner.task_retention.is_zero()).then_some(args.runner.task_retention),
         shutdown.clone(),
     ));
 

@@ -413,6 +413,23 @@ pub struct RunnerArgs {
     /// deletes older ones.
     #[arg(long, env = "AGENT_BUS_LOG_RETENTION", value_parser = parse_duration, default_value = "168h")]
     pub log_retention: Duration,
+    /// How long an ended task is kept (with its events, attempts, reports, output and
+    /// webhook deliveries) after it ended (2160h: 90 days); a periodic sweep deletes older
+    /// ones, and their idempotency keys become free. At least 768h (32 days), so this
+    /// month's spend and budgets stay whole; 0 keeps tasks forever.
+    #[arg(long, env = "AGENT_BUS_TASK_RETENTION", value_parser = parse_task_retention, default_value = "2160h")]
+    pub task_retention: Duration,
+}
+
+/// `--task-retention`: 0 (keep forever) or at least 32 days.
+fn parse_task_retention(text: &str) -> Result<Duration, String> {
+    let retention = parse_duration(text)?;
+    if !retention.is_zero() && retention < crate::report::retention::MIN_TASK_RETENTION {
+        return Err(format!(
+            "'{text}' is shorter than 32 days (768h): a month's spend and budgets are summed from the tasks kept (0 keeps tasks forever)"
+        ));
+    }
+    Ok(retention)
 }
 
 #[cfg(test)]
@@ -434,6 +451,29 @@ mod tests {
             Command::Serve(args) => args,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_task_retention_keeps_a_month_or_everything() {
+        assert_eq!(
+            serve(&[]).runner.task_retention,
+            Duration::from_hours(90 * 24)
+        );
+        assert_eq!(
+            serve(&["--task-retention", "0"]).runner.task_retention,
+            Duration::ZERO
+        );
+        assert_eq!(
+            serve(&["--task-retention", "768h"]).runner.task_retention,
+            Duration::from_hours(32 * 24)
+        );
+        let refused = Cli::try_parse_from(["dispatcher", "serve", "--task-retention", "168h"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("--task-retention") && refused.contains("shorter than 32 days"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -82,6 +82,7 @@ pub(super) struct ReportFamilies {
     llm_tokens: Family<TokenLabels, Counter>,
     log_lines: Family<LogLineLabels, Counter>,
     log_lines_purged: Counter,
+    tasks_purged: Counter,
 }
 
 impl ReportFamilies {
@@ -92,6 +93,7 @@ impl ReportFamilies {
             llm_tokens: Family::default(),
             log_lines: Family::default(),
             log_lines_purged: Counter::default(),
+            tasks_purged: Counter::default(),
         };
         registrar.counter(
             "runner_reports",
@@ -122,6 +124,12 @@ impl ReportFamilies {
             &[],
             "Task output lines deleted by the retention sweep (--log-retention)",
             families.log_lines_purged.clone(),
+        );
+        registrar.counter(
+            "tasks_purged",
+            &[],
+            "Ended tasks deleted with their events, attempts, reports, output and webhook deliveries by the retention sweep (--task-retention)",
+            families.tasks_purged.clone(),
         );
         families
     }
@@ -162,6 +170,11 @@ impl ReportMetrics<'_> {
     /// Output lines the retention sweep deleted.
     pub fn log_lines_purged(&self, count: u64) {
         self.metrics.inner.reports.log_lines_purged.inc_by(count);
+    }
+
+    /// Ended tasks the retention sweep deleted.
+    pub fn tasks_purged(&self, count: u64) {
+        self.metrics.inner.reports.tasks_purged.inc_by(count);
     }
 
     /// LLM usage newly reported by a task of `tenant` in `queue`: its calls, its tokens

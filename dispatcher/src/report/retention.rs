@@ -1,17 +1,63 @@
-//! The retention of task output: a periodic sweep deletes the log lines of tasks that
-//! ended longer ago than `--log-retention`, in bounded batches, so a large backlog never
-//! becomes one long transaction. Every dispatcher process sweeps; deleting a line twice
-//! is harmless.
+//! Retention: periodic sweeps delete, in bounded batches, the output lines of tasks that
+//! ended longer ago than `--log-retention`, and the tasks themselves (with their events,
+//! attempts, reports and webhook deliveries) that ended longer ago than
+//! `--task-retention`, so a large backlog never becomes one long transaction and the
+//! database grows with the load, not with history. Every dispatcher process sweeps;
+//! deleting twice is harmless.
 
 use std::time::Duration;
 
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
-/// Lines deleted per statement.
+/// Rows deleted per statement.
 pub const PURGE_BATCH: u32 = 5000;
+/// Tasks deleted per statement (each takes its events, reports and lines with it).
+pub const TASK_PURGE_BATCH: u32 = 500;
+/// The shortest `--task-retention`: a month's spend and budgets are summed from the
+/// tasks that ended in it, so none of this month's may go.
+pub const MIN_TASK_RETENTION: Duration = Duration::from_hours(32 * 24);
 /// The pause between two full batches, so a backlog leaves the database room for others.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(100);
+
+/// What a sweep deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sweep {
+    /// Output lines of ended tasks.
+    Logs,
+    /// Ended tasks, whole.
+    Tasks,
+}
+
+impl Sweep {
+    fn batch(self) -> u32 {
+        match self {
+            Self::Logs => PURGE_BATCH,
+            Self::Tasks => TASK_PURGE_BATCH,
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Self::Logs => "task log lines",
+            Self::Tasks => "ended tasks",
+        }
+    }
+
+    async fn purge(self, store: &Store, cutoff: jiff::Timestamp) -> Result<u64, StoreError> {
+        match self {
+            Self::Logs => store.purge_logs(cutoff, self.batch()).await,
+            Self::Tasks => store.purge_ended_tasks(cutoff, self.batch()).await,
+        }
+    }
+
+    fn count(self, metrics: &Metrics, deleted: u64) {
+        match self {
+            Self::Logs => metrics.reports().log_lines_purged(deleted),
+            Self::Tasks => metrics.reports().tasks_purged(deleted),
+        }
+    }
+}
 
 /// How often the sweep runs for `retention`: a tenth of it, between 1 s and 10 min.
 #[must_use]
@@ -20,32 +66,36 @@ pub fn sweep_interval(retention: Duration) -> Duration {
 }
 
 /// Deletes what `retention` lets go, now and then every [`sweep_interval`], until
-/// `shutdown`.
-pub async fn run_log_retention(
+/// `shutdown`. Without a `retention` everything is kept: the sweep does not run.
+pub async fn run_retention(
+    sweep: Sweep,
     store: Store,
     metrics: Metrics,
-    retention: Duration,
+    retention: Option<Duration>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let Some(retention) = retention else {
+        return;
+    };
     let every = sweep_interval(retention);
     let retention = jiff::SignedDuration::try_from(retention).unwrap_or(jiff::SignedDuration::MAX);
     while !*shutdown.borrow() {
         let now = jiff::Timestamp::now();
         let cutoff = now.checked_sub(retention).unwrap_or(jiff::Timestamp::MIN);
-        let purged = store.purge_logs(cutoff, PURGE_BATCH).await;
+        let purged = sweep.purge(&store, cutoff).await;
         if let Ok(deleted) = purged {
-            metrics.reports().log_lines_purged(deleted);
+            sweep.count(&metrics, deleted);
         }
         let pause = match purged {
-            Ok(deleted) if deleted >= u64::from(PURGE_BATCH) => BETWEEN_BATCHES,
+            Ok(deleted) if deleted >= u64::from(sweep.batch()) => BETWEEN_BATCHES,
             Ok(deleted) => {
                 if deleted > 0 {
-                    tracing::info!(deleted, "purged task log lines past their retention");
+                    tracing::info!(deleted, "purged {} past their retention", sweep.what());
                 }
                 every
             }
             Err(error) => {
-                tracing::warn!(error = %error, "purging task logs failed");
+                tracing::warn!(error = %error, "purging {} failed", sweep.what());
                 every
             }
         };

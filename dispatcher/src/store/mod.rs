@@ -63,6 +63,7 @@ mod local_users;
 mod logs;
 mod quotas;
 mod reports;
+mod retention;
 mod row;
 mod spend;
 mod tasks;

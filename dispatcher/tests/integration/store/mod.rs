@@ -98,6 +98,7 @@ mod durability;
 mod limits;
 mod queries;
 mod quotas;
+mod retention;
 mod retries;
 mod submissions;
 mod tasks;
