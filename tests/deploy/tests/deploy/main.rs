@@ -45,6 +45,7 @@ mod chart;
 mod conventions;
 mod docker;
 mod helm_test;
+mod keda;
 mod network_policy;
 mod placement;
 mod rbac;
