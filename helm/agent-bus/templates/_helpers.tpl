@@ -164,3 +164,57 @@ Prometheus scaler's, for example).
 {{- define "agent-bus.jobSelector" -}}
 {{- .Values.monitoring.prometheusRule.jobSelector | default (printf "job=%q" .Values.monitoring.job) }}
 {{- end }}
+
+{{/*
+The placement file the dispatcher reads (config.placement), with the chart's shared
+models/datasets claim (gpuStorage) listed in its volume_claims when gpuStorage.enabled and
+gpuStorage.mountable, so tasks can mount it by name. The text is kept as written (its
+comments too) when it ends its claims with `volume_claims: []`, the shipped form; any other
+form is re-rendered from its parsed content. A claim of that name already listed is left
+as the operator wrote it.
+*/}}
+{{- define "agent-bus.placement" -}}
+{{- $text := .Values.config.placement }}
+{{- $storage := .Values.gpuStorage }}
+{{- if and $storage.enabled $storage.mountable }}
+{{- $parsed := fromYaml $text }}
+{{- $listed := false }}
+{{- range ($parsed.volume_claims | default list) }}
+{{- if eq .name $storage.claimName }}{{ $listed = true }}{{ end }}
+{{- end }}
+{{- if not $listed }}
+{{- $claim := dict "name" $storage.claimName "tenants" $storage.tenants "writable" $storage.writable }}
+{{- if regexMatch "(?m)^volume_claims: \\[\\]\\s*$" $text }}
+{{- $block := printf "volume_claims:\n  - name: %s\n    tenants: [%s]\n    writable: %t" $storage.claimName (join ", " (include "agent-bus.quoteAll" $storage.tenants | splitList ",")) $storage.writable }}
+{{- $text = regexReplaceAll "(?m)^volume_claims: \\[\\]\\s*$" $text $block }}
+{{- else }}
+{{- $_ := set $parsed "volume_claims" (append ($parsed.volume_claims | default list) $claim) }}
+{{- $text = toYaml $parsed }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $text }}
+{{- end }}
+
+{{/* Each string of a list in double quotes, joined by commas. */}}
+{{- define "agent-bus.quoteAll" -}}
+{{- $quoted := list }}
+{{- range . }}{{ $quoted = append $quoted (. | quote) }}{{ end }}
+{{- join "," $quoted }}
+{{- end }}
+
+{{/*
+The Pod Security level the tasks namespace enforces: tasks.podSecurity, lowered to
+`baseline` when a GPU class of the placement file has `security.profile: baseline` (its
+pods may run as root, which `restricted` refuses).
+*/}}
+{{- define "agent-bus.tasksPodSecurity" -}}
+{{- $level := .Values.tasks.podSecurity }}
+{{- $parsed := fromYaml (include "agent-bus.placement" .) }}
+{{- range ($parsed.gpu_classes | default list) }}
+{{- if and (eq $level "restricted") (eq (dig "security" "profile" "restricted" .) "baseline") }}
+{{- $level = "baseline" }}
+{{- end }}
+{{- end }}
+{{- $level }}
+{{- end }}

@@ -49,3 +49,4 @@ mod keda;
 mod network_policy;
 mod placement;
 mod rbac;
+mod task_pods;
