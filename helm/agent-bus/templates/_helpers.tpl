@@ -218,3 +218,37 @@ pods may run as root, which `restricted` refuses).
 {{- end }}
 {{- $level }}
 {{- end }}
+
+{{/*
+The `except` an allowList CIDR needs so the cloud metadata address stays unreachable:
+169.254.169.254/32 when an IPv4 CIDR contains it, fd00:ec2::254/128 for ::/0 or fd00::/8
+and wider; empty otherwise. A CIDR that is only the metadata address fails the render.
+Takes (dict "cidr" "a.b.c.d/n" "index" i).
+*/}}
+{{- define "agent-bus.metadataExcept" -}}
+{{- $cidr := .cidr }}
+{{- $field := printf "tasks.egress.allowList[%d].cidr" (int .index) }}
+{{- if not (regexMatch "^[0-9a-fA-F.:]+/[0-9]+$" $cidr) }}
+{{- fail (printf "%s: %q is not a CIDR (address/prefix length)" $field $cidr) }}
+{{- end }}
+{{- $parts := splitList "/" $cidr }}
+{{- $bits := atoi (last $parts) }}
+{{- if contains ":" $cidr }}
+{{- if and (le $bits 8) (or (eq $cidr "::/0") (hasPrefix "fd" (lower (first $parts)))) }}fd00:ec2::254/128{{ end }}
+{{- else }}
+{{- $octets := splitList "." (first $parts) }}
+{{- if or (ne (len $octets) 4) (gt $bits 32) }}
+{{- fail (printf "%s: %q is not an IPv4 CIDR" $field $cidr) }}
+{{- end }}
+{{- $address := 0 }}
+{{- range $octets }}{{ $address = add (mul $address 256) (atoi .) }}{{ end }}
+{{- $metadata := add (mul 169 16777216) (mul 254 65536) (mul 169 256) 254 }}
+{{- $block := 1 }}
+{{- range until (sub 32 $bits | int) }}{{ $block = mul $block 2 }}{{ end }}
+{{- if eq (div $address $block) (div $metadata $block) }}
+{{- if eq $bits 32 }}
+{{- fail (printf "%s: %s is the cloud metadata address, which task pods may never reach" $field $cidr) }}
+{{- end }}169.254.169.254/32
+{{- end }}
+{{- end }}
+{{- end }}

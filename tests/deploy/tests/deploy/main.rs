@@ -44,6 +44,7 @@ mod alerts;
 mod chart;
 mod conventions;
 mod docker;
+mod egress;
 mod helm_test;
 mod keda;
 mod network_policy;
