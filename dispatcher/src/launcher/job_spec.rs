@@ -28,18 +28,20 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    EphemeralVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    Affinity, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, EphemeralVolumeSource,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, Toleration, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SecretKeySelector,
+    Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use protocol::env as runner_env;
 
-use crate::placement::{GpuClasses, PodSecurityLevel};
+use super::security_context::{
+    restricted_container_context, runtime_default_seccomp, task_container_context,
+};
+use crate::placement::GpuClasses;
 use crate::secrets::kubernetes as kubernetes_secrets;
 use crate::task::{EnvValue, SecretRef, Task, TaskId};
 
@@ -510,43 +512,6 @@ fn avoiding(nodes: &[String]) -> Option<Affinity> {
         }),
         ..Affinity::default()
     })
-}
-
-fn runtime_default_seccomp() -> SeccompProfile {
-    SeccompProfile {
-        type_: "RuntimeDefault".to_owned(),
-        localhost_profile: None,
-    }
-}
-
-/// The task container's context: `restricted`, or for a `baseline` class the runtime's
-/// default capabilities (a root process may chown, install packages) and no non-root
-/// rule, still without privileges or privilege escalation.
-fn task_container_context(profile: PodSecurityLevel) -> SecurityContext {
-    match profile {
-        PodSecurityLevel::Restricted => restricted_container_context(),
-        PodSecurityLevel::Baseline => SecurityContext {
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            seccomp_profile: Some(runtime_default_seccomp()),
-            ..SecurityContext::default()
-        },
-    }
-}
-
-/// The `restricted` profile's container context (the runner's init container always).
-fn restricted_container_context() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        privileged: Some(false),
-        run_as_non_root: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_owned()]),
-            add: None,
-        }),
-        seccomp_profile: Some(runtime_default_seccomp()),
-        ..SecurityContext::default()
-    }
 }
 
 #[cfg(test)]
