@@ -114,8 +114,16 @@ fn class_defaults_and_security_are_checked_and_name_the_class_and_field() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let a100 = accepted.gpu_classes.get("a100").unwrap();
-    assert_eq!(a100.default_cpu().map(|c| c.millicores()), Some(4000));
-    assert_eq!(a100.default_memory().map(|m| m.bytes()), Some(8 << 30));
+    assert_eq!(
+        a100.default_cpu()
+            .map(crate::k8s::quantity::Cpu::millicores),
+        Some(4000)
+    );
+    assert_eq!(
+        a100.default_memory()
+            .map(crate::k8s::quantity::Memory::bytes),
+        Some(8 << 30)
+    );
     assert_eq!(
         accepted.gpu_classes.namespace_level(),
         super::PodSecurityLevel::Baseline

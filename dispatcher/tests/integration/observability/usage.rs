@@ -362,7 +362,7 @@ async fn usage_rejects_bad_ranges_and_keeps_tenants_apart(db: Db) {
     );
     assert_close(
         f(&globex_usage["unfinished_dollars"]),
-        (9.80 + CLASS_DEFAULTS_HOUR) / 2.0,
+        0.5 * (9.80 + CLASS_DEFAULTS_HOUR),
         0.01,
         "half an hour of an H100 ($9.80/h) with its class's CPU and memory",
     );

@@ -29,7 +29,7 @@ fn gpu_task(
     catalog: &PlacementCatalog,
     tenant: &str,
     class: &str,
-    volumes: Value,
+    volumes: &Value,
 ) -> Result<Task, String> {
     let limits = Limits {
         gpu_classes: catalog.gpu_classes.capacities(),
@@ -88,7 +88,7 @@ fn a_gpu_task_mounts_the_charts_models_claim_by_name_with_its_classs_resources()
 
     // Mounted by name, read-only; every tenant may; writable is refused.
     let mount = json!([{"claim": CLAIM, "mount_path": "/models"}]);
-    let task = gpu_task(&catalog, "acme", "a100", mount.clone()).unwrap();
+    let task = gpu_task(&catalog, "acme", "a100", &mount).unwrap();
     let job = job_json(&task, &catalog, &names.tasks);
     let pod = &job["spec"]["template"]["spec"];
     let volume = pod["volumes"]
@@ -127,7 +127,7 @@ fn a_gpu_task_mounts_the_charts_models_claim_by_name_with_its_classs_resources()
     assert_eq!(memory.bytes(), (8 << 30) + shm_bytes, "{resources}");
 
     let writable = json!([{"claim": CLAIM, "mount_path": "/models", "read_only": false}]);
-    let refused = gpu_task(&catalog, "acme", "a100", writable.clone()).unwrap_err();
+    let refused = gpu_task(&catalog, "acme", "a100", &writable).unwrap_err();
     assert!(refused.contains("volumes"), "{refused}");
 
     // gpuStorage.tenants and gpuStorage.writable reach the placement file.
@@ -140,8 +140,8 @@ fn a_gpu_task_mounts_the_charts_models_claim_by_name_with_its_classs_resources()
             "gpuStorage.writable=true",
         ],
     ));
-    assert!(gpu_task(&restricted, "acme", "a100", writable).is_ok());
-    assert!(gpu_task(&restricted, "globex", "a100", mount.clone()).is_err());
+    assert!(gpu_task(&restricted, "acme", "a100", &writable).is_ok());
+    assert!(gpu_task(&restricted, "globex", "a100", &mount).is_err());
     // Not mountable, or no claim: tasks cannot name it.
     for sets in [
         &["gpuStorage.enabled=true", "gpuStorage.mountable=false"][..],
@@ -149,7 +149,7 @@ fn a_gpu_task_mounts_the_charts_models_claim_by_name_with_its_classs_resources()
     ] {
         let without = rendered_catalog(&helm_template_set(&names, None, sets));
         assert!(without.volume_claims.is_empty(), "{sets:?}");
-        assert!(gpu_task(&without, "acme", "a100", mount.clone()).is_err());
+        assert!(gpu_task(&without, "acme", "a100", &mount).is_err());
     }
 
     // The API server admits the Job in the rendered (restricted) tasks namespace, with
@@ -214,8 +214,8 @@ fn the_tasks_namespaces_pod_security_follows_the_classes_and_admits_their_pods()
         catalog.gpu_classes.namespace_level(),
         dispatcher::placement::PodSecurityLevel::Baseline
     );
-    let root_task = gpu_task(&catalog, "acme", "a100", json!([])).unwrap();
-    let plain_task = gpu_task(&catalog, "acme", "v100", json!([])).unwrap();
+    let root_task = gpu_task(&catalog, "acme", "a100", &json!([])).unwrap();
+    let plain_task = gpu_task(&catalog, "acme", "v100", &json!([])).unwrap();
 
     let outcome = std::panic::catch_unwind(|| {
         create_namespaces(&restricted_rendering, &strict);
