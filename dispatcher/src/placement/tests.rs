@@ -114,6 +114,19 @@ fn class_defaults_and_security_are_checked_and_name_the_class_and_field() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let a100 = accepted.gpu_classes.get("a100").unwrap();
+    // Bare YAML numbers are quantities too (`cpu: 4`, `cpu: 0.5`).
+    for (written, millicores) in [("4", 4000), ("0.5", 500), ("\"2\"", 2000)] {
+        let catalog = PlacementCatalog::parse(
+            &class(&format!("  defaults: {{cpu: {written}}}\n")),
+            "p.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{written}: {e}"));
+        let cpu = catalog.gpu_classes.get("a100").unwrap().default_cpu();
+        assert_eq!(
+            cpu.map(crate::k8s::quantity::Cpu::millicores),
+            Some(millicores)
+        );
+    }
     assert_eq!(
         a100.default_cpu()
             .map(crate::k8s::quantity::Cpu::millicores),
