@@ -32,7 +32,7 @@ use k8s_openapi::api::core::v1::{
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PersistentVolumeClaimVolumeSource,
     PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SecretKeySelector,
-    Toleration, Volume, VolumeMount, VolumeResourceRequirements,
+    SecurityContext, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
@@ -294,6 +294,11 @@ pub fn build_job(
     }
     let security = class.map(|c| c.security).unwrap_or_default();
     let run_as_user = security.run_as_user.unwrap_or(config.run_as_user);
+    let runner_user = (run_as_user == 0).then_some(if config.run_as_user > 0 {
+        config.run_as_user
+    } else {
+        DEFAULT_RUN_AS_USER
+    });
     // Limits equal requests: the task gets exactly what it pays for (Guaranteed QoS when
     // both CPU and memory are set), and extended resources require it anyway.
     let mut job_labels = labels.clone();
@@ -419,7 +424,13 @@ pub fn build_job(
             ..ResourceRequirements::default()
         }),
         volume_mounts: Some(vec![mount(RUNNER_INIT_CONTAINER, RUNNER_DIR, false)]),
-        security_context: Some(restricted_container_context()),
+        security_context: Some(SecurityContext {
+            // Under a root pod (a baseline class) the runner's installer still runs as a
+            // user, or the kubelet would refuse its runAsNonRoot.
+            run_as_user: runner_user,
+            run_as_group: runner_user,
+            ..restricted_container_context()
+        }),
         ..Container::default()
     };
 

@@ -330,11 +330,15 @@ fn a_baseline_class_may_run_as_root_and_keeps_the_runtimes_capabilities() {
             task.spec.resources
         );
         assert_eq!(pod["containers"][0]["securityContext"], container_context);
-        // The runner's init container is ours: always restricted.
-        assert_eq!(
-            pod["initContainers"][0]["securityContext"],
-            restricted_container
-        );
+        // The runner's init container is ours: always restricted, and never root (under
+        // a root pod it runs as the launcher's user, which the kubelet's runAsNonRoot
+        // check needs).
+        let mut runner = restricted_container.clone();
+        if pod_context["runAsUser"] == 0 {
+            runner["runAsUser"] = 65532.into();
+            runner["runAsGroup"] = 65532.into();
+        }
+        assert_eq!(pod["initContainers"][0]["securityContext"], runner);
     }
     // A restricted class with its own (non-root) user.
     let user = config_with_a100_security(ClassSecurity {
