@@ -1,7 +1,8 @@
 //! The cost model: what a task costs, from a price table, its requested resources and its
 //! running time, plus the LLM cost its runner reports. Pure: no clock, no store.
 //!
-//! A task is charged for what it requested (GPUs of its class, CPU cores, memory GiB)
+//! A task is charged for what it requested (GPUs of its class, CPU cores, memory GiB;
+//! a GPU task that names no CPU or memory requests its class's defaults, as its Job does)
 //! from the moment it started running (the runner's `started` report or the pod
 //! running) to its final state. What it did not request is not charged: a task without a
 //! CPU request costs no CPU. LLM cost is the sum of `cost_usd` over its usage reports,
@@ -37,6 +38,8 @@ pub struct PriceError {
 pub struct Prices {
     /// Per GPU (or MIG slice) of a class, per hour.
     gpu_hour: BTreeMap<String, f64>,
+    /// The classes, for the CPU and memory defaults of tasks that name none.
+    classes: GpuClasses,
     cpu_core_hour: f64,
     memory_gib_hour: f64,
 }
@@ -46,6 +49,7 @@ impl Default for Prices {
     fn default() -> Self {
         Self {
             gpu_hour: gpu_prices(&GpuClasses::default()),
+            classes: GpuClasses::default(),
             cpu_core_hour: Self::DEFAULT_CPU_CORE_HOUR,
             memory_gib_hour: Self::DEFAULT_MEMORY_GIB_HOUR,
         }
@@ -87,6 +91,7 @@ impl Prices {
         }
         Ok(Self {
             gpu_hour,
+            classes: gpu_classes.clone(),
             cpu_core_hour: check("--price-cpu-core-hour", cpu_core_hour)?,
             memory_gib_hour: check("--price-memory-gib-hour", memory_gib_hour)?,
         })
@@ -97,18 +102,20 @@ impl Prices {
     /// removed from the configuration after the task was accepted.
     #[must_use]
     pub fn hourly(&self, spec: &TaskSpec, gpu_class: Option<&str>) -> Breakdown {
+        let class = spec
+            .resources
+            .gpu
+            .as_ref()
+            .map(|gpu| gpu_class.unwrap_or(&gpu.class));
         let gpu = spec.resources.gpu.as_ref().map_or(0.0, |gpu| {
-            let class = gpu_class.unwrap_or(&gpu.class);
+            let class = class.unwrap_or(&gpu.class);
             f64::from(gpu.count) * self.gpu_hour.get(class).copied().unwrap_or(0.0)
         });
-        let cores = spec
-            .resources
-            .cpu
-            .map_or(0.0, |cpu| cpu.millicores() as f64 / 1000.0);
-        let gib = spec
-            .resources
-            .memory
-            .map_or(0.0, |memory| memory.bytes() as f64 / GIB);
+        let (cpu, memory) =
+            self.classes
+                .effective_requests(class, spec.resources.cpu, spec.resources.memory);
+        let cores = cpu.map_or(0.0, |cpu| cpu.millicores() as f64 / 1000.0);
+        let gib = memory.map_or(0.0, |memory| memory.bytes() as f64 / GIB);
         Breakdown {
             gpu,
             cpu: cores * self.cpu_core_hour,
@@ -358,6 +365,24 @@ mod tests {
         task.gpu_class = Some("a100".to_owned());
         let hourly = prices.hourly(&task.spec, task.gpu_class.as_deref());
         assert!((hourly.gpu - 3.67).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_gpu_task_without_cpu_or_memory_pays_for_its_classs_defaults() {
+        let prices = Prices::default();
+        // The built-in classes' defaults: 4 cores and 8Gi, what its Job requests.
+        let task = TaskFixture::new().gpus(1, "a100").obj();
+        let hourly = prices.hourly(&task.spec, task.gpu_class.as_deref());
+        assert!((hourly.cpu - 4.0 * 0.04).abs() < 1e-9, "{hourly:?}");
+        assert!((hourly.memory - 8.0 * 0.005).abs() < 1e-9, "{hourly:?}");
+        let mut estimated = task.clone();
+        estimated.spec.timeout_seconds = 3600;
+        let estimate = prices.estimate(&estimated);
+        assert!((estimate.per_hour_dollars - round_cents(3.67 + 0.16 + 0.04)).abs() < 1e-9);
+        // A CPU task that names none costs no CPU or memory, as before.
+        let cpu_only = TaskFixture::new().obj();
+        let hourly = prices.hourly(&cpu_only.spec, None);
+        assert!(hourly.cpu.abs() < 1e-12 && hourly.memory.abs() < 1e-12);
     }
 
     #[test]

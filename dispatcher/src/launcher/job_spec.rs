@@ -4,15 +4,20 @@
 //! Invariants:
 //! - the Job's name depends only on the task id and attempt, so a second create of the
 //!   same attempt collides (409) instead of making a second Job;
-//! - the pod always meets the Pod Security Standard `restricted` profile, whatever the
-//!   task asks for; tenants cannot set host paths, privileges, service accounts or the
-//!   namespace;
+//! - the pod meets the Pod Security Standard `restricted` profile, whatever the task asks
+//!   for, unless the operator gave its GPU class `security.profile: baseline` (then it
+//!   meets `baseline`, and may run as the class's user, root included); the runner's init
+//!   container is always `restricted`; tenants cannot set host paths, privileges, service
+//!   accounts or the namespace;
 //! - maps are ordered (`BTreeMap`), so the same input gives byte-identical output;
 //! - the task's command always runs under the runner (`runner -- <command> <args>`),
 //!   copied into the pod by an init container from the agent-bus image, so any glibc
 //!   image reports heartbeats, usage and its real failure class;
+//! - a GPU task that names no CPU or memory asks for its class's defaults
+//!   ([`GpuClasses::effective_requests`], the figures the cost model and retries use);
 //! - shared memory counts against the memory the pod asks for: `/dev/shm` is a
-//!   memory-backed volume, so the request is the task's memory plus its shm size;
+//!   memory-backed volume, so the request (and limit) is the task's memory, or its class's
+//!   default, plus its shm size;
 //! - a secret reference becomes a `secretKeyRef` to the tenant's own Secret: the Job
 //!   never holds a secret's value.
 
@@ -23,17 +28,19 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    EphemeralVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    Affinity, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, EphemeralVolumeSource,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PersistentVolumeClaimSpec, PersistentVolumeClaimTemplate, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, Toleration, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SecretKeySelector,
+    SecurityContext, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use protocol::env as runner_env;
 
+use super::security_context::{
+    restricted_container_context, runtime_default_seccomp, task_container_context,
+};
 use crate::placement::GpuClasses;
 use crate::secrets::kubernetes as kubernetes_secrets;
 use crate::task::{EnvValue, SecretRef, Task, TaskId};
@@ -244,26 +251,36 @@ pub fn build_job(
     labels.extend(identity_labels(task));
     labels.insert(LABEL_WORKLOAD.to_owned(), spec.workload.as_str().to_owned());
 
+    let class =
+        match &spec.resources.gpu {
+            Some(gpu) => {
+                let class_name = task.gpu_class.as_deref().unwrap_or(&gpu.class);
+                Some(config.gpu_classes.get(class_name).ok_or_else(|| {
+                    SpecError::UnknownGpuClass {
+                        task_id: task.id,
+                        class: class_name.to_owned(),
+                    }
+                })?)
+            }
+            None => None,
+        };
+    // The task's own CPU and memory, else its class's defaults; /dev/shm on top.
+    let (cpu, memory) = config.gpu_classes.effective_requests(
+        class.map(|c| c.name.as_str()),
+        spec.resources.cpu,
+        spec.resources.memory,
+    );
     let mut requests = BTreeMap::new();
-    if let Some(cpu) = spec.resources.cpu {
+    if let Some(cpu) = cpu {
         requests.insert("cpu".to_owned(), Quantity(cpu.to_string()));
     }
-    if let Some(memory) = spec.resources.memory {
+    if let Some(memory) = memory {
         let with_shm = spec.shm.map_or(memory, |shm| memory.saturating_add(shm));
         requests.insert("memory".to_owned(), Quantity(with_shm.to_string()));
     }
     let mut node_selector = BTreeMap::new();
     let mut tolerations = Vec::new();
-    if let Some(gpu) = &spec.resources.gpu {
-        let class_name = task.gpu_class.as_deref().unwrap_or(&gpu.class);
-        let class =
-            config
-                .gpu_classes
-                .get(class_name)
-                .ok_or_else(|| SpecError::UnknownGpuClass {
-                    task_id: task.id,
-                    class: class_name.to_owned(),
-                })?;
+    if let (Some(gpu), Some(class)) = (&spec.resources.gpu, class) {
         labels.insert(LABEL_GPU_CLASS.to_owned(), class.name.clone());
         requests.insert(class.resource_name.clone(), Quantity(gpu.count.to_string()));
         node_selector.extend(class.node_selector.clone());
@@ -275,6 +292,13 @@ pub fn build_job(
             toleration_seconds: None,
         }));
     }
+    let security = class.map(|c| c.security).unwrap_or_default();
+    let run_as_user = security.run_as_user.unwrap_or(config.run_as_user);
+    let runner_user = (run_as_user == 0).then_some(if config.run_as_user > 0 {
+        config.run_as_user
+    } else {
+        DEFAULT_RUN_AS_USER
+    });
     // Limits equal requests: the task gets exactly what it pays for (Guaranteed QoS when
     // both CPU and memory are set), and extended resources require it anyway.
     let mut job_labels = labels.clone();
@@ -373,7 +397,7 @@ pub fn build_job(
         env: Some(env),
         resources,
         volume_mounts: Some(mounts),
-        security_context: Some(restricted_container_context()),
+        security_context: Some(task_container_context(security.profile)),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
     };
@@ -400,7 +424,13 @@ pub fn build_job(
             ..ResourceRequirements::default()
         }),
         volume_mounts: Some(vec![mount(RUNNER_INIT_CONTAINER, RUNNER_DIR, false)]),
-        security_context: Some(restricted_container_context()),
+        security_context: Some(SecurityContext {
+            // Under a root pod (a baseline class) the runner's installer still runs as a
+            // user, or the kubelet would refuse its runAsNonRoot.
+            run_as_user: runner_user,
+            run_as_group: runner_user,
+            ..restricted_container_context()
+        }),
         ..Container::default()
     };
 
@@ -454,10 +484,11 @@ pub fn build_job(
                     affinity: avoiding(&task.avoid_nodes),
                     tolerations: (!tolerations.is_empty()).then_some(tolerations),
                     security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(config.run_as_user),
-                        run_as_group: Some(config.run_as_user),
-                        fs_group: Some(config.run_as_user),
+                        // Only a baseline class may run as root (the placement file's rule).
+                        run_as_non_root: Some(run_as_user != 0),
+                        run_as_user: Some(run_as_user),
+                        run_as_group: Some(run_as_user),
+                        fs_group: Some(run_as_user),
                         seccomp_profile: Some(runtime_default_seccomp()),
                         ..PodSecurityContext::default()
                     }),
@@ -494,191 +525,6 @@ fn avoiding(nodes: &[String]) -> Option<Affinity> {
     })
 }
 
-fn runtime_default_seccomp() -> SeccompProfile {
-    SeccompProfile {
-        type_: "RuntimeDefault".to_owned(),
-        localhost_profile: None,
-    }
-}
-
-fn restricted_container_context() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        privileged: Some(false),
-        run_as_non_root: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_owned()]),
-            add: None,
-        }),
-        seccomp_profile: Some(runtime_default_seccomp()),
-        ..SecurityContext::default()
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::{LaunchConfig, ReportAccess, build_job, job_name};
-    use crate::task::WorkloadKind;
-    use crate::task::fixtures::TaskFixture;
-    use crate::task::submission::is_dns_label;
-
-    fn report() -> ReportAccess {
-        ReportAccess {
-            url: "http://agent-bus.agent-bus.svc:8080/internal/v1/tasks/0190a5d6-7b8c-7d00-8e4f-1a2b3c4d5e6f/attempts/1/reports".into(),
-            token: "abr1.test-token".into(),
-        }
-    }
-
-    fn job(task: &crate::task::Task) -> k8s_openapi::api::batch::v1::Job {
-        build_job(task, &LaunchConfig::default(), Some(&report())).unwrap()
-    }
-
-    #[test]
-    fn job_names_are_dns_labels_short_enough_for_pod_names() {
-        let task = TaskFixture::new().attempt(999).obj();
-        let name = job_name(&task.id, task.attempt);
-        assert!(is_dns_label(&name), "{name}");
-        // Pods append '-' and 5 characters.
-        assert!(name.len() + 6 <= 63, "{name}");
-    }
-
-    #[test]
-    fn the_same_task_builds_the_same_job() {
-        let task = TaskFixture::new().gpus(2, "a100").obj();
-        let rendered = |t| serde_json::to_string(&job(t)).unwrap();
-        assert_eq!(rendered(&task), rendered(&task));
-    }
-
-    #[test]
-    fn cpu_task() {
-        let task = TaskFixture::new()
-            .cpu("500m")
-            .memory("1Gi")
-            .env("MODE", "fast")
-            .label("example.com/team", "vision")
-            .obj();
-        insta::assert_yaml_snapshot!(job(&task));
-    }
-
-    #[test]
-    fn secret_references_become_secret_key_refs() {
-        let task = TaskFixture::new()
-            .env("MODE", "fast")
-            .secret_env("OPENAI_API_KEY", "openai", "token")
-            .secret_env("HF_TOKEN", "hugging-face", "hf.token")
-            .obj();
-        insta::assert_yaml_snapshot!(job(&task));
-    }
-
-    #[test]
-    fn one_v100() {
-        let task = TaskFixture::new()
-            .cpu("4")
-            .memory("16Gi")
-            .gpus(1, "v100")
-            .workload(WorkloadKind::Ml)
-            .shm("4Gi")
-            .obj();
-        insta::assert_yaml_snapshot!(job(&task));
-    }
-
-    #[test]
-    fn eight_a100_with_shm_and_claims_in_a_kueue_cluster() {
-        let task = TaskFixture::new()
-            .cpu("32")
-            .memory("256Gi")
-            .gpus(8, "a100")
-            .workload(WorkloadKind::Ml)
-            .shm("16Gi")
-            .volume("models", "/models", true)
-            .volume("datasets", "/data", false)
-            .scratch("500Gi")
-            .attempt(2)
-            .obj();
-        let config = LaunchConfig {
-            kueue_queue_name: Some("gpu-training".into()),
-            scratch_storage_class: Some("fast-nvme".into()),
-            ..LaunchConfig::default()
-        };
-        insta::assert_yaml_snapshot!(build_job(&task, &config, Some(&report())).unwrap());
-    }
-
-    #[test]
-    fn mig_slice() {
-        let task = TaskFixture::new()
-            .gpus(1, "a100-mig-1g.10gb")
-            .workload(WorkloadKind::Cv)
-            .shm("1Gi")
-            .annotation("example.com/owner", "ml-team")
-            .obj();
-        insta::assert_yaml_snapshot!(job(&task));
-    }
-
-    #[test]
-    fn h100_fallen_back_to_a100() {
-        let task = TaskFixture::new()
-            .cpu("16")
-            .memory("128Gi")
-            .gpus(8, "h100")
-            .placed_on("a100")
-            .workload(WorkloadKind::Ml)
-            .shm("16Gi")
-            .attempt(2)
-            .obj();
-        insta::assert_yaml_snapshot!(job(&task));
-    }
-
-    #[test]
-    fn a_retry_after_an_xid_avoids_the_failed_node() {
-        let mut task = TaskFixture::new()
-            .memory("24Gi")
-            .gpus(1, "a100")
-            .attempt(3)
-            .obj();
-        task.avoid_nodes = vec!["gpu-a100-0".to_owned(), "gpu-a100-3".to_owned()];
-        let job = job(&task);
-        let pod = job.spec.unwrap().template.spec.unwrap();
-        let affinity = serde_json::to_value(pod.affinity).unwrap();
-        assert_eq!(
-            affinity,
-            serde_json::json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [{"matchFields": [{
-                    "key": "metadata.name", "operator": "NotIn",
-                    "values": ["gpu-a100-0", "gpu-a100-3"]
-                }]}]
-            }}})
-        );
-        assert_eq!(
-            pod.node_selector
-                .unwrap()
-                .get("accelerator")
-                .map(String::as_str),
-            Some("nvidia-tesla-a100")
-        );
-        assert!(TaskFixture::new().obj().avoid_nodes.is_empty());
-    }
-
-    #[test]
-    fn without_a_report_endpoint_the_runner_still_wraps_the_command() {
-        let task = TaskFixture::new().obj();
-        let job = build_job(&task, &LaunchConfig::default(), None).unwrap();
-        let pod = job.spec.unwrap().template.spec.unwrap();
-        let container = &pod.containers[0];
-        assert_eq!(
-            container.command.as_deref().unwrap()[..3],
-            [
-                "/agent-bus/bin/runner".to_owned(),
-                "--".into(),
-                "python".into()
-            ]
-        );
-        let env = container.env.as_deref().unwrap();
-        assert!(env.iter().all(|e| !e.name.starts_with("AGENT_BUS_REPORT")));
-    }
-
-    #[test]
-    fn an_unconfigured_class_is_an_error_not_a_panic() {
-        let task = TaskFixture::new().gpus(1, "tpu").obj();
-        assert!(build_job(&task, &LaunchConfig::default(), None).is_err());
-    }
-}
+#[path = "job_spec_tests.rs"]
+mod tests;

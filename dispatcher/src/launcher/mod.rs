@@ -23,6 +23,7 @@ pub mod job_spec;
 pub mod kubernetes;
 pub mod local;
 pub mod quota_wait;
+mod security_context;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

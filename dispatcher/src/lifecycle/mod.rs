@@ -261,14 +261,22 @@ impl Lifecycle {
             ending.exit_code = failure.exit_code;
             return Ok(Move::Ended(ending));
         }
+        let gpu = task.spec.resources.gpu.as_ref().map(|gpu| {
+            (
+                task.gpu_class.as_deref().unwrap_or(gpu.class.as_str()),
+                gpu.count,
+            )
+        });
+        // What the pod asked for: the task's memory, else its GPU class's default, so a
+        // GPU task that named none still grows on an out-of-memory retry.
+        let (_, memory) = settings.gpu_classes.effective_requests(
+            gpu.map(|(class, _)| class),
+            None,
+            task.spec.resources.memory,
+        );
         let current = Current {
-            memory: task.spec.resources.memory,
-            gpu: task.spec.resources.gpu.as_ref().map(|gpu| {
-                (
-                    task.gpu_class.as_deref().unwrap_or(gpu.class.as_str()),
-                    gpu.count,
-                )
-            }),
+            memory,
+            gpu,
             avoided_nodes: &task.avoid_nodes,
         };
         let changes = retry::plan_changes(

@@ -5,19 +5,25 @@
 //!   an ordered list of fallback classes. Operators describe them in the placement file
 //!   (`--placement-file`, YAML); [`PlacementCatalog::default`] is the shipped default,
 //!   identical to `dispatcher/config/placement.yaml`.
+//!   A class may also give the CPU and memory of a task that asks for none
+//!   ([`ClassDefaults`]) and the Pod Security level its pods are built for
+//!   ([`ClassSecurity`]: `restricted` unless the operator says `baseline`).
 //! - Shared volume claims: which existing PersistentVolumeClaims (models, datasets) which
 //!   tenants may mount, and whether they may ever mount them writable.
 //! - Workload kinds (`ml`, `cv`, `cpu`) are the task's own ([`crate::task::workload`]).
 //!
 //! Invariants: class and claim names are unique; every class requests exactly one
 //! extended resource and can hold at least one GPU per node; every fallback names another
-//! configured class; the shipped defaults match the node pools of the test environment
+//! configured class; class defaults are Kubernetes quantities above zero; a class runs
+//! as root only under the `baseline` profile; the shipped defaults match the node pools of the test environment
 //! (`tests/env`) and the labels and taints of the NVIDIA GPU operator. A file that breaks
 //! a rule is refused at start with an error naming the entry and the field.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use crate::k8s::quantity::{Cpu, Memory};
 
 /// A toleration, in the shape Kubernetes uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +57,120 @@ pub struct GpuClass {
     /// Classes to try next, in order, when this one cannot place a task.
     #[serde(default)]
     pub fallbacks: Vec<String>,
+    /// CPU and memory of a task of this class that asks for none.
+    #[serde(default, skip_serializing_if = "ClassDefaults::is_empty")]
+    pub defaults: ClassDefaults,
+    /// The Pod Security level the class's pods are built for, and their user.
+    #[serde(default, skip_serializing_if = "ClassSecurity::is_default")]
+    pub security: ClassSecurity,
+}
+
+/// The CPU and memory a task of a class gets when its submission names none, as written
+/// (Kubernetes quantities, `4000m`, `8Gi`); checked when the file is loaded, so a loaded
+/// class's [`GpuClass::default_cpu`] and [`GpuClass::default_memory`] are its values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassDefaults {
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "quantity_text"
+    )]
+    pub cpu: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "quantity_text"
+    )]
+    pub memory: Option<String>,
+}
+
+/// A quantity as text, written as a string or a bare YAML number (`cpu: 4`).
+fn quantity_text<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Whole(u64),
+        Fraction(f64),
+    }
+    Ok(
+        Option::<Written>::deserialize(deserializer)?.map(|written| match written {
+            Written::Text(text) => text,
+            Written::Whole(n) => n.to_string(),
+            Written::Fraction(x) => x.to_string(),
+        }),
+    )
+}
+
+impl ClassDefaults {
+    fn is_empty(&self) -> bool {
+        self.cpu.is_none() && self.memory.is_none()
+    }
+}
+
+/// A Pod Security Standard level a class's pods meet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodSecurityLevel {
+    /// Non-root, all capabilities dropped, no privilege escalation, RuntimeDefault seccomp.
+    #[default]
+    Restricted,
+    /// May run as root with the runtime's default capabilities (still no privileges, host
+    /// namespaces or host paths): for images that install packages or write as root. The
+    /// tasks namespace must enforce `baseline` then (docs/SECURITY.md).
+    Baseline,
+}
+
+impl PodSecurityLevel {
+    /// The level as Pod Security admission's labels spell it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Restricted => "restricted",
+            Self::Baseline => "baseline",
+        }
+    }
+}
+
+/// How a class's task pods are secured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassSecurity {
+    #[serde(default)]
+    pub profile: PodSecurityLevel,
+    /// User and group id of the task; `None`: the launcher's `--run-as-user`. 0 (root)
+    /// only with `profile: baseline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as_user: Option<i64>,
+}
+
+impl ClassSecurity {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl GpuClass {
+    /// The CPU a task of this class asks for when it names none.
+    #[must_use]
+    pub fn default_cpu(&self) -> Option<Cpu> {
+        self.defaults
+            .cpu
+            .as_deref()
+            .and_then(|text| text.parse().ok())
+    }
+
+    /// The memory a task of this class asks for when it names none.
+    #[must_use]
+    pub fn default_memory(&self) -> Option<Memory> {
+        self.defaults
+            .memory
+            .as_deref()
+            .and_then(|text| text.parse().ok())
+    }
 }
 
 /// An existing PersistentVolumeClaim in the tasks namespace that tenants may mount.
@@ -138,8 +258,20 @@ fn class(
         per_node,
         price_per_hour: price,
         fallbacks: fallbacks.iter().map(|&f| f.to_owned()).collect(),
+        defaults: ClassDefaults {
+            cpu: Some(GPU_DEFAULT_CPU.to_owned()),
+            memory: Some(GPU_DEFAULT_MEMORY.to_owned()),
+        },
+        security: ClassSecurity::default(),
     }
 }
+
+/// The CPU of a task on a built-in GPU class that names none: enough cores to feed one
+/// GPU's data loader.
+pub const GPU_DEFAULT_CPU: &str = "4000m";
+/// The memory of a task on a built-in GPU class that names none (its `/dev/shm` comes on
+/// top, see [`crate::launcher::job_spec`]).
+pub const GPU_DEFAULT_MEMORY: &str = "8Gi";
 
 impl Default for GpuClasses {
     /// `v100`, `a100`, `a100-mig-1g.10gb`, `h100`, with list prices of a large cloud;
@@ -213,8 +345,39 @@ impl GpuClasses {
         self.classes.get(name)
     }
 
+    /// What a task asks for on `class` (`None` for a CPU task): its own CPU and memory,
+    /// else the class's defaults. The launcher, the cost model and memory-growing retries
+    /// all use this, so they agree on what the pod requests.
+    #[must_use]
+    pub fn effective_requests(
+        &self,
+        class: Option<&str>,
+        cpu: Option<Cpu>,
+        memory: Option<Memory>,
+    ) -> (Option<Cpu>, Option<Memory>) {
+        let class = class.and_then(|name| self.get(name));
+        (
+            cpu.or_else(|| class.and_then(GpuClass::default_cpu)),
+            memory.or_else(|| class.and_then(GpuClass::default_memory)),
+        )
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &GpuClass> {
         self.classes.values()
+    }
+
+    /// The least strict Pod Security level any class's pods need: what the tasks
+    /// namespace must enforce (`baseline` as soon as one class is `baseline`).
+    #[must_use]
+    pub fn namespace_level(&self) -> PodSecurityLevel {
+        if self
+            .iter()
+            .any(|class| class.security.profile == PodSecurityLevel::Baseline)
+        {
+            PodSecurityLevel::Baseline
+        } else {
+            PodSecurityLevel::Restricted
+        }
     }
 
     /// Class name → GPUs per node, what submission validation needs.
@@ -255,217 +418,6 @@ pub struct PlacementCatalog {
     pub volume_claims: BTreeMap<String, SharedClaim>,
 }
 
-/// Extended resource names: `domain/name`, the shape Kubernetes accepts for device
-/// plugins.
-fn is_extended_resource(name: &str) -> bool {
-    name.split_once('/').is_some_and(|(domain, resource)| {
-        !domain.is_empty()
-            && domain.contains('.')
-            && !resource.is_empty()
-            && resource.len() <= 63
-            && resource
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    })
-}
-
-impl PlacementCatalog {
-    /// Reads and checks the placement file at `path`.
-    pub fn load(path: &std::path::Path) -> Result<Self, PlacementError> {
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| PlacementError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        Self::parse(&text, &shown)
-    }
-
-    /// Parses and checks a placement file's text; `path` only names it in errors.
-    pub fn parse(text: &str, path: &str) -> Result<Self, PlacementError> {
-        let file: PlacementFile =
-            serde_yaml_ng::from_str(text).map_err(|e| PlacementError::Syntax {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
-        Self::from_file(file, path)
-    }
-
-    /// Checks a parsed placement file.
-    pub fn from_file(file: PlacementFile, path: &str) -> Result<Self, PlacementError> {
-        let rule = |field: String, message: &str| PlacementError::Rule {
-            path: path.to_owned(),
-            field,
-            message: message.to_owned(),
-        };
-        if file.gpu_classes.is_empty() {
-            return Err(rule(
-                "gpu_classes".into(),
-                "must list at least one class (GPU tasks could never run)",
-            ));
-        }
-        let names: BTreeSet<&str> = file.gpu_classes.iter().map(|c| c.name.as_str()).collect();
-        let mut seen = BTreeSet::new();
-        for (index, class) in file.gpu_classes.iter().enumerate() {
-            let field = |name: &str| format!("gpu_classes[{index}].{name}");
-            if !crate::k8s::names::is_class_name(&class.name) {
-                return Err(rule(
-                    field("name"),
-                    "must be 1 to 63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit",
-                ));
-            }
-            if !seen.insert(class.name.as_str()) {
-                return Err(rule(field("name"), "is used by an earlier class"));
-            }
-            if !is_extended_resource(&class.resource_name) {
-                return Err(rule(
-                    field("resource_name"),
-                    "must be an extended resource such as nvidia.com/gpu or nvidia.com/mig-1g.10gb",
-                ));
-            }
-            if class.per_node == 0 {
-                return Err(rule(field("per_node"), "must be at least 1"));
-            }
-            if !(class.price_per_hour.is_finite() && class.price_per_hour >= 0.0) {
-                return Err(rule(
-                    field("price_per_hour"),
-                    "must be a number of dollars, 0 or more",
-                ));
-            }
-            for (t, toleration) in class.tolerations.iter().enumerate() {
-                if !matches!(toleration.operator.as_str(), "Exists" | "Equal") {
-                    return Err(rule(
-                        field(&format!("tolerations[{t}].operator")),
-                        "must be Exists or Equal",
-                    ));
-                }
-                if let Some(effect) = &toleration.effect
-                    && !matches!(
-                        effect.as_str(),
-                        "NoSchedule" | "PreferNoSchedule" | "NoExecute"
-                    )
-                {
-                    return Err(rule(
-                        field(&format!("tolerations[{t}].effect")),
-                        "must be NoSchedule, PreferNoSchedule or NoExecute",
-                    ));
-                }
-            }
-            for (f, fallback) in class.fallbacks.iter().enumerate() {
-                if fallback == &class.name {
-                    return Err(rule(
-                        field(&format!("fallbacks[{f}]")),
-                        "a class cannot fall back to itself",
-                    ));
-                }
-                if !names.contains(fallback.as_str()) {
-                    return Err(rule(
-                        field(&format!("fallbacks[{f}]")),
-                        &format!("names '{fallback}', which is not a configured class"),
-                    ));
-                }
-            }
-        }
-        let mut ordered = BTreeSet::new();
-        for (index, name) in file.gpu_memory_order.iter().enumerate() {
-            let field = format!("gpu_memory_order[{index}]");
-            if !names.contains(name.as_str()) {
-                return Err(rule(
-                    field,
-                    &format!("names '{name}', which is not a configured class"),
-                ));
-            }
-            if !ordered.insert(name.as_str()) {
-                return Err(rule(field, "lists a class a second time"));
-            }
-        }
-        let mut volume_claims = BTreeMap::new();
-        for (index, claim) in file.volume_claims.into_iter().enumerate() {
-            let field = |name: &str| format!("volume_claims[{index}].{name}");
-            if !crate::k8s::names::is_class_name(&claim.name) {
-                return Err(rule(
-                    field("name"),
-                    "must be a Kubernetes object name (lowercase letters, digits, '-', '.')",
-                ));
-            }
-            if claim.tenants.is_empty() {
-                return Err(rule(
-                    field("tenants"),
-                    "must list at least one tenant, or '*' for every tenant",
-                ));
-            }
-            if volume_claims.contains_key(&claim.name) {
-                return Err(rule(field("name"), "is used by an earlier claim"));
-            }
-            volume_claims.insert(claim.name.clone(), claim);
-        }
-        Ok(Self {
-            gpu_classes: GpuClasses::new(file.gpu_classes).with_memory_order(file.gpu_memory_order),
-            volume_claims,
-        })
-    }
-}
-
+mod load;
 #[cfg(test)]
-mod tests {
-    use super::{PlacementCatalog, PlacementError};
-
-    const SHIPPED: &str = include_str!("../../config/placement.yaml");
-
-    #[test]
-    fn the_shipped_file_is_the_default() {
-        let catalog = PlacementCatalog::parse(SHIPPED, "placement.yaml").unwrap();
-        assert_eq!(catalog.gpu_classes, PlacementCatalog::default().gpu_classes);
-    }
-
-    fn refused(text: &str) -> String {
-        match PlacementCatalog::parse(text, "p.yaml") {
-            Err(PlacementError::Rule { field, message, .. }) => format!("{field}: {message}"),
-            Err(other) => other.to_string(),
-            Ok(_) => panic!("should be refused: {text}"),
-        }
-    }
-
-    #[test]
-    fn bad_files_name_the_field() {
-        let one = |extra: &str| {
-            format!(
-                "gpu_classes:\n- name: a100\n  node_selector: {{accelerator: a}}\n  resource_name: nvidia.com/gpu\n  per_node: 8\n  price_per_hour: 3.5\n{extra}"
-            )
-        };
-        assert!(
-            refused(&one("  fallbacks: [h100]\n"))
-                .starts_with("gpu_classes[0].fallbacks[0]: names 'h100'")
-        );
-        assert!(refused(&one("  fallbacks: [a100]\n")).contains("itself"));
-        assert!(refused(&one("  colour: red\n")).contains("unknown field `colour`"));
-        assert!(
-            refused(&one("  tolerations: [{key: k, operator: Maybe}]\n"))
-                .starts_with("gpu_classes[0].tolerations[0].operator")
-        );
-        assert!(
-            refused(&one("volume_claims:\n- name: models\n  tenants: []\n"))
-                .starts_with("volume_claims[0].tenants")
-        );
-        assert!(refused("gpu_classes: []\n").starts_with("gpu_classes:"));
-        let doubled = format!("{}{}", one(""), one("").replace("gpu_classes:\n", ""));
-        assert!(refused(&doubled).starts_with("gpu_classes[1].name"));
-        let zero = one("").replace("per_node: 8", "per_node: 0");
-        assert!(refused(&zero).starts_with("gpu_classes[0].per_node"));
-        let resource = one("").replace("nvidia.com/gpu", "gpu");
-        assert!(refused(&resource).starts_with("gpu_classes[0].resource_name"));
-    }
-
-    #[test]
-    fn fallbacks_follow_the_requested_class_order() {
-        let classes = PlacementCatalog::default().gpu_classes;
-        assert_eq!(
-            classes
-                .next_fallback("h100", "h100", 8)
-                .map(|c| c.name.as_str()),
-            Some("a100")
-        );
-        assert_eq!(classes.next_fallback("h100", "a100", 8), None);
-        assert_eq!(classes.next_fallback("v100", "v100", 1), None);
-        assert_eq!(classes.next_fallback("h100", "v100", 1), None);
-    }
-}
+mod tests;

@@ -11,7 +11,8 @@ pub mod env;
 #[cfg(test)]
 pub mod fixtures;
 pub mod lifecycle;
-pub mod quantity;
+/// Kubernetes quantities, kept in [`crate::k8s`] so the placement file can use them too.
+pub use crate::k8s::quantity;
 pub mod quota;
 pub mod retry;
 pub mod submission;

@@ -164,3 +164,91 @@ Prometheus scaler's, for example).
 {{- define "agent-bus.jobSelector" -}}
 {{- .Values.monitoring.prometheusRule.jobSelector | default (printf "job=%q" .Values.monitoring.job) }}
 {{- end }}
+
+{{/*
+The placement file the dispatcher reads (config.placement), with the chart's shared
+models/datasets claim (gpuStorage) listed in its volume_claims when gpuStorage.enabled and
+gpuStorage.mountable, so tasks can mount it by name. The text is kept as written (its
+comments too) when it ends its claims with `volume_claims: []`, the shipped form; any other
+form is re-rendered from its parsed content. A claim of that name already listed is left
+as the operator wrote it.
+*/}}
+{{- define "agent-bus.placement" -}}
+{{- $text := .Values.config.placement }}
+{{- $storage := .Values.gpuStorage }}
+{{- if and $storage.enabled $storage.mountable }}
+{{- $parsed := fromYaml $text }}
+{{- $listed := false }}
+{{- range ($parsed.volume_claims | default list) }}
+{{- if eq .name $storage.claimName }}{{ $listed = true }}{{ end }}
+{{- end }}
+{{- if not $listed }}
+{{- $claim := dict "name" $storage.claimName "tenants" $storage.tenants "writable" $storage.writable }}
+{{- if regexMatch "(?m)^volume_claims: \\[\\]\\s*$" $text }}
+{{- $block := printf "volume_claims:\n  - name: %s\n    tenants: [%s]\n    writable: %t" $storage.claimName (join ", " (include "agent-bus.quoteAll" $storage.tenants | splitList ",")) $storage.writable }}
+{{- $text = regexReplaceAll "(?m)^volume_claims: \\[\\]\\s*$" $text $block }}
+{{- else }}
+{{- $_ := set $parsed "volume_claims" (append ($parsed.volume_claims | default list) $claim) }}
+{{- $text = toYaml $parsed }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $text }}
+{{- end }}
+
+{{/* Each string of a list in double quotes, joined by commas. */}}
+{{- define "agent-bus.quoteAll" -}}
+{{- $quoted := list }}
+{{- range . }}{{ $quoted = append $quoted (. | quote) }}{{ end }}
+{{- join "," $quoted }}
+{{- end }}
+
+{{/*
+The Pod Security level the tasks namespace enforces: tasks.podSecurity, lowered to
+`baseline` when a GPU class of the placement file has `security.profile: baseline` (its
+pods may run as root, which `restricted` refuses).
+*/}}
+{{- define "agent-bus.tasksPodSecurity" -}}
+{{- $level := .Values.tasks.podSecurity }}
+{{- $parsed := fromYaml (include "agent-bus.placement" .) }}
+{{- range ($parsed.gpu_classes | default list) }}
+{{- if and (eq $level "restricted") (eq (dig "security" "profile" "restricted" .) "baseline") }}
+{{- $level = "baseline" }}
+{{- end }}
+{{- end }}
+{{- $level }}
+{{- end }}
+
+{{/*
+The `except` an allowList CIDR needs so the cloud metadata address stays unreachable:
+169.254.169.254/32 when an IPv4 CIDR contains it, fd00:ec2::254/128 for ::/0 or fd00::/8
+and wider; empty otherwise. A CIDR that is only the metadata address fails the render.
+Takes (dict "cidr" "a.b.c.d/n" "index" i).
+*/}}
+{{- define "agent-bus.metadataExcept" -}}
+{{- $cidr := .cidr }}
+{{- $field := printf "tasks.egress.allowList[%d].cidr" (int .index) }}
+{{- if not (regexMatch "^[0-9a-fA-F.:]+/[0-9]+$" $cidr) }}
+{{- fail (printf "%s: %q is not a CIDR (address/prefix length)" $field $cidr) }}
+{{- end }}
+{{- $parts := splitList "/" $cidr }}
+{{- $bits := atoi (last $parts) }}
+{{- if contains ":" $cidr }}
+{{- if and (le $bits 8) (or (eq $cidr "::/0") (hasPrefix "fd" (lower (first $parts)))) }}fd00:ec2::254/128{{ end }}
+{{- else }}
+{{- $octets := splitList "." (first $parts) }}
+{{- if or (ne (len $octets) 4) (gt $bits 32) }}
+{{- fail (printf "%s: %q is not an IPv4 CIDR" $field $cidr) }}
+{{- end }}
+{{- $address := 0 }}
+{{- range $octets }}{{ $address = add (mul $address 256) (atoi .) }}{{ end }}
+{{- $metadata := add (mul 169 16777216) (mul 254 65536) (mul 169 256) 254 }}
+{{- $block := 1 }}
+{{- range until (sub 32 $bits | int) }}{{ $block = mul $block 2 }}{{ end }}
+{{- if eq (div $address $block) (div $metadata $block) }}
+{{- if eq $bits 32 }}
+{{- fail (printf "%s: %s is the cloud metadata address, which task pods may never reach" $field $cidr) }}
+{{- end }}169.254.169.254/32
+{{- end }}
+{{- end }}
+{{- end }}

@@ -127,10 +127,12 @@ pub struct ScratchInput {
 #[serde(deny_unknown_fields, remote = "Self")]
 pub struct ResourcesInput {
     /// CPU request and limit, a Kubernetes quantity (`500m`, `4`); at most the operator's
-    /// per-task maximum (`--max-task-cpu`, 64 cores by default).
+    /// per-task maximum (`--max-task-cpu`, 64 cores by default). Absent on a GPU task: its
+    /// GPU class's default (4 cores for the built-in classes).
     pub cpu: Option<String>,
     /// Memory request and limit (`512Mi`, `32Gi`); at most the operator's per-task
-    /// maximum (`--max-task-memory`, 512Gi by default).
+    /// maximum (`--max-task-memory`, 512Gi by default). Absent on a GPU task: its GPU
+    /// class's default (8Gi for the built-in classes). The pod asks for this plus `shm`.
     pub memory: Option<String>,
     pub gpu: Option<GpuInput>,
 }

@@ -1,5 +1,5 @@
-//! Placement on the fake node pools: unschedulable pods, each class on its nodes, and
-//! the fallback from H100 to A100.
+//! Placement on the fake node pools: unschedulable pods, each class on its nodes, the
+//! fallback from H100 to A100, and a GPU class's CPU and memory defaults.
 
 use super::*;
 
@@ -144,6 +144,38 @@ async fn a_task_falls_back_to_a100_while_the_h100_pool_is_full() {
         })
         .await;
         pods.delete("h100-filler", &DeleteParams::default()).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_gpu_task_without_cpu_or_memory_gets_its_classs_defaults_plus_shm() {
+    testsupport::needs_env!(Cluster, Postgres, Redis);
+    with_environment("e2e-class-defaults", |setup| async move {
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start_keeping_jobs().await;
+        let body = json!({"name": "finetune", "image": "registry.invalid/x:1", "command": ["python", "train.py"],
+            "resources": {"gpu": {"count": 1, "class": "v100"}}, "shm": "2Gi"});
+        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        // The estimate charges the class's 4 cores and 8Gi (0.04 and 0.005 per hour each)
+        // besides the GPU (2.48), as the pod requests them.
+        assert_eq!(task["cost_estimate"]["per_hour_dollars"], 2.68, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        // The Job as the API server stored it, and its pod bound to a V100 node.
+        let node = node_of(&setup.ns, &id, 1).await;
+        assert!(node.starts_with("gpu-v100-"), "{node}");
+        let job = &jobs_of(&setup.ns, &id).await[0];
+        let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let resources = pod.containers[0].resources.as_ref().unwrap();
+        for side in [resources.requests.as_ref().unwrap(), resources.limits.as_ref().unwrap()] {
+            assert_eq!(side["cpu"].0, "4", "{resources:?}");
+            // 8Gi of the class plus the 2Gi /dev/shm, which is memory the pod uses.
+            assert_eq!(side["memory"].0, "10Gi", "{resources:?}");
+            assert_eq!(side["nvidia.com/gpu"].0, "1", "{resources:?}");
+        }
+        let task = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        assert_eq!(task["state"], "succeeded", "{task}");
     })
     .await;
 }

@@ -274,3 +274,34 @@ async fn an_oom_is_retried_with_more_memory() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_oom_of_a_gpu_task_without_memory_grows_its_classs_default() {
+    testsupport::needs_env!(Cluster, Postgres, Redis);
+    with_environment("e2e-oom-default", |setup| async move {
+        let key = setup.tenant("acme").await;
+        let dispatcher = setup.start_keeping_jobs().await;
+        let body = json!({"name": "hungry-gpu", "image": "registry.invalid/x:1", "command": ["python"],
+            "resources": {"gpu": {"count": 1, "class": "v100"}}, "shm": "1Gi",
+            "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
+            "annotations": {"agent-bus.io/test-exit-code": "137",
+                            "agent-bus.io/test-termination-message": runner_summary("host_oom", 137)}});
+        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
+        assert_eq!(status, 201, "{task}");
+        let id = task["id"].as_str().unwrap().to_owned();
+        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        assert_eq!(done["reason"], "oom_killed", "{done}");
+        let attempts = done["attempts"].as_array().unwrap();
+        assert_eq!(attempts.len(), 2, "{done}");
+        // The class's 8Gi was what the pod had (the effective figure), so it grows.
+        assert_eq!(attempts[0]["changes"], json!(["memory 8Gi → 12Gi (oom, ×1.5)"]), "{done}");
+        let memory = |spec: k8s_openapi::api::core::v1::PodSpec| {
+            let resources = spec.containers[0].resources.clone().unwrap();
+            resources.requests.unwrap()["memory"].0.clone()
+        };
+        // Each attempt's memory plus its 1Gi /dev/shm.
+        assert_eq!(memory(pod_spec_of_attempt(&setup.ns, &id, 1).await), "9Gi");
+        assert_eq!(memory(pod_spec_of_attempt(&setup.ns, &id, 2).await), "13Gi");
+    })
+    .await;
+}

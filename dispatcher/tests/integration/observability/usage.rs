@@ -53,6 +53,10 @@ fn day_of(at: jiff::Timestamp) -> String {
     at.strftime("%Y-%m-%d").to_string()
 }
 
+/// What a GPU task that names no CPU or memory pays for them per hour: its class's
+/// defaults (4 cores at $0.04, 8 GiB at $0.005), as its pod requests them.
+const CLASS_DEFAULTS_HOUR: f64 = 4.0 * 0.04 + 8.0 * 0.005;
+
 async fn usage_groups_finished_spend_by_queue_and_day(db: Db) {
     let api = api_on(db.store.clone(), |_| {}).await;
     let acme = api.tenant("acme", 100).await;
@@ -116,16 +120,31 @@ async fn usage_groups_finished_spend_by_queue_and_day(db: Db) {
     }
     let total = |name: &str| f(&read_views[name]["cost"]["total_dollars"]);
     let finished_day = |name: &str| day_of(timestamp(&read_views[name], "finished_at"));
-    assert_close(total("a"), 3.67, 0.01, "an A100 hour");
+    assert_close(
+        total("a"),
+        3.67 + CLASS_DEFAULTS_HOUR,
+        0.01,
+        "an A100 hour with its class's CPU and memory",
+    );
     assert_close(
         total("b"),
         2.0 * 0.04 / 2.0 + 0.5,
         0.01,
         "two cores for 30 min and LLM",
     );
-    assert_close(total("c"), 2.0 * 2.48, 0.01, "two V100 hours");
+    assert_close(
+        total("c"),
+        2.0 * (2.48 + CLASS_DEFAULTS_HOUR),
+        0.01,
+        "two V100 hours",
+    );
     assert_eq!(read_views["d"]["cost"]["settled"], false);
-    assert_close(total("d"), 2.48 / 6.0, 0.01, "ten V100 minutes so far");
+    assert_close(
+        total("d"),
+        (2.48 + CLASS_DEFAULTS_HOUR) / 6.0,
+        0.01,
+        "ten V100 minutes so far",
+    );
     let a_day = finished_day("a");
     let c_day = finished_day("c");
     assert_ne!(a_day, c_day, "c finished the day before a");
@@ -343,9 +362,9 @@ async fn usage_rejects_bad_ranges_and_keeps_tenants_apart(db: Db) {
     );
     assert_close(
         f(&globex_usage["unfinished_dollars"]),
-        9.80 / 2.0,
+        0.5 * (9.80 + CLASS_DEFAULTS_HOUR),
         0.01,
-        "half an hour of an H100 ($9.80/h)",
+        "half an hour of an H100 ($9.80/h) with its class's CPU and memory",
     );
     assert!(
         f(&globex_usage["total_dollars"]) > f(&acme_usage["total_dollars"]),

@@ -1,4 +1,6 @@
-//! The shipped placement file is the dispatcher's own, and the dispatcher accepts it.
+//! The shipped placement file is the dispatcher's own, and the dispatcher accepts it;
+//! where the chart or the overlay creates the shared models/datasets claim, the claim is
+//! listed in it and a task mounts it by name.
 
 use dispatcher::placement::PlacementCatalog;
 
@@ -16,6 +18,17 @@ fn the_shipped_placement_file_is_the_dispatchers_own_and_the_dispatcher_accepts_
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(parsed, PlacementCatalog::default());
     ensure_crds();
+    // With the models/datasets claim (gpuStorage, the gpu-storage component): the same
+    // file with the claim listed, which the component ships as its own copy.
+    let with_claim = std::fs::read_to_string(
+        repo_root().join("manifests/components/gpu-storage/placement.yaml"),
+    )
+    .unwrap();
+    assert_eq!(
+        with_claim,
+        expected.replace("volume_claims: []\n", MODELS_CLAIM),
+        "manifests/components/gpu-storage/placement.yaml is not the shipped file with the claim"
+    );
     let names = Names::defaults();
     let shipped = [
         (
@@ -54,13 +67,24 @@ fn the_shipped_placement_file_is_the_dispatchers_own_and_the_dispatcher_accepts_
         let keys: Vec<&String> = data.keys().collect();
         assert_eq!(keys, ["placement.yaml"], "{source}");
         let text = data["placement.yaml"].as_str().unwrap();
+        let claimed = objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim");
+        let wanted = if claimed { &with_claim } else { &expected };
         assert!(
-            text == expected,
-            "{source}: placement.yaml is not dispatcher/config/placement.yaml:\n{text}"
+            text == wanted,
+            "{source}: placement.yaml is not dispatcher/config/placement.yaml{}:\n{text}",
+            if claimed { " with the claim" } else { "" }
         );
         let catalog = PlacementCatalog::parse(text, "placement.yaml")
             .unwrap_or_else(|e| panic!("{source}: the dispatcher refuses its placement.yaml: {e}"));
-        assert_eq!(catalog, PlacementCatalog::default(), "{source}");
+        let mut default = PlacementCatalog::default();
+        if claimed {
+            let claim = &catalog.volume_claims["agent-bus-models-datasets"];
+            assert!(claim.allows("any-tenant") && !claim.writable, "{source}");
+            default
+                .volume_claims
+                .insert(claim.name.clone(), claim.clone());
+        }
+        assert_eq!(catalog, default, "{source}");
         // Every role reads it where its pod mounts that ConfigMap.
         for deployment in dispatcher_deployments(&objects) {
             let name = &deployment["metadata"]["name"];
@@ -85,3 +109,6 @@ fn the_shipped_placement_file_is_the_dispatchers_own_and_the_dispatcher_accepts_
         }
     }
 }
+
+/// The shipped file's `volume_claims: []` with the models/datasets claim listed.
+const MODELS_CLAIM: &str = "volume_claims:\n  - name: agent-bus-models-datasets\n    tenants: [\"*\"]\n    writable: false\n";
