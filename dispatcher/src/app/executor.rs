@@ -64,6 +64,12 @@ pub(super) async fn kube_client(
         }
         None => kube::Config::incluster().context("in-cluster kubernetes configuration")?,
     };
+    // One retry layer toward the API server: the launcher's, which honours the server's
+    // retryAfterSeconds and gives a task back to the reconciler after a few tries.
+    // kube-client's own retry of 429/503/504 under it would multiply the creates exactly
+    // when the server asks for fewer (and hide them from the request metrics).
+    let mut config = config;
+    config.default_retry = false;
     Ok(kube::client::ClientBuilder::try_from(config)?
         .with_layer(&KubernetesMetricsLayer::new(metrics.clone()))
         .build())

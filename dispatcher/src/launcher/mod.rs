@@ -376,7 +376,22 @@ impl Launcher {
                                 tracing::debug!(task_id = %task.id, "trying again a launch the cluster had no room for");
                             }
                         }
-                    } else {
+                    }
+                    // Every replica sees the same stale claims: one takes each.
+                    match self
+                        .lifecycle
+                        .store()
+                        .take_stale_claim(task.id, task.updated_at, now)
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(error) => {
+                            tracing::warn!(task_id = %task.id, error = %error, "reconcile: taking a stale claim failed");
+                            continue;
+                        }
+                    }
+                    if task.reason != Some(Reason::ClusterQuota) {
                         tracing::info!(task_id = %task.id, "relaunching a stale claim");
                     }
                     let Ok(permit) = permits.clone().acquire_owned().await else {

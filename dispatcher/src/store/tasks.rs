@@ -442,6 +442,35 @@ impl Store {
         .await
     }
 
+    /// Takes over a stale claim (a task left in `launching` by a launcher that stopped
+    /// before recording an outcome) for one relaunch: a compare-and-set on the
+    /// `updated_at` the caller read, which it moves to `now`. `true` for exactly one of
+    /// the launchers that try with the same reading; the others leave the task alone,
+    /// so a stale claim is relaunched by one replica, and again only once it is stale
+    /// again. Not a state move: the task stays `launching`.
+    pub async fn take_stale_claim(
+        &self,
+        id: TaskId,
+        seen_updated_at: jiff::Timestamp,
+        now: jiff::Timestamp,
+    ) -> Result<bool> {
+        self.timed("take_stale_claim", async {
+            let taken = sqlx::query(
+                "UPDATE tasks SET updated_at = $4 WHERE id = $1 AND state = $2 AND updated_at = $3",
+            )
+            .bind(id.to_string())
+            .bind(TaskState::Launching.as_str())
+            .bind(millis(seen_updated_at))
+            .bind(millis(now).max(millis(seen_updated_at) + 1))
+            .execute(&self.pool)
+            .await
+            .during(|| format!("taking over the stale claim of task {id}"))?
+            .rows_affected();
+            Ok(taken == 1)
+        })
+        .await
+    }
+
     /// The queued tasks of `queue` in dispatch order (priority descending, then oldest
     /// first), at most `limit`.
     pub async fn next_queued(&self, queue: &str, limit: u32) -> Result<Vec<Task>> {

@@ -9,6 +9,7 @@ use futures::future::join_all;
 use super::support::*;
 
 both_backends!(
+    case_a_stale_claim_is_taken_by_one_launcher,
     case_a_transition_writes_its_event,
     case_a_transition_from_the_wrong_state_writes_nothing,
     case_an_illegal_transition_is_refused,
@@ -323,5 +324,50 @@ async fn case_events_tell_the_story_in_order(store: Store) {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+async fn case_a_stale_claim_is_taken_by_one_launcher(store: Store) {
+    acme(&store).await;
+    let created = task("acme").create(&store).await;
+    let claimed = walk(&store, &created, &[TaskState::Launching]).await;
+    let now = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1);
+    // Three launchers read the same stale claim and try at once: one takes it.
+    let tries = (0..3).map(|_| {
+        let store = store.clone();
+        async move {
+            store
+                .take_stale_claim(claimed.id, claimed.updated_at, now)
+                .await
+                .unwrap()
+        }
+    });
+    let taken = join_all(tries).await;
+    assert_eq!(taken.iter().filter(|taken| **taken).count(), 1, "{taken:?}");
+    // The claim is fresh again: a launcher with the old reading leaves it alone, one
+    // that reads it stale again takes it.
+    assert!(
+        !store
+            .take_stale_claim(claimed.id, claimed.updated_at, now)
+            .await
+            .unwrap()
+    );
+    let reread = store.get_task("acme", claimed.id).await.unwrap().unwrap();
+    assert_eq!(reread.state, TaskState::Launching);
+    assert!(reread.updated_at > claimed.updated_at);
+    let later = now + jiff::SignedDuration::from_secs(1);
+    assert!(
+        store
+            .take_stale_claim(claimed.id, reread.updated_at, later)
+            .await
+            .unwrap()
+    );
+    // Only a claim: a task in another state is never taken.
+    let queued = task("acme").create(&store).await;
+    assert!(
+        !store
+            .take_stale_claim(queued.id, queued.updated_at, later)
+            .await
+            .unwrap()
     );
 }
