@@ -18,6 +18,8 @@
 //!   dashboard as a sidecar ConfigMap, an Ingress for the public API only, the dev image,
 //!   and `helm test`'s submit -> Job script run against the real dispatcher;
 //! - dev, staging and prod (values files and overlays) each lint, dry-run and agree;
+//! - the roles' database pools fit the server's connections at the most replicas, and a
+//!   chart whose pools would not is refused at render time;
 //! - the chart and the overlays agree on RBAC rules, probes, security contexts and
 //!   resources, and the alert rules agree in their three copies and pass their promtool
 //!   tests; the Alertmanager example routes as documented and the Grafana dashboard names
@@ -49,5 +51,6 @@ mod helm_test;
 mod keda;
 mod network_policy;
 mod placement;
+mod pools;
 mod rbac;
 mod task_pods;
