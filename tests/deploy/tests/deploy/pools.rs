@@ -16,9 +16,9 @@ fn connections_at_most(objects: &[serde_json::Value]) -> u64 {
         let most = objects
             .iter()
             .find(|o| {
-                o["kind"] == "HorizontalPodAutoscaler"
+                ["HorizontalPodAutoscaler", "ScaledObject"]
+                    .contains(&o["kind"].as_str().unwrap_or(""))
                     && o["spec"]["scaleTargetRef"]["name"] == name
-                    || o["kind"] == "ScaledObject" && o["spec"]["scaleTargetRef"]["name"] == name
             })
             .map_or_else(
                 || deployment["spec"]["replicas"].as_u64().unwrap(),
