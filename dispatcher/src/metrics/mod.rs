@@ -5,7 +5,8 @@
 //! (`metrics.queue_operation`), [`kubernetes`] (`metrics.kubernetes()` and the client
 //! layer), [`store`] (`metrics.store_query`), [`errors`] (`metrics.error`), [`reports`]
 //! (`metrics.reports()`), [`cost`] (`metrics.cost`), [`webhooks`] (`metrics.webhooks()`), [`gauges`] with [`snapshot`] (the
-//! state read from the store at scrape time) and [`process`].
+//! state read from the store at scrape time) and [`process`] (the standard `process_*`
+//! families, unprefixed, read at each scrape).
 //!
 //! Invariants:
 //! - names carry their unit (`_seconds`, `_bytes`, `_dollars`, `_ratio`) and counters end
@@ -107,6 +108,7 @@ impl Metrics {
     #[must_use]
     pub fn new(executor: &str) -> Self {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(process::ProcessCollector));
         let mut registrar = registry::Registrar::new(&mut registry);
         let http = http::HttpFamilies::register(&mut registrar);
         let tasks = tasks::TaskFamilies::register(&mut registrar);

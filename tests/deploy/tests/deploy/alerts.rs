@@ -74,8 +74,9 @@ fn exposed_sample_names() -> std::collections::BTreeSet<String> {
     names
 }
 
-/// The `agent_bus_…` metric and `agent_bus:…` recording-rule names a PromQL text mentions
-/// that are neither exposed by the dispatcher nor recorded by the rules.
+/// The `agent_bus_…` and standard `process_…` metric and `agent_bus:…` recording-rule
+/// names a PromQL text mentions that are neither exposed by the dispatcher nor recorded
+/// by the rules.
 fn unknown_names(
     promql: &str,
     exposed: &std::collections::BTreeSet<String>,
@@ -83,7 +84,10 @@ fn unknown_names(
 ) -> Vec<String> {
     let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
     let mut unknown = Vec::new();
-    for (start, _) in promql.match_indices("agent_bus") {
+    let starts = promql
+        .match_indices("agent_bus")
+        .chain(promql.match_indices("process_"));
+    for (start, _) in starts {
         if promql[..start].chars().next_back().is_some_and(is_name) {
             continue;
         }
