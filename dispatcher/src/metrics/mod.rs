@@ -83,7 +83,6 @@ struct Inner {
     cost: cost::CostFamilies,
     webhooks: webhooks::WebhookFamilies,
     gauges: gauges::StateGauges,
-    process: process::ProcessFamilies,
     bounded: labels::BoundedValues,
     snapshot: tokio::sync::Mutex<Option<Instant>>,
     /// When this registry was made: a snapshot that never succeeded is this old.
@@ -120,7 +119,7 @@ impl Metrics {
         let cost = cost::CostFamilies::register(&mut registrar);
         let webhooks = webhooks::WebhookFamilies::register(&mut registrar);
         let gauges = gauges::StateGauges::register(&mut registrar);
-        let process = process::ProcessFamilies::register(&mut registrar, executor);
+        process::register(&mut registrar, executor);
         let described = registrar.into_described();
         Self {
             inner: Arc::new(Inner {
@@ -136,7 +135,6 @@ impl Metrics {
                 cost,
                 webhooks,
                 gauges,
-                process,
                 bounded: labels::BoundedValues::default(),
                 snapshot: tokio::sync::Mutex::new(None),
                 created: Instant::now(),

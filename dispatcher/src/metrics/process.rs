@@ -198,33 +198,23 @@ fn encode(sample: &Sample, mut encoder: DescriptorEncoder) -> Result<(), std::fm
     Ok(())
 }
 
-#[derive(Debug)]
-pub(super) struct ProcessFamilies {
-    build_info: Family<BuildLabels, Gauge>,
-}
-
-impl ProcessFamilies {
-    /// Registers `build_info`, set for `executor`, and describes the standard families.
-    pub(super) fn register(registrar: &mut Registrar<'_>, executor: &str) -> Self {
-        ProcessCollector::describe(registrar);
-        let families = Self {
-            build_info: Family::default(),
-        };
-        registrar.gauge(
-            "build_info",
-            &["version", "executor"],
-            "Always 1; the labels say which build runs and with which executor",
-            families.build_info.clone(),
-        );
-        families
-            .build_info
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-                executor: executor.to_owned(),
-            })
-            .set(1);
-        families
-    }
+/// Registers `build_info`, set for `executor`, and describes the standard families. The
+/// registry keeps the family; nothing changes it later.
+pub(super) fn register(registrar: &mut Registrar<'_>, executor: &str) {
+    ProcessCollector::describe(registrar);
+    let build_info = Family::<BuildLabels, Gauge>::default();
+    registrar.gauge(
+        "build_info",
+        &["version", "executor"],
+        "Always 1; the labels say which build runs and with which executor",
+        build_info.clone(),
+    );
+    build_info
+        .get_or_create(&BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            executor: executor.to_owned(),
+        })
+        .set(1);
 }
 
 #[cfg(test)]
