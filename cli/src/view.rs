@@ -393,7 +393,7 @@ pub(crate) fn usage_text(usage: &Value) -> String {
 /// `-o json` (pretty) or `-o yaml` of any API answer.
 pub(crate) fn structured(value: &Value, yaml: bool) -> Result<String> {
     if yaml {
-        serde_yaml_ng::to_string(value).map_err(|e| Error::usage(format!("rendering YAML: {e}")))
+        crate::yaml::to_string(value).map_err(|e| Error::usage(format!("rendering YAML: {e}")))
     } else {
         serde_json::to_string_pretty(value)
             .map(|text| text + "\n")

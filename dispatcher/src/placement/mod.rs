@@ -269,6 +269,9 @@ fn is_extended_resource(name: &str) -> bool {
     })
 }
 
+/// The largest placement file read (real ones are a few KiB).
+const MAX_FILE_BYTES: usize = 1024 * 1024;
+
 impl PlacementCatalog {
     /// Reads and checks the placement file at `path`.
     pub fn load(path: &std::path::Path) -> Result<Self, PlacementError> {
@@ -282,11 +285,22 @@ impl PlacementCatalog {
 
     /// Parses and checks a placement file's text; `path` only names it in errors.
     pub fn parse(text: &str, path: &str) -> Result<Self, PlacementError> {
-        let file: PlacementFile =
-            serde_yaml_ng::from_str(text).map_err(|e| PlacementError::Syntax {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
+        // YAML 1.2 booleans only (`yes` is not true), duplicate keys refused, the default
+        // budget (depth, nodes, aliases); one-line errors with line and column.
+        let syntax = |message: String| PlacementError::Syntax {
+            path: path.to_owned(),
+            message,
+        };
+        if text.len() > MAX_FILE_BYTES {
+            return Err(syntax(format!("larger than {MAX_FILE_BYTES} bytes")));
+        }
+        let options = serde_saphyr::options! {
+            strict_booleans: true,
+            duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+            with_snippet: false,
+        };
+        let file: PlacementFile = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| syntax(e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
         Self::from_file(file, path)
     }
 
@@ -453,6 +467,15 @@ mod tests {
         assert!(refused(&zero).starts_with("gpu_classes[0].per_node"));
         let resource = one("").replace("nvidia.com/gpu", "gpu");
         assert!(refused(&resource).starts_with("gpu_classes[0].resource_name"));
+    }
+
+    #[test]
+    fn syntax_errors_name_line_and_column_and_yes_is_no_boolean() {
+        let claim = "gpu_classes: []\nvolume_claims:\n- name: m\n  tenants: [a]\n  writable: yes\n";
+        let error = refused(claim);
+        assert!(error.contains("line 5, column 13"), "{error}");
+        let error = refused("gpu_classes: [\n");
+        assert!(error.starts_with("placement file p.yaml: ") && error.contains("line"), "{error}");
     }
 
     #[test]

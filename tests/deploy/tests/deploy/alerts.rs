@@ -41,7 +41,7 @@ fn prometheus_rule_groups(rendered: &str) -> Value {
         .filter(|doc| kind_of(doc) == "PrometheusRule")
         .collect();
     assert_eq!(docs.len(), 1, "one PrometheusRule: {docs:?}");
-    let rule: Value = serde_yaml_ng::from_str(&docs[0]).unwrap();
+    let rule = yaml(&docs[0]);
     assert_eq!(rule["metadata"]["name"], "agent-bus");
     rule["spec"]["groups"].clone()
 }
@@ -220,7 +220,7 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
 
     // The chart and the prod overlay ship the source's groups.
     let text = std::fs::read_to_string(repo_root().join(RULES)).unwrap();
-    let source: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let source = yaml(&text);
     let groups = source["groups"].clone();
     let names = Names {
         dispatcher: "agent-bus".to_owned(),
@@ -290,13 +290,12 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
             ]
         )
     );
-    let monitor: Value = serde_yaml_ng::from_str(
+    let monitor = yaml(
         &yaml_docs(&renamed)
             .into_iter()
             .find(|doc| kind_of(doc) == "ServiceMonitor")
             .unwrap(),
-    )
-    .unwrap();
+    );
     let relabelings = &monitor["spec"]["endpoints"][0]["relabelings"];
     assert!(
         relabelings
@@ -472,9 +471,7 @@ fn the_alertmanager_example_and_the_dashboard_are_valid_and_name_only_real_metri
     for name in ["tenant", "queue"] {
         assert_eq!(variable(name)["datasource"]["uid"], "${datasource}");
     }
-    let rules: Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(repo_root().join(RULES)).unwrap())
-            .unwrap();
+    let rules = yaml(&std::fs::read_to_string(repo_root().join(RULES)).unwrap());
     let recorded = rules["groups"]
         .as_array()
         .unwrap()
