@@ -60,16 +60,16 @@ mod tests {
 
     #[test]
     fn booleans_are_strict_and_other_words_stay_strings() {
-        let value: Value = from_str("a: yes\nb: no\nc: true\nd: off\ne: False\n").unwrap();
-        assert_eq!(
-            value,
-            json!({"a": "yes", "b": "no", "c": true, "d": "off", "e": false})
-        );
         #[derive(Debug, serde::Deserialize)]
         #[allow(dead_code)]
         struct Flag {
             on: bool,
         }
+        let value: Value = from_str("a: yes\nb: no\nc: true\nd: off\ne: False\n").unwrap();
+        assert_eq!(
+            value,
+            json!({"a": "yes", "b": "no", "c": true, "d": "off", "e": false})
+        );
         let error = from_str::<Flag>("on: yes\n").unwrap_err().to_string();
         assert!(error.contains("line 1"), "{error}");
     }

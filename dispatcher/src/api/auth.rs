@@ -88,10 +88,26 @@ mod tests {
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
-        for value in ["Bearer ab_x", "bearer ab_x", "BEARER ab_x", "bEaReR   ab_x  "] {
-            assert_eq!(bearer_token(&with_authorization(value)), Some("ab_x"), "{value}");
+        for value in [
+            "Bearer ab_x",
+            "bearer ab_x",
+            "BEARER ab_x",
+            "bEaReR   ab_x  ",
+        ] {
+            assert_eq!(
+                bearer_token(&with_authorization(value)),
+                Some("ab_x"),
+                "{value}"
+            );
         }
-        for value in ["Basic ab_x", "Bearer", "Bearer ", "Bearerab_x", "Bearer    ", "ab_x"] {
+        for value in [
+            "Basic ab_x",
+            "Bearer",
+            "Bearer ",
+            "Bearerab_x",
+            "Bearer    ",
+            "ab_x",
+        ] {
             assert_eq!(bearer_token(&with_authorization(value)), None, "{value}");
         }
         assert_eq!(bearer_token(&HeaderMap::new()), None);

@@ -138,13 +138,13 @@ impl Sample {
                 .map(|boot| boot as f64 + stat.starttime as f64 / ticks);
         }
         sample.open_fds = me.fd_count().ok().map(|count| count as f64);
-        sample.max_fds = me
-            .limits()
-            .ok()
-            .and_then(|limits| match limits.max_open_files.soft_limit {
-                LimitValue::Value(most) => Some(most as f64),
-                LimitValue::Unlimited => None,
-            });
+        sample.max_fds =
+            me.limits()
+                .ok()
+                .and_then(|limits| match limits.max_open_files.soft_limit {
+                    LimitValue::Value(most) => Some(most as f64),
+                    LimitValue::Unlimited => None,
+                });
         sample
     }
 
@@ -181,12 +181,8 @@ fn encode(sample: &Sample, mut encoder: DescriptorEncoder) -> Result<(), std::fm
         };
         if family.kind == Kind::Counter {
             let counter = ConstCounter::new(value);
-            let metric = encoder.encode_descriptor(
-                family.name,
-                family.help,
-                None,
-                counter.metric_type(),
-            )?;
+            let metric =
+                encoder.encode_descriptor(family.name, family.help, None, counter.metric_type())?;
             counter.encode(metric)?;
         } else {
             let gauge = ConstGauge::new(value);
@@ -228,15 +224,20 @@ mod tests {
     fn this_process_is_read_from_proc() {
         let sample = Sample::read();
         for family in STANDARD {
-            assert!(sample.get(family.figure).is_some(), "{family:?}: {sample:?}");
+            assert!(
+                sample.get(family.figure).is_some(),
+                "{family:?}: {sample:?}"
+            );
         }
-        let sample = sample;
         assert!(sample.resident_memory.unwrap_or_default() > 1024.0 * 1024.0);
         assert!(sample.open_fds.unwrap_or_default() >= 3.0);
         assert!(sample.threads.unwrap_or_default() >= 1.0);
         let now = jiff::Timestamp::now().as_second() as f64;
         let started = sample.start_time.unwrap_or_default();
-        assert!(started <= now + 1.0 && started > now - 86_400.0, "{started} {now}");
+        assert!(
+            started <= now + 1.0 && started > now - 86_400.0,
+            "{started} {now}"
+        );
     }
 
     #[test]
@@ -272,7 +273,10 @@ mod tests {
         registry.register_collector(Box::new(Fixed(sample)));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap_or_default();
-        assert!(text.contains("process_resident_memory_bytes 2048.0"), "{text}");
+        assert!(
+            text.contains("process_resident_memory_bytes 2048.0"),
+            "{text}"
+        );
         assert!(!text.contains("process_open_fds"), "{text}");
     }
 

@@ -299,8 +299,15 @@ impl PlacementCatalog {
             duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
             with_snippet: false,
         };
-        let file: PlacementFile = serde_saphyr::from_str_with_options(text, options)
-            .map_err(|e| syntax(e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")))?;
+        let file: PlacementFile =
+            serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+                syntax(
+                    e.to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                )
+            })?;
         Self::from_file(file, path)
     }
 
@@ -475,7 +482,10 @@ mod tests {
         let error = refused(claim);
         assert!(error.contains("line 5, column 13"), "{error}");
         let error = refused("gpu_classes: [\n");
-        assert!(error.starts_with("placement file p.yaml: ") && error.contains("line"), "{error}");
+        assert!(
+            error.starts_with("placement file p.yaml: ") && error.contains("line"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -50,13 +50,25 @@ async fn the_bearer_scheme_is_case_insensitive(store: Store) {
     for scheme in ["Bearer", "bearer", "BEARER"] {
         let header = format!("{scheme} {key}");
         let (status, _, body) = api
-            .call(Method::GET, "/v1/tasks", None, None, &[("authorization", &header)])
+            .call(
+                Method::GET,
+                "/v1/tasks",
+                None,
+                None,
+                &[("authorization", &header)],
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "{scheme}: {body}");
     }
     let header = format!("Basic {key}");
     let (status, _, _) = api
-        .call(Method::GET, "/v1/tasks", None, None, &[("authorization", &header)])
+        .call(
+            Method::GET,
+            "/v1/tasks",
+            None,
+            None,
+            &[("authorization", &header)],
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
