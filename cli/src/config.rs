@@ -70,7 +70,7 @@ impl ConfigFile {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml_ng::from_str(&text).map_err(|e| config_error(path, e))
+        crate::yaml::from_str(&text).map_err(|e| config_error(path, e))
     }
 
     /// Writes the whole file, 0600, through a temporary file in the same folder.
@@ -86,7 +86,7 @@ impl ConfigFile {
             .mode(0o700)
             .create(dir)
             .map_err(|e| config_error(path, e))?;
-        let text = serde_yaml_ng::to_string(self).map_err(|e| config_error(path, e))?;
+        let text = crate::yaml::to_string(self).map_err(|e| config_error(path, e))?;
         let temporary = dir.join(format!(".config.yaml.{}", std::process::id()));
         let written = std::fs::OpenOptions::new()
             .write(true)

@@ -13,6 +13,7 @@ mod sse;
 mod submit;
 mod view;
 mod wait;
+mod yaml;
 
 use std::process::ExitCode;
 

@@ -105,7 +105,7 @@ pub(crate) struct Overrides {
 
 /// Parses a task file's text: YAML, of which JSON is a subset.
 pub(crate) fn parse_file(source: &str, text: &str) -> Result<Value> {
-    let value: Value = serde_yaml_ng::from_str(text)
+    let value: Value = crate::yaml::from_str(text)
         .map_err(|e| Error::usage(format!("task file {source}: {e}")))?;
     if value.is_object() {
         Ok(value)

@@ -393,7 +393,7 @@ pub(crate) fn usage_text(usage: &Value) -> String {
 /// `-o json` (pretty) or `-o yaml` of any API answer.
 pub(crate) fn structured(value: &Value, yaml: bool) -> Result<String> {
     if yaml {
-        serde_yaml_ng::to_string(value).map_err(|e| Error::usage(format!("rendering YAML: {e}")))
+        crate::yaml::to_string(value).map_err(|e| Error::usage(format!("rendering YAML: {e}")))
     } else {
         serde_json::to_string_pretty(value)
             .map(|text| text + "\n")
@@ -498,7 +498,8 @@ waits  019adf00-cccc  queued              0        10s   -         $0     -
             structured(&value, false).unwrap(),
             "{\n  \"id\": \"x\",\n  \"n\": 1\n}\n"
         );
-        assert_eq!(structured(&value, true).unwrap(), "id: x\nn: 1\n");
+        // `n` is quoted: a YAML 1.1 reader would take it for `false`.
+        assert_eq!(structured(&value, true).unwrap(), "id: x\n\"n\": 1\n");
         assert_eq!(dollars(0.0042), "$0.0042");
     }
 }

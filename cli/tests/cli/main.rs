@@ -145,7 +145,7 @@ fn a_yaml_task_file_with_flags_on_top_and_json_output() {
     let done = json(&bus.run(&["get", id, "-o", "json"]).ok());
     assert_eq!(done["state"], "succeeded");
     assert_eq!(done["message"], "flag world\n");
-    let yaml: Value = serde_yaml_ng::from_str(&bus.run(&["get", id, "-o", "yaml"]).ok()).unwrap();
+    let yaml: Value = serde_saphyr::from_str(&bus.run(&["get", id, "-o", "yaml"]).ok()).unwrap();
     assert_eq!(yaml["id"], done["id"]);
     let summary = bus.run(&["get", id]).ok();
     assert!(summary.contains("Name:          from-file\n"), "{summary}");
@@ -244,7 +244,7 @@ fn list_shows_a_kubectl_like_table_and_follows_pages() {
 
     let all = json(&bus.run(&["list", "-A", "-o", "json"]).ok());
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
-    let yaml: Value = serde_yaml_ng::from_str(&bus.run(&["list", "-o", "yaml"]).ok()).unwrap();
+    let yaml: Value = serde_saphyr::from_str(&bus.run(&["list", "-o", "yaml"]).ok()).unwrap();
     assert_eq!(yaml["items"][0]["id"], second);
     // Filters are the API's.
     assert_eq!(

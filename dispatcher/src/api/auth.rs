@@ -29,14 +29,19 @@ pub fn hash_api_key(key: &str) -> String {
 }
 
 /// The credential of an `Authorization: Bearer …` header, trimmed; `None` when there is
-/// none or it is empty. Tenant keys and runner report tokens both travel this way.
+/// none or it is empty. The scheme is matched case-insensitively (`bearer`, `BEARER`), as
+/// RFC 9110 section 11.1 says. Tenant keys and runner report tokens both travel this way.
+/// Hand-written (five lines) rather than the `headers` crate's `Authorization<Bearer>`,
+/// which would bring `headers` and `axum-extra` into the build for this one split
+/// (docs/adr/0006-maintained-crates-and-what-we-keep.md).
 pub(super) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|token| !token.is_empty())
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The tenant whose key the request carries.
@@ -71,7 +76,42 @@ impl FromRequestParts<AppState> for Authenticated {
 mod tests {
     use secrecy::ExposeSecret as _;
 
-    use super::{hash_api_key, new_api_key};
+    use axum::http::{HeaderMap, HeaderValue, header::AUTHORIZATION};
+
+    use super::{bearer_token, hash_api_key, new_api_key};
+
+    fn with_authorization(value: &'static str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, HeaderValue::from_static(value));
+        headers
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in [
+            "Bearer ab_x",
+            "bearer ab_x",
+            "BEARER ab_x",
+            "bEaReR   ab_x  ",
+        ] {
+            assert_eq!(
+                bearer_token(&with_authorization(value)),
+                Some("ab_x"),
+                "{value}"
+            );
+        }
+        for value in [
+            "Basic ab_x",
+            "Bearer",
+            "Bearer ",
+            "Bearerab_x",
+            "Bearer    ",
+            "ab_x",
+        ] {
+            assert_eq!(bearer_token(&with_authorization(value)), None, "{value}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
 
     #[test]
     fn keys_are_random_and_hashes_stable() {

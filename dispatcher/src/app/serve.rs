@@ -55,10 +55,11 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(target: LOG_TARGET, executor = executor_name, why = %why, roles = ?args.roles, "dispatcher starting");
     settings::check(&args).map_err(anyhow::Error::msg)?;
+    let instance = settings::instance(&args);
+    let lease = settings::lease(&args, &instance)?;
 
     let store = open_store(&args.database).await?;
     warn_of_durability_risks(&store).await;
-    let instance = settings::instance(&args);
     let queue = connect_queue(&args).await?;
 
     let catalog = match &args.placement.placement_file {
@@ -223,7 +224,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 fail_on_heartbeat_lost: args.runner.fail_on_heartbeat_lost,
                 sweep_interval: args.reconcile_interval,
                 keep_finished_jobs: args.keep_finished_jobs,
-                lease: settings::lease(&args, &instance),
+                lease: lease.clone(),
             };
             roles.spawn(watcher.run(shutdown.clone()));
         } else {

@@ -12,7 +12,7 @@ use crate::store::ReportAllowance;
 use crate::task::retry::RetryDefaults;
 use crate::task::submission::{Limits, ShmRule};
 use crate::task::webhook::Destinations;
-use crate::watcher::lease::LeaseConfig;
+use crate::watcher::lease::{LeaseConfig, TimingError};
 use crate::webhooks::DeliverySettings;
 
 /// What submissions are checked against.
@@ -164,18 +164,18 @@ pub(super) fn snapshot_config(args: &ServeArgs) -> SnapshotConfig {
     }
 }
 
-/// The watcher's leader lease: held for 15 seconds, renewed every 5.
-pub(super) fn lease(args: &ServeArgs, instance: &str) -> LeaseConfig {
-    LeaseConfig {
-        name: args.lease_name.clone(),
+/// The watcher's leader lease; fails when its durations do not fit together.
+pub(super) fn lease(args: &ServeArgs, instance: &str) -> Result<LeaseConfig, TimingError> {
+    Ok(LeaseConfig {
+        name: args.lease.lease_name.clone(),
         namespace: args
+            .lease
             .lease_namespace
             .clone()
             .unwrap_or_else(|| args.namespace.clone()),
         identity: instance.to_owned(),
-        duration: Duration::from_secs(15),
-        renew_every: Duration::from_secs(5),
-    }
+        timing: args.lease.timing()?,
+    })
 }
 
 /// This process's identity: `--instance`, else `dispatcher-` and 8 random hex digits.
@@ -292,12 +292,49 @@ mod tests {
     fn the_lease_is_in_the_tasks_namespace_unless_said_otherwise() {
         let args = serve(&["--namespace", "jobs", "--instance", "one"]);
         assert_eq!(instance(&args), "one");
-        let lease_config = lease(&args, &instance(&args));
+        let lease_config = lease(&args, &instance(&args)).unwrap();
         assert_eq!(lease_config.namespace, "jobs");
         assert_eq!(lease_config.identity, "one");
         let args = serve(&["--lease-namespace", "system"]);
-        assert_eq!(lease(&args, "x").namespace, "system");
+        assert_eq!(lease(&args, "x").unwrap().namespace, "system");
         assert!(instance(&args).starts_with("dispatcher-"));
         assert_eq!(instance(&args).len(), "dispatcher-".len() + 8);
+    }
+
+    #[test]
+    fn the_lease_durations_are_client_go_s_and_checked() {
+        let timing = lease(&serve(&[]), "x").unwrap().timing;
+        assert_eq!(timing, crate::watcher::lease::Timing::default());
+        assert_eq!(timing.duration(), Duration::from_secs(15));
+        assert_eq!(timing.renew_deadline(), Duration::from_secs(10));
+        assert_eq!(timing.retry_period(), Duration::from_secs(2));
+        let timing = lease(
+            &serve(&[
+                "--lease-duration",
+                "1m",
+                "--lease-renew-deadline",
+                "40s",
+                "--lease-retry-period",
+                "5s",
+            ]),
+            "x",
+        )
+        .unwrap()
+        .timing;
+        assert_eq!(timing.duration(), Duration::from_mins(1));
+        let error = lease(&serve(&["--lease-renew-deadline", "20s"]), "x").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("--lease-renew-deadline 20s must be less than --lease-duration 15s"),
+            "{error}"
+        );
+        let error = lease(&serve(&["--lease-retry-period", "10s"]), "x").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("--lease-retry-period 10s must be less than"),
+            "{error}"
+        );
     }
 }

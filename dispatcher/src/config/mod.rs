@@ -6,7 +6,7 @@
 //! ([`crate::task::Memory`]), enums ([`BudgetAction`],
 //! [`crate::launcher::job_spec::ImagePullPolicy`]). A default that a library type also has
 //! is taken from that type's constant, so it is stated once. The flags of `serve` are in
-//! `serve`, the value parsers in `values`.
+//! `serve` (the leader election's in `lease`), the value parsers in `values`.
 
 use std::time::Duration;
 
@@ -16,9 +16,11 @@ use secrecy::SecretString;
 use crate::cost::BudgetAction;
 use crate::task::submission::MAX_QUEUE_TTL_SECONDS;
 
+mod lease;
 mod serve;
 mod values;
 
+pub use lease::LeaseArgs;
 pub use serve::{CostArgs, PlacementArgs, RunnerArgs, ServeArgs, SubmissionArgs, WebhookArgs};
 pub use values::{parse_duration, program_search_path};
 

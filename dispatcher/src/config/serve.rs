@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Args;
 use secrecy::SecretString;
 
+use super::lease::LeaseArgs;
 use super::values::{self, duration_default, parse_dollars, parse_duration, parse_fraction};
 use super::{DatabaseArgs, ExecutorChoice, Role};
 use crate::api::ReportLimits;
@@ -130,16 +131,6 @@ pub struct ServeArgs {
     /// a random one).
     #[arg(long, env = "AGENT_BUS_INSTANCE")]
     pub instance: Option<String>,
-    /// Name of the Lease the watchers elect their leader through.
-    #[arg(
-        long,
-        env = "AGENT_BUS_LEASE_NAME",
-        default_value = "agent-bus-watcher"
-    )]
-    pub lease_name: String,
-    /// Namespace of that Lease (default: the tasks namespace).
-    #[arg(long, env = "AGENT_BUS_LEASE_NAMESPACE")]
-    pub lease_namespace: Option<String>,
     /// Work folder of the local executor (one sub-folder per task attempt). Default:
     /// `agent-bus-work` in the current folder; as root, when other users cannot reach
     /// that (a home folder that is 0700), /var/lib/agent-bus/work, since each tenant's
@@ -168,6 +159,8 @@ pub struct ServeArgs {
         default_value = "agent-bus-secrets"
     )]
     pub local_secrets_dir: PathBuf,
+    #[command(flatten)]
+    pub lease: LeaseArgs,
     #[command(flatten)]
     pub submissions: SubmissionArgs,
     #[command(flatten)]

@@ -5,7 +5,8 @@
 //! (`metrics.queue_operation`), [`kubernetes`] (`metrics.kubernetes()` and the client
 //! layer), [`store`] (`metrics.store_query`), [`errors`] (`metrics.error`), [`reports`]
 //! (`metrics.reports()`), [`cost`] (`metrics.cost`), [`webhooks`] (`metrics.webhooks()`), [`gauges`] with [`snapshot`] (the
-//! state read from the store at scrape time) and [`process`].
+//! state read from the store at scrape time) and [`process`] (the standard `process_*`
+//! families, unprefixed, read at each scrape).
 //!
 //! Invariants:
 //! - names carry their unit (`_seconds`, `_bytes`, `_dollars`, `_ratio`) and counters end
@@ -82,7 +83,6 @@ struct Inner {
     cost: cost::CostFamilies,
     webhooks: webhooks::WebhookFamilies,
     gauges: gauges::StateGauges,
-    process: process::ProcessFamilies,
     bounded: labels::BoundedValues,
     snapshot: tokio::sync::Mutex<Option<Instant>>,
     /// When this registry was made: a snapshot that never succeeded is this old.
@@ -107,6 +107,7 @@ impl Metrics {
     #[must_use]
     pub fn new(executor: &str) -> Self {
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(process::ProcessCollector));
         let mut registrar = registry::Registrar::new(&mut registry);
         let http = http::HttpFamilies::register(&mut registrar);
         let tasks = tasks::TaskFamilies::register(&mut registrar);
@@ -118,7 +119,7 @@ impl Metrics {
         let cost = cost::CostFamilies::register(&mut registrar);
         let webhooks = webhooks::WebhookFamilies::register(&mut registrar);
         let gauges = gauges::StateGauges::register(&mut registrar);
-        let process = process::ProcessFamilies::register(&mut registrar, executor);
+        process::register(&mut registrar, executor);
         let described = registrar.into_described();
         Self {
             inner: Arc::new(Inner {
@@ -134,7 +135,6 @@ impl Metrics {
                 cost,
                 webhooks,
                 gauges,
-                process,
                 bounded: labels::BoundedValues::default(),
                 snapshot: tokio::sync::Mutex::new(None),
                 created: Instant::now(),

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 
-/// Every family's name starts with `agent_bus_`.
+/// Every family's name starts with `agent_bus_`, but the standard `process_*` ones.
 pub const PREFIX: &str = "agent_bus";
 
 /// Request latencies, 1 ms to 30 s.
@@ -124,6 +124,18 @@ impl<'a> Registrar<'a> {
             name: format!("{PREFIX}_{name}{suffix}"),
             kind,
             labels,
+            help,
+        });
+    }
+
+    /// Describes a standard family that a collector on the root registry writes under its
+    /// own unprefixed name (`process_*`, see [`super::process`]).
+    pub(super) fn describe_standard(&mut self, name: &'static str, kind: Kind, help: &'static str) {
+        let suffix = if kind == Kind::Counter { "_total" } else { "" };
+        self.described.push(Described {
+            name: format!("{name}{suffix}"),
+            kind,
+            labels: &[],
             help,
         });
     }

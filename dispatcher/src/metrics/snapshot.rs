@@ -2,7 +2,8 @@
 //! [`SnapshotConfig::max_age`], however many scrapers ask): tasks by state, queue depth and
 //! age, stuck tasks, tasks held by a tenant quota, GPUs and their use per class, the
 //! running cost rate, tenant spend against budgets (the families of [`super::gauges`]),
-//! the pool, and this process's memory.
+//! and the pool. (This process's own figures are read at each scrape by
+//! [`super::process`].)
 //!
 //! Every family here is cleared and refilled on each refresh, so a queue that emptied or a
 //! class no longer in use disappears instead of keeping its last value.
@@ -57,7 +58,6 @@ pub async fn refresh(metrics: &Metrics, store: &Store, prices: &Prices, config: 
         .gauges
         .cost_rate_alert_threshold
         .set(config.cost_rate_alert_dollars_per_hour);
-    metrics.inner.process.refresh();
     let (in_use, idle, max) = store.pool_figures();
     for (state, connections) in [
         (PoolState::InUse, in_use),

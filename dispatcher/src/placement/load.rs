@@ -22,6 +22,9 @@ fn is_extended_resource(name: &str) -> bool {
     })
 }
 
+/// The largest placement file read (real ones are a few KiB).
+const MAX_FILE_BYTES: usize = 1024 * 1024;
+
 impl PlacementCatalog {
     /// Reads and checks the placement file at `path`.
     pub fn load(path: &std::path::Path) -> Result<Self, PlacementError> {
@@ -35,11 +38,18 @@ impl PlacementCatalog {
 
     /// Parses and checks a placement file's text; `path` only names it in errors.
     pub fn parse(text: &str, path: &str) -> Result<Self, PlacementError> {
-        let file: PlacementFile =
-            serde_yaml_ng::from_str(text).map_err(|e| PlacementError::Syntax {
-                path: path.to_owned(),
-                message: e.to_string(),
-            })?;
+        // YAML 1.2 booleans only (`yes` is not true), duplicate keys refused (saphyr's
+        // default), its budget (depth, nodes, aliases); errors name the line and column.
+        let syntax = |message: String| PlacementError::Syntax {
+            path: path.to_owned(),
+            message,
+        };
+        if text.len() > MAX_FILE_BYTES {
+            return Err(syntax(format!("larger than {MAX_FILE_BYTES} bytes")));
+        }
+        let options = serde_saphyr::options! { strict_booleans: true, with_snippet: false };
+        let file: PlacementFile = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| syntax(e.to_string()))?;
         Self::from_file(file, path)
     }
 

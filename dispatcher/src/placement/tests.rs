@@ -49,6 +49,17 @@ fn bad_files_name_the_field() {
 }
 
 #[test]
+fn syntax_errors_name_line_and_column_and_yes_is_no_boolean() {
+    let claim = "gpu_classes: []\nvolume_claims:\n- name: m\n  tenants: [a]\n  writable: yes\n";
+    assert!(
+        refused(claim).contains("line 5, column 13"),
+        "{}",
+        refused(claim)
+    );
+    assert!(refused("gpu_classes: [\n").starts_with("placement file p.yaml: "));
+}
+
+#[test]
 fn fallbacks_follow_the_requested_class_order() {
     let classes = PlacementCatalog::default().gpu_classes;
     assert_eq!(

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 on_both_stores!(
     unauthenticated_requests_get_401,
+    the_bearer_scheme_is_case_insensitive,
     submit_then_read,
     other_tenants_tasks_are_404_everywhere,
     malformed_json_is_400,
@@ -39,6 +40,36 @@ async fn unauthenticated_requests_get_401(store: Store) {
     assert_eq!(body["error"]["code"], "unauthorized");
     let (status, _, _) = api
         .call(Method::POST, "/v1/tasks", Some("ab_wrong"), Some("{}"), &[])
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+/// RFC 9110: the scheme of `Authorization` is case-insensitive.
+async fn the_bearer_scheme_is_case_insensitive(store: Store) {
+    let api = api_on(store, |_| {}).await;
+    let key = api.tenant("acme", 10).await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let header = format!("{scheme} {key}");
+        let (status, _, body) = api
+            .call(
+                Method::GET,
+                "/v1/tasks",
+                None,
+                None,
+                &[("authorization", &header)],
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{scheme}: {body}");
+    }
+    let header = format!("Basic {key}");
+    let (status, _, _) = api
+        .call(
+            Method::GET,
+            "/v1/tasks",
+            None,
+            None,
+            &[("authorization", &header)],
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 }

@@ -214,6 +214,7 @@ async fn jobs_of(ns: &TestNamespace, task_id: &str) -> Vec<Job> {
 }
 
 mod cost_alert;
+mod lease;
 mod lifecycle;
 mod logs;
 mod placement;

@@ -41,7 +41,7 @@ fn prometheus_rule_groups(rendered: &str) -> Value {
         .filter(|doc| kind_of(doc) == "PrometheusRule")
         .collect();
     assert_eq!(docs.len(), 1, "one PrometheusRule: {docs:?}");
-    let rule: Value = serde_yaml_ng::from_str(&docs[0]).unwrap();
+    let rule = yaml(&docs[0]);
     assert_eq!(rule["metadata"]["name"], "agent-bus");
     rule["spec"]["groups"].clone()
 }
@@ -74,8 +74,9 @@ fn exposed_sample_names() -> std::collections::BTreeSet<String> {
     names
 }
 
-/// The `agent_bus_…` metric and `agent_bus:…` recording-rule names a PromQL text mentions
-/// that are neither exposed by the dispatcher nor recorded by the rules.
+/// The `agent_bus_…` and standard `process_…` metric and `agent_bus:…` recording-rule
+/// names a PromQL text mentions that are neither exposed by the dispatcher nor recorded
+/// by the rules.
 fn unknown_names(
     promql: &str,
     exposed: &std::collections::BTreeSet<String>,
@@ -83,7 +84,10 @@ fn unknown_names(
 ) -> Vec<String> {
     let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
     let mut unknown = Vec::new();
-    for (start, _) in promql.match_indices("agent_bus") {
+    let starts = promql
+        .match_indices("agent_bus")
+        .chain(promql.match_indices("process_"));
+    for (start, _) in starts {
         if promql[..start].chars().next_back().is_some_and(is_name) {
             continue;
         }
@@ -216,7 +220,7 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
 
     // The chart and the prod overlay ship the source's groups.
     let text = std::fs::read_to_string(repo_root().join(RULES)).unwrap();
-    let source: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let source = yaml(&text);
     let groups = source["groups"].clone();
     let names = Names {
         dispatcher: "agent-bus".to_owned(),
@@ -286,13 +290,12 @@ fn the_alert_rules_agree_in_their_three_copies_and_pass_their_promtool_tests() {
             ]
         )
     );
-    let monitor: Value = serde_yaml_ng::from_str(
+    let monitor = yaml(
         &yaml_docs(&renamed)
             .into_iter()
             .find(|doc| kind_of(doc) == "ServiceMonitor")
             .unwrap(),
-    )
-    .unwrap();
+    );
     let relabelings = &monitor["spec"]["endpoints"][0]["relabelings"];
     assert!(
         relabelings
@@ -468,9 +471,7 @@ fn the_alertmanager_example_and_the_dashboard_are_valid_and_name_only_real_metri
     for name in ["tenant", "queue"] {
         assert_eq!(variable(name)["datasource"]["uid"], "${datasource}");
     }
-    let rules: Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(repo_root().join(RULES)).unwrap())
-            .unwrap();
+    let rules = yaml(&std::fs::read_to_string(repo_root().join(RULES)).unwrap());
     let recorded = rules["groups"]
         .as_array()
         .unwrap()

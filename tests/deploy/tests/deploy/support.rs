@@ -337,10 +337,18 @@ pub(crate) fn helm_template_extra(names: &Names, values: Option<&str>, extra: &s
 
 /// Rendered YAML as JSON objects, parsed here (no cluster needed, CRD kinds included).
 pub(crate) fn parsed(rendered: &str) -> Vec<Value> {
-    yaml_docs(rendered)
-        .iter()
-        .map(|doc| serde_yaml_ng::from_str(doc).unwrap())
-        .collect()
+    yaml_docs(rendered).iter().map(|doc| yaml(doc)).collect()
+}
+
+/// One YAML document as a JSON value, read as Kubernetes reads it: YAML 1.2 booleans only
+/// (`yes` stays a string), a key given twice is an error.
+pub(crate) fn yaml(text: &str) -> Value {
+    let options = serde_saphyr::options! {
+        strict_booleans: true,
+        duplicate_keys: serde_saphyr::DuplicateKeyPolicy::Error,
+    };
+    serde_saphyr::from_str_with_options(text, options)
+        .unwrap_or_else(|e| panic!("not YAML: {e}\n{text}"))
 }
 
 /// Creates the namespaces for real (as `restricted` as the installation asks, labelled as
