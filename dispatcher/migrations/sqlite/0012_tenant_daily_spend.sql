@@ -6,7 +6,7 @@
 -- Keep in step with ../postgres/0012_tenant_daily_spend.sql.
 CREATE TABLE tenant_daily_spend (
     tenant  TEXT NOT NULL,
-    day     INTEGER NOT NULL,
+    day     BIGINT NOT NULL,
     dollars REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, day)
 );
