@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 use crate::config::{ExecutorChoice, ServeArgs};
+use crate::k8s::rate_limit::RateLimitLayer;
 use crate::launcher::isolation::{self, TaskUsers};
 use crate::metrics::Metrics;
 use crate::metrics::kubernetes::KubernetesMetricsLayer;
@@ -50,6 +51,7 @@ pub(super) fn choose_executor(
 /// requests are counted in the metrics.
 pub(super) async fn kube_client(
     kubeconfig: Option<&PathBuf>,
+    rate: &RateLimitLayer,
     metrics: &Metrics,
 ) -> anyhow::Result<kube::Client> {
     let config = match kubeconfig.filter(|p| p.exists()) {
@@ -72,6 +74,8 @@ pub(super) async fn kube_client(
     config.default_retry = false;
     Ok(kube::client::ClientBuilder::try_from(config)?
         .with_layer(&KubernetesMetricsLayer::new(metrics.clone()))
+        // Outside the metrics: a request counted is one sent, not one waiting its turn.
+        .with_layer(rate)
         .build())
 }
 

@@ -20,6 +20,7 @@ use crate::api::streams::OpenStreams;
 use crate::api::{self, AppState};
 use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
+use crate::k8s::rate_limit::RateLimitLayer;
 use crate::launcher::{
     Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor, QuotaWaits, isolation,
 };
@@ -115,7 +116,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // tasks namespace (a `secretKeyRef` in the Job), or owner-only files beside the
     // local executor.
     let (executor, canceller, cluster, secrets) = if executor_choice == ExecutorChoice::Kubernetes {
-        let client = kube_client(args.kubeconfig.as_ref(), &metrics).await?;
+        let rate = RateLimitLayer::new(args.kube_api_qps, args.kube_api_burst);
+        let client = kube_client(args.kubeconfig.as_ref(), &rate, &metrics).await?;
         let kubernetes =
             KubernetesExecutor::new(client.clone(), launch.clone(), report_issuer.clone());
         let secrets =

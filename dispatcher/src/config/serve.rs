@@ -2,6 +2,7 @@
 //! placement, the runner and the cost figures.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,6 +64,13 @@ pub struct ServeArgs {
     /// Kubeconfig for the Kubernetes executor; without it, the in-cluster service account.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes API requests a second this process sends on average (a token bucket,
+    /// as client-go's `--kube-api-qps`); more wait their turn in the client.
+    #[arg(long, env = "AGENT_BUS_KUBE_API_QPS", default_value_t = NonZeroU32::new(crate::k8s::rate_limit::DEFAULT_QPS).unwrap_or(NonZeroU32::MIN))]
+    pub kube_api_qps: NonZeroU32,
+    /// Kubernetes API requests this process may send at once after a quiet spell.
+    #[arg(long, env = "AGENT_BUS_KUBE_API_BURST", default_value_t = NonZeroU32::new(crate::k8s::rate_limit::DEFAULT_BURST).unwrap_or(NonZeroU32::MIN))]
+    pub kube_api_burst: NonZeroU32,
     /// Path of the in-cluster service-account token, whose presence makes `auto` choose
     /// Kubernetes.
     #[arg(

@@ -305,11 +305,19 @@ async fn add_llm_cost(
     dollars: f64,
 ) -> std::result::Result<(), sqlx::Error> {
     if dollars > 0.0 {
-        sqlx::query("UPDATE tasks SET llm_cost_dollars = llm_cost_dollars + $2 WHERE id = $1")
-            .bind(id.to_string())
-            .bind(dollars)
-            .execute(&mut **tx)
-            .await?;
+        let finished: Option<(String, Option<i64>)> = sqlx::query_as(
+            "UPDATE tasks SET llm_cost_dollars = llm_cost_dollars + $2 WHERE id = $1 \
+             RETURNING tenant, finished_at",
+        )
+        .bind(id.to_string())
+        .bind(dollars)
+        .fetch_optional(&mut **tx)
+        .await?;
+        // A cost reported after the finish (the runner's last report may come after it)
+        // counts on the day the task finished, as its settled cost did.
+        if let Some((tenant, Some(finished_at))) = finished {
+            super::spend::add_daily_spend(tx, &tenant, finished_at, dollars).await?;
+        }
     }
     Ok(())
 }

@@ -116,24 +116,22 @@ impl Store {
     }
 
     /// What `tenant`'s spend in the current UTC day and month is made of: the settled
-    /// cost of its tasks finished in them (one query), and its unfinished tasks that have
-    /// cost something (read once, priced by [`crate::cost::Prices::spend`]).
+    /// cost of its tasks finished in them (the daily sums kept with each finish: at most
+    /// 31 rows, however many tasks), and its unfinished tasks that have cost something
+    /// (read once, priced by [`crate::cost::Prices::spend`]).
     pub async fn spend_parts(&self, tenant: &str, now: jiff::Timestamp) -> Result<SpendParts> {
         self.timed("spend", async {
             let during = || format!("summing the spend of tenant '{tenant}'");
-            // The day lies inside the month, so one scan from the month's start holds both.
+            // The day lies inside the month, so the month's rows (at most 31) hold both.
             let (day, month): (f64, f64) = sqlx::query_as(
                 "SELECT \
-                 COALESCE(SUM(CASE WHEN finished_at >= $2 THEN spent ELSE 0.0 END), 0.0), \
-                 COALESCE(SUM(spent), 0.0) \
-                 FROM (SELECT finished_at, COALESCE(gpu_cost_dollars, 0.0) \
-                     + COALESCE(cpu_cost_dollars, 0.0) + COALESCE(memory_cost_dollars, 0.0) \
-                     + llm_cost_dollars AS spent \
-                     FROM tasks WHERE tenant = $1 AND finished_at >= $3) AS finished",
+                 COALESCE(SUM(CASE WHEN day >= $2 THEN dollars ELSE 0.0 END), 0.0), \
+                 COALESCE(SUM(dollars), 0.0) \
+                 FROM tenant_daily_spend WHERE tenant = $1 AND day >= $3",
             )
             .bind(tenant)
-            .bind(millis(Period::Day.start(now)))
-            .bind(millis(Period::Month.start(now)))
+            .bind(unix_day(millis(Period::Day.start(now))))
+            .bind(unix_day(millis(Period::Month.start(now))))
             .fetch_one(&self.pool)
             .await
             .during(during)?;
@@ -332,4 +330,34 @@ impl Store {
             self.pool.options().get_max_connections(),
         )
     }
+}
+
+/// The Unix day of a time in milliseconds (UTC days: what `tenant_daily_spend.day` holds).
+fn unix_day(at_millis: i64) -> i64 {
+    at_millis.div_euclid(MILLIS_PER_DAY)
+}
+
+const MILLIS_PER_DAY: i64 = 86_400_000;
+
+/// Adds `dollars` to what `tenant`'s tasks that finished on the day of `finished_at`
+/// cost, in the transaction that records the finish or a later LLM cost.
+pub(super) async fn add_daily_spend(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    tenant: &str,
+    finished_at_millis: i64,
+    dollars: f64,
+) -> std::result::Result<(), sqlx::Error> {
+    if dollars == 0.0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO tenant_daily_spend (tenant, day, dollars) VALUES ($1, $2, $3) \
+         ON CONFLICT (tenant, day) DO UPDATE SET dollars = tenant_daily_spend.dollars + excluded.dollars",
+    )
+    .bind(tenant)
+    .bind(unix_day(finished_at_millis))
+    .bind(dollars)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }

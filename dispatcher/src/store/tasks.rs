@@ -442,6 +442,36 @@ impl Store {
         .await
     }
 
+    /// A page of the tasks in `state` last changed before `updated_before`, in id order
+    /// after the cursor `after` (the last id of the previous page; `None` for the first),
+    /// at most `limit`: a sweep that reads every such task, however many, a page at a
+    /// time.
+    pub async fn tasks_in_state_page(
+        &self,
+        state: TaskState,
+        updated_before: jiff::Timestamp,
+        after: Option<TaskId>,
+        limit: u32,
+    ) -> Result<Vec<Task>> {
+        self.timed("tasks_in_state_page", async {
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                task_columns!(),
+                " FROM tasks WHERE state = $1 AND updated_at < $2 AND id > $3 \
+                 ORDER BY id LIMIT $4"
+            ))
+            .bind(state.as_str())
+            .bind(millis(updated_before))
+            .bind(after.map_or_else(String::new, |id| id.to_string()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| format!("listing a page of {state} tasks"))?;
+            rows.iter().map(row::task).collect()
+        })
+        .await
+    }
+
     /// Takes over a stale claim (a task left in `launching` by a launcher that stopped
     /// before recording an outcome) for one relaunch: a compare-and-set on the
     /// `updated_at` the caller read, which it moves to `now`. `true` for exactly one of

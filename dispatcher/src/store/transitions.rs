@@ -107,6 +107,20 @@ impl Store {
                 .during(during)?;
                 task.spent.compute = Some(compute);
             }
+            if task.state.is_terminal() {
+                let compute = task
+                    .spent
+                    .compute
+                    .map_or(0.0, |compute| compute.gpu + compute.cpu + compute.memory);
+                super::spend::add_daily_spend(
+                    &mut tx,
+                    &task.tenant,
+                    now,
+                    compute + task.spent.llm_dollars,
+                )
+                .await
+                .during(during)?;
+            }
             if let Some(ended) = &step.ended_attempt {
                 insert_attempt(&mut tx, id, ended).await.during(during)?;
             }

@@ -21,11 +21,15 @@
 //!   ResourceQuota is full (the Job controller creates the pod once there is room), or
 //!   it fails (`launch_rejected`) when a LimitRange or Pod Security refuses it for good;
 //! - the sweep flags running tasks whose runner fell silent (`heartbeat_lost`), and fails
-//!   them when configured to.
+//!   them when configured to;
+//! - the work grows with the active tasks, not with history or the cluster: the sweep
+//!   reads them a page at a time with a cursor (no cap leaves any unswept), and a task's
+//!   pods are found through an index by task attempt ([`pods`]), not a scan of every pod.
 
 pub mod cleanup;
 pub mod decide;
 pub mod lease;
+mod pods;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -37,18 +41,17 @@ use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store as Cache};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use kube::{Api, Client, ResourceExt as _};
+use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 
 use crate::launcher::KubernetesExecutor;
-use crate::launcher::job_spec::{
-    LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TASK_ID, MANAGED_BY, job_name,
-};
+use crate::launcher::job_spec::{LABEL_MANAGED_BY, LABEL_TASK_ID, MANAGED_BY, job_name};
 use crate::lifecycle::Lifecycle;
 use crate::placement::GpuClasses;
 use crate::queue::{Queue, QueueEntry};
 use crate::task::lifecycle::Move;
 use crate::task::{Reason, Task, TaskId, TaskState};
+use pods::TaskPods;
 
 pub use decide::{Decision, Fallback, decide};
 
@@ -83,6 +86,8 @@ impl std::fmt::Debug for Watcher {
     }
 }
 
+/// Tasks read per page of a sweep.
+const SWEEP_PAGE: u32 = 500;
 /// A Job missing this long after its task was launched is lost, not merely not yet seen.
 const LOST_AFTER: Duration = Duration::from_secs(30);
 /// Store reads one sweep spends on Jobs that may have to go; the rest wait for the next.
@@ -124,7 +129,8 @@ impl Watcher {
         let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
         let config = watcher::Config::default().labels(&selector);
         let (jobs, job_writer) = reflector::store::<Job>();
-        let (pods, pod_writer) = reflector::store::<Pod>();
+        let (pod_cache, pod_writer) = reflector::store::<Pod>();
+        let pods = TaskPods::new(pod_cache, &self.namespace);
         let (touched_sender, mut touched) = mpsc::channel::<TaskId>(4096);
 
         let job_stream = watcher(
@@ -143,7 +149,13 @@ impl Watcher {
         .default_backoff()
         .reflect(pod_writer)
         .touched_objects()
-        .map_ok(|pod| (WatchedObject::Pod, task_id_of(&pod)))
+        .map_ok({
+            let pods = pods.clone();
+            move |pod| {
+                pods.saw(&pod);
+                (WatchedObject::Pod, task_id_of(&pod))
+            }
+        })
         .boxed();
         let sender = touched_sender.clone();
         let metrics = self.lifecycle.metrics().clone();
@@ -168,7 +180,7 @@ impl Watcher {
         };
         let decide_loop = async {
             let _ = jobs.wait_until_ready().await;
-            let _ = pods.wait_until_ready().await;
+            let _ = pods.cache().wait_until_ready().await;
             tracing::info!("watch caches synced");
             let mut sweep = tokio::time::interval(self.sweep_interval);
             loop {
@@ -188,7 +200,8 @@ impl Watcher {
     }
 
     /// Compares every task the cluster should be running with what the caches show.
-    async fn sweep(&self, jobs: &Cache<Job>, pods: &Cache<Pod>) {
+    async fn sweep(&self, jobs: &Cache<Job>, pods: &TaskPods) {
+        pods.reindex();
         let now = jiff::Timestamp::now();
         let mut attempts = BTreeMap::new();
         let mut launched = Vec::new();
@@ -197,22 +210,33 @@ impl Watcher {
             TaskState::Launched,
             TaskState::Running,
         ] {
-            match self
-                .lifecycle
-                .store()
-                .tasks_in_state(state, now, 10_000)
-                .await
-            {
-                Ok(tasks) => {
-                    for task in tasks {
-                        attempts.insert(task.id, task.attempt);
-                        if task.state == TaskState::Launched {
-                            launched.push(task.clone());
-                        }
-                        self.reconcile(task, jobs, pods).await;
+            // Page by page with a cursor: every task in the state is swept, however many.
+            let mut after = None;
+            loop {
+                let page = self
+                    .lifecycle
+                    .store()
+                    .tasks_in_state_page(state, now, after, SWEEP_PAGE)
+                    .await;
+                let tasks = match page {
+                    Ok(tasks) => tasks,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "sweep: listing tasks failed");
+                        break;
                     }
+                };
+                let last_page = tasks.len() < SWEEP_PAGE as usize;
+                after = tasks.last().map(|task| task.id);
+                for task in tasks {
+                    attempts.insert(task.id, task.attempt);
+                    if task.state == TaskState::Launched {
+                        launched.push(task.clone());
+                    }
+                    self.reconcile(task, jobs, pods).await;
                 }
-                Err(error) => tracing::warn!(error = %error, "sweep: listing tasks failed"),
+                if last_page {
+                    break;
+                }
             }
         }
         self.explain_refused_pods(&launched, jobs, pods, now).await;
@@ -287,7 +311,7 @@ impl Watcher {
         &self,
         launched: &[Task],
         jobs: &Cache<Job>,
-        pods: &Cache<Pod>,
+        pods: &TaskPods,
         now: jiff::Timestamp,
     ) {
         let grace = jiff::SignedDuration::try_from(POD_CREATE_GRACE).unwrap_or_default();
@@ -296,7 +320,7 @@ impl Watcher {
             let name = job_name(&task.id, task.attempt);
             let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace))?;
             let created = job.metadata.creation_timestamp.as_ref()?.0;
-            let has_pods = !pods_of(task, pods).is_empty();
+            let has_pods = !pods.of(task).is_empty();
             (!has_pods && now.duration_since(created) >= grace && !decide::job_is_finished(&job))
                 .then_some((task, job, name))
         });
@@ -452,7 +476,7 @@ impl Watcher {
     }
 
     /// Reads one task a watch event touched, then decides for it.
-    async fn reconcile_task(&self, id: TaskId, jobs: &Cache<Job>, pods: &Cache<Pod>) {
+    async fn reconcile_task(&self, id: TaskId, jobs: &Cache<Job>, pods: &TaskPods) {
         match self.lifecycle.store().task(id).await {
             Ok(Some(task)) => self.reconcile(task, jobs, pods).await,
             Ok(None) => {}
@@ -461,10 +485,10 @@ impl Watcher {
     }
 
     /// Decides for one task, as just read from the store, and applies the decision.
-    async fn reconcile(&self, task: Task, jobs: &Cache<Job>, pods: &Cache<Pod>) {
+    async fn reconcile(&self, task: Task, jobs: &Cache<Job>, pods: &TaskPods) {
         let name = job_name(&task.id, task.attempt);
         let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace));
-        let task_pods = pods_of(&task, pods);
+        let task_pods = pods.of(&task);
         let pod_refs: Vec<&Pod> = task_pods.iter().map(AsRef::as_ref).collect();
         let now = jiff::Timestamp::now();
 
@@ -547,17 +571,4 @@ fn task_id_of<K: kube::Resource>(object: &K) -> Option<TaskId> {
     let labels: &BTreeMap<String, String> = object.meta().labels.as_ref()?;
     let simple = labels.get(LABEL_TASK_ID)?;
     uuid::Uuid::try_parse(simple).ok().map(TaskId)
-}
-
-/// The pods of `task`'s current attempt, from the cache.
-fn pods_of(task: &Task, pods: &Cache<Pod>) -> Vec<std::sync::Arc<Pod>> {
-    let attempt = task.attempt.to_string();
-    pods.state()
-        .into_iter()
-        .filter(|pod| {
-            let labels = pod.labels();
-            labels.get(LABEL_TASK_ID) == Some(&task.id.simple())
-                && labels.get(LABEL_ATTEMPT) == Some(&attempt)
-        })
-        .collect()
 }

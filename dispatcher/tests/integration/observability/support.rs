@@ -25,6 +25,52 @@ impl Db {
         connection.close().await.unwrap();
     }
 
+    /// Pretends ended task `id` ran and finished a day earlier than it did: its times,
+    /// and its cost in the tenant's daily spend the store keeps with each finish.
+    pub(crate) async fn finished_a_day_earlier(&self, id: &str) {
+        const DAY: i64 = 86_400_000;
+        let mut connection = sqlx::AnyConnection::connect(&self.url).await.unwrap();
+        let (tenant, finished_at, cost): (String, i64, f64) = sqlx::query_as(
+            "SELECT tenant, finished_at, COALESCE(gpu_cost_dollars, 0) \
+             + COALESCE(cpu_cost_dollars, 0) + COALESCE(memory_cost_dollars, 0) \
+             + llm_cost_dollars FROM tasks WHERE id = $1",
+        )
+        .bind(id.to_owned())
+        .fetch_one(&mut connection)
+        .await
+        .unwrap();
+        let day = finished_at.div_euclid(DAY);
+        for (statement, day, dollars) in [
+            (
+                "UPDATE tenant_daily_spend SET dollars = dollars - $3 WHERE tenant = $1 AND day = $2",
+                day,
+                cost,
+            ),
+            (
+                "INSERT INTO tenant_daily_spend (tenant, day, dollars) VALUES ($1, $2, $3) \
+                 ON CONFLICT (tenant, day) DO UPDATE SET dollars = tenant_daily_spend.dollars + excluded.dollars",
+                day - 1,
+                cost,
+            ),
+        ] {
+            sqlx::query(statement)
+                .bind(tenant.clone())
+                .bind(day)
+                .bind(dollars)
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+        connection.close().await.unwrap();
+        self.execute(
+            "UPDATE tasks SET started_at = started_at - $1, finished_at = finished_at - $1 \
+             WHERE id = $2",
+            DAY,
+            id,
+        )
+        .await;
+    }
+
     /// Pretends task `id` has been running for `seconds`.
     pub(crate) async fn started_ago(&self, id: &str, seconds: i64) {
         self.execute(

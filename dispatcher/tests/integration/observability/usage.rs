@@ -95,13 +95,7 @@ async fn usage_groups_finished_spend_by_queue_and_day(db: Db) {
         Some(TaskState::Succeeded),
     )
     .await;
-    db.execute(
-        "UPDATE tasks SET started_at = started_at - $1, finished_at = finished_at - $1 \
-         WHERE id = $2",
-        86_400_000,
-        &c,
-    )
-    .await;
+    db.finished_a_day_earlier(&c).await;
     let d = task_that_ran(
         &api,
         &db,

@@ -11,6 +11,7 @@ use super::support::*;
 
 both_backends!(
     case_tasks_in_state_are_oldest_change_first,
+    case_a_sweep_pages_through_more_tasks_than_a_page,
     case_next_queued_is_in_dispatch_order,
     case_count_by_state_lists_every_state,
     case_a_closed_store_is_unavailable,
@@ -191,4 +192,39 @@ async fn case_a_closed_store_is_unavailable(store: Store) {
     );
     let error = store.task(TaskId::new()).await.unwrap_err();
     assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+}
+
+async fn case_a_sweep_pages_through_more_tasks_than_a_page(store: Store) {
+    acme(&store).await;
+    let mut running = Vec::new();
+    for _ in 0..7 {
+        let queued = task("acme").create(&store).await;
+        let path = [
+            TaskState::Launching,
+            TaskState::Launched,
+            TaskState::Running,
+        ];
+        running.push(walk(&store, &queued, &path).await.id);
+    }
+    task("acme").create(&store).await;
+    let later = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(1);
+    let mut seen = Vec::new();
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .tasks_in_state_page(TaskState::Running, later, after, 3)
+            .await
+            .unwrap();
+        pages.push(page.len());
+        after = page.last().map(|task| task.id);
+        seen.extend(ids(&page));
+        if page.len() < 3 {
+            break;
+        }
+    }
+    // Every running task once, in id order, three at a time; the queued one is not.
+    assert_eq!(pages, [3, 3, 1]);
+    running.sort();
+    assert_eq!(seen, running);
 }
