@@ -12,35 +12,12 @@ use crate::support::*;
 /// second run changes nothing) and waits until the API server serves them.
 fn ensure_keda_crds() {
     let dir = repo_root().join("tests/deploy/fixtures/keda");
-    for file in [
-        "keda.sh_scaledobjects.yaml",
-        "keda.sh_triggerauthentications.yaml",
-    ] {
-        let path = dir.join(file);
-        kubectl(
-            &[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "--field-manager",
-                "agent-bus-tests",
-                "-f",
-                path.to_str().unwrap(),
-            ],
-            None,
-        );
-    }
-    kubectl(
+    install_crds(
         &[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout",
-            "90s",
-            "crd/scaledobjects.keda.sh",
-            "crd/triggerauthentications.keda.sh",
+            dir.join("keda.sh_scaledobjects.yaml"),
+            dir.join("keda.sh_triggerauthentications.yaml"),
         ],
-        None,
+        &["scaledobjects.keda.sh", "triggerauthentications.keda.sh"],
     );
 }
 
@@ -207,28 +184,13 @@ fn the_launchers_scaled_object_passes_kedas_schema_for_both_triggers() {
     assert!(!external_redis.contains("kind: TriggerAuthentication"));
 
     // Without the in-cluster Redis, redis-streams needs an address.
-    let chart = repo_root().join("helm/agent-bus");
-    let out = run_status(
-        tool("helm"),
-        &[
-            "template",
-            "x",
-            chart.to_str().unwrap(),
-            "--kube-version",
-            "v1.34.4",
-            "--set",
-            "launcher.autoscaling.mode=keda",
-            "--set",
-            "launcher.autoscaling.keda.trigger=redis-streams",
-        ],
-        None,
-    );
-    assert!(!out.success);
+    let refused = helm_template_refused(&[
+        "launcher.autoscaling.mode=keda",
+        "launcher.autoscaling.keda.trigger=redis-streams",
+    ]);
     assert!(
-        out.stderr
-            .contains("launcher.autoscaling.keda.redisStreams.address"),
-        "{}",
-        out.stderr
+        refused.contains("launcher.autoscaling.keda.redisStreams.address"),
+        "{refused}"
     );
 
     // The API server checks them against KEDA's schema.

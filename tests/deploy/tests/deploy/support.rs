@@ -281,6 +281,35 @@ pub(crate) fn helm_template(names: &Names, values: Option<&str>) -> String {
 
 /// `helm template` as above, with more `--set` values.
 pub(crate) fn helm_template_set(names: &Names, values: Option<&str>, sets: &[&str]) -> String {
+    let out = helm_template_status(names, values, sets, None);
+    assert!(out.success, "helm template --set {sets:?}: {}", out.stderr);
+    out.stdout
+}
+
+/// `helm template` as above, with one more values file holding `extra` (YAML), given last
+/// so it wins: for values `--set` cannot spell (quotes, commas, lists of objects).
+pub(crate) fn helm_template_extra(names: &Names, values: Option<&str>, extra: &str) -> String {
+    let out = helm_template_status(names, values, &[], Some(extra));
+    assert!(out.success, "helm template with {extra}: {}", out.stderr);
+    out.stdout
+}
+
+/// What `helm template --set …` says when the chart refuses to render (its schema or a
+/// `fail`): the error text, asserting it did refuse.
+pub(crate) fn helm_template_refused(sets: &[&str]) -> String {
+    let out = helm_template_status(&Names::defaults(), None, sets, None);
+    assert!(!out.success, "helm template accepted --set {sets:?}");
+    out.stderr
+}
+
+/// `helm template` of the chart into `names` with a values file, `--set` values and a
+/// last values file of `extra` YAML, whatever its outcome.
+fn helm_template_status(
+    names: &Names,
+    values: Option<&str>,
+    sets: &[&str],
+    extra: Option<&str>,
+) -> Output {
     let chart = repo_root().join("helm/agent-bus");
     let tasks = format!("tasks.namespace={}", names.tasks);
     let mut args = vec![
@@ -302,37 +331,17 @@ pub(crate) fn helm_template_set(names: &Names, values: Option<&str>, sets: &[&st
     for set in sets {
         args.extend(["--set", set]);
     }
-    helm(&args).stdout
-}
-
-/// `helm template` as above, with one more values file holding `extra` (YAML), given last
-/// so it wins: for values `--set` cannot spell (quotes, commas, lists of objects).
-pub(crate) fn helm_template_extra(names: &Names, values: Option<&str>, extra: &str) -> String {
-    let file = std::env::temp_dir().join(format!("agent-bus-values-{}.yaml", unique_suffix()));
-    std::fs::write(&file, extra).unwrap();
-    let chart = repo_root().join("helm/agent-bus");
-    let tasks = format!("tasks.namespace={}", names.tasks);
-    let mut args = vec![
-        "template",
-        "agent-bus",
-        chart.to_str().unwrap(),
-        "--namespace",
-        &names.dispatcher,
-        "--kube-version",
-        "v1.34.4",
-        "--set",
-        &tasks,
-    ];
-    let values_path;
-    if let Some(values) = values {
-        values_path = chart.join(values);
-        args.extend(["-f", values_path.to_str().unwrap()]);
+    let extra_file =
+        std::env::temp_dir().join(format!("agent-bus-values-{}.yaml", unique_suffix()));
+    if let Some(extra) = extra {
+        std::fs::write(&extra_file, extra).unwrap();
+        args.extend(["-f", extra_file.to_str().unwrap()]);
     }
-    args.extend(["-f", file.to_str().unwrap()]);
     let out = run_status(tool("helm"), &args, None);
-    std::fs::remove_file(&file).unwrap();
-    assert!(out.success, "helm template with {extra}: {}", out.stderr);
-    out.stdout
+    if extra.is_some() {
+        std::fs::remove_file(&extra_file).unwrap();
+    }
+    out
 }
 
 /// Rendered YAML as JSON objects, parsed here (no cluster needed, CRD kinds included).
@@ -427,32 +436,37 @@ where
 /// Installs the partial Prometheus Operator and External Secrets CRDs
 /// (`tests/deploy/fixtures/crds.yaml`) and waits until the API server serves them.
 pub(crate) fn ensure_crds() {
-    let crds = repo_root().join("tests/deploy/fixtures/crds.yaml");
-    kubectl(
+    install_crds(
+        &[repo_root().join("tests/deploy/fixtures/crds.yaml")],
         &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager",
-            "agent-bus-tests",
-            "-f",
-            crds.to_str().unwrap(),
+            "servicemonitors.monitoring.coreos.com",
+            "prometheusrules.monitoring.coreos.com",
+            "externalsecrets.external-secrets.io",
         ],
-        None,
     );
-    kubectl(
-        &[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout",
-            "90s",
-            "crd/servicemonitors.monitoring.coreos.com",
-            "crd/prometheusrules.monitoring.coreos.com",
-            "crd/externalsecrets.external-secrets.io",
-        ],
-        None,
-    );
+}
+
+/// Applies the CRD `files` (server-side, idempotent: every test may call it) and waits
+/// until the API server serves each of `names`.
+pub(crate) fn install_crds(files: &[PathBuf], names: &[&str]) {
+    for file in files {
+        kubectl(
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager",
+                "agent-bus-tests",
+                "-f",
+                file.to_str().unwrap(),
+            ],
+            None,
+        );
+    }
+    let crds: Vec<String> = names.iter().map(|name| format!("crd/{name}")).collect();
+    let mut args = vec!["wait", "--for", "condition=established", "--timeout", "90s"];
+    args.extend(crds.iter().map(String::as_str));
+    kubectl(&args, None);
 }
 
 /// A server-side dry-run of everything rendered (the namespaces exist for real first):
