@@ -87,10 +87,7 @@ async fn a_cuda_oom_is_retried_on_the_next_gpu_class() {
             "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
             "annotations": {"agent-bus.io/test-exit-code": "1",
                             "agent-bus.io/test-termination-message": runner_summary("cuda_oom", 1)}});
-        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
-        assert_eq!(status, 201, "{task}");
-        let id = task["id"].as_str().unwrap().to_owned();
-        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        let (id, done) = run_to_end(&dispatcher, &key, &body).await;
         assert_eq!(done["state"], "failed", "{done}");
         assert_eq!(done["reason"], "gpu_out_of_memory", "{done}");
         let attempts = done["attempts"].as_array().unwrap();
@@ -118,10 +115,7 @@ async fn an_xid_failure_is_retried_on_another_node() {
             "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
             "annotations": {"agent-bus.io/test-exit-code": "1",
                             "agent-bus.io/test-termination-message": runner_summary("gpu_xid", 1)}});
-        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
-        assert_eq!(status, 201, "{task}");
-        let id = task["id"].as_str().unwrap().to_owned();
-        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        let (id, done) = run_to_end(&dispatcher, &key, &body).await;
         assert_eq!(done["state"], "failed", "{done}");
         let attempts = done["attempts"].as_array().unwrap();
         assert_eq!(attempts.len(), 2, "{done}");
@@ -251,10 +245,7 @@ async fn an_oom_is_retried_with_more_memory() {
             "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
             "annotations": {"agent-bus.io/test-exit-code": "137",
                             "agent-bus.io/test-termination-message": runner_summary("host_oom", 137)}});
-        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
-        assert_eq!(status, 201, "{task}");
-        let id = task["id"].as_str().unwrap().to_owned();
-        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        let (id, done) = run_to_end(&dispatcher, &key, &body).await;
         assert_eq!(done["state"], "failed", "{done}");
         assert_eq!(done["reason"], "oom_killed", "{done}");
         let attempts = done["attempts"].as_array().unwrap();
@@ -286,10 +277,7 @@ async fn an_oom_of_a_gpu_task_without_memory_grows_its_classs_default() {
             "max_retries": 1, "retry_policy": {"backoff_seconds": 0},
             "annotations": {"agent-bus.io/test-exit-code": "137",
                             "agent-bus.io/test-termination-message": runner_summary("host_oom", 137)}});
-        let (status, task) = dispatcher.post(&key, "/v1/tasks", &body, None).await;
-        assert_eq!(status, 201, "{task}");
-        let id = task["id"].as_str().unwrap().to_owned();
-        let done = dispatcher.wait_for_state(&key, &id, &["succeeded", "failed"]).await;
+        let (id, done) = run_to_end(&dispatcher, &key, &body).await;
         assert_eq!(done["reason"], "oom_killed", "{done}");
         let attempts = done["attempts"].as_array().unwrap();
         assert_eq!(attempts.len(), 2, "{done}");
@@ -304,4 +292,16 @@ async fn an_oom_of_a_gpu_task_without_memory_grows_its_classs_default() {
         assert_eq!(memory(pod_spec_of_attempt(&setup.ns, &id, 2).await), "13Gi");
     })
     .await;
+}
+
+/// Submits `body` as `key` and waits until its task has succeeded or failed: its id and
+/// its final view.
+async fn run_to_end(dispatcher: &Dispatcher, key: &str, body: &Value) -> (String, Value) {
+    let (status, task) = dispatcher.post(key, "/v1/tasks", body, None).await;
+    assert_eq!(status, 201, "{task}");
+    let id = task["id"].as_str().unwrap().to_owned();
+    let done = dispatcher
+        .wait_for_state(key, &id, &["succeeded", "failed"])
+        .await;
+    (id, done)
 }
