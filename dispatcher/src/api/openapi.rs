@@ -329,6 +329,14 @@ fn state_limits(doc: &mut Value, limits: &Limits) {
     if limits.annotation_prefixes.is_empty() {
         constrain(doc, sub, "annotations", json!({"maxProperties": 0}));
     }
+    if !limits.queues.is_empty() {
+        constrain(
+            doc,
+            sub,
+            "queue",
+            json!({"enum": limits.queues.iter().collect::<Vec<_>>()}),
+        );
+    }
     if limits.volume_claims.is_empty() {
         constrain(doc, sub, "volumes", json!({"maxItems": 0}));
     } else {
@@ -855,6 +863,20 @@ mod tests {
         to_openapi_30(&mut doc);
         assert_eq!(doc["openapi"], "3.0.3");
         doc["components"]["schemas"]["S"].take()
+    }
+
+    #[test]
+    fn declared_queues_are_the_queues_enum() {
+        let open = document(&Limits::default()).unwrap();
+        let queue = &open["components"]["schemas"]["Submission"]["properties"]["queue"];
+        assert!(queue.get("enum").is_none(), "{queue}");
+        let limits = Limits {
+            queues: ["default", "gpu"].map(str::to_owned).into(),
+            ..Limits::default()
+        };
+        let declared = document(&limits).unwrap();
+        let queue = &declared["components"]["schemas"]["Submission"]["properties"]["queue"];
+        assert_eq!(queue["enum"], json!(["default", "gpu"]), "{queue}");
     }
 
     #[test]

@@ -34,8 +34,22 @@ pub(super) fn limits(args: &ServeArgs, catalog: &PlacementCatalog) -> Limits {
             without_memory_request: args.placement.shm_without_memory,
         },
         webhook_destinations: webhook_destinations(args),
+        queues: declared_queues(&submissions.queues),
         ..Limits::default()
     }
+}
+
+/// The queues of `--queues`, with the default queue (where tasks naming none land)
+/// among them; none declared: any queue.
+fn declared_queues(declared: &[String]) -> std::collections::BTreeSet<String> {
+    if declared.is_empty() {
+        return std::collections::BTreeSet::new();
+    }
+    declared
+        .iter()
+        .cloned()
+        .chain([crate::task::submission::DEFAULT_QUEUE.to_owned()])
+        .collect()
 }
 
 /// Where webhooks may point: the hosts of `--webhook-allowed-hosts` (lowercase, IPv6
@@ -244,7 +258,8 @@ mod tests {
             "--tenant-label-prefixes",
             "example.com/,team.example.com/",
         ]);
-        let limits = limits(&args, &PlacementCatalog::default());
+        let limits_of = |args: &ServeArgs| limits(args, &PlacementCatalog::default());
+        let limits = limits_of(&args);
         assert_eq!(limits.max_cpu.to_string(), "8");
         assert_eq!(limits.max_memory.to_string(), "64Gi");
         assert_eq!(
@@ -253,6 +268,17 @@ mod tests {
         );
         assert_eq!(limits.label_prefixes.len(), 2);
         assert!(limits.annotation_prefixes.is_empty());
+        assert!(limits.queues.is_empty(), "no --queues: any queue");
+        // Declared queues always hold the default queue, where tasks naming none land.
+        let declared = limits_of(&serve(&["--queues", "gpu"]));
+        assert_eq!(
+            declared
+                .queues
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            ["default", "gpu"]
+        );
         assert_eq!(check(&args), Ok(()));
         // A retry after oom grows memory at most to the task maximum.
         assert_eq!(retry_defaults(&args).max_memory.to_string(), "64Gi");

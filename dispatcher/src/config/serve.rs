@@ -213,6 +213,11 @@ pub struct WebhookArgs {
 /// annotations reach its pod, and the most resources one task may request.
 #[derive(Debug, Clone, Args)]
 pub struct SubmissionArgs {
+    /// The queues tasks may name, comma-separated (`default` is always one): a task naming
+    /// another is refused (422, field `queue`). By default any queue name (a DNS label)
+    /// is taken, and each new one adds streams every launcher reads.
+    #[arg(long, env = "AGENT_BUS_QUEUES", value_delimiter = ',', value_name = "QUEUE", value_parser = values::parse_queue_name)]
+    pub queues: Vec<String>,
     /// Label key prefixes tenants may use, comma-separated: a DNS subdomain and '/'
     /// (`example.com/`), optionally with the start of the name (`example.com/team-`).
     /// By default none: every tenant label is refused (422). Keys without a prefix and
@@ -452,6 +457,22 @@ mod tests {
             Command::Serve(args) => args,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn declared_queues_are_dns_labels() {
+        assert!(serve(&[]).submissions.queues.is_empty());
+        assert_eq!(
+            serve(&["--queues", "gpu,batch"]).submissions.queues,
+            ["gpu", "batch"]
+        );
+        let refused = Cli::try_parse_from(["dispatcher", "serve", "--queues", "gpu,GPU_2"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("--queues") && refused.contains("'GPU_2' is not a queue name"),
+            "{refused}"
+        );
     }
 
     #[test]

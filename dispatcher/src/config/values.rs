@@ -64,6 +64,18 @@ pub(super) fn parse_fraction(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A queue name: a DNS label, as a submission's `queue`.
+pub(super) fn parse_queue_name(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    if crate::k8s::names::is_dns_label(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "'{text}' is not a queue name: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
 /// A limit on things open or in flight at once (requests, streams): 1 to 1,000,000.
 pub(super) fn parse_count_limit(text: &str) -> Result<usize, String> {
     match text.trim().parse::<usize>() {

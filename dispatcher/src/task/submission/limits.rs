@@ -1,7 +1,7 @@
 //! The limits a submission is checked against, set by operators in configuration, and
 //! the rule that sizes `/dev/shm` for ML and CV work.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::KeyPrefix;
 use crate::placement::{GpuClasses, SharedClaim};
@@ -50,6 +50,10 @@ pub struct Limits {
     pub shm_rule: ShmRule,
     /// Where webhooks may point (`--webhook-allowed-hosts`).
     pub webhook_destinations: Destinations,
+    /// The queues tasks may name (`--queues`, with `default` always among them); empty:
+    /// any queue name. Each queue is three Redis streams every launcher reads, so an
+    /// operator who declares them bounds that work whatever tenants submit.
+    pub queues: BTreeSet<String>,
 }
 
 /// How big `/dev/shm` is for an ML or CV task that does not say.
@@ -135,6 +139,7 @@ impl Default for Limits {
             max_shm: Limits::DEFAULT_MAX_SHM,
             shm_rule: ShmRule::default(),
             webhook_destinations: Destinations::default(),
+            queues: BTreeSet::new(),
         }
     }
 }

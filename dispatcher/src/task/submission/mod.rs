@@ -278,6 +278,16 @@ pub fn validate(
     }
     let queue = submission.queue.unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
     check_dns_label("queue", &queue)?;
+    if !limits.queues.is_empty() && !limits.queues.contains(&queue) {
+        let declared: Vec<&str> = limits.queues.iter().map(String::as_str).collect();
+        return Err(FieldError::new(
+            "queue",
+            format!(
+                "'{queue}' is not a queue of this dispatcher: one of {}",
+                declared.join(", ")
+            ),
+        ));
+    }
     check_labels(&submission.labels, limits)?;
     check_annotations(&submission.annotations, limits)?;
     let webhook = submission

@@ -742,3 +742,33 @@ fn secret_references_are_checked_for_syntax_and_kept_as_references() {
     });
     assert_eq!(bad_name.field_error().field, "env.MY VAR");
 }
+
+#[test]
+fn declared_queues_refuse_any_other_and_keep_the_default() {
+    let limits = Limits {
+        queues: ["default", "gpu", "batch"].map(str::to_owned).into(),
+        ..Limits::default()
+    };
+    let in_queue = |queue: Option<&str>| {
+        validate(
+            submission().with(|s| s.queue = queue.map(str::to_owned)).0,
+            &limits,
+            "acme",
+        )
+    };
+    assert_eq!(in_queue(Some("gpu")).unwrap().queue, "gpu");
+    assert_eq!(in_queue(None).unwrap().queue, "default");
+    let refused = in_queue(Some("gpus")).unwrap_err();
+    assert_eq!(refused.field, "queue");
+    assert_eq!(
+        refused.message,
+        "'gpus' is not a queue of this dispatcher: one of batch, default, gpu"
+    );
+    // Without declared queues any DNS label is a queue.
+    let open = validate(
+        submission().with(|s| s.queue = Some("anything".into())).0,
+        &Limits::default(),
+        "acme",
+    );
+    assert_eq!(open.unwrap().queue, "anything");
+}
