@@ -25,7 +25,7 @@ pub mod local;
 pub mod quota_wait;
 mod security_context;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ use crate::metrics::LaunchFailure;
 use crate::lifecycle::Lifecycle;
 use crate::queue::{Delivery, Queue, QueueEntry};
 use crate::task::lifecycle::Move;
-use crate::task::{Reason, Task, TaskState};
+use crate::task::{Reason, Task, TaskId, TaskState};
 
 pub use kubernetes::KubernetesExecutor;
 pub use local::LocalExecutor;
@@ -120,6 +120,8 @@ const DEFAULT_QUEUE: &str = crate::task::submission::DEFAULT_QUEUE;
 const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
 /// A delivery unacknowledged this long belongs to a dead launcher.
 const ABANDONED_AFTER: Duration = Duration::from_secs(30);
+/// Queued tasks read per page when the reconciler looks for ones the queue lost.
+const RECONCILE_PAGE: u32 = 500;
 /// How long a consumer that holds no delivery stays in the group without reading: far
 /// longer than any live launcher's blocking read, so only the consumers of processes
 /// gone are forgotten (and one that was not makes itself again by reading).
@@ -335,24 +337,36 @@ impl Launcher {
         //    flushed Redis). Tasks younger than one interval are left to the API's enqueue.
         let settled =
             now - jiff::SignedDuration::try_from(self.reconcile_interval).unwrap_or_default();
-        match self
-            .lifecycle
-            .store()
-            .tasks_in_state(TaskState::Queued, settled, 10_000)
-            .await
-        {
-            Ok(mut waiting) => {
-                queues.extend(waiting.iter().map(|t| t.spec.queue.clone()));
-                // A task still backing off is enqueued when it is released; tasks a quota
-                // holds have no entry on purpose: the re-offer pass offers them when their
-                // tenant has room.
-                waiting.retain(|t| {
-                    t.next_attempt_at.is_none_or(|at| at <= now)
-                        && t.reason != Some(Reason::TenantQuota)
-                });
-                self.enqueue_missing(&waiting).await;
+        //    Page by page with an id cursor, each queue's entries read once.
+        let mut present = HashMap::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .lifecycle
+                .store()
+                .tasks_in_state_page(TaskState::Queued, settled, after, RECONCILE_PAGE)
+                .await;
+            let mut waiting = match page {
+                Ok(waiting) => waiting,
+                Err(error) => {
+                    tracing::warn!(error = %error, "reconcile: listing queued tasks failed");
+                    break;
+                }
+            };
+            let last_page = waiting.len() < RECONCILE_PAGE as usize;
+            after = waiting.last().map(|task| task.id);
+            queues.extend(waiting.iter().map(|t| t.spec.queue.clone()));
+            // A task still backing off is enqueued when it is released; tasks a quota
+            // holds have no entry on purpose: the re-offer pass offers them when their
+            // tenant has room.
+            waiting.retain(|t| {
+                t.next_attempt_at.is_none_or(|at| at <= now)
+                    && t.reason != Some(Reason::TenantQuota)
+            });
+            self.enqueue_missing(&waiting, &mut present).await;
+            if last_page {
+                break;
             }
-            Err(error) => tracing::warn!(error = %error, "reconcile: listing queued tasks failed"),
         }
         // 2. Claims whose launcher died before recording an outcome.
         let stale = now - jiff::SignedDuration::try_from(self.stale_after).unwrap_or_default();
@@ -445,7 +459,13 @@ impl Launcher {
         }
     }
 
-    async fn enqueue_missing(&self, queued: &[Task]) {
+    /// Enqueues the tasks of `queued` their queue does not hold; `present` keeps what
+    /// each queue held when first read, across the pages of one reconcile.
+    async fn enqueue_missing(
+        &self,
+        queued: &[Task],
+        present: &mut HashMap<String, HashSet<TaskId>>,
+    ) {
         let mut by_queue: std::collections::BTreeMap<&str, Vec<&Task>> =
             std::collections::BTreeMap::new();
         for task in queued {
@@ -455,14 +475,22 @@ impl Launcher {
                 .push(task);
         }
         for (queue, tasks) in by_queue {
-            let present = match self.queue.pending_task_ids(queue).await {
-                Ok(present) => present,
-                Err(error) => {
-                    tracing::warn!(queue, error = %error, "reconcile: reading the queue failed");
-                    continue;
+            if !present.contains_key(queue) {
+                match self.queue.pending_task_ids(queue).await {
+                    Ok(ids) => {
+                        present.insert(queue.to_owned(), ids);
+                    }
+                    Err(error) => {
+                        tracing::warn!(queue, error = %error, "reconcile: reading the queue failed");
+                        continue;
+                    }
                 }
-            };
-            for task in tasks.into_iter().filter(|t| !present.contains(&t.id)) {
+            }
+            let held = present.get(queue);
+            for task in tasks
+                .into_iter()
+                .filter(|t| held.is_none_or(|ids| !ids.contains(&t.id)))
+            {
                 let entry = QueueEntry {
                     task_id: task.id,
                     queue: queue.to_owned(),

@@ -527,16 +527,22 @@ impl Lifecycle {
             TaskState::Launched,
             TaskState::Running,
         ] {
-            let Ok(tasks) = self.store.tasks_in_state(state, now, 100_000).await else {
-                continue;
-            };
-            for task in tasks {
-                let lost = Move::Lost {
-                    message: "the dispatcher that ran this task as a local process stopped"
-                        .to_owned(),
-                };
-                if let Ok(Some(_)) = self.apply(task.id, state, lost).await {
-                    tracing::warn!(task_id = %task.id, "ended the attempt of a local task orphaned by a restart");
+            // Page by page with an id cursor: every such task, however many.
+            let mut after = None;
+            while let Ok(tasks) = self.store.tasks_in_state_page(state, now, after, 500).await {
+                let last_page = tasks.len() < 500;
+                after = tasks.last().map(|task| task.id);
+                for task in tasks {
+                    let lost = Move::Lost {
+                        message: "the dispatcher that ran this task as a local process stopped"
+                            .to_owned(),
+                    };
+                    if let Ok(Some(_)) = self.apply(task.id, state, lost).await {
+                        tracing::warn!(task_id = %task.id, "ended the attempt of a local task orphaned by a restart");
+                    }
+                }
+                if last_page {
+                    break;
                 }
             }
         }
