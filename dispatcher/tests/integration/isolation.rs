@@ -194,12 +194,16 @@ async fn without_root_one_tenant_on_loopback_or_the_shared_user_flag() {
 
     // The flag accepts it: the dispatcher serves, and keeps its own environment (its
     // database URL, a report secret) from the tasks that share its user.
+    // A metrics port of its own: the default one may be taken (a `make run` beside).
+    let metrics = format!("127.0.0.1:{}", testsupport::free_port());
     let serving = as_nobody(&[
         "serve",
         "--executor",
         "local",
         "--listen",
         &loopback,
+        "--metrics-listen",
+        &metrics,
         "--local-executor-shared-user",
     ])
     .spawn()

@@ -376,9 +376,12 @@ fn local_task(name: &str, extra: &Value) -> Value {
 async fn serve_logging(dir: &Path) -> (tokio::process::Child, String) {
     let port = testsupport::free_port();
     let listen = format!("127.0.0.1:{port}");
+    // A metrics port of its own: the default one may be taken (a `make run` beside).
+    let metrics = format!("127.0.0.1:{}", testsupport::free_port());
     let log = std::fs::File::create(dir.join("dispatcher.log")).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatcher"))
         .args(["serve", "--executor", "local", "--listen", &listen])
+        .args(["--metrics-listen", &metrics])
         .current_dir(dir)
         .env("AGENT_BUS_LOG", "debug")
         .env("DATABASE_URL", "sqlite://agent-bus.db")
