@@ -433,3 +433,54 @@ fn webhook_settings_and_the_receivers_ca_reach_every_role() {
         assert!(!env.contains("AGENT_BUS_WEBHOOK"), "{env}");
     }
 }
+
+#[test]
+fn the_dispatchers_limits_reach_every_role_as_its_own_variables() {
+    testsupport::needs_env!(Program("helm"));
+    let names = Names::defaults();
+    let expected = [
+        ("AGENT_BUS_QUEUES", "gpu,batch"),
+        ("AGENT_BUS_TASK_RETENTION", "768h"),
+        ("AGENT_BUS_MAX_IN_FLIGHT_REQUESTS", "64"),
+        ("AGENT_BUS_MAX_STREAMS_PER_TENANT", "8"),
+        ("AGENT_BUS_KUBE_API_QPS", "20"),
+        ("AGENT_BUS_KUBE_API_BURST", "30"),
+    ];
+    let rendered = objects(&helm_template_set(
+        &names,
+        None,
+        &[
+            "config.queues={gpu,batch}",
+            "config.taskRetentionHours=768",
+            "config.maxInFlightRequests=64",
+            "config.maxStreamsPerTenant=8",
+            "config.kubeApiQps=20",
+            "config.kubeApiBurst=30",
+        ],
+    ));
+    for deployment in dispatcher_deployments(&rendered) {
+        let container = dispatcher_container(deployment).unwrap();
+        for (variable, value) in expected {
+            assert_eq!(env_value(container, variable), value, "{variable}");
+        }
+    }
+    // Without declared queues the variable is absent: any queue.
+    for deployment in dispatcher_deployments(&objects(&helm_template(&names, None))) {
+        let env = dispatcher_container(deployment).unwrap()["env"].to_string();
+        assert!(!env.contains("AGENT_BUS_QUEUES"), "{env}");
+    }
+    // The variables are the dispatcher's own, and the defaults its defaults.
+    let help = run(dispatcher_binary(), &["serve", "--help"], None).stdout;
+    for (variable, _) in expected {
+        assert!(help.contains(variable), "{variable}");
+    }
+    for default in [
+        "[default: 2160h]",
+        "[default: 256]",
+        "[default: 32]",
+        "[default: 50]",
+        "[default: 100]",
+    ] {
+        assert!(help.contains(default), "{default}");
+    }
+}
