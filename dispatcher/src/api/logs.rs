@@ -372,8 +372,7 @@ pub async fn read(
         first.extend(lines);
     }
     let slot = if request.follow {
-        let until = tokio::time::Instant::now() + state.streams.max_duration();
-        Some((state.streams.open(&tenant.name)?, until))
+        Some(state.streams.open(&tenant.name)?)
     } else {
         None
     };
@@ -402,7 +401,7 @@ pub async fn read(
 
 struct LogRead {
     /// A followed read's place among its tenant's streams, and when it ends at the latest.
-    slot: Option<(StreamSlot, tokio::time::Instant)>,
+    slot: Option<StreamSlot>,
     state: AppState,
     tenant: String,
     id: TaskId,
@@ -431,11 +430,7 @@ fn log_stream(read: LogRead) -> impl futures::Stream<Item = Result<Bytes, Infall
             if read.done || read.tail_only {
                 return None;
             }
-            if read
-                .slot
-                .as_ref()
-                .is_some_and(|(_, until)| tokio::time::Instant::now() >= *until)
-            {
+            if read.slot.as_ref().is_some_and(StreamSlot::expired) {
                 // Past --max-stream-duration: the client reconnects for the rest.
                 return None;
             }

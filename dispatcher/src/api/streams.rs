@@ -40,12 +40,6 @@ impl OpenStreams {
         }
     }
 
-    /// How long one followed stream may last.
-    #[must_use]
-    pub fn max_duration(&self) -> Duration {
-        self.max_duration
-    }
-
     /// A slot for one more followed stream of `tenant`, or 429 `too_many_streams`.
     pub fn open(self: &Arc<Self>, tenant: &str) -> Result<StreamSlot, ApiError> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
@@ -59,6 +53,7 @@ impl OpenStreams {
         Ok(StreamSlot {
             streams: Arc::clone(self),
             tenant: tenant.to_owned(),
+            until: tokio::time::Instant::now() + self.max_duration,
         })
     }
 
@@ -76,11 +71,22 @@ impl Default for OpenStreams {
     }
 }
 
-/// One followed stream's place; dropping it frees the place.
+/// One followed stream's place, and when the stream ends at the latest; dropping it
+/// frees the place.
 #[derive(Debug)]
 pub struct StreamSlot {
     streams: Arc<OpenStreams>,
     tenant: String,
+    until: tokio::time::Instant,
+}
+
+impl StreamSlot {
+    /// Whether the stream has lasted `--max-stream-duration`: it ends, and the client
+    /// reconnects for the rest.
+    #[must_use]
+    pub fn expired(&self) -> bool {
+        tokio::time::Instant::now() >= self.until
+    }
 }
 
 impl Drop for StreamSlot {

@@ -661,7 +661,7 @@ struct Follow {
     /// Whether to wait for more once everything so far was sent (until the task ends).
     keep_open: bool,
     /// A followed stream's place among its tenant's, and when it ends at the latest.
-    slot: Option<(StreamSlot, tokio::time::Instant)>,
+    slot: Option<StreamSlot>,
     after: Option<i64>,
     /// The last progress report and output line sent: (attempt, sequence).
     progress_after: Option<(u32, u64)>,
@@ -759,14 +759,13 @@ fn follow_stream(
     include: Include,
     slot: Option<StreamSlot>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let until = tokio::time::Instant::now() + state.streams.max_duration();
     let start = Follow {
         state,
         tenant,
         id,
         include,
         keep_open: slot.is_some(),
-        slot: slot.map(|slot| (slot, until)),
+        slot,
         after: None,
         progress_after: None,
         log_after: None,
@@ -781,11 +780,7 @@ fn follow_stream(
             if follow.done {
                 return None;
             }
-            if follow
-                .slot
-                .as_ref()
-                .is_some_and(|(_, until)| tokio::time::Instant::now() >= *until)
-            {
+            if follow.slot.as_ref().is_some_and(StreamSlot::expired) {
                 // Past --max-stream-duration: the client reconnects for the rest.
                 return None;
             }

@@ -337,24 +337,19 @@ impl Launcher {
         //    flushed Redis). Tasks younger than one interval are left to the API's enqueue.
         let settled =
             now - jiff::SignedDuration::try_from(self.reconcile_interval).unwrap_or_default();
-        //    Page by page with an id cursor, each queue's entries read once.
+        //    Page by page, each queue's entries read once.
         let mut present = HashMap::new();
-        let mut after = None;
+        let store = self.lifecycle.store();
+        let mut pages = store.pages_in_state(TaskState::Queued, settled, RECONCILE_PAGE);
         loop {
-            let page = self
-                .lifecycle
-                .store()
-                .tasks_in_state_page(TaskState::Queued, settled, after, RECONCILE_PAGE)
-                .await;
-            let mut waiting = match page {
-                Ok(waiting) => waiting,
+            let mut waiting = match pages.next().await {
+                Ok(Some(waiting)) => waiting,
+                Ok(None) => break,
                 Err(error) => {
                     tracing::warn!(error = %error, "reconcile: listing queued tasks failed");
                     break;
                 }
             };
-            let last_page = waiting.len() < RECONCILE_PAGE as usize;
-            after = waiting.last().map(|task| task.id);
             queues.extend(waiting.iter().map(|t| t.spec.queue.clone()));
             // A task still backing off is enqueued when it is released; tasks a quota
             // holds have no entry on purpose: the re-offer pass offers them when their
@@ -364,9 +359,6 @@ impl Launcher {
                     && t.reason != Some(Reason::TenantQuota)
             });
             self.enqueue_missing(&waiting, &mut present).await;
-            if last_page {
-                break;
-            }
         }
         // 2. Claims whose launcher died before recording an outcome.
         let stale = now - jiff::SignedDuration::try_from(self.stale_after).unwrap_or_default();

@@ -92,6 +92,8 @@ const EXPIRY_BATCH: u32 = 500;
 
 /// How often a cancel retries its compare-and-set on a task that keeps moving.
 const CANCEL_TRIES: usize = 10;
+/// Orphaned local tasks read per page at start.
+const ORPHAN_PAGE: u32 = 500;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -527,11 +529,9 @@ impl Lifecycle {
             TaskState::Launched,
             TaskState::Running,
         ] {
-            // Page by page with an id cursor: every such task, however many.
-            let mut after = None;
-            while let Ok(tasks) = self.store.tasks_in_state_page(state, now, after, 500).await {
-                let last_page = tasks.len() < 500;
-                after = tasks.last().map(|task| task.id);
+            // Page by page: every such task, however many.
+            let mut pages = self.store.pages_in_state(state, now, ORPHAN_PAGE);
+            while let Ok(Some(tasks)) = pages.next().await {
                 for task in tasks {
                     let lost = Move::Lost {
                         message: "the dispatcher that ran this task as a local process stopped"
@@ -540,9 +540,6 @@ impl Lifecycle {
                     if let Ok(Some(_)) = self.apply(task.id, state, lost).await {
                         tracing::warn!(task_id = %task.id, "ended the attempt of a local task orphaned by a restart");
                     }
-                }
-                if last_page {
-                    break;
                 }
             }
         }

@@ -95,7 +95,7 @@ pub use reports::{
     ReportSummary, StoredBody, StoredReport, TERMINATION_SEQUENCE, UnreportedUsage,
 };
 pub use spend::{ActiveTask, GroupBy, QueueFigures, UsageGroup};
-pub use tasks::{Idempotency, Inserted, ListFilter, NewTask};
+pub use tasks::{Idempotency, Inserted, ListFilter, NewTask, StatePages};
 pub use tenants::Tenant;
 pub use webhooks::{
     AfterAttempt, Claimed, Delivery, DeliveryAttempt, DeliveryState, KEPT_ATTEMPTS,

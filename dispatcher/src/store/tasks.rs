@@ -442,6 +442,25 @@ impl Store {
         .await
     }
 
+    /// Every task in `state` last changed before `updated_before`, however many, read
+    /// `page` at a time in id order ([`StatePages::next`]): what a sweep walks.
+    #[must_use]
+    pub fn pages_in_state(
+        &self,
+        state: TaskState,
+        updated_before: jiff::Timestamp,
+        page: u32,
+    ) -> StatePages<'_> {
+        StatePages {
+            store: self,
+            state,
+            updated_before,
+            page,
+            after: None,
+            done: false,
+        }
+    }
+
     /// A page of the tasks in `state` last changed before `updated_before`, in id order
     /// after the cursor `after` (the last id of the previous page; `None` for the first),
     /// at most `limit`: a sweep that reads every such task, however many, a page at a
@@ -566,5 +585,33 @@ impl Store {
                 .collect()
         })
         .await
+    }
+}
+
+/// The pages of [`Store::pages_in_state`]: the cursor (the last id read) moves on after
+/// each page, and a page shorter than asked is the last one.
+#[derive(Debug)]
+pub struct StatePages<'a> {
+    store: &'a Store,
+    state: TaskState,
+    updated_before: jiff::Timestamp,
+    page: u32,
+    after: Option<TaskId>,
+    done: bool,
+}
+
+impl StatePages<'_> {
+    /// The next page; `None` once every task was read.
+    pub async fn next(&mut self) -> Result<Option<Vec<Task>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let tasks = self
+            .store
+            .tasks_in_state_page(self.state, self.updated_before, self.after, self.page)
+            .await?;
+        self.done = tasks.len() < self.page as usize;
+        self.after = tasks.last().map(|task| task.id);
+        Ok((!tasks.is_empty()).then_some(tasks))
     }
 }

@@ -108,10 +108,7 @@ impl Store {
                 task.spent.compute = Some(compute);
             }
             if task.state.is_terminal() {
-                let compute = task
-                    .spent
-                    .compute
-                    .map_or(0.0, |compute| compute.gpu + compute.cpu + compute.memory);
+                let compute = task.spent.compute.map_or(0.0, |compute| compute.total());
                 super::spend::add_daily_spend(
                     &mut tx,
                     &task.tenant,

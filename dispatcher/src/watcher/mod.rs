@@ -210,32 +210,26 @@ impl Watcher {
             TaskState::Launched,
             TaskState::Running,
         ] {
-            // Page by page with a cursor: every task in the state is swept, however many.
-            let mut after = None;
+            // Page by page: every task in the state is swept, however many.
+            let mut pages = self
+                .lifecycle
+                .store()
+                .pages_in_state(state, now, SWEEP_PAGE);
             loop {
-                let page = self
-                    .lifecycle
-                    .store()
-                    .tasks_in_state_page(state, now, after, SWEEP_PAGE)
-                    .await;
-                let tasks = match page {
-                    Ok(tasks) => tasks,
+                let tasks = match pages.next().await {
+                    Ok(Some(tasks)) => tasks,
+                    Ok(None) => break,
                     Err(error) => {
                         tracing::warn!(error = %error, "sweep: listing tasks failed");
                         break;
                     }
                 };
-                let last_page = tasks.len() < SWEEP_PAGE as usize;
-                after = tasks.last().map(|task| task.id);
                 for task in tasks {
                     attempts.insert(task.id, task.attempt);
                     if task.state == TaskState::Launched {
                         launched.push(task.clone());
                     }
                     self.reconcile(task, jobs, pods).await;
-                }
-                if last_page {
-                    break;
                 }
             }
         }
