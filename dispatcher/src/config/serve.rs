@@ -459,6 +459,13 @@ mod tests {
         }
     }
 
+    /// What clap says when it refuses `serve ARGS`.
+    fn refused(args: &[&str]) -> String {
+        Cli::try_parse_from([&["dispatcher", "serve"], args].concat())
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn declared_queues_are_dns_labels() {
         assert!(serve(&[]).submissions.queues.is_empty());
@@ -466,12 +473,10 @@ mod tests {
             serve(&["--queues", "gpu,batch"]).submissions.queues,
             ["gpu", "batch"]
         );
-        let refused = Cli::try_parse_from(["dispatcher", "serve", "--queues", "gpu,GPU_2"])
-            .unwrap_err()
-            .to_string();
+        let said = refused(&["--queues", "gpu,GPU_2"]);
         assert!(
-            refused.contains("--queues") && refused.contains("'GPU_2' is not a queue name"),
-            "{refused}"
+            said.contains("--queues") && said.contains("'GPU_2' is not a queue name"),
+            "{said}"
         );
     }
 
@@ -489,12 +494,10 @@ mod tests {
             serve(&["--task-retention", "768h"]).runner.task_retention,
             Duration::from_hours(32 * 24)
         );
-        let refused = Cli::try_parse_from(["dispatcher", "serve", "--task-retention", "168h"])
-            .unwrap_err()
-            .to_string();
+        let said = refused(&["--task-retention", "168h"]);
         assert!(
-            refused.contains("--task-retention") && refused.contains("shorter than 32 days"),
-            "{refused}"
+            said.contains("--task-retention") && said.contains("shorter than 32 days"),
+            "{said}"
         );
     }
 
@@ -586,9 +589,7 @@ mod tests {
             ["--shm-cap", "lots"],
             ["--reconcile-interval", "1.5s"],
         ] {
-            let error = Cli::try_parse_from([&["dispatcher", "serve"][..], &bad].concat())
-                .unwrap_err()
-                .to_string();
+            let error = refused(&bad);
             assert!(error.contains(bad[0]), "{bad:?}: {error}");
         }
     }
