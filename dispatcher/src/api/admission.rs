@@ -44,11 +44,6 @@ impl Admission {
         }
     }
 
-    #[must_use]
-    pub fn max_in_flight(&self) -> usize {
-        self.max_in_flight
-    }
-
     /// Takes a slot as a request does, until the returned guard is dropped; `None` when
     /// none is free. What a request in flight holds (tests fill the slots with it).
     #[must_use]

@@ -226,7 +226,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 fail_on_heartbeat_lost: args.runner.fail_on_heartbeat_lost,
                 sweep_interval: args.reconcile_interval,
                 keep_finished_jobs: args.keep_finished_jobs,
-                lease: lease.clone(),
+                lease,
             };
             roles.spawn(watcher.run(shutdown.clone()));
         } else {
