@@ -16,6 +16,12 @@
 //!   `tenant_quota` and is offered again when its tenant has room;
 //! - a delivery is acknowledged only after the store records the claim's outcome, so a
 //!   launcher that dies mid-launch leaves the entry for another to claim.
+//!
+//! The path is pipelined: up to `concurrency` launches are in flight at once, each on its
+//! own (a slow create holds back no other); their claims and `launched` records reach the
+//! store through the lifecycle's group commit (the moves asked for together share one
+//! transaction), and their deliveries are acknowledged together, in one Redis pipeline
+//! per batch, by [`acknowledge`].
 
 mod fair;
 pub mod isolation;
@@ -29,7 +35,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::metrics::LaunchFailure;
 
@@ -128,12 +134,16 @@ const RECONCILE_PAGE: u32 = 500;
 const FORGET_CONSUMERS_AFTER: Duration = Duration::from_hours(1);
 /// How often a launcher looks for such consumers (XINFO on every stream it reads).
 const FORGET_CONSUMERS_EVERY: Duration = Duration::from_mins(10);
+/// The most deliveries one acknowledgement names.
+const ACK_BATCH: usize = 256;
 
 impl Launcher {
     /// Runs until `shutdown` turns true: receives and launches, and reconciles every
     /// `reconcile_interval`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let (acks, done) = mpsc::channel(ACK_BATCH);
+        let acknowledging = tokio::spawn(acknowledge(self.queue.clone(), done));
         let mut queues: BTreeSet<String> = BTreeSet::from([DEFAULT_QUEUE.to_owned()]);
         let mut next_reconcile = tokio::time::Instant::now();
         let mut next_release = tokio::time::Instant::now();
@@ -143,7 +153,7 @@ impl Launcher {
         tracing::info!(consumer = %self.consumer, "launcher started");
         while !*shutdown.borrow() {
             if tokio::time::Instant::now() >= next_reconcile {
-                self.reconcile(&mut queues, &permits).await;
+                self.reconcile(&mut queues, &permits, &acks).await;
                 next_reconcile = tokio::time::Instant::now() + self.reconcile_interval;
             }
             // The receive below waits at most a second, so retries start within about a
@@ -169,7 +179,7 @@ impl Launcher {
             match received {
                 Ok(deliveries) => {
                     for delivery in deliveries {
-                        self.spawn_launch(delivery, &permits).await;
+                        self.spawn_launch(delivery, &permits, &acks).await;
                     }
                 }
                 Err(error) => {
@@ -181,21 +191,30 @@ impl Launcher {
                 }
             }
         }
-        // Let launches in flight finish, so no claim is left half-done.
+        // Let launches in flight finish, so no claim is left half-done, and their
+        // deliveries be acknowledged.
         let _ = permits.acquire_many(self.concurrency.max(1) as u32).await;
+        drop(acks);
+        let _ = acknowledging.await;
         tracing::info!("launcher stopped");
     }
 
-    async fn spawn_launch(&self, delivery: Delivery, permits: &Arc<Semaphore>) {
+    async fn spawn_launch(
+        &self,
+        delivery: Delivery,
+        permits: &Arc<Semaphore>,
+        acks: &mpsc::Sender<Delivery>,
+    ) {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let launcher = self.clone();
+        let acks = acks.clone();
         tokio::spawn(async move {
             launcher.claim_and_launch(&delivery).await;
-            if let Err(error) = launcher.queue.ack(&delivery).await {
-                tracing::warn!(task_id = %delivery.entry.task_id, error = %error, "ack failed; the entry may be delivered again (harmless)");
-            }
+            // Only if the acknowledger is gone (the launcher stops): unacknowledged, the
+            // entry is delivered again, which is harmless.
+            let _ = acks.send(delivery).await;
             drop(permit);
         });
     }
@@ -331,7 +350,12 @@ impl Launcher {
     }
 
     /// Repairs what crashes and lost messages leave behind.
-    async fn reconcile(&self, queues: &mut BTreeSet<String>, permits: &Arc<Semaphore>) {
+    async fn reconcile(
+        &self,
+        queues: &mut BTreeSet<String>,
+        permits: &Arc<Semaphore>,
+        acks: &mpsc::Sender<Delivery>,
+    ) {
         let now = jiff::Timestamp::now();
         // 1. Stored tasks the queue does not hold (a crash between commit and enqueue, a
         //    flushed Redis). Tasks younger than one interval are left to the API's enqueue.
@@ -423,7 +447,7 @@ impl Launcher {
         {
             Ok(deliveries) => {
                 for delivery in deliveries {
-                    self.spawn_launch(delivery, permits).await;
+                    self.spawn_launch(delivery, permits, acks).await;
                 }
             }
             Err(error) => {
@@ -498,5 +522,17 @@ impl Launcher {
                 }
             }
         }
+    }
+}
+
+/// Acknowledges the deliveries of finished launches, those finished meanwhile together
+/// (at most [`ACK_BATCH`] at once), until the launcher stops.
+async fn acknowledge(queue: Queue, mut done: mpsc::Receiver<Delivery>) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    while done.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        if let Err(error) = queue.ack_all(&batch).await {
+            tracing::warn!(deliveries = batch.len(), error = %error, "ack failed; the entries may be delivered again (harmless)");
+        }
+        batch.clear();
     }
 }

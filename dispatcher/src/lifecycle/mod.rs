@@ -18,6 +18,7 @@
 //! rejected), the local executor (started, ended, lost at restart), the watcher (what
 //! Jobs and pods show, fallbacks, lost heartbeats, notes).
 
+mod group_commit;
 mod notify;
 mod observe;
 
@@ -114,6 +115,9 @@ pub struct Lifecycle {
     retries: Arc<RetrySettings>,
     /// Makes the `data` of webhook deliveries.
     renderer: TaskRenderer,
+    /// The committer of this lifecycle and its clones (made anew when the renderer
+    /// changes, as it commits with it).
+    group_commit: Arc<group_commit::GroupCommit>,
 }
 
 impl Lifecycle {
@@ -126,6 +130,7 @@ impl Lifecycle {
             prices: Arc::new(prices),
             retries: Arc::new(RetrySettings::default()),
             renderer: TaskRenderer::default(),
+            group_commit: Arc::default(),
         }
     }
 
@@ -134,6 +139,7 @@ impl Lifecycle {
     #[must_use]
     pub fn with_task_renderer(mut self, renderer: TaskRenderer) -> Self {
         self.renderer = renderer;
+        self.group_commit = Arc::default();
         self
     }
 
@@ -178,30 +184,17 @@ impl Lifecycle {
         self.commit(id, step).await
     }
 
-    /// Commits a planned step: the compare-and-set, the cost of a task that ends (every
-    /// attempt's), then logs and counts it.
+    /// Commits a planned step: the compare-and-set and the cost of a task that ends
+    /// (every attempt's), with the other moves asked for at the same time
+    /// ([`group_commit`]), which logs and counts it.
     async fn commit(&self, id: TaskId, step: crate::task::lifecycle::Step) -> Result<Option<Task>> {
-        let (from, at) = (step.from, step.at);
-        let prices = &self.prices;
-        let renderer = &self.renderer;
-        let render =
-            |task: &Task, event_type: &'static str| notify::body(renderer, task, event_type, at);
-        let moved = self
-            .store
-            .transition(
-                id,
-                &step,
-                |task| Some(task.spent.earlier_attempts.plus(&prices.settle(task, at))),
-                &render,
-            )
-            .await?;
-        if let Some(task) = &moved {
-            observe::transition(&self.metrics, from, task, at.as_millisecond());
-            if let Some(ended) = &step.ended_attempt {
-                observe::attempt_ended(&self.metrics, task, ended);
-            }
-        }
-        Ok(moved)
+        let committer = || group_commit::Committer {
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            prices: self.prices.clone(),
+            renderer: self.renderer.clone(),
+        };
+        Ok(self.group_commit.commit(committer, id, step).await?)
     }
 
     /// Ends the attempt `task` is in (as just read) with `step`: judges a failure by the

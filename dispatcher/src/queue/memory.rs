@@ -121,17 +121,25 @@ impl MemoryQueue {
         }
     }
 
-    pub(super) fn ack(&self, delivery: &Delivery) -> Result<()> {
-        let seq = delivery
-            .receipt
-            .strip_prefix(RECEIPT_PREFIX)
-            .and_then(|seq| seq.parse::<u64>().ok())
-            .ok_or_else(|| QueueError::InvalidReceipt {
-                receipt: delivery.receipt.clone(),
-                queue: delivery.entry.queue.clone(),
-                expected: "an in-memory receipt (memory:<sequence>)",
-            })?;
-        self.state().delivered.remove(&seq);
+    pub(super) fn ack(&self, deliveries: &[Delivery]) -> Result<()> {
+        let seqs = deliveries
+            .iter()
+            .map(|delivery| {
+                delivery
+                    .receipt
+                    .strip_prefix(RECEIPT_PREFIX)
+                    .and_then(|seq| seq.parse::<u64>().ok())
+                    .ok_or_else(|| QueueError::InvalidReceipt {
+                        receipt: delivery.receipt.clone(),
+                        queue: delivery.entry.queue.clone(),
+                        expected: "an in-memory receipt (memory:<sequence>)",
+                    })
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        let mut state = self.state();
+        for seq in seqs {
+            state.delivered.remove(&seq);
+        }
         Ok(())
     }
 

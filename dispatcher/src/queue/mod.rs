@@ -242,10 +242,16 @@ impl Queue {
     /// Removes the delivered entry from the queue. Acking twice, or acking an entry that
     /// another consumer already acked, is harmless.
     pub async fn ack(&self, delivery: &Delivery) -> Result<()> {
+        self.ack_all(std::slice::from_ref(delivery)).await
+    }
+
+    /// Acknowledges `deliveries` at once (Redis: one atomic pipeline); nothing is
+    /// acknowledged when one receipt is not this queue's.
+    pub async fn ack_all(&self, deliveries: &[Delivery]) -> Result<()> {
         self.timed(QueueOperation::Ack, async {
             match &self.backend {
-                Backend::Redis(queue) => queue.ack(delivery).await,
-                Backend::Memory(queue) => queue.ack(delivery),
+                Backend::Redis(queue) => queue.ack(deliveries).await,
+                Backend::Memory(queue) => queue.ack(deliveries),
             }
         })
         .await

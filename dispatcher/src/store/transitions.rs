@@ -36,99 +36,75 @@ impl Store {
         render: &(dyn Fn(&Task, &'static str) -> String + Sync),
     ) -> Result<Option<Task>> {
         self.timed("transition", async {
-            let (from, to) = (step.from, step.to);
-            if !from.can_move_to(to) {
-                return Err(StoreError::IllegalTransition {
-                    task_id: id,
-                    from,
-                    to,
-                });
-            }
-            let during = || format!("moving task {id} from {from} to {to}");
-            let now = millis(step.at);
-            let (sql, extra) = update_for(step)?;
+            legal(id, step)?;
+            let during = || format!("moving task {id} from {} to {}", step.from, step.to);
             let mut tx = self.begin_write().await.during(during)?;
-            if step.within_quota {
-                match Self::admit_claim(&mut tx, id, from, now).await {
-                    Ok(Admission::Admitted) => {}
-                    Ok(Admission::NotInState) => {
-                        tx.rollback().await.during(during)?;
-                        return Ok(None);
-                    }
-                    Err(error) => {
-                        tx.rollback().await.during(during)?;
-                        return Err(error);
-                    }
+            match move_in(&mut tx, id, step, settle, render).await {
+                Ok(Some(task)) => {
+                    tx.commit().await.during(during)?;
+                    Ok(Some(task))
+                }
+                Ok(None) => {
+                    tx.rollback().await.during(during)?;
+                    Ok(None)
+                }
+                Err(error) => {
+                    // Dropping the transaction would roll it back too, but later.
+                    let _ = tx.rollback().await;
+                    Err(error)
                 }
             }
-            // Every fragment of `sql` is ours; values are only ever bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-                .bind(id.to_string())
-                .bind(from.as_str())
-                .bind(to.as_str())
-                .bind(step.reason.map(Reason::as_str))
-                .bind(step.message.as_deref())
-                .bind(step.exit_code)
-                .bind(now);
-            for value in extra {
-                query = match value {
-                    Value::Int(value) => query.bind(value),
-                    Value::BigInt(value) => query.bind(value),
-                    Value::Real(value) => query.bind(value),
-                    Value::Text(value) => query.bind(value),
-                };
-            }
-            let updated = query.fetch_optional(&mut *tx).await.during(during)?;
-            let Some(updated) = updated else {
-                tx.rollback().await.during(during)?;
-                return Ok(None);
-            };
-            let mut task = row::task(&updated)?;
-            let queued_change =
-                i64::from(to == TaskState::Queued) - i64::from(from == TaskState::Queued);
-            if queued_change != 0 {
-                super::quotas::count_queued(&mut tx, &task.tenant, queued_change)
+        })
+        .await
+    }
+
+    /// Group commit: makes every move of `steps` as [`Store::transition`] would, in one
+    /// transaction, each behind a savepoint so that one refused or failed move (not in
+    /// its state, over quota, an error) leaves the others whole. One answer per step, in
+    /// order, each as `transition` answers; every answer holds only if the transaction
+    /// commits, so `Err` (nothing written) when it does not, or when a savepoint cannot
+    /// be rolled back (the connection is gone). `settle` and `render` are as for
+    /// `transition`, given the step too.
+    #[instrument(level = "debug", skip_all, fields(steps = steps.len()))]
+    pub async fn transitions(
+        &self,
+        steps: &[(TaskId, &Step)],
+        settle: &(dyn Fn(&Task, &Step) -> Option<Breakdown> + Sync),
+        render: &(dyn Fn(&Task, &'static str, &Step) -> String + Sync),
+    ) -> Result<Vec<Result<Option<Task>>>> {
+        self.timed("transition_batch", async {
+            let during = || format!("moving {} tasks in one transaction", steps.len());
+            let mut tx = self.begin_write().await.during(during)?;
+            let mut answers = Vec::with_capacity(steps.len());
+            for &(id, step) in steps {
+                if let Err(error) = legal(id, step) {
+                    answers.push(Err(error));
+                    continue;
+                }
+                sqlx::query("SAVEPOINT step")
+                    .execute(&mut *tx)
                     .await
                     .during(during)?;
+                let render_step = |task: &Task, event: &'static str| render(task, event, step);
+                let answer =
+                    move_in(&mut tx, id, step, |task| settle(task, step), &render_step).await;
+                let keep = matches!(answer, Ok(Some(_)));
+                let end = if keep {
+                    "RELEASE SAVEPOINT step"
+                } else {
+                    // ROLLBACK TO keeps the savepoint; release it so they do not pile up.
+                    "ROLLBACK TO SAVEPOINT step; RELEASE SAVEPOINT step"
+                };
+                for statement in end.split("; ") {
+                    sqlx::query(sqlx::AssertSqlSafe(statement))
+                        .execute(&mut *tx)
+                        .await
+                        .during(during)?;
+                }
+                answers.push(answer);
             }
-            if task.state.is_terminal()
-                && let Some(compute) = settle(&task)
-            {
-                sqlx::query(
-                    "UPDATE tasks SET gpu_cost_dollars = $2, cpu_cost_dollars = $3, \
-                     memory_cost_dollars = $4 WHERE id = $1",
-                )
-                .bind(id.to_string())
-                .bind(compute.gpu)
-                .bind(compute.cpu)
-                .bind(compute.memory)
-                .execute(&mut *tx)
-                .await
-                .during(during)?;
-                task.spent.compute = Some(compute);
-            }
-            if task.state.is_terminal() {
-                let compute = task.spent.compute.map_or(0.0, |compute| compute.total());
-                super::spend::add_daily_spend(
-                    &mut tx,
-                    &task.tenant,
-                    now,
-                    compute + task.spent.llm_dollars,
-                )
-                .await
-                .during(during)?;
-            }
-            if let Some(ended) = &step.ended_attempt {
-                insert_attempt(&mut tx, id, ended).await.during(during)?;
-            }
-            insert_event(&mut tx, id, Some(from), &task, now)
-                .await
-                .during(during)?;
-            super::webhooks::enqueue_delivery(&mut tx, from, &task, now, render)
-                .await
-                .during(during)?;
             tx.commit().await.during(during)?;
-            Ok(Some(task))
+            Ok(answers)
         })
         .await
     }
@@ -187,6 +163,102 @@ impl Store {
         })
         .await
     }
+}
+
+/// Refuses a step the state machine never makes, before any transaction.
+fn legal(id: TaskId, step: &Step) -> Result<()> {
+    if step.from.can_move_to(step.to) {
+        Ok(())
+    } else {
+        Err(StoreError::IllegalTransition {
+            task_id: id,
+            from: step.from,
+            to: step.to,
+        })
+    }
+}
+
+/// The writes of one move within `tx` (see [`Store::transition`]); `Ok(None)` when the
+/// task is not in `step.from`, leaving the caller to roll back.
+async fn move_in(
+    tx: &mut Transaction<'static, Any>,
+    id: TaskId,
+    step: &Step,
+    settle: impl FnOnce(&Task) -> Option<Breakdown>,
+    render: &(dyn Fn(&Task, &'static str) -> String + Sync),
+) -> Result<Option<Task>> {
+    let (from, to) = (step.from, step.to);
+    let during = || format!("moving task {id} from {from} to {to}");
+    let now = millis(step.at);
+    let (sql, extra) = update_for(step)?;
+    if step.within_quota
+        && matches!(
+            Store::admit_claim(tx, id, from, now).await?,
+            Admission::NotInState
+        )
+    {
+        return Ok(None);
+    }
+    // Every fragment of `sql` is ours; values are only ever bound.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.to_string())
+        .bind(from.as_str())
+        .bind(to.as_str())
+        .bind(step.reason.map(Reason::as_str))
+        .bind(step.message.as_deref())
+        .bind(step.exit_code)
+        .bind(now);
+    for value in extra {
+        query = match value {
+            Value::Int(value) => query.bind(value),
+            Value::BigInt(value) => query.bind(value),
+            Value::Real(value) => query.bind(value),
+            Value::Text(value) => query.bind(value),
+        };
+    }
+    let updated = query.fetch_optional(&mut **tx).await.during(during)?;
+    let Some(updated) = updated else {
+        return Ok(None);
+    };
+    let mut task = row::task(&updated)?;
+    let queued_change = i64::from(to == TaskState::Queued) - i64::from(from == TaskState::Queued);
+    if queued_change != 0 {
+        super::quotas::count_queued(tx, &task.tenant, queued_change)
+            .await
+            .during(during)?;
+    }
+    if task.state.is_terminal()
+        && let Some(compute) = settle(&task)
+    {
+        sqlx::query(
+            "UPDATE tasks SET gpu_cost_dollars = $2, cpu_cost_dollars = $3, \
+                 memory_cost_dollars = $4 WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .bind(compute.gpu)
+        .bind(compute.cpu)
+        .bind(compute.memory)
+        .execute(&mut **tx)
+        .await
+        .during(during)?;
+        task.spent.compute = Some(compute);
+    }
+    if task.state.is_terminal() {
+        let compute = task.spent.compute.map_or(0.0, |compute| compute.total());
+        super::spend::add_daily_spend(tx, &task.tenant, now, compute + task.spent.llm_dollars)
+            .await
+            .during(during)?;
+    }
+    if let Some(ended) = &step.ended_attempt {
+        insert_attempt(tx, id, ended).await.during(during)?;
+    }
+    insert_event(tx, id, Some(from), &task, now)
+        .await
+        .during(during)?;
+    super::webhooks::enqueue_delivery(tx, from, &task, now, render)
+        .await
+        .during(during)?;
+    Ok(Some(task))
 }
 
 /// A value bound after the first seven parameters of an update.

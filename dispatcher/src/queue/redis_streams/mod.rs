@@ -244,31 +244,43 @@ impl RedisQueue {
         }
     }
 
-    pub(super) async fn ack(&self, delivery: &Delivery) -> Result<()> {
-        let receipt = &delivery.receipt;
-        if parse_id(receipt).is_none() {
-            return Err(QueueError::InvalidReceipt {
-                receipt: receipt.clone(),
-                queue: delivery.entry.queue.clone(),
-                expected: "a redis stream entry id (<millis>-<sequence>)",
-            });
+    /// Acknowledges and deletes `deliveries` in one atomic pipeline: an XACK and an XDEL
+    /// per stream, naming every entry of that stream.
+    pub(super) async fn ack(&self, deliveries: &[Delivery]) -> Result<()> {
+        let mut by_stream: std::collections::BTreeMap<String, Vec<&str>> =
+            std::collections::BTreeMap::new();
+        for delivery in deliveries {
+            let receipt = &delivery.receipt;
+            if parse_id(receipt).is_none() {
+                return Err(QueueError::InvalidReceipt {
+                    receipt: receipt.clone(),
+                    queue: delivery.entry.queue.clone(),
+                    expected: "a redis stream entry id (<millis>-<sequence>)",
+                });
+            }
+            let key = self.key(&delivery.entry.queue, Band::of(delivery.entry.priority));
+            by_stream.entry(key).or_default().push(receipt);
         }
-        let key = self.key(&delivery.entry.queue, Band::of(delivery.entry.priority));
+        let Some(first_key) = by_stream.keys().next().cloned() else {
+            return Ok(());
+        };
         let mut transaction = redis::pipe();
-        transaction
-            .atomic()
-            .cmd("XACK")
-            .arg(&key)
-            .arg(&self.inner.group)
-            .arg(receipt)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&key)
-            .arg(receipt)
-            .ignore();
+        transaction.atomic();
+        for (key, receipts) in &by_stream {
+            transaction
+                .cmd("XACK")
+                .arg(key)
+                .arg(&self.inner.group)
+                .arg(receipts)
+                .ignore()
+                .cmd("XDEL")
+                .arg(key)
+                .arg(receipts)
+                .ignore();
+        }
         self.pipe_raw::<()>(&transaction)
             .await?
-            .map_err(|source| self.failure("ack", &key, source))
+            .map_err(|source| self.failure("ack", &first_key, source))
     }
 
     pub(super) async fn forget_idle_consumers(

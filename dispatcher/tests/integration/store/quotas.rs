@@ -13,6 +13,7 @@ use super::support::*;
 both_backends!(
     case_a_quota_is_read_replaced_and_cleared,
     case_a_claim_beyond_the_running_quota_waits,
+    case_a_group_commit_answers_each_move_as_alone,
     case_concurrent_claims_never_exceed_the_quota,
     case_a_gpu_quota_counts_the_gpus_of_its_class,
     case_tenants_take_turns_by_their_last_claim,
@@ -124,6 +125,64 @@ async fn case_a_claim_beyond_the_running_quota_waits(store: Store) {
 async fn tenant_task(store: &Store, name: &str) -> Task {
     tenant(store, name, 1000).await;
     task(name).create(store).await
+}
+
+/// One transaction, five moves: each answered as its own commit would be, and only the
+/// moves that applied are written (a refused one leaves nothing, not even its event).
+async fn case_a_group_commit_answers_each_move_as_alone(store: Store) {
+    acme(&store).await;
+    store
+        .set_tenant_quota("acme", &quota(Some(1), &[]))
+        .await
+        .unwrap();
+    let first = task("acme").create(&store).await;
+    let second = task("acme").create(&store).await;
+    let other = tenant_task(&store, "other").await;
+    let claimed_elsewhere = task("acme").create(&store).await;
+    let launched = Step::new(TaskState::Launching, TaskState::Launched);
+    let illegal = Step::new(TaskState::Queued, TaskState::Succeeded);
+    let (claim_step, wrong_state) = (claim(), launched.clone());
+    let batch = [
+        (first.id, &claim_step),
+        // Over the quota once `first` is claimed, in the same transaction.
+        (second.id, &claim_step),
+        (claimed_elsewhere.id, &wrong_state),
+        (claimed_elsewhere.id, &illegal),
+        (other.id, &claim_step),
+    ];
+    let answers = store
+        .transitions(&batch, &|_, _| None, &|_, _, _| String::new())
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), 5);
+    let mut answers = answers.into_iter();
+    let claimed = answers.next().unwrap().unwrap().expect("first claimed");
+    assert_eq!(
+        (claimed.id, claimed.state),
+        (first.id, TaskState::Launching)
+    );
+    assert!(matches!(
+        answers.next().unwrap(),
+        Err(StoreError::OverQuota { task_id, source: OverQuota::Running { running: 1, max: 1, .. } })
+            if task_id == second.id
+    ));
+    assert_eq!(answers.next().unwrap().unwrap(), None, "not in its state");
+    assert!(matches!(
+        answers.next().unwrap(),
+        Err(StoreError::IllegalTransition { .. })
+    ));
+    let claimed = answers.next().unwrap().unwrap().expect("other claimed");
+    assert_eq!(claimed.id, other.id);
+
+    for (task, state, events) in [
+        (&first, TaskState::Launching, 2),
+        (&second, TaskState::Queued, 1),
+        (&claimed_elsewhere, TaskState::Queued, 1),
+        (&other, TaskState::Launching, 2),
+    ] {
+        assert_eq!(store.task(task.id).await.unwrap().unwrap().state, state);
+        assert_eq!(store.events(task.id, None).await.unwrap().len(), events);
+    }
 }
 
 async fn case_concurrent_claims_never_exceed_the_quota(store: Store) {
