@@ -223,4 +223,5 @@ mod recovery;
 mod retries;
 mod secrets;
 mod security;
+mod throttled;
 mod views;
