@@ -2,11 +2,13 @@
 //! `<prefix>q:<queue>:high|normal|low`, each read through one consumer group. An entry's
 //! fields are the task id, its priority and the enqueue time in Unix milliseconds.
 //!
-//! - `receive` reads the bands in order (high, normal, low) without blocking, one stream
-//!   at a time with an exact COUNT, starting with a different queue on each call so that
-//!   queues of the same band share the launchers; only when every stream is empty does it
-//!   block (XREADGROUP BLOCK on all of them) on a connection of its own, so a blocked
-//!   read never stalls the commands of other callers.
+//! - `receive` reads the bands in order (high, normal, low) without blocking, each band
+//!   in one XREADGROUP over the streams of all queues (so at most three commands whatever
+//!   the number of queues), with COUNT what is still wanted; within a band the oldest
+//!   entries across its queues are handed out first, and what several queues answered
+//!   beyond `max` waits in the consumer's overflow for its next `receive`. Only when
+//!   every stream is empty does it block (XREADGROUP BLOCK on all of them) on a
+//!   connection of its own, so a blocked read never stalls the commands of other callers.
 //! - `ack` is XACK and XDEL in one transaction, so the streams hold only entries not yet
 //!   acked, and XLEN and XRANGE describe exactly what is pending.
 //! - A missing stream or group (a first use, a flush, deleted keys) is created on demand
@@ -205,20 +207,32 @@ impl RedisQueue {
             return Ok(overflow);
         }
         let deadline = super::deadline(block);
+        // Every queue's every band, highest band first.
+        let streams: Vec<Stream> = Band::ALL
+            .into_iter()
+            .flat_map(|band| queues.iter().map(move |queue| (queue, band)))
+            .map(|(queue, band)| self.stream(queue, band))
+            .collect();
         loop {
+            // One XREADGROUP per band over all its queues, highest band first, while
+            // room is left: at most three commands whatever the number of queues, and no
+            // entry of a lower band taken while a higher one waits. Several queues of a
+            // band answer up to COUNT each: the oldest are handed out, the rest wait in
+            // this consumer's overflow.
             let mut taken = Vec::new();
-            'bands: for band in Band::ALL {
-                for queue in &queues {
-                    let wanted = max - taken.len();
-                    if wanted == 0 {
-                        break 'bands;
-                    }
-                    let stream = self.stream(queue, band);
-                    taken.extend(self.read(&[stream], consumer, wanted).await?);
+            for band in Band::ALL {
+                if taken.len() >= max {
+                    break;
                 }
+                let of_band: Vec<Stream> = streams
+                    .iter()
+                    .filter(|stream| stream.band == band)
+                    .cloned()
+                    .collect();
+                taken.extend(self.read(&of_band, consumer, max - taken.len()).await?);
             }
             if !taken.is_empty() {
-                return Ok(taken);
+                return Ok(self.hand_out(consumer, taken, max));
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining < Duration::from_millis(1) {
@@ -228,11 +242,6 @@ impl RedisQueue {
                 tokio::time::sleep(remaining).await;
                 return Ok(Vec::new());
             }
-            let streams: Vec<Stream> = Band::ALL
-                .into_iter()
-                .flat_map(|band| queues.iter().map(move |queue| (queue, band)))
-                .map(|(queue, band)| self.stream(queue, band))
-                .collect();
             let woken = self
                 .read_blocking(&streams, consumer, max, remaining)
                 .await?;
