@@ -111,7 +111,7 @@ fn only_the_lifecycle_moves_tasks() {
             continue;
         }
         let code = code(&file);
-        let calls = [".transition(", ".record_note("]
+        let calls = [".transition(", ".transitions(", ".record_note("]
             .iter()
             .any(|call| code.contains(call));
         if calls {

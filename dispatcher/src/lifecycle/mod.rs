@@ -6,8 +6,8 @@
 //! the committed change.
 //!
 //! Invariants:
-//! - nothing else calls [`Store::transition`] or [`Store::record_note`] (a test reads the source
-//!   tree to keep it so);
+//! - nothing else calls [`Store::transition`], [`Store::transitions`] or
+//!   [`Store::record_note`] (a test reads the source tree to keep it so);
 //! - a move is planned from the state the caller saw; if the task moved meanwhile the
 //!   compare-and-set writes nothing and the answer is `Ok(None)`: the caller decides
 //!   again from what it reads next;
