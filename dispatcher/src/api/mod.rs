@@ -36,6 +36,7 @@ pub mod readiness;
 pub mod reports;
 pub mod secrets;
 pub mod streams;
+pub mod task_list;
 pub mod tasks;
 pub mod usage;
 pub mod webhooks;
@@ -87,6 +88,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// How often a followed event stream polls the store.
     pub follow_poll: Duration,
+    /// The most bytes of items one `GET /v1/tasks` page holds past its first item
+    /// ([`task_list::DEFAULT_PAGE_MAX_BYTES`] unless a test wants pages smaller).
+    pub list_page_max_bytes: usize,
     /// Checks the tokens of runner reports.
     pub report_tokens: ReportTokens,
     /// How `/metrics` reads the state gauges.
@@ -135,7 +139,7 @@ impl std::fmt::Debug for AppState {
 pub fn router(state: AppState) -> Router {
     let max_body = state.max_body_bytes;
     let router = Router::new()
-        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks", post(tasks::submit).get(task_list::list))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/events", get(tasks::events))

@@ -1,4 +1,4 @@
-//! `/v1/tasks` handlers: submit (with idempotency and dry run), read, list, cancel, and
+//! `/v1/tasks` handlers: submit (with idempotency and dry run), read, cancel, and
 //! the event history, plain or followed as Server-Sent Events.
 
 use std::collections::VecDeque;
@@ -25,15 +25,13 @@ use crate::launcher::job_spec::{build_job, job_name};
 use crate::lifecycle::{Cancelled, TaskRenderer};
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
-use crate::store::{BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant};
+use crate::store::{BudgetAction, Idempotency, Inserted, NewTask, TaskEvent, Tenant};
 use crate::task::quota::estimated_start;
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
-const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 500;
 /// The window of launches whose rate estimates a queued task's start.
 const LAUNCH_RATE_WINDOW: Duration = Duration::from_mins(10);
 
@@ -117,6 +115,12 @@ pub struct JobRef {
 }
 
 impl TaskView {
+    /// A list page's item with `view=full`: what `GET /v1/tasks/{id}` shows, without what
+    /// that reads from elsewhere (`attempts`, `runner`, the queue position).
+    pub(super) fn listed(task: Task, state: &AppState) -> Self {
+        Self::new(task, state, None)
+    }
+
     fn new(task: Task, state: &AppState, runner: Option<RunnerView>) -> Self {
         let namespace = state
             .cluster
@@ -435,88 +439,6 @@ pub async fn get_one(
         view.estimated_start = Some(start);
     }
     Ok(Json(view))
-}
-
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListQuery {
-    /// Only tasks in this state.
-    #[param(value_type = Option<TaskState>)]
-    pub state: Option<String>,
-    /// Only tasks of this queue.
-    pub queue: Option<String>,
-    /// Only tasks with this label, as `key=value`.
-    #[param(pattern = "=")]
-    pub label: Option<String>,
-    /// Page size, 1 to 500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<u32>,
-    /// `next_cursor` of the previous page.
-    #[param(format = Uuid)]
-    pub cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct TaskPage {
-    pub items: Vec<TaskView>,
-    /// Pass as `cursor` for the next (older) page; absent on the last page.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_cursor: Option<String>,
-}
-
-/// Lists the tenant's tasks, newest first.
-#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", operation_id = "listTasks", params(ListQuery),
-    responses((status = 200, body = TaskPage), (status = 422, description = "A query parameter breaks a rule, named in `field`", body = super::error::ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn list(
-    State(state): State<AppState>,
-    Authenticated(tenant): Authenticated,
-    QueryParams(query): QueryParams<ListQuery>,
-) -> Result<Json<TaskPage>, ApiError> {
-    let task_state = query
-        .state
-        .map(|s| s.parse::<TaskState>())
-        .transpose()
-        .map_err(|e| FieldError::new("state", e.to_string()))?;
-    let label = query
-        .label
-        .map(|label| {
-            label
-                .split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| FieldError::new("label", "must be key=value"))
-        })
-        .transpose()?;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(FieldError::new("limit", format!("must be between 1 and {MAX_PAGE}")).into());
-    }
-    let before = query
-        .cursor
-        .map(|c| c.parse::<TaskId>())
-        .transpose()
-        .map_err(|_| {
-            FieldError::new("cursor", "must be a next_cursor returned by this endpoint")
-        })?;
-    let filter = ListFilter {
-        state: task_state,
-        queue: query.queue,
-        label,
-        limit: limit + 1,
-        before,
-    };
-    let mut tasks = state.store().list_tasks(&tenant.name, &filter).await?;
-    let next_cursor = if tasks.len() > limit as usize {
-        tasks.truncate(limit as usize);
-        tasks.last().map(|t| t.id.to_string())
-    } else {
-        None
-    };
-    let items = tasks
-        .into_iter()
-        .map(|t| TaskView::new(t, &state, None))
-        .collect();
-    Ok(Json(TaskPage { items, next_cursor }))
 }
 
 /// Cancels a task: idempotent; a finished task is returned as it is.

@@ -254,6 +254,7 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         secrets,
         max_body_bytes: args.max_body_bytes,
         follow_poll: Duration::from_millis(250),
+        list_page_max_bytes: api::task_list::DEFAULT_PAGE_MAX_BYTES,
         report_tokens,
         snapshot: Arc::new(settings::snapshot_config(&args)),
         reports: settings::report_limits(&args),

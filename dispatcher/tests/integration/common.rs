@@ -73,6 +73,7 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
         secrets: SecretStore::Local(LocalSecrets::open(workdir.join("secrets")).unwrap()),
         max_body_bytes: 64 * 1024,
         follow_poll: Duration::from_millis(50),
+        list_page_max_bytes: dispatcher::api::task_list::DEFAULT_PAGE_MAX_BYTES,
         report_tokens: ReportTokens::new(TEST_REPORT_KEY),
         snapshot: Arc::new(SnapshotConfig {
             max_age: Duration::ZERO,

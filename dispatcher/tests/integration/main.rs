@@ -30,6 +30,7 @@ mod failover;
 mod followed;
 mod isolation;
 mod listeners;
+mod listing;
 mod local;
 mod logs;
 mod observability;
