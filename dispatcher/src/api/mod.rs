@@ -23,12 +23,14 @@
 //!   answered 503 `overloaded` with `Retry-After` at once ([`admission`]); the probes
 //!   and `/metrics` are never shed;
 //! - a tenant follows at most `--max-streams-per-tenant` streams per process, each for at
-//!   most `--max-stream-duration` ([`streams`]).
+//!   most `--max-stream-duration` ([`streams`]); followed event streams read the store
+//!   through one shared poller per process ([`event_feed`]), not a query each.
 
 pub mod admission;
 pub mod attempts;
 pub mod auth;
 pub mod error;
+pub mod event_feed;
 pub mod extract;
 pub mod logs;
 pub mod openapi;
@@ -86,8 +88,11 @@ pub struct AppState {
     /// The tenants' secrets (`/v1/secrets`), and what task references are checked against.
     pub secrets: SecretStore,
     pub max_body_bytes: usize,
-    /// How often a followed event stream polls the store.
+    /// How often a followed stream polls the store (the event feed's tick, and followed
+    /// output and progress reads).
     pub follow_poll: Duration,
+    /// The shared poller every followed event stream of this process reads from.
+    pub event_feed: event_feed::EventFeed,
     /// The most bytes of items one `GET /v1/tasks` page holds past its first item
     /// ([`task_list::DEFAULT_PAGE_MAX_BYTES`] unless a test wants pages smaller).
     pub list_page_max_bytes: usize,

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::attempts::{AttemptView, attempts_of};
 use super::auth::Authenticated;
+use super::event_feed::EventSubscription;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::logs::{Include, LogEventView, ProgressEventView};
 use super::streams::StreamSlot;
@@ -569,7 +570,7 @@ pub async fn events(
     } else {
         None
     };
-    let stream = follow_stream(state, tenant.name, task.id, include, slot);
+    let stream = follow_stream(state, &task, include, slot);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -577,13 +578,18 @@ pub async fn events(
 
 struct Follow {
     state: AppState,
-    tenant: String,
     id: TaskId,
     include: Include,
     /// Whether to wait for more once everything so far was sent (until the task ends).
     keep_open: bool,
     /// A followed stream's place among its tenant's, and when it ends at the latest.
     slot: Option<StreamSlot>,
+    /// A followed stream's state events, from the process's shared poller; a snapshot
+    /// reads the store once instead.
+    feed: Option<EventSubscription>,
+    /// Whether a terminal state was sent: once the included items are read to their end
+    /// too, the stream ends.
+    terminal: bool,
     after: Option<i64>,
     /// The last progress report and output line sent: (attempt, sequence).
     progress_after: Option<(u32, u64)>,
@@ -607,11 +613,19 @@ impl Follow {
     async fn poll(&mut self) -> Option<bool> {
         let store = self.state.store();
         let mut complete = true;
-        match store.events(self.id, self.after).await {
+        // The state events first: items written before a terminal state is seen are then
+        // certainly in the reads below (the runner's last output lines are stored before
+        // its finished report).
+        let events = match &mut self.feed {
+            Some(feed) => feed.take().await,
+            None => store.events(self.id, self.after).await,
+        };
+        match events {
             Ok(events) => {
                 if let Some(last) = events.last() {
                     self.after = Some(last.id);
                 }
+                self.terminal |= events.iter().any(|event| event.to.is_terminal());
                 for event in events.into_iter().map(EventView::from) {
                     let id = event.id.to_string();
                     self.pending.push_back(sse_json("state", &event).id(id));
@@ -670,24 +684,29 @@ impl Follow {
     }
 }
 
-/// Events as they are written, polling the store (any process may write them), until the
-/// task is terminal (or, without a followed stream's `slot`, at once) and every event (and
-/// included item) up to that point was sent, or a followed stream reached
-/// `--max-stream-duration`.
+/// Events as they are written, from the process's shared poller (any process may write
+/// them), until the task is terminal (or, without a followed stream's `slot`, at once)
+/// and every event (and included item) up to that point was sent, or a followed stream
+/// reached `--max-stream-duration`.
 fn follow_stream(
     state: AppState,
-    tenant: String,
-    id: TaskId,
+    task: &Task,
     include: Include,
     slot: Option<StreamSlot>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + use<> {
+    // Subscribed before the history is read (at the first poll), so nothing written in
+    // between is missed.
+    let feed = slot
+        .as_ref()
+        .map(|_| state.event_feed.subscribe(task.id, None));
     let start = Follow {
         state,
-        tenant,
-        id,
+        id: task.id,
         include,
         keep_open: slot.is_some(),
         slot,
+        feed,
+        terminal: false,
         after: None,
         progress_after: None,
         log_after: None,
@@ -706,27 +725,17 @@ fn follow_stream(
                 // Past --max-stream-duration: the client reconnects for the rest.
                 return None;
             }
-            // Read the state first: items written before a terminal state is seen are
-            // then certainly in the next reads (the runner's last output lines are
-            // stored before its finished report).
-            let terminal = match follow
-                .state
-                .store()
-                .get_task(&follow.tenant, follow.id)
-                .await
-            {
-                Ok(Some(task)) => task.state.is_terminal(),
-                Ok(None) => true,
-                Err(error) => {
-                    tracing::warn!(task_id = %follow.id, error = %error, "follow: reading the task failed");
-                    false
-                }
-            };
             if let Some(complete) = follow.poll().await {
-                follow.done = (terminal || !follow.keep_open) && complete;
+                follow.done = (follow.terminal || !follow.keep_open) && complete;
             }
             if follow.pending.is_empty() && !follow.done {
-                tokio::time::sleep(follow.state.follow_poll).await;
+                let poll = follow.state.follow_poll;
+                match &mut follow.feed {
+                    // Woken by the next event of the task, or after a poll's time for the
+                    // included items and the stream's deadline.
+                    Some(feed) => feed.wait(poll).await,
+                    None => tokio::time::sleep(poll).await,
+                }
             }
         }
     })

@@ -27,6 +27,7 @@ mod task;
 mod api;
 mod cluster;
 mod failover;
+mod feed;
 mod followed;
 mod isolation;
 mod listeners;
