@@ -213,6 +213,10 @@ pub(crate) struct ListArgs {
     /// Start after this cursor (printed when more tasks remain).
     #[arg(long)]
     pub(crate) cursor: Option<String>,
+    /// Whole tasks (command, environment, volumes…) with -o json|yaml, instead of the
+    /// summaries a list shows.
+    #[arg(long)]
+    pub(crate) full: bool,
     #[arg(short, long, value_enum)]
     pub(crate) output: Option<ListFormat>,
 }

@@ -204,6 +204,10 @@ fn list(client: &Client, args: &ListArgs) -> Result<u8> {
     loop {
         let left = wanted.saturating_sub(items.len() as u32);
         let mut query = vec![("limit", left.min(MAX_PAGE).to_string())];
+        // The tables need only the summaries; whole tasks only when asked for.
+        if args.full {
+            query.push(("view", "full".to_owned()));
+        }
         for (key, value) in [
             ("state", &args.state),
             ("queue", &args.queue),

@@ -244,6 +244,13 @@ fn list_shows_a_kubectl_like_table_and_follows_pages() {
 
     let all = json(&bus.run(&["list", "-A", "-o", "json"]).ok());
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    assert_eq!(all["items"][0]["image"], "unused", "{all}");
+    assert!(all["items"][0].get("command").is_none(), "summaries: {all}");
+    let full = json(&bus.run(&["list", "--full", "-o", "json"]).ok());
+    assert!(
+        full["items"][0]["command"].is_array(),
+        "whole tasks: {full}"
+    );
     let yaml: Value = serde_saphyr::from_str(&bus.run(&["list", "-o", "yaml"]).ok()).unwrap();
     assert_eq!(yaml["items"][0]["id"], second);
     // Filters are the API's.

@@ -22,13 +22,14 @@ use protocol::{LogBatch, LogReceipt};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Authenticated;
+use super::event_feed::EventSubscription;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::reports::ReportingAttempt;
 use super::streams::StreamSlot;
 use super::{ApiError, AppState};
-use crate::store::{LogCursor, LogRecording, NewLogLine, StoredLogLine, StoredProgress};
+use crate::store::{LogCursor, LogRecording, NewLogLine, StoredLogLine, StoredProgress, TaskEvent};
+use crate::task::TaskId;
 use crate::task::submission::FieldError;
-use crate::task::{Task, TaskId};
 
 /// The most lines one batch may carry (the runner sends at most 1000).
 pub const MAX_BATCH_LINES: usize = 5000;
@@ -311,9 +312,9 @@ pub fn format_line(line: &StoredLogLine, timestamps: bool) -> String {
     }
 }
 
-/// Whether `attempt` of `task` is over: a later attempt began, or the task ended.
-fn attempt_ended(task: &Task, attempt: u32) -> bool {
-    task.attempt > attempt || task.state.is_terminal()
+/// Whether `event` says `attempt` is over: a later attempt began, or the task ended.
+fn event_ends_attempt(event: &TaskEvent, attempt: u32) -> bool {
+    event.attempt > attempt || event.to.is_terminal()
 }
 
 /// The task's output, `text/plain`, in the order the runner read it.
@@ -376,10 +377,14 @@ pub async fn read(
     } else {
         None
     };
+    // The attempt's end comes from the process's shared event poller: a follow reads
+    // only its lines itself.
+    let ends = slot.as_ref().map(|_| state.event_feed.subscribe(id, None));
     let read = LogRead {
         slot,
+        ends,
+        ended: false,
         state,
-        tenant: tenant.name,
         id,
         attempt,
         cursor,
@@ -402,8 +407,12 @@ pub async fn read(
 struct LogRead {
     /// A followed read's place among its tenant's streams, and when it ends at the latest.
     slot: Option<StreamSlot>,
+    /// A follow's events of the task, which say when the attempt is over.
+    ends: Option<EventSubscription>,
+    /// Whether an event said the attempt is over (a later attempt began, or the task
+    /// ended).
+    ended: bool,
     state: AppState,
-    tenant: String,
     id: TaskId,
     attempt: u32,
     cursor: LogCursor,
@@ -434,17 +443,24 @@ fn log_stream(read: LogRead) -> impl futures::Stream<Item = Result<Bytes, Infall
                 // Past --max-stream-duration: the client reconnects for the rest.
                 return None;
             }
-            let ended = if read.request.follow {
-                match read.state.store().get_task(&read.tenant, read.id).await {
-                    Ok(Some(task)) => attempt_ended(&task, read.attempt),
-                    Ok(None) => true,
-                    Err(error) => {
-                        tracing::warn!(task_id = %read.id, error = %error, "logs: reading the task failed");
-                        false
+            // The attempt's end before the lines: lines stored before it ended are then
+            // certainly in the read below.
+            let ended = match &mut read.ends {
+                Some(ends) => {
+                    match ends.take().await {
+                        Ok(events) => {
+                            let attempt = read.attempt;
+                            read.ended |= events
+                                .iter()
+                                .any(|event| event_ends_attempt(event, attempt));
+                        }
+                        Err(error) => {
+                            tracing::warn!(task_id = %read.id, error = %error, "logs: reading the task's events failed");
+                        }
                     }
+                    read.ended
                 }
-            } else {
-                true
+                None => true,
             };
             match read
                 .state
@@ -466,7 +482,11 @@ fn log_stream(read: LogRead) -> impl futures::Stream<Item = Result<Bytes, Infall
                 }
             }
             if read.pending.is_empty() && !read.done {
-                tokio::time::sleep(read.state.follow_poll).await;
+                let poll = read.state.follow_poll;
+                match &mut read.ends {
+                    Some(ends) => ends.wait(poll).await,
+                    None => tokio::time::sleep(poll).await,
+                }
             }
         }
     })

@@ -23,12 +23,14 @@
 //!   answered 503 `overloaded` with `Retry-After` at once ([`admission`]); the probes
 //!   and `/metrics` are never shed;
 //! - a tenant follows at most `--max-streams-per-tenant` streams per process, each for at
-//!   most `--max-stream-duration` ([`streams`]).
+//!   most `--max-stream-duration` ([`streams`]); followed event streams read the store
+//!   through one shared poller per process ([`event_feed`]), not a query each.
 
 pub mod admission;
 pub mod attempts;
 pub mod auth;
 pub mod error;
+pub mod event_feed;
 pub mod extract;
 pub mod logs;
 pub mod openapi;
@@ -36,6 +38,7 @@ pub mod readiness;
 pub mod reports;
 pub mod secrets;
 pub mod streams;
+pub mod task_list;
 pub mod tasks;
 pub mod usage;
 pub mod webhooks;
@@ -85,8 +88,14 @@ pub struct AppState {
     /// The tenants' secrets (`/v1/secrets`), and what task references are checked against.
     pub secrets: SecretStore,
     pub max_body_bytes: usize,
-    /// How often a followed event stream polls the store.
+    /// How often a followed stream polls the store (the event feed's tick, and followed
+    /// output and progress reads).
     pub follow_poll: Duration,
+    /// The shared poller every followed event stream of this process reads from.
+    pub event_feed: event_feed::EventFeed,
+    /// The most bytes of items one `GET /v1/tasks` page holds past its first item
+    /// ([`task_list::DEFAULT_PAGE_MAX_BYTES`] unless a test wants pages smaller).
+    pub list_page_max_bytes: usize,
     /// Checks the tokens of runner reports.
     pub report_tokens: ReportTokens,
     /// How `/metrics` reads the state gauges.
@@ -135,7 +144,7 @@ impl std::fmt::Debug for AppState {
 pub fn router(state: AppState) -> Router {
     let max_body = state.max_body_bytes;
     let router = Router::new()
-        .route("/v1/tasks", post(tasks::submit).get(tasks::list))
+        .route("/v1/tasks", post(tasks::submit).get(task_list::list))
         .route("/v1/tasks/{id}", get(tasks::get_one))
         .route("/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/v1/tasks/{id}/events", get(tasks::events))

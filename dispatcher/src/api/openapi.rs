@@ -60,7 +60,7 @@ pub const OPENAPI_VERSION: &str = "3.0.3";
     paths(
         super::tasks::submit,
         super::tasks::get_one,
-        super::tasks::list,
+        super::task_list::list,
         super::tasks::cancel,
         super::tasks::events,
         super::webhooks::list,
@@ -75,7 +75,11 @@ pub const OPENAPI_VERSION: &str = "3.0.3";
         super::healthz,
         super::readyz,
     ),
-    components(schemas(super::error::ErrorBody, super::usage::GroupByParam)),
+    components(schemas(
+        super::error::ErrorBody,
+        super::usage::GroupByParam,
+        super::task_list::ListView
+    )),
     tags(
         (name = "tasks", description = "Task submission and tracking"),
         (name = "secrets", description = "Tenants' secrets for their tasks' environment: written, listed by key, deleted; values are never returned"),

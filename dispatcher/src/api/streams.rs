@@ -1,7 +1,8 @@
 //! Followed streams (`events?follow=true`, `logs?follow=true`): how many one tenant may
-//! hold open in this process, and how long one may last. Each followed stream polls the
-//! store while it is open, so without a bound a few hundred of them starve the pool
-//! every other request needs.
+//! hold open in this process, and how long one may last. Their state events come from
+//! one shared poller ([`super::event_feed`]), but a followed stream still reads its
+//! output lines and progress reports itself while it is open, so without a bound a few
+//! hundred of them starve the pool every other request needs.
 //!
 //! Invariants:
 //! - a tenant holds at most `max_per_tenant` followed streams per process; one more is

@@ -1,4 +1,4 @@
-//! `/v1/tasks` handlers: submit (with idempotency and dry run), read, list, cancel, and
+//! `/v1/tasks` handlers: submit (with idempotency and dry run), read, cancel, and
 //! the event history, plain or followed as Server-Sent Events.
 
 use std::collections::VecDeque;
@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::attempts::{AttemptView, attempts_of};
 use super::auth::Authenticated;
+use super::event_feed::EventSubscription;
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::logs::{Include, LogEventView, ProgressEventView};
 use super::streams::StreamSlot;
@@ -25,15 +26,13 @@ use crate::launcher::job_spec::{build_job, job_name};
 use crate::lifecycle::{Cancelled, TaskRenderer};
 use crate::queue::QueueEntry;
 use crate::report::{RunnerView, runner_view};
-use crate::store::{BudgetAction, Idempotency, Inserted, ListFilter, NewTask, TaskEvent, Tenant};
+use crate::store::{BudgetAction, Idempotency, Inserted, NewTask, TaskEvent, Tenant};
 use crate::task::quota::estimated_start;
 use crate::task::submission::{FieldError, Submission, validate};
 use crate::task::{Reason, Task, TaskId, TaskSpec, TaskState};
 
 /// Longest accepted `Idempotency-Key`.
 const MAX_IDEMPOTENCY_KEY: usize = 255;
-const DEFAULT_PAGE: u32 = 50;
-const MAX_PAGE: u32 = 500;
 /// The window of launches whose rate estimates a queued task's start.
 const LAUNCH_RATE_WINDOW: Duration = Duration::from_mins(10);
 
@@ -117,6 +116,12 @@ pub struct JobRef {
 }
 
 impl TaskView {
+    /// A list page's item with `view=full`: what `GET /v1/tasks/{id}` shows, without what
+    /// that reads from elsewhere (`attempts`, `runner`, the queue position).
+    pub(super) fn listed(task: Task, state: &AppState) -> Self {
+        Self::new(task, state, None)
+    }
+
     fn new(task: Task, state: &AppState, runner: Option<RunnerView>) -> Self {
         let namespace = state
             .cluster
@@ -437,88 +442,6 @@ pub async fn get_one(
     Ok(Json(view))
 }
 
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListQuery {
-    /// Only tasks in this state.
-    #[param(value_type = Option<TaskState>)]
-    pub state: Option<String>,
-    /// Only tasks of this queue.
-    pub queue: Option<String>,
-    /// Only tasks with this label, as `key=value`.
-    #[param(pattern = "=")]
-    pub label: Option<String>,
-    /// Page size, 1 to 500 (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<u32>,
-    /// `next_cursor` of the previous page.
-    #[param(format = Uuid)]
-    pub cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct TaskPage {
-    pub items: Vec<TaskView>,
-    /// Pass as `cursor` for the next (older) page; absent on the last page.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_cursor: Option<String>,
-}
-
-/// Lists the tenant's tasks, newest first.
-#[utoipa::path(get, path = "/v1/tasks", tag = "tasks", operation_id = "listTasks", params(ListQuery),
-    responses((status = 200, body = TaskPage), (status = 422, description = "A query parameter breaks a rule, named in `field`", body = super::error::ErrorBody)),
-    security(("bearer" = [])))]
-pub async fn list(
-    State(state): State<AppState>,
-    Authenticated(tenant): Authenticated,
-    QueryParams(query): QueryParams<ListQuery>,
-) -> Result<Json<TaskPage>, ApiError> {
-    let task_state = query
-        .state
-        .map(|s| s.parse::<TaskState>())
-        .transpose()
-        .map_err(|e| FieldError::new("state", e.to_string()))?;
-    let label = query
-        .label
-        .map(|label| {
-            label
-                .split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .ok_or_else(|| FieldError::new("label", "must be key=value"))
-        })
-        .transpose()?;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(FieldError::new("limit", format!("must be between 1 and {MAX_PAGE}")).into());
-    }
-    let before = query
-        .cursor
-        .map(|c| c.parse::<TaskId>())
-        .transpose()
-        .map_err(|_| {
-            FieldError::new("cursor", "must be a next_cursor returned by this endpoint")
-        })?;
-    let filter = ListFilter {
-        state: task_state,
-        queue: query.queue,
-        label,
-        limit: limit + 1,
-        before,
-    };
-    let mut tasks = state.store().list_tasks(&tenant.name, &filter).await?;
-    let next_cursor = if tasks.len() > limit as usize {
-        tasks.truncate(limit as usize);
-        tasks.last().map(|t| t.id.to_string())
-    } else {
-        None
-    };
-    let items = tasks
-        .into_iter()
-        .map(|t| TaskView::new(t, &state, None))
-        .collect();
-    Ok(Json(TaskPage { items, next_cursor }))
-}
-
 /// Cancels a task: idempotent; a finished task is returned as it is.
 #[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks", operation_id = "cancelTask",
     params(("id" = String, Path, description = "Task id")),
@@ -647,7 +570,7 @@ pub async fn events(
     } else {
         None
     };
-    let stream = follow_stream(state, tenant.name, task.id, include, slot);
+    let stream = follow_stream(state, &task, include, slot);
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -655,13 +578,18 @@ pub async fn events(
 
 struct Follow {
     state: AppState,
-    tenant: String,
     id: TaskId,
     include: Include,
     /// Whether to wait for more once everything so far was sent (until the task ends).
     keep_open: bool,
     /// A followed stream's place among its tenant's, and when it ends at the latest.
     slot: Option<StreamSlot>,
+    /// A followed stream's state events, from the process's shared poller; a snapshot
+    /// reads the store once instead.
+    feed: Option<EventSubscription>,
+    /// Whether a terminal state was sent: once the included items are read to their end
+    /// too, the stream ends.
+    terminal: bool,
     after: Option<i64>,
     /// The last progress report and output line sent: (attempt, sequence).
     progress_after: Option<(u32, u64)>,
@@ -685,11 +613,19 @@ impl Follow {
     async fn poll(&mut self) -> Option<bool> {
         let store = self.state.store();
         let mut complete = true;
-        match store.events(self.id, self.after).await {
+        // The state events first: items written before a terminal state is seen are then
+        // certainly in the reads below (the runner's last output lines are stored before
+        // its finished report).
+        let events = match &mut self.feed {
+            Some(feed) => feed.take().await,
+            None => store.events(self.id, self.after).await,
+        };
+        match events {
             Ok(events) => {
                 if let Some(last) = events.last() {
                     self.after = Some(last.id);
                 }
+                self.terminal |= events.iter().any(|event| event.to.is_terminal());
                 for event in events.into_iter().map(EventView::from) {
                     let id = event.id.to_string();
                     self.pending.push_back(sse_json("state", &event).id(id));
@@ -748,24 +684,29 @@ impl Follow {
     }
 }
 
-/// Events as they are written, polling the store (any process may write them), until the
-/// task is terminal (or, without a followed stream's `slot`, at once) and every event (and
-/// included item) up to that point was sent, or a followed stream reached
-/// `--max-stream-duration`.
+/// Events as they are written, from the process's shared poller (any process may write
+/// them), until the task is terminal (or, without a followed stream's `slot`, at once)
+/// and every event (and included item) up to that point was sent, or a followed stream
+/// reached `--max-stream-duration`.
 fn follow_stream(
     state: AppState,
-    tenant: String,
-    id: TaskId,
+    task: &Task,
     include: Include,
     slot: Option<StreamSlot>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+) -> impl Stream<Item = Result<SseEvent, Infallible>> + use<> {
+    // Subscribed before the history is read (at the first poll), so nothing written in
+    // between is missed.
+    let feed = slot
+        .as_ref()
+        .map(|_| state.event_feed.subscribe(task.id, None));
     let start = Follow {
         state,
-        tenant,
-        id,
+        id: task.id,
         include,
         keep_open: slot.is_some(),
         slot,
+        feed,
+        terminal: false,
         after: None,
         progress_after: None,
         log_after: None,
@@ -784,27 +725,17 @@ fn follow_stream(
                 // Past --max-stream-duration: the client reconnects for the rest.
                 return None;
             }
-            // Read the state first: items written before a terminal state is seen are
-            // then certainly in the next reads (the runner's last output lines are
-            // stored before its finished report).
-            let terminal = match follow
-                .state
-                .store()
-                .get_task(&follow.tenant, follow.id)
-                .await
-            {
-                Ok(Some(task)) => task.state.is_terminal(),
-                Ok(None) => true,
-                Err(error) => {
-                    tracing::warn!(task_id = %follow.id, error = %error, "follow: reading the task failed");
-                    false
-                }
-            };
             if let Some(complete) = follow.poll().await {
-                follow.done = (terminal || !follow.keep_open) && complete;
+                follow.done = (follow.terminal || !follow.keep_open) && complete;
             }
             if follow.pending.is_empty() && !follow.done {
-                tokio::time::sleep(follow.state.follow_poll).await;
+                let poll = follow.state.follow_poll;
+                match &mut follow.feed {
+                    // Woken by the next event of the task, or after a poll's time for the
+                    // included items and the stream's deadline.
+                    Some(feed) => feed.wait(poll).await,
+                    None => tokio::time::sleep(poll).await,
+                }
             }
         }
     })

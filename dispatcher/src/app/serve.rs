@@ -15,6 +15,7 @@ use super::executor::{
 };
 use super::{LOG_TARGET, healthcheck, open_store, redact_url, settings};
 use crate::api::admission::Admission;
+use crate::api::event_feed::EventFeed;
 use crate::api::readiness::Readiness;
 use crate::api::streams::OpenStreams;
 use crate::api::{self, AppState};
@@ -38,6 +39,9 @@ use crate::webhooks::Deliverer;
 /// How often each process looks for queued tasks past their queue TTL: a task expires
 /// within this of its deadline.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often followed streams read the store: the event feed's tick, and a followed
+/// stream's output and progress reads.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
 pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Everything this process creates (the SQLite file and its journals, the local work
@@ -253,7 +257,9 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cluster,
         secrets,
         max_body_bytes: args.max_body_bytes,
-        follow_poll: Duration::from_millis(250),
+        follow_poll: FOLLOW_POLL,
+        event_feed: EventFeed::new(lifecycle.store().clone(), FOLLOW_POLL),
+        list_page_max_bytes: api::task_list::DEFAULT_PAGE_MAX_BYTES,
         report_tokens,
         snapshot: Arc::new(settings::snapshot_config(&args)),
         reports: settings::report_limits(&args),

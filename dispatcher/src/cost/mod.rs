@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::placement::GpuClasses;
 pub use crate::task::Breakdown;
-use crate::task::{Task, TaskSpec};
+use crate::task::{Resources, Spent, Task, TaskSpec, TaskState, TaskSummary, Timeline};
 
 mod budget;
 
@@ -102,18 +102,24 @@ impl Prices {
     /// removed from the configuration after the task was accepted.
     #[must_use]
     pub fn hourly(&self, spec: &TaskSpec, gpu_class: Option<&str>) -> Breakdown {
-        let class = spec
-            .resources
+        self.hourly_for(&spec.resources, gpu_class)
+    }
+
+    /// What a task asking for `resources` costs per hour on `gpu_class` (see
+    /// [`Prices::hourly`]): all the price needs of a spec, so a summary prices the same.
+    #[must_use]
+    pub fn hourly_for(&self, resources: &Resources, gpu_class: Option<&str>) -> Breakdown {
+        let class = resources
             .gpu
             .as_ref()
             .map(|gpu| gpu_class.unwrap_or(&gpu.class));
-        let gpu = spec.resources.gpu.as_ref().map_or(0.0, |gpu| {
+        let gpu = resources.gpu.as_ref().map_or(0.0, |gpu| {
             let class = class.unwrap_or(&gpu.class);
             f64::from(gpu.count) * self.gpu_hour.get(class).copied().unwrap_or(0.0)
         });
-        let (cpu, memory) =
-            self.classes
-                .effective_requests(class, spec.resources.cpu, spec.resources.memory);
+        let (cpu, memory) = self
+            .classes
+            .effective_requests(class, resources.cpu, resources.memory);
         let cores = cpu.map_or(0.0, |cpu| cpu.millicores() as f64 / 1000.0);
         let gib = memory.map_or(0.0, |memory| memory.bytes() as f64 / GIB);
         Breakdown {
@@ -304,14 +310,31 @@ impl TaskCost {
     #[must_use]
     pub fn of(task: &Task, prices: &Prices, now: jiff::Timestamp) -> Self {
         let per_hour = prices.hourly(&task.spec, task.gpu_class.as_deref());
-        let end = task.timeline.finished_at.unwrap_or(now);
-        let running_seconds = task.timeline.started_at.map_or(0.0, |start| {
+        Self::priced(per_hour, &task.timeline, &task.spent, task.state, now)
+    }
+
+    /// The same for a task's summary (a list page's item), which holds all the cost needs.
+    #[must_use]
+    pub fn of_summary(task: &TaskSummary, prices: &Prices, now: jiff::Timestamp) -> Self {
+        let per_hour = prices.hourly_for(&task.resources, task.gpu_class.as_deref());
+        Self::priced(per_hour, &task.timeline, &task.spent, task.state, now)
+    }
+
+    fn priced(
+        per_hour: Breakdown,
+        timeline: &Timeline,
+        spent: &Spent,
+        state: TaskState,
+        now: jiff::Timestamp,
+    ) -> Self {
+        let end = timeline.finished_at.unwrap_or(now);
+        let running_seconds = timeline.started_at.map_or(0.0, |start| {
             (end.as_millisecond() - start.as_millisecond()).max(0) as f64 / 1000.0
         });
         // Once over, the settled cost covers every attempt; before, the earlier attempts'
         // cost plus the current one's so far.
-        let compute = task.spent.compute.unwrap_or_else(|| {
-            task.spent
+        let compute = spent.compute.unwrap_or_else(|| {
+            spent
                 .earlier_attempts
                 .plus(&per_hour.times(running_seconds / 3600.0))
         });
@@ -321,12 +344,12 @@ impl TaskCost {
             memory: round_cents(compute.memory),
         };
         Self {
-            total_dollars: round_cents(compute.total() + task.spent.llm_dollars),
+            total_dollars: round_cents(compute.total() + spent.llm_dollars),
             compute,
-            llm_dollars: round_cents(task.spent.llm_dollars),
+            llm_dollars: round_cents(spent.llm_dollars),
             running_seconds,
             per_hour_dollars: round_cents(per_hour.total()),
-            settled: task.state.is_terminal(),
+            settled: state.is_terminal(),
         }
     }
 }

@@ -85,7 +85,7 @@ pub use error::{Result, StoreError};
 pub use limits::SessionLimits;
 // The budget types moved to `cost`; re-exported while callers still name them here.
 pub use crate::cost::{Budget, BudgetAction};
-pub use events::TaskEvent;
+pub use events::{FOLLOWED_PER_READ, TaskEvent};
 pub use logs::{
     LogCursor, LogLimits, LogRecording, LogsRecorded, NewLogLine, StoredLogLine, StoredProgress,
 };

@@ -9,7 +9,10 @@ use sqlx::any::AnyRow;
 use super::{Result, StoreError, TaskEvent, Tenant};
 use crate::cost::{Breakdown, Budget};
 use crate::task::retry::{FailureClass, RetryAction, RetryCount};
-use crate::task::{AttemptRecord, Reason, Spent, Task, TaskId, TaskSpec, TaskState, Timeline};
+use crate::task::{
+    AttemptRecord, Reason, Resources, Spent, Task, TaskId, TaskSpec, TaskState, TaskSummary,
+    Timeline,
+};
 
 /// The columns [`task`] reads, in `SELECT` order; a macro so queries stay `&'static str`.
 macro_rules! task_columns {
@@ -22,6 +25,19 @@ macro_rules! task_columns {
     };
 }
 pub(super) use task_columns;
+
+/// The columns [`task_summary`] reads: [`task_columns!`] without the spec blob, with the
+/// spec fields kept beside it (`name`, `queue`, `priority`, `image`, `resources`).
+macro_rules! summary_columns {
+    () => {
+        "id, tenant, name, queue, priority, image, resources, state, reason, message, attempt, \
+         gpu_class, exit_code, created_at, updated_at, queued_at, launched_at, started_at, \
+         finished_at, gpu_cost_dollars, cpu_cost_dollars, memory_cost_dollars, \
+         llm_cost_dollars, expires_at, retries_used, ignored_attempts, next_attempt_at, \
+         earlier_gpu_cost_dollars, earlier_cpu_cost_dollars, earlier_memory_cost_dollars"
+    };
+}
+pub(super) use summary_columns;
 
 /// The columns [`event`] reads.
 macro_rules! event_columns {
@@ -100,55 +116,123 @@ pub(super) fn task(row: &AnyRow) -> Result<Task> {
     let spec: String = get(row, "spec", &record)?;
     let spec: TaskSpec = serde_json::from_str(&spec)
         .map_err(|e| StoreError::corrupt(record(), format!("column spec: {e}")))?;
+    let progress = progress(row, &record)?;
     Ok(Task {
         id: parse::<TaskId>(&id_text, "id", &record)?,
         tenant: get(row, "tenant", &record)?,
         spec,
-        state: parse(&get::<String>(row, "state", &record)?, "state", &record)?,
-        reason: parse_optional::<Reason>(get(row, "reason", &record)?, "reason", &record)?,
-        message: get(row, "message", &record)?,
-        attempt: attempt(get(row, "attempt", &record)?, &record)?,
-        gpu_class: get(row, "gpu_class", &record)?,
-        exit_code: get(row, "exit_code", &record)?,
-        created_at: timestamp(get(row, "created_at", &record)?, &record)?,
-        updated_at: timestamp(get(row, "updated_at", &record)?, &record)?,
-        timeline: Timeline {
-            queued_at: optional_timestamp(get(row, "queued_at", &record)?, &record)?,
-            launched_at: optional_timestamp(get(row, "launched_at", &record)?, &record)?,
-            started_at: optional_timestamp(get(row, "started_at", &record)?, &record)?,
-            finished_at: optional_timestamp(get(row, "finished_at", &record)?, &record)?,
-        },
-        spent: Spent {
-            compute: match (
-                get::<Option<f64>>(row, "gpu_cost_dollars", &record)?,
-                get::<Option<f64>>(row, "cpu_cost_dollars", &record)?,
-                get::<Option<f64>>(row, "memory_cost_dollars", &record)?,
-            ) {
-                (Some(gpu), Some(cpu), Some(memory)) => Some(Breakdown { gpu, cpu, memory }),
-                _ => None,
-            },
-            llm_dollars: get(row, "llm_cost_dollars", &record)?,
-            earlier_attempts: Breakdown {
-                gpu: get(row, "earlier_gpu_cost_dollars", &record)?,
-                cpu: get(row, "earlier_cpu_cost_dollars", &record)?,
-                memory: get(row, "earlier_memory_cost_dollars", &record)?,
-            },
-        },
-        expires_at: optional_timestamp(get(row, "expires_at", &record)?, &record)?,
-        retries: RetryCount {
-            counted: count(get(row, "retries_used", &record)?, "retries_used", &record)?,
-            ignored: count(
-                get(row, "ignored_attempts", &record)?,
-                "ignored_attempts",
-                &record,
-            )?,
-        },
-        next_attempt_at: optional_timestamp(get(row, "next_attempt_at", &record)?, &record)?,
+        state: progress.state,
+        reason: progress.reason,
+        message: progress.message,
+        attempt: progress.attempt,
+        gpu_class: progress.gpu_class,
+        exit_code: progress.exit_code,
+        created_at: progress.created_at,
+        updated_at: progress.updated_at,
+        timeline: progress.timeline,
+        spent: progress.spent,
+        expires_at: progress.expires_at,
+        retries: progress.retries,
+        next_attempt_at: progress.next_attempt_at,
         avoid_nodes: match get::<Option<String>>(row, "avoid_nodes", &record)? {
             Some(json) => serde_json::from_str(&json)
                 .map_err(|e| StoreError::corrupt(record(), format!("column avoid_nodes: {e}")))?,
             None => Vec::new(),
         },
+    })
+}
+
+/// A row of [`summary_columns!`].
+pub(super) fn task_summary(row: &AnyRow) -> Result<TaskSummary> {
+    let id_text: String = get(row, "id", &|| "task".to_owned())?;
+    let record = || format!("task {id_text}");
+    let resources: String = get(row, "resources", &record)?;
+    let resources: Resources = serde_json::from_str(&resources)
+        .map_err(|e| StoreError::corrupt(record(), format!("column resources: {e}")))?;
+    let progress = progress(row, &record)?;
+    Ok(TaskSummary {
+        id: parse::<TaskId>(&id_text, "id", &record)?,
+        tenant: get(row, "tenant", &record)?,
+        name: get(row, "name", &record)?,
+        queue: get(row, "queue", &record)?,
+        priority: get(row, "priority", &record)?,
+        image: get(row, "image", &record)?,
+        resources,
+        state: progress.state,
+        reason: progress.reason,
+        message: progress.message,
+        attempt: progress.attempt,
+        gpu_class: progress.gpu_class,
+        exit_code: progress.exit_code,
+        created_at: progress.created_at,
+        updated_at: progress.updated_at,
+        timeline: progress.timeline,
+        spent: progress.spent,
+        expires_at: progress.expires_at,
+        retries: progress.retries,
+        next_attempt_at: progress.next_attempt_at,
+    })
+}
+
+/// What a task row says of the task's progress, read the same for a task and a summary.
+struct Progress {
+    state: TaskState,
+    reason: Option<Reason>,
+    message: Option<String>,
+    attempt: u32,
+    gpu_class: Option<String>,
+    exit_code: Option<i32>,
+    created_at: jiff::Timestamp,
+    updated_at: jiff::Timestamp,
+    timeline: Timeline,
+    spent: Spent,
+    expires_at: Option<jiff::Timestamp>,
+    retries: RetryCount,
+    next_attempt_at: Option<jiff::Timestamp>,
+}
+
+fn progress(row: &AnyRow, record: &dyn Fn() -> String) -> Result<Progress> {
+    Ok(Progress {
+        state: parse(&get::<String>(row, "state", record)?, "state", record)?,
+        reason: parse_optional::<Reason>(get(row, "reason", record)?, "reason", record)?,
+        message: get(row, "message", record)?,
+        attempt: attempt(get(row, "attempt", record)?, record)?,
+        gpu_class: get(row, "gpu_class", record)?,
+        exit_code: get(row, "exit_code", record)?,
+        created_at: timestamp(get(row, "created_at", record)?, record)?,
+        updated_at: timestamp(get(row, "updated_at", record)?, record)?,
+        timeline: Timeline {
+            queued_at: optional_timestamp(get(row, "queued_at", record)?, record)?,
+            launched_at: optional_timestamp(get(row, "launched_at", record)?, record)?,
+            started_at: optional_timestamp(get(row, "started_at", record)?, record)?,
+            finished_at: optional_timestamp(get(row, "finished_at", record)?, record)?,
+        },
+        spent: Spent {
+            compute: match (
+                get::<Option<f64>>(row, "gpu_cost_dollars", record)?,
+                get::<Option<f64>>(row, "cpu_cost_dollars", record)?,
+                get::<Option<f64>>(row, "memory_cost_dollars", record)?,
+            ) {
+                (Some(gpu), Some(cpu), Some(memory)) => Some(Breakdown { gpu, cpu, memory }),
+                _ => None,
+            },
+            llm_dollars: get(row, "llm_cost_dollars", record)?,
+            earlier_attempts: Breakdown {
+                gpu: get(row, "earlier_gpu_cost_dollars", record)?,
+                cpu: get(row, "earlier_cpu_cost_dollars", record)?,
+                memory: get(row, "earlier_memory_cost_dollars", record)?,
+            },
+        },
+        expires_at: optional_timestamp(get(row, "expires_at", record)?, record)?,
+        retries: RetryCount {
+            counted: count(get(row, "retries_used", record)?, "retries_used", record)?,
+            ignored: count(
+                get(row, "ignored_attempts", record)?,
+                "ignored_attempts",
+                record,
+            )?,
+        },
+        next_attempt_at: optional_timestamp(get(row, "next_attempt_at", record)?, record)?,
     })
 }
 

@@ -2,13 +2,14 @@
 //! and every read of tasks: by id, a tenant's pages, by state for reconcilers, the head of
 //! a queue, counts by state.
 
+use sqlx::any::AnyRow;
 use sqlx::{Any, Transaction};
 use tracing::instrument;
 
 use super::transitions::insert_event;
 use super::{Backend, During as _, Result, Store, StoreError, is_unique_violation, row};
-use crate::store::row::{millis, task_columns};
-use crate::task::{Reason, Task, TaskId, TaskState, Timeline};
+use crate::store::row::{millis, summary_columns, task_columns};
+use crate::task::{Reason, Task, TaskId, TaskState, TaskSummary, Timeline};
 
 /// A task to store: `task.state` must be [`TaskState::Queued`] (its attempt is normally
 /// 1), with the submission's idempotency key if it had one.
@@ -157,6 +158,13 @@ impl Store {
                 task_id: id,
                 source,
             })?;
+            // Beside the blob for the list's summary view, which never reads the blob.
+            let resources = serde_json::to_string(&task.spec.resources).map_err(|source| {
+                StoreError::EncodeSpec {
+                    task_id: id,
+                    source,
+                }
+            })?;
             task.created_at = row::timestamp(millis(task.created_at), &during)?;
             task.updated_at = row::timestamp(millis(task.updated_at), &during)?;
             task.expires_at = task
@@ -207,9 +215,9 @@ impl Store {
             let inserted = sqlx::query(
                 "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, reason, \
                  message, attempt, exit_code, idempotency_key, request_hash, created_at, updated_at, \
-                 gpu_class, queued_at, expires_at) \
+                 gpu_class, queued_at, expires_at, image, resources) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $14, \
-                 $17) \
+                 $17, $18, $19) \
                  ON CONFLICT (tenant, idempotency_key) DO NOTHING",
             )
             .bind(id.to_string())
@@ -229,6 +237,8 @@ impl Store {
             .bind(millis(task.updated_at))
             .bind(task.gpu_class.as_deref())
             .bind(task.expires_at.map(millis))
+            .bind(&task.spec.image)
+            .bind(resources)
             .execute(&mut *tx)
             .await;
             let inserted = match inserted {
@@ -365,55 +375,76 @@ impl Store {
     /// id as `before` see every task exactly once.
     pub async fn list_tasks(&self, tenant: &str, filter: &ListFilter) -> Result<Vec<Task>> {
         self.timed("list_tasks", async {
-            let mut clauses = vec!["tenant = $1".to_owned()];
-            let mut texts: Vec<String> = vec![tenant.to_owned()];
-            let mut next = |value: String| {
-                texts.push(value);
-                texts.len()
-            };
-            if let Some(state) = filter.state {
-                let n = next(state.as_str().to_owned());
-                clauses.push(format!("state = ${n}"));
-            }
-            if let Some(queue) = &filter.queue {
-                let n = next(queue.clone());
-                clauses.push(format!("queue = ${n}"));
-            }
-            if let Some((key, value)) = &filter.label {
-                let key = next(key.clone());
-                let value = next(value.clone());
-                clauses.push(format!(
-                    "EXISTS (SELECT 1 FROM task_labels l \
-                     WHERE l.task_id = tasks.id AND l.key = ${key} AND l.value = ${value})"
-                ));
-            }
-            if let Some(before) = filter.before {
-                let n = next(before.to_string());
-                clauses.push(format!("id < ${n}"));
-            }
-            let sql = format!(
-                concat!(
-                    "SELECT ",
-                    task_columns!(),
-                    " FROM tasks WHERE {} ORDER BY id DESC LIMIT ${}"
-                ),
-                clauses.join(" AND "),
-                texts.len() + 1
-            );
-
-            // Every fragment above is ours; values are only ever bound.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for text in texts {
-                query = query.bind(text);
-            }
-            let rows = query
-                .bind(i64::from(filter.limit))
-                .fetch_all(&self.pool)
-                .await
-                .during(|| format!("listing the tasks of tenant '{tenant}'"))?;
+            let rows = self.list_rows(tenant, filter, task_columns!()).await?;
             rows.iter().map(row::task).collect()
         })
         .await
+    }
+
+    /// [`Store::list_tasks`] without the spec blob: the columns of a list page's summary
+    /// only, so a page costs what its table shows, not a mebibyte per task.
+    pub async fn list_task_summaries(
+        &self,
+        tenant: &str,
+        filter: &ListFilter,
+    ) -> Result<Vec<TaskSummary>> {
+        self.timed("list_task_summaries", async {
+            let rows = self.list_rows(tenant, filter, summary_columns!()).await?;
+            rows.iter().map(row::task_summary).collect()
+        })
+        .await
+    }
+
+    /// The rows of `columns` of the tenant's tasks matching `filter` (see
+    /// [`Store::list_tasks`]).
+    async fn list_rows(
+        &self,
+        tenant: &str,
+        filter: &ListFilter,
+        columns: &'static str,
+    ) -> Result<Vec<AnyRow>> {
+        let mut clauses = vec!["tenant = $1".to_owned()];
+        let mut texts: Vec<String> = vec![tenant.to_owned()];
+        let mut next = |value: String| {
+            texts.push(value);
+            texts.len()
+        };
+        if let Some(state) = filter.state {
+            let n = next(state.as_str().to_owned());
+            clauses.push(format!("state = ${n}"));
+        }
+        if let Some(queue) = &filter.queue {
+            let n = next(queue.clone());
+            clauses.push(format!("queue = ${n}"));
+        }
+        if let Some((key, value)) = &filter.label {
+            let key = next(key.clone());
+            let value = next(value.clone());
+            clauses.push(format!(
+                "EXISTS (SELECT 1 FROM task_labels l \
+                 WHERE l.task_id = tasks.id AND l.key = ${key} AND l.value = ${value})"
+            ));
+        }
+        if let Some(before) = filter.before {
+            let n = next(before.to_string());
+            clauses.push(format!("id < ${n}"));
+        }
+        let sql = format!(
+            "SELECT {columns} FROM tasks WHERE {} ORDER BY id DESC LIMIT ${}",
+            clauses.join(" AND "),
+            texts.len() + 1
+        );
+
+        // Every fragment above is ours; values are only ever bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for text in texts {
+            query = query.bind(text);
+        }
+        query
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await
+            .during(|| format!("listing the tasks of tenant '{tenant}'"))
     }
 
     /// Tasks in `state` last changed before `updated_before`, oldest change first, at most

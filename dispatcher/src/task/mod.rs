@@ -16,6 +16,7 @@ pub use crate::k8s::quantity;
 pub mod quota;
 pub mod retry;
 pub mod submission;
+pub mod summary;
 pub mod webhook;
 pub mod workload;
 
@@ -28,6 +29,7 @@ use uuid::Uuid;
 
 pub use env::{EnvValue, SecretRef};
 pub use quantity::{Cpu, Memory};
+pub use summary::TaskSummary;
 
 /// A task's identity: a UUIDv7, so ids sort by creation time (newest-first listing and
 /// cursors need no separate sequence).

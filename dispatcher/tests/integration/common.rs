@@ -11,6 +11,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use dispatcher::api::admission::Admission;
+use dispatcher::api::event_feed::EventFeed;
 use dispatcher::api::readiness::Readiness;
 use dispatcher::api::streams::OpenStreams;
 use dispatcher::api::{self, AppState, ExposeSecret as _, ReportLimits};
@@ -73,6 +74,8 @@ pub(crate) async fn api_on(store: Store, configure: impl FnOnce(&mut AppState)) 
         secrets: SecretStore::Local(LocalSecrets::open(workdir.join("secrets")).unwrap()),
         max_body_bytes: 64 * 1024,
         follow_poll: Duration::from_millis(50),
+        event_feed: EventFeed::new(store.clone(), Duration::from_millis(50)),
+        list_page_max_bytes: dispatcher::api::task_list::DEFAULT_PAGE_MAX_BYTES,
         report_tokens: ReportTokens::new(TEST_REPORT_KEY),
         snapshot: Arc::new(SnapshotConfig {
             max_age: Duration::ZERO,

@@ -137,7 +137,7 @@ async fn a_generated_client_submits_and_reads_a_task() {
     assert_eq!(read.state, types::TaskState::Queued);
 
     let page = client
-        .list_tasks(None, None, None, None, None)
+        .list_tasks(None, None, None, None, None, None)
         .await
         .unwrap()
         .into_inner();

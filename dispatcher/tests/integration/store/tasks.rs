@@ -2,7 +2,7 @@
 //! listing and its filters.
 
 use dispatcher::store::{Budget, BudgetAction, ListFilter, Store, StoreError};
-use dispatcher::task::{TaskId, TaskState};
+use dispatcher::task::{TaskId, TaskState, TaskSummary};
 
 use super::support::*;
 
@@ -15,6 +15,7 @@ both_backends!(
     case_unknown_tenants_and_non_queued_tasks_are_refused,
     case_listing_pages_newest_first_without_gaps,
     case_listing_filters_by_state_queue_and_label,
+    case_summaries_are_the_listed_tasks_without_their_spec,
 );
 
 async fn case_migrating_twice_is_a_no_op(store: Store) {
@@ -272,5 +273,36 @@ async fn case_listing_filters_by_state_queue_and_label(store: Store) {
     assert_eq!(
         list(ListFilter::new(10).label("team", "ml").before(gpu_ml.id)).await,
         [cpu_ml.id]
+    );
+}
+
+/// A summary (read from the columns kept beside the spec, never the spec) holds what the
+/// whole task holds in the same fields, for every state a task can be listed in.
+async fn case_summaries_are_the_listed_tasks_without_their_spec(store: Store) {
+    acme(&store).await;
+    let gpu = task("acme")
+        .with(|task| task.gpus(2, "a100").cpu("500m").memory("1Gi"))
+        .env("PAYLOAD", &"x".repeat(4096))
+        .create(&store)
+        .await;
+    task("acme").queue("cpu").priority(3).create(&store).await;
+    walk(&store, &gpu, &[TaskState::Launching, TaskState::Launched]).await;
+
+    let filter = ListFilter::new(10);
+    let whole = store.list_tasks("acme", &filter).await.unwrap();
+    let summaries = store.list_task_summaries("acme", &filter).await.unwrap();
+    assert_eq!(whole.len(), 2);
+    assert_eq!(
+        summaries,
+        whole.iter().map(TaskSummary::from).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        store
+            .list_task_summaries("acme", &filter.before(whole[0].id))
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "summaries page like tasks"
     );
 }
