@@ -78,6 +78,10 @@ fn secrets_dir(namespace: &str) -> String {
         .to_string()
 }
 
+/// The dispatchers' logs: errors only, and not the HTTP layer's line per 503 (the bench
+/// counts those itself).
+const LOG_FILTER: &str = "error,tower_http=off";
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -169,7 +173,7 @@ impl Dispatcher {
             .args(["serve", "--executor", spec.executor, "--roles", spec.roles])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--namespace", &namespace, "--log-filter", "error"])
+            .args(["--namespace", &namespace, "--log-filter", LOG_FILTER])
             .args(["--kubeconfig", &env.kubeconfig.display().to_string()])
             .args(["--database-url", &database_url])
             // Secrets of the stub and local paths: a folder of this run, never the cwd's.
@@ -218,7 +222,7 @@ impl Dispatcher {
             .args(["serve", "--executor", executor, "--roles", roles])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--namespace", &other.namespace, "--log-filter", "error"])
+            .args(["--namespace", &other.namespace, "--log-filter", LOG_FILTER])
             .args(["--kubeconfig", &env.kubeconfig.display().to_string()])
             .args(["--database-url", &other.database_url])
             .args([

@@ -42,6 +42,9 @@ struct Args {
     /// never in CI).
     #[arg(long)]
     million: bool,
+    /// Only (f), the million-queued part: prints its section and its JSON.
+    #[arg(long)]
+    only_million: bool,
     /// Seconds of each open-loop step.
     #[arg(long)]
     step_seconds: Option<f64>,
@@ -183,6 +186,12 @@ async fn main() -> anyhow::Result<()> {
         if args.million { ", with --million" } else { "" }
     );
 
+    if args.only_million {
+        let million = capacity::with_a_million(&env, &sizes).await?;
+        print!("{}", report::million_markdown(&million));
+        println!("{}", report::million_summary(&million));
+        return Ok(());
+    }
     let (steps, idle_rss) = latency::latency_at_rates(&env, &sizes).await?;
     let ratio = latency::ratio_against_direct(&env, &sizes).await?;
     let api = capacity::api_alone(&env, &sizes).await?;
