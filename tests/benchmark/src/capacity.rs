@@ -59,6 +59,7 @@ pub(crate) async fn api_alone(env: &Env, sizes: &Sizes) -> anyhow::Result<Vec<Ap
             roles: "api",
         };
         let dispatcher = Dispatcher::start(env, &spec).await?;
+        dispatcher.warm_up().await;
         for &rate in &sizes.api_rates {
             let outcome = dispatcher
                 .target
@@ -317,13 +318,14 @@ pub(crate) async fn with_a_million(env: &Env, sizes: &Sizes) -> anyhow::Result<M
         let l = o.latencies();
         (percentile(&l, 0.5), percentile(&l, 0.99))
     };
+    let warmed = api.warm_up().await;
     let empty = api
         .target
         .open_loop(sizes.million_rate, sizes.step, sizes.request_timeout)
         .await;
     // The small backlog: what the empty-queue run submitted plus the same bulk insert.
     insert_queued(&api, env, sizes.small_backlog).await?;
-    let queued_now = (empty.accepted.len() + sizes.small_backlog) as i64;
+    let queued_now = (warmed + empty.accepted.len() + sizes.small_backlog) as i64;
     let empty_dispatch = dispatch_rate(env, &api, sizes.dispatch_window, queued_now).await?;
     let started = now_ms();
     insert_queued(&api, env, sizes.million).await?;
