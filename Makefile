@@ -10,7 +10,7 @@ target_dir := $(or $(CARGO_TARGET_DIR),target)
 ## tree; the binary runs directly, since `cargo run -p dispatcher` would resolve other
 ## features and rebuild. docs/TESTING.md has the figures.
 run:
-	cargo build --workspace --exclude agent-bus-bench --bins
+	cargo build --workspace --bins
 	$(target_dir)/debug/dispatcher serve
 
 ## Brings the real test environment up, runs fmt, clippy and every test, takes it down.
@@ -25,6 +25,8 @@ env-down:
 env-status:
 	tests/env/status
 
-## Submit-to-Job benchmark against kube-rs direct; writes docs/BENCHMARKS.md.
+## The benchmark against issue 15's goals, kube-rs direct as baseline; writes
+## docs/BENCHMARKS.md (`tests/bench --million` adds the million-queued part). make test
+## runs its smoke (tests/benchmark/tests/smoke.rs) with the test build's binaries.
 bench:
 	tests/bench

@@ -26,6 +26,10 @@ pub(super) fn choose_executor(
             "--executor kubernetes".to_owned(),
         ),
         ExecutorChoice::Local => (ExecutorChoice::Local, "--executor local".to_owned()),
+        ExecutorChoice::Stub => (
+            ExecutorChoice::Stub,
+            "--executor stub (benchmarks only: nothing runs)".to_owned(),
+        ),
         ExecutorChoice::Auto => {
             if let Some(path) = kubeconfig.filter(|p| p.exists()) {
                 (
@@ -242,7 +246,11 @@ mod tests {
     #[test]
     fn an_explicit_executor_is_taken_as_is() {
         let nowhere = Path::new("/nonexistent/agent-bus/token");
-        for choice in [ExecutorChoice::Kubernetes, ExecutorChoice::Local] {
+        for choice in [
+            ExecutorChoice::Kubernetes,
+            ExecutorChoice::Local,
+            ExecutorChoice::Stub,
+        ] {
             assert_eq!(choose_executor(choice, None, nowhere).0, choice);
         }
         assert_eq!(

@@ -23,7 +23,8 @@ use crate::config::{self, ExecutorChoice, Role, ServeArgs};
 use crate::cost::Prices;
 use crate::k8s::rate_limit::RateLimitLayer;
 use crate::launcher::{
-    Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor, QuotaWaits, isolation,
+    Canceller, Executor, KubernetesExecutor, Launcher, LocalExecutor, QuotaWaits, StubExecutor,
+    isolation,
 };
 use crate::lifecycle::{Lifecycle, RetrySettings};
 use crate::metrics::Metrics;
@@ -53,10 +54,10 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.kubeconfig.as_deref(),
         &args.in_cluster_token,
     );
-    let executor_name = if executor_choice == ExecutorChoice::Kubernetes {
-        "kubernetes"
-    } else {
-        "local"
+    let executor_name = match executor_choice {
+        ExecutorChoice::Kubernetes => "kubernetes",
+        ExecutorChoice::Stub => "stub",
+        ExecutorChoice::Local | ExecutorChoice::Auto => "local",
     };
     tracing::info!(target: LOG_TARGET, executor = executor_name, why = %why, roles = ?args.roles, "dispatcher starting");
     settings::check(&args).map_err(anyhow::Error::msg)?;
@@ -102,6 +103,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let report_base = match &args.runner.report_url {
         Some(url) => Some(url.clone()),
         None if executor_choice == ExecutorChoice::Local => Some(format!("http://{}", args.listen)),
+        // Nothing runs under the stub executor, so nothing reports.
+        None if executor_choice == ExecutorChoice::Stub => None,
         None => {
             tracing::warn!(
                 target: LOG_TARGET,
@@ -131,6 +134,22 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             Canceller::Kubernetes(kubernetes),
             Some(client),
             secrets,
+        )
+    } else if executor_choice == ExecutorChoice::Stub {
+        // Benchmarks only: no cluster and no runner; secrets kept as the local executor
+        // keeps them, so the API behaves as it does in production.
+        tracing::warn!(target: LOG_TARGET, "--executor stub: tasks are marked launched and never run (benchmarks only)");
+        let secrets = LocalSecrets::open(args.local_secrets_dir.clone()).with_context(|| {
+            format!(
+                "opening the local secret store {}",
+                args.local_secrets_dir.display()
+            )
+        })?;
+        (
+            Executor::Stub(StubExecutor),
+            Canceller::Stub(StubExecutor),
+            None,
+            SecretStore::Local(secrets),
         )
     } else {
         let secrets = LocalSecrets::open(args.local_secrets_dir.clone()).with_context(|| {
@@ -233,6 +252,8 @@ pub(super) async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 lease,
             };
             roles.spawn(watcher.run(shutdown.clone()));
+        } else if executor_choice == ExecutorChoice::Stub {
+            tracing::info!(target: LOG_TARGET, "watcher role idle: the stub executor runs nothing to watch");
         } else {
             tracing::info!(target: LOG_TARGET, "watcher role idle: the local executor records outcomes itself");
         }

@@ -238,6 +238,10 @@ pub enum ExecutorChoice {
     Kubernetes,
     /// Every task is a child process of the dispatcher (no image, no cluster).
     Local,
+    /// For benchmarks only: every launch succeeds at once and nothing runs (no Job, no
+    /// process); tasks stay `launched` forever. Measures the store, queue and launcher
+    /// alone (`make bench`).
+    Stub,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]

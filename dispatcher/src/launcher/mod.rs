@@ -30,6 +30,7 @@ pub mod kubernetes;
 pub mod local;
 pub mod quota_wait;
 mod security_context;
+pub mod stub;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub use kubernetes::KubernetesExecutor;
 pub use local::LocalExecutor;
 pub use quota_wait::QuotaWaits;
 use quota_wait::WaitStep;
+pub use stub::StubExecutor;
 
 /// What an executor made of a claimed task.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +75,8 @@ pub enum LaunchOutcome {
 pub enum Executor {
     Kubernetes(KubernetesExecutor),
     Local(LocalExecutor),
+    /// Benchmarks only (`--executor stub`).
+    Stub(StubExecutor),
 }
 
 impl Executor {
@@ -80,6 +84,7 @@ impl Executor {
         match self {
             Self::Kubernetes(executor) => executor.launch(task).await,
             Self::Local(executor) => executor.launch(task).await,
+            Self::Stub(executor) => executor.launch(task).await,
         }
     }
 }
@@ -91,6 +96,8 @@ impl Executor {
 pub enum Canceller {
     Kubernetes(KubernetesExecutor),
     Local(LocalExecutor),
+    /// Benchmarks only (`--executor stub`).
+    Stub(StubExecutor),
 }
 
 impl Canceller {
@@ -99,6 +106,10 @@ impl Canceller {
             Self::Kubernetes(executor) => executor.delete(task).await,
             Self::Local(executor) => {
                 executor.stop(task.id);
+                Ok(())
+            }
+            Self::Stub(executor) => {
+                executor.cancel(task);
                 Ok(())
             }
         }
