@@ -478,8 +478,8 @@ fn the_dispatchers_limits_reach_every_role_as_its_own_variables() {
         "[default: 2160h]",
         "[default: 256]",
         "[default: 32]",
-        "[default: 50]",
-        "[default: 100]",
+        "[default: 200]",
+        "[default: 400]",
     ] {
         assert!(help.contains(default), "{default}");
     }
