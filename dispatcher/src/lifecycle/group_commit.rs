@@ -99,18 +99,8 @@ impl Committer {
         }
         // Stable: two moves of one task stay in the order asked.
         batch.sort_by_key(|request| request.id);
-        let prices = &self.prices;
-        let renderer = &self.renderer;
-        let settle = |task: &Task, step: &Step| {
-            Some(
-                task.spent
-                    .earlier_attempts
-                    .plus(&prices.settle(task, step.at)),
-            )
-        };
-        let render = |task: &Task, event_type: &'static str, step: &Step| {
-            notify::body(renderer, task, event_type, step.at)
-        };
+        let settle = |task: &Task, step: &Step| Some(self.settle(task, step));
+        let render = |task: &Task, event_type, step: &Step| self.render(task, event_type, step);
         let steps: Vec<(TaskId, &Step)> = batch.iter().map(|r| (r.id, &r.step)).collect();
         let answers = self.store.transitions(&steps, &settle, &render).await;
         drop(steps);
@@ -155,18 +145,22 @@ impl Committer {
     }
 
     async fn commit_alone(&self, id: TaskId, step: &Step) -> store::Result<Option<Task>> {
-        let at = step.at;
-        let prices = &self.prices;
-        let renderer = &self.renderer;
-        let render = |task: &Task, event_type| notify::body(renderer, task, event_type, at);
+        let render = |task: &Task, event_type| self.render(task, event_type, step);
         self.store
-            .transition(
-                id,
-                step,
-                |task| Some(task.spent.earlier_attempts.plus(&prices.settle(task, at))),
-                &render,
-            )
+            .transition(id, step, |task| Some(self.settle(task, step)), &render)
             .await
+    }
+
+    /// The compute cost of every attempt of `task`, which `step` ends, as of the step.
+    fn settle(&self, task: &Task, step: &Step) -> crate::task::Breakdown {
+        task.spent
+            .earlier_attempts
+            .plus(&self.prices.settle(task, step.at))
+    }
+
+    /// The webhook body `step` of `task` makes, if a webhook wants it.
+    fn render(&self, task: &Task, event_type: &'static str, step: &Step) -> String {
+        notify::body(&self.renderer, task, event_type, step.at)
     }
 }
 
