@@ -9,6 +9,7 @@ use anyhow::Context as _;
 
 use crate::config::{ExecutorChoice, ServeArgs};
 use crate::k8s::rate_limit::RateLimitLayer;
+use crate::k8s::retry_after::RetryAfterLayer;
 use crate::launcher::isolation::{self, TaskUsers};
 use crate::metrics::Metrics;
 use crate::metrics::kubernetes::KubernetesMetricsLayer;
@@ -77,6 +78,9 @@ pub(super) async fn kube_client(
     let mut config = config;
     config.default_retry = false;
     Ok(kube::client::ClientBuilder::try_from(config)?
+        // The server's Retry-After (APF's 429s carry it only as a header) reaches the
+        // launcher's retry as the Status's retryAfterSeconds.
+        .with_layer(&RetryAfterLayer)
         .with_layer(&KubernetesMetricsLayer::new(metrics.clone()))
         // Outside the metrics: a request counted is one sent, not one waiting its turn.
         .with_layer(rate)

@@ -7,3 +7,4 @@
 pub mod names;
 pub mod quantity;
 pub mod rate_limit;
+pub mod retry_after;
