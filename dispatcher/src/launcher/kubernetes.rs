@@ -22,7 +22,7 @@ use super::LaunchOutcome;
 use super::job_spec::{LABEL_ATTEMPT, LABEL_TASK_ID, LaunchConfig, build_job, job_name};
 use crate::report::ReportIssuer;
 use crate::secrets::{KubernetesSecrets, SecretStore};
-use crate::task::Task;
+use crate::task::{Task, TaskId};
 
 /// Creates and deletes task Jobs in one namespace.
 #[derive(Clone)]
@@ -199,15 +199,15 @@ impl KubernetesExecutor {
 
     /// Deletes the Job of `task`'s current attempt (its pods go with it, in the background).
     pub async fn delete(&self, task: &Task) -> Result<(), kube::Error> {
-        self.delete_attempt(task, task.attempt).await
+        self.delete_attempt(task.id, task.attempt).await
     }
 
-    /// Deletes the Job of `attempt` of `task`; a Job already gone is fine.
-    pub async fn delete_attempt(&self, task: &Task, attempt: u32) -> Result<(), kube::Error> {
-        let name = job_name(&task.id, attempt);
+    /// Deletes the Job of `attempt` of task `task_id`; a Job already gone is fine.
+    pub async fn delete_attempt(&self, task_id: TaskId, attempt: u32) -> Result<(), kube::Error> {
+        let name = job_name(&task_id, attempt);
         match self.jobs.delete(&name, &DeleteParams::background()).await {
             Ok(_) => {
-                tracing::info!(task_id = %task.id, job = %name, "job deleted");
+                tracing::info!(%task_id, job = %name, "job deleted");
                 Ok(())
             }
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),

@@ -43,7 +43,7 @@ use crate::metrics::LaunchFailure;
 use crate::lifecycle::Lifecycle;
 use crate::queue::{Delivery, Queue, QueueEntry};
 use crate::task::lifecycle::Move;
-use crate::task::{Reason, Task, TaskId, TaskState};
+use crate::task::{Reason, Task, TaskId, TaskState, TaskSummary};
 
 pub use kubernetes::KubernetesExecutor;
 pub use local::LocalExecutor;
@@ -385,7 +385,7 @@ impl Launcher {
                     break;
                 }
             };
-            queues.extend(waiting.iter().map(|t| t.spec.queue.clone()));
+            queues.extend(waiting.iter().map(|t| t.queue.clone()));
             // A task still backing off is enqueued when it is released; tasks a quota
             // holds have no entry on purpose: the re-offer pass offers them when their
             // tenant has room.
@@ -490,16 +490,13 @@ impl Launcher {
     /// each queue held when first read, across the pages of one reconcile.
     async fn enqueue_missing(
         &self,
-        queued: &[Task],
+        queued: &[TaskSummary],
         present: &mut HashMap<String, HashSet<TaskId>>,
     ) {
-        let mut by_queue: std::collections::BTreeMap<&str, Vec<&Task>> =
+        let mut by_queue: std::collections::BTreeMap<&str, Vec<&TaskSummary>> =
             std::collections::BTreeMap::new();
         for task in queued {
-            by_queue
-                .entry(task.spec.queue.as_str())
-                .or_default()
-                .push(task);
+            by_queue.entry(task.queue.as_str()).or_default().push(task);
         }
         for (queue, tasks) in by_queue {
             if !present.contains_key(queue) {
@@ -521,7 +518,7 @@ impl Launcher {
                 let entry = QueueEntry {
                     task_id: task.id,
                     queue: queue.to_owned(),
-                    priority: task.spec.priority,
+                    priority: task.priority,
                 };
                 match self.queue.enqueue(&entry).await {
                     Ok(()) => {

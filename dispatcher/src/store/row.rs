@@ -27,10 +27,11 @@ macro_rules! task_columns {
 pub(super) use task_columns;
 
 /// The columns [`task_summary`] reads: [`task_columns!`] without the spec blob, with the
-/// spec fields kept beside it (`name`, `queue`, `priority`, `image`, `resources`).
+/// spec fields kept beside it (`name`, `queue`, `priority`, `image`, `resources`,
+/// `timeout_seconds`).
 macro_rules! summary_columns {
     () => {
-        "id, tenant, name, queue, priority, image, resources, state, reason, message, attempt, \
+        "id, tenant, name, queue, priority, image, resources, timeout_seconds, state, reason, message, attempt, \
          gpu_class, exit_code, created_at, updated_at, queued_at, launched_at, started_at, \
          finished_at, gpu_cost_dollars, cpu_cost_dollars, memory_cost_dollars, \
          llm_cost_dollars, expires_at, retries_used, ignored_attempts, next_attempt_at, \
@@ -158,6 +159,12 @@ pub(super) fn task_summary(row: &AnyRow) -> Result<TaskSummary> {
         priority: get(row, "priority", &record)?,
         image: get(row, "image", &record)?,
         resources,
+        timeout_seconds: {
+            let seconds: i64 = get(row, "timeout_seconds", &record)?;
+            u32::try_from(seconds).map_err(|_| {
+                StoreError::corrupt(record(), format!("column timeout_seconds: {seconds}"))
+            })?
+        },
         state: progress.state,
         reason: progress.reason,
         message: progress.message,

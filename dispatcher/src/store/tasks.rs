@@ -215,9 +215,9 @@ impl Store {
             let inserted = sqlx::query(
                 "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, reason, \
                  message, attempt, exit_code, idempotency_key, request_hash, created_at, updated_at, \
-                 gpu_class, queued_at, expires_at, image, resources) \
+                 gpu_class, queued_at, expires_at, image, resources, timeout_seconds) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $14, \
-                 $17, $18, $19) \
+                 $17, $18, $19, $20) \
                  ON CONFLICT (tenant, idempotency_key) DO NOTHING",
             )
             .bind(id.to_string())
@@ -239,6 +239,7 @@ impl Store {
             .bind(task.expires_at.map(millis))
             .bind(&task.spec.image)
             .bind(resources)
+            .bind(i64::from(task.spec.timeout_seconds))
             .execute(&mut *tx)
             .await;
             let inserted = match inserted {
@@ -370,6 +371,23 @@ impl Store {
         .await
     }
 
+    /// The summary of one task, without its spec blob: what the watcher decides from.
+    pub async fn task_summary(&self, id: TaskId) -> Result<Option<TaskSummary>> {
+        self.timed("task_summary", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                summary_columns!(),
+                " FROM tasks WHERE id = $1"
+            ))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .during(|| format!("reading task {id}"))?;
+            row.as_ref().map(row::task_summary).transpose()
+        })
+        .await
+    }
+
     /// The tenant's tasks matching `filter`, newest first (id descending), at most
     /// `filter.limit`, only ids below `filter.before`. Pages chained by passing the last
     /// id as `before` see every task exactly once.
@@ -495,18 +513,18 @@ impl Store {
     /// A page of the tasks in `state` last changed before `updated_before`, in id order
     /// after the cursor `after` (the last id of the previous page; `None` for the first),
     /// at most `limit`: a sweep that reads every such task, however many, a page at a
-    /// time.
-    pub async fn tasks_in_state_page(
+    /// time. Summaries: a sweep decides from columns and never reads a spec blob.
+    pub async fn summaries_in_state_page(
         &self,
         state: TaskState,
         updated_before: jiff::Timestamp,
         after: Option<TaskId>,
         limit: u32,
-    ) -> Result<Vec<Task>> {
-        self.timed("tasks_in_state_page", async {
+    ) -> Result<Vec<TaskSummary>> {
+        self.timed("summaries_in_state_page", async {
             let rows = sqlx::query(concat!(
                 "SELECT ",
-                task_columns!(),
+                summary_columns!(),
                 " FROM tasks WHERE state = $1 AND updated_at < $2 AND id > $3 \
                  ORDER BY id LIMIT $4"
             ))
@@ -517,7 +535,7 @@ impl Store {
             .fetch_all(&self.pool)
             .await
             .during(|| format!("listing a page of {state} tasks"))?;
-            rows.iter().map(row::task).collect()
+            rows.iter().map(row::task_summary).collect()
         })
         .await
     }
@@ -633,13 +651,13 @@ pub struct StatePages<'a> {
 
 impl StatePages<'_> {
     /// The next page; `None` once every task was read.
-    pub async fn next(&mut self) -> Result<Option<Vec<Task>>> {
+    pub async fn next(&mut self) -> Result<Option<Vec<TaskSummary>>> {
         if self.done {
             return Ok(None);
         }
         let tasks = self
             .store
-            .tasks_in_state_page(self.state, self.updated_before, self.after, self.page)
+            .summaries_in_state_page(self.state, self.updated_before, self.after, self.page)
             .await?;
         self.done = tasks.len() < self.page as usize;
         self.after = tasks.last().map(|task| task.id);

@@ -1,6 +1,7 @@
-//! What a list of tasks shows of each: the task's progress and the few spec fields a table
-//! prints (name, queue, priority, image, resources), without the rest of the spec (command,
-//! arguments, environment, volumes, annotations), which can be a mebibyte per task.
+//! What a list of tasks shows of each, and what the sweeps decide from: the task's progress
+//! and the few spec fields a table prints or a sweep needs (name, queue, priority, image,
+//! resources, timeout), without the rest of the spec (command, arguments, environment,
+//! volumes, annotations), which can be a mebibyte per task.
 //!
 //! Invariant: every field of a [`TaskSummary`] is the value of the same field of the
 //! [`Task`] it summarizes; the store reads it from columns kept beside the spec blob, so a
@@ -20,6 +21,8 @@ pub struct TaskSummary {
     pub image: String,
     /// What it asks of a node: what its price per hour comes from.
     pub resources: Resources,
+    /// Its spec's `timeout_seconds` (0: none).
+    pub timeout_seconds: u32,
     pub state: TaskState,
     pub reason: Option<Reason>,
     pub message: Option<String>,
@@ -45,6 +48,7 @@ impl From<&Task> for TaskSummary {
             priority: task.spec.priority,
             image: task.spec.image.clone(),
             resources: task.spec.resources.clone(),
+            timeout_seconds: task.spec.timeout_seconds,
             state: task.state,
             reason: task.reason,
             message: task.message.clone(),

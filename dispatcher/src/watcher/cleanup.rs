@@ -18,7 +18,7 @@ use kube::ResourceExt as _;
 
 use crate::launcher::job_spec::{LABEL_ATTEMPT, LABEL_TASK_ID};
 use crate::metrics::JobDeletion;
-use crate::task::{Task, TaskId};
+use crate::task::{TaskId, TaskSummary};
 
 /// What the sweep knows of one agent-bus Job from the cluster alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +107,7 @@ pub fn before_reading(
 #[must_use]
 pub fn after_reading(
     job: &JobFacts,
-    task: Option<&Task>,
+    task: Option<&TaskSummary>,
     keep: Duration,
     now: jiff::Timestamp,
 ) -> Verdict {
@@ -288,7 +288,12 @@ mod tests {
         ];
         for (row, (facts, task, keep, expected)) in decided.into_iter().enumerate() {
             assert_eq!(
-                after_reading(&facts, task.as_ref(), keep, now),
+                after_reading(
+                    &facts,
+                    task.as_ref().map(crate::task::TaskSummary::from).as_ref(),
+                    keep,
+                    now
+                ),
                 expected,
                 "decision, row {row}"
             );

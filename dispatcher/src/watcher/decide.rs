@@ -18,7 +18,7 @@ use crate::launcher::job_spec::TASK_CONTAINER;
 use crate::report::outcome_of;
 use crate::task::lifecycle::{Ending, Move};
 use crate::task::retry::FailureClass;
-use crate::task::{Reason, Task, TaskState};
+use crate::task::{Reason, TaskState, TaskSummary};
 
 /// What the watcher should do for one task.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,7 +239,7 @@ fn container_config_message(kubelet: Option<&str>) -> String {
 /// scheduled is classed `unschedulable`.
 #[must_use]
 pub fn decide(
-    task: &Task,
+    task: &TaskSummary,
     job: Option<&Job>,
     pods: &[&Pod],
     now: jiff::Timestamp,
@@ -259,7 +259,7 @@ pub fn decide(
 }
 
 fn decide_from_status(
-    task: &Task,
+    task: &TaskSummary,
     job: Option<&Job>,
     pods: &[&Pod],
     now: jiff::Timestamp,
@@ -293,7 +293,7 @@ fn decide_from_status(
                 Some(Reason::DeadlineExceeded),
                 Some(format!(
                     "ran longer than its timeout of {}s",
-                    task.spec.timeout_seconds
+                    task.timeout_seconds
                 )),
                 None,
             ),
@@ -319,7 +319,7 @@ fn decide_from_status(
             return ended(
                 TaskState::Failed,
                 Some(Reason::ImagePull),
-                Some(format!("image {}: {reason}", task.spec.image)),
+                Some(format!("image {}: {reason}", task.image)),
                 None,
             );
         }
@@ -441,7 +441,7 @@ fn refusal_text(message: &str) -> &str {
 /// or Pod Security profile refuses it (the task fails, `launch_rejected`: it never will
 /// fit). Any other refusal, or none, decides nothing.
 #[must_use]
-pub fn refused_pods(task: &Task, job: &Job, pods: &[&Pod], events: &[&Event]) -> Decision {
+pub fn refused_pods(task: &TaskSummary, job: &Job, pods: &[&Pod], events: &[&Event]) -> Decision {
     if task.state != TaskState::Launched
         || !pods.is_empty()
         || job_is_finished(job)
@@ -519,7 +519,14 @@ mod tests {
     fn decided(state: TaskState, job: Option<&Job>, pods: &[&Pod]) -> Decision {
         let mut task = TaskFixture::new().obj();
         task.state = state;
-        decide(&task, job, pods, now(), Duration::from_mins(1), None)
+        decide(
+            &crate::task::TaskSummary::from(&task),
+            job,
+            pods,
+            now(),
+            Duration::from_mins(1),
+            None,
+        )
     }
 
     fn moved_to(decision: &Decision) -> (TaskState, Option<Reason>, Option<i32>) {
@@ -775,7 +782,7 @@ mod tests {
             after: Duration::from_secs(30),
         };
         let decision = decide(
-            &task,
+            &crate::task::TaskSummary::from(&task),
             Some(&active),
             &[&pending],
             now(),
@@ -799,7 +806,7 @@ mod tests {
         };
         assert_eq!(
             decide(
-                &task,
+                &crate::task::TaskSummary::from(&task),
                 Some(&active),
                 &[&pending],
                 now(),
@@ -971,7 +978,8 @@ mod tests {
         for (row, (state, job, pods, events, expected)) in cases.into_iter().enumerate() {
             let mut task = TaskFixture::new().obj();
             task.state = state;
-            let decision = refused_pods(&task, job, &pods, &events);
+            let decision =
+                refused_pods(&crate::task::TaskSummary::from(&task), job, &pods, &events);
             match (expected, decision) {
                 (Expect::Nothing, Decision::Nothing) => {}
                 (
@@ -1008,7 +1016,12 @@ mod tests {
         noted.reason = Some(Reason::ClusterQuota);
         noted.message = Some(quota_note.to_owned());
         assert_eq!(
-            refused_pods(&noted, &active, &[], &[&quota]),
+            refused_pods(
+                &crate::task::TaskSummary::from(&noted),
+                &active,
+                &[],
+                &[&quota]
+            ),
             Decision::Nothing
         );
     }

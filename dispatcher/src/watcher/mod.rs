@@ -24,7 +24,9 @@
 //!   them when configured to;
 //! - the work grows with the active tasks, not with history or the cluster: the sweep
 //!   reads them a page at a time with a cursor (no cap leaves any unswept), and a task's
-//!   pods are found through an index by task attempt ([`pods`]), not a scan of every pod.
+//!   pods are found through an index by task attempt ([`pods`]), not a scan of every pod;
+//!   it decides from task summaries (columns beside the spec, [`TaskSummary`]), never
+//!   reading a spec blob, which can be a mebibyte per task.
 
 pub mod cleanup;
 pub mod decide;
@@ -50,7 +52,7 @@ use crate::lifecycle::Lifecycle;
 use crate::placement::GpuClasses;
 use crate::queue::{Queue, QueueEntry};
 use crate::task::lifecycle::Move;
-use crate::task::{Reason, Task, TaskId, TaskState};
+use crate::task::{Reason, TaskId, TaskState, TaskSummary};
 use pods::TaskPods;
 
 pub use decide::{Decision, Fallback, decide};
@@ -268,7 +270,7 @@ impl Watcher {
                 return;
             }
             reads += 1;
-            let task = match self.lifecycle.store().task(facts.task_id).await {
+            let task = match self.lifecycle.store().task_summary(facts.task_id).await {
                 Ok(task) => task,
                 Err(error) => {
                     tracing::warn!(task_id = %facts.task_id, error = %error, "reading the task of a job failed");
@@ -285,9 +287,9 @@ impl Watcher {
     }
 
     /// Deletes the Job of `attempt` of `task` (its pods go with it), counting it.
-    async fn delete_job(&self, task: &Task, attempt: u32, why: JobDeletion) {
+    async fn delete_job(&self, task: &TaskSummary, attempt: u32, why: JobDeletion) {
         let metrics = self.lifecycle.metrics().kubernetes();
-        match self.executor.delete_attempt(task, attempt).await {
+        match self.executor.delete_attempt(task.id, attempt).await {
             Ok(()) => {
                 metrics.job_deleted(why);
                 tracing::debug!(task_id = %task.id, attempt, why = why.as_str(), "job deleted");
@@ -303,7 +305,7 @@ impl Watcher {
     /// notes (or fails) what they say ([`decide::refused_pods`]).
     async fn explain_refused_pods(
         &self,
-        launched: &[Task],
+        launched: &[TaskSummary],
         jobs: &Cache<Job>,
         pods: &TaskPods,
         now: jiff::Timestamp,
@@ -427,9 +429,8 @@ impl Watcher {
     }
 
     /// Where `task` may go if its pod cannot be scheduled: the next fallback class.
-    fn fallback_for(&self, task: &Task) -> Option<Fallback> {
+    fn fallback_for(&self, task: &TaskSummary) -> Option<Fallback> {
         let gpu = task
-            .spec
             .resources
             .gpu
             .as_ref()
@@ -445,7 +446,7 @@ impl Watcher {
     }
 
     /// Moves `task` to a new attempt on `class`, queues it, and deletes the old Job.
-    async fn fall_back(&self, task: &Task, class: String, message: String) {
+    async fn fall_back(&self, task: &TaskSummary, class: String, message: String) {
         let fall_back = Move::FallBack {
             class,
             attempt: task.attempt + 1,
@@ -458,7 +459,7 @@ impl Watcher {
                 if let Err(error) = self.queue.enqueue(&entry).await {
                     tracing::warn!(task_id = %task.id, error = %error, "enqueue failed; the reconciler will enqueue the task");
                 }
-                if let Err(error) = self.executor.delete_attempt(task, task.attempt).await {
+                if let Err(error) = self.executor.delete_attempt(task.id, task.attempt).await {
                     tracing::warn!(task_id = %task.id, error = %error, "deleting the old attempt's job failed; the sweep retries");
                 }
             }
@@ -471,7 +472,7 @@ impl Watcher {
 
     /// Reads one task a watch event touched, then decides for it.
     async fn reconcile_task(&self, id: TaskId, jobs: &Cache<Job>, pods: &TaskPods) {
-        match self.lifecycle.store().task(id).await {
+        match self.lifecycle.store().task_summary(id).await {
             Ok(Some(task)) => self.reconcile(task, jobs, pods).await,
             Ok(None) => {}
             Err(error) => tracing::warn!(task_id = %id, error = %error, "reading the task failed"),
@@ -479,7 +480,7 @@ impl Watcher {
     }
 
     /// Decides for one task, as just read from the store, and applies the decision.
-    async fn reconcile(&self, task: Task, jobs: &Cache<Job>, pods: &TaskPods) {
+    async fn reconcile(&self, task: TaskSummary, jobs: &Cache<Job>, pods: &TaskPods) {
         let name = job_name(&task.id, task.attempt);
         let job = jobs.get(&reflector::ObjectRef::new(&name).within(&self.namespace));
         let task_pods = pods.of(&task);

@@ -16,7 +16,7 @@ use kube::ResourceExt as _;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::launcher::job_spec::{LABEL_ATTEMPT, LABEL_TASK_ID};
-use crate::task::Task;
+use crate::task::TaskSummary;
 
 /// (task id in its simple form, attempt) as the pod labels carry them.
 type AttemptKey = (String, String);
@@ -71,7 +71,7 @@ impl TaskPods {
     }
 
     /// The pods of `task`'s current attempt that the cache holds.
-    pub(super) fn of(&self, task: &Task) -> Vec<Arc<Pod>> {
+    pub(super) fn of(&self, task: &TaskSummary) -> Vec<Arc<Pod>> {
         let key = (task.id.simple(), task.attempt.to_string());
         let names: Vec<String> = {
             let index = self.index.lock().unwrap_or_else(PoisonError::into_inner);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use dispatcher::store::{Store, StoreError};
 use dispatcher::task::lifecycle::Step;
-use dispatcher::task::{TaskId, TaskState};
+use dispatcher::task::{TaskId, TaskState, TaskSummary};
 
 use super::support::*;
 
@@ -213,7 +213,14 @@ async fn case_a_sweep_pages_through_more_tasks_than_a_page(store: Store) {
     let mut walk = store.pages_in_state(TaskState::Running, later, 3);
     while let Some(page) = walk.next().await.unwrap() {
         pages.push(page.len());
-        seen.extend(ids(&page));
+        for summary in &page {
+            // Read from columns, never the spec blob, and the same as the full task says
+            // (the timeout included, the one field only a sweep needs).
+            let full = store.task(summary.id).await.unwrap().unwrap();
+            assert_eq!(summary, &TaskSummary::from(&full));
+            assert_eq!(summary.timeout_seconds, 3600);
+            seen.push(summary.id);
+        }
     }
     // Every running task once, in id order, three at a time; the queued one is not.
     assert_eq!(pages, [3, 3, 1]);
