@@ -16,16 +16,22 @@
 //!   lagged and reads what it missed from the store by its own cursor;
 //! - one store read per tick serves up to [`FOLLOWED_PER_READ`] followed tasks, however
 //!   many streams follow them; the tasks nobody follows any more are dropped at the next
-//!   tick.
+//!   tick;
+//! - output lines and progress are read by each stream by its own cursor (they are the
+//!   stream's payload), but only when its task's output mark moved: one more store read
+//!   per tick reads the marks of every task whose output is followed
+//!   ([`Store::output_marks`]), so an idle followed stream costs no query of its own.
+//!   A mark is taken before the stream's read, so a line stored after it moves the mark
+//!   again and is read at the next tick.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, watch};
 
-use crate::store::{Store, StoreError, TaskEvent};
+use crate::store::{OutputMark, Store, StoreError, TaskEvent};
 use crate::task::TaskId;
 
 /// Events a followed task's channel keeps for its slowest subscriber before that one is
@@ -65,6 +71,23 @@ struct Channel {
     /// whole history; subscribers skip what they already read).
     published: i64,
     sender: broadcast::Sender<Arc<TaskEvent>>,
+    /// The task's output mark as last read (`None` before the first read), for the
+    /// streams that follow its lines or progress.
+    output: watch::Sender<Option<OutputMark>>,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Self {
+            published: 0,
+            sender: broadcast::channel(CHANNEL_CAPACITY).0,
+            output: watch::channel(None).0,
+        }
+    }
+
+    fn followed(&self) -> bool {
+        self.sender.receiver_count() > 0 || self.output.receiver_count() > 0
+    }
 }
 
 impl EventFeed {
@@ -85,27 +108,7 @@ impl EventFeed {
     /// whole history). Starts the loop if it is not running.
     #[must_use]
     pub fn subscribe(&self, task: TaskId, after: Option<i64>) -> EventSubscription {
-        let receiver = {
-            let mut followed = self
-                .inner
-                .followed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let receiver = followed
-                .tasks
-                .entry(task)
-                .or_insert_with(|| Channel {
-                    published: 0,
-                    sender: broadcast::channel(CHANNEL_CAPACITY).0,
-                })
-                .sender
-                .subscribe();
-            if !followed.polling {
-                followed.polling = true;
-                tokio::spawn(poll(Arc::clone(&self.inner)));
-            }
-            receiver
-        };
+        let receiver = self.with_channel(task, |channel| channel.sender.subscribe());
         EventSubscription {
             store: self.inner.store.clone(),
             task,
@@ -116,6 +119,32 @@ impl EventFeed {
             behind: true,
             received: VecDeque::new(),
         }
+    }
+
+    /// Follows `task`'s output mark: whether its lines or progress are worth a read.
+    /// Starts the loop if it is not running.
+    #[must_use]
+    pub fn follow_output(&self, task: TaskId) -> OutputFollow {
+        OutputFollow {
+            receiver: self.with_channel(task, |channel| channel.output.subscribe()),
+            read_at: None,
+        }
+    }
+
+    /// Runs `then` on `task`'s channel (made if new), and starts the loop if it is not
+    /// running; under the lock, so the loop never ends between the two.
+    fn with_channel<T>(&self, task: TaskId, then: impl FnOnce(&Channel) -> T) -> T {
+        let mut followed = self
+            .inner
+            .followed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let out = then(followed.tasks.entry(task).or_insert_with(Channel::new));
+        if !followed.polling {
+            followed.polling = true;
+            tokio::spawn(poll(Arc::clone(&self.inner)));
+        }
+        out
     }
 
     /// The tasks followed now (those with a subscriber, or left since the last tick).
@@ -134,24 +163,66 @@ impl EventFeed {
 /// per tick, published to each task's channel.
 async fn poll(inner: Arc<Inner>) {
     loop {
-        let cursors: Vec<(TaskId, i64)> = {
+        let (cursors, outputs): (Vec<(TaskId, i64)>, Vec<TaskId>) = {
             let mut followed = inner
                 .followed
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            followed
-                .tasks
-                .retain(|_, channel| channel.sender.receiver_count() > 0);
+            followed.tasks.retain(|_, channel| channel.followed());
             if followed.tasks.is_empty() {
                 followed.polling = false;
                 return;
             }
-            followed
+            let cursors = followed
                 .tasks
                 .iter()
+                .filter(|(_, channel)| channel.sender.receiver_count() > 0)
                 .map(|(task, channel)| (*task, channel.published))
-                .collect()
+                .collect();
+            let outputs = followed
+                .tasks
+                .iter()
+                .filter(|(_, channel)| channel.output.receiver_count() > 0)
+                .map(|(task, _)| *task)
+                .collect();
+            (cursors, outputs)
         };
+        if !outputs.is_empty() {
+            match inner.store.output_marks(&outputs).await {
+                Ok(marks) => {
+                    let followed = inner
+                        .followed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    for (task, mark) in marks {
+                        if let Some(channel) = followed.tasks.get(&task) {
+                            channel.output.send_if_modified(|held| {
+                                let moved = *held != Some(mark);
+                                *held = Some(mark);
+                                moved
+                            });
+                        }
+                    }
+                }
+                Err(error) => {
+                    // The streams read on their own clock until the marks come back.
+                    tracing::warn!(error = %error, tasks = outputs.len(), "event feed: reading output marks failed");
+                    let followed = inner
+                        .followed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    for task in &outputs {
+                        if let Some(channel) = followed.tasks.get(task) {
+                            channel.output.send_replace(None);
+                        }
+                    }
+                }
+            }
+        }
+        if cursors.is_empty() {
+            tokio::time::sleep(inner.tick).await;
+            continue;
+        }
         let mut more = false;
         match inner
             .store
@@ -263,5 +334,30 @@ impl EventSubscription {
             self.after = event.id;
             events.push(event.clone());
         }
+    }
+}
+
+/// One stream's view of its task's output mark ([`EventFeed::follow_output`]).
+#[derive(Debug)]
+pub struct OutputFollow {
+    receiver: watch::Receiver<Option<OutputMark>>,
+    /// The mark when the stream last read its lines and progress.
+    read_at: Option<OutputMark>,
+}
+
+impl OutputFollow {
+    /// Whether the stream should read its task's lines and progress now: the mark moved
+    /// since its last read, or no mark is known (before the feed's first read, or while
+    /// it fails). Call it just before the read: it takes the mark the read covers.
+    pub fn worth_reading(&mut self) -> bool {
+        let now = *self.receiver.borrow_and_update();
+        let worth = now.is_none() || now != self.read_at;
+        self.read_at = now;
+        worth
+    }
+
+    /// After a read that failed or stopped at a page: the next call says read.
+    pub fn read_again(&mut self) {
+        self.read_at = None;
     }
 }

@@ -22,7 +22,7 @@ use protocol::{LogBatch, LogReceipt};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Authenticated;
-use super::event_feed::EventSubscription;
+use super::event_feed::{EventSubscription, OutputFollow};
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::reports::ReportingAttempt;
 use super::streams::StreamSlot;
@@ -380,9 +380,13 @@ pub async fn read(
     // The attempt's end comes from the process's shared event poller: a follow reads
     // only its lines itself.
     let ends = slot.as_ref().map(|_| state.event_feed.subscribe(id, None));
+    // And whether there is anything new to read: a follow reads the store only when the
+    // task's output mark moved.
+    let output = slot.as_ref().map(|_| state.event_feed.follow_output(id));
     let read = LogRead {
         slot,
         ends,
+        output,
         ended: false,
         state,
         id,
@@ -409,6 +413,8 @@ struct LogRead {
     slot: Option<StreamSlot>,
     /// A follow's events of the task, which say when the attempt is over.
     ends: Option<EventSubscription>,
+    /// A follow's view of the task's output mark: whether a read can find new lines.
+    output: Option<OutputFollow>,
     /// Whether an event said the attempt is over (a later attempt began, or the task
     /// ended).
     ended: bool,
@@ -462,23 +468,35 @@ fn log_stream(read: LogRead) -> impl futures::Stream<Item = Result<Bytes, Infall
                 }
                 None => true,
             };
-            match read
-                .state
-                .store()
-                .log_lines(read.id, read.attempt, read.cursor, PAGE)
-                .await
-            {
-                Ok(lines) => {
-                    if let Some(last) = lines.last() {
-                        read.cursor.after = Some((read.attempt, last.sequence));
+            // Once the attempt is over every read counts (the last one must come back
+            // short); before, a follow reads only when the output mark moved.
+            let worth = ended || read.output.as_mut().is_none_or(OutputFollow::worth_reading);
+            if worth {
+                match read
+                    .state
+                    .store()
+                    .log_lines(read.id, read.attempt, read.cursor, PAGE)
+                    .await
+                {
+                    Ok(lines) => {
+                        if let Some(last) = lines.last() {
+                            read.cursor.after = Some((read.attempt, last.sequence));
+                        }
+                        let full = lines.len() >= PAGE as usize;
+                        if full && let Some(output) = &mut read.output {
+                            output.read_again();
+                        }
+                        read.done = ended && !full;
+                        read.pending.extend(lines);
                     }
-                    read.done = ended && lines.len() < PAGE as usize;
-                    read.pending.extend(lines);
-                }
-                Err(error) => {
-                    tracing::warn!(task_id = %read.id, error = %error, "logs: reading lines failed");
-                    // A plain read ends (the body stops short); a follow tries again.
-                    read.done = !read.request.follow;
+                    Err(error) => {
+                        tracing::warn!(task_id = %read.id, error = %error, "logs: reading lines failed");
+                        // A plain read ends (the body stops short); a follow tries again.
+                        read.done = !read.request.follow;
+                        if let Some(output) = &mut read.output {
+                            output.read_again();
+                        }
+                    }
                 }
             }
             if read.pending.is_empty() && !read.done {

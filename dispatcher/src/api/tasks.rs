@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use super::attempts::{AttemptView, attempts_of};
 use super::auth::Authenticated;
-use super::event_feed::EventSubscription;
+use super::event_feed::{EventSubscription, OutputFollow};
 use super::extract::{JsonBody, QueryParams, TaskIdPath};
 use super::logs::{Include, LogEventView, ProgressEventView};
 use super::streams::StreamSlot;
@@ -587,6 +587,9 @@ struct Follow {
     /// A followed stream's state events, from the process's shared poller; a snapshot
     /// reads the store once instead.
     feed: Option<EventSubscription>,
+    /// A followed stream's view of the task's output mark, when it includes progress or
+    /// lines: whether reading them can find anything new.
+    output: Option<OutputFollow>,
     /// Whether a terminal state was sent: once the included items are read to their end
     /// too, the stream ends.
     terminal: bool,
@@ -636,6 +639,15 @@ impl Follow {
                 return None;
             }
         }
+        // Once the task is terminal every read counts (the last one must come back short);
+        // before, a follow reads its items only when the output mark moved.
+        let terminal = self.terminal;
+        if !terminal
+            && let Some(output) = &mut self.output
+            && !output.worth_reading()
+        {
+            return Some(complete);
+        }
         if self.include.progress {
             match store
                 .progress_of_task(self.id, self.progress_after, FOLLOW_PAGE)
@@ -643,6 +655,7 @@ impl Follow {
             {
                 Ok(items) => {
                     complete &= items.len() < FOLLOW_PAGE as usize;
+                    read_again_unless(&mut self.output, complete);
                     if let Some(last) = items.last() {
                         self.progress_after = Some((last.attempt, last.sequence));
                     }
@@ -654,6 +667,7 @@ impl Follow {
                 }
                 Err(error) => {
                     tracing::warn!(task_id = %self.id, error = %error, "follow: reading progress failed");
+                    read_again_unless(&mut self.output, false);
                     return None;
                 }
             }
@@ -665,6 +679,7 @@ impl Follow {
             {
                 Ok(lines) => {
                     complete &= lines.len() < FOLLOW_PAGE as usize;
+                    read_again_unless(&mut self.output, complete);
                     if let Some(last) = lines.last() {
                         self.log_after = Some((last.attempt, last.sequence));
                     }
@@ -676,11 +691,20 @@ impl Follow {
                 }
                 Err(error) => {
                     tracing::warn!(task_id = %self.id, error = %error, "follow: reading output failed");
+                    read_again_unless(&mut self.output, false);
                     return None;
                 }
             }
         }
         Some(complete)
+    }
+}
+
+/// After a read that failed or stopped at a page, the next poll reads again whatever the
+/// output mark says.
+fn read_again_unless(output: &mut Option<OutputFollow>, complete: bool) {
+    if !complete && let Some(output) = output {
+        output.read_again();
     }
 }
 
@@ -699,6 +723,10 @@ fn follow_stream(
     let feed = slot
         .as_ref()
         .map(|_| state.event_feed.subscribe(task.id, None));
+    let output = slot
+        .as_ref()
+        .filter(|_| include.progress || include.logs)
+        .map(|_| state.event_feed.follow_output(task.id));
     let start = Follow {
         state,
         id: task.id,
@@ -706,6 +734,7 @@ fn follow_stream(
         keep_open: slot.is_some(),
         slot,
         feed,
+        output,
         terminal: false,
         after: None,
         progress_after: None,

@@ -20,6 +20,14 @@ use super::row::{self, millis};
 use super::{During as _, Result, Store, StoreError, now_millis};
 use crate::task::TaskId;
 
+/// How much output a task has stored so far ([`Store::output_marks`]): it only grows
+/// while the task runs, so an unchanged mark means nothing new to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputMark {
+    pub lines: i64,
+    pub reports: i64,
+}
+
 /// What one attempt's log may hold, and how long after the attempt it is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogLimits {
@@ -331,6 +339,54 @@ impl Store {
                 .collect::<Result<Vec<_>>>()?;
             lines.reverse();
             Ok(lines)
+        })
+        .await
+    }
+
+    /// Each of `tasks`' output mark: its stored lines (a cap's marker counted) and its
+    /// counted reports (progress among them), over all attempts, read from the per-attempt
+    /// totals, never the lines. A new line or report moves the mark, so a followed stream
+    /// reads its task's lines and progress only when the mark moved since its last read
+    /// ([`crate::api::event_feed`]). One read per [`super::FOLLOWED_PER_READ`] tasks;
+    /// tasks gone are absent.
+    pub async fn output_marks(&self, tasks: &[TaskId]) -> Result<Vec<(TaskId, OutputMark)>> {
+        let mut marks = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(super::FOLLOWED_PER_READ) {
+            marks.extend(self.output_marks_read(chunk).await?);
+        }
+        Ok(marks)
+    }
+
+    async fn output_marks_read(&self, tasks: &[TaskId]) -> Result<Vec<(TaskId, OutputMark)>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.timed("output_marks", async {
+            let placeholders: Vec<String> = (1..=tasks.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT t.id, \
+                   CAST((SELECT COALESCE(SUM(l.lines), 0) + COUNT(l.capped_at) \
+                         FROM attempt_log_totals l WHERE l.task_id = t.id) AS BIGINT), \
+                   CAST((SELECT COALESCE(SUM(r.reports + r.lifecycle_reports), 0) \
+                         FROM attempt_report_totals r WHERE r.task_id = t.id) AS BIGINT) \
+                 FROM tasks t WHERE t.id IN ({})",
+                placeholders.join(", ")
+            );
+            // Every fragment above is ours; values are only ever bound.
+            let mut query = sqlx::query_as::<_, (String, i64, i64)>(sqlx::AssertSqlSafe(sql));
+            for task in tasks {
+                query = query.bind(task.to_string());
+            }
+            let rows = query
+                .fetch_all(&self.pool)
+                .await
+                .during(|| format!("reading the output marks of {} followed tasks", tasks.len()))?;
+            rows.into_iter()
+                .map(|(id, lines, reports)| {
+                    let task = row::parse::<TaskId>(&id, "id", &|| format!("task {id}"))?;
+                    Ok((task, OutputMark { lines, reports }))
+                })
+                .collect()
         })
         .await
     }

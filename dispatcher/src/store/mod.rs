@@ -87,7 +87,8 @@ pub use limits::SessionLimits;
 pub use crate::cost::{Budget, BudgetAction};
 pub use events::{FOLLOWED_PER_READ, TaskEvent};
 pub use logs::{
-    LogCursor, LogLimits, LogRecording, LogsRecorded, NewLogLine, StoredLogLine, StoredProgress,
+    LogCursor, LogLimits, LogRecording, LogsRecorded, NewLogLine, OutputMark, StoredLogLine,
+    StoredProgress,
 };
 pub use quotas::{ACTIVE, WaitFigures};
 pub use reports::{

@@ -2,17 +2,19 @@
 //! followers of different tasks cost one store read per tick between them (counted by
 //! `agent_bus_store_queries_total`), each still gets exactly its task's events in order,
 //! and a follower too slow for its channel reads what it missed from the store. Followed
-//! output learns its attempt's end from the same poller, reading only its lines. Each case
+//! output learns its attempt's end from the same poller, and reads its lines only when the
+//! poller's one read of output marks says there are new ones. Each case
 //! runs on a fresh PostgreSQL database and on an SQLite file.
 
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use dispatcher::store::Store;
+use dispatcher::store::{LogLimits, NewLogLine, Store};
 use dispatcher::task::lifecycle::PlannedNote;
 use dispatcher::task::{Reason, TaskId, TaskState};
 use http_body_util::BodyExt as _;
+use protocol::LogStream;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tower::ServiceExt as _;
@@ -67,8 +69,8 @@ async fn follow(api: &TestApi, key: &str, id: TaskId) -> JoinHandle<Vec<Value>> 
 }
 
 /// Opens `GET /v1/tasks/{id}/logs?follow=true` and reads it to its end in a task of its
-/// own.
-async fn follow_output(api: &TestApi, key: &str, id: TaskId) -> JoinHandle<()> {
+/// own; the answer is the text.
+async fn follow_output(api: &TestApi, key: &str, id: TaskId) -> JoinHandle<String> {
     let request = Request::get(format!("/v1/tasks/{id}/logs?follow=true"))
         .header("authorization", format!("Bearer {key}"))
         .body(Body::empty())
@@ -76,9 +78,10 @@ async fn follow_output(api: &TestApi, key: &str, id: TaskId) -> JoinHandle<()> {
     let response = api.router.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     tokio::spawn(async move {
-        axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
+        let body = axum::body::to_bytes(response.into_body(), 16 * 1024 * 1024)
             .await
             .unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
     })
 }
 
@@ -130,6 +133,8 @@ async fn many_followers_of_different_tasks_cost_one_read_per_tick(store: Store) 
     let feed_before = store_reads(&api, "events_of_followed").await;
     let events_before = store_reads(&api, "events").await;
     let tasks_before = store_reads(&api, "get_task").await;
+    let lines_before = store_reads(&api, "log_lines").await;
+    let marks_before = store_reads(&api, "output_marks").await;
     tokio::time::sleep(WINDOW).await;
     let feed_reads = store_reads(&api, "events_of_followed").await - feed_before;
     // One read per tick for all ten (a tick is the read plus the wait), never one per
@@ -149,15 +154,56 @@ async fn many_followers_of_different_tasks_cost_one_read_per_tick(store: Store) 
         0,
         "no stream reads its task (a followed output learns the end from the feed too)"
     );
+    // Idle output costs one read of marks per tick for all ten, and no stream's own.
+    let marks = store_reads(&api, "output_marks").await - marks_before;
+    assert!(
+        (1..=most).contains(&marks),
+        "{marks} output-mark reads in {WINDOW:?} for {TASKS} followed outputs"
+    );
+    assert_eq!(
+        store_reads(&api, "log_lines").await - lines_before,
+        0,
+        "no followed output reads its lines while none are new"
+    );
 
-    // Each task runs to its end, interleaved with the others'.
+    // Each task runs, writes a line (which moves its mark: its stream reads it while
+    // the task runs), and ends, interleaved with the others'.
     let lifecycle = api.lifecycle().clone();
     for (from, to) in [
         (TaskState::Queued, TaskState::Launching),
         (TaskState::Launching, TaskState::Launched),
         (TaskState::Launched, TaskState::Running),
-        (TaskState::Running, TaskState::Succeeded),
     ] {
+        for &id in &ids {
+            lifecycle
+                .apply(id, from, move_between(from, to))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+    let lines_before = store_reads(&api, "log_lines").await;
+    for &id in &ids {
+        let line = NewLogLine {
+            sequence: 0,
+            stream: LogStream::Stdout,
+            at: jiff::Timestamp::now(),
+            line: format!("hello from {id}"),
+        };
+        api.store
+            .record_logs(id, 1, &[line], &LogLimits::default())
+            .await
+            .unwrap();
+    }
+    let moved = tokio::time::Instant::now() + Duration::from_secs(30);
+    while store_reads(&api, "log_lines").await - lines_before < TASKS as u64 {
+        assert!(
+            tokio::time::Instant::now() < moved,
+            "the followed outputs never read their new lines"
+        );
+        tokio::time::sleep(TICK).await;
+    }
+    for (from, to) in [(TaskState::Running, TaskState::Succeeded)] {
         for &id in &ids {
             lifecycle
                 .apply(id, from, move_between(from, to))
@@ -179,11 +225,12 @@ async fn many_followers_of_different_tasks_cost_one_read_per_tick(store: Store) 
         );
         assert_exactly_its_events(&api.store, *id, &streamed).await;
     }
-    for output in outputs {
-        tokio::time::timeout(Duration::from_secs(30), output)
+    for (id, output) in ids.iter().zip(outputs) {
+        let text = tokio::time::timeout(Duration::from_secs(30), output)
             .await
             .expect("a followed output outlived its task")
             .unwrap();
+        assert_eq!(text, format!("hello from {id}\n"));
     }
     // Nobody follows anything: the loop stops, and so do its reads.
     let stopped = tokio::time::Instant::now() + Duration::from_secs(30);
