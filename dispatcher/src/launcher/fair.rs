@@ -38,7 +38,9 @@ impl Launcher {
         entry: &QueueEntry,
     ) -> Result<Option<Task>, lifecycle::Error> {
         let store = self.lifecycle.store();
-        let Some(delivered) = store.task(entry.task_id).await? else {
+        // Its state and tenant only: the summary, without the spec blob (the claim below
+        // returns the full task it launches).
+        let Some(delivered) = store.task_summary(entry.task_id).await? else {
             return Ok(None);
         };
         if delivered.state != TaskState::Queued {
@@ -71,7 +73,7 @@ impl Launcher {
             let task = *task;
             tracing::debug!(task_id = %task.id, tenant = %task.tenant, instead_of = %delivered.id, "another tenant's turn");
             // The delivered task keeps an entry: it waits for its own turn.
-            if let Err(error) = self.queue.enqueue(&QueueEntry::of(&delivered)).await {
+            if let Err(error) = self.queue.enqueue(entry).await {
                 tracing::warn!(task_id = %delivered.id, error = %error, "re-enqueue failed; the reconciler will enqueue the task");
             }
             return Ok(Some(task));
