@@ -161,8 +161,19 @@ impl Launcher {
         let mut next_reoffer = tokio::time::Instant::now();
         let mut next_forget = tokio::time::Instant::now() + FORGET_CONSUMERS_EVERY;
         let mut offered = std::collections::HashMap::new();
+        // The walk of every queued task runs beside the launches, never before them.
+        let discovered = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+        let walking = tokio::spawn(
+            self.clone()
+                .reconcile_queued_loop(Arc::clone(&discovered), shutdown.clone()),
+        );
         tracing::info!(consumer = %self.consumer, "launcher started");
         while !*shutdown.borrow() {
+            queues.append(
+                &mut discovered
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
             if tokio::time::Instant::now() >= next_reconcile {
                 self.reconcile(&mut queues, &permits, &acks).await;
                 next_reconcile = tokio::time::Instant::now() + self.reconcile_interval;
@@ -207,6 +218,7 @@ impl Launcher {
         let _ = permits.acquire_many(self.concurrency.max(1) as u32).await;
         drop(acks);
         let _ = acknowledging.await;
+        walking.abort();
         tracing::info!("launcher stopped");
     }
 
@@ -360,19 +372,40 @@ impl Launcher {
         }
     }
 
-    /// Repairs what crashes and lost messages leave behind.
-    async fn reconcile(
-        &self,
-        queues: &mut BTreeSet<String>,
-        permits: &Arc<Semaphore>,
-        acks: &mpsc::Sender<Delivery>,
+    /// Walks every queued task against the queue ([`Launcher::reconcile_queued`]) again
+    /// and again, beside the launches, adding the queues it finds to `discovered`. A walk
+    /// is linear in the queued tasks (a million take tens of seconds), so the pause after
+    /// one is nine times as long as it took, and at least `--reconcile-interval`: at most
+    /// a tenth of the time goes to walking, and launches never wait for it.
+    async fn reconcile_queued_loop(
+        self,
+        discovered: Arc<std::sync::Mutex<BTreeSet<String>>>,
+        mut shutdown: watch::Receiver<bool>,
     ) {
+        while !*shutdown.borrow() {
+            let started = tokio::time::Instant::now();
+            let found = self.reconcile_queued().await;
+            discovered
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(found);
+            let pause = self.reconcile_interval.max(started.elapsed() * 9);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Stored tasks the queue does not hold (a crash between commit and enqueue, a flushed
+    /// Redis) are enqueued again; tasks younger than one interval are left to the API's
+    /// enqueue. Every queued task, page by page, each queue's entries read once. The
+    /// queues the walk met.
+    async fn reconcile_queued(&self) -> BTreeSet<String> {
+        let mut queues = BTreeSet::new();
         let now = jiff::Timestamp::now();
-        // 1. Stored tasks the queue does not hold (a crash between commit and enqueue, a
-        //    flushed Redis). Tasks younger than one interval are left to the API's enqueue.
         let settled =
             now - jiff::SignedDuration::try_from(self.reconcile_interval).unwrap_or_default();
-        //    Page by page, each queue's entries read once.
         let mut present = HashMap::new();
         let store = self.lifecycle.store();
         let mut pages = store.pages_in_state(TaskState::Queued, settled, RECONCILE_PAGE);
@@ -395,7 +428,19 @@ impl Launcher {
             });
             self.enqueue_missing(&waiting, &mut present).await;
         }
-        // 2. Claims whose launcher died before recording an outcome.
+        queues
+    }
+
+    /// Repairs what crashes and lost messages leave behind, besides the walk of queued
+    /// tasks ([`Launcher::reconcile_queued_loop`]); each step bounded.
+    async fn reconcile(
+        &self,
+        queues: &mut BTreeSet<String>,
+        permits: &Arc<Semaphore>,
+        acks: &mpsc::Sender<Delivery>,
+    ) {
+        let now = jiff::Timestamp::now();
+        // 1. Claims whose launcher died before recording an outcome.
         let stale = now - jiff::SignedDuration::try_from(self.stale_after).unwrap_or_default();
         match self
             .lifecycle
@@ -449,7 +494,7 @@ impl Launcher {
                 tracing::warn!(error = %error, "reconcile: listing launching tasks failed");
             }
         }
-        // 3. Deliveries a dead launcher took and never acknowledged.
+        // 2. Deliveries a dead launcher took and never acknowledged.
         let names: Vec<String> = queues.iter().cloned().collect();
         match self
             .queue

@@ -229,8 +229,9 @@ async fn insert_queued(dispatcher: &Dispatcher, env: &Env, count: usize) -> anyh
         let now = jiff::Timestamp::now().as_millisecond();
         let mut tx = sqlx::Connection::begin(&mut connection).await?;
         sqlx::query(
-            "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, attempt, created_at, updated_at, queued_at) \
-             SELECT id, 'bench', $2, $3, $4, $5, 'queued', 1, $6, $6, $6 FROM UNNEST($1::text[]) AS id",
+            "INSERT INTO tasks (id, tenant, name, queue, priority, spec, state, attempt, created_at, updated_at, queued_at, \
+             image, resources, timeout_seconds) \
+             SELECT id, 'bench', $2, $3, $4, $5, 'queued', 1, $6, $6, $6, $7, $8, $9 FROM UNNEST($1::text[]) AS id",
         )
         .bind(&texts)
         .bind(&spec.name)
@@ -238,6 +239,10 @@ async fn insert_queued(dispatcher: &Dispatcher, env: &Env, count: usize) -> anyh
         .bind(spec.priority)
         .bind(&json)
         .bind(now)
+        // The columns kept beside the spec, as the API's insert writes them.
+        .bind(&spec.image)
+        .bind(serde_json::to_string(&spec.resources)?)
+        .bind(i64::from(spec.timeout_seconds))
         .execute(&mut *tx)
         .await?;
         sqlx::query(
