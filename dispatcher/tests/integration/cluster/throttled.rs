@@ -110,19 +110,70 @@ fn proxy_kubeconfig(dir: &std::path::Path, server: &str, namespace: &str) -> std
     path
 }
 
-/// The sum of `agent_bus_kubernetes_requests_total` for Job creates answered `code`.
-fn job_creates(metrics: &str, code: &str) -> u64 {
+/// The sum of the samples of the counter `name` whose labels contain every one of `labels`.
+fn counter_sum(metrics: &str, name: &str, labels: &[&str]) -> u64 {
+    let prefix = format!("{name}{{");
     metrics
         .lines()
-        .filter(|line| line.starts_with("agent_bus_kubernetes_requests_total{"))
-        .filter(|line| {
-            line.contains("verb=\"create\"")
-                && line.contains("resource=\"jobs\"")
-                && line.contains(&format!("code=\"{code}\""))
-        })
+        .filter(|line| line.starts_with(&prefix))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|value| value as u64)
         .sum()
+}
+
+/// The sum of `agent_bus_kubernetes_requests_total` for Job creates answered `code`.
+fn job_creates(metrics: &str, code: &str) -> u64 {
+    let code = format!("code=\"{code}\"");
+    counter_sum(
+        metrics,
+        "agent_bus_kubernetes_requests_total",
+        &["verb=\"create\"", "resource=\"jobs\"", &code],
+    )
+}
+
+/// Three `--roles launcher` replicas (`AGENT_BUS_INSTANCE` `{instance}-N`) that reach
+/// Kubernetes through `kubeconfig`, each ready.
+async fn start_launchers(
+    setup: &Setup,
+    kubeconfig: &str,
+    instance: &str,
+    args: &[&str],
+) -> Vec<Dispatcher> {
+    let mut launchers = Vec::new();
+    for replica in 0..3 {
+        let listen = format!("127.0.0.1:{}", testsupport::free_port());
+        let metrics = format!("127.0.0.1:{}", testsupport::free_port());
+        let mut command = vec![
+            "serve",
+            "--roles",
+            "launcher",
+            "--executor",
+            "kubernetes",
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &metrics,
+        ];
+        command.extend_from_slice(args);
+        let child = setup
+            .command(&command)
+            .env("KUBECONFIG", kubeconfig)
+            .env("AGENT_BUS_INSTANCE", format!("{instance}-{replica}"))
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let launcher = Dispatcher {
+            child,
+            base: format!("http://{listen}"),
+            metrics: format!("http://{metrics}"),
+            http: reqwest::Client::new(),
+        };
+        crate::common::wait_until_ready(&launcher.http, &launcher.base, CLUSTER_TIMEOUT).await;
+        launchers.push(launcher);
+    }
+    launchers
 }
 
 #[tokio::test]
@@ -151,42 +202,13 @@ async fn three_launchers_behind_an_api_server_answering_429_create_each_job_once
                 &["--roles", "api,watcher", KEEP_JOBS[0], KEEP_JOBS[1]],
             )
             .await;
-        let mut launchers = Vec::new();
-        for replica in 0..3 {
-            let listen = format!("127.0.0.1:{}", testsupport::free_port());
-            let metrics = format!("127.0.0.1:{}", testsupport::free_port());
-            let child = setup
-                .command(&[
-                    "serve",
-                    "--roles",
-                    "launcher",
-                    "--executor",
-                    "kubernetes",
-                    "--listen",
-                    &listen,
-                    "--metrics-listen",
-                    &metrics,
-                    "--reconcile-interval",
-                    "1",
-                    "--launching-stale-after",
-                    "60",
-                ])
-                .env("KUBECONFIG", kubeconfig)
-                .env("AGENT_BUS_INSTANCE", format!("launcher-{replica}"))
-                .stdout(Stdio::inherit())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let launcher = Dispatcher {
-                child,
-                base: format!("http://{listen}"),
-                metrics: format!("http://{metrics}"),
-                http: reqwest::Client::new(),
-            };
-            crate::common::wait_until_ready(&launcher.http, &launcher.base, CLUSTER_TIMEOUT)
-                .await;
-            launchers.push(launcher);
-        }
+        let launchers = start_launchers(
+            &setup,
+            kubeconfig,
+            "launcher",
+            &["--reconcile-interval", "1", "--launching-stale-after", "60"],
+        )
+        .await;
 
         let mut ids = Vec::new();
         for n in 0..TASKS {
@@ -249,20 +271,16 @@ async fn launcher_creates(launchers: &[Dispatcher]) -> Creates {
         let text = scrape(&launcher.http, &launcher.metrics).await;
         creates.created += job_creates(&text, "201");
         creates.refused += job_creates(&text, "429");
-        creates.all += text
-            .lines()
-            .filter(|line| line.starts_with("agent_bus_kubernetes_requests_total{"))
-            .filter(|line| line.contains("verb=\"create\"") && line.contains("resource=\"jobs\""))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|value| value as u64)
-            .sum::<u64>();
-        creates.transient_launches += text
-            .lines()
-            .filter(|line| line.starts_with("agent_bus_launch_failures_total{"))
-            .filter(|line| line.contains("kind=\"transient\""))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .map(|value| value as u64)
-            .sum::<u64>();
+        creates.all += counter_sum(
+            &text,
+            "agent_bus_kubernetes_requests_total",
+            &["verb=\"create\"", "resource=\"jobs\""],
+        );
+        creates.transient_launches += counter_sum(
+            &text,
+            "agent_bus_launch_failures_total",
+            &["kind=\"transient\""],
+        );
     }
     creates
 }
@@ -428,32 +446,20 @@ async fn launchers_behind_priority_and_fairness_absorb_its_429s_and_lose_nothing
         let api = setup
             .start_with("api-and-watcher", &["--roles", "api,watcher", KEEP_JOBS[0], KEEP_JOBS[1]])
             .await;
-        let mut launchers = Vec::new();
-        for replica in 0..3 {
-            let listen = format!("127.0.0.1:{}", testsupport::free_port());
-            let metrics = format!("127.0.0.1:{}", testsupport::free_port());
-            let child = setup
-                .command(&[
-                    "serve", "--roles", "launcher", "--executor", "kubernetes",
-                    "--listen", &listen, "--metrics-listen", &metrics,
-                    "--launch-concurrency", "16",
-                    "--reconcile-interval", "1", "--launching-stale-after", "20",
-                ])
-                .env("KUBECONFIG", kubeconfig)
-                .env("AGENT_BUS_INSTANCE", format!("apf-launcher-{replica}"))
-                .stdout(Stdio::inherit())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let launcher = Dispatcher {
-                child,
-                base: format!("http://{listen}"),
-                metrics: format!("http://{metrics}"),
-                http: reqwest::Client::new(),
-            };
-            crate::common::wait_until_ready(&launcher.http, &launcher.base, CLUSTER_TIMEOUT).await;
-            launchers.push(launcher);
-        }
+        let launchers = start_launchers(
+            &setup,
+            kubeconfig,
+            "apf-launcher",
+            &[
+                "--launch-concurrency",
+                "16",
+                "--reconcile-interval",
+                "1",
+                "--launching-stale-after",
+                "20",
+            ],
+        )
+        .await;
 
         // Waves of submits, all at once, until the server has said 429 at least once.
         let mut ids = Vec::new();
