@@ -188,47 +188,46 @@ async fn poll(inner: Arc<Inner>) {
             (cursors, outputs)
         };
         if !outputs.is_empty() {
-            match inner.store.output_marks(&outputs).await {
-                Ok(marks) => {
-                    let followed = inner
-                        .followed
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    for (task, mark) in marks {
-                        if let Some(channel) = followed.tasks.get(&task) {
-                            channel.output.send_if_modified(|held| {
-                                let moved = *held != Some(mark);
-                                *held = Some(mark);
-                                moved
-                            });
-                        }
-                    }
-                }
+            let marks: Vec<(TaskId, Option<OutputMark>)> = match inner
+                .store
+                .output_marks(&outputs)
+                .await
+            {
+                Ok(marks) => marks
+                    .into_iter()
+                    .map(|(task, mark)| (task, Some(mark)))
+                    .collect(),
                 Err(error) => {
-                    // The streams read on their own clock until the marks come back.
+                    // No mark: the streams read on their own clock until marks come back.
                     tracing::warn!(error = %error, tasks = outputs.len(), "event feed: reading output marks failed");
-                    let followed = inner
-                        .followed
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    for task in &outputs {
-                        if let Some(channel) = followed.tasks.get(task) {
-                            channel.output.send_replace(None);
-                        }
-                    }
+                    outputs.iter().map(|task| (*task, None)).collect()
+                }
+            };
+            let followed = inner
+                .followed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (task, mark) in marks {
+                if let Some(channel) = followed.tasks.get(&task) {
+                    channel.output.send_if_modified(|held| {
+                        let moved = *held != mark;
+                        *held = mark;
+                        moved
+                    });
                 }
             }
         }
-        if cursors.is_empty() {
-            tokio::time::sleep(inner.tick).await;
-            continue;
-        }
         let mut more = false;
-        match inner
-            .store
-            .events_of_followed(&cursors, ROWS_PER_READ)
-            .await
-        {
+        // Only output may be followed: then no events to read.
+        let events = if cursors.is_empty() {
+            Ok(Vec::new())
+        } else {
+            inner
+                .store
+                .events_of_followed(&cursors, ROWS_PER_READ)
+                .await
+        };
+        match events {
             Ok(events) => {
                 more = events.len() >= ROWS_PER_READ as usize;
                 let mut followed = inner

@@ -67,7 +67,7 @@ where
             let Some(seconds) = refusal_wait(response.status(), response.headers()) else {
                 return Ok(response.map(Either::Left));
             };
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
             // A body that fails or runs long still leaves a refusal to report: its
             // status and wait are what the caller acts on.
             let text = match Limited::new(body, MAX_REFUSAL_BYTES).collect().await {
@@ -76,7 +76,6 @@ where
             };
             let status = with_retry_after(parts.status, &text, seconds);
             let json = serde_json::to_vec(&status).unwrap_or_default();
-            let mut parts = parts;
             parts.headers.insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/json"),
